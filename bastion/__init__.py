@@ -1,0 +1,1 @@
+"""Bastion: a reference platform for secure, event-driven, eventually consistent microservices."""

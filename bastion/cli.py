@@ -1,0 +1,127 @@
+"""The `bastion` command: set up, start, inspect, stop and reset the platform on this machine."""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from bastion.devstack.errors import DevstackError
+from bastion.devstack.stack import Stack
+from bastion.settings import DevstackSettings
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+def _stack(quiet: bool = False) -> Stack:
+    def progress(message: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}")
+
+    return Stack(DevstackSettings(), progress)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    _stack().setup(relock=args.relock)
+    console.print(f"[green]set-up complete[/green] in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    stack = _stack()
+    stack.up()
+    console.print(f"[green]stack healthy[/green] in {time.monotonic() - started:.1f}s")
+    _print_status(stack.status())
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = _stack().down()
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _stack(quiet=True).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    infra = [entry for entry in status["components"].values() if "grpc" not in entry]
+    return 0 if infra and all(entry["healthy"] for entry in infra) else 1
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    if not args.yes:
+        errors.print("reset deletes every secret, certificate and all data of this install; add --yes to confirm")
+        return 2
+    _stack().reset()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    stack = _stack()
+    stack.up()
+    status = stack.status()
+    _print_status(status)
+    console.print(
+        f"\n[green]The platform's infrastructure is up and healthy[/green] ({time.monotonic() - started:.1f}s).\n"
+        f"  secrets:  {status['credentials_file']}\n  certificates: {status['pki_dir']}\n"
+        f"  logs:     {stack.layout.log_dir}\n"
+        "  next:     `bastion status`, `make test`; stop with `make down`\n"
+        "The bank's services and their scenario arrive with the services issue; see README.md."
+    )
+    return 0
+
+
+def _print_status(status: dict[str, object]) -> None:
+    table = Table("component", "healthy", "pid", "address")
+    components: dict[str, dict[str, object]] = status["components"]  # type: ignore[assignment]
+    for name, entry in components.items():
+        address = entry.get("bootstrap") or entry.get("issuer") or entry.get("grpc") or entry.get("address") or ""
+        healthy = "[green]yes[/green]" if entry["healthy"] else "[red]no[/red]"
+        detail = f" ({entry['detail']})" if entry.get("detail") else ""
+        table.add_row(name, healthy + detail, str(entry.get("pid") or "-"), str(address))
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bastion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    setup = sub.add_parser("setup", help="fetch pinned servers, generate PKI and secrets (idempotent)")
+    setup.add_argument("--relock", action="store_true", help="re-pin the SHA-256 of fetched distributions")
+    setup.set_defaults(func=cmd_setup)
+    sub.add_parser("up", help="start whatever is not running and wait until healthy").set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop every component, keep the data").set_defaults(func=cmd_down)
+    status = sub.add_parser("status", help="health of every component")
+    status.add_argument("--json", action="store_true", help="print the status contract as JSON")
+    status.set_defaults(func=cmd_status)
+    reset = sub.add_parser("reset", help="stop everything and wipe the state folder")
+    reset.add_argument("--yes", action="store_true", help="confirm that all local data may be deleted")
+    reset.set_defaults(func=cmd_reset)
+    sub.add_parser("demo", help="start the platform and show it working").set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except DevstackError as error:
+        errors.print(f"[red]bastion {args.command}: {error.problem}[/red]\n  -> {error.remedy}")
+        return 2
+    except KeyboardInterrupt:
+        errors.print(f"bastion {args.command}: interrupted")
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The devstack: fetch, configure, start, supervise and stop the platform's infrastructure on one machine."""

@@ -1,0 +1,23 @@
+"""The platform's services as declared in infra/services.yaml."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bastion.devstack.errors import DevstackError
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    name: str
+    grpc_port: int
+
+
+def load_services(path: Path) -> list[ServiceEntry]:
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    services = raw.get("services") or {}
+    if not services:
+        raise DevstackError(f"{path} declares no services", "list the platform services under `services:`")
+    return [ServiceEntry(name, int(entry["grpc_port"])) for name, entry in services.items()]

@@ -1,0 +1,1 @@
+"""One module per infrastructure component the devstack runs: PostgreSQL, Redis, Kafka, Keycloak."""

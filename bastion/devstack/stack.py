@@ -1,0 +1,180 @@
+"""The whole dev stack: set-up, start in dependency order, health, status, stop and reset."""
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bastion.devstack.catalog import load_services
+from bastion.devstack.components.base import Component
+from bastion.devstack.components.kafka import Kafka
+from bastion.devstack.components.keycloak import Keycloak
+from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
+from bastion.devstack.components.redis import ADMIN_USER, Redis
+from bastion.devstack.context import StackContext
+from bastion.devstack.distributions import fetch, load_distributions, relocked
+from bastion.devstack.errors import ComponentStartError
+from bastion.devstack.event_access import load_policy
+from bastion.devstack.identities import load_identities
+from bastion.devstack.layout import StateLayout
+from bastion.devstack.pki import DevPki
+from bastion.devstack.prerequisites import ensure_port_free, find_java
+from bastion.devstack.process import ProcessSupervisor, wait_until
+from bastion.devstack.secrets import SecretNeeds, ensure_credentials, load_credentials
+from bastion.settings import DevstackSettings
+
+# Started together within a phase, phases one after another: Keycloak keeps its data in PostgreSQL.
+PHASES: list[list[type[Component]]] = [[Postgres, Redis], [Kafka, Keycloak]]
+COMPONENTS: list[type[Component]] = [kind for phase in PHASES for kind in phase]
+KAFKA_ADMIN = "admin"
+
+Progress = Callable[[str], None]
+
+
+class Stack:
+    def __init__(self, settings: DevstackSettings, progress: Progress = print) -> None:
+        self.settings = settings
+        self.layout = StateLayout(settings.state_dir)
+        self.supervisor = ProcessSupervisor(self.layout)
+        self.progress = progress
+        self.services = load_services(settings.infra_dir / "services.yaml")
+        self.distributions = load_distributions(settings.infra_dir / "distributions.yaml")
+        self.pki = DevPki(self.layout.pki_dir, settings.leaf_certificate_days, settings.reissue_when_days_left)
+
+    @property
+    def service_names(self) -> list[str]:
+        return [service.name for service in self.services]
+
+    def certificate_names(self) -> list[str]:
+        return [*(kind.name for kind in COMPONENTS), *self.service_names, "cli"]
+
+    def setup(self, relock: bool = False) -> StackContext:
+        """Everything `up` needs that does not run: folders, secrets, certificates, distributions."""
+        self.layout.ensure()
+        identities = load_identities(self.settings.infra_dir / "keycloak" / "identities.yaml")
+        policy = load_policy(self.settings.infra_dir / "event-access.yaml", set(self.service_names))
+        needs = SecretNeeds(
+            users=identities.user_names,
+            keycloak_clients=self.service_names,
+            kafka_principals=[KAFKA_ADMIN, *sorted(policy.principals | set(self.service_names))],
+            postgres_roles=[ADMIN_ROLE, *self.service_names, "keycloak"],
+            redis_users=[ADMIN_USER, *self.service_names],
+        )
+        credentials = ensure_credentials(self.layout.credentials_file, needs)
+        issued = self.pki.ensure(self.certificate_names())
+        if issued:
+            self.progress(f"certificates issued: {', '.join(issued)}")
+        fetched: dict[str, Path] = {}
+        for dist in self.distributions.values():
+            started = time.monotonic()
+            fetched[dist.name] = fetch(dist, self.settings.cache_dir, relock=relock)
+            self.progress(f"{dist.name} {dist.version}: verified in {time.monotonic() - started:.1f}s")
+        if relock:
+            path = self.settings.infra_dir / "distributions.yaml"
+            path.write_text(relocked(path, fetched))
+            self.distributions = load_distributions(path)
+        ctx = self._context(credentials)
+        Keycloak(ctx).install(self.progress)
+        return ctx
+
+    def _context(self, credentials: Any = None) -> StackContext:
+        return StackContext(
+            settings=self.settings,
+            layout=self.layout,
+            credentials=credentials or load_credentials(self.layout.credentials_file),
+            pki=self.pki,
+            services=self.services,
+            distributions=self.distributions,
+        )
+
+    def components(self) -> list[Component]:
+        ctx = self._context()
+        return [kind(ctx) for kind in COMPONENTS]
+
+    def up(self) -> None:
+        """Start whatever is not running, wait until each is healthy, then (re)apply its bootstrap."""
+        ctx = self.setup()
+        self._check_prerequisites(ctx)
+        for phase in PHASES:
+            members = [kind(ctx) for kind in phase]
+            started: dict[str, float] = {}
+            for component in members:
+                if self.supervisor.pid(component.name) is None:
+                    component.prepare()
+                    self.supervisor.start(component.name, component.launch_spec())
+                    started[component.name] = time.monotonic()
+                    self.progress(f"{component.name}: starting")
+            for component in members:
+                self._await_healthy(component)
+                component.bootstrap()
+                since = started.get(component.name)
+                took = f" in {time.monotonic() - since:.1f}s" if since else " (already running)"
+                self.progress(f"{component.name}: healthy{took}")
+
+    def _check_prerequisites(self, ctx: StackContext) -> None:
+        """Fail before anything starts: a missing Java or PostgreSQL, or a port another process holds."""
+        find_java(self.settings.java_home)
+        for component in (kind(ctx) for kind in COMPONENTS):
+            if isinstance(component, Postgres):
+                _ = component.bin_dir
+            if self.supervisor.pid(component.name) is None:
+                for port in component.ports():
+                    ensure_port_free(self.settings.bind_host, port, component.name)
+
+    def _await_healthy(self, component: Component) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout_seconds
+
+        def ready() -> bool:
+            if self.supervisor.pid(component.name) is None:
+                raise ComponentStartError(
+                    f"{component.name} exited during start-up; last lines of its log:\n"
+                    f"{self.supervisor.exit_detail(component.name)}",
+                    f"read {self.layout.log_file(component.name)}; `bastion reset` starts from a clean state",
+                )
+            return component.probe()
+
+        if not wait_until(ready, deadline, interval=0.5):
+            raise ComponentStartError(
+                f"{component.name} did not become healthy within {self.settings.start_timeout_seconds:.0f}s; "
+                f"last lines of its log:\n{self.supervisor.exit_detail(component.name)}",
+                f"read {self.layout.log_file(component.name)}",
+            )
+
+    def down(self) -> list[str]:
+        stopped = []
+        for kind in reversed(COMPONENTS):
+            if self.supervisor.stop(kind.name):
+                stopped.append(kind.name)
+                self.progress(f"{kind.name}: stopped")
+        return stopped
+
+    def status(self) -> dict[str, Any]:
+        """The `bastion status --json` document (a contract: see DESIGN.md)."""
+        components: dict[str, dict[str, Any]] = {}
+        installed = self.layout.credentials_file.exists()
+        for component in self.components() if installed else []:
+            pid = self.supervisor.pid(component.name)
+            components[component.name] = {"healthy": pid is not None and component.probe(), "pid": pid,
+                                          **component.describe()}
+        for kind in COMPONENTS if not installed else []:
+            components[kind.name] = {"healthy": False, "pid": None, "detail": "not set up: run `make setup`"}
+        for service in self.services:
+            components[service.name] = {
+                "healthy": False,
+                "pid": None,
+                "grpc": f"{self.settings.public_host}:{service.grpc_port}",
+                "detail": "service not built yet",
+            }
+        return {
+            "state_dir": str(self.layout.root),
+            "pki_dir": str(self.layout.pki_dir),
+            "credentials_file": str(self.layout.credentials_file),
+            "components": components,
+        }
+
+    def reset(self) -> None:
+        self.down()
+        if self.layout.root.exists():
+            shutil.rmtree(self.layout.root)
+            self.progress(f"removed {self.layout.root}")

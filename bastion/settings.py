@@ -1,0 +1,36 @@
+"""Settings of the devstack, read once from the environment (prefix BASTION_) by the entry point."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class DevstackSettings(BaseSettings):
+    """Where the dev install keeps its state and which loopback ports its components use."""
+
+    model_config = SettingsConfigDict(env_prefix="BASTION_", frozen=True)
+
+    state_dir: Path = PROJECT_ROOT / ".state"
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "bastion")
+    infra_dir: Path = PROJECT_ROOT / "infra"
+    bind_host: str = "127.0.0.1"
+    public_host: str = "localhost"
+
+    postgres_port: int = 15432
+    redis_port: int = 16379
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    keycloak_port: int = 18443
+    keycloak_management_port: int = 18444
+
+    java_home: Path | None = None
+    postgres_bin_dir: Path | None = None
+    kafka_heap: str = "-Xms128m -Xmx512m"
+    keycloak_heap: str = "-Xms64m -Xmx512m"
+
+    leaf_certificate_days: int = 7
+    reissue_when_days_left: int = 2
+    start_timeout_seconds: float = 180.0

@@ -1,0 +1,71 @@
+"""The event-access policy file: checks that reject inconsistent policies, and the ACLs it grants."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bastion.devstack.errors import DevstackError
+from bastion.devstack.event_access import AclGrant, load_policy, parse_policy
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+SERVICES = {"accounts", "payments", "notifications", "audit"}
+
+
+def policy(**topics: Any) -> dict[str, Any]:
+    return {"topics": topics}
+
+
+def test_the_shipped_policy_is_consistent() -> None:
+    loaded = load_policy(INFRA / "event-access.yaml", SERVICES)
+    assert {"accounts.events.v1", "payments.events.v1", "access.decisions.v1", "audit.checkpoints.v1"} <= set(
+        loaded.topics
+    )
+    assert loaded.principals <= SERVICES
+
+
+def test_only_declared_producers_may_write_domain_topics() -> None:
+    grants = load_policy(INFRA / "event-access.yaml", SERVICES).grants()
+    writers = {g.principal for g in grants if g.resource_name == "accounts.events.v1" and g.operation == "WRITE"}
+    assert writers == {"accounts"}
+    assert AclGrant("payments", "TOPIC", "accounts.events.v1", "WRITE") not in grants
+
+
+def test_consumers_get_read_on_topic_and_own_group_only() -> None:
+    grants = parse_policy(
+        policy(**{"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit-g"}},
+                  "t.v1.dlq": {"producers": ["audit"], "consumers": {}}}),
+        SERVICES,
+    ).grants()
+    audit = {g for g in grants if g.principal == "audit"}
+    assert audit == {
+        AclGrant("audit", "TOPIC", "t.v1", "READ"),
+        AclGrant("audit", "TOPIC", "t.v1", "DESCRIBE"),
+        AclGrant("audit", "GROUP", "audit-g", "READ"),
+        AclGrant("audit", "TOPIC", "t.v1.dlq", "WRITE"),
+        AclGrant("audit", "TOPIC", "t.v1.dlq", "DESCRIBE"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("topics", "problem"),
+    [
+        ({"t.v1": {"producers": ["mallory"]}}, "'mallory' is not a service"),
+        ({"T_V1": {"producers": ["accounts"]}}, "not a valid topic name"),
+        ({"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit"}}}, "no dead-letter topic"),
+        (
+            {"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit"}},
+             "t.v1.dlq": {"producers": ["payments"]}},
+            "must equal the consumers",
+        ),
+        ({"t.v1": {"producers": ["accounts"], "writers": ["audit"]}}, "unknown keys"),
+    ],
+)
+def test_inconsistent_policies_are_refused(topics: dict[str, Any], problem: str) -> None:
+    with pytest.raises(DevstackError, match=problem):
+        parse_policy(policy(**topics), SERVICES)
+
+
+def test_shipped_file_parses_as_yaml_mapping() -> None:
+    assert isinstance(yaml.safe_load((INFRA / "event-access.yaml").read_text())["topics"], dict)
