@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup up down status demo test unit integration lint reset clean
+.PHONY: setup up down status demo test unit integration lint reset clean bench-devstack
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ demo: setup                ## run the platform and its scenario
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
-integration: setup         ## starts its own stack in a separate state folder
+integration: $(STAMP)      ## starts its own stack (state folder .state-test, ports 2xxxx)
 	$(BIN)/pytest tests/integration
 
 test: lint unit integration
@@ -38,6 +38,9 @@ test: lint unit integration
 lint: $(STAMP)
 	$(BIN)/ruff check bastion tests
 	$(BIN)/mypy
+
+bench-devstack: setup      ## warm start time and resident memory of the whole stack
+	$(BIN)/python -m benchmarks.devstack
 
 reset: $(STAMP)            ## stop everything and wipe the state folder (secrets, PKI, data)
 	$(BIN)/bastion reset --yes

@@ -74,11 +74,11 @@ class Stack:
             path = self.settings.infra_dir / "distributions.yaml"
             path.write_text(relocked(path, fetched))
             self.distributions = load_distributions(path)
-        ctx = self._context(credentials)
+        ctx = self.context(credentials)
         Keycloak(ctx).install(self.progress)
         return ctx
 
-    def _context(self, credentials: Any = None) -> StackContext:
+    def context(self, credentials: Any = None) -> StackContext:
         return StackContext(
             settings=self.settings,
             layout=self.layout,
@@ -89,7 +89,7 @@ class Stack:
         )
 
     def components(self) -> list[Component]:
-        ctx = self._context()
+        ctx = self.context()
         return [kind(ctx) for kind in COMPONENTS]
 
     def up(self) -> None:

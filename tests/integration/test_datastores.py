@@ -1,0 +1,84 @@
+"""PostgreSQL and Redis refuse anyone without the generated credentials, and keep services apart."""
+
+import ipaddress
+
+import psutil
+import psycopg
+import pytest
+import redis
+
+from bastion.devstack.components.postgres import Postgres
+from bastion.devstack.components.redis import Redis
+from bastion.devstack.context import StackContext
+from bastion.devstack.stack import Stack
+
+
+@pytest.mark.parametrize("service", ["accounts", "payments", "notifications", "audit", "keycloak"])
+def test_each_service_reaches_its_own_database_over_verified_tls(
+    postgres: Postgres, ctx: StackContext, service: str
+) -> None:
+    with psycopg.connect(postgres.conninfo(service, ctx.credentials.postgres[service], dbname=service)) as conn:
+        row = conn.execute("SELECT current_user, current_database(), ssl FROM pg_stat_ssl "
+                           "WHERE pid = pg_backend_pid()").fetchone()
+    assert row == (service, service, True)
+
+
+def test_postgres_refuses_a_wrong_password(postgres: Postgres) -> None:
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(postgres.conninfo("accounts", "not-the-password", dbname="accounts"))
+
+
+def test_postgres_refuses_a_connection_without_password(postgres: Postgres, ctx: StackContext) -> None:
+    conninfo = postgres.conninfo("accounts", "", dbname="accounts").replace("password=''", "")
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(conninfo, passfile="/dev/null")
+
+
+def test_postgres_refuses_plaintext(postgres: Postgres, ctx: StackContext) -> None:
+    conninfo = postgres.conninfo("accounts", ctx.credentials.postgres["accounts"], dbname="accounts")
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(conninfo.replace("sslmode=verify-full", "sslmode=disable"))
+
+
+def test_a_service_cannot_open_another_services_database(postgres: Postgres, ctx: StackContext) -> None:
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(postgres.conninfo("accounts", ctx.credentials.postgres["accounts"], dbname="payments"))
+
+
+def test_redis_refuses_anonymous_and_wrong_password(redis_server: Redis, ctx: StackContext) -> None:
+    anonymous = redis.Redis(host="127.0.0.1", port=ctx.settings.redis_port, socket_timeout=3)
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis_server.client("accounts", "not-the-password").ping()
+
+
+def test_redis_confines_a_service_to_its_own_keys(redis_server: Redis, ctx: StackContext, unique: str) -> None:
+    client = redis_server.client("payments", ctx.credentials.redis["payments"])
+    client.set(f"payments:test:{unique}", "1", ex=60)
+    assert client.get(f"payments:test:{unique}") == b"1"
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.get(f"accounts:test:{unique}")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.flushall()
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def test_every_component_listens_on_loopback_only(stack: Stack) -> None:
+    """All listening sockets of every process the devstack runs (children included) are on loopback."""
+    pids: set[int] = set()
+    for name in ("postgres", "redis", "kafka", "keycloak"):
+        pid = stack.supervisor.pid(name)
+        assert pid is not None, f"{name} is not running"
+        pids.add(pid)
+        pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    listening = [
+        conn for conn in psutil.net_connections("tcp") if conn.status == psutil.CONN_LISTEN and conn.pid in pids
+    ]
+    assert len(listening) >= 6
+    assert [c.laddr for c in listening if not _is_loopback(c.laddr.ip)] == []

@@ -1,0 +1,103 @@
+"""Keycloak: HTTPS only, realm `bastion` with the contract's roles, users, clients and audiences."""
+
+import json
+import ssl
+import urllib.request
+from typing import Any
+
+import jwt
+import pytest
+from keycloak import KeycloakAuthenticationError, KeycloakOpenID
+
+from bastion.devstack.components.keycloak import Keycloak
+from bastion.devstack.context import StackContext
+
+SERVICES = {"accounts", "payments", "notifications", "audit"}
+USER_ROLES = {"alice": "customer", "bob": "customer", "tina": "teller", "sam": "support", "ada": "auditor"}
+
+
+def openid(keycloak: Keycloak, ctx: StackContext, client_id: str, secret: str | None = None) -> KeycloakOpenID:
+    return KeycloakOpenID(
+        server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/",
+        realm_name="bastion", client_id=client_id, client_secret_key=secret, verify=str(ctx.ca_file),
+    )
+
+
+def verified_claims(keycloak: Keycloak, ctx: StackContext, token: str, audience: str | None) -> dict[str, Any]:
+    """Check the signature against the realm's JWKS, the issuer, the audience and the expiry."""
+    context = ssl.create_default_context(cafile=str(ctx.ca_file))
+    jwks_url = f"{keycloak.issuer}/protocol/openid-connect/certs"
+    client = jwt.PyJWKClient(jwks_url, ssl_context=context)
+    key = client.get_signing_key_from_jwt(token)
+    options = {"verify_aud": audience is not None, "require": ["exp", "iat", "iss"]}
+    claims: dict[str, Any] = jwt.decode(
+        token, key, algorithms=["RS256"], issuer=keycloak.issuer, audience=audience, options=options  # type: ignore[arg-type]
+    )
+    return claims
+
+
+def audiences(claims: dict[str, Any]) -> set[str]:
+    aud = claims.get("aud", [])
+    return {aud} if isinstance(aud, str) else set(aud)
+
+
+def test_discovery_names_the_contract_issuer(keycloak: Keycloak, ctx: StackContext) -> None:
+    context = ssl.create_default_context(cafile=str(ctx.ca_file))
+    url = f"{keycloak.issuer}/.well-known/openid-configuration"
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:  # noqa: S310
+        document = json.load(response)
+    assert document["issuer"] == f"https://localhost:{ctx.settings.keycloak_port}/realms/bastion"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_each_service_gets_a_client_credentials_token(keycloak: Keycloak, ctx: StackContext, service: str) -> None:
+    token = openid(keycloak, ctx, service, ctx.credentials.keycloak_clients[service]).token(
+        grant_type="client_credentials"
+    )
+    claims = verified_claims(keycloak, ctx, token["access_token"], None)
+    assert claims["azp"] == service
+    assert claims["typ"] == "Bearer"
+    assert claims["exp"] - claims["iat"] <= 300
+
+
+def test_service_token_names_only_the_services_it_calls(keycloak: Keycloak, ctx: StackContext) -> None:
+    token = openid(keycloak, ctx, "payments", ctx.credentials.keycloak_clients["payments"]).token(
+        grant_type="client_credentials"
+    )
+    claims = verified_claims(keycloak, ctx, token["access_token"], "accounts")
+    assert audiences(claims) == {"accounts"}
+    with pytest.raises(jwt.InvalidAudienceError):
+        verified_claims(keycloak, ctx, token["access_token"], "audit")
+
+
+@pytest.mark.parametrize("user", sorted(USER_ROLES))
+def test_demo_user_password_grant_carries_roles_and_audiences(keycloak: Keycloak, ctx: StackContext, user: str) -> None:
+    token = openid(keycloak, ctx, "bastion-cli").token(user, ctx.credentials.users[user])
+    claims = verified_claims(keycloak, ctx, token["access_token"], "payments")
+    assert claims["preferred_username"] == user
+    assert claims["realm_access"]["roles"] == [USER_ROLES[user]]
+    assert audiences(claims) == SERVICES
+    assert claims["exp"] - claims["iat"] <= 300
+
+
+def test_wrong_client_secret_fails(keycloak: Keycloak, ctx: StackContext) -> None:
+    with pytest.raises(KeycloakAuthenticationError) as refused:
+        openid(keycloak, ctx, "accounts", "not-the-secret").token(grant_type="client_credentials")
+    assert refused.value.response_code == 401
+
+
+def test_wrong_user_password_fails(keycloak: Keycloak, ctx: StackContext) -> None:
+    with pytest.raises(KeycloakAuthenticationError) as refused:
+        openid(keycloak, ctx, "bastion-cli").token("sam", "not-the-password-of-sam")
+    assert b"invalid_grant" in refused.value.error_message
+
+
+def test_service_client_cannot_use_the_password_grant(keycloak: Keycloak, ctx: StackContext) -> None:
+    client = openid(keycloak, ctx, "accounts", ctx.credentials.keycloak_clients["accounts"])
+    with pytest.raises(Exception, match="unauthorized_client"):
+        client.token("alice", ctx.credentials.users["alice"])
+
+
+def test_plain_http_is_not_served(ctx: StackContext) -> None:
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(f"http://localhost:{ctx.settings.keycloak_port}/realms/bastion", timeout=5)
