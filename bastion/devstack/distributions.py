@@ -99,13 +99,19 @@ def fetch(dist: Distribution, cache_dir: Path, relock: bool = False) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{dist.name}-") as work:
         work_dir = Path(work)
-        (work_dir / "pom.xml").write_text(_pom(dist))
         out = work_dir / "files"
-        result = subprocess.run(
-            ["mvn", "-B", "-q", "-C", "dependency:copy-dependencies", f"-DoutputDirectory={out}",
-             "-DincludeScope=runtime", f"-DexcludeTransitive={str(not dist.transitive).lower()}"],
-            cwd=work_dir, capture_output=True, text=True, check=False,
-        )
+        if dist.transitive:
+            (work_dir / "pom.xml").write_text(_pom(dist))
+            goals = [["dependency:copy-dependencies", f"-DoutputDirectory={out}", "-DincludeScope=runtime"]]
+        else:
+            # `copy` fetches just the named artifact; resolving a dependency tree would download the
+            # hundreds of jars a bundled distribution such as Keycloak's zip already contains.
+            goals = [["dependency:copy", f"-Dartifact={c}", f"-DoutputDirectory={out}"] for c in dist.maven]
+        for goal in goals:
+            result = subprocess.run(["mvn", "-B", "-q", "-C", *goal], cwd=work_dir, capture_output=True, text=True,
+                                    check=False)
+            if result.returncode != 0:
+                break
         if result.returncode != 0:
             tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
             raise PrerequisiteError(

@@ -63,6 +63,17 @@ def test_status_json_matches_the_contract(ctx: StackContext) -> None:
     assert set(SERVICES) <= set(credentials["kafka"])
 
 
+def test_setup_is_idempotent(ctx: StackContext) -> None:
+    pki = ctx.layout.pki_dir
+    before = {p.name: p.read_bytes() for p in sorted(pki.iterdir())}
+    secrets_before = ctx.layout.credentials_file.read_bytes()
+    result = bastion("setup")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "certificates issued" not in result.stdout
+    assert {p.name: p.read_bytes() for p in sorted(pki.iterdir())} == before
+    assert ctx.layout.credentials_file.read_bytes() == secrets_before
+
+
 def test_up_restores_a_killed_component_without_touching_the_rest(stack: Stack) -> None:
     before = {name: stack.supervisor.pid(name) for name in INFRA}
     redis_pid = before["redis"]

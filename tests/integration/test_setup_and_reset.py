@@ -1,4 +1,5 @@
-"""`bastion setup` on a machine that lacks something ends with one clear message, never a stack trace."""
+"""`bastion setup` on a machine that lacks something ends with one clear message, never a stack trace;
+`bastion reset` wipes an install only when confirmed."""
 
 import os
 import shutil
@@ -8,6 +9,8 @@ from pathlib import Path
 import yaml
 
 from bastion.devstack.distributions import fetch, load_distributions
+from bastion.devstack.layout import StateLayout
+from bastion.devstack.secrets import SecretNeeds, ensure_credentials
 from bastion.settings import PROJECT_ROOT, DevstackSettings
 from tests.integration.conftest import bastion
 
@@ -51,3 +54,15 @@ def test_tampered_download_is_refused(tmp_path: Path) -> None:
         jar.write(b"\0")
     result = bastion("setup", env=isolated(tmp_path))
     assert_clear_failure(result, "kafka-clients-4.1.1.jar has SHA-256", "tampered")
+
+
+def test_reset_wipes_the_state_folder_only_when_confirmed(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path / "state")
+    layout.ensure()
+    ensure_credentials(layout.credentials_file, SecretNeeds(["alice"], [], [], [], []))
+    refused = bastion("reset", env=isolated(tmp_path))
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert layout.credentials_file.exists()
+    wiped = bastion("reset", "--yes", env=isolated(tmp_path))
+    assert wiped.returncode == 0, wiped.stderr
+    assert not layout.root.exists()
