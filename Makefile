@@ -4,13 +4,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup up down status demo test unit integration lint reset clean bench-devstack
+NPM_STAMP := node_modules/.installed
+BUF := node_modules/.bin/buf
+# `buf breaking` compares protos/ with the last released contracts (git tag protos-released).
+RELEASED_PROTOS := protos-released
+
+.PHONY: setup up down status demo test unit integration lint protos reset clean bench-devstack
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	@touch $(NPM_STAMP)
+
+protos: $(STAMP)           ## regenerate Python code and typed stubs from protos/
+	scripts/gen_protos.sh
 
 setup: $(STAMP)            ## venv, pinned Kafka + Keycloak, dev PKI, generated secrets (idempotent)
 	$(BIN)/bastion setup
@@ -35,9 +47,16 @@ integration: $(STAMP)      ## starts its own stack (state folder .state-test, po
 
 test: lint unit integration
 
-lint: $(STAMP)
-	$(BIN)/ruff check bastion tests
+lint: $(STAMP) $(NPM_STAMP)
+	$(BIN)/ruff check bastion tests benchmarks
 	$(BIN)/mypy
+	$(BUF) lint protos
+	@if git rev-parse -q --verify 'refs/tags/$(RELEASED_PROTOS)^{commit}' >/dev/null; then \
+	  $(BUF) breaking protos --against '.git#tag=$(RELEASED_PROTOS),subdir=protos'; \
+	else echo "buf breaking: no tag $(RELEASED_PROTOS) yet, nothing released to compare with"; fi
+	@rm -rf .cache/protos-check && scripts/gen_protos.sh .cache/protos-check
+	@diff -r -q -x __pycache__ -x '__init__.py' .cache/protos-check/bastion bastion | grep -v '^Only in bastion' \
+	  && { echo "generated code is stale: run make protos"; exit 1; } || true
 
 bench-devstack: setup      ## warm start time and resident memory of the whole stack
 	$(BIN)/python -m benchmarks.devstack

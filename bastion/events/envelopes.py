@@ -1,0 +1,42 @@
+"""Building signed envelopes: the producer side of the signed-events kit."""
+
+import datetime as dt
+import uuid
+
+from google.protobuf.message import Message
+
+from bastion.events.catalog import SCHEMAS
+from bastion.events.keys import SigningKey
+from bastion.events.signing import sign
+from bastion.events.v1.envelope_pb2 import Envelope
+
+
+def seal(
+    key: SigningKey,
+    topic: str,
+    payload: Message,
+    aggregate_id: str,
+    sequence: int,
+    correlation_id: str,
+    causation_id: str = "",
+    occurred_at: dt.datetime | None = None,
+    event_id: str | None = None,
+) -> Envelope:
+    """A signed envelope for PAYLOAD at the current schema version of its type."""
+    event_type = str(payload.DESCRIPTOR.full_name)
+    envelope = Envelope(
+        event_id=event_id or str(uuid.uuid4()),
+        event_type=event_type,
+        schema_version=SCHEMAS[event_type].current_version,
+        producer=key.producer,
+        key_id=key.key_id,
+        aggregate_id=aggregate_id,
+        sequence=sequence,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        topic=topic,
+        payload=payload.SerializeToString(deterministic=True),
+    )
+    envelope.occurred_at.FromDatetime(occurred_at or dt.datetime.now(dt.UTC))
+    sign(envelope, key.private_key)
+    return envelope

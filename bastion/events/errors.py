@@ -1,0 +1,34 @@
+"""Why an event was refused: one reason per pipeline step, used in the DLQ record, the log and the metric."""
+
+from enum import StrEnum
+
+
+class RejectReason(StrEnum):
+    TOO_LARGE = "too_large"
+    MALFORMED = "malformed"
+    UNKNOWN_FIELDS = "unknown_fields"
+    UNKNOWN_PRODUCER = "unknown_producer"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    TOPIC_MISMATCH = "topic_mismatch"
+    NOT_AUTHORISED = "not_authorised"
+    UNKNOWN_TYPE = "unknown_type"
+    STALE = "stale"
+    FROM_THE_FUTURE = "from_the_future"
+
+
+class EventsError(Exception):
+    """Base of the signed-events kit's errors."""
+
+
+class VerificationError(EventsError):
+    """An event failed a step of the verification pipeline; it goes to the dead-letter topic."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class KeyNotFoundError(EventsError):
+    """A producer has no usable signing key in the state folder."""

@@ -1,0 +1,145 @@
+"""Producer signing keys: one Ed25519 key pair per producer and key id, rotated without a flag day.
+
+Layout in the state folder (`keys/events/`):
+  trust-store.json            public keys of every producer, each `active`, `verify-only` or `retired`
+  private/PRODUCER/KEY.pem    the private keys (0600); a service reads only its own
+Rotation: `rotate` makes a new active key and turns the previous one `verify-only`, so events already in
+flight still verify; `retire` removes a key from verification for good.
+"""
+
+import base64
+import datetime as dt
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from bastion.devstack.layout import write_private
+from bastion.events.errors import KeyNotFoundError, RejectReason, VerificationError
+
+KeyState = Literal["active", "verify-only", "retired"]
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    producer: str
+    key_id: str
+    private_key: Ed25519PrivateKey
+
+
+class TrustStore:
+    """The public half: which keys verify which producer's events."""
+
+    def __init__(self, entries: dict[str, dict[str, tuple[Ed25519PublicKey, KeyState]]]) -> None:
+        self._entries = entries
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrustStore":
+        raw = json.loads(text)
+        entries: dict[str, dict[str, tuple[Ed25519PublicKey, KeyState]]] = {}
+        for producer, keys in raw["producers"].items():
+            entries[producer] = {
+                key_id: (Ed25519PublicKey.from_public_bytes(base64.b64decode(entry["public_key"])), entry["state"])
+                for key_id, entry in keys.items()
+            }
+        return cls(entries)
+
+    @property
+    def producers(self) -> set[str]:
+        return set(self._entries)
+
+    def public_key(self, producer: str, key_id: str) -> Ed25519PublicKey:
+        """The key that verifies PRODUCER's events signed under KEY_ID; raises if unknown or retired."""
+        keys = self._entries.get(producer)
+        if keys is None:
+            raise VerificationError(RejectReason.UNKNOWN_PRODUCER, f"producer {producer!r} is not in the trust store")
+        entry = keys.get(key_id)
+        if entry is None:
+            raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} is not a key of {producer!r}")
+        key, state = entry
+        if state == "retired":
+            raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} of {producer!r} is retired")
+        return key
+
+
+class KeyRing:
+    """Creates, rotates and loads producer keys in a folder of the state directory."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def trust_store_file(self) -> Path:
+        return self.folder / "trust-store.json"
+
+    def _load_raw(self) -> dict[str, dict[str, dict[str, dict[str, str]]]]:
+        if not self.trust_store_file.exists():
+            return {"producers": {}}
+        raw: dict[str, dict[str, dict[str, dict[str, str]]]] = json.loads(self.trust_store_file.read_text())
+        return raw
+
+    def _save_raw(self, raw: dict[str, dict[str, dict[str, dict[str, str]]]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.trust_store_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+    def _private_file(self, producer: str, key_id: str) -> Path:
+        return self.folder / "private" / producer / f"{key_id.replace('/', '_')}.pem"
+
+    def trust_store(self) -> TrustStore:
+        return TrustStore.from_json(json.dumps(self._load_raw()))
+
+    def ensure(self, producers: list[str]) -> None:
+        """Give every producer that has no active key a first one (idempotent)."""
+        raw = self._load_raw()
+        for producer in producers:
+            keys = raw["producers"].get(producer, {})
+            if not any(entry["state"] == "active" for entry in keys.values()):
+                self.rotate(producer)
+
+    def rotate(self, producer: str) -> str:
+        """Create a new active key for PRODUCER; the previous active key becomes verify-only."""
+        raw = self._load_raw()
+        keys = raw["producers"].setdefault(producer, {})
+        for entry in keys.values():
+            if entry["state"] == "active":
+                entry["state"] = "verify-only"
+        now = dt.datetime.now(dt.UTC)
+        key_id = f"{producer}/{now:%Y%m%d}-{secrets.token_hex(4)}"
+        private_key = Ed25519PrivateKey.generate()
+        pem = private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        write_private(self._private_file(producer, key_id), pem)
+        public = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        keys[key_id] = {"public_key": base64.b64encode(public).decode(), "state": "active",
+                        "created_at": now.isoformat(timespec="seconds")}
+        self._save_raw(raw)
+        return key_id
+
+    def retire(self, producer: str, key_id: str) -> None:
+        """Stop verifying KEY_ID for good and delete its private key."""
+        raw = self._load_raw()
+        entry = raw["producers"][producer][key_id]
+        if entry["state"] == "active":
+            raise KeyNotFoundError(f"{key_id} is {producer}'s active key: rotate before retiring it")
+        entry["state"] = "retired"
+        self._save_raw(raw)
+        self._private_file(producer, key_id).unlink(missing_ok=True)
+
+    def signing_key(self, producer: str) -> SigningKey:
+        """PRODUCER's active private key; a missing key fails with a message that names it."""
+        keys = self._load_raw()["producers"].get(producer, {})
+        active = [key_id for key_id, entry in keys.items() if entry["state"] == "active"]
+        if not active:
+            raise KeyNotFoundError(f"no active signing key for producer {producer!r} in {self.folder}")
+        path = self._private_file(producer, active[0])
+        if not path.exists():
+            raise KeyNotFoundError(f"private key of {active[0]!r} is missing: expected {path}")
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyNotFoundError(f"{path} is not an Ed25519 private key")
+        return SigningKey(producer, active[0], key)

@@ -1,0 +1,126 @@
+"""The transactional outbox: events are written with the state change, in one transaction, and a relay
+publishes them with an idempotent producer (acks=all). While Kafka is down the rows wait; the service
+keeps working; when Kafka returns they drain in order."""
+
+import datetime as dt
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+from google.protobuf.message import Message
+from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy.dialects.postgresql import insert
+
+from bastion.events.envelopes import seal
+from bastion.events.keys import SigningKey
+from bastion.events.storage import outbox, producer_sequence
+from bastion.events.v1.envelope_pb2 import Envelope
+
+log = logging.getLogger(__name__)
+
+
+class Outbox:
+    """Appends signed events to the outbox inside the caller's transaction."""
+
+    def __init__(self, key: SigningKey) -> None:
+        self.key = key
+
+    def append(
+        self,
+        conn: Connection,
+        topic: str,
+        payload: Message,
+        aggregate_id: str,
+        correlation_id: str,
+        causation_id: str = "",
+        event_id: str | None = None,
+    ) -> Envelope | None:
+        """Sign and store one event; the next sequence of its aggregate is taken in the same transaction.
+
+        A given EVENT_ID is stored once: appending it again (a retried handler) returns None.
+        """
+        if event_id is not None and conn.execute(select(outbox.c.id).where(outbox.c.event_id == event_id)).first():
+            return None
+        sequence = conn.execute(
+            insert(producer_sequence)
+            .values(aggregate_id=aggregate_id, last_sequence=1)
+            .on_conflict_do_update(
+                index_elements=[producer_sequence.c.aggregate_id],
+                set_={"last_sequence": producer_sequence.c.last_sequence + 1},
+            )
+            .returning(producer_sequence.c.last_sequence)
+        ).scalar_one()
+        envelope = seal(self.key, topic, payload, aggregate_id, sequence, correlation_id, causation_id,
+                        event_id=event_id)
+        conn.execute(
+            insert(outbox).values(event_id=envelope.event_id, topic=topic, partition_key=aggregate_id,
+                                  envelope=envelope.SerializeToString())
+        )
+        return envelope
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    published: int
+    failed: int
+
+
+class OutboxRelay:
+    """Publishes unsent outbox rows in id order and marks them sent once the broker acknowledged them."""
+
+    def __init__(self, engine: Engine, producer_config: dict[str, Any], batch_size: int = 500,
+                 flush_timeout: float = 30.0) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.flush_timeout = flush_timeout
+        self.producer = Producer(
+            {**producer_config, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+             "message.timeout.ms": int(flush_timeout * 1000)}
+        )
+
+    def run_once(self) -> RelayResult:
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(outbox.c.id, outbox.c.topic, outbox.c.partition_key, outbox.c.envelope)
+                .where(outbox.c.sent_at.is_(None))
+                .order_by(outbox.c.id)
+                .limit(self.batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return RelayResult(0, 0)
+            delivered: list[int] = []
+            errors: list[KafkaError] = []
+
+            def on_delivery(row_id: int) -> Any:
+                def report(error: KafkaError | None, _message: Any) -> None:
+                    if error is None:
+                        delivered.append(row_id)
+                    else:
+                        errors.append(error)
+                return report
+
+            for row in rows:
+                self.producer.produce(row.topic, value=row.envelope, key=row.partition_key.encode(),
+                                      on_delivery=on_delivery(row.id))
+                self.producer.poll(0)
+            self.producer.flush(self.flush_timeout)
+            if delivered:
+                conn.execute(update(outbox).where(outbox.c.id.in_(delivered)).values(sent_at=dt.datetime.now(dt.UTC)))
+            if errors:
+                log.warning("outbox relay: %d of %d events not delivered yet (%s); they stay queued",
+                            len(errors), len(rows), errors[0].str())
+            return RelayResult(len(delivered), len(errors))
+
+    def backlog(self) -> int:
+        with self.engine.connect() as conn:
+            return len(conn.execute(select(outbox.c.id).where(outbox.c.sent_at.is_(None))).all())
+
+    def run(self, stop: threading.Event, idle_seconds: float = 0.2) -> None:
+        """Relay until STOP is set; sleep briefly when there is nothing to send or Kafka is away."""
+        while not stop.is_set():
+            result = self.run_once()
+            if result.published == 0:
+                stop.wait(idle_seconds)

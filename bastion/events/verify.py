@@ -1,0 +1,134 @@
+"""Steps 1 to 5 of the consumer verification pipeline (DESIGN.md), pure and in order:
+size and parse (unknown fields rejected), producer and key known, signature, producer authorised for the
+type on the topic, freshness. Steps 6 and 7 (inbox, sequence) need the consumer's database: see `inbox`.
+"""
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from bastion.events.catalog import SCHEMAS
+from bastion.events.errors import RejectReason, VerificationError
+from bastion.events.keys import TrustStore
+from bastion.events.signing import verify_signature
+from bastion.events.trust import TrustPolicy
+from bastion.events.v1.envelope_pb2 import Envelope
+
+MAX_ENVELOPE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class VerifiedEvent:
+    envelope: Envelope
+    payload: Message
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.event_id
+
+
+@dataclass(frozen=True)
+class FreshnessWindow:
+    max_age: dt.timedelta = dt.timedelta(minutes=5)
+    max_skew: dt.timedelta = dt.timedelta(seconds=30)
+
+
+def _has_unknown_fields(message: Message) -> bool:
+    if len(UnknownFieldSet(message)):
+        return True
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        children = value if field.is_repeated else [value]
+        if any(_has_unknown_fields(child) for child in children):
+            return True
+    return False
+
+
+def parse_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
+    """Step 1: size limit, strict parse, no unknown fields, mandatory fields present."""
+    if len(raw) > max_bytes:
+        raise VerificationError(RejectReason.TOO_LARGE, f"{len(raw)} bytes is over the {max_bytes}-byte limit")
+    envelope = Envelope()
+    try:
+        envelope.ParseFromString(raw)
+    except DecodeError as error:
+        raise VerificationError(RejectReason.MALFORMED, f"not an envelope: {error}") from None
+    if _has_unknown_fields(envelope):
+        raise VerificationError(RejectReason.UNKNOWN_FIELDS, "the envelope carries fields this schema does not know")
+    try:
+        uuid.UUID(envelope.event_id)
+    except ValueError:
+        raise VerificationError(RejectReason.MALFORMED, "event_id is not a UUID") from None
+    missing = [name for name in ("event_type", "producer", "key_id", "aggregate_id", "topic", "signature")
+               if not getattr(envelope, name)]
+    if missing or not envelope.HasField("occurred_at") or envelope.sequence == 0:
+        absent = ", ".join(missing) or "occurred_at or sequence"
+        raise VerificationError(RejectReason.MALFORMED, f"missing fields: {absent}")
+    return envelope
+
+
+def _parse_payload(envelope: Envelope) -> Message:
+    schema = SCHEMAS.get(envelope.event_type)
+    if schema is None:
+        raise VerificationError(RejectReason.UNKNOWN_TYPE, f"no schema for {envelope.event_type!r}")
+    if not 1 <= envelope.schema_version <= schema.current_version:
+        raise VerificationError(
+            RejectReason.UNKNOWN_TYPE, f"{envelope.event_type} has no schema version {envelope.schema_version}"
+        )
+    payload = schema.message()
+    try:
+        payload.ParseFromString(envelope.payload)
+    except DecodeError as error:
+        raise VerificationError(RejectReason.MALFORMED, f"payload is not a {envelope.event_type}: {error}") from None
+    if _has_unknown_fields(payload):
+        raise VerificationError(RejectReason.UNKNOWN_FIELDS, f"the {envelope.event_type} payload has unknown fields")
+    for version in range(envelope.schema_version, schema.current_version):
+        payload = schema.upcasters[version](payload)
+    return payload
+
+
+class EnvelopeVerifier:
+    """Everything a consumer checks before an event may have any effect."""
+
+    def __init__(
+        self,
+        trust_store: TrustStore,
+        policy: TrustPolicy,
+        window: FreshnessWindow = FreshnessWindow(),
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        max_bytes: int = MAX_ENVELOPE_BYTES,
+    ) -> None:
+        self.trust_store = trust_store
+        self.policy = policy
+        self.window = window
+        self.clock = clock
+        self.max_bytes = max_bytes
+
+    def verify(self, raw: bytes, topic: str, broker_time: dt.datetime | None = None) -> VerifiedEvent:
+        """Run steps 1 to 5; raise VerificationError naming the first step that failed.
+
+        Freshness is measured against the broker's append time when there is one (topics use
+        LogAppendTime, which producers cannot set): a backlog read late is still fresh, while an old event
+        re-published by an attacker is not.
+        """
+        envelope = parse_envelope(raw, self.max_bytes)
+        key = self.trust_store.public_key(envelope.producer, envelope.key_id)
+        verify_signature(envelope, key)
+        if envelope.topic != topic:
+            raise VerificationError(
+                RejectReason.TOPIC_MISMATCH, f"signed for {envelope.topic!r} but read from {topic!r}"
+            )
+        self.policy.check(topic, envelope.producer, envelope.event_type)
+        payload = _parse_payload(envelope)
+        reference = broker_time or self.clock()
+        occurred = envelope.occurred_at.ToDatetime(tzinfo=dt.UTC)
+        if occurred < reference - self.window.max_age:
+            raise VerificationError(RejectReason.STALE, f"occurred {reference - occurred} before it was published")
+        if occurred > reference + self.window.max_skew:
+            raise VerificationError(RejectReason.FROM_THE_FUTURE, f"occurred {occurred - reference} in the future")
+        return VerifiedEvent(envelope, payload)

@@ -1,0 +1,156 @@
+"""The verification pipeline, steps 1 to 5: each attack is refused with its own reason, in pipeline order."""
+
+import datetime as dt
+import stat
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+
+from bastion.accounts.v1.events_pb2 import AccountOpened, MoneyDeposited
+from bastion.devstack.event_access import load_policy
+from bastion.events.envelopes import seal
+from bastion.events.errors import KeyNotFoundError, RejectReason, VerificationError
+from bastion.events.keys import KeyRing
+from bastion.events.signing import sign
+from bastion.events.trust import load_trust_policy
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import EnvelopeVerifier, FreshnessWindow
+from bastion.payments.v1.events_pb2 import PaymentCompleted
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+SERVICES = {"accounts", "payments", "notifications", "audit"}
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
+TOPIC = "accounts.events.v1"
+
+
+@pytest.fixture()
+def ring(tmp_path: Path) -> KeyRing:
+    ring = KeyRing(tmp_path / "keys")
+    ring.ensure(sorted(SERVICES))
+    return ring
+
+
+@pytest.fixture()
+def verifier(ring: KeyRing) -> EnvelopeVerifier:
+    access = load_policy(INFRA / "event-access.yaml", SERVICES)
+    return EnvelopeVerifier(ring.trust_store(), load_trust_policy(INFRA / "event-trust.yaml", access),
+                            FreshnessWindow(), clock=lambda: NOW)
+
+
+def opened(producer_ring: KeyRing, producer: str = "accounts", payload: Message | None = None,
+           occurred_at: dt.datetime = NOW, topic: str = TOPIC) -> Envelope:
+    return seal(producer_ring.signing_key(producer), topic, payload or AccountOpened(account_id="a1", owner="alice",
+                currency="EUR"), aggregate_id="a1", sequence=1, correlation_id="c1", occurred_at=occurred_at)
+
+
+def refused(verifier: EnvelopeVerifier, raw: bytes, topic: str = TOPIC) -> RejectReason:
+    with pytest.raises(VerificationError) as error:
+        verifier.verify(raw, topic)
+    return error.value.reason
+
+
+def test_a_valid_event_verifies(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    event = verifier.verify(opened(ring).SerializeToString(), TOPIC)
+    assert isinstance(event.payload, AccountOpened) and event.payload.owner == "alice"
+
+
+def test_tampered_payload(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    envelope = opened(ring)
+    envelope.payload = AccountOpened(account_id="a1", owner="mallory", currency="EUR").SerializeToString()
+    assert refused(verifier, envelope.SerializeToString()) == RejectReason.BAD_SIGNATURE
+
+
+def test_key_unknown_to_the_trust_store(verifier: EnvelopeVerifier, tmp_path: Path) -> None:
+    rogue = KeyRing(tmp_path / "rogue")
+    rogue.ensure(["accounts"])
+    assert refused(verifier, opened(rogue).SerializeToString()) == RejectReason.UNKNOWN_KEY
+
+
+def test_producer_a_signed_with_producer_b_key(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    """payments signs, then claims to be accounts: either the key id or the signature gives it away."""
+    forged = opened(ring, producer="payments")
+    forged.producer = "accounts"
+    assert refused(verifier, forged.SerializeToString()) == RejectReason.UNKNOWN_KEY
+    forged.key_id = ring.signing_key("accounts").key_id
+    assert refused(verifier, forged.SerializeToString()) == RejectReason.BAD_SIGNATURE
+
+
+def test_unknown_producer(verifier: EnvelopeVerifier, tmp_path: Path) -> None:
+    rogue = KeyRing(tmp_path / "rogue")
+    rogue.ensure(["mallory"])
+    assert refused(verifier, opened(rogue, producer="mallory").SerializeToString()) == RejectReason.UNKNOWN_PRODUCER
+
+
+def test_event_type_its_producer_may_not_emit(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    forged = opened(ring, producer="payments", payload=MoneyDeposited(account_id="a1", amount_minor=10**9))
+    assert refused(verifier, forged.SerializeToString()) == RejectReason.NOT_AUTHORISED
+
+
+def test_event_signed_for_another_topic(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    envelope = opened(ring, producer="payments", payload=PaymentCompleted(payment_id="p1"), topic="payments.events.v1")
+    assert refused(verifier, envelope.SerializeToString(), topic=TOPIC) == RejectReason.TOPIC_MISMATCH
+
+
+def test_stale_and_future_events(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    old = opened(ring, occurred_at=NOW - dt.timedelta(minutes=6))
+    assert refused(verifier, old.SerializeToString()) == RejectReason.STALE
+    future = opened(ring, occurred_at=NOW + dt.timedelta(minutes=2))
+    assert refused(verifier, future.SerializeToString()) == RejectReason.FROM_THE_FUTURE
+    within_skew = opened(ring, occurred_at=NOW + dt.timedelta(seconds=10))
+    verifier.verify(within_skew.SerializeToString(), TOPIC)
+
+
+def test_freshness_is_measured_against_the_broker_append_time(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    backlog = opened(ring, occurred_at=NOW - dt.timedelta(hours=2))
+    verifier.verify(backlog.SerializeToString(), TOPIC, broker_time=NOW - dt.timedelta(hours=2, seconds=-1))
+
+
+def test_unknown_fields_in_envelope_or_payload(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    extra_field = b"\xa2\x06\x03bad"  # field 100, length-delimited
+    assert refused(verifier, opened(ring).SerializeToString() + extra_field) == RejectReason.UNKNOWN_FIELDS
+    payload = AccountOpened(account_id="a1", owner="alice", currency="EUR").SerializeToString() + extra_field
+    envelope = seal(ring.signing_key("accounts"), TOPIC, AccountOpened(), "a1", 1, "c1", occurred_at=NOW)
+    envelope.payload = payload
+    sign(envelope, ring.signing_key("accounts").private_key)
+    assert refused(verifier, envelope.SerializeToString()) == RejectReason.UNKNOWN_FIELDS
+
+
+def test_truncated_and_oversized_messages(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    raw = opened(ring).SerializeToString()
+    assert refused(verifier, raw[: len(raw) // 2]) in (RejectReason.MALFORMED,)
+    assert refused(verifier, b"\x00" * (64 * 1024 + 1)) == RejectReason.TOO_LARGE
+    assert refused(verifier, b"") == RejectReason.MALFORMED
+
+
+def test_previous_schema_version_is_upcast_on_read(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    old = seal(ring.signing_key("accounts"), TOPIC, MoneyDeposited(account_id="a1", amount_minor=500), "a1", 2, "c1",
+               occurred_at=NOW)
+    old.schema_version = 1
+    sign(old, ring.signing_key("accounts").private_key)
+    event = verifier.verify(old.SerializeToString(), TOPIC)
+    assert isinstance(event.payload, MoneyDeposited)
+    assert (event.payload.amount_minor, event.payload.currency) == (500, "EUR")
+
+
+def test_rotation_keeps_old_events_verifiable_until_retired(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    before = opened(ring)
+    old_key = ring.signing_key("accounts").key_id
+    new_key = ring.rotate("accounts")
+    assert ring.signing_key("accounts").key_id == new_key != old_key
+    rotated = EnvelopeVerifier(ring.trust_store(), verifier.policy, clock=lambda: NOW)
+    rotated.verify(before.SerializeToString(), TOPIC)
+    rotated.verify(opened(ring).SerializeToString(), TOPIC)
+    ring.retire("accounts", old_key)
+    retired = EnvelopeVerifier(ring.trust_store(), verifier.policy, clock=lambda: NOW)
+    assert refused(retired, before.SerializeToString()) == RejectReason.UNKNOWN_KEY
+    with pytest.raises(KeyNotFoundError, match="active key"):
+        ring.retire("accounts", new_key)
+
+
+def test_private_keys_are_owner_only_and_a_missing_one_is_named(ring: KeyRing, tmp_path: Path) -> None:
+    key_files = list((ring.folder / "private").rglob("*.pem"))
+    assert len(key_files) == len(SERVICES)
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in key_files)
+    with pytest.raises(KeyNotFoundError, match="'mallory'"):
+        ring.signing_key("mallory")
