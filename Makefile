@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 NPM_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
-# `buf breaking` compares protos/ with the last released contracts (git tag protos-released).
-RELEASED_PROTOS := protos-released
+# `buf breaking` compares protos/ with the last released contracts, a buf image committed with the code.
+RELEASED_PROTOS := protos/released.binpb
 
-.PHONY: setup up down status demo test unit integration lint protos reset clean bench-devstack
+.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ $(NPM_STAMP): package.json package-lock.json
 
 protos: $(STAMP)           ## regenerate Python code and typed stubs from protos/
 	scripts/gen_protos.sh
+
+release-protos: $(NPM_STAMP)  ## record protos/ as released: later changes must not break them
+	$(BUF) build protos -o $(RELEASED_PROTOS)
 
 setup: $(STAMP)            ## venv, pinned Kafka + Keycloak, dev PKI, generated secrets (idempotent)
 	$(BIN)/bastion setup
@@ -51,9 +54,7 @@ lint: $(STAMP) $(NPM_STAMP)
 	$(BIN)/ruff check bastion tests benchmarks
 	$(BIN)/mypy
 	$(BUF) lint protos
-	@if git rev-parse -q --verify 'refs/tags/$(RELEASED_PROTOS)^{commit}' >/dev/null; then \
-	  $(BUF) breaking protos --against '.git#tag=$(RELEASED_PROTOS),subdir=protos'; \
-	else echo "buf breaking: no tag $(RELEASED_PROTOS) yet, nothing released to compare with"; fi
+	$(BUF) breaking protos --against $(RELEASED_PROTOS)
 	@rm -rf .cache/protos-check && scripts/gen_protos.sh .cache/protos-check
 	@diff -r -q -x __pycache__ -x '__init__.py' .cache/protos-check/bastion bastion | grep -v '^Only in bastion' \
 	  && { echo "generated code is stale: run make protos"; exit 1; } || true
