@@ -19,6 +19,11 @@ Operation = Literal["READ", "WRITE", "DESCRIBE"]
 ResourceType = Literal["TOPIC", "GROUP"]
 
 
+def dead_letter_topic(topic: str) -> str:
+    """Where a verifying consumer of TOPIC sends what it refuses."""
+    return f"{topic}{DLQ_SUFFIX}"
+
+
 @dataclass(frozen=True)
 class TopicPolicy:
     name: str

@@ -10,6 +10,9 @@ from confluent_kafka.admin import (
     AclOperation,
     AclPermissionType,
     AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
     NewTopic,
     ResourcePatternType,
     ResourceType,
@@ -86,8 +89,20 @@ class KafkaAdmin:
             future.result()
 
     def ensure_topics(self, policy: EventAccessPolicy) -> list[str]:
+        """Create missing topics; set the declared configuration on existing ones."""
         existing = set(self.client.list_topics(timeout=TIMEOUT).topics)
         missing = [topic for name, topic in sorted(policy.topics.items()) if name not in existing]
+        present = [topic for name, topic in sorted(policy.topics.items()) if name in existing and topic.config]
+        if present:
+            resources = [
+                ConfigResource(ResourceType.TOPIC, topic.name, incremental_configs=[
+                    ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+                    for key, value in topic.config.items()
+                ])
+                for topic in present
+            ]
+            for future in self.client.incremental_alter_configs(resources, request_timeout=TIMEOUT).values():
+                future.result()
         if not missing:
             return []
         new = [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1, config=t.config) for t in missing]

@@ -109,12 +109,15 @@ class EnvelopeVerifier:
         self.clock = clock
         self.max_bytes = max_bytes
 
-    def verify(self, raw: bytes, topic: str, broker_time: dt.datetime | None = None) -> VerifiedEvent:
+    def verify(
+        self, raw: bytes, topic: str, broker_time: dt.datetime | None = None, check_freshness: bool = True
+    ) -> VerifiedEvent:
         """Run steps 1 to 5; raise VerificationError naming the first step that failed.
 
         Freshness is measured against the broker's append time when there is one (topics use
         LogAppendTime, which producers cannot set): a backlog read late is still fresh, while an old event
-        re-published by an attacker is not.
+        re-published by an attacker is not. CHECK_FRESHNESS is off only for events the consumer itself held
+        back after they passed every step on arrival.
         """
         envelope = parse_envelope(raw, self.max_bytes)
         key = self.trust_store.public_key(envelope.producer, envelope.key_id)
@@ -125,6 +128,8 @@ class EnvelopeVerifier:
             )
         self.policy.check(topic, envelope.producer, envelope.event_type)
         payload = _parse_payload(envelope)
+        if not check_freshness:
+            return VerifiedEvent(envelope, payload)
         reference = broker_time or self.clock()
         occurred = envelope.occurred_at.ToDatetime(tzinfo=dt.UTC)
         if occurred < reference - self.window.max_age:

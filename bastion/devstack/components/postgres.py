@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from sqlalchemy import URL
 
 from bastion.devstack.components.base import Component
 from bastion.devstack.errors import ComponentStartError, PrerequisiteError
@@ -138,6 +139,14 @@ class Postgres(Component):
             host=self.ctx.settings.public_host, port=self.ctx.settings.postgres_port, dbname=dbname,
             user=role, password=password, sslmode="verify-full", sslrootcert=str(self.ctx.ca_file),
             connect_timeout=3,
+        )
+
+    def sqlalchemy_url(self, role: str, password: str, dbname: str) -> URL:
+        """The same connection for SQLAlchemy (psycopg 3 driver), server verified against the dev CA."""
+        return URL.create(
+            "postgresql+psycopg", username=role, password=password, host=self.ctx.settings.public_host,
+            port=self.ctx.settings.postgres_port, database=dbname,
+            query={"sslmode": "verify-full", "sslrootcert": str(self.ctx.ca_file), "connect_timeout": "5"},
         )
 
     def _admin(self) -> psycopg.Connection[tuple[object, ...]]:

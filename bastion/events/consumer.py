@@ -1,0 +1,184 @@
+"""The verifying consumer: every record passes the whole pipeline before it may have an effect.
+
+Accepted events are applied with their inbox row in one database transaction; rejected ones go to
+`<topic>.dlq` with the reason (and a security record for the audit service). The Kafka offset is committed
+only after the effect and inbox row are committed, or the dead-letter write is acknowledged: nothing is lost.
+"""
+
+import datetime as dt
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, Message, Producer
+from google.protobuf.message import DecodeError
+from sqlalchemy import Connection, Engine
+
+from bastion.access.v1.decision_pb2 import EventRejected
+from bastion.devstack.event_access import dead_letter_topic
+from bastion.events import inbox
+from bastion.events.errors import EventsError, VerificationError
+from bastion.events.metrics import EVENTS_APPLIED, EVENTS_DROPPED, EVENTS_HELD, EVENTS_REJECTED
+from bastion.events.outbox import Outbox
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import EnvelopeVerifier, VerifiedEvent
+
+log = structlog.get_logger(__name__)
+SECURITY_TOPIC = "access.decisions.v1"
+REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
+
+Handler = Callable[[Connection, VerifiedEvent], None]
+
+
+class DeadLetterError(EventsError):
+    """The dead-letter write was not acknowledged: the offset stays uncommitted and the record comes back."""
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    name: str
+    group: str
+    topics: list[str]
+    batch_size: int = 200
+    poll_seconds: float = 0.5
+
+
+def _broker_time(message: Message) -> dt.datetime | None:
+    kind, millis = message.timestamp()
+    if kind != TIMESTAMP_LOG_APPEND_TIME:
+        return None
+    return dt.datetime.fromtimestamp(millis / 1000, dt.UTC)
+
+
+def _claimed(raw: bytes) -> Envelope:
+    """Whatever a rejected record claims about itself, for the log and the security record."""
+    envelope = Envelope()
+    try:
+        envelope.ParseFromString(raw)
+    except DecodeError:  # a record that does not even parse claims nothing
+        return Envelope()
+    return envelope
+
+
+class VerifyingConsumer:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        kafka_config: dict[str, Any],
+        verifier: EnvelopeVerifier,
+        engine: Engine,
+        handler: Handler,
+        security_outbox: Outbox | None = None,
+    ) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.engine = engine
+        self.handler = handler
+        self.security_outbox = security_outbox
+        self.consumer = Consumer(
+            {**kafka_config, "group.id": settings.group, "enable.auto.commit": False,
+             "auto.offset.reset": "earliest", "isolation.level": "read_committed"}
+        )
+        self.dead_letters = Producer({**kafka_config, "enable.idempotence": True, "acks": "all"})
+        self.consumer.subscribe(settings.topics)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.dead_letters.flush(10)
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until STOP is set. A failure propagates without committing the batch's offsets, so the
+        records from the last commit on are read again after a restart (the inbox makes that harmless)."""
+        while not stop.is_set():
+            self.poll_batch()
+
+    def poll_batch(self) -> int:
+        """Handle up to one batch, then commit its offsets (every effect is committed by then)."""
+        messages = self.consumer.consume(self.settings.batch_size, self.settings.poll_seconds)
+        handled = 0
+        for message in messages:
+            if message.error():
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer_error", consumer=self.settings.name, error=message.error().str())
+                continue
+            self.handle(message)
+            handled += 1
+        if handled:
+            self.consumer.commit(asynchronous=False)
+        return handled
+
+    def handle(self, message: Message) -> str:
+        raw: bytes = message.value() or b""
+        topic: str = message.topic()
+        try:
+            event = self.verifier.verify(raw, topic, _broker_time(message))
+        except VerificationError as error:
+            self._reject(message, raw, error)
+            return "rejected"
+        with self.engine.begin() as conn:
+            outcome = self._apply_in_order(conn, event)
+        return outcome
+
+    def _apply_in_order(self, conn: Connection, event: VerifiedEvent) -> str:
+        env = event.envelope
+        topic = env.topic
+        admission = inbox.admit(conn, event)
+        if admission is inbox.Admission.APPLY:
+            self._apply(conn, event)
+            following = env.sequence + 1
+            while (raw := inbox.take_held(conn, env.producer, env.aggregate_id, following)) is not None:
+                self._apply(conn, self.verifier.verify(raw, topic, check_freshness=False))
+                following += 1
+            return "applied"
+        if admission is inbox.Admission.HELD:
+            EVENTS_HELD.labels(self.settings.name, topic).inc()
+            log.warning("event_held_behind_sequence_gap", consumer=self.settings.name, topic=topic,
+                        producer=env.producer, aggregate_id=env.aggregate_id, sequence=env.sequence,
+                        event_id=env.event_id, correlation_id=env.correlation_id)
+            return "held"
+        EVENTS_DROPPED.labels(self.settings.name, topic, admission.value).inc()
+        log.info("event_dropped", consumer=self.settings.name, topic=topic, reason=admission.value,
+                 event_id=env.event_id, correlation_id=env.correlation_id)
+        return admission.value
+
+    def _apply(self, conn: Connection, event: VerifiedEvent) -> None:
+        self.handler(conn, event)
+        inbox.record(conn, event)
+        EVENTS_APPLIED.labels(self.settings.name, event.envelope.topic).inc()
+
+    def _reject(self, message: Message, raw: bytes, error: VerificationError) -> None:
+        claimed = _claimed(raw)
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        EVENTS_REJECTED.labels(self.settings.name, topic, error.reason.value).inc()
+        log.warning("event_rejected", consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
+                    reason=error.reason.value, detail=error.detail, claimed_producer=claimed.producer,
+                    claimed_event_id=claimed.event_id, correlation_id=claimed.correlation_id or "-")
+        if self.security_outbox is not None:
+            record = EventRejected(
+                consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
+                reason=error.reason.value, detail=error.detail[:500], claimed_producer=claimed.producer[:100],
+                claimed_event_id=claimed.event_id[:100], correlation_id=claimed.correlation_id[:100],
+            )
+            record_id = str(uuid.uuid5(REJECTION_NAMESPACE, f"{self.settings.name}/{topic}/{partition}/{offset}"))
+            with self.engine.begin() as conn:
+                self.security_outbox.append(conn, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
+                                            correlation_id=claimed.correlation_id[:100] or record_id,
+                                            event_id=record_id)
+        self._dead_letter(message, raw, error)
+
+    def _dead_letter(self, message: Message, raw: bytes, error: VerificationError) -> None:
+        outcome: list[KafkaError | None] = []
+        headers = [
+            ("bastion-reject-reason", error.reason.value.encode()),
+            ("bastion-reject-detail", error.detail[:500].encode()),
+            ("bastion-source", f"{message.topic()}/{message.partition()}/{message.offset()}".encode()),
+            ("bastion-consumer", self.settings.name.encode()),
+        ]
+        self.dead_letters.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
+                                  on_delivery=lambda err, _msg: outcome.append(err))
+        self.dead_letters.flush(30)
+        if not outcome or outcome[0] is not None:
+            raise DeadLetterError(f"dead-letter write for {message.topic()} not acknowledged: {outcome}")

@@ -1,0 +1,66 @@
+"""Steps 6 and 7 of the verification pipeline, inside the consumer's database transaction: the inbox (an
+event id seen before has no second effect) and the per-(producer, aggregate) sequence (lower or equal is
+a replay; a gap holds the event back until the missing ones arrive)."""
+
+from enum import StrEnum
+
+from sqlalchemy import Connection, delete, select
+from sqlalchemy.dialects.postgresql import insert
+
+from bastion.events.storage import consumer_sequence, held, inbox
+from bastion.events.verify import VerifiedEvent
+
+
+class Admission(StrEnum):
+    APPLY = "apply"
+    DUPLICATE = "duplicate"
+    REPLAY = "replay"
+    HELD = "held"
+
+
+def admit(conn: Connection, event: VerifiedEvent) -> Admission:
+    """Decide what to do with a verified event; locks its (producer, aggregate) row until commit."""
+    env = event.envelope
+    if conn.execute(select(inbox.c.event_id).where(inbox.c.event_id == env.event_id)).first():
+        return Admission.DUPLICATE
+    last = conn.execute(
+        select(consumer_sequence.c.last_sequence)
+        .where(consumer_sequence.c.producer == env.producer, consumer_sequence.c.aggregate_id == env.aggregate_id)
+        .with_for_update()
+    ).scalar_one_or_none() or 0
+    if env.sequence <= last:
+        return Admission.REPLAY
+    if env.sequence > last + 1:
+        conn.execute(
+            insert(held)
+            .values(producer=env.producer, aggregate_id=env.aggregate_id, sequence=env.sequence, topic=env.topic,
+                    envelope=env.SerializeToString())
+            .on_conflict_do_nothing()
+        )
+        return Admission.HELD
+    return Admission.APPLY
+
+
+def record(conn: Connection, event: VerifiedEvent) -> None:
+    """Write the inbox row and advance the sequence, in the transaction that applied the effect."""
+    env = event.envelope
+    conn.execute(insert(inbox).values(event_id=env.event_id, producer=env.producer, aggregate_id=env.aggregate_id,
+                                      sequence=env.sequence, topic=env.topic))
+    conn.execute(
+        insert(consumer_sequence)
+        .values(producer=env.producer, aggregate_id=env.aggregate_id, last_sequence=env.sequence)
+        .on_conflict_do_update(
+            index_elements=[consumer_sequence.c.producer, consumer_sequence.c.aggregate_id],
+            set_={"last_sequence": env.sequence},
+        )
+    )
+
+
+def take_held(conn: Connection, producer: str, aggregate_id: str, sequence: int) -> bytes | None:
+    """Remove and return the held envelope with this sequence, if one arrived early."""
+    row = conn.execute(
+        delete(held)
+        .where(held.c.producer == producer, held.c.aggregate_id == aggregate_id, held.c.sequence == sequence)
+        .returning(held.c.envelope)
+    ).first()
+    return bytes(row.envelope) if row else None

@@ -1,0 +1,248 @@
+"""The verifying consumer against the real Kafka and PostgreSQL: each attack ends in the dead-letter topic
+(or, for a replay, is dropped) with its reason, a counter and a log line; valid events around them are
+applied exactly once, in order. Each test has its own topic, dead-letter topic and consumer group."""
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import structlog
+from confluent_kafka import Consumer, Producer
+from prometheus_client import REGISTRY
+from sqlalchemy import Column, Engine, MetaData, String, Table, create_engine, select
+from sqlalchemy.types import BigInteger
+
+from bastion.access.v1.decision_pb2 import EventRejected
+from bastion.accounts.v1.events_pb2 import AccountOpened, MoneyDeposited
+from bastion.devstack.components.kafka import Kafka
+from bastion.devstack.components.postgres import Postgres
+from bastion.devstack.context import StackContext
+from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy
+from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
+from bastion.events.envelopes import seal
+from bastion.events.keys import KeyRing
+from bastion.events.outbox import Outbox
+from bastion.events.signing import sign
+from bastion.events.storage import EVENTS_METADATA, outbox
+from bastion.events.trust import TrustPolicy
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import EnvelopeVerifier, VerifiedEvent
+from bastion.payments.v1.events_pb2 import PaymentCompleted
+
+CONSUMER = "notifications"
+TEST_TABLES = MetaData()
+applied = Table(
+    "it_applied_events", TEST_TABLES,
+    Column("event_id", String(36), primary_key=True),
+    Column("aggregate_id", String(200), nullable=False),
+    Column("sequence", BigInteger, nullable=False),
+    Column("consumer_group", String(100), nullable=False),
+    Column("applied_order", BigInteger, nullable=False),
+)
+
+
+@dataclass
+class Lane:
+    """One test's own topic, dead-letter topic, group, key ring and consumer."""
+
+    topic: str
+    group: str
+    ring: KeyRing
+    engine: Engine
+    consumer: VerifyingConsumer
+    kafka: Kafka
+    ctx: StackContext
+
+    def publish_raw(self, *records: bytes, key: bytes = b"k") -> None:
+        """Write records as the broker's admin: the attacker here has got past the ACLs."""
+        producer = Producer(self.kafka.client_config("admin", self.ctx.credentials.kafka["admin"]))
+        for record in records:
+            producer.produce(self.topic, value=record, key=key)
+        assert producer.flush(20) == 0
+
+    def seal(self, producer: str, payload: object, aggregate: str, sequence: int, **kwargs: object) -> Envelope:
+        return seal(self.ring.signing_key(producer), self.topic, payload, aggregate, sequence,  # type: ignore[arg-type]
+                    correlation_id=f"corr-{aggregate}-{sequence}", **kwargs)  # type: ignore[arg-type]
+
+    def consume_until(self, count: int, timeout: float = 60) -> None:
+        deadline, handled = time.monotonic() + timeout, 0
+        while handled < count and time.monotonic() < deadline:
+            handled += self.consumer.poll_batch()
+        assert handled == count, f"handled {handled} of {count} records"
+
+    def applied_sequences(self, aggregate: str) -> list[int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(applied.c.sequence).where(
+                applied.c.aggregate_id == aggregate, applied.c.consumer_group == self.group
+            ).order_by(applied.c.applied_order)).all()
+        return [row.sequence for row in rows]
+
+    def dead_letters(self, count: int) -> list[tuple[bytes, dict[str, bytes]]]:
+        reader = Consumer({**self.kafka.client_config("admin", self.ctx.credentials.kafka["admin"]),
+                           "group.id": f"{self.group}-dlq-reader", "auto.offset.reset": "earliest"})
+        reader.subscribe([f"{self.topic}.dlq"])
+        found: list[tuple[bytes, dict[str, bytes]]] = []
+        deadline = time.monotonic() + 30
+        while len(found) < count and time.monotonic() < deadline:
+            msg = reader.poll(1)
+            if msg is not None and msg.error() is None:
+                found.append((msg.value(), dict(msg.headers() or [])))
+        reader.close()
+        return found
+
+
+def counter(name: str, topic: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"consumer": CONSUMER, "topic": topic, **labels}) or 0.0
+
+
+@pytest.fixture(scope="module")
+def engine(postgres: Postgres, ctx: StackContext) -> Engine:
+    engine = create_engine(postgres.sqlalchemy_url(CONSUMER, ctx.credentials.postgres[CONSUMER], CONSUMER))
+    EVENTS_METADATA.create_all(engine)
+    TEST_TABLES.create_all(engine)
+    return engine
+
+
+@pytest.fixture()
+def lane(kafka: Kafka, ctx: StackContext, engine: Engine, unique: str, tmp_path: Path) -> Iterator[Lane]:
+    topic, group = f"it.{unique}.v1", f"it-{unique}"
+    access = EventAccessPolicy({
+        topic: TopicPolicy(topic, 1, ("accounts", "payments"), {CONSUMER: group},
+                           {"message.timestamp.type": "LogAppendTime"}),
+        f"{topic}.dlq": TopicPolicy(f"{topic}.dlq", 1, (CONSUMER,), {}),
+    })
+    admin = kafka.admin()
+    admin.ensure_topics(access)
+    admin.grant(access.grants() | {AclGrant(CONSUMER, "TOPIC", "access.decisions.v1", "WRITE")})
+    ring = KeyRing(tmp_path / "keys")
+    ring.ensure(["accounts", "payments", CONSUMER])
+    trust = TrustPolicy({topic: {
+        "accounts": frozenset({"bastion.accounts.v1.AccountOpened", "bastion.accounts.v1.MoneyDeposited"}),
+        "payments": frozenset({"bastion.payments.v1.PaymentCompleted"}),
+    }})
+    order = iter(range(1, 10**6))
+
+    def handler(conn: object, event: VerifiedEvent) -> None:
+        conn.execute(applied.insert().values(  # type: ignore[attr-defined]
+            event_id=event.event_id, aggregate_id=event.envelope.aggregate_id, sequence=event.envelope.sequence,
+            consumer_group=group, applied_order=time.monotonic_ns() + next(order)))
+
+    consumer = VerifyingConsumer(
+        ConsumerSettings(CONSUMER, group, [topic], batch_size=50, poll_seconds=0.5),
+        kafka.client_config(CONSUMER, ctx.credentials.kafka[CONSUMER]),
+        EnvelopeVerifier(ring.trust_store(), trust), engine, handler,
+        security_outbox=Outbox(ring.signing_key(CONSUMER)),
+    )
+    yield Lane(topic, group, ring, engine, consumer, kafka, ctx)
+    consumer.close()
+    admin.revoke(access.grants())
+    admin.client.delete_topics([topic, f"{topic}.dlq"])
+
+
+def test_valid_stream_is_applied_exactly_once_in_order_and_each_attack_is_refused(lane: Lane, tmp_path: Path) -> None:
+    aggregate = f"acc-{lane.group}"
+    opened = AccountOpened(account_id=aggregate, owner="alice", currency="EUR")
+    first = lane.seal("accounts", opened, aggregate, 1)
+    tampered = lane.seal("accounts", opened, aggregate, 2)
+    tampered.payload = AccountOpened(account_id=aggregate, owner="mallory", currency="EUR").SerializeToString()
+    rogue_ring = KeyRing(tmp_path / "rogue")
+    rogue_ring.ensure(["accounts"])
+    unknown_key = seal(rogue_ring.signing_key("accounts"), lane.topic, opened, aggregate, 2, "corr-rogue")
+    a_with_b_key = lane.seal("payments", opened, aggregate, 2)
+    a_with_b_key.producer = "accounts"
+    a_with_b_key.key_id = lane.ring.signing_key("accounts").key_id
+    not_allowed = lane.seal("payments", MoneyDeposited(account_id=aggregate, amount_minor=10**9), aggregate, 2)
+    stale = lane.seal("accounts", opened, aggregate, 2, occurred_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10))
+    unknown_fields = lane.seal("accounts", opened, aggregate, 2).SerializeToString() + b"\xa2\x06\x03bad"
+    second = lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=500, currency="EUR"), aggregate, 2)
+    truncated = second.SerializeToString()[:40]
+    third = lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=700, currency="EUR"), aggregate, 3)
+    attacks = {
+        "bad_signature": tampered.SerializeToString(),
+        "unknown_key": unknown_key.SerializeToString(),
+        "bad_signature_b_key": a_with_b_key.SerializeToString(),
+        "not_authorised": not_allowed.SerializeToString(),
+        "stale": stale.SerializeToString(),
+        "unknown_fields": unknown_fields,
+        "malformed": truncated,
+    }
+    before = {reason: counter("bastion_events_rejected_total", lane.topic, reason=reason)
+              for reason in ("bad_signature", "unknown_key", "not_authorised", "stale", "unknown_fields", "malformed")}
+    replays_before = counter("bastion_events_dropped_total", lane.topic, reason="duplicate")
+
+    with structlog.testing.capture_logs() as logs:
+        lane.publish_raw(first.SerializeToString(), *attacks.values(), second.SerializeToString(),
+                         first.SerializeToString(), third.SerializeToString())
+        lane.consume_until(1 + len(attacks) + 3)
+
+    assert lane.applied_sequences(aggregate) == [1, 2, 3]
+    dead = lane.dead_letters(len(attacks))
+    reasons = sorted(headers["bastion-reject-reason"].decode() for _, headers in dead)
+    assert reasons == sorted(["bad_signature", "unknown_key", "bad_signature", "not_authorised", "stale",
+                              "unknown_fields", "malformed"])
+    assert {value for value, _ in dead} == set(attacks.values()), "the dead-letter topic keeps the original bytes"
+    expected_increments = {"bad_signature": 2, "unknown_key": 1, "not_authorised": 1, "stale": 1,
+                           "unknown_fields": 1, "malformed": 1}
+    for reason, increment in expected_increments.items():
+        assert counter("bastion_events_rejected_total", lane.topic, reason=reason) - before[reason] == increment
+    assert counter("bastion_events_dropped_total", lane.topic, reason="duplicate") - replays_before == 1
+    rejected_logs = [entry for entry in logs if entry["event"] == "event_rejected"]
+    assert len(rejected_logs) == len(attacks)
+    assert all(entry["log_level"] == "warning" and "correlation_id" in entry for entry in rejected_logs)
+    assert {e["correlation_id"] for e in rejected_logs if e["reason"] == "stale"} == {f"corr-{aggregate}-2"}
+    assert [e for e in logs if e["event"] == "event_dropped"][0]["reason"] == "duplicate"
+
+    with lane.engine.connect() as conn:
+        records = [Envelope.FromString(row.envelope) for row in conn.execute(
+            select(outbox.c.envelope).where(outbox.c.partition_key == f"consumer:{CONSUMER}",
+                                            outbox.c.topic == "access.decisions.v1")).all()]
+    mine = [EventRejected.FromString(r.payload) for r in records]
+    mine = [r for r in mine if r.topic == lane.topic]
+    assert sorted(r.reason for r in mine) == reasons
+    assert all(r.consumer == CONSUMER for r in mine)
+
+
+def test_a_sequence_gap_is_held_back_and_released_in_order(lane: Lane) -> None:
+    aggregate = f"gap-{lane.group}"
+    events = [lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=n, currency="EUR"), aggregate, n)
+              for n in (1, 2, 3, 4)]
+    held_before = counter("bastion_events_held_total", lane.topic)
+    lane.publish_raw(events[0].SerializeToString(), events[2].SerializeToString(), events[3].SerializeToString())
+    lane.consume_until(3)
+    assert lane.applied_sequences(aggregate) == [1]
+    assert counter("bastion_events_held_total", lane.topic) - held_before == 2
+    lane.publish_raw(events[1].SerializeToString())
+    lane.consume_until(1)
+    assert lane.applied_sequences(aggregate) == [1, 2, 3, 4]
+
+
+def test_a_replayed_sequence_with_a_new_event_id_has_no_effect(lane: Lane) -> None:
+    aggregate = f"seq-{lane.group}"
+    first = lane.seal("accounts", AccountOpened(account_id=aggregate), aggregate, 1)
+    again = lane.seal("accounts", AccountOpened(account_id=aggregate), aggregate, 1)
+    lane.publish_raw(first.SerializeToString(), again.SerializeToString())
+    lane.consume_until(2)
+    assert lane.applied_sequences(aggregate) == [1]
+
+
+def test_an_event_signed_for_another_topic_is_refused(lane: Lane) -> None:
+    aggregate = f"pay-{lane.group}"
+    elsewhere = seal(lane.ring.signing_key("payments"), "payments.events.v1", PaymentCompleted(payment_id="p1"),
+                     aggregate, 1, "corr-x")
+    moved = Envelope()
+    moved.CopyFrom(elsewhere)
+    lane.publish_raw(moved.SerializeToString())
+    lane.consume_until(1)
+    dead = lane.dead_letters(1)
+    assert dead[0][1]["bastion-reject-reason"] == b"topic_mismatch"
+    assert lane.applied_sequences(aggregate) == []
+    resigned = Envelope()
+    resigned.CopyFrom(elsewhere)
+    resigned.topic = lane.topic
+    sign(resigned, lane.ring.signing_key("payments").private_key)
+    lane.publish_raw(resigned.SerializeToString())
+    lane.consume_until(1)
+    assert lane.applied_sequences(aggregate) == [1]
