@@ -193,7 +193,7 @@ def test_valid_stream_is_applied_exactly_once_in_order_and_each_attack_is_refuse
     assert len(rejected_logs) == len(attacks)
     assert all(entry["log_level"] == "warning" and "correlation_id" in entry for entry in rejected_logs)
     assert {e["correlation_id"] for e in rejected_logs if e["reason"] == "stale"} == {f"corr-{aggregate}-2"}
-    assert [e for e in logs if e["event"] == "event_dropped"][0]["reason"] == "duplicate"
+    assert [e["reason"] for e in logs if e["event"] == "event_dropped"] == ["duplicate"]
 
     with lane.engine.connect() as conn:
         records = [Envelope.FromString(row.envelope) for row in conn.execute(
