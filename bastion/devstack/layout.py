@@ -22,6 +22,11 @@ class StateLayout:
         return self.root / "pki"
 
     @property
+    def event_keys_dir(self) -> Path:
+        """Producers' Ed25519 signing keys and the trust store (see bastion.events.keys)."""
+        return self.root / "keys" / "events"
+
+    @property
     def run_dir(self) -> Path:
         return self.root / "run"
 

@@ -22,6 +22,7 @@ from bastion.devstack.pki import DevPki
 from bastion.devstack.prerequisites import ensure_port_free, find_java
 from bastion.devstack.process import ProcessSupervisor, wait_until
 from bastion.devstack.secrets import SecretNeeds, ensure_credentials, load_credentials
+from bastion.events.keys import KeyRing
 from bastion.settings import DevstackSettings
 
 # Started together within a phase, phases one after another: Keycloak keeps its data in PostgreSQL.
@@ -62,6 +63,7 @@ class Stack:
             redis_users=[ADMIN_USER, *self.service_names],
         )
         credentials = ensure_credentials(self.layout.credentials_file, needs)
+        KeyRing(self.layout.event_keys_dir).ensure(self.service_names)
         issued = self.pki.ensure(self.certificate_names())
         if issued:
             self.progress(f"certificates issued: {', '.join(issued)}")

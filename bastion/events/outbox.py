@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from google.protobuf.message import Message
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -103,8 +103,14 @@ class OutboxRelay:
                 return report
 
             for row in rows:
-                self.producer.produce(row.topic, value=row.envelope, key=row.partition_key.encode(),
-                                      on_delivery=on_delivery(row.id))
+                try:
+                    self.producer.produce(row.topic, value=row.envelope, key=row.partition_key.encode(),
+                                          on_delivery=on_delivery(row.id))
+                except (KafkaException, BufferError) as refused:
+                    # Stop here: the rows after this one wait too, so each partition keeps its order.
+                    errors.append(refused.args[0] if refused.args and isinstance(refused.args[0], KafkaError)
+                                  else KafkaError(KafkaError._FAIL, str(refused)))
+                    break
                 self.producer.poll(0)
             self.producer.flush(self.flush_timeout)
             if delivered:
