@@ -27,6 +27,11 @@ class StateLayout:
         return self.root / "keys" / "events"
 
     @property
+    def data_keys_dir(self) -> Path:
+        """Per-topic AES data keys: `issuer/` holds them all, `SERVICE/` the copies SERVICE is entitled to."""
+        return self.root / "keys" / "data"
+
+    @property
     def run_dir(self) -> Path:
         return self.root / "run"
 

@@ -15,14 +15,16 @@ from bastion.devstack.components.redis import ADMIN_USER, Redis
 from bastion.devstack.context import StackContext
 from bastion.devstack.distributions import fetch, load_distributions, relocked
 from bastion.devstack.errors import ComponentStartError
-from bastion.devstack.event_access import load_policy
+from bastion.devstack.event_access import EventAccessPolicy, load_policy
 from bastion.devstack.identities import load_identities
 from bastion.devstack.layout import StateLayout
 from bastion.devstack.pki import DevPki
 from bastion.devstack.prerequisites import ensure_port_free, find_java
 from bastion.devstack.process import ProcessSupervisor, wait_until
 from bastion.devstack.secrets import SecretNeeds, ensure_credentials, load_credentials
+from bastion.events.field_crypto import DataKeyRing
 from bastion.events.keys import KeyRing
+from bastion.events.personal_data import load_personal_data
 from bastion.settings import DevstackSettings
 
 # Started together within a phase, phases one after another: Keycloak keeps its data in PostgreSQL.
@@ -64,6 +66,7 @@ class Stack:
         )
         credentials = ensure_credentials(self.layout.credentials_file, needs)
         KeyRing(self.layout.event_keys_dir).ensure(self.service_names)
+        self._distribute_data_keys(policy)
         issued = self.pki.ensure(self.certificate_names())
         if issued:
             self.progress(f"certificates issued: {', '.join(issued)}")
@@ -79,6 +82,15 @@ class Stack:
         ctx = self.context(credentials)
         Keycloak(ctx).install(self.progress)
         return ctx
+
+    def _distribute_data_keys(self, policy: EventAccessPolicy) -> None:
+        """Give each service a copy of exactly the data keys of infra/personal-data.yaml it is entitled to."""
+        personal = load_personal_data(self.settings.infra_dir / "personal-data.yaml", policy)
+        issuer = DataKeyRing(self.layout.data_keys_dir / "issuer")
+        issuer.ensure(sorted(personal.topics))
+        for service in self.service_names:
+            for topic in personal.key_topics(service):
+                issuer.export_to(self.layout.data_keys_dir / service, topic)
 
     def context(self, credentials: Any = None) -> StackContext:
         return StackContext(

@@ -23,6 +23,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy
 from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
 from bastion.events.envelopes import seal
+from bastion.events.field_crypto import DataKeyRing, encrypt_field, field_context, reveal
 from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox
 from bastion.events.signing import sign
@@ -55,6 +56,7 @@ class Lane:
     consumer: VerifyingConsumer
     kafka: Kafka
     ctx: StackContext
+    seen: list[VerifiedEvent]
 
     def publish_raw(self, *records: bytes, key: bytes = b"k") -> None:
         """Write records as the broker's admin: the attacker here has got past the ACLs."""
@@ -124,8 +126,10 @@ def lane(kafka: Kafka, ctx: StackContext, engine: Engine, unique: str, tmp_path:
         "payments": frozenset({"bastion.payments.v1.PaymentCompleted"}),
     }})
     order = iter(range(1, 10**6))
+    seen: list[VerifiedEvent] = []
 
     def handler(conn: object, event: VerifiedEvent) -> None:
+        seen.append(event)
         conn.execute(applied.insert().values(  # type: ignore[attr-defined]
             event_id=event.event_id, aggregate_id=event.envelope.aggregate_id, sequence=event.envelope.sequence,
             consumer_group=group, applied_order=time.monotonic_ns() + next(order)))
@@ -136,7 +140,7 @@ def lane(kafka: Kafka, ctx: StackContext, engine: Engine, unique: str, tmp_path:
         EnvelopeVerifier(ring.trust_store(), trust), engine, handler,
         security_outbox=Outbox(ring.signing_key(CONSUMER)),
     )
-    yield Lane(topic, group, ring, engine, consumer, kafka, ctx)
+    yield Lane(topic, group, ring, engine, consumer, kafka, ctx, seen)
     consumer.close()
     admin.revoke(access.grants())
     admin.client.delete_topics([topic, f"{topic}.dlq"])
@@ -246,3 +250,47 @@ def test_an_event_signed_for_another_topic_is_refused(lane: Lane) -> None:
     lane.publish_raw(resigned.SerializeToString())
     lane.consume_until(1)
     assert lane.applied_sequences(aggregate) == [1]
+
+
+def test_personal_data_is_ciphertext_except_for_entitled_readers(lane: Lane, tmp_path: Path) -> None:
+    issuer = DataKeyRing(tmp_path / "data" / "issuer")
+    issuer.ensure([lane.topic])
+    for service in ("accounts", "notifications"):
+        issuer.export_to(tmp_path / "data" / service, lane.topic)
+    accounts_keys, notifications_keys = (DataKeyRing(tmp_path / "data" / s) for s in ("accounts", "notifications"))
+    audit_keys = DataKeyRing(tmp_path / "data" / "audit")
+    aggregate, email = f"pii-{lane.group}", f"alice.{lane.group}@bastion.local"
+    context = field_context("bastion.accounts.v1.AccountOpened.owner_email", aggregate)
+    payload = AccountOpened(account_id=aggregate, owner="alice", currency="EUR",
+                            owner_email=encrypt_field(accounts_keys, lane.topic, context, email))
+    lane.publish_raw(lane.seal("accounts", payload, aggregate, 1).SerializeToString())
+    lane.consume_until(1)
+
+    [event] = [e for e in lane.seen if e.envelope.aggregate_id == aggregate]
+    assert isinstance(event.payload, AccountOpened)
+    assert reveal(notifications_keys, lane.topic, context, event.payload.owner_email) == email
+    assert reveal(audit_keys, lane.topic, context, event.payload.owner_email) is None
+    reader = Consumer({**lane.kafka.client_config("admin", lane.ctx.credentials.kafka["admin"]),
+                       "group.id": f"{lane.group}-raw", "auto.offset.reset": "earliest"})
+    reader.subscribe([lane.topic])
+    raw = None
+    for _ in range(30):
+        message = reader.poll(1)
+        if message is not None and message.error() is None:
+            raw = message.value()
+            break
+    reader.close()
+    assert raw is not None and email.encode() not in raw, "Kafka holds only ciphertext of the address"
+
+
+def test_an_event_of_the_previous_schema_version_is_applied(lane: Lane) -> None:
+    aggregate = f"v1-{lane.group}"
+    old = lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=250), aggregate, 1)
+    old.schema_version = 1
+    sign(old, lane.ring.signing_key("accounts").private_key)
+    lane.publish_raw(old.SerializeToString())
+    lane.consume_until(1)
+    assert lane.applied_sequences(aggregate) == [1]
+    [event] = [e for e in lane.seen if e.envelope.aggregate_id == aggregate]
+    assert isinstance(event.payload, MoneyDeposited)
+    assert (event.payload.amount_minor, event.payload.currency) == (250, "EUR")
