@@ -25,6 +25,7 @@ from bastion.devstack.secrets import SecretNeeds, ensure_credentials, load_crede
 from bastion.events.field_crypto import DataKeyRing
 from bastion.events.keys import KeyRing
 from bastion.events.personal_data import load_personal_data
+from bastion.events.trust import load_trust_policy
 from bastion.settings import DevstackSettings
 
 # Started together within a phase, phases one after another: Keycloak keeps its data in PostgreSQL.
@@ -57,6 +58,7 @@ class Stack:
         self.layout.ensure()
         identities = load_identities(self.settings.infra_dir / "keycloak" / "identities.yaml")
         policy = load_policy(self.settings.infra_dir / "event-access.yaml", set(self.service_names))
+        load_trust_policy(self.settings.infra_dir / "event-trust.yaml", policy)
         needs = SecretNeeds(
             users=identities.user_names,
             keycloak_clients=self.service_names,
