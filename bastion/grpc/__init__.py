@@ -1,0 +1,1 @@
+"""The gRPC kit: server and client factories, interceptors, policies."""

@@ -1,0 +1,146 @@
+"""The security interceptor: on every call, in order, correlation id, peer identity from the client
+certificate, JWT authentication, per-method authorisation, rate limit, access audit. A refused call ends
+with the status of the error table; the handler never runs. Health checks and reflection need only mTLS."""
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from prometheus_client import Counter
+
+from bastion.grpc.audit import AccessAudit, decision
+from bastion.grpc.context import CallContext, correlation_id_from, current_call, peer_identity_from
+from bastion.grpc.errors import (
+    PermissionDeniedError,
+    RequestError,
+    UnauthenticatedError,
+    UnavailableError,
+    status_for,
+)
+from bastion.grpc.policy import MethodPolicy
+from bastion.grpc.ratelimit import RedisRateLimiter
+from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal, TokenValidator
+
+log = structlog.get_logger(__name__)
+CALLS_REFUSED = Counter("bastion_grpc_refused_total", "Calls refused by the security interceptor",
+                        ["service", "method", "code"])
+TRANSPORT_ONLY = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, service: str, validator: TokenValidator, policy: MethodPolicy, audit: AccessAudit,
+                 limiter: RedisRateLimiter | None = None) -> None:
+        self.service = service
+        self.validator = validator
+        self.policy = policy
+        self.audit = audit
+        self.limiter = limiter
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        method: str = details.method
+        if method.startswith(TRANSPORT_ONLY):
+            return handler
+        if handler is None:
+            return grpc.unary_unary_rpc_method_handler(self._refuse_unknown(method))
+        return self._wrap(handler, method)
+
+    def _refuse_unknown(self, method: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+        async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+            await self._admit(method, context)  # authenticates and audits; the policy has no rule: denied
+
+        return refuse
+
+    def _wrap(self, handler: Any, method: str) -> Any:
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = await self._admit(method, context)
+                token = current_call.set(call)
+                try:
+                    return await inner(request, context)
+                except RequestError as error:
+                    await self._fail(context, call, error)
+                finally:
+                    current_call.reset(token)
+
+            factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                       else grpc.stream_unary_rpc_method_handler)
+            return factory(unary, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = await self._admit(method, context)
+            token = current_call.set(call)
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+            except RequestError as error:
+                await self._fail(context, call, error)
+            finally:
+                current_call.reset(token)
+
+        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                   else grpc.stream_stream_rpc_method_handler)
+        return factory(streaming, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> CallContext:
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        correlation_id = correlation_id_from(metadata)
+        context.set_trailing_metadata((("x-correlation-id", correlation_id),))
+        peer = peer_identity_from(context.auth_context() or {})
+        call = CallContext(correlation_id, peer, None, method)
+        if peer is None:
+            await self._refuse(context, call, UnauthenticatedError("client certificate has no Bastion identity"))
+        principal = await self._authenticate(context, call, metadata.get("authorization", ""))
+        call = CallContext(correlation_id, peer, principal, method)
+        verdict = self.policy.decide(method, principal, peer)
+        if not verdict.allowed:
+            await self._refuse(context, call, PermissionDeniedError(f"permission denied: {verdict.reason}"))
+        if self.limiter is not None:
+            try:
+                await self.limiter.admit(f"{principal.client_id}:{principal.subject}")
+            except RequestError as error:
+                await self._refuse(context, call, error)
+        self.audit.record(decision(_who(principal), peer or "", method, True, verdict.reason, correlation_id))
+        return call
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext, call: CallContext, header: str) -> Principal:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            await self._refuse(context, call, UnauthenticatedError("missing bearer token"))
+        try:
+            return self.validator.validate(token)
+        except AuthenticationError as error:
+            if error.reason == AuthReason.KEYS_UNAVAILABLE:
+                await self._refuse(context, call, UnavailableError("token keys unavailable: request refused"))
+            await self._refuse(context, call, UnauthenticatedError(f"invalid token: {error}"))
+        raise AssertionError("unreachable: abort raises")
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, call: CallContext, error: RequestError) -> None:
+        code, message = status_for(error, call.correlation_id)
+        self.audit.record(decision(_who(call.principal), call.peer_identity or "", call.method, False, message,
+                                   call.correlation_id))
+        CALLS_REFUSED.labels(self.service, call.method, code.name).inc()
+        log.warning("call_refused", service=self.service, method=call.method, code=code.name, reason=message,
+                    peer=call.peer_identity, principal=_who(call.principal), correlation_id=call.correlation_id)
+        await context.abort(code, message)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, call: CallContext, error: RequestError) -> None:
+        code, message = status_for(error, call.correlation_id)
+        CALLS_REFUSED.labels(self.service, call.method, code.name).inc()
+        log.info("call_failed", service=self.service, method=call.method, code=code.name, reason=message,
+                 correlation_id=call.correlation_id)
+        await context.abort(code, message)
+
+
+def _who(principal: Principal | None) -> str:
+    if principal is None:
+        return ""
+    return principal.username or principal.client_id

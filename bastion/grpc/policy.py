@@ -1,0 +1,71 @@
+"""Per-method authorisation from a declarative policy file (infra/policies/SERVICE.yaml), default deny."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf.descriptor import ServiceDescriptor
+
+from bastion.devstack.errors import DevstackError
+from bastion.grpc.tokens import Principal
+
+
+@dataclass(frozen=True)
+class MethodRule:
+    roles: frozenset[str]
+    services: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class MethodPolicy:
+    service: str
+    rules: dict[str, MethodRule]
+
+    def check_complete(self, descriptor: ServiceDescriptor) -> None:
+        """Refuse to serve a service whose methods are not all covered, or a policy naming others."""
+        methods = {method.name for method in descriptor.methods}
+        problems = []
+        if descriptor.full_name != self.service:
+            problems.append(f"policy is for {self.service}, the server serves {descriptor.full_name}")
+        problems += [f"method {name} has no rule" for name in sorted(methods - set(self.rules))]
+        problems += [f"rule for unknown method {name}" for name in sorted(set(self.rules) - methods)]
+        if problems:
+            raise DevstackError(f"method policy of {descriptor.full_name}: " + "; ".join(problems),
+                                "give every method of the service exactly one rule in its policy file")
+
+    def decide(self, full_method: str, principal: Principal | None, peer_identity: str | None) -> Decision:
+        service, _, method = full_method.strip("/").rpartition("/")
+        rule = self.rules.get(method) if service == self.service else None
+        if rule is None:
+            return Decision(False, f"no rule for {full_method}: denied by default")
+        if principal is None:
+            return Decision(False, "no authenticated principal")
+        if rule.services and peer_identity in rule.services and principal.client_id == peer_identity:
+            return Decision(True, f"service {peer_identity} is allowed")
+        if rule.roles and not principal.is_service_account and rule.roles & principal.roles:
+            return Decision(True, f"role {sorted(rule.roles & principal.roles)[0]} is allowed")
+        wanted = sorted(rule.roles) + [f"service:{s}" for s in sorted(rule.services)]
+        return Decision(False, f"{full_method} needs one of {', '.join(wanted)}")
+
+
+def parse_method_policy(raw: dict[str, Any]) -> MethodPolicy:
+    rules = {
+        name: MethodRule(frozenset(entry.get("roles") or ()), frozenset(entry.get("services") or ()))
+        for name, entry in (raw.get("methods") or {}).items()
+    }
+    empty = [name for name, rule in rules.items() if not rule.roles and not rule.services]
+    if empty:
+        raise DevstackError(f"method policy of {raw.get('service')}: rules allow nobody: {', '.join(empty)}",
+                            "name the roles or services allowed, or remove the method")
+    return MethodPolicy(str(raw["service"]), rules)
+
+
+def load_method_policy(path: Path) -> MethodPolicy:
+    return parse_method_policy(yaml.safe_load(path.read_text()))

@@ -1,0 +1,325 @@
+"""The gRPC kit against real Keycloak tokens, dev-CA certificates, Redis and Kafka, on the Probe service.
+
+The negative tests are generated from the service descriptors: every RPC of every service registered in
+SERVICES is refused without a token, with a forged token and without a client certificate."""
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import ssl
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from confluent_kafka import Consumer
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from jwt.algorithms import RSAAlgorithm
+from keycloak import KeycloakOpenID
+
+from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
+from bastion.devstack.components.kafka import Kafka
+from bastion.devstack.context import StackContext
+from bastion.devstack.pki import DevPki
+from bastion.events.keys import KeyRing
+from bastion.events.signing import verify_signature
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.grpc.audit import MemoryAccessAudit
+from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.ratelimit import RateLimit
+from bastion.grpc.server import TlsFiles
+from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
+from bastion.testing.tokens import TokenMinter
+from tests.integration.grpc_harness import (
+    ProbeServer,
+    kafka_audit,
+    service_token,
+    start_probe,
+    tls_of,
+    user_token,
+)
+
+SERVICES: list[ServiceDescriptor] = [probe_pb2.DESCRIPTOR.services_by_name["Probe"]]
+ALL_METHODS = [(service, method) for service in SERVICES for method in service.methods]
+
+
+@pytest.fixture(scope="module")
+def keys(ctx: StackContext) -> KeyRing:
+    return KeyRing(ctx.layout.event_keys_dir)
+
+
+@pytest.fixture(scope="module")
+def probe(ctx: StackContext, keys: KeyRing) -> Iterator[ProbeServer]:
+    audit = kafka_audit(ctx, keys.signing_key("accounts"))
+    server = start_probe(ctx, audit)
+    server.extras["audit"] = audit
+    yield server
+    server.stop()
+
+
+def stub(ctx: StackContext, port: int, tls: TlsFiles | None) -> probe_pb2_grpc.ProbeStub:
+    target = f"localhost:{port}"
+    if tls is None:
+        anonymous = grpc.ssl_channel_credentials(root_certificates=ctx.ca_file.read_bytes())
+        return probe_pb2_grpc.ProbeStub(grpc.secure_channel(target, anonymous))
+    return probe_pb2_grpc.ProbeStub(grpc.secure_channel(target, channel_credentials(tls)))
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    return refused.value.code()  # type: ignore[no-any-return]
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def realm_public_pem(ctx: StackContext) -> tuple[str, bytes]:
+    """The realm's RS256 key id and public key PEM, as anyone can read them from the JWKS endpoint."""
+    context = ssl.create_default_context(cafile=str(ctx.ca_file))
+    url = f"https://localhost:{ctx.settings.keycloak_port}/realms/bastion/protocol/openid-connect/certs"
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        jwks = json.load(response)
+    key = next(k for k in jwks["keys"] if k.get("use") == "sig" and k.get("alg") == "RS256")
+    public = RSAAlgorithm.from_jwk(json.dumps(key))
+    return key["kid"], public.public_bytes(serialization.Encoding.PEM,  # type: ignore[union-attr]
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def forged_tokens(ctx: StackContext) -> dict[str, str]:
+    """Every kind of bad token, built from real Keycloak tokens where the attack needs one."""
+    real = user_token(ctx, "tina")
+    header, payload, signature = real["access_token"].split(".")
+    claims = json.loads(unb64(payload))
+    kid, public_pem = realm_public_pem(ctx)
+    confused_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT', 'kid': kid}).encode())}.{payload}"
+    confused = b64(hmac.new(public_pem, confused_input.encode(), hashlib.sha256).digest())
+    edited = dict(claims, realm_access={"roles": ["admin", "teller"]})
+    minter = TokenMinter()
+    forged_claims = {k: v for k, v in claims.items() if k not in ("exp", "iat")}
+    master = KeycloakOpenID(server_url=f"https://localhost:{ctx.settings.keycloak_port}/", realm_name="master",
+                            client_id="admin-cli", verify=str(ctx.ca_file)).token(
+        "admin", ctx.credentials.keycloak_admin["admin"])["access_token"]
+    return {
+        "alg none": f"{b64(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}.{payload}.",
+        "HS256 keyed with the realm public key": f"{confused_input}.{confused}",
+        "edited payload": f"{header}.{b64(json.dumps(edited).encode())}.{signature}",
+        "stripped signature": f"{header}.{payload}.",
+        "audience of another service": service_token(ctx, "notifications"),
+        "another issuer": master,
+        "ID token": real["id_token"],
+        "refresh token": real["refresh_token"],
+        "key the realm never had": minter.mint(**forged_claims),
+        "realm key id, foreign key": minter.mint(headers={"kid": kid}, **forged_claims),
+        "garbage": "not-a-jwt",
+    }
+
+
+@pytest.fixture(scope="module")
+def forged(ctx: StackContext) -> dict[str, str]:
+    return forged_tokens(ctx)
+
+
+ATTACKS = ["alg none", "HS256 keyed with the realm public key", "edited payload", "stripped signature",
+           "audience of another service", "another issuer", "ID token", "refresh token", "key the realm never had",
+           "realm key id, foreign key", "garbage"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_forged_or_wrong_tokens_are_unauthenticated(ctx: StackContext, probe: ProbeServer, forged: dict[str, str],
+                                                    attack: str) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    metadata = call_metadata(forged[attack], f"it-{uuid.uuid4()}")
+    assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=metadata, timeout=10)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_no_token_is_unauthenticated(ctx: StackContext, probe: ProbeServer) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    with pytest.raises(grpc.RpcError) as refused:
+        client.Whoami(probe_pb2.WhoamiRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "missing bearer token" in refused.value.details()
+
+
+def test_expired_token_is_unauthenticated(ctx: StackContext) -> None:
+    """A real token seen by a server whose clock is ten minutes ahead: expired, nothing else wrong."""
+    late = start_probe(ctx, MemoryAccessAudit(), clock_skew=600)
+    try:
+        client = stub(ctx, late.port, tls_of(ctx, "cli"))
+        token = user_token(ctx, "alice")["access_token"]
+        with pytest.raises(grpc.RpcError) as refused:
+            client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(token), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired" in refused.value.details()
+        assert token not in refused.value.details()
+    finally:
+        late.stop()
+
+
+def test_valid_user_token_reaches_the_handler_with_its_principal(ctx: StackContext, probe: ProbeServer) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    correlation = f"it-{uuid.uuid4()}"
+    reply = client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(
+        user_token(ctx, "alice")["access_token"], correlation), timeout=10)
+    assert (reply.username, list(reply.roles), reply.peer_identity, reply.correlation_id) == \
+        ("alice", ["customer"], "cli", correlation)
+
+
+def test_connection_without_client_certificate_never_reaches_a_handler(ctx: StackContext, probe: ProbeServer) -> None:
+    client = stub(ctx, probe.port, None)
+    token = user_token(ctx, "alice")["access_token"]
+    assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(token), timeout=10)) == \
+        grpc.StatusCode.UNAVAILABLE
+
+
+def test_certificate_from_another_ca_never_reaches_a_handler(ctx: StackContext, probe: ProbeServer,
+                                                             tmp_path: Path) -> None:
+    other = DevPki(tmp_path, leaf_days=1, reissue_when_days_left=0)
+    other.ensure(["cli"])
+    foreign = TlsFiles(other.paths("cli").cert, other.paths("cli").key, ctx.ca_file)
+    client = stub(ctx, probe.port, foreign)
+    token = user_token(ctx, "alice")["access_token"]
+    assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(token), timeout=10)) == \
+        grpc.StatusCode.UNAVAILABLE
+
+
+def test_service_identity_x_calling_a_method_reserved_to_y_is_denied(ctx: StackContext, probe: ProbeServer) -> None:
+    as_notifications = stub(ctx, probe.port, tls_of(ctx, "notifications"))
+    notifications_token = service_token(ctx, "notifications")
+    payments_token = service_token(ctx, "payments")
+    denied = code_of(lambda: as_notifications.PaymentsOnly(
+        probe_pb2.PaymentsOnlyRequest(), metadata=call_metadata(payments_token), timeout=10))
+    assert denied == grpc.StatusCode.PERMISSION_DENIED, "a payments token over a notifications certificate"
+    assert notifications_token
+    as_payments = stub(ctx, probe.port, tls_of(ctx, "payments"))
+    reply = as_payments.PaymentsOnly(probe_pb2.PaymentsOnlyRequest(), metadata=call_metadata(payments_token),
+                                     timeout=10)
+    assert reply.peer_identity == "payments"
+
+
+def test_user_without_the_role_is_denied_and_with_it_allowed(ctx: StackContext, probe: ProbeServer) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    alice = user_token(ctx, "alice")["access_token"]
+    tina = user_token(ctx, "tina")["access_token"]
+    assert code_of(lambda: client.TellerOnly(probe_pb2.TellerOnlyRequest(), metadata=call_metadata(alice),
+                                             timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    assert client.TellerOnly(probe_pb2.TellerOnlyRequest(), metadata=call_metadata(tina), timeout=10).username == "tina"
+
+
+def test_a_method_missing_from_the_policy_is_denied(ctx: StackContext, probe: ProbeServer) -> None:
+    channel = grpc.secure_channel(f"localhost:{probe.port}", channel_credentials(tls_of(ctx, "cli")))
+    unlisted = channel.unary_unary("/bastion.probe.v1.Probe/Transfer", request_serializer=lambda _: b"",
+                                   response_deserializer=lambda data: data)
+    token = user_token(ctx, "ada")["access_token"]
+    assert code_of(lambda: unlisted(b"", metadata=call_metadata(token), timeout=10)) == \
+        grpc.StatusCode.PERMISSION_DENIED
+
+
+def _generic_call(channel: grpc.Channel, service: ServiceDescriptor, method: MethodDescriptor) -> Any:
+    path = f"/{service.full_name}/{method.name}"
+    identity = {"request_serializer": lambda _: b"", "response_deserializer": lambda data: data}
+    if method.server_streaming:
+        stream = channel.unary_stream(path, **identity)
+        return lambda **kwargs: list(stream(b"", **kwargs))
+    unary = channel.unary_unary(path, **identity)
+    return lambda **kwargs: unary(b"", **kwargs)
+
+
+@pytest.mark.parametrize(("service", "method"), ALL_METHODS, ids=[f"{s.name}.{m.name}" for s, m in ALL_METHODS])
+def test_every_rpc_refuses_calls_without_token_forged_token_or_certificate(
+    ctx: StackContext, probe: ProbeServer, forged: dict[str, str], service: ServiceDescriptor,
+    method: MethodDescriptor,
+) -> None:
+    with_cert = grpc.secure_channel(f"localhost:{probe.port}", channel_credentials(tls_of(ctx, "cli")))
+    call = _generic_call(with_cert, service, method)
+    assert code_of(lambda: call(timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: call(metadata=call_metadata(forged["alg none"]), timeout=10)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: call(metadata=call_metadata(forged["edited payload"]), timeout=10)) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    without_cert = grpc.secure_channel(f"localhost:{probe.port}",
+                                       grpc.ssl_channel_credentials(root_certificates=ctx.ca_file.read_bytes()))
+    no_cert_call = _generic_call(without_cert, service, method)
+    assert code_of(lambda: no_cert_call(timeout=10)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_streaming_rpc_is_guarded_and_served(ctx: StackContext, probe: ProbeServer) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    alice = user_token(ctx, "alice")["access_token"]
+    values = [r.value for r in client.Countdown(probe_pb2.CountdownRequest(start=3), metadata=call_metadata(alice),
+                                                timeout=10)]
+    assert values == [3, 2, 1]
+    ada = user_token(ctx, "ada")["access_token"]
+    assert code_of(lambda: list(client.Countdown(probe_pb2.CountdownRequest(start=3), metadata=call_metadata(ada),
+                                                 timeout=10))) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_every_decision_is_a_signed_access_decision_event_with_the_correlation_id(
+    ctx: StackContext, probe: ProbeServer, keys: KeyRing,
+) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    alice = user_token(ctx, "alice")["access_token"]
+    calls = {
+        f"allow-{uuid.uuid4()}": (client.Whoami, probe_pb2.WhoamiRequest(), alice, DECISION_ALLOW),
+        f"deny-role-{uuid.uuid4()}": (client.TellerOnly, probe_pb2.TellerOnlyRequest(), alice, DECISION_DENY),
+        f"deny-token-{uuid.uuid4()}": (client.Whoami, probe_pb2.WhoamiRequest(), "forged.token.x", DECISION_DENY),
+        f"deny-none-{uuid.uuid4()}": (client.Whoami, probe_pb2.WhoamiRequest(), None, DECISION_DENY),
+    }
+    for correlation, (method, request, token, _) in calls.items():
+        with contextlib.suppress(grpc.RpcError):
+            method(request, metadata=call_metadata(token, correlation), timeout=10)
+    probe.extras["audit"].flush()
+    reader = Consumer({**Kafka(ctx).client_config("admin", ctx.credentials.kafka["admin"]),
+                       "group.id": f"it-{uuid.uuid4()}", "auto.offset.reset": "earliest"})
+    reader.subscribe(["access.decisions.v1"])
+    found: dict[str, AccessDecision] = {}
+    trust = keys.trust_store()
+    deadline = time.monotonic() + 60
+    while len(found) < len(calls) and time.monotonic() < deadline:
+        message = reader.poll(1)
+        if message is None or message.error():
+            continue
+        envelope = Envelope.FromString(message.value())
+        if envelope.correlation_id not in calls:
+            continue
+        verify_signature(envelope, trust.public_key(envelope.producer, envelope.key_id))
+        found[envelope.correlation_id] = AccessDecision.FromString(envelope.payload)
+    reader.close()
+    assert set(found) == set(calls)
+    for correlation, (_, _, _, expected) in calls.items():
+        assert found[correlation].decision == expected
+        assert found[correlation].correlation_id == correlation
+        assert found[correlation].service_identity == "cli"
+
+
+def test_a_burst_over_the_rate_limit_is_exhausted_for_that_principal_only(ctx: StackContext) -> None:
+    limited = start_probe(ctx, MemoryAccessAudit(), rate_limit=RateLimit(calls=5, window_seconds=60))
+    try:
+        client = stub(ctx, limited.port, tls_of(ctx, "cli"))
+        bob = user_token(ctx, "bob")["access_token"]
+        sam = user_token(ctx, "sam")["access_token"]
+        codes = []
+        for _ in range(12):
+            try:
+                client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(bob), timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert codes.count(grpc.StatusCode.OK) <= 10  # at most two windows' worth if the minute turns
+        assert client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(sam), timeout=10).username == "sam"
+    finally:
+        limited.stop()

@@ -1,0 +1,61 @@
+"""Method policies: default deny, the start-up completeness check, roles and service identities."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.devstack.errors import DevstackError
+from bastion.grpc.policy import load_method_policy, parse_method_policy
+from bastion.grpc.tokens import Principal
+from bastion.probe.v1 import probe_pb2
+
+POLICY = Path(__file__).resolve().parents[2] / "infra" / "policies" / "probe.yaml"
+PROBE = probe_pb2.DESCRIPTOR.services_by_name["Probe"]
+
+
+def user(*roles: str, name: str = "alice") -> Principal:
+    return Principal(subject="s", username=name, client_id="bastion-cli", roles=frozenset(roles), token_id="j",
+                     expires_at=0)
+
+
+def service(name: str) -> Principal:
+    return Principal(subject="s", username=f"service-account-{name}", client_id=name, roles=frozenset(),
+                     token_id="j", expires_at=0)
+
+
+def test_shipped_policy_covers_every_method() -> None:
+    load_method_policy(POLICY).check_complete(PROBE)
+
+
+def test_a_method_without_a_rule_stops_the_server_from_starting() -> None:
+    raw: dict[str, Any] = {"service": PROBE.full_name, "methods": {"Whoami": {"roles": ["customer"]}}}
+    with pytest.raises(DevstackError, match="method TellerOnly has no rule"):
+        parse_method_policy(raw).check_complete(PROBE)
+
+
+def test_a_rule_that_allows_nobody_is_refused() -> None:
+    with pytest.raises(DevstackError, match="allow nobody"):
+        parse_method_policy({"service": PROBE.full_name, "methods": {"Whoami": {}}})
+
+
+def test_default_deny_for_unknown_methods_and_services() -> None:
+    policy = load_method_policy(POLICY)
+    assert not policy.decide("/bastion.probe.v1.Probe/Transfer", user("admin"), "cli").allowed
+    assert not policy.decide("/bastion.other.v1.Other/Whoami", user("customer"), "cli").allowed
+    assert not policy.decide("/bastion.probe.v1.Probe/Whoami", None, "cli").allowed
+
+
+def test_roles_allow_users_only() -> None:
+    policy = load_method_policy(POLICY)
+    assert policy.decide("/bastion.probe.v1.Probe/TellerOnly", user("teller", name="tina"), "cli").allowed
+    assert not policy.decide("/bastion.probe.v1.Probe/TellerOnly", user("customer"), "cli").allowed
+
+
+def test_service_rules_need_the_certificate_and_the_token_of_the_same_service() -> None:
+    policy = load_method_policy(POLICY)
+    method = "/bastion.probe.v1.Probe/PaymentsOnly"
+    assert policy.decide(method, service("payments"), "payments").allowed
+    assert not policy.decide(method, service("payments"), "notifications").allowed
+    assert not policy.decide(method, service("notifications"), "payments").allowed
+    assert not policy.decide(method, user("admin"), "payments").allowed

@@ -1,0 +1,166 @@
+"""Retries: only transient errors, with backoff inside the deadline, capped by the budget and by an open breaker."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pybreaker
+import pytest
+
+from bastion.resilience.breaker import BreakerOpenError, memory_breaker
+from bastion.resilience.retry import DeadlineExceededError, RetryBudget, call_with_retries, resilient_call
+
+TINY = 0.001  # seconds of backoff, so that tests about attempts run fast
+
+
+def transient(error: Exception) -> bool:
+    return isinstance(error, ConnectionError)
+
+
+class Flaky:
+    """Fails with ERROR FAILURES times, then answers; counts every attempt."""
+
+    def __init__(self, failures: int, error: Exception | None = None) -> None:
+        self.failures = failures
+        self.error = error or ConnectionError("unavailable")
+        self.attempts = 0
+
+    async def __call__(self) -> str:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise self.error
+        return "ok"
+
+
+def big_budget() -> RetryBudget:
+    return RetryBudget(ratio=1.0, cap=1000.0)
+
+
+def retry(
+    fn: Callable[[], Awaitable[str]], *, deadline: float = 5, budget: RetryBudget | None = None, max_attempts: int = 4,
+    initial_backoff: float = TINY, max_backoff: float = TINY,
+) -> str:
+    """Run `call_with_retries` on a fresh event loop, retrying ConnectionError."""
+    return asyncio.run(call_with_retries(
+        fn, is_transient=transient, deadline_seconds=deadline, budget=budget or big_budget(),
+        max_attempts=max_attempts, initial_backoff=initial_backoff, max_backoff=max_backoff,
+    ))
+
+
+def test_transient_errors_are_retried_until_success() -> None:
+    flaky = Flaky(failures=2)
+    assert retry(flaky) == "ok"
+    assert flaky.attempts == 3
+
+
+def test_any_callable_returning_an_awaitable_is_awaited() -> None:
+    flaky = Flaky(failures=1)
+    assert retry(lambda: flaky()) == "ok"
+    assert flaky.attempts == 2
+
+
+def test_a_non_transient_error_is_raised_at_once() -> None:
+    error = ValueError("invalid amount")
+    flaky = Flaky(failures=10, error=error)
+    with pytest.raises(ValueError) as raised:
+        retry(flaky)
+    assert raised.value is error
+    assert flaky.attempts == 1
+
+
+def test_the_last_transient_error_is_raised_when_attempts_run_out() -> None:
+    flaky = Flaky(failures=10)
+    with pytest.raises(ConnectionError):
+        retry(flaky, max_attempts=4)
+    assert flaky.attempts == 4
+
+
+def test_backoff_never_sleeps_past_the_deadline() -> None:
+    flaky = Flaky(failures=1000)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        retry(flaky, deadline=0.3, max_attempts=1000, initial_backoff=0.1, max_backoff=0.1)
+    elapsed = time.monotonic() - started
+    # Each sleep is at most 0.1s, so at least two fit; none may end past the deadline.
+    assert flaky.attempts >= 3
+    assert elapsed < 0.3 + 0.05
+
+
+def test_backoff_grows_up_to_its_cap() -> None:
+    flaky = Flaky(failures=3)
+    started = time.monotonic()
+    retry(flaky, initial_backoff=0.02, max_backoff=0.04)
+    # Full jitter: the three sleeps are at most 0.02 + 0.04 + 0.04 seconds.
+    assert time.monotonic() - started < 0.1 + 0.05
+    assert flaky.attempts == 4
+
+
+def test_an_attempt_still_running_at_the_deadline_is_cancelled() -> None:
+    async def hangs() -> str:
+        await asyncio.sleep(10)
+        return "too late"
+
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        retry(hangs, deadline=0.05)
+    assert time.monotonic() - started < 1
+
+
+def test_the_budget_starts_full_earns_a_ratio_per_call_and_pays_one_per_retry() -> None:
+    budget = RetryBudget(ratio=0.5, cap=2.0)
+    assert [budget.withdraw(), budget.withdraw(), budget.withdraw()] == [True, True, False]
+    budget.deposit()
+    assert not budget.withdraw()
+    budget.deposit()
+    assert budget.withdraw()
+    for _ in range(10):
+        budget.deposit()
+    assert budget.tokens == 2.0
+
+
+def test_the_budget_caps_the_total_attempts() -> None:
+    ratio, floor, calls = 0.2, 10.0, 100
+    budget = RetryBudget(ratio=ratio, cap=floor)
+    flaky = Flaky(failures=10**6)
+
+    async def many_calls() -> None:
+        for _ in range(calls):
+            with pytest.raises(ConnectionError):
+                await call_with_retries(flaky, is_transient=transient, deadline_seconds=5, budget=budget,
+                                        max_attempts=4, initial_backoff=TINY, max_backoff=TINY)
+
+    asyncio.run(many_calls())
+    assert calls < flaky.attempts <= calls * (1 + ratio) + floor
+    assert flaky.attempts < calls * 4 / 2
+
+
+def test_an_empty_budget_means_no_retry() -> None:
+    flaky = Flaky(failures=1)
+    with pytest.raises(ConnectionError):
+        retry(flaky, budget=RetryBudget(ratio=0, cap=0))
+    assert flaky.attempts == 1
+
+
+def test_resilient_call_retries_through_the_breaker() -> None:
+    async def scenario() -> None:
+        breaker = memory_breaker("test", is_failure=transient, fail_max=3)
+        flaky = Flaky(failures=2)
+        result = await resilient_call(flaky, breaker=breaker, budget=big_budget(), is_transient=transient,
+                                      deadline_seconds=5, initial_backoff=TINY, max_backoff=TINY)
+        assert result == "ok"
+        assert flaky.attempts == 3
+        assert await breaker.current_state() == pybreaker.STATE_CLOSED
+
+    asyncio.run(scenario())
+
+
+def test_an_open_breaker_stops_the_retries() -> None:
+    async def scenario() -> None:
+        breaker = memory_breaker("test", is_failure=transient, fail_max=2)
+        flaky = Flaky(failures=100)
+        with pytest.raises(BreakerOpenError):
+            await resilient_call(flaky, breaker=breaker, budget=big_budget(), is_transient=lambda error: True,
+                                 deadline_seconds=5, max_attempts=10, initial_backoff=TINY, max_backoff=TINY)
+        assert flaky.attempts == 2
+
+    asyncio.run(scenario())
