@@ -18,6 +18,8 @@ class CallContext:
     peer_identity: str | None
     principal: Principal | None
     method: str
+    # The caller's bearer token, kept only in this process so calls made on the user's behalf can pass it on.
+    bearer: str | None = None
 
 
 current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("bastion_current_call")

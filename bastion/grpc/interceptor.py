@@ -98,8 +98,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         call = CallContext(correlation_id, peer, None, method)
         if peer is None:
             await self._refuse(context, call, UnauthenticatedError("client certificate has no Bastion identity"))
-        principal = await self._authenticate(context, call, metadata.get("authorization", ""))
-        call = CallContext(correlation_id, peer, principal, method)
+        header = metadata.get("authorization", "")
+        principal = await self._authenticate(context, call, header)
+        call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2])
         verdict = self.policy.decide(method, principal, peer)
         if not verdict.allowed:
             await self._refuse(context, call, PermissionDeniedError(f"permission denied: {verdict.reason}"))

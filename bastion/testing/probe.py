@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from bastion.grpc.context import current_call
-from bastion.grpc.errors import UnauthenticatedError
+from bastion.grpc.errors import UnauthenticatedError, UnavailableError
 from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
 
 
@@ -35,3 +35,18 @@ class ProbeServicer(probe_pb2_grpc.ProbeServicer):
                         ) -> AsyncIterator[probe_pb2.CountdownResponse]:
         for value in range(request.start, 0, -1):
             yield probe_pb2.CountdownResponse(value=value)
+
+
+class FlakyProbeServicer(ProbeServicer):
+    """A Probe whose PaymentsOnly can be made to fail as an overloaded service does, counting every call."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.calls = 0
+
+    async def PaymentsOnly(self, request: probe_pb2.PaymentsOnlyRequest, context: grpc.aio.ServicerContext
+                           ) -> probe_pb2.PaymentsOnlyResponse:
+        self.calls += 1
+        if self.failing:
+            raise UnavailableError("probe is failing on purpose")
+        return await super().PaymentsOnly(request, context)

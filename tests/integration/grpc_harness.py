@@ -50,7 +50,7 @@ class ProbeServer:
 
 
 def start_probe(ctx: StackContext, audit: AccessAudit, rate_limit: RateLimit | None = None,
-                clock_skew: float = 0.0) -> ProbeServer:
+                clock_skew: float = 0.0, servicer: ProbeServicer | None = None, port: int = 0) -> ProbeServer:
     keycloak = Keycloak(ctx)
     jwks = JwksCache.from_url(jwks_url(keycloak.issuer), ssl.create_default_context(cafile=str(ctx.ca_file)))
     jwks.start_background_refresh()
@@ -65,11 +65,11 @@ def start_probe(ctx: StackContext, audit: AccessAudit, rate_limit: RateLimit | N
                                     password=ctx.credentials.redis[SERVICE])
             limiter = RedisRateLimiter(client, SERVICE, rate_limit)
         security = ServerSecurity(SERVICE, tls_of(ctx, SERVICE), validator, probe_policy(), audit, limiter)
-        server, port = await start_server(
-            security, lambda s: probe_pb2_grpc.add_ProbeServicer_to_server(ProbeServicer(), s),
-            [probe_pb2.DESCRIPTOR.services_by_name["Probe"]], dev_profile=True,
+        server, bound = await start_server(
+            security, lambda s: probe_pb2_grpc.add_ProbeServicer_to_server(servicer or ProbeServicer(), s),
+            [probe_pb2.DESCRIPTOR.services_by_name["Probe"]], port=port, dev_profile=True,
         )
-        ready.update(server=server, port=port)
+        ready.update(server=server, port=bound)
 
     def run() -> None:
         asyncio.set_event_loop(loop)

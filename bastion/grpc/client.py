@@ -1,0 +1,127 @@
+"""The client factory: calls to another service over mutual TLS, with a client-credentials token, the end
+user's token and correlation id passed on, retries on transient failures within a deadline and a budget, and
+a circuit breaker per downstream. An open breaker answers UNAVAILABLE at once."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from keycloak import KeycloakOpenID
+
+from bastion.grpc.context import CORRELATION_HEADER, current_call
+from bastion.grpc.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from bastion.resilience.breaker import AsyncCircuitBreaker, BreakerOpenError
+from bastion.resilience.retry import DeadlineExceededError, RetryBudget, resilient_call
+
+T = TypeVar("T")
+END_USER_TOKEN_HEADER = "x-end-user-token"  # noqa: S105 - a header name, not a secret
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# What says the downstream is unhealthy (opens the breaker); a business refusal does not.
+UNHEALTHY = TRANSIENT | {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+PASSED_ON: dict[grpc.StatusCode, type[RequestError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+}
+
+
+def _code(error: Exception) -> grpc.StatusCode | None:
+    return error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+
+
+def is_transient(error: Exception) -> bool:
+    return _code(error) in TRANSIENT
+
+
+def is_unhealthy(error: Exception) -> bool:
+    return _code(error) in UNHEALTHY
+
+
+class ServiceTokens:
+    """This service's client-credentials access token, fetched from Keycloak and renewed before it expires."""
+
+    def __init__(self, client: KeycloakOpenID, renew_fraction: float = 0.8,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.renew_fraction = renew_fraction
+        self.clock = clock
+        self._token = ""
+        self._renew_at = 0.0
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def for_service(cls, keycloak_url: str, realm: str, service: str, secret: str, ca_file: str) -> "ServiceTokens":
+        return cls(KeycloakOpenID(server_url=keycloak_url, realm_name=realm, client_id=service,
+                                  client_secret_key=secret, verify=ca_file))
+
+    async def token(self) -> str:
+        if self._token and self.clock() < self._renew_at:
+            return self._token
+        async with self._lock:
+            if not self._token or self.clock() >= self._renew_at:
+                issued_at = self.clock()
+                try:
+                    answer = await asyncio.to_thread(self.client.token, grant_type="client_credentials")
+                except Exception as error:  # any failure to get a token means: cannot call
+                    raise UnavailableError("no service token: Keycloak could not be reached") from error
+                self._token = str(answer["access_token"])
+                self._renew_at = issued_at + float(answer.get("expires_in", 60)) * self.renew_fraction
+        return self._token
+
+
+@dataclass
+class Downstream:
+    """One downstream service as seen by a caller: its breaker, retry budget and deadline."""
+
+    name: str
+    channel: grpc.aio.Channel
+    tokens: ServiceTokens
+    breaker: AsyncCircuitBreaker
+    budget: RetryBudget
+    deadline_seconds: float = 5.0
+
+    def metadata(self, service_token: str) -> tuple[tuple[str, str], ...]:
+        metadata = [("authorization", f"Bearer {service_token}")]
+        call = current_call.get(None)
+        if call is not None:
+            metadata.append((CORRELATION_HEADER, call.correlation_id))
+            if call.bearer and call.principal is not None and not call.principal.is_service_account:
+                metadata.append((END_USER_TOKEN_HEADER, call.bearer))
+        return tuple(metadata)
+
+    async def call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        """Call METHOD (a stub method of this downstream) with REQUEST; errors arrive as the error table's."""
+        metadata = self.metadata(await self.tokens.token())
+        deadline = time.monotonic() + self.deadline_seconds
+
+        async def attempt() -> T:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            return await method(request, metadata=metadata, timeout=remaining)
+
+        try:
+            return await resilient_call(attempt, breaker=self.breaker, budget=self.budget, is_transient=is_transient,
+                                        deadline_seconds=self.deadline_seconds)
+        except BreakerOpenError:
+            raise UnavailableError(f"{self.name} is unavailable (circuit open): try again later") from None
+        except DeadlineExceededError:
+            raise UnavailableError(f"{self.name} did not answer within {self.deadline_seconds:.1f}s") from None
+        except grpc.aio.AioRpcError as error:
+            passed_on = PASSED_ON.get(error.code())
+            if passed_on is not None:
+                raise passed_on(error.details() or error.code().name) from None
+            raise UnavailableError(f"{self.name} failed: {error.code().name}") from None
