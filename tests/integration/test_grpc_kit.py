@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from confluent_kafka import Consumer
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -141,9 +142,14 @@ ATTACKS = ["alg none", "HS256 keyed with the realm public key", "edited payload"
 def test_forged_or_wrong_tokens_are_unauthenticated(ctx: StackContext, probe: ProbeServer, forged: dict[str, str],
                                                     attack: str) -> None:
     client = stub(ctx, probe.port, tls_of(ctx, "cli"))
-    metadata = call_metadata(forged[attack], f"it-{uuid.uuid4()}")
-    assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=metadata, timeout=10)) == \
-        grpc.StatusCode.UNAUTHENTICATED
+    correlation = f"it-{uuid.uuid4()}"
+    metadata = call_metadata(forged[attack], correlation)
+    with structlog.testing.capture_logs() as logs:
+        assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=metadata, timeout=10)) == \
+            grpc.StatusCode.UNAUTHENTICATED
+    refusals = [entry for entry in logs if entry.get("correlation_id") == correlation]
+    assert [(e["event"], e["code"]) for e in refusals] == [("call_refused", "UNAUTHENTICATED")]
+    assert forged[attack] not in repr(refusals), "the log never carries the token"
 
 
 def test_no_token_is_unauthenticated(ctx: StackContext, probe: ProbeServer) -> None:
