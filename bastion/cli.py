@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from bastion.devstack.errors import DevstackError
+from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
+from bastion.events.errors import KeyNotFoundError
+from bastion.events.keys import KeyRing
 from bastion.settings import DevstackSettings
 
 console = Console(highlight=False)
@@ -81,6 +84,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _event_keys() -> KeyRing:
+    return KeyRing(StateLayout(DevstackSettings().state_dir).event_keys_dir)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    table = Table("producer", "state", "created")
+    table.add_column("key id", overflow="fold")
+    raw = json.loads(_event_keys().trust_store_file.read_text())
+    for producer, keys in sorted(raw["producers"].items()):
+        for key_id, entry in sorted(keys.items(), key=lambda item: item[1]["created_at"]):
+            table.add_row(producer, entry["state"], entry["created_at"][:19], key_id)
+    console.print(table)
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    key_id = _event_keys().rotate(args.producer)
+    console.print(f"{args.producer} now signs with {key_id}; the previous key still verifies until retired")
+    return 0
+
+
+def cmd_keys_retire(args: argparse.Namespace) -> int:
+    try:
+        _event_keys().retire(args.producer, args.key_id)
+    except KeyError:
+        errors.print(f"bastion keys retire: {args.producer} has no key {args.key_id}")
+        return 2
+    except KeyNotFoundError as error:
+        errors.print(f"bastion keys retire: {error}")
+        return 2
+    console.print(f"{args.key_id} retired: events signed with it no longer verify")
+    return 0
+
+
 def _print_status(status: dict[str, object]) -> None:
     table = Table("component", "healthy", "pid", "address")
     components: dict[str, dict[str, object]] = status["components"]  # type: ignore[assignment]
@@ -107,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("--yes", action="store_true", help="confirm that all local data may be deleted")
     reset.set_defaults(func=cmd_reset)
     sub.add_parser("demo", help="start the platform and show it working").set_defaults(func=cmd_demo)
+    keys = sub.add_parser("keys", help="event signing keys: list, rotate, retire").add_subparsers(
+        dest="keys_command", required=True)
+    keys.add_parser("list", help="every producer's keys and their state").set_defaults(func=cmd_keys_list)
+    rotate = keys.add_parser("rotate", help="give PRODUCER a new signing key")
+    rotate.add_argument("producer")
+    rotate.set_defaults(func=cmd_keys_rotate)
+    retire = keys.add_parser("retire", help="stop verifying KEY_ID of PRODUCER")
+    retire.add_argument("producer")
+    retire.add_argument("key_id")
+    retire.set_defaults(func=cmd_keys_retire)
     return parser
 
 

@@ -1,0 +1,357 @@
+"""Benchmark of the gRPC security chain: unary Whoami throughput and latency, bare vs mutual TLS vs the whole kit.
+
+Run with `.venv/bin/python -m benchmarks.grpc_chain [--seconds S] [--concurrency N] [--profile]` (uses the
+dev install in .state and starts it if it is not running; it is left running). In the same run, for
+`bastion.probe.v1.Probe/Whoami`:
+  (a) bare: plaintext on 127.0.0.1 (this benchmark's baseline only), no interceptor, a servicer answering a
+      fixed WhoamiResponse (the real one reads the interceptor's `current_call`);
+  (b) mutual TLS only: the kit's server credentials (dev CA, client certificate required), no interceptor;
+  (c) the whole chain: `start_server` with the SecurityInterceptor: Keycloak JWKS cache and TokenValidator,
+      method policy infra/policies/probe.yaml, Redis rate limiter (a limit that never triggers), signed access
+      decisions to Kafka; alice's real access token on every call, the cli certificate on the client.
+
+Each server runs in its own process (multiprocessing, spawn) with its own event loop; the client drives
+CONCURRENCY calls in flight over one grpc.aio channel in this process. Calls completing within the measured
+window (after the warm-up) count; the server's and the client's CPU time over that window is reported per call.
+`--profile` adds a run of the chain with cProfile on the server's event-loop thread (its figures are slowed
+by the profiler and not compared) and prints where the server's time goes.
+"""
+
+import argparse
+import asyncio
+import cProfile
+import io
+import multiprocessing
+import os
+import pstats
+import ssl
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+import psutil
+import redis.asyncio as aioredis
+from keycloak import KeycloakOpenID
+
+from bastion.devstack.components.kafka import Kafka
+from bastion.devstack.components.keycloak import Keycloak
+from bastion.devstack.context import StackContext
+from bastion.devstack.stack import Stack
+from bastion.events.keys import KeyRing
+from bastion.grpc.audit import KafkaAccessAudit
+from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.policy import load_method_policy
+from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
+from bastion.grpc.server import MAX_MESSAGE_BYTES, ServerSecurity, TlsFiles, server_credentials, start_server
+from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
+from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
+from bastion.settings import PROJECT_ROOT, DevstackSettings
+from bastion.testing.probe import ProbeServicer
+
+SERVICE = "accounts"  # the probe answers as the accounts service: alice's token names it in `aud`
+USER = "alice"
+HOST = "127.0.0.1"
+TLS_NAME = "localhost"  # the name on the dev-CA server certificate
+SCENARIOS = {
+    "bare": "(a) bare: plaintext, no interceptor",
+    "mtls": "(b) mutual TLS only",
+    "chain": "(c) whole chain (mTLS+JWT+policy+Redis+audit)",
+}
+AIM = 0.8
+SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+TIMEOUT = 60.0
+
+
+def bastion(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "bastion.cli", *args], check=True, capture_output=True)
+
+
+def stack_context() -> StackContext:
+    return Stack(DevstackSettings(), progress=lambda message: None).context()
+
+
+def tls_of(ctx: StackContext, name: str) -> TlsFiles:
+    paths = ctx.pki.paths(name)
+    return TlsFiles(paths.cert, paths.key, ctx.ca_file)
+
+
+def user_token(ctx: StackContext, user: str) -> str:
+    client = KeycloakOpenID(server_url=f"https://localhost:{ctx.settings.keycloak_port}/", realm_name="bastion",
+                            client_id="bastion-cli", verify=str(ctx.ca_file))
+    token: str = client.token(user, ctx.credentials.users[user])["access_token"]
+    return token
+
+
+# --- the servers (module level, so that spawned processes can import them) ---
+
+
+def register_probe(servicer: ProbeServicer, server: grpc.aio.Server) -> None:
+    probe_pb2_grpc.add_ProbeServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+
+
+class FixedProbeServicer(ProbeServicer):
+    """The bare baseline: a Whoami of the chain's size that needs no interceptor."""
+
+    def __init__(self) -> None:
+        self.response = probe_pb2.WhoamiResponse(
+            subject="5f0c6f1e-6a7b-4c1d-9e2f-0a1b2c3d4e5f", username=USER, client_id="bastion-cli",
+            roles=["customer", "default-roles-bastion", "offline_access", "uma_authorization"],
+            peer_identity="cli", correlation_id="8a6e0f5c-2b1d-4e3f-9a7b-6c5d4e3f2a1b",
+        )
+
+    async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
+                     ) -> probe_pb2.WhoamiResponse:
+        return self.response
+
+
+class CountingAccessAudit(KafkaAccessAudit):
+    """KafkaAccessAudit that also counts what it queued and what the broker acknowledged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queued = 0
+        self.delivered = 0
+        self.failed = 0
+
+    def record(self, decision: Any) -> None:
+        super().record(decision)
+        self.queued += 1
+
+    def _delivered(self, error: Any, message: Any) -> None:
+        super()._delivered(error, message)
+        if error is None:
+            self.delivered += 1
+        else:
+            self.failed += 1
+
+
+async def _bare_server() -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    register_probe(FixedProbeServicer(), server)
+    port: int = server.add_insecure_port(f"{HOST}:0")
+    await server.start()
+    return server, port
+
+
+async def _mtls_server(ctx: StackContext) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    register_probe(FixedProbeServicer(), server)
+    port: int = server.add_secure_port(f"{HOST}:0", server_credentials(tls_of(ctx, SERVICE)))
+    await server.start()
+    return server, port
+
+
+async def _chain_server(ctx: StackContext, audit: KafkaAccessAudit) -> tuple[grpc.aio.Server, int, JwksCache]:
+    keycloak = Keycloak(ctx)
+    jwks = JwksCache.from_url(jwks_url(keycloak.issuer), ssl.create_default_context(cafile=str(ctx.ca_file)))
+    jwks.start_background_refresh()
+    validator = TokenValidator(keycloak.issuer, SERVICE, jwks)
+    redis = aioredis.Redis(host=HOST, port=ctx.settings.redis_port, username=SERVICE,
+                           password=ctx.credentials.redis[SERVICE])
+    limiter = RedisRateLimiter(redis, SERVICE, RateLimit(10**9, 60))
+    policy = load_method_policy(PROJECT_ROOT / "infra" / "policies" / "probe.yaml")
+    security = ServerSecurity(SERVICE, tls_of(ctx, SERVICE), validator, policy, audit, limiter)
+    server, port = await start_server(
+        security, lambda s: register_probe(ProbeServicer(), s),
+        [probe_pb2.DESCRIPTOR.services_by_name["Probe"]], host=HOST,
+    )
+    return server, port, jwks
+
+
+async def _serve(mode: str, profile: bool, conn: Connection) -> None:
+    ctx = stack_context()
+    audit: CountingAccessAudit | None = None
+    jwks: JwksCache | None = None
+    if mode == "bare":
+        server, port = await _bare_server()
+    elif mode == "mtls":
+        server, port = await _mtls_server(ctx)
+    else:
+        key = KeyRing(ctx.layout.event_keys_dir).signing_key(SERVICE)
+        audit = CountingAccessAudit(key, Kafka(ctx).client_config(SERVICE, ctx.credentials.kafka[SERVICE]))
+        audit.producer.list_topics("access.decisions.v1", timeout=30)  # connection and SASL before any call
+        server, port, jwks = await _chain_server(ctx, audit)
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()  # this (the event loop's) thread only: where the server's Python time goes
+    conn.send(("ready", port))
+    await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # the client says stop
+    if profiler is not None:
+        profiler.disable()
+    await server.stop(1)
+    stats: dict[str, int] = {}
+    if audit is not None:
+        remaining = audit.flush(TIMEOUT)
+        audit.producer.poll(0)
+        stats = {"queued": audit.queued, "delivered": audit.delivered, "failed": audit.failed,
+                 "remaining": remaining}
+    if jwks is not None:
+        jwks.stop()
+    conn.send(("stopped", stats, _profile_report(profiler) if profiler is not None else ""))
+
+
+def serve(mode: str, profile: bool, conn: Connection) -> None:
+    try:
+        asyncio.run(_serve(mode, profile, conn))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+def _profile_report(profiler: cProfile.Profile) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.strip_dirs().sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(r"interceptor|tokens|ratelimit|audit|envelopes|signing|probe", 25)
+    return out.getvalue()
+
+
+# --- the client ---
+
+
+@dataclass(frozen=True)
+class Figures:
+    calls: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu: float  # CPU seconds of the server process over the measured window
+    client_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def drive(port: int, credentials: grpc.ChannelCredentials | None, metadata: tuple[tuple[str, str], ...],
+                server: psutil.Process, concurrency: int, warmup: float, seconds: float) -> Figures:
+    target = f"{HOST}:{port}"
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        channel = grpc.aio.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", TLS_NAME)])
+    me = psutil.Process()
+    async with channel:
+        stub = probe_pb2_grpc.ProbeStub(channel)  # type: ignore[no-untyped-call]
+        answer = await stub.Whoami(probe_pb2.WhoamiRequest(), metadata=metadata, timeout=TIMEOUT)
+        if answer.username != USER:
+            raise SystemExit(f"Whoami answered {answer.username!r}, not {USER!r}")
+        latencies: list[float] = []
+        cpu: dict[str, float] = {}
+        start = time.perf_counter()
+        window_from, window_to = start + warmup, start + warmup + seconds
+
+        async def worker() -> None:
+            request = probe_pb2.WhoamiRequest()
+            while True:
+                sent = time.perf_counter()
+                if sent >= window_to:
+                    return
+                await stub.Whoami(request, metadata=metadata, timeout=TIMEOUT)
+                done = time.perf_counter()
+                if window_from <= done < window_to:
+                    latencies.append(done - sent)
+
+        async def sample() -> None:
+            await asyncio.sleep(window_from - time.perf_counter())
+            cpu["server"], cpu["client"] = -cpu_seconds(server), -cpu_seconds(me)
+            await asyncio.sleep(window_to - time.perf_counter())
+            cpu["server"] += cpu_seconds(server)
+            cpu["client"] += cpu_seconds(me)
+
+        await asyncio.gather(sample(), *(worker() for _ in range(concurrency)))
+    latencies.sort()
+    return Figures(len(latencies), seconds, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
+                   cpu["server"], cpu["client"])
+
+
+def run(mode: str, options: argparse.Namespace, ctx: StackContext, token: str, profile: bool = False
+        ) -> tuple[Figures, dict[str, int], str]:
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    process = spawn.Process(target=serve, args=(mode, profile, theirs), name=f"grpc-{mode}", daemon=True)
+    process.start()
+    try:
+        if not ours.poll(TIMEOUT):
+            raise SystemExit(f"the {mode} server did not start within {TIMEOUT:.0f}s")
+        message = ours.recv()
+        if message[0] != "ready":
+            raise SystemExit(f"the {mode} server failed:\n{message[1]}")
+        port: int = message[1]
+        credentials = None if mode == "bare" else channel_credentials(tls_of(ctx, "cli"))
+        metadata = call_metadata(token) if mode == "chain" else ()
+        figures = asyncio.run(drive(port, credentials, metadata, psutil.Process(process.pid), options.concurrency,
+                                    options.warmup, options.seconds))
+        ours.send("stop")
+        if not ours.poll(TIMEOUT):
+            raise SystemExit(f"the {mode} server did not stop within {TIMEOUT:.0f}s")
+        message = ours.recv()
+        if message[0] != "stopped":
+            raise SystemExit(f"the {mode} server failed:\n{message[1]}")
+        return figures, message[1], message[2]
+    finally:
+        process.join(TIMEOUT)
+        if process.is_alive():
+            process.kill()
+
+
+def row(label: str, figures: Figures) -> str:
+    per_call = 1e6 / figures.calls
+    return (f"  {label:<48}{figures.rate:>9,.0f}{figures.p50_ms:>9.2f}{figures.p99_ms:>9.2f}"
+            f"{figures.server_cpu * per_call:>13.0f}{figures.client_cpu * per_call:>13.0f}"
+            f"{figures.server_cpu / figures.seconds:>9.0%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds first (default 1.5)")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (default 32)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile the chain's server (cProfile, event-loop thread) in an extra run")
+    options = parser.parse_args()
+
+    bastion("up")
+    ctx = stack_context()
+    token = user_token(ctx, USER)
+    results = {mode: run(mode, options, ctx, token) for mode in SCENARIOS}
+
+    print(f"gRPC unary {probe_pb2.DESCRIPTOR.services_by_name['Probe'].full_name}/Whoami, {options.concurrency} "
+          f"calls in flight over one grpc.aio channel, {options.warmup:g} s warm-up + {options.seconds:g} s measured; "
+          f"server in its own process (spawn), client in this one; {os.cpu_count()} CPUs")
+    print(f"  {'scenario':<48}{'calls/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU µs':>13}{'cli CPU µs':>13}"
+          f"{'srv CPU':>9}")
+    for mode, label in SCENARIOS.items():
+        print(row(label, results[mode][0]))
+    bare, mtls, chain = (results[mode][0].rate for mode in SCENARIOS)
+    print(f"  {'ratio mTLS/bare':<48}{mtls / bare:>9.2f}")
+    print(f"  {'ratio chain/bare':<48}{chain / bare:>9.2f}  (aim: >= {AIM})  "
+          f"{'met' if chain / bare >= AIM else 'NOT met'}")
+    audit = results["chain"][1]
+    print(f"  access decisions (chain run, incl. warm-up): queued {audit['queued']:,}, delivered "
+          f"{audit['delivered']:,}, failed {audit['failed']}, still queued after flush {audit['remaining']}")
+
+    if options.profile:
+        figures, _, report = run("chain", options, ctx, token, profile=True)
+        print(f"\nchain under cProfile (server event-loop thread; slowed, not comparable): {figures.rate:,.0f} calls/s,"
+              f" {figures.calls:,} calls measured")
+        print(report)
+
+
+if __name__ == "__main__":
+    main()
