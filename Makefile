@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 # `buf breaking` compares protos/ with the last released contracts, a buf image committed with the code.
 RELEASED_PROTOS := protos/released.binpb
 
-.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events
+.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,9 @@ bench-devstack: setup      ## warm start time and resident memory of the whole s
 
 bench-events: setup        ## sign/verify rates and signed vs unsigned end-to-end throughput
 	$(BIN)/python -m benchmarks.signed_events
+
+bench-grpc: setup          ## unary RPC throughput and latency: bare, mTLS only, whole security chain
+	$(BIN)/python -m benchmarks.grpc_chain
 
 reset: $(STAMP)            ## stop everything and wipe the state folder (secrets, PKI, data)
 	$(BIN)/bastion reset --yes

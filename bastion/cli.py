@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from bastion.devstack.catalog import load_services
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
@@ -89,6 +90,8 @@ def _event_keys() -> KeyRing:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
+    if not _event_keys().trust_store_file.exists():
+        raise DevstackError("no event keys yet", "run `make setup` (or `bastion setup`) first")
     table = Table("producer", "state", "created")
     table.add_column("key id", overflow="fold")
     raw = json.loads(_event_keys().trust_store_file.read_text())
@@ -100,6 +103,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    if args.producer not in {s.name for s in load_services(DevstackSettings().infra_dir / "services.yaml")}:
+        raise DevstackError(f"{args.producer!r} is not a service", "name one of infra/services.yaml")
     key_id = _event_keys().rotate(args.producer)
     console.print(f"{args.producer} now signs with {key_id}; the previous key still verifies until retired")
     return 0
@@ -167,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print(f"bastion {args.command}: interrupted")
         return 130
+    except Exception as error:  # a failure we did not foresee still ends with one line, not a stack trace
+        errors.print(f"[red]bastion {args.command}: unexpected {type(error).__name__}: {error}[/red]\n"
+                     "  -> the component logs are in the state folder's logs/; please report this")
+        return 3
     return code
 
 

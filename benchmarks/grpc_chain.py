@@ -1,7 +1,8 @@
 """Benchmark of the gRPC security chain: unary Whoami throughput and latency, bare vs mutual TLS vs the whole kit.
 
-Run with `.venv/bin/python -m benchmarks.grpc_chain [--seconds S] [--concurrency N] [--profile]` (uses the
-dev install in .state and starts it if it is not running; it is left running). In the same run, for
+Run with `.venv/bin/python -m benchmarks.grpc_chain [--seconds S] [--concurrency N] [--rounds R] [--breakdown]
+[--profile]` (uses the dev install in .state and starts it if it is not running; it is left running). In the
+same run, for
 `bastion.probe.v1.Probe/Whoami`:
   (a) bare: plaintext on 127.0.0.1 (this benchmark's baseline only), no interceptor, a servicer answering a
       fixed WhoamiResponse (the real one reads the interceptor's `current_call`);
@@ -12,7 +13,10 @@ dev install in .state and starts it if it is not running; it is left running). I
 
 Each server runs in its own process (multiprocessing, spawn) with its own event loop; the client drives
 CONCURRENCY calls in flight over one grpc.aio channel in this process. Calls completing within the measured
-window (after the warm-up) count; the server's and the client's CPU time over that window is reported per call.
+window (after the warm-up) count; the server's and the client's CPU time over that window is reported per call
+(on a busy 2-core machine CPU per call is steadier than calls/s). The scenarios run in R alternated rounds and
+each shows its best round. `--breakdown` adds the chain without the Redis limiter, without the Kafka audit and
+without either, to attribute the chain's cost.
 `--profile` adds a run of the chain with cProfile on the server's event-loop thread (its figures are slowed
 by the profiler and not compared) and prints where the server's time goes.
 """
@@ -38,12 +42,13 @@ import psutil
 import redis.asyncio as aioredis
 from keycloak import KeycloakOpenID
 
+from bastion.access.v1.decision_pb2 import AccessDecision
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.context import StackContext
 from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing
-from bastion.grpc.audit import KafkaAccessAudit
+from bastion.grpc.audit import AccessAudit, KafkaAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.policy import load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
@@ -61,6 +66,12 @@ SCENARIOS = {
     "bare": "(a) bare: plaintext, no interceptor",
     "mtls": "(b) mutual TLS only",
     "chain": "(c) whole chain (mTLS+JWT+policy+Redis+audit)",
+}
+# `--breakdown`: the chain without one or both of its remote parts, to attribute its cost.
+BREAKDOWN = {
+    "chain-no-limiter": "    chain without the Redis rate limiter",
+    "chain-no-audit": "    chain without the Kafka access audit",
+    "chain-local": "    chain without either (mTLS+JWT cache+policy)",
 }
 AIM = 0.8
 SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -110,6 +121,13 @@ class FixedProbeServicer(ProbeServicer):
         return self.response
 
 
+class NoAudit:
+    """`--breakdown` only: decisions dropped, to measure the chain without signing and producing them."""
+
+    def record(self, decision: AccessDecision) -> None:
+        pass
+
+
 class CountingAccessAudit(KafkaAccessAudit):
     """KafkaAccessAudit that also counts what it queued and what the broker acknowledged."""
 
@@ -119,7 +137,7 @@ class CountingAccessAudit(KafkaAccessAudit):
         self.delivered = 0
         self.failed = 0
 
-    def record(self, decision: Any) -> None:
+    def record(self, decision: AccessDecision) -> None:
         super().record(decision)
         self.queued += 1
 
@@ -147,14 +165,15 @@ async def _mtls_server(ctx: StackContext) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-async def _chain_server(ctx: StackContext, audit: KafkaAccessAudit) -> tuple[grpc.aio.Server, int, JwksCache]:
+async def _chain_server(ctx: StackContext, audit: AccessAudit, limited: bool
+                        ) -> tuple[grpc.aio.Server, int, JwksCache]:
     keycloak = Keycloak(ctx)
     jwks = JwksCache.from_url(jwks_url(keycloak.issuer), ssl.create_default_context(cafile=str(ctx.ca_file)))
     jwks.start_background_refresh()
     validator = TokenValidator(keycloak.issuer, SERVICE, jwks)
     redis = aioredis.Redis(host=HOST, port=ctx.settings.redis_port, username=SERVICE,
                            password=ctx.credentials.redis[SERVICE])
-    limiter = RedisRateLimiter(redis, SERVICE, RateLimit(10**9, 60))
+    limiter = RedisRateLimiter(redis, SERVICE, RateLimit(10**9, 60)) if limited else None
     policy = load_method_policy(PROJECT_ROOT / "infra" / "policies" / "probe.yaml")
     security = ServerSecurity(SERVICE, tls_of(ctx, SERVICE), validator, policy, audit, limiter)
     server, port = await start_server(
@@ -172,11 +191,13 @@ async def _serve(mode: str, profile: bool, conn: Connection) -> None:
         server, port = await _bare_server()
     elif mode == "mtls":
         server, port = await _mtls_server(ctx)
-    else:
+    elif mode in ("chain", "chain-no-limiter"):
         key = KeyRing(ctx.layout.event_keys_dir).signing_key(SERVICE)
         audit = CountingAccessAudit(key, Kafka(ctx).client_config(SERVICE, ctx.credentials.kafka[SERVICE]))
         audit.producer.list_topics("access.decisions.v1", timeout=30)  # connection and SASL before any call
-        server, port, jwks = await _chain_server(ctx, audit)
+        server, port, jwks = await _chain_server(ctx, audit, limited=mode == "chain")
+    else:
+        server, port, jwks = await _chain_server(ctx, NoAudit(), limited=mode == "chain-no-audit")
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()  # this (the event loop's) thread only: where the server's Python time goes
@@ -294,7 +315,7 @@ def run(mode: str, options: argparse.Namespace, ctx: StackContext, token: str, p
             raise SystemExit(f"the {mode} server failed:\n{message[1]}")
         port: int = message[1]
         credentials = None if mode == "bare" else channel_credentials(tls_of(ctx, "cli"))
-        metadata = call_metadata(token) if mode == "chain" else ()
+        metadata = call_metadata(token) if mode.startswith("chain") else ()
         figures = asyncio.run(drive(port, credentials, metadata, psutil.Process(process.pid), options.concurrency,
                                     options.warmup, options.seconds))
         ours.send("stop")
@@ -322,6 +343,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario (default 5)")
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds first (default 1.5)")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (default 32)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the scenarios, alternated; each scenario's best round is shown (default 3)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also the chain without the rate limiter, without the audit, without either")
     parser.add_argument("--profile", action="store_true",
                         help="then profile the chain's server (cProfile, event-loop thread) in an extra run")
     options = parser.parse_args()
@@ -329,21 +354,30 @@ def main() -> None:
     bastion("up")
     ctx = stack_context()
     token = user_token(ctx, USER)
-    results = {mode: run(mode, options, ctx, token) for mode in SCENARIOS}
+    labels = {**SCENARIOS, **(BREAKDOWN if options.breakdown else {})}
+    rounds: dict[str, list[Figures]] = {mode: [] for mode in labels}
+    audit = {"queued": 0, "delivered": 0, "failed": 0, "remaining": 0}
+    for _ in range(options.rounds):
+        for mode in labels:
+            figures, stats, _ = run(mode, options, ctx, token)
+            rounds[mode].append(figures)
+            if mode == "chain":
+                audit = {name: audit[name] + stats[name] for name in audit}
+    best = {mode: max(figures, key=lambda f: f.rate) for mode, figures in rounds.items()}
 
     print(f"gRPC unary {probe_pb2.DESCRIPTOR.services_by_name['Probe'].full_name}/Whoami, {options.concurrency} "
-          f"calls in flight over one grpc.aio channel, {options.warmup:g} s warm-up + {options.seconds:g} s measured; "
-          f"server in its own process (spawn), client in this one; {os.cpu_count()} CPUs")
+          f"calls in flight over one grpc.aio channel, {options.warmup:g} s warm-up + {options.seconds:g} s measured, "
+          f"best of {options.rounds} alternated rounds; server in its own process (spawn), client in this one; "
+          f"{os.cpu_count()} CPUs; CPU per call over the measured window, srv CPU = server's share of one core")
     print(f"  {'scenario':<48}{'calls/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU µs':>13}{'cli CPU µs':>13}"
-          f"{'srv CPU':>9}")
-    for mode, label in SCENARIOS.items():
-        print(row(label, results[mode][0]))
-    bare, mtls, chain = (results[mode][0].rate for mode in SCENARIOS)
+          f"{'srv CPU':>9}   calls/s of each round")
+    for mode, label in labels.items():
+        print(f"{row(label, best[mode])}   {' '.join(f'{f.rate:,.0f}' for f in rounds[mode])}")
+    bare, mtls, chain = (best[mode].rate for mode in SCENARIOS)
     print(f"  {'ratio mTLS/bare':<48}{mtls / bare:>9.2f}")
-    print(f"  {'ratio chain/bare':<48}{chain / bare:>9.2f}  (aim: >= {AIM})  "
-          f"{'met' if chain / bare >= AIM else 'NOT met'}")
-    audit = results["chain"][1]
-    print(f"  access decisions (chain run, incl. warm-up): queued {audit['queued']:,}, delivered "
+    verdict = "met" if chain / bare >= AIM else "NOT met"
+    print(f"  {'ratio chain/bare':<48}{chain / bare:>9.2f}  (aim: >= {AIM}: {verdict})")
+    print(f"  access decisions of the chain runs (warm-up included): queued {audit['queued']:,}, delivered "
           f"{audit['delivered']:,}, failed {audit['failed']}, still queued after flush {audit['remaining']}")
 
     if options.profile:

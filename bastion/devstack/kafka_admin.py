@@ -117,7 +117,8 @@ class KafkaAdmin:
     def sync_acls(self, grants: set[AclGrant], principals: set[str]) -> AclChanges:
         """Make the ACLs of PRINCIPALS exactly GRANTS: add what is missing, delete everything else."""
         bindings = self.client.describe_acls(EVERY_ACL, request_timeout=TIMEOUT).result()
-        held = [b for b in bindings if b.principal.removeprefix("User:") in principals]
+        # A wildcard principal grants every service, so the policy never allows one: it is always removed.
+        held = [b for b in bindings if b.principal.removeprefix("User:") in principals | {"*"}]
         held_grants = {_grant(b) for b in held}
         extra = [b for b in held if _grant(b) not in grants]
         missing = [_binding(g) for g in sorted(grants) if g not in held_grants]

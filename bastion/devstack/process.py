@@ -73,14 +73,28 @@ class ProcessSupervisor:
             return "(no log written)"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
+    def recorded(self, name: str) -> Tracked | None:
+        """What the pid file says, whether or not that process still runs."""
+        try:
+            pid_text, started_text = self.layout.pid_file(name).read_text().split()
+            return Tracked(int(pid_text), float(started_text))
+        except (FileNotFoundError, ValueError):
+            return None
+
     def stop(self, name: str, timeout: float = 30.0) -> bool:
-        """SIGTERM the component's process group, SIGKILL what is left after TIMEOUT; True if it ran."""
-        tracked = self.tracked(name)
+        """SIGTERM the component's process group, SIGKILL what is left after TIMEOUT; True if any ran.
+
+        The group is stopped even when its leader is gone: a launcher script killed with -9 (Keycloak's
+        kc.sh runs Java as its child) must not leave the server behind holding the ports.
+        """
+        recorded = self.recorded(name)
         self.layout.pid_file(name).unlink(missing_ok=True)
-        if tracked is None:
+        if recorded is None:
             return False
-        members = _group_members(tracked.pid)
-        _signal_group(tracked.pid, signal.SIGTERM)
+        members = _group_members(recorded.pid, recorded.started_at)
+        if not members:
+            return False
+        _signal_group(recorded.pid, signal.SIGTERM)
         _, alive = psutil.wait_procs(members, timeout=timeout)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -89,11 +103,12 @@ class ProcessSupervisor:
         return True
 
 
-def _group_members(leader: int) -> list[psutil.Process]:
+def _group_members(leader: int, started_at: float) -> list[psutil.Process]:
+    """Processes of the group LEADER started, none older than it (so a recycled group id is not ours)."""
     members = []
-    for proc in psutil.process_iter(["pid"]):
+    for proc in psutil.process_iter(["pid", "create_time"]):
         try:
-            if os.getpgid(proc.pid) == leader:
+            if os.getpgid(proc.pid) == leader and proc.info["create_time"] >= started_at - 0.01:
                 members.append(proc)
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue

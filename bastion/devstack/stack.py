@@ -91,8 +91,13 @@ class Stack:
         issuer = DataKeyRing(self.layout.data_keys_dir / "issuer")
         issuer.ensure(sorted(personal.topics))
         for service in self.service_names:
-            for topic in personal.key_topics(service):
+            entitled = personal.key_topics(service)
+            for topic in entitled:
                 issuer.export_to(self.layout.data_keys_dir / service, topic)
+            held = self.layout.data_keys_dir / service
+            for folder in held.iterdir() if held.exists() else []:
+                if folder.name not in entitled:  # no longer entitled: the copy goes
+                    shutil.rmtree(folder)
 
     def context(self, credentials: Any = None) -> StackContext:
         return StackContext(
@@ -117,6 +122,7 @@ class Stack:
             started: dict[str, float] = {}
             for component in members:
                 if self.supervisor.pid(component.name) is None:
+                    self.supervisor.stop(component.name)  # what a crashed launcher left of its group
                     component.prepare()
                     self.supervisor.start(component.name, component.launch_spec())
                     started[component.name] = time.monotonic()
@@ -135,6 +141,7 @@ class Stack:
             if isinstance(component, Postgres):
                 _ = component.bin_dir
             if self.supervisor.pid(component.name) is None:
+                self.supervisor.stop(component.name)
                 for port in component.ports():
                     ensure_port_free(self.settings.bind_host, port, component.name)
 

@@ -6,6 +6,7 @@ only after the effect and inbox row are committed, or the dead-letter write is a
 """
 
 import datetime as dt
+import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -16,11 +17,12 @@ import structlog
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, Message, Producer
 from google.protobuf.message import DecodeError
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import OperationalError
 
 from bastion.access.v1.decision_pb2 import EventRejected
 from bastion.devstack.event_access import dead_letter_topic
 from bastion.events import inbox
-from bastion.events.errors import EventsError, VerificationError
+from bastion.events.errors import EventsError, RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_DROPPED, EVENTS_HELD, EVENTS_REJECTED
 from bastion.events.outbox import Outbox
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -28,6 +30,7 @@ from bastion.events.verify import EnvelopeVerifier, VerifiedEvent
 
 log = structlog.get_logger(__name__)
 SECURITY_TOPIC = "access.decisions.v1"
+SAFE_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,100}$")
 REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
 
 Handler = Callable[[Connection, VerifiedEvent], None]
@@ -44,6 +47,7 @@ class ConsumerSettings:
     topics: list[str]
     batch_size: int = 200
     poll_seconds: float = 0.5
+    handler_attempts: int = 3
 
 
 def _broker_time(message: Message) -> dt.datetime | None:
@@ -51,6 +55,11 @@ def _broker_time(message: Message) -> dt.datetime | None:
     if kind != TIMESTAMP_LOG_APPEND_TIME:
         return None
     return dt.datetime.fromtimestamp(millis / 1000, dt.UTC)
+
+
+def _safe(text: str) -> str:
+    """A claimed id is attacker input: only a well-formed one goes into logs and security records."""
+    return text if SAFE_ID.match(text) else ("-" if not text else "(malformed)")
 
 
 def _claimed(raw: bytes) -> Envelope:
@@ -118,9 +127,21 @@ class VerifyingConsumer:
         except VerificationError as error:
             self._reject(message, raw, error)
             return "rejected"
-        with self.engine.begin() as conn:
-            outcome = self._apply_in_order(conn, event)
-        return outcome
+        for attempt in range(1, self.settings.handler_attempts + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return self._apply_in_order(conn, event)
+            except OperationalError:
+                raise  # the database is away: stop here; the record is read again after the restart
+            except Exception as error:
+                # One poison event must not stop its partition for ever: after a few tries it is set aside.
+                log.warning("handler_failed", consumer=self.settings.name, topic=topic, attempt=attempt,
+                            error=type(error).__name__, event_id=event.event_id,
+                            correlation_id=event.envelope.correlation_id)
+                if attempt == self.settings.handler_attempts:
+                    failure = VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
+                    self._reject(message, raw, failure)
+        return "rejected"
 
     def _apply_in_order(self, conn: Connection, event: VerifiedEvent) -> str:
         env = event.envelope
@@ -129,8 +150,8 @@ class VerifyingConsumer:
         if admission is inbox.Admission.APPLY:
             self._apply(conn, event)
             following = env.sequence + 1
-            while (raw := inbox.take_held(conn, env.producer, env.aggregate_id, following)) is not None:
-                self._apply(conn, self.verifier.verify(raw, topic, check_freshness=False))
+            while (held := inbox.take_held(conn, env.producer, env.aggregate_id, following)) is not None:
+                self._apply(conn, self.verifier.verify(held, topic, check_freshness=False))
                 following += 1
             return "applied"
         if admission is inbox.Admission.HELD:
@@ -154,18 +175,19 @@ class VerifyingConsumer:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         EVENTS_REJECTED.labels(self.settings.name, topic, error.reason.value).inc()
         log.warning("event_rejected", consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                    reason=error.reason.value, detail=error.detail, claimed_producer=claimed.producer,
-                    claimed_event_id=claimed.event_id, correlation_id=claimed.correlation_id or "-")
+                    reason=error.reason.value, detail=error.detail[:300], claimed_producer=_safe(claimed.producer),
+                    claimed_event_id=_safe(claimed.event_id), correlation_id=_safe(claimed.correlation_id))
         if self.security_outbox is not None:
             record = EventRejected(
                 consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                reason=error.reason.value, detail=error.detail[:500], claimed_producer=claimed.producer[:100],
-                claimed_event_id=claimed.event_id[:100], correlation_id=claimed.correlation_id[:100],
+                reason=error.reason.value, detail=error.detail[:500], claimed_producer=_safe(claimed.producer),
+                claimed_event_id=_safe(claimed.event_id), correlation_id=_safe(claimed.correlation_id),
             )
             record_id = str(uuid.uuid5(REJECTION_NAMESPACE, f"{self.settings.name}/{topic}/{partition}/{offset}"))
             with self.engine.begin() as conn:
                 self.security_outbox.append(conn, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
-                                            correlation_id=claimed.correlation_id[:100] or record_id,
+                                            correlation_id=record.correlation_id if SAFE_ID.match(
+                                                record.correlation_id) else record_id,
                                             event_id=record_id)
         self._dead_letter(message, raw, error)
 

@@ -38,5 +38,14 @@ def seal(
         payload=payload.SerializeToString(deterministic=True),
     )
     envelope.occurred_at.FromDatetime(occurred_at or dt.datetime.now(dt.UTC))
+    envelope.published_at.CopyFrom(envelope.occurred_at)
     sign(envelope, key.private_key)
     return envelope
+
+
+def republish(envelope_bytes: bytes, key: SigningKey, now: dt.datetime | None = None) -> bytes:
+    """The envelope as the relay hands it to Kafka: published now, signed again by its producer's key."""
+    envelope = Envelope.FromString(envelope_bytes)
+    envelope.published_at.FromDatetime(now or dt.datetime.now(dt.UTC))
+    sign(envelope, key.private_key)
+    return envelope.SerializeToString()

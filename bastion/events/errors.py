@@ -15,6 +15,7 @@ class RejectReason(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     STALE = "stale"
     FROM_THE_FUTURE = "from_the_future"
+    HANDLER_FAILED = "handler_failed"
 
 
 class EventsError(Exception):

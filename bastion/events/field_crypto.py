@@ -176,7 +176,7 @@ class DataKeyRing:
     def get(self, topic: str, key_id: str) -> bytes | None:
         """The key KEY_ID of TOPIC if this ring holds it (active or decrypt-only), else None."""
         entry = self._load_index(topic).get(key_id)
-        if entry is None or entry["state"] == "retired":
+        if entry is None or entry["state"] not in ("active", "decrypt-only"):
             return None
         path = self._key_file(topic, key_id)
         if not path.exists():

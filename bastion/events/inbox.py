@@ -21,13 +21,16 @@ class Admission(StrEnum):
 def admit(conn: Connection, event: VerifiedEvent) -> Admission:
     """Decide what to do with a verified event; locks its (producer, aggregate) row until commit."""
     env = event.envelope
-    if conn.execute(select(inbox.c.event_id).where(inbox.c.event_id == env.event_id)).first():
-        return Admission.DUPLICATE
+    # Seed the row first, so that FOR UPDATE below serialises even two consumers of an aggregate's first event.
+    conn.execute(insert(consumer_sequence).values(producer=env.producer, aggregate_id=env.aggregate_id,
+                                                  last_sequence=0).on_conflict_do_nothing())
     last = conn.execute(
         select(consumer_sequence.c.last_sequence)
         .where(consumer_sequence.c.producer == env.producer, consumer_sequence.c.aggregate_id == env.aggregate_id)
         .with_for_update()
-    ).scalar_one_or_none() or 0
+    ).scalar_one()
+    if conn.execute(select(inbox.c.event_id).where(inbox.c.event_id == env.event_id)).first():
+        return Admission.DUPLICATE
     if env.sequence <= last:
         return Admission.REPLAY
     if env.sequence > last + 1:

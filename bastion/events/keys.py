@@ -61,8 +61,8 @@ class TrustStore:
         if entry is None:
             raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} is not a key of {producer!r}")
         key, state = entry
-        if state == "retired":
-            raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} of {producer!r} is retired")
+        if state not in ("active", "verify-only"):  # retired, or anything this code does not know: refuse
+            raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} of {producer!r} is {state}")
         return key
 
 

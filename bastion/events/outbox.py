@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from bastion.events.envelopes import seal
+from bastion.events.envelopes import republish, seal
 from bastion.events.keys import SigningKey
 from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -70,14 +70,16 @@ class RelayResult:
 class OutboxRelay:
     """Publishes unsent outbox rows in id order and marks them sent once the broker acknowledged them."""
 
-    def __init__(self, engine: Engine, producer_config: dict[str, Any], batch_size: int = 500,
+    def __init__(self, engine: Engine, producer_config: dict[str, Any], key: SigningKey, batch_size: int = 500,
                  flush_timeout: float = 30.0) -> None:
         self.engine = engine
+        self.key = key
         self.batch_size = batch_size
         self.flush_timeout = flush_timeout
         self.producer = Producer(
+            # Messages time out before flush gives up, so every delivery report lands in its own batch.
             {**producer_config, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-             "message.timeout.ms": int(flush_timeout * 1000)}
+             "message.timeout.ms": int(flush_timeout * 1000 * 0.8)}
         )
 
     def run_once(self) -> RelayResult:
@@ -104,8 +106,8 @@ class OutboxRelay:
 
             for row in rows:
                 try:
-                    self.producer.produce(row.topic, value=row.envelope, key=row.partition_key.encode(),
-                                          on_delivery=on_delivery(row.id))
+                    self.producer.produce(row.topic, value=republish(row.envelope, self.key),
+                                          key=row.partition_key.encode(), on_delivery=on_delivery(row.id))
                 except (KafkaException, BufferError) as refused:
                     # Stop here: the rows after this one wait too, so each partition keeps its order.
                     errors.append(refused.args[0] if refused.args and isinstance(refused.args[0], KafkaError)

@@ -26,7 +26,8 @@ def _blob(number: int, value: bytes) -> bytes:
 
 
 def signed_bytes(envelope: Envelope) -> bytes:
-    """Every field but the signature, each as (field number, big-endian length, value), in field order."""
+    """Every field but the signature (13), each as (field number, big-endian length or fixed width, value),
+    in field-number order."""
     return b"".join(
         [
             DOMAIN_TAG,
@@ -42,6 +43,7 @@ def signed_bytes(envelope: Envelope) -> bytes:
             _text(10, envelope.causation_id),
             _text(11, envelope.topic),
             _blob(12, envelope.payload),
+            struct.pack(">BqI", 14, envelope.published_at.seconds, envelope.published_at.nanos),
         ]
     )
 

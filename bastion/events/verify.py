@@ -4,10 +4,12 @@ type on the topic, freshness. Steps 6 and 7 (inbox, sequence) need the consumer'
 """
 
 import datetime as dt
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -66,8 +68,9 @@ def parse_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
         raise VerificationError(RejectReason.MALFORMED, "event_id is not a UUID") from None
     missing = [name for name in ("event_type", "producer", "key_id", "aggregate_id", "topic", "signature")
                if not getattr(envelope, name)]
-    if missing or not envelope.HasField("occurred_at") or envelope.sequence == 0:
-        absent = ", ".join(missing) or "occurred_at or sequence"
+    timestamps = envelope.HasField("occurred_at") and envelope.HasField("published_at")
+    if missing or not timestamps or envelope.sequence == 0:
+        absent = ", ".join(missing) or "occurred_at, published_at or sequence"
         raise VerificationError(RejectReason.MALFORMED, f"missing fields: {absent}")
     return envelope
 
@@ -102,12 +105,32 @@ class EnvelopeVerifier:
         window: FreshnessWindow = FreshnessWindow(),
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         max_bytes: int = MAX_ENVELOPE_BYTES,
+        reload_trust: Callable[[], TrustStore] | None = None,
+        min_reload_seconds: float = 30.0,
     ) -> None:
+        self.reload_trust = reload_trust
+        self.min_reload_seconds = min_reload_seconds
+        self._last_reload = float("-inf")
         self.trust_store = trust_store
         self.policy = policy
         self.window = window
         self.clock = clock
         self.max_bytes = max_bytes
+
+    def _public_key(self, envelope: Envelope) -> Ed25519PublicKey:
+        """The producer's key; an unknown one reloads the trust store (at most once per MIN_RELOAD_SECONDS),
+        so a producer that rotated its key is believed without restarting every consumer."""
+        try:
+            return self.trust_store.public_key(envelope.producer, envelope.key_id)
+        except VerificationError as error:
+            now = time.monotonic()
+            if self.reload_trust is None or now - self._last_reload < self.min_reload_seconds:
+                raise
+            if error.reason not in (RejectReason.UNKNOWN_KEY, RejectReason.UNKNOWN_PRODUCER):
+                raise
+            self._last_reload = now
+            self.trust_store = self.reload_trust()
+            return self.trust_store.public_key(envelope.producer, envelope.key_id)
 
     def verify(
         self, raw: bytes, topic: str, broker_time: dt.datetime | None = None, check_freshness: bool = True
@@ -120,7 +143,7 @@ class EnvelopeVerifier:
         back after they passed every step on arrival.
         """
         envelope = parse_envelope(raw, self.max_bytes)
-        key = self.trust_store.public_key(envelope.producer, envelope.key_id)
+        key = self._public_key(envelope)
         verify_signature(envelope, key)
         if envelope.topic != topic:
             raise VerificationError(
@@ -131,9 +154,9 @@ class EnvelopeVerifier:
         if not check_freshness:
             return VerifiedEvent(envelope, payload)
         reference = broker_time or self.clock()
-        occurred = envelope.occurred_at.ToDatetime(tzinfo=dt.UTC)
-        if occurred < reference - self.window.max_age:
-            raise VerificationError(RejectReason.STALE, f"occurred {reference - occurred} before it was published")
-        if occurred > reference + self.window.max_skew:
-            raise VerificationError(RejectReason.FROM_THE_FUTURE, f"occurred {occurred - reference} in the future")
+        published = envelope.published_at.ToDatetime(tzinfo=dt.UTC)
+        if published < reference - self.window.max_age:
+            raise VerificationError(RejectReason.STALE, f"published {reference - published} before it reached Kafka")
+        if published > reference + self.window.max_skew:
+            raise VerificationError(RejectReason.FROM_THE_FUTURE, f"published {published - reference} in the future")
         return VerifiedEvent(envelope, payload)

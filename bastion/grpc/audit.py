@@ -1,16 +1,18 @@
 """Access audit: every allow and deny becomes a signed AccessDecision on access.decisions.v1.
 
-Publishing never adds a network round trip to a call: `record` signs and hands the event to the Kafka
-producer's local queue; librdkafka sends it in the background.
+Publishing never adds a network round trip, nor signing, to a call: `record` puts the decision on a queue; a
+worker thread signs it and hands it to librdkafka, which sends it in the background.
 """
 
 import itertools
+import queue
 import threading
 import uuid
 from typing import Any, Protocol
 
 import structlog
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
+from prometheus_client import Counter
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
 from bastion.events.envelopes import seal
@@ -18,6 +20,8 @@ from bastion.events.keys import SigningKey
 
 TOPIC = "access.decisions.v1"
 log = structlog.get_logger(__name__)
+DECISIONS_LOST = Counter("bastion_access_decisions_lost_total", "Access decisions that could not be queued or "
+                         "delivered to Kafka", ["service"])
 
 
 class AccessAudit(Protocol):
@@ -42,28 +46,67 @@ class MemoryAccessAudit:
 
 
 class KafkaAccessAudit:
-    """Signs each decision with the service's key and queues it for the broker."""
+    """Signs each decision with the service's key and hands it to Kafka, from a thread of its own: the call
+    path only puts the decision on a bounded queue, so auditing costs it no signing and no I/O."""
 
-    def __init__(self, key: SigningKey, kafka_config: dict[str, Any]) -> None:
+    def __init__(self, key: SigningKey, kafka_config: dict[str, Any], max_queued: int = 100_000) -> None:
         self.key = key
-        # One aggregate per process, so the sequence stays gap-free without coordination between replicas.
-        self.aggregate_id = f"access:{key.producer}:{uuid.uuid4()}"
-        self.sequence = itertools.count(1)
-        self.lock = threading.Lock()
         self.producer = Producer({**kafka_config, "enable.idempotence": True, "acks": "all", "linger.ms": 20})
+        self.pending: queue.Queue[AccessDecision | None] = queue.Queue(maxsize=max_queued)
+        self._new_aggregate()
+        self.worker = threading.Thread(target=self._publish, name=f"access-audit-{key.producer}", daemon=True)
+        self.worker.start()
+
+    def _new_aggregate(self) -> None:
+        """One aggregate per process (gap-free sequences without coordinating replicas); a new one after a
+        lost decision, so the audit consumer never waits for a sequence number that will not come."""
+        self.aggregate_id = f"access:{self.key.producer}:{uuid.uuid4()}"
+        self.sequence = itertools.count(1)
 
     def record(self, decision: AccessDecision) -> None:
-        with self.lock:
+        """Queue DECISION; never blocks or raises into the call path (a lost decision is logged and counted)."""
+        try:
+            self.pending.put_nowait(decision)
+        except queue.Full:
+            DECISIONS_LOST.labels(self.key.producer).inc()
+            log.error("access_decision_lost", correlation_id=decision.correlation_id, error="audit queue full")
+
+    def _publish(self) -> None:
+        while (decision := self.pending.get()) is not None:
             envelope = seal(self.key, TOPIC, decision, self.aggregate_id, next(self.sequence),
                             correlation_id=decision.correlation_id)
-            self.producer.produce(TOPIC, value=envelope.SerializeToString(), key=self.aggregate_id.encode(),
-                                  on_delivery=self._delivered)
-        self.producer.poll(0)
+            for _ in range(50):
+                try:
+                    self.producer.produce(TOPIC, value=envelope.SerializeToString(),
+                                          key=self.aggregate_id.encode(), on_delivery=self._delivered)
+                    break
+                except BufferError:
+                    self.producer.poll(0.1)  # librdkafka's queue is full: let it drain, then try again
+                except KafkaException as error:
+                    self._lost(decision.correlation_id, repr(error))
+                    break
+            else:
+                self._lost(decision.correlation_id, "producer queue stayed full")
+            self.producer.poll(0)
+            self.pending.task_done()
+        self.pending.task_done()
 
-    def _delivered(self, error: Any, _message: Any) -> None:
+    def _delivered(self, error: Any, message: Any) -> None:
         if error is not None:
-            log.error("access_decision_not_delivered", error=str(error))
+            self._lost("-", str(error))
+
+    def _lost(self, correlation_id: str, error: str) -> None:
+        DECISIONS_LOST.labels(self.key.producer).inc()
+        log.error("access_decision_lost", correlation_id=correlation_id, error=error)
+        self._new_aggregate()
 
     def flush(self, timeout: float = 10.0) -> int:
+        """Wait until every queued decision was handed to Kafka and delivered; returns what is left."""
+        self.pending.join()
         remaining: int = self.producer.flush(timeout)
         return remaining
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.worker.join(10)
+        self.producer.flush(10)

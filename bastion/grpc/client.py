@@ -19,7 +19,6 @@ from bastion.grpc.errors import (
     PermissionDeniedError,
     RequestError,
     ResourceExhaustedError,
-    UnauthenticatedError,
     UnavailableError,
 )
 from bastion.resilience.breaker import AsyncCircuitBreaker, BreakerOpenError
@@ -35,7 +34,6 @@ PASSED_ON: dict[grpc.StatusCode, type[RequestError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
 
@@ -68,6 +66,9 @@ class ServiceTokens:
     def for_service(cls, keycloak_url: str, realm: str, service: str, secret: str, ca_file: str) -> "ServiceTokens":
         return cls(KeycloakOpenID(server_url=keycloak_url, realm_name=realm, client_id=service,
                                   client_secret_key=secret, verify=ca_file))
+
+    def forget(self) -> None:
+        self._token, self._renew_at = "", 0.0
 
     async def token(self) -> str:
         if self._token and self.clock() < self._renew_at:
@@ -121,6 +122,9 @@ class Downstream:
         except DeadlineExceededError:
             raise UnavailableError(f"{self.name} did not answer within {self.deadline_seconds:.1f}s") from None
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self.tokens.forget()  # our service token was refused: fetch a fresh one next time
+                raise UnavailableError(f"{self.name} refused this service's credentials") from None
             passed_on = PASSED_ON.get(error.code())
             if passed_on is not None:
                 raise passed_on(error.details() or error.code().name) from None

@@ -3,7 +3,7 @@
 import contextvars
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bastion.grpc.tokens import Principal
 
@@ -19,7 +19,7 @@ class CallContext:
     principal: Principal | None
     method: str
     # The caller's bearer token, kept only in this process so calls made on the user's behalf can pass it on.
-    bearer: str | None = None
+    bearer: str | None = field(default=None, repr=False)
 
 
 current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("bastion_current_call")

@@ -63,7 +63,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 token = current_call.set(call)
                 try:
                     return await inner(request, context)
-                except RequestError as error:
+                except Exception as error:
                     await self._fail(context, call, error)
                 finally:
                     current_call.reset(token)
@@ -80,7 +80,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 async for item in inner_stream(request, context):
                     yield item
-            except RequestError as error:
+            except Exception as error:
                 await self._fail(context, call, error)
             finally:
                 current_call.reset(token)
@@ -133,11 +133,19 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     peer=call.peer_identity, principal=_who(call.principal), correlation_id=call.correlation_id)
         await context.abort(code, message)
 
-    async def _fail(self, context: grpc.aio.ServicerContext, call: CallContext, error: RequestError) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext, call: CallContext, error: Exception) -> None:
+        """A handler's error, answered from the error table; anything unexpected is logged here with its
+        stack and answered INTERNAL with only the correlation id, so no detail reaches the caller."""
+        if isinstance(error, grpc.aio.AbortError):
+            raise error
         code, message = status_for(error, call.correlation_id)
         CALLS_REFUSED.labels(self.service, call.method, code.name).inc()
-        log.info("call_failed", service=self.service, method=call.method, code=code.name, reason=message,
-                 correlation_id=call.correlation_id)
+        if isinstance(error, RequestError):
+            log.info("call_failed", service=self.service, method=call.method, code=code.name, reason=message,
+                     correlation_id=call.correlation_id)
+        else:
+            log.exception("call_crashed", service=self.service, method=call.method,
+                          correlation_id=call.correlation_id)
         await context.abort(code, message)
 
 

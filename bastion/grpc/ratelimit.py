@@ -15,22 +15,28 @@ class RateLimit:
     window_seconds: int
 
 
+# One command per call instead of MULTI/INCR/EXPIRE/EXEC: the expiry is set with the window's first call.
+COUNT_IN_WINDOW = """
+local calls = redis.call('INCR', KEYS[1])
+if calls == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return calls
+"""
+
+
 class RedisRateLimiter:
-    """A fixed window per principal: INCR and EXPIRE in one round trip. Redis unreachable fails closed."""
+    """A fixed window per principal, counted by a small Lua script. Redis unreachable fails closed."""
 
     def __init__(self, client: aioredis.Redis, service: str, limit: RateLimit) -> None:
         self.client = client
         self.service = service
         self.limit = limit
+        self.count = client.register_script(COUNT_IN_WINDOW)
 
     async def admit(self, principal_key: str) -> None:
         window = int(time.time()) // self.limit.window_seconds
         key = f"{self.service}:ratelimit:{principal_key}:{window}"
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, self.limit.window_seconds * 2)
-                count, _ = await pipe.execute()
+            count = await self.count(keys=[key], args=[self.limit.window_seconds * 2])
         except (RedisError, OSError) as error:
             raise UnavailableError("rate limiter unavailable: request refused") from error
         if int(count) > self.limit.calls:

@@ -69,7 +69,8 @@ def run_consumer(config: WorkerConfig, engine: Engine) -> None:
 
 
 def run_relay(config: WorkerConfig, engine: Engine) -> None:
-    relay = OutboxRelay(engine, config.kafka, batch_size=config.batch_size)
+    relay = OutboxRelay(engine, config.kafka, KeyRing(Path(config.keys_dir)).signing_key("accounts"),
+                        batch_size=config.batch_size)
     while True:
         result = relay.run_once()
         if result.published and config.marker:

@@ -61,6 +61,8 @@ def test_redis_confines_a_service_to_its_own_keys(redis_server: Redis, ctx: Stac
         client.get(f"accounts:test:{unique}")
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.flushall()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        client.scan()  # would list the key names of every service
 
 
 def _is_loopback(address: str) -> bool:

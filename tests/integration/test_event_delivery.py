@@ -185,7 +185,8 @@ def test_consumer_killed_after_its_effect_before_its_offset_commit_applies_each_
 def test_kafka_down_for_30s_callers_see_no_error_and_the_backlog_drains(delivery: Delivery, stack: Stack) -> None:
     writer = Outbox(delivery.ring.signing_key("accounts"))
     relay = OutboxRelay(delivery.producer_db, delivery.kafka.client_config(
-        "accounts", delivery.ctx.credentials.kafka["accounts"]), batch_size=200, flush_timeout=5)
+        "accounts", delivery.ctx.credentials.kafka["accounts"]), delivery.ring.signing_key("accounts"),
+        batch_size=200, flush_timeout=5)
     stop, errors, written = threading.Event(), [], [0]
 
     def keep_writing() -> None:

@@ -90,6 +90,24 @@ def test_up_restores_a_killed_component_without_touching_the_rest(stack: Stack) 
     }
 
 
+def test_up_restores_keycloak_after_its_launcher_is_killed(stack: Stack) -> None:
+    """kc.sh runs Java as its child: killing the launcher must not leave Java holding the ports."""
+    before = {name: stack.supervisor.pid(name) for name in INFRA}
+    launcher = before["keycloak"]
+    assert launcher is not None
+    children = psutil.Process(launcher).children(recursive=True)
+    os.kill(launcher, signal.SIGKILL)
+    psutil.Process(launcher).wait(timeout=10)
+    result = bastion("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    _, orphans = psutil.wait_procs(children, timeout=10)
+    assert orphans == [], "the old Java process was stopped"
+    assert stack.supervisor.pid("keycloak") not in (None, launcher)
+    assert {n: stack.supervisor.pid(n) for n in ("postgres", "redis", "kafka")} == {
+        n: before[n] for n in ("postgres", "redis", "kafka")
+    }
+
+
 def _process_tree(stack: Stack) -> list[psutil.Process]:
     """Every process the devstack runs, children included (short-lived ones may end while we look)."""
     processes = []

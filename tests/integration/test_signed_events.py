@@ -16,7 +16,7 @@ from sqlalchemy import Column, Engine, MetaData, String, Table, create_engine, s
 from sqlalchemy.types import BigInteger
 
 from bastion.access.v1.decision_pb2 import EventRejected
-from bastion.accounts.v1.events_pb2 import AccountOpened, MoneyDeposited
+from bastion.accounts.v1.events_pb2 import AccountFrozen, AccountOpened, MoneyDeposited
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
@@ -122,13 +122,16 @@ def lane(kafka: Kafka, ctx: StackContext, engine: Engine, unique: str, tmp_path:
     ring = KeyRing(tmp_path / "keys")
     ring.ensure(["accounts", "payments", CONSUMER])
     trust = TrustPolicy({topic: {
-        "accounts": frozenset({"bastion.accounts.v1.AccountOpened", "bastion.accounts.v1.MoneyDeposited"}),
+        "accounts": frozenset({"bastion.accounts.v1.AccountOpened", "bastion.accounts.v1.MoneyDeposited",
+                               "bastion.accounts.v1.AccountFrozen"}),
         "payments": frozenset({"bastion.payments.v1.PaymentCompleted"}),
     }})
     order = iter(range(1, 10**6))
     seen: list[VerifiedEvent] = []
 
     def handler(conn: object, event: VerifiedEvent) -> None:
+        if isinstance(event.payload, AccountFrozen) and event.payload.reason == "poison":
+            raise RuntimeError("this handler cannot apply that event")
         seen.append(event)
         conn.execute(applied.insert().values(  # type: ignore[attr-defined]
             event_id=event.event_id, aggregate_id=event.envelope.aggregate_id, sequence=event.envelope.sequence,
@@ -294,3 +297,17 @@ def test_an_event_of_the_previous_schema_version_is_applied(lane: Lane) -> None:
     [event] = [e for e in lane.seen if e.envelope.aggregate_id == aggregate]
     assert isinstance(event.payload, MoneyDeposited)
     assert (event.payload.amount_minor, event.payload.currency) == (250, "EUR")
+
+
+def test_a_poison_event_is_set_aside_after_retries_and_the_partition_moves_on(lane: Lane) -> None:
+    aggregate = f"poison-{lane.group}"
+    poison = lane.seal("accounts", AccountFrozen(account_id=aggregate, reason="poison"), aggregate, 1)
+    other = f"after-{lane.group}"
+    after = lane.seal("accounts", AccountOpened(account_id=other), other, 1)
+    lane.publish_raw(poison.SerializeToString(), after.SerializeToString())
+    lane.consume_until(2)
+    [(value, headers)] = lane.dead_letters(1)
+    assert headers["bastion-reject-reason"] == b"handler_failed"
+    assert value == poison.SerializeToString()
+    assert lane.applied_sequences(aggregate) == []
+    assert lane.applied_sequences(other) == [1]

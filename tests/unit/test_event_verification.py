@@ -9,9 +9,9 @@ from google.protobuf.message import Message
 
 from bastion.accounts.v1.events_pb2 import AccountOpened, MoneyDeposited
 from bastion.devstack.event_access import load_policy
-from bastion.events.envelopes import seal
+from bastion.events.envelopes import republish, seal
 from bastion.events.errors import KeyNotFoundError, RejectReason, VerificationError
-from bastion.events.keys import KeyRing
+from bastion.events.keys import KeyRing, TrustStore
 from bastion.events.signing import sign
 from bastion.events.trust import load_trust_policy
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -154,3 +154,42 @@ def test_private_keys_are_owner_only_and_a_missing_one_is_named(ring: KeyRing, t
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in key_files)
     with pytest.raises(KeyNotFoundError, match="'mallory'"):
         ring.signing_key("mallory")
+
+
+def test_an_event_that_waited_in_the_outbox_is_fresh_once_republished(
+    verifier: EnvelopeVerifier, ring: KeyRing
+) -> None:
+    """Written two hours ago, relayed now (Kafka was down): fresh. Replayed unchanged later: stale."""
+    waited = opened(ring, occurred_at=NOW - dt.timedelta(hours=2))
+    relayed = republish(waited.SerializeToString(), ring.signing_key("accounts"), now=NOW)
+    verifier.verify(relayed, TOPIC, broker_time=NOW + dt.timedelta(seconds=1))
+    assert refused_at(verifier, relayed, NOW + dt.timedelta(minutes=6)) == RejectReason.STALE
+    tampered = Envelope.FromString(relayed)
+    tampered.published_at.FromDatetime(NOW + dt.timedelta(hours=1))
+    assert refused_at(verifier, tampered.SerializeToString(), NOW + dt.timedelta(hours=1)) == RejectReason.BAD_SIGNATURE
+
+
+def refused_at(verifier: EnvelopeVerifier, raw: bytes, broker_time: dt.datetime) -> RejectReason:
+    with pytest.raises(VerificationError) as error:
+        verifier.verify(raw, TOPIC, broker_time=broker_time)
+    return error.value.reason
+
+
+def test_a_rotated_key_is_learnt_by_reloading_the_trust_store_at_most_once_per_gap(ring: KeyRing) -> None:
+    access = load_policy(INFRA / "event-access.yaml", SERVICES)
+    reloads: list[int] = []
+
+    def reload() -> TrustStore:
+        reloads.append(1)
+        return ring.trust_store()
+
+    verifier = EnvelopeVerifier(ring.trust_store(), load_trust_policy(INFRA / "event-trust.yaml", access),
+                                clock=lambda: NOW, reload_trust=reload, min_reload_seconds=60)
+    ring.rotate("accounts")
+    verifier.verify(opened(ring).SerializeToString(), TOPIC)
+    assert len(reloads) == 1
+    rogue = KeyRing(ring.folder.parent / "rogue")
+    rogue.ensure(["accounts"])
+    for _ in range(5):
+        assert refused(verifier, opened(rogue).SerializeToString()) == RejectReason.UNKNOWN_KEY
+    assert len(reloads) == 1, "unknown keys cannot make the consumer reload on every record"

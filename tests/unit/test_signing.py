@@ -19,9 +19,11 @@ KEY = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(VECTORS["private_key_se
 def vector_envelope() -> Envelope:
     fields = dict(VECTORS["envelope"])
     seconds, nanos = fields.pop("occurred_at_seconds"), fields.pop("occurred_at_nanos")
+    published_seconds, published_nanos = fields.pop("published_at_seconds"), fields.pop("published_at_nanos")
     envelope = Envelope(**{k: v for k, v in fields.items() if k != "payload_hex"},
                         payload=bytes.fromhex(fields["payload_hex"]))
     envelope.occurred_at.seconds, envelope.occurred_at.nanos = seconds, nanos
+    envelope.published_at.seconds, envelope.published_at.nanos = published_seconds, published_nanos
     return envelope
 
 
@@ -52,15 +54,16 @@ def test_encode_decode_round_trip_keeps_the_signature_valid(envelope: Envelope, 
 
 
 SIGNED_FIELDS = ["event_id", "event_type", "schema_version", "producer", "key_id", "aggregate_id", "sequence",
-                 "occurred_at", "correlation_id", "causation_id", "topic", "payload"]
+                 "occurred_at", "correlation_id", "causation_id", "topic", "payload", "published_at"]
 
 
 def _tamper(envelope: Envelope, field: str, data: st.DataObject) -> None:
     if field in ("schema_version", "sequence"):
         current = getattr(envelope, field)
         setattr(envelope, field, data.draw(st.integers(0, 2**32 - 1).filter(lambda v: v != current)))
-    elif field == "occurred_at":
-        envelope.occurred_at.nanos = (envelope.occurred_at.nanos + data.draw(st.integers(1, 999))) % 1_000_000_000
+    elif field in ("occurred_at", "published_at"):
+        stamp = getattr(envelope, field)
+        stamp.nanos = (stamp.nanos + data.draw(st.integers(1, 999))) % 1_000_000_000
     elif field == "payload":
         current = envelope.payload
         envelope.payload = data.draw(st.binary(max_size=50).filter(lambda v: v != current))

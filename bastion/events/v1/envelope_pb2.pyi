@@ -36,6 +36,7 @@ class Envelope(_message.Message):
     TOPIC_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PUBLISHED_AT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """A UUID, unique per event: the inbox key that makes redelivery and replay harmless."""
     event_type: _builtins.str
@@ -60,6 +61,13 @@ class Envelope(_message.Message):
     """Ed25519 over the canonical signed bytes."""
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def published_at(self) -> _timestamp_pb2.Timestamp:
+        """When the event was handed to Kafka (set and signed by the relay). Consumers measure freshness on it
+        against the broker's append time, so a backlog that waited in the outbox through an outage stays fresh
+        while an old event replayed later does not.
+        """
+
     def __init__(
         self,
         *,
@@ -76,10 +84,11 @@ class Envelope(_message.Message):
         topic: _builtins.str = ...,
         payload: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        published_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "published_at", b"published_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "causation_id", b"causation_id", "correlation_id", b"correlation_id", "event_id", b"event_id", "event_type", b"event_type", "key_id", b"key_id", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "schema_version", b"schema_version", "sequence", b"sequence", "signature", b"signature", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "causation_id", b"causation_id", "correlation_id", b"correlation_id", "event_id", b"event_id", "event_type", b"event_type", "key_id", b"key_id", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "published_at", b"published_at", "schema_version", b"schema_version", "sequence", b"sequence", "signature", b"signature", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
