@@ -51,7 +51,7 @@ integration: $(STAMP)      ## starts its own stack (state folder .state-test, po
 test: lint unit integration
 
 lint: $(STAMP) $(NPM_STAMP)
-	$(BIN)/ruff check bastion tests benchmarks
+	$(BIN)/ruff check bastion services tests benchmarks
 	$(BIN)/mypy
 	$(BUF) lint protos
 	$(BUF) breaking protos --against $(RELEASED_PROTOS)

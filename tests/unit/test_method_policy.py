@@ -59,3 +59,13 @@ def test_service_rules_need_the_certificate_and_the_token_of_the_same_service() 
     assert not policy.decide(method, service("payments"), "notifications").allowed
     assert not policy.decide(method, service("notifications"), "payments").allowed
     assert not policy.decide(method, user("admin"), "payments").allowed
+
+
+def test_the_accounts_policy_covers_the_accounts_service() -> None:
+    from bastion.accounts.v1 import accounts_pb2
+
+    policy = load_method_policy(POLICY.parent / "accounts.yaml")
+    policy.check_complete(accounts_pb2.DESCRIPTOR.services_by_name["Accounts"])
+    assert not policy.decide("/bastion.accounts.v1.Accounts/ApplyTransfer", user("customer"), "cli").allowed
+    assert not policy.decide("/bastion.accounts.v1.Accounts/Deposit", user("customer"), "cli").allowed
+    assert policy.decide("/bastion.accounts.v1.Accounts/ApplyTransfer", service("payments"), "payments").allowed

@@ -1,0 +1,66 @@
+"""In-memory adapters of the accounts ports, for unit tests of the handlers (same behaviour, no database)."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from services.accounts.domain import Account
+
+
+@dataclass
+class MemoryAccounts:
+    rows: dict[str, Account] = field(default_factory=dict)
+    keys: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    lock_orders: list[list[str]] = field(default_factory=list)
+
+    def add(self, account: Account) -> None:
+        self.rows[account.account_id] = account
+
+    def get(self, account_id: str) -> Account | None:
+        return self.rows.get(account_id)
+
+    def lock_in_order(self, account_ids: list[str]) -> dict[str, Account]:
+        self.lock_orders.append(list(account_ids))
+        return {i: self.rows[i] for i in account_ids if i in self.rows}
+
+    def save(self, account: Account) -> None:
+        self.rows[account.account_id] = account
+
+    def owned_by(self, owner: str) -> list[Account]:
+        return [a for a in self.rows.values() if a.owner == owner]
+
+    def all(self) -> list[Account]:
+        return list(self.rows.values())
+
+    def remembered(self, idempotency_key: str) -> tuple[str, bytes] | None:
+        return self.keys.get(idempotency_key)
+
+    def remember(self, idempotency_key: str, fingerprint: str, response: bytes) -> None:
+        self.keys[idempotency_key] = (fingerprint, response)
+
+
+@dataclass
+class MemoryEvents:
+    emitted: list[tuple[Message, str]] = field(default_factory=list)
+
+    def emit(self, payload: Message, aggregate_id: str) -> None:
+        self.emitted.append((payload, aggregate_id))
+
+
+@dataclass
+class MemoryUnitOfWork:
+    """Commits on success, rolls back (restores the rows and events) on error, as the database does."""
+
+    accounts: MemoryAccounts = field(default_factory=MemoryAccounts)
+    events: MemoryEvents = field(default_factory=MemoryEvents)
+
+    @contextmanager
+    def __call__(self) -> Iterator["MemoryUnitOfWork"]:
+        rows, keys, emitted = dict(self.accounts.rows), dict(self.accounts.keys), list(self.events.emitted)
+        try:
+            yield self
+        except BaseException:
+            self.accounts.rows, self.accounts.keys, self.events.emitted = rows, keys, emitted
+            raise

@@ -1,0 +1,152 @@
+"""The accounts use cases: a command and the ports in, a result or a domain error out. Object-level checks
+(whose account is this?) live here, fed by the caller's identity."""
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.protobuf.message import Message
+
+from bastion.accounts.v1 import events_pb2
+from services.accounts import domain
+from services.accounts.domain import Account, AccountNotFoundError, IdempotencyConflictError
+
+TOPIC = "accounts.events.v1"
+# Roles that may see every account (support investigates, auditors audit).
+SEES_ALL = frozenset({"support", "auditor"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: an end user (username and realm roles) or a calling service."""
+
+    username: str
+    roles: frozenset[str]
+
+
+class AccountsRepository(Protocol):
+    def add(self, account: Account) -> None: ...
+    def get(self, account_id: str) -> Account | None: ...
+    def lock_in_order(self, account_ids: list[str]) -> dict[str, Account]: ...
+    def save(self, account: Account) -> None: ...
+    def owned_by(self, owner: str) -> list[Account]: ...
+    def all(self) -> list[Account]: ...
+    def remembered(self, idempotency_key: str) -> tuple[str, bytes] | None: ...
+    def remember(self, idempotency_key: str, fingerprint: str, response: bytes) -> None: ...
+
+
+class EventSink(Protocol):
+    def emit(self, payload: Message, aggregate_id: str) -> None: ...
+
+
+class UnitOfWork(Protocol):
+    accounts: AccountsRepository
+    events: EventSink
+
+
+UnitOfWorkFactory = Callable[[], AbstractContextManager[UnitOfWork]]
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def _visible(account: Account | None, caller: Caller) -> Account:
+    """The account if the caller may see it; otherwise NOT_FOUND, so nobody learns which ids exist."""
+    if account is None or (account.owner != caller.username and not caller.roles & SEES_ALL):
+        raise AccountNotFoundError("account not found")
+    return account
+
+
+class AccountsHandlers:
+    def __init__(self, unit_of_work: UnitOfWorkFactory, new_id: Callable[[], str] = lambda: str(uuid.uuid4())
+                 ) -> None:
+        self.unit_of_work = unit_of_work
+        self.new_id = new_id
+
+    def open_account(self, caller: Caller, currency: str) -> Account:
+        account = domain.open_account(self.new_id(), caller.username, currency)
+        with self.unit_of_work() as uow:
+            uow.accounts.add(account)
+            uow.events.emit(events_pb2.AccountOpened(account_id=account.account_id, owner=account.owner,
+                                                     currency=account.currency), account.account_id)
+        return account
+
+    def get_account(self, caller: Caller, account_id: str) -> Account:
+        with self.unit_of_work() as uow:
+            return _visible(uow.accounts.get(account_id), caller)
+
+    def list_accounts(self, caller: Caller) -> list[Account]:
+        with self.unit_of_work() as uow:
+            return uow.accounts.all() if caller.roles & SEES_ALL else uow.accounts.owned_by(caller.username)
+
+    def deposit(self, caller: Caller, account_id: str, amount_minor: int, idempotency_key: str) -> Account:
+        domain.check_idempotency_key(idempotency_key)
+        domain.check_amount(amount_minor)
+        fingerprint = _fingerprint("deposit", account_id, amount_minor)
+        with self.unit_of_work() as uow:
+            earlier = uow.accounts.remembered(idempotency_key)
+            if earlier is not None:
+                return self._same_request(earlier, fingerprint, uow, account_id)
+            account = uow.accounts.lock_in_order([account_id]).get(account_id)
+            if account is None:
+                raise AccountNotFoundError("account not found")
+            updated = domain.deposit(account, amount_minor)
+            uow.accounts.save(updated)
+            uow.accounts.remember(idempotency_key, fingerprint, b"")
+            uow.events.emit(events_pb2.MoneyDeposited(account_id=account_id, amount_minor=amount_minor,
+                                                      currency=updated.currency, balance_minor=updated.balance_minor,
+                                                      idempotency_key=idempotency_key), account_id)
+            return updated
+
+    def _same_request(self, earlier: tuple[str, bytes], fingerprint: str, uow: UnitOfWork, account_id: str
+                      ) -> Account:
+        if earlier[0] != fingerprint:
+            raise IdempotencyConflictError("this idempotency key was used for a different request")
+        account = uow.accounts.get(account_id)
+        if account is None:
+            raise AccountNotFoundError("account not found")
+        return account
+
+    def freeze_account(self, caller: Caller, account_id: str, reason: str) -> Account:
+        if not reason.strip():
+            raise domain.InvalidRequestError("a reason is required to freeze an account")
+        with self.unit_of_work() as uow:
+            account = uow.accounts.lock_in_order([account_id]).get(account_id)
+            if account is None:
+                raise AccountNotFoundError("account not found")
+            frozen = domain.freeze(account)
+            uow.accounts.save(frozen)
+            uow.events.emit(events_pb2.AccountFrozen(account_id=account_id, reason=reason[:500]), account_id)
+            return frozen
+
+    def apply_transfer(self, transfer_id: str, from_account_id: str, to_account_id: str, amount_minor: int,
+                       currency: str, fencing_token: int, idempotency_key: str) -> tuple[Account, Account]:
+        """Debit and credit in one transaction: rows locked in sorted id order (no deadlock between two
+        opposite transfers), the fencing token checked, the idempotency key recorded, the event emitted."""
+        domain.check_idempotency_key(idempotency_key)
+        fingerprint = _fingerprint("transfer", from_account_id, to_account_id, amount_minor, currency)
+        with self.unit_of_work() as uow:
+            earlier = uow.accounts.remembered(idempotency_key)
+            if earlier is not None:
+                self._same_request(earlier, fingerprint, uow, from_account_id)
+                source, target = uow.accounts.get(from_account_id), uow.accounts.get(to_account_id)
+                if source is None or target is None:
+                    raise AccountNotFoundError("account not found")
+                return source, target
+            locked = uow.accounts.lock_in_order(sorted({from_account_id, to_account_id}))
+            source, target = locked.get(from_account_id), locked.get(to_account_id)
+            if source is None or target is None:
+                raise AccountNotFoundError("account not found")
+            debited, credited = domain.apply_transfer(source, target, amount_minor, currency, fencing_token)
+            uow.accounts.save(debited)
+            uow.accounts.save(credited)
+            uow.accounts.remember(idempotency_key, fingerprint, b"")
+            uow.events.emit(events_pb2.TransferApplied(
+                transfer_id=transfer_id, from_account_id=from_account_id, to_account_id=to_account_id,
+                amount_minor=amount_minor, currency=currency, fencing_token=fencing_token,
+                idempotency_key=idempotency_key), from_account_id)
+            return debited, credited
