@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from bastion.demo import Scenario
 from bastion.devstack.catalog import load_services
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
@@ -75,12 +76,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stack.up()
     status = stack.status()
     _print_status(status)
+    built = [name for name, entry in status["components"].items() if "grpc" in entry and "detail" not in entry]
+    if {"accounts", "payments"} <= set(built):
+        console.print("\n[bold]The scenario[/bold]")
+        Scenario(stack.context(), lambda line: console.print(f"  [green]✓[/green] {line}")).run()
     console.print(
-        f"\n[green]The platform's infrastructure is up and healthy[/green] ({time.monotonic() - started:.1f}s).\n"
+        f"\n[green]The platform is up and healthy[/green] ({time.monotonic() - started:.1f}s).\n"
         f"  secrets:  {status['credentials_file']}\n  certificates: {status['pki_dir']}\n"
         f"  logs:     {stack.layout.log_dir}\n"
         "  next:     `bastion status`, `make test`; stop with `make down`\n"
-        "The bank's services and their scenario arrive with the services issue; see README.md."
+        "Notifications, the audit store and the attack labs arrive with their issues; see README.md."
     )
     return 0
 

@@ -10,7 +10,7 @@ import time
 
 import psutil
 
-from bastion.devstack.stack import COMPONENTS, Stack
+from bastion.devstack.stack import Stack
 from bastion.settings import DevstackSettings
 
 MB = 1024 * 1024
@@ -23,7 +23,7 @@ def bastion(*args: str) -> None:
 def memory(stack: Stack) -> dict[str, tuple[float, float]]:
     """RSS and PSS (MB) of each component's whole process tree. PSS splits shared pages fairly."""
     figures = {}
-    for kind in COMPONENTS:
+    for kind in stack.kinds:
         pid = stack.supervisor.pid(kind.name)
         if pid is None:
             raise SystemExit(f"{kind.name} is not running")

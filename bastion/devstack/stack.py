@@ -12,6 +12,7 @@ from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.components.redis import ADMIN_USER, Redis
+from bastion.devstack.components.service import built_services, service_component
 from bastion.devstack.context import StackContext
 from bastion.devstack.distributions import fetch, load_distributions, relocked
 from bastion.devstack.errors import ComponentStartError
@@ -28,9 +29,10 @@ from bastion.events.personal_data import load_personal_data
 from bastion.events.trust import load_trust_policy
 from bastion.settings import DevstackSettings
 
-# Started together within a phase, phases one after another: Keycloak keeps its data in PostgreSQL.
-PHASES: list[list[type[Component]]] = [[Postgres, Redis], [Kafka, Keycloak]]
-COMPONENTS: list[type[Component]] = [kind for phase in PHASES for kind in phase]
+# Started together within a phase, phases one after another: Keycloak keeps its data in PostgreSQL; the
+# services need all four.
+INFRA_PHASES: list[list[type[Component]]] = [[Postgres, Redis], [Kafka, Keycloak]]
+COMPONENTS: list[type[Component]] = [kind for phase in INFRA_PHASES for kind in phase]
 KAFKA_ADMIN = "admin"
 
 Progress = Callable[[str], None]
@@ -45,6 +47,9 @@ class Stack:
         self.services = load_services(settings.infra_dir / "services.yaml")
         self.distributions = load_distributions(settings.infra_dir / "distributions.yaml")
         self.pki = DevPki(self.layout.pki_dir, settings.leaf_certificate_days, settings.reissue_when_days_left)
+        services: list[type[Component]] = [service_component(n) for n in built_services(self.service_names)]
+        self.phases: list[list[type[Component]]] = [*INFRA_PHASES, services] if services else INFRA_PHASES
+        self.kinds: list[type[Component]] = [kind for phase in self.phases for kind in phase]
 
     @property
     def service_names(self) -> list[str]:
@@ -111,13 +116,13 @@ class Stack:
 
     def components(self) -> list[Component]:
         ctx = self.context()
-        return [kind(ctx) for kind in COMPONENTS]
+        return [kind(ctx) for kind in self.kinds]
 
     def up(self) -> None:
         """Start whatever is not running, wait until each is healthy, then (re)apply its bootstrap."""
         ctx = self.setup()
         self._check_prerequisites(ctx)
-        for phase in PHASES:
+        for phase in self.phases:
             members = [kind(ctx) for kind in phase]
             started: dict[str, float] = {}
             for component in members:
@@ -137,7 +142,7 @@ class Stack:
     def _check_prerequisites(self, ctx: StackContext) -> None:
         """Fail before anything starts: a missing Java or PostgreSQL, or a port another process holds."""
         find_java(self.settings.java_home)
-        for component in (kind(ctx) for kind in COMPONENTS):
+        for component in (kind(ctx) for kind in self.kinds):
             if isinstance(component, Postgres):
                 _ = component.bin_dir
             if self.supervisor.pid(component.name) is None:
@@ -166,7 +171,7 @@ class Stack:
 
     def down(self) -> list[str]:
         stopped = []
-        for kind in reversed(COMPONENTS):
+        for kind in reversed(self.kinds):
             if self.supervisor.stop(kind.name):
                 stopped.append(kind.name)
                 self.progress(f"{kind.name}: stopped")
@@ -180,13 +185,13 @@ class Stack:
             pid = self.supervisor.pid(component.name)
             components[component.name] = {"healthy": pid is not None and component.probe(), "pid": pid,
                                           **component.describe()}
-        for kind in COMPONENTS if not installed else []:
+        for kind in self.kinds if not installed else []:
             components[kind.name] = {"healthy": False, "pid": None, "detail": "not set up: run `make setup`"}
-        for service in self.services:
+        for service in (s for s in self.services if s.name not in components):
             components[service.name] = {
                 "healthy": False,
                 "pid": None,
-                "grpc": f"{self.settings.public_host}:{service.grpc_port}",
+                "grpc": f"{self.settings.public_host}:{service.grpc_port + self.settings.service_port_offset}",
                 "detail": "service not built yet",
             }
         return {

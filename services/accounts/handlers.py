@@ -15,8 +15,10 @@ from services.accounts import domain
 from services.accounts.domain import Account, AccountNotFoundError, IdempotencyConflictError
 
 TOPIC = "accounts.events.v1"
-# Roles that may see every account (support investigates, auditors audit).
-SEES_ALL = frozenset({"support", "auditor"})
+# A calling service the method policy admitted (payments reads who owns a source account).
+SERVICE_ROLE = "service"
+# Roles that may see every account (support investigates, auditors audit, admitted services).
+SEES_ALL = frozenset({"support", "auditor", SERVICE_ROLE})
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,10 @@ class EventSink(Protocol):
 
 
 class UnitOfWork(Protocol):
-    accounts: AccountsRepository
-    events: EventSink
+    @property
+    def accounts(self) -> AccountsRepository: ...
+    @property
+    def events(self) -> EventSink: ...
 
 
 UnitOfWorkFactory = Callable[[], AbstractContextManager[UnitOfWork]]

@@ -51,6 +51,9 @@ def test_status_json_matches_the_contract(ctx: StackContext) -> None:
     assert components["keycloak"]["issuer"] == f"https://localhost:{ctx.settings.keycloak_port}/realms/bastion"
     for name in SERVICES:
         assert components[name]["grpc"].startswith("localhost:")
+    built = [name for name in SERVICES if "detail" not in components[name]]
+    assert "accounts" in built
+    assert all(components[name]["healthy"] is True and isinstance(components[name]["pid"], int) for name in built)
     pki = Path(doc["pki_dir"])
     for name in (*INFRA, *SERVICES, "cli"):
         assert (pki / f"{name}.pem").exists() and (pki / f"{name}-key.pem").exists(), name

@@ -1,0 +1,49 @@
+"""The accounts service process: wires settings, the kit and the adapters, then serves until stopped.
+
+Run by the devstack as `python -m services.accounts.server`; settings come from the BASTION_* environment.
+"""
+
+import asyncio
+import signal
+import threading
+
+from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.grpc.server import start_server
+from bastion.runtime import ServiceRuntime
+from bastion.settings import DevstackSettings
+from services.accounts.adapters.grpc import AccountsServicer
+from services.accounts.adapters.postgres import PostgresUnitOfWork, create_schema
+from services.accounts.handlers import AccountsHandlers
+
+NAME = "accounts"
+
+
+async def serve(settings: DevstackSettings) -> None:
+    runtime = ServiceRuntime.load(NAME, settings)
+    create_schema(runtime.engine)
+    handlers = AccountsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()))
+    stop = threading.Event()
+    runtime.start_relay(stop)
+    server, port = await start_server(
+        runtime.security(),
+        lambda s: accounts_pb2_grpc.add_AccountsServicer_to_server(  # type: ignore[no-untyped-call]
+            AccountsServicer(handlers), s),
+        [accounts_pb2.DESCRIPTOR.services_by_name["Accounts"]],
+        port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
+    )
+    print(f"{NAME} serving on {settings.bind_host}:{port}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop(5)
+    stop.set()
+
+
+def main() -> None:
+    asyncio.run(serve(DevstackSettings()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The notifications service: tells account owners what happened to their money, from verified events."""

@@ -1,0 +1,181 @@
+"""The payments use case: a transfer, checked (ownership, step-up for large amounts, limits) and applied by
+accounts under a fenced lock on the source account; its outcome and event are recorded in one transaction."""
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from google.protobuf.message import Message
+
+from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from bastion.payments.v1 import events_pb2
+from bastion.resilience import locks
+from services.payments import domain
+from services.payments.domain import (
+    AccountLockUnavailableError,
+    Limits,
+    Payment,
+    PaymentNotFoundError,
+    PaymentRefusedError,
+    PaymentStatus,
+    SourceAccountNotFoundError,
+    TokenNotActiveError,
+    Transfer,
+)
+
+TOPIC = "payments.events.v1"
+# What accounts answers when it will not apply this transfer as asked; anything else (unavailable, timed out)
+# leaves the outcome unknown, so the payment stays PENDING until a retry with the same key settles it.
+REFUSALS = (FailedPreconditionError, NotFoundError, InvalidArgumentError)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The end user asking, with the access token a large transfer is checked with."""
+
+    username: str
+    access_token: str = field(repr=False)
+
+
+class PaymentsRepository(Protocol):
+    def by_idempotency_key(self, idempotency_key: str) -> Payment | None: ...
+    def add(self, payment: Payment) -> None: ...
+    def save(self, payment: Payment) -> None: ...
+    def sent_on(self, account_id: str, day: dt.date) -> int: ...
+    def count_since(self, account_id: str, since: dt.datetime) -> int: ...
+    def by_id(self, payment_id: str) -> Payment | None: ...
+    def initiated_by(self, username: str) -> list[Payment]: ...
+
+
+class EventSink(Protocol):
+    def emit(self, payload: Message, aggregate_id: str) -> None: ...
+
+
+class UnitOfWork(Protocol):
+    # Read-only, so an adapter may hold a narrower type (MemoryPayments, PostgresPayments).
+    @property
+    def payments(self) -> PaymentsRepository: ...
+    @property
+    def events(self) -> EventSink: ...
+
+
+UnitOfWorkFactory = Callable[[], AbstractContextManager[UnitOfWork]]
+# Given a resource name, an async context manager that holds its lock and yields a fencing token
+# (bastion.resilience.locks.FencedLock fits); it raises the kit's lock errors when it cannot lock.
+LockFactory = Callable[[str], AbstractAsyncContextManager[int]]
+Clock = Callable[[], dt.datetime]
+
+
+class AccountsGateway(Protocol):
+    """The accounts service; its errors arrive as the kit's error classes (as `Downstream.call` raises them)."""
+
+    async def owner_of(self, account_id: str) -> str: ...
+
+    async def apply_transfer(self, transfer_id: str, from_account_id: str, to_account_id: str, amount_minor: int,
+                             currency: str, fencing_token: int, idempotency_key: str) -> None: ...
+
+
+class TokenIntrospection(Protocol):
+    """Online introspection of an access token; raises UnavailableError when the identity provider cannot
+    be reached."""
+
+    async def introspect(self, token: str) -> bool: ...
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class PaymentsHandlers:
+    def __init__(self, unit_of_work: UnitOfWorkFactory, accounts: AccountsGateway, lock: LockFactory,
+                 introspection: TokenIntrospection, limits: Limits, clock: Clock = utc_now) -> None:
+        self.unit_of_work = unit_of_work
+        self.accounts = accounts
+        self.lock = lock
+        self.introspection = introspection
+        self.limits = limits
+        self.clock = clock
+
+    async def transfer(self, caller: Caller, command: Transfer) -> Payment:
+        domain.validate(command)
+        if await self.accounts.owner_of(command.from_account_id) != caller.username:
+            raise SourceAccountNotFoundError("account not found")
+        if domain.needs_step_up(self.limits, command.amount_minor) and not await self.introspection.introspect(
+                caller.access_token):
+            raise TokenNotActiveError("this transfer needs an active session: sign in again")
+        fingerprint = domain.fingerprint(command, caller.username)
+        earlier = await self._transaction(lambda uow: uow.payments.by_idempotency_key(command.idempotency_key))
+        if earlier is not None and domain.replay(earlier, fingerprint).status is PaymentStatus.COMPLETED:
+            return earlier
+        async with AsyncExitStack() as stack:
+            fencing_token = await self._lock_source(stack, command.from_account_id)
+            payment = await self._transaction(lambda uow: self._begin(uow, command, caller.username, fingerprint))
+            if payment.status is PaymentStatus.COMPLETED:
+                return payment
+            return await self._apply(payment, fencing_token)
+
+    async def _lock_source(self, stack: AsyncExitStack, account_id: str) -> int:
+        try:
+            return await stack.enter_async_context(self.lock(f"account:{account_id}"))
+        except (locks.LockUnavailableError, locks.LockBusyError) as error:
+            raise AccountLockUnavailableError("the source account cannot be locked now: try again later") from error
+
+    def _begin(self, uow: UnitOfWork, command: Transfer, initiated_by: str, fingerprint: str) -> Payment:
+        """Under the lock: the earlier attempt with this key, or a new PENDING payment within the limits."""
+        earlier = uow.payments.by_idempotency_key(command.idempotency_key)
+        if earlier is not None:
+            return domain.replay(earlier, fingerprint)
+        now = self.clock()
+        domain.check_limits(self.limits, command.amount_minor,
+                            uow.payments.sent_on(command.from_account_id, domain.utc_day(now)),
+                            uow.payments.count_since(command.from_account_id, now - self.limits.velocity_window))
+        payment = domain.start(command, initiated_by, fingerprint, now)
+        uow.payments.add(payment)
+        return payment
+
+    async def _apply(self, payment: Payment, fencing_token: int) -> Payment:
+        try:
+            await self.accounts.apply_transfer(payment.payment_id, payment.from_account_id, payment.to_account_id,
+                                               payment.amount_minor, payment.currency, fencing_token,
+                                               payment.idempotency_key)
+        except REFUSALS as refusal:
+            failed = domain.fail(payment, str(refusal))
+            await self._transaction(lambda uow: self._record(uow, failed, events_pb2.PaymentFailed(
+                payment_id=failed.payment_id, from_account_id=failed.from_account_id,
+                to_account_id=failed.to_account_id, amount_minor=failed.amount_minor, currency=failed.currency,
+                reason=failed.reason)))
+            raise PaymentRefusedError(failed.reason) from refusal
+        completed = domain.complete(payment)
+        await self._transaction(lambda uow: self._record(uow, completed, events_pb2.PaymentCompleted(
+            payment_id=completed.payment_id, from_account_id=completed.from_account_id,
+            to_account_id=completed.to_account_id, amount_minor=completed.amount_minor, currency=completed.currency,
+            initiated_by=completed.initiated_by)))
+        return completed
+
+    @staticmethod
+    def _record(uow: UnitOfWork, payment: Payment, event: Message) -> None:
+        uow.payments.save(payment)
+        uow.events.emit(event, payment.payment_id)
+
+    async def get_payment(self, caller: Caller, payment_id: str) -> Payment:
+        """One of the caller's own payments; anyone else's is NOT_FOUND, so ids reveal nothing."""
+        payment = await self._transaction(lambda uow: uow.payments.by_id(payment_id))
+        if payment is None or payment.initiated_by != caller.username:
+            raise PaymentNotFoundError("payment not found")
+        return payment
+
+    async def list_payments(self, caller: Caller) -> list[Payment]:
+        return await self._transaction(lambda uow: uow.payments.initiated_by(caller.username))
+
+    async def _transaction(self, work: Callable[[UnitOfWork], T]) -> T:
+        """WORK in one transaction, on a worker thread: the event loop must stay free to extend the lock."""
+
+        def run() -> T:
+            with self.unit_of_work() as uow:
+                return work(uow)
+
+        return await asyncio.to_thread(run)

@@ -1,0 +1,86 @@
+"""The payments service process: wires settings, the kit and the adapters, then serves until stopped.
+
+Run by the devstack as `python -m services.payments.server`; settings come from the BASTION_* environment.
+"""
+
+import asyncio
+import datetime as dt
+import signal
+import threading
+
+import redis
+import redis.asyncio as aioredis
+from keycloak import KeycloakOpenID
+
+from bastion.devstack.components.keycloak import Keycloak
+from bastion.grpc.channels import secure_channel
+from bastion.grpc.client import Downstream, ServiceTokens, is_unhealthy
+from bastion.grpc.server import start_server
+from bastion.payments.v1 import payments_pb2, payments_pb2_grpc
+from bastion.resilience.breaker import redis_breaker
+from bastion.resilience.retry import RetryBudget
+from bastion.runtime import ServiceRuntime
+from bastion.settings import DevstackSettings
+from services.payments.adapters.gateways import GrpcAccounts, KeycloakIntrospection, redis_locks
+from services.payments.adapters.grpc import PaymentsServicer
+from services.payments.adapters.postgres import PostgresUnitOfWork, create_schema
+from services.payments.domain import Limits
+from services.payments.handlers import PaymentsHandlers
+from services.payments.settings import PaymentsSettings
+
+NAME = "payments"
+
+
+def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downstream:
+    ctx = runtime.ctx
+    keycloak_url = f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/"
+    tokens = ServiceTokens.for_service(keycloak_url, "bastion", NAME, ctx.credentials.keycloak_clients[NAME],
+                                       str(ctx.ca_file))
+    breaker_redis = redis.Redis(host=ctx.settings.bind_host, port=ctx.settings.redis_port, username=NAME,
+                                password=ctx.credentials.redis[NAME])
+    breaker = redis_breaker(NAME, "accounts", breaker_redis, is_failure=is_unhealthy,
+                            fail_max=own.breaker_fail_max, reset_timeout=own.breaker_reset_seconds)
+    port = next(s.grpc_port for s in ctx.services if s.name == "accounts") + ctx.settings.service_port_offset
+    channel = secure_channel(f"{ctx.settings.public_host}:{port}", runtime.tls())
+    return Downstream("accounts", channel, tokens, breaker, RetryBudget(), own.accounts_deadline_seconds)
+
+
+async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
+    runtime = ServiceRuntime.load(NAME, settings)
+    create_schema(runtime.engine)
+    ctx = runtime.ctx
+    lock_redis = aioredis.Redis(host=ctx.settings.bind_host, port=ctx.settings.redis_port, username=NAME,
+                                password=ctx.credentials.redis[NAME])
+    introspection = KeycloakIntrospection(KeycloakOpenID(
+        server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/", realm_name="bastion",
+        client_id=NAME, client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file)))
+    limits = Limits(own.daily_limit_minor, own.velocity_count, dt.timedelta(seconds=own.velocity_window_seconds),
+                    own.step_up_above_minor)
+    handlers = PaymentsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()),
+                                GrpcAccounts(accounts_downstream(runtime, own)),
+                                redis_locks(lock_redis, own.lock_ttl_seconds), introspection, limits)
+    stop = threading.Event()
+    runtime.start_relay(stop)
+    server, port = await start_server(
+        runtime.security(),
+        lambda s: payments_pb2_grpc.add_PaymentsServicer_to_server(  # type: ignore[no-untyped-call]
+            PaymentsServicer(handlers), s),
+        [payments_pb2.DESCRIPTOR.services_by_name["Payments"]],
+        port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
+    )
+    print(f"{NAME} serving on {settings.bind_host}:{port} (issuer {Keycloak(ctx).issuer})", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop(5)
+    stop.set()
+
+
+def main() -> None:
+    asyncio.run(serve(DevstackSettings(), PaymentsSettings()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The notifications use cases on in-memory adapters: who is told what, own-only listing, the resumable
+stream, and the owner's e-mail kept only as ciphertext under a key outside the store."""
+
+import asyncio
+import dataclasses
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+from structlog.testing import capture_logs
+
+from bastion.accounts.v1.events_pb2 import AccountFrozen, AccountOpened, MoneyDeposited, TransferApplied
+from bastion.events.field_crypto import DataKeyRing, FieldIntegrityError, encrypt_field, field_context
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import VerifiedEvent
+from bastion.payments.v1.events_pb2 import PaymentCompleted, PaymentFailed
+from services.notifications.adapters.at_rest import AtRestCipher, AtRestIntegrityError, AtRestKeyError
+from services.notifications.domain import InvalidRequestError, Notification, SealedEmail
+from services.notifications.fakes import MemoryUnitOfWork
+from services.notifications.handlers import (
+    ACCOUNTS_TOPIC,
+    OWNER_EMAIL,
+    Caller,
+    NotificationsHandlers,
+    NotificationStream,
+)
+
+ALICE = Caller("alice", frozenset({"customer"}))
+BOB = Caller("bob", frozenset({"customer"}))
+ALICE_EMAIL = "alice.liddell@bastion.local"
+
+
+@dataclasses.dataclass
+class World:
+    uow: MemoryUnitOfWork
+    handlers: NotificationsHandlers
+    accounts_keys: DataKeyRing
+    cipher: AtRestCipher
+
+    def apply(self, payload: Message, aggregate_id: str = "agg") -> list[Notification]:
+        """As the verifying consumer does: the effect inside one transaction."""
+        envelope = Envelope(event_id=str(uuid.uuid4()), event_type=payload.DESCRIPTOR.full_name,
+                            aggregate_id=aggregate_id, sequence=1, correlation_id="test")
+        with self.uow() as tx:
+            return self.handlers.on_event(tx, VerifiedEvent(envelope, payload))
+
+    def open(self, account_id: str, owner: str, email: str | None = None) -> list[Notification]:
+        payload = AccountOpened(account_id=account_id, owner=owner, currency="EUR")
+        if email is not None:
+            context = field_context(OWNER_EMAIL, account_id)
+            payload.owner_email.CopyFrom(encrypt_field(self.accounts_keys, ACCOUNTS_TOPIC, context, email))
+        return self.apply(payload, account_id)
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> World:
+    issuer = DataKeyRing(tmp_path / "data" / "issuer")
+    issuer.ensure([ACCOUNTS_TOPIC])
+    for service in ("accounts", "notifications"):
+        issuer.export_to(tmp_path / "data" / service, ACCOUNTS_TOPIC)
+    uow = MemoryUnitOfWork()
+    cipher = AtRestCipher.generate(tmp_path / "state" / "notifications-at-rest.key")
+    handlers = NotificationsHandlers(uow, DataKeyRing(tmp_path / "data" / "notifications"), cipher)
+    return World(uow, handlers, DataKeyRing(tmp_path / "data" / "accounts"), cipher)
+
+
+def told(notifications: list[Notification]) -> list[tuple[str, str]]:
+    return [(n.recipient, n.kind) for n in notifications]
+
+
+def test_account_opened_tells_its_owner(world: World) -> None:
+    [notice] = world.open("acc-1", "alice")
+    assert (notice.recipient, notice.kind, notice.sequence) == ("alice", "account_opened", 1)
+    assert notice.text == "Your account acc-1 in EUR is open."
+
+
+def test_a_deposit_tells_the_owner_of_the_account(world: World) -> None:
+    world.open("acc-1", "alice")
+    [notice] = world.apply(MoneyDeposited(account_id="acc-1", amount_minor=1050, currency="EUR", balance_minor=1050))
+    assert told([notice]) == [("alice", "money_deposited")]
+    assert "10.50 EUR" in notice.text and notice.sequence == 2
+
+
+def test_a_transfer_tells_both_owners(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.open("acc-2", "bob")
+    notices = world.apply(TransferApplied(transfer_id="t1", from_account_id="acc-1", to_account_id="acc-2",
+                                          amount_minor=300, currency="EUR"))
+    assert told(notices) == [("alice", "transfer_sent"), ("bob", "transfer_received")]
+
+
+def test_payments_tell_the_initiator(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.open("acc-2", "bob")
+    completed = world.apply(PaymentCompleted(payment_id="p1", from_account_id="acc-1", to_account_id="acc-2",
+                                             amount_minor=5, currency="JPY", initiated_by="alice"))
+    failed = world.apply(PaymentFailed(payment_id="p2", from_account_id="acc-1", to_account_id="acc-2",
+                                       amount_minor=5, currency="EUR", reason="daily limit exceeded"))
+    assert told(completed) == [("alice", "payment_completed")] and "5 JPY" in completed[0].text
+    assert told(failed) == [("alice", "payment_failed")] and failed[0].text.endswith("daily limit exceeded")
+
+
+def test_an_unknown_account_tells_nobody_and_is_logged(world: World) -> None:
+    with capture_logs() as logs:
+        assert world.apply(MoneyDeposited(account_id="acc-x", amount_minor=1, currency="EUR")) == []
+    assert [e["account_ids"] for e in logs if e["event"] == "notification_for_unknown_account"] == [["acc-x"]]
+
+
+def test_a_frozen_account_is_not_announced_to_its_owner(world: World) -> None:
+    world.open("acc-1", "alice")
+    assert world.apply(AccountFrozen(account_id="acc-1", reason="investigation")) == []
+
+
+def test_listing_is_own_only_and_pages_by_sequence(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.open("acc-2", "bob")
+    for n in range(3):
+        world.apply(MoneyDeposited(account_id="acc-1", amount_minor=n + 1, currency="EUR"))
+    assert {n.recipient for n in world.handlers.list_notifications(ALICE)} == {"alice"}
+    assert [n.kind for n in world.handlers.list_notifications(BOB)] == ["account_opened"]
+    assert [n.sequence for n in world.handlers.list_notifications(ALICE, after_sequence=1, limit=2)] == [2, 3]
+
+
+@pytest.mark.parametrize(("after", "limit"), [(-1, 10), (0, 0), (0, 501)])
+def test_bad_pages_are_invalid(world: World, after: int, limit: int) -> None:
+    with pytest.raises(InvalidRequestError):
+        world.handlers.list_notifications(ALICE, after, limit)
+
+
+def test_the_stream_yields_the_backlog_then_new_notifications(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.apply(MoneyDeposited(account_id="acc-1", amount_minor=1, currency="EUR"))
+
+    async def scenario() -> list[int]:
+        stream = aiter(NotificationStream(world.handlers, ALICE, poll_seconds=0.01))
+        seen = [(await anext(stream)).sequence, (await anext(stream)).sequence]
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), "the stream waits for a new notification"
+        world.apply(MoneyDeposited(account_id="acc-1", amount_minor=2, currency="EUR"))
+        seen.append((await asyncio.wait_for(waiting, 2)).sequence)
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 2, 3]
+
+
+def test_a_reconnected_stream_resumes_after_the_last_sequence_without_gaps_or_duplicates(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.open("acc-2", "bob")
+    for n in range(4):
+        world.apply(MoneyDeposited(account_id="acc-1", amount_minor=n + 1, currency="EUR"))
+
+    async def read(after: int, count: int) -> list[int]:
+        stream = NotificationStream(world.handlers, ALICE, after_sequence=after, poll_seconds=0.01, page=2)
+        seen: list[int] = []
+        async for notice in stream:
+            assert notice.recipient == "alice"
+            seen.append(notice.sequence)
+            if len(seen) == count:
+                break
+        return seen
+
+    first = asyncio.run(read(0, 2))
+    world.apply(MoneyDeposited(account_id="acc-1", amount_minor=9, currency="EUR"))  # while disconnected
+    assert first + asyncio.run(read(first[-1], 4)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_owners_email_is_stored_only_as_ciphertext_and_opens_with_the_key(world: World) -> None:
+    world.open("acc-1", "alice", ALICE_EMAIL)
+    sealed = world.uow.notifications.emails["alice"]
+    assert ALICE_EMAIL.encode() not in sealed.blob and b"alice.liddell" not in sealed.blob
+    assert sealed.key_id == world.cipher.key_id
+    assert world.handlers.email_of("alice") == ALICE_EMAIL
+    assert world.handlers.email_of("bob") is None
+
+
+def test_a_different_key_cannot_open_the_email(world: World, tmp_path: Path) -> None:
+    world.open("acc-1", "alice", ALICE_EMAIL)
+    sealed = world.uow.notifications.emails["alice"]
+    other = AtRestCipher.generate(tmp_path / "other.key")
+    with pytest.raises(AtRestKeyError, match="sealed under key"):
+        other.decrypt(sealed, "alice")
+    with pytest.raises(AtRestIntegrityError):  # even when the row is made to claim the other key's id
+        other.decrypt(SealedEmail(other.key_id, sealed.blob), "alice")
+
+
+@pytest.mark.parametrize("tamper", ["flip", "truncate", "other_row"])
+def test_a_tampered_or_moved_ciphertext_is_refused(world: World, tamper: str) -> None:
+    world.open("acc-1", "alice", ALICE_EMAIL)
+    sealed = world.uow.notifications.emails["alice"]
+    recipient, blob = "alice", sealed.blob
+    if tamper == "flip":
+        blob = blob[:-1] + bytes([blob[-1] ^ 1])
+    elif tamper == "truncate":
+        blob = blob[:20]
+    else:
+        recipient = "bob"  # alice's sealed address copied into bob's row
+    with pytest.raises(AtRestIntegrityError):
+        world.cipher.decrypt(SealedEmail(sealed.key_id, blob), recipient)
+
+
+def test_the_at_rest_key_is_private_never_replaced_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    key_file = tmp_path / "at-rest.key"
+    with pytest.raises(AtRestKeyError, match=str(key_file)):
+        AtRestCipher(key_file)
+    AtRestCipher.generate(key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    with pytest.raises(AtRestKeyError, match="refusing"):
+        AtRestCipher.generate(key_file)
+    key_file.chmod(0o644)
+    with pytest.raises(AtRestKeyError, match="0600"):
+        AtRestCipher(key_file)
+
+
+def test_without_the_data_key_the_notification_is_made_but_no_email_kept(world: World) -> None:
+    world.handlers.data_keys = None
+    with capture_logs() as logs:
+        assert told(world.open("acc-1", "alice", ALICE_EMAIL)) == [("alice", "account_opened")]
+    assert world.uow.notifications.emails == {}
+    assert any(e["event"] == "owner_email_not_readable" for e in logs)
+
+
+def test_a_tampered_event_field_fails_the_event_and_changes_nothing(world: World) -> None:
+    context = field_context(OWNER_EMAIL, "acc-1")
+    field = encrypt_field(world.accounts_keys, ACCOUNTS_TOPIC, context, ALICE_EMAIL)
+    field.ciphertext = bytes([field.ciphertext[0] ^ 1]) + field.ciphertext[1:]
+    with pytest.raises(FieldIntegrityError):
+        world.apply(AccountOpened(account_id="acc-1", owner="alice", currency="EUR", owner_email=field), "acc-1")
+    assert world.uow.notifications.owners == {} and world.uow.notifications.rows == []

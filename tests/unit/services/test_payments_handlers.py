@@ -1,0 +1,223 @@
+"""The payments use case on in-memory adapters: ownership, validation, idempotency (also concurrent), limits,
+the fenced lock, accounts' refusals recorded as FAILED, and the step-up check of large transfers."""
+
+import asyncio
+import datetime as dt
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from bastion.grpc.errors import NotFoundError, UnavailableError
+from bastion.payments.v1 import events_pb2
+from services.accounts.domain import MAX_MINOR
+from services.accounts.handlers import Caller as AccountsCaller
+from services.payments.domain import (
+    AccountLockUnavailableError,
+    DailyLimitExceededError,
+    IdempotencyConflictError,
+    InvalidTransferError,
+    Limits,
+    Payment,
+    PaymentRefusedError,
+    PaymentStatus,
+    SourceAccountNotFoundError,
+    TokenNotActiveError,
+    Transfer,
+    VelocityLimitExceededError,
+)
+from services.payments.fakes import MemoryAccountsGateway, MemoryIntrospection, MemoryLocks, MemoryUnitOfWork
+from services.payments.handlers import Caller, PaymentsHandlers
+
+T = TypeVar("T")
+ALICE = Caller("alice", access_token="alice-token")
+BOB = Caller("bob", access_token="bob-token")
+LIMITS = Limits(daily_minor=10_000, velocity_count=5, velocity_window=dt.timedelta(seconds=60),
+                step_up_above_minor=5_000)
+
+
+@dataclass
+class Clock:
+    now: dt.datetime = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@dataclass
+class World:
+    uow: MemoryUnitOfWork = field(default_factory=MemoryUnitOfWork)
+    accounts: MemoryAccountsGateway = field(default_factory=MemoryAccountsGateway)
+    locks: MemoryLocks = field(default_factory=MemoryLocks)
+    introspection: MemoryIntrospection = field(default_factory=lambda: MemoryIntrospection(active={"alice-token"}))
+    clock: Clock = field(default_factory=Clock)
+
+    def __post_init__(self) -> None:
+        self.payments = PaymentsHandlers(self.uow, self.accounts, self.locks, self.introspection, LIMITS, self.clock)
+        self.alice = self.accounts.open_account("alice", 20_000)
+        self.bob = self.accounts.open_account("bob")
+
+    def transfer(self, amount: int, key: str = "key-0001-abcd", caller: Caller = ALICE, source: str = "",
+                 target: str = "") -> Payment:
+        command = Transfer(source or self.alice, target or self.bob, amount, "EUR", key)
+        return run(self.payments.transfer(caller, command))
+
+    def events(self) -> list[type[Any]]:
+        return [type(event) for event, _ in self.uow.events.emitted]
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture()
+def world() -> World:
+    return World()
+
+
+def test_a_transfer_moves_money_under_the_source_lock_and_emits_one_event(world: World) -> None:
+    payment = world.transfer(300)
+    assert (payment.status, payment.amount_minor, payment.initiated_by) == (PaymentStatus.COMPLETED, 300, "alice")
+    assert (world.accounts.balance(world.alice), world.accounts.balance(world.bob)) == (19_700, 300)
+    assert world.locks.taken == [f"account:{world.alice}"]
+    assert world.accounts.store.accounts.rows[world.alice].last_fencing_token == 1
+    [(event, aggregate)] = world.uow.events.emitted
+    assert isinstance(event, events_pb2.PaymentCompleted) and aggregate == payment.payment_id
+    assert (event.from_account_id, event.to_account_id, event.amount_minor) == (world.alice, world.bob, 300)
+    assert world.uow.payments.rows == {payment.payment_id: payment}
+
+
+def test_the_same_request_twice_is_one_payment(world: World) -> None:
+    first, second = world.transfer(300), world.transfer(300)
+    assert first == second
+    assert world.accounts.balance(world.alice) == 19_700
+    assert world.accounts.calls == [first.payment_id]
+    assert world.events() == [events_pb2.PaymentCompleted]
+
+
+def test_the_same_request_twice_at_once_debits_once_and_answers_the_same(world: World) -> None:
+    command = Transfer(world.alice, world.bob, 300, "EUR", "key-concurrent-1")
+
+    async def both() -> tuple[Payment, Payment]:
+        return await asyncio.gather(world.payments.transfer(ALICE, command), world.payments.transfer(ALICE, command))
+
+    first, second = run(both())
+    assert first == second and first.status is PaymentStatus.COMPLETED
+    assert world.accounts.balance(world.alice) == 19_700
+    assert world.events() == [events_pb2.PaymentCompleted]
+
+
+def test_a_reused_key_with_another_request_conflicts(world: World) -> None:
+    world.transfer(300)
+    with pytest.raises(IdempotencyConflictError) as error:
+        world.transfer(301)
+    assert error.value.status == grpc.StatusCode.FAILED_PRECONDITION
+    assert world.accounts.balance(world.alice) == 19_700
+
+
+def test_another_customers_account_is_not_found(world: World) -> None:
+    with pytest.raises(SourceAccountNotFoundError) as error:
+        world.transfer(300, caller=BOB)
+    assert error.value.status == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(NotFoundError):
+        world.transfer(300, source="acc-does-not-exist")
+    assert world.accounts.balance(world.alice) == 20_000 and world.accounts.calls == []
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "key", "same_account"),
+    [(0, "EUR", "key-0001-abcd", False), (-1, "EUR", "key-0001-abcd", False),
+     (MAX_MINOR + 1, "EUR", "key-0001-abcd", False), (100, "XXX", "key-0001-abcd", False),
+     (100, "EUR", "short", False), (100, "EUR", "key with spaces", False), (100, "EUR", "key-0001-abcd", True)],
+)
+def test_invalid_transfers_are_refused_before_anything_happens(world: World, amount: int, currency: str, key: str,
+                                                               same_account: bool) -> None:
+    command = Transfer(world.alice, world.alice if same_account else world.bob, amount, currency, key)
+    with pytest.raises(InvalidTransferError) as error:
+        run(world.payments.transfer(ALICE, command))
+    assert error.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert world.locks.taken == [] and world.uow.payments.rows == {}
+
+
+def test_the_daily_limit_counts_the_sources_utc_day(world: World) -> None:
+    world.transfer(4_000, "key-day-0001")
+    world.transfer(4_000, "key-day-0002")
+    with pytest.raises(DailyLimitExceededError) as error:
+        world.transfer(2_001, "key-day-0003")
+    assert error.value.status == grpc.StatusCode.FAILED_PRECONDITION
+    assert world.transfer(2_000, "key-day-0004").status is PaymentStatus.COMPLETED  # exactly the limit
+    world.clock.now = dt.datetime(2030, 1, 2, 0, 0, tzinfo=dt.UTC)
+    assert world.transfer(1, "key-day-0005").status is PaymentStatus.COMPLETED
+    assert world.accounts.balance(world.alice) == 20_000 - 10_001
+
+
+def test_the_velocity_limit_counts_recent_transfers(world: World) -> None:
+    for n in range(5):
+        world.transfer(1, f"key-fast-{n:04}")
+    with pytest.raises(VelocityLimitExceededError):
+        world.transfer(1, "key-fast-0005")
+    world.clock.now += dt.timedelta(seconds=61)
+    assert world.transfer(1, "key-fast-0006").status is PaymentStatus.COMPLETED
+
+
+def test_no_lock_no_transfer(world: World) -> None:
+    world.locks.unavailable = True
+    with pytest.raises(AccountLockUnavailableError) as error:
+        world.transfer(300)
+    assert error.value.status == grpc.StatusCode.UNAVAILABLE
+    assert world.accounts.calls == [] and world.accounts.balance(world.alice) == 20_000
+    assert world.uow.payments.rows == {}
+
+
+@pytest.mark.parametrize("refusal", ["insufficient", "frozen", "lock-taken-over"])
+def test_a_refusal_by_accounts_is_recorded_as_failed_and_answered_again(world: World, refusal: str) -> None:
+    if refusal == "insufficient":
+        world.alice = world.accounts.open_account("alice", 299)
+    if refusal == "frozen":
+        world.accounts.bank.freeze_account(AccountsCaller("sam", frozenset({"support"})), world.bob, "investigation")
+    if refusal == "lock-taken-over":  # a later holder of the lock got token 10 accepted; ours will be 1
+        world.accounts.bank.apply_transfer("other", world.alice, world.bob, 1, "EUR", 10, "key-other-holder")
+    with pytest.raises(PaymentRefusedError) as error:
+        world.transfer(300)
+    assert error.value.status == grpc.StatusCode.FAILED_PRECONDITION
+    [payment] = world.uow.payments.rows.values()
+    assert payment.status is PaymentStatus.FAILED and payment.reason == str(error.value)
+    [(event, aggregate)] = world.uow.events.emitted
+    assert isinstance(event, events_pb2.PaymentFailed) and aggregate == payment.payment_id
+    assert event.reason == payment.reason
+    with pytest.raises(PaymentRefusedError) as again:
+        world.transfer(300)
+    assert str(again.value) == payment.reason
+    assert len(world.accounts.calls) == 1
+
+
+def test_an_unknown_outcome_stays_pending_counts_and_a_retry_settles_it(world: World) -> None:
+    world.accounts.unavailable = True
+    with pytest.raises(UnavailableError):
+        world.transfer(4_000)
+    [pending] = world.uow.payments.rows.values()
+    assert pending.status is PaymentStatus.PENDING and world.uow.events.emitted == []
+    world.accounts.unavailable = False
+    world.transfer(4_000, "key-other-0001")
+    with pytest.raises(DailyLimitExceededError):  # the pending 4000 may have moved: it counts
+        world.transfer(4_000, "key-other-0002")
+    settled = world.transfer(4_000)
+    assert settled.payment_id == pending.payment_id and settled.status is PaymentStatus.COMPLETED
+    assert world.accounts.balance(world.alice) == 12_000
+
+
+def test_a_large_transfer_needs_an_active_token(world: World) -> None:
+    world.introspection.active.clear()
+    with pytest.raises(TokenNotActiveError) as error:
+        world.transfer(5_001)
+    assert error.value.status == grpc.StatusCode.PERMISSION_DENIED
+    world.introspection.reachable = False
+    with pytest.raises(UnavailableError):
+        world.transfer(5_001)
+    assert world.accounts.calls == [] and world.uow.payments.rows == {}
+    assert world.transfer(5_000).status is PaymentStatus.COMPLETED  # at the threshold: no online check
+    world.introspection.reachable, world.introspection.active = True, {"alice-token"}
+    world.clock.now += dt.timedelta(days=1)
+    assert world.transfer(5_001, "key-large-0001").status is PaymentStatus.COMPLETED

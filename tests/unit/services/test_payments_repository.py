@@ -1,0 +1,60 @@
+"""The payments repository's contract, run against the in-memory fake here; an integration test subclasses
+`PaymentsRepositoryContract` with a `repository` fixture on PostgreSQL, so a fake that passes means something."""
+
+import datetime as dt
+from collections.abc import Iterator
+
+import pytest
+
+from services.payments import domain
+from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus, Transfer
+from services.payments.fakes import MemoryPayments
+from services.payments.handlers import PaymentsRepository
+
+NOON = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def payment(key: str, amount: int = 100, source: str = "acc-1", at: dt.datetime = NOON) -> Payment:
+    transfer = Transfer(source, "acc-9", amount, "EUR", key)
+    return domain.start(transfer, "alice", domain.fingerprint(transfer, "alice"), at)
+
+
+class PaymentsRepositoryContract:
+    def test_a_payment_is_found_by_its_key_with_its_latest_status(self, repository: PaymentsRepository) -> None:
+        first = payment("key-contract-1")
+        repository.add(first)
+        assert repository.by_idempotency_key("key-contract-1") == first
+        repository.save(domain.fail(first, "insufficient funds"))
+        found = repository.by_idempotency_key("key-contract-1")
+        assert found is not None and (found.status, found.reason) == (PaymentStatus.FAILED, "insufficient funds")
+        assert repository.by_idempotency_key("key-contract-2") is None
+
+    def test_a_second_payment_with_the_same_key_conflicts(self, repository: PaymentsRepository) -> None:
+        repository.add(payment("key-contract-1"))
+        with pytest.raises(IdempotencyConflictError):
+            repository.add(payment("key-contract-1", amount=200))
+
+    def test_sent_counts_pending_and_completed_of_the_source_on_its_utc_day(self, repository: PaymentsRepository
+                                                                             ) -> None:
+        repository.add(payment("key-pending-1", 100))
+        repository.add(completed := payment("key-complete", 20))
+        repository.save(domain.complete(completed))
+        repository.add(failed := payment("key-failed-01", 3))
+        repository.save(domain.fail(failed, "frozen"))
+        repository.add(payment("key-other-src", 4000, source="acc-2"))
+        repository.add(payment("key-yesterday", 5000, at=NOON - dt.timedelta(days=1)))
+        assert repository.sent_on("acc-1", NOON.date()) == 120
+        assert repository.sent_on("acc-3", NOON.date()) == 0
+
+    def test_recent_transfers_of_any_status_are_counted(self, repository: PaymentsRepository) -> None:
+        repository.add(payment("key-early-01", at=NOON - dt.timedelta(seconds=61)))
+        repository.add(payment("key-recent-1", at=NOON - dt.timedelta(seconds=59)))
+        repository.add(failed := payment("key-recent-2", at=NOON))
+        repository.save(domain.fail(failed, "frozen"))
+        assert repository.count_since("acc-1", NOON - dt.timedelta(seconds=60)) == 2
+
+
+class TestMemoryPayments(PaymentsRepositoryContract):
+    @pytest.fixture()
+    def repository(self) -> Iterator[PaymentsRepository]:
+        yield MemoryPayments()
