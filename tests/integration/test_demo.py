@@ -1,0 +1,14 @@
+"""`bastion demo` on the test stack: every step of the scenario reported, with no error."""
+
+from typing import Any
+
+from tests.integration.conftest import bastion
+
+
+def test_demo_runs_the_scenario_end_to_end(stack: Any) -> None:
+    result = bastion("demo", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = " ".join(result.stdout.split())
+    for step in ("1. alice and bob each opened", "2. tina the teller deposited", "3. alice sent 250.00 EUR",
+                 "payment COMPLETED", "4. bob tried to read alice's account: NOT_FOUND", "money is conserved"):
+        assert step in output, step
