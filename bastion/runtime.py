@@ -2,11 +2,14 @@
 certificate, signing key, database, Kafka and Redis clients, token validator, access audit and outbox relay.
 A missing secret or key fails here, with a message that names it."""
 
+import asyncio
+import signal
 import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import redis.asyncio as aioredis
 from sqlalchemy import Engine, create_engine
 
@@ -66,6 +69,17 @@ class ServiceRuntime:
         thread = threading.Thread(target=relay.run, args=(stop,), name=f"{self.name}-outbox-relay", daemon=True)
         thread.start()
         return thread
+
+    async def serve_until_stopped(self, server: grpc.aio.Server, port: int, relay: threading.Event) -> None:
+        """Log where the service listens, then serve until SIGTERM or SIGINT; stop the relay last."""
+        print(f"{self.name} serving on {self.ctx.settings.bind_host}:{port}", flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        await server.stop(5)
+        relay.set()
 
     def security(self, rate_limit: RateLimit = DEFAULT_RATE_LIMIT) -> ServerSecurity:
         issuer = Keycloak(self.ctx).issuer

@@ -17,6 +17,7 @@ from bastion.events.envelopes import republish, seal
 from bastion.events.keys import SigningKey
 from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.grpc.context import current_call
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ class Outbox:
                                   envelope=envelope.SerializeToString())
         )
         return envelope
+
+
+@dataclass
+class OutboxEventSink:
+    """A service's domain events, written to the outbox in the transaction that changed its state; the
+    correlation id is the current call's, so an event can be traced to the request that caused it."""
+
+    conn: Connection
+    outbox: Outbox
+    topic: str
+
+    def emit(self, payload: Message, aggregate_id: str) -> None:
+        call = current_call.get(None)
+        correlation_id = call.correlation_id if call else f"{self.outbox.key.producer}:{aggregate_id}"
+        self.outbox.append(self.conn, self.topic, payload, aggregate_id, correlation_id)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ Run by the devstack as `python -m services.accounts.server`; settings come from 
 """
 
 import asyncio
-import signal
 import threading
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
@@ -31,14 +30,7 @@ async def serve(settings: DevstackSettings) -> None:
         [accounts_pb2.DESCRIPTOR.services_by_name["Accounts"]],
         port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
     )
-    print(f"{NAME} serving on {settings.bind_host}:{port}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await server.stop(5)
-    stop.set()
+    await runtime.serve_until_stopped(server, port, stop)
 
 
 def main() -> None:

@@ -5,14 +5,12 @@ Run by the devstack as `python -m services.payments.server`; settings come from 
 
 import asyncio
 import datetime as dt
-import signal
 import threading
 
 import redis
 import redis.asyncio as aioredis
 from keycloak import KeycloakOpenID
 
-from bastion.devstack.components.keycloak import Keycloak
 from bastion.grpc.channels import secure_channel
 from bastion.grpc.client import Downstream, ServiceTokens, is_unhealthy
 from bastion.grpc.server import start_server
@@ -68,14 +66,7 @@ async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
         [payments_pb2.DESCRIPTOR.services_by_name["Payments"]],
         port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
     )
-    print(f"{NAME} serving on {settings.bind_host}:{port} (issuer {Keycloak(ctx).issuer})", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await server.stop(5)
-    stop.set()
+    await runtime.serve_until_stopped(server, port, stop)
 
 
 def main() -> None:

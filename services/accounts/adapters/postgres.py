@@ -5,7 +5,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from google.protobuf.message import Message
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -24,9 +23,8 @@ from sqlalchemy import (
     update,
 )
 
-from bastion.events.outbox import Outbox
+from bastion.events.outbox import Outbox, OutboxEventSink
 from bastion.events.storage import EVENTS_METADATA
-from bastion.grpc.context import current_call
 from services.accounts.domain import Account
 from services.accounts.handlers import TOPIC
 
@@ -107,22 +105,9 @@ class PostgresAccounts:
 
 
 @dataclass
-class OutboxEvents:
-    """Domain events go to the outbox in the transaction that changed the state."""
-
-    conn: Connection
-    outbox: Outbox
-
-    def emit(self, payload: Message, aggregate_id: str) -> None:
-        call = current_call.get(None)
-        correlation_id = call.correlation_id if call else f"accounts:{aggregate_id}"
-        self.outbox.append(self.conn, TOPIC, payload, aggregate_id, correlation_id)
-
-
-@dataclass
 class PostgresUnitOfWorkState:
     accounts: PostgresAccounts
-    events: OutboxEvents
+    events: OutboxEventSink
 
 
 class PostgresUnitOfWork:
@@ -133,4 +118,4 @@ class PostgresUnitOfWork:
     @contextmanager
     def __call__(self) -> Iterator[PostgresUnitOfWorkState]:
         with self.engine.begin() as conn:
-            yield PostgresUnitOfWorkState(PostgresAccounts(conn), OutboxEvents(conn, self.outbox))
+            yield PostgresUnitOfWorkState(PostgresAccounts(conn), OutboxEventSink(conn, self.outbox, TOPIC))

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from google.protobuf.message import Message
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -26,9 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from bastion.events.outbox import Outbox
+from bastion.events.outbox import Outbox, OutboxEventSink
 from bastion.events.storage import EVENTS_METADATA
-from bastion.grpc.context import current_call
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus
 from services.payments.handlers import TOPIC
 
@@ -113,22 +111,9 @@ class PostgresPayments:
 
 
 @dataclass
-class OutboxEvents:
-    """Domain events go to the outbox in the transaction that changed the state."""
-
-    conn: Connection
-    outbox: Outbox
-
-    def emit(self, payload: Message, aggregate_id: str) -> None:
-        call = current_call.get(None)
-        correlation_id = call.correlation_id if call else f"payments:{aggregate_id}"
-        self.outbox.append(self.conn, TOPIC, payload, aggregate_id, correlation_id)
-
-
-@dataclass
 class PostgresUnitOfWorkState:
     payments: PostgresPayments
-    events: OutboxEvents
+    events: OutboxEventSink
 
 
 class PostgresUnitOfWork:
@@ -139,4 +124,4 @@ class PostgresUnitOfWork:
     @contextmanager
     def __call__(self) -> Iterator[PostgresUnitOfWorkState]:
         with self.engine.begin() as conn:
-            yield PostgresUnitOfWorkState(PostgresPayments(conn), OutboxEvents(conn, self.outbox))
+            yield PostgresUnitOfWorkState(PostgresPayments(conn), OutboxEventSink(conn, self.outbox, TOPIC))
