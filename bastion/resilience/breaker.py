@@ -143,7 +143,8 @@ class AsyncCircuitBreaker:
         try:
             self._breaker.call(_reraise, error)
         except pybreaker.CircuitBreakerError:
-            pass  # as in _record_success
+            # As in _record_success: another replica opened the circuit meanwhile; nothing left to record.
+            pass
         except Exception as replayed:
             if replayed is not error:
                 raise
