@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 # `buf breaking` compares protos/ with the last released contracts, a buf image committed with the code.
 RELEASED_PROTOS := protos/released.binpb
 
-.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc
+.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc bench-audit
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ bench-events: setup        ## sign/verify rates and signed vs unsigned end-to-en
 
 bench-grpc: setup          ## unary RPC throughput and latency: bare, mTLS only, whole security chain
 	$(BIN)/python -m benchmarks.grpc_chain
+
+bench-audit: setup         ## audit log: append throughput, full-chain verification and rebuild speed (100k records)
+	$(BIN)/python -m benchmarks.audit_chain
 
 reset: $(STAMP)            ## stop everything and wipe the state folder (secrets, PKI, data)
 	$(BIN)/bastion reset --yes

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from bastion.audit import install_tools
 from bastion.demo import Scenario
 from bastion.devstack.catalog import load_services
 from bastion.devstack.errors import DevstackError
@@ -90,6 +91,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    result = install_tools.verify(_stack().context())
+    report = result.report
+    head = report.head_hash.hex() or "-"
+    if report.ok:
+        console.print(f"[green]audit chain verified[/green]: {report.length} records, head {head}; "
+                      f"{result.checkpoints} signed checkpoints, the newest covers {result.checkpoint_length} "
+                      f"records ({report.length - report.anchored_length} newer ones are chained, not yet signed)")
+        return 0
+    where = f" at seq {report.first_bad_seq}" if report.first_bad_seq else ""
+    errors.print(f"audit chain NOT verified{where}: {report.reason}\n"
+                 f"  the first {report.length} records verify (head {head})")
+    return 1
+
+
+def cmd_audit_rebuild(args: argparse.Namespace) -> int:
+    rebuilt = install_tools.rebuild_projections(_stack().context())
+    verdict = "identical to" if rebuilt.matches else "DIFFERENT from"
+    console.print(f"projections rebuilt from {rebuilt.replayed} log records: {verdict} the live ones")
+    for name in sorted(rebuilt.rebuilt):
+        mark = "=" if rebuilt.live.get(name) == rebuilt.rebuilt[name] else "≠"
+        console.print(f"  {name:<16} {mark} {rebuilt.rebuilt[name][:16]}")
+    return 0 if rebuilt.matches else 1
+
+
 def _event_keys() -> KeyRing:
     return KeyRing(StateLayout(DevstackSettings().state_dir).event_keys_dir)
 
@@ -154,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("--yes", action="store_true", help="confirm that all local data may be deleted")
     reset.set_defaults(func=cmd_reset)
     sub.add_parser("demo", help="start the platform and show it working").set_defaults(func=cmd_demo)
+    audit = sub.add_parser("audit", help="the audit trail: verify the chain, rebuild projections").add_subparsers(
+        dest="audit_command", required=True)
+    audit.add_parser("verify", help="recompute the hash chain and check it against the signed checkpoints"
+                     ).set_defaults(func=cmd_audit_verify)
+    audit.add_parser("rebuild", help="rebuild the projections by replaying the whole log"
+                     ).set_defaults(func=cmd_audit_rebuild)
     keys = sub.add_parser("keys", help="event signing keys: list, rotate, retire").add_subparsers(
         dest="keys_command", required=True)
     keys.add_parser("list", help="every producer's keys and their state").set_defaults(func=cmd_keys_list)

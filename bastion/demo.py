@@ -1,5 +1,6 @@
 """The demo scenario: the bank at work on the running platform, each step narrated and checked."""
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -8,11 +9,16 @@ import grpc
 from keycloak import KeycloakOpenID
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.server import TlsFiles
+from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from bastion.payments.v1 import payments_pb2, payments_pb2_grpc
+
+NOTIFICATION_WAIT_SECONDS = 30
+AUDIT_WAIT_SECONDS = 30
 
 
 class Scenario:
@@ -27,13 +33,20 @@ class Scenario:
             grpc.secure_channel(f"{host}:{ports['accounts']}", credentials))
         self.payments = payments_pb2_grpc.PaymentsStub(  # type: ignore[no-untyped-call]
             grpc.secure_channel(f"{host}:{ports['payments']}", credentials))
+        self.notifications = notifications_pb2_grpc.NotificationsStub(  # type: ignore[no-untyped-call]
+            grpc.secure_channel(f"{host}:{ports['notifications']}", credentials))
+        self.audit = audit_pb2_grpc.AuditStub(  # type: ignore[no-untyped-call]
+            grpc.secure_channel(f"{host}:{ports['audit']}", credentials))
         self.keycloak = KeycloakOpenID(server_url=f"https://{host}:{ctx.settings.keycloak_port}/",
                                        realm_name="bastion", client_id="bastion-cli", verify=str(ctx.ca_file))
         self.correlation_id = f"demo-{uuid.uuid4()}"
+        self.tokens: dict[str, str] = {}
 
     def _as(self, user: str) -> tuple[tuple[str, str], ...]:
-        token = self.keycloak.token(user, self.ctx.credentials.users[user])["access_token"]
-        return call_metadata(str(token), self.correlation_id)
+        """Each user signs in once: the scenario takes far less than a token's 5-minute lifetime."""
+        if user not in self.tokens:
+            self.tokens[user] = str(self.keycloak.token(user, self.ctx.credentials.users[user])["access_token"])
+        return call_metadata(self.tokens[user], self.correlation_id)
 
     def run(self) -> None:
         try:
@@ -70,8 +83,44 @@ class Scenario:
         if balances != {"alice": 75_000, "bob": 25_000}:
             raise DevstackError(f"unexpected balances {balances}", "see the accounts service log")
         say("5. balances checked by sam (support): alice 750.00 EUR, bob 250.00 EUR; money is conserved")
+        say(f"6. bob's notification arrived through StreamNotifications: \"{self._bobs_notification(bob.account_id)}\"")
+        recorded = self._audited(payment.payment_id)
+        verdict = self.audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=self._as("ada"), timeout=60)
+        if not verdict.ok:
+            raise DevstackError(f"the audit chain does not verify: {verdict.reason}", "run `bastion audit verify`")
+        say(f"7. ada (auditor) found the payment in the audit log ({recorded}) and verified the whole chain: "
+            f"{verdict.length} records, head {verdict.head_hash.hex()[:16]}…, signed checkpoint at "
+            f"{verdict.checkpoint_length}")
         say(f"every call carried the correlation id {self.correlation_id}; every access decision and state change "
             "became a signed event on Kafka (access.decisions.v1, accounts.events.v1, payments.events.v1)")
+
+    def _bobs_notification(self, account_id: str) -> str:
+        """The notification of the transfer into ACCOUNT_ID, from bob's stream (his backlog first)."""
+        stream = self.notifications.StreamNotifications(notifications_pb2.StreamNotificationsRequest(),
+                                                        metadata=self._as("bob"), timeout=NOTIFICATION_WAIT_SECONDS)
+        try:
+            for reply in stream:
+                if reply.notification.kind == "transfer_received" and account_id in reply.notification.text:
+                    return str(reply.notification.text)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        finally:
+            stream.cancel()
+        raise DevstackError(f"bob's notification did not arrive within {NOTIFICATION_WAIT_SECONDS}s",
+                            "see the notifications service log in the state folder")
+
+    def _audited(self, payment_id: str) -> str:
+        """The payment's event as the audit service recorded it (it consumes asynchronously: wait a little)."""
+        deadline = time.monotonic() + AUDIT_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            found = self.audit.ListEvents(audit_pb2.ListEventsRequest(aggregate_id=payment_id),
+                                          metadata=self._as("ada"), timeout=20).events
+            if found:
+                return f"seq {found[0].seq}, {found[0].event_type.rsplit('.', 1)[-1]}"
+            time.sleep(0.5)
+        raise DevstackError(f"the payment was not in the audit log after {AUDIT_WAIT_SECONDS}s",
+                            "see the audit service log in the state folder")
 
     def _balance(self, account_id: str) -> int:
         reply: Any = self.accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id),

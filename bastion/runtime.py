@@ -6,11 +6,14 @@ import asyncio
 import signal
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import redis.asyncio as aioredis
+import structlog
 from sqlalchemy import Engine, create_engine
 
 from bastion.devstack.components.kafka import Kafka
@@ -18,9 +21,14 @@ from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
+from bastion.devstack.event_access import load_policy
 from bastion.devstack.stack import Stack
+from bastion.events.consumer import ConsumerSettings, Handler, VerifyingConsumer
+from bastion.events.field_crypto import DataKeyRing
 from bastion.events.keys import KeyRing, SigningKey
 from bastion.events.outbox import Outbox, OutboxRelay
+from bastion.events.trust import load_trust_policy
+from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.audit import KafkaAccessAudit
 from bastion.grpc.policy import load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
@@ -28,7 +36,15 @@ from bastion.grpc.server import ServerSecurity, TlsFiles
 from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
 from bastion.settings import DevstackSettings
 
+log = structlog.get_logger(__name__)
 DEFAULT_RATE_LIMIT = RateLimit(calls=600, window_seconds=60)
+SERVICE_ACCOUNT_RATE_LIMIT = RateLimit(calls=30_000, window_seconds=60)
+WORKER_RESTART_SECONDS = 2.0
+
+
+class Worker(Protocol):
+    def run(self, stop: threading.Event) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -64,6 +80,46 @@ class ServiceRuntime:
     def outbox(self) -> Outbox:
         return Outbox(self.key)
 
+    def data_keys(self) -> DataKeyRing:
+        """The per-topic data keys this service is entitled to (infra/personal-data.yaml), copied at setup."""
+        return DataKeyRing(self.ctx.layout.data_keys_dir / self.name)
+
+    def verifier(self) -> EnvelopeVerifier:
+        """The consumer pipeline's checks, from the trust store and infra/event-trust.yaml; a producer's rotated
+        key is picked up by reloading the trust store."""
+        infra = self.ctx.settings.infra_dir
+        access = load_policy(infra / "event-access.yaml", set(self.ctx.service_names))
+        ring = KeyRing(self.ctx.layout.event_keys_dir)
+        return EnvelopeVerifier(ring.trust_store(), load_trust_policy(infra / "event-trust.yaml", access),
+                                reload_trust=ring.trust_store)
+
+    def start_consumer(self, topics: list[str], handler: Handler, stop: threading.Event) -> threading.Thread:
+        """Consume TOPICS through the verifying consumer (group = the service's name) until STOP is set."""
+        settings = ConsumerSettings(self.name, self.name, topics)
+        return self.start_worker("consumer", lambda: VerifyingConsumer(
+            settings, self.kafka_config, self.verifier(), self.engine, handler, security_outbox=self.outbox()), stop)
+
+    def start_worker(self, role: str, build: Callable[[], Worker], stop: threading.Event) -> threading.Thread:
+        """Run a worker built by BUILD in a thread until STOP is set. After a failure (database or Kafka away) a
+        new one is built: consumers resume from their last committed offsets, and whatever they read again
+        is harmless (inbox, or a log keyed by Kafka coordinates)."""
+
+        def run() -> None:
+            while not stop.is_set():
+                worker = build()
+                try:
+                    worker.run(stop)
+                except Exception as error:
+                    log.error("worker_failed", service=self.name, role=role, error=type(error).__name__,
+                              detail=str(error))
+                    time.sleep(WORKER_RESTART_SECONDS)
+                finally:
+                    worker.close()
+
+        thread = threading.Thread(target=run, name=f"{self.name}-{role}", daemon=True)
+        thread.start()
+        return thread
+
     def start_relay(self, stop: threading.Event) -> threading.Thread:
         relay = OutboxRelay(self.engine, self.kafka_config, self.key)
         thread = threading.Thread(target=relay.run, args=(stop,), name=f"{self.name}-outbox-relay", daemon=True)
@@ -93,5 +149,5 @@ class ServiceRuntime:
             validator=TokenValidator(issuer, self.name, jwks),
             policy=load_method_policy(self.ctx.settings.infra_dir / "policies" / f"{self.name}.yaml"),
             audit=KafkaAccessAudit(self.key, self.kafka_config),
-            limiter=RedisRateLimiter(redis, self.name, rate_limit),
+            limiter=RedisRateLimiter(redis, self.name, rate_limit, SERVICE_ACCOUNT_RATE_LIMIT),
         )

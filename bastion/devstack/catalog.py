@@ -13,6 +13,8 @@ from bastion.devstack.errors import DevstackError
 class ServiceEntry:
     name: str
     grpc_port: int
+    # The service keeps the append-only audit log (bastion.audit): its database belongs to the admin, not to it.
+    append_only_log: bool = False
 
 
 def load_services(path: Path) -> list[ServiceEntry]:
@@ -20,4 +22,5 @@ def load_services(path: Path) -> list[ServiceEntry]:
     services = raw.get("services") or {}
     if not services:
         raise DevstackError(f"{path} declares no services", "list the platform services under `services:`")
-    return [ServiceEntry(name, int(entry["grpc_port"])) for name, entry in services.items()]
+    return [ServiceEntry(name, int(entry["grpc_port"]), bool(entry.get("append_only_log", False)))
+            for name, entry in services.items()]

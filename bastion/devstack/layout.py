@@ -31,6 +31,15 @@ class StateLayout:
         """Per-topic AES data keys: `issuer/` holds them all, `SERVICE/` the copies SERVICE is entitled to."""
         return self.root / "keys" / "data"
 
+    def at_rest_key(self, service: str) -> Path:
+        """SERVICE's AES key for personal data it stores in its database, kept outside that database."""
+        return self.root / "keys" / "at-rest" / f"{service}.key"
+
+    @property
+    def audit_checkpoints_file(self) -> Path:
+        """The audit service's signed checkpoints, one JSON line each: kept outside the database on purpose."""
+        return self.root / "audit" / "checkpoints.jsonl"
+
     @property
     def run_dir(self) -> Path:
         return self.root / "run"
@@ -68,7 +77,8 @@ class StateLayout:
         its data folder, but nothing in it can be listed or read by others."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # noqa: S103 - traverse only, see docstring
-        for folder in (self.pki_dir, self.run_dir, self.log_dir, self.conf_dir, self.dist_dir):
+        for folder in (self.pki_dir, self.run_dir, self.log_dir, self.conf_dir, self.dist_dir,
+                       self.audit_checkpoints_file.parent):
             folder.mkdir(exist_ok=True)
             os.chmod(folder, 0o700)
         self.data_dir.mkdir(exist_ok=True)

@@ -1,5 +1,6 @@
 """The whole dev stack: set-up, start in dependency order, health, status, stop and reset."""
 
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from bastion.devstack.distributions import fetch, load_distributions, relocked
 from bastion.devstack.errors import ComponentStartError
 from bastion.devstack.event_access import EventAccessPolicy, load_policy
 from bastion.devstack.identities import load_identities
-from bastion.devstack.layout import StateLayout
+from bastion.devstack.layout import StateLayout, write_private
 from bastion.devstack.pki import DevPki
 from bastion.devstack.prerequisites import ensure_port_free, find_java
 from bastion.devstack.process import ProcessSupervisor, wait_until
@@ -34,6 +35,7 @@ from bastion.settings import DevstackSettings
 INFRA_PHASES: list[list[type[Component]]] = [[Postgres, Redis], [Kafka, Keycloak]]
 COMPONENTS: list[type[Component]] = [kind for phase in INFRA_PHASES for kind in phase]
 KAFKA_ADMIN = "admin"
+AT_REST_KEY_BYTES = 32  # AES-256
 
 Progress = Callable[[str], None]
 
@@ -74,6 +76,7 @@ class Stack:
         credentials = ensure_credentials(self.layout.credentials_file, needs)
         KeyRing(self.layout.event_keys_dir).ensure(self.service_names)
         self._distribute_data_keys(policy)
+        self._ensure_at_rest_keys()
         issued = self.pki.ensure(self.certificate_names())
         if issued:
             self.progress(f"certificates issued: {', '.join(issued)}")
@@ -103,6 +106,15 @@ class Stack:
             for folder in held.iterdir() if held.exists() else []:
                 if folder.name not in entitled:  # no longer entitled: the copy goes
                     shutil.rmtree(folder)
+
+    def _ensure_at_rest_keys(self) -> None:
+        """One AES-256 key per service for the personal data it keeps at rest; never replaced once made,
+        since a new key would make every sealed value unreadable."""
+        for service in self.service_names:
+            key_file = self.layout.at_rest_key(service)
+            if not key_file.exists():
+                key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_private(key_file, secrets.token_bytes(AT_REST_KEY_BYTES))
 
     def context(self, credentials: Any = None) -> StackContext:
         return StackContext(

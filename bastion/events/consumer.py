@@ -50,19 +50,19 @@ class ConsumerSettings:
     handler_attempts: int = 3
 
 
-def _broker_time(message: Message) -> dt.datetime | None:
+def broker_time(message: Message) -> dt.datetime | None:
     kind, millis = message.timestamp()
     if kind != TIMESTAMP_LOG_APPEND_TIME:
         return None
     return dt.datetime.fromtimestamp(millis / 1000, dt.UTC)
 
 
-def _safe(text: str) -> str:
+def safe_claim(text: str) -> str:
     """A claimed id is attacker input: only a well-formed one goes into logs and security records."""
     return text if SAFE_ID.match(text) else ("-" if not text else "(malformed)")
 
 
-def _claimed(raw: bytes) -> Envelope:
+def claimed_envelope(raw: bytes) -> Envelope:
     """Whatever a rejected record claims about itself, for the log and the security record."""
     envelope = Envelope()
     try:
@@ -123,7 +123,7 @@ class VerifyingConsumer:
         raw: bytes = message.value() or b""
         topic: str = message.topic()
         try:
-            event = self.verifier.verify(raw, topic, _broker_time(message))
+            event = self.verifier.verify(raw, topic, broker_time(message))
         except VerificationError as error:
             self._reject(message, raw, error)
             return "rejected"
@@ -171,17 +171,17 @@ class VerifyingConsumer:
         EVENTS_APPLIED.labels(self.settings.name, event.envelope.topic).inc()
 
     def _reject(self, message: Message, raw: bytes, error: VerificationError) -> None:
-        claimed = _claimed(raw)
+        claimed = claimed_envelope(raw)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         EVENTS_REJECTED.labels(self.settings.name, topic, error.reason.value).inc()
         log.warning("event_rejected", consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                    reason=error.reason.value, detail=error.detail[:300], claimed_producer=_safe(claimed.producer),
-                    claimed_event_id=_safe(claimed.event_id), correlation_id=_safe(claimed.correlation_id))
+                    reason=error.reason.value, detail=error.detail[:300], claimed_producer=safe_claim(claimed.producer),
+                    claimed_event_id=safe_claim(claimed.event_id), correlation_id=safe_claim(claimed.correlation_id))
         if self.security_outbox is not None:
             record = EventRejected(
                 consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                reason=error.reason.value, detail=error.detail[:500], claimed_producer=_safe(claimed.producer),
-                claimed_event_id=_safe(claimed.event_id), correlation_id=_safe(claimed.correlation_id),
+                reason=error.reason.value, detail=error.detail[:500], claimed_producer=safe_claim(claimed.producer),
+                claimed_event_id=safe_claim(claimed.event_id), correlation_id=safe_claim(claimed.correlation_id),
             )
             record_id = str(uuid.uuid5(REJECTION_NAMESPACE, f"{self.settings.name}/{topic}/{partition}/{offset}"))
             with self.engine.begin() as conn:
@@ -192,15 +192,21 @@ class VerifyingConsumer:
         self._dead_letter(message, raw, error)
 
     def _dead_letter(self, message: Message, raw: bytes, error: VerificationError) -> None:
-        outcome: list[KafkaError | None] = []
-        headers = [
-            ("bastion-reject-reason", error.reason.value.encode()),
-            ("bastion-reject-detail", error.detail[:500].encode()),
-            ("bastion-source", f"{message.topic()}/{message.partition()}/{message.offset()}".encode()),
-            ("bastion-consumer", self.settings.name.encode()),
-        ]
-        self.dead_letters.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
-                                  on_delivery=lambda err, _msg: outcome.append(err))
-        self.dead_letters.flush(30)
-        if not outcome or outcome[0] is not None:
-            raise DeadLetterError(f"dead-letter write for {message.topic()} not acknowledged: {outcome}")
+        dead_letter(self.dead_letters, self.settings.name, message, raw, error)
+
+
+def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes, error: VerificationError) -> None:
+    """Write the refused record to `<topic>.dlq` with the reason in its headers; return once the broker has
+    acknowledged it (the caller commits the offset only then), raise DeadLetterError otherwise."""
+    outcome: list[KafkaError | None] = []
+    headers = [
+        ("bastion-reject-reason", error.reason.value.encode()),
+        ("bastion-reject-detail", error.detail[:500].encode()),
+        ("bastion-source", f"{message.topic()}/{message.partition()}/{message.offset()}".encode()),
+        ("bastion-consumer", consumer.encode()),
+    ]
+    producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
+                     on_delivery=lambda err, _msg: outcome.append(err))
+    producer.flush(30)
+    if not outcome or outcome[0] is not None:
+        raise DeadLetterError(f"dead-letter write for {message.topic()} not acknowledged: {outcome}")

@@ -106,7 +106,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await self._refuse(context, call, PermissionDeniedError(f"permission denied: {verdict.reason}"))
         if self.limiter is not None:
             try:
-                await self.limiter.admit(f"{principal.client_id}:{principal.subject}")
+                await self.limiter.admit(f"{principal.client_id}:{principal.subject}", principal.is_service_account)
             except RequestError as error:
                 await self._refuse(context, call, error)
         self.audit.record(decision(_who(principal), peer or "", method, True, verdict.reason, correlation_id))

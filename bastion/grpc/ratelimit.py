@@ -24,22 +24,26 @@ return calls
 
 
 class RedisRateLimiter:
-    """A fixed window per principal, counted by a small Lua script. Redis unreachable fails closed."""
+    """A fixed window per principal, counted by a small Lua script. Redis unreachable fails closed.
 
-    def __init__(self, client: aioredis.Redis, service: str, limit: RateLimit) -> None:
+    A service account gets SERVICE_LIMIT instead of LIMIT: it calls on behalf of many users, each of whom the
+    calling service's own limiter has already counted at its edge."""
+
+    def __init__(self, client: aioredis.Redis, service: str, limit: RateLimit,
+                 service_limit: RateLimit | None = None) -> None:
         self.client = client
         self.service = service
         self.limit = limit
+        self.service_limit = service_limit or limit
         self.count = client.register_script(COUNT_IN_WINDOW)
 
-    async def admit(self, principal_key: str) -> None:
-        window = int(time.time()) // self.limit.window_seconds
+    async def admit(self, principal_key: str, service_account: bool = False) -> None:
+        limit = self.service_limit if service_account else self.limit
+        window = int(time.time()) // limit.window_seconds
         key = f"{self.service}:ratelimit:{principal_key}:{window}"
         try:
-            count = await self.count(keys=[key], args=[self.limit.window_seconds * 2])
+            count = await self.count(keys=[key], args=[limit.window_seconds * 2])
         except (RedisError, OSError) as error:
             raise UnavailableError("rate limiter unavailable: request refused") from error
-        if int(count) > self.limit.calls:
-            raise ResourceExhaustedError(
-                f"rate limit of {self.limit.calls} calls per {self.limit.window_seconds}s exceeded"
-            )
+        if int(count) > limit.calls:
+            raise ResourceExhaustedError(f"rate limit of {limit.calls} calls per {limit.window_seconds}s exceeded")

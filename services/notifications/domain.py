@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from bastion.accounts.v1 import events_pb2 as accounts_events
-from bastion.grpc.errors import InvalidArgumentError
+from bastion.grpc.errors import InvalidArgumentError, UnauthenticatedError
 from bastion.payments.v1 import events_pb2 as payments_events
 
 MAX_PAGE = 500
@@ -27,6 +27,10 @@ class InvalidRequestError(NotificationsError, InvalidArgumentError):
     pass
 
 
+class StreamExpiredError(NotificationsError, UnauthenticatedError):
+    """A stream outlived the access token it was opened with."""
+
+
 @dataclass(frozen=True)
 class Notification:
     notification_id: str
@@ -41,11 +45,16 @@ class Notification:
 
 @dataclass(frozen=True)
 class Draft:
-    """A notification before it is stored (and numbered) in its recipient's sequence."""
+    """A notification before it is stored (and numbered) in its recipient's sequence. A draft for the owner of
+    an account not known yet has no recipient but that ACCOUNT_ID: it waits for the account's AccountOpened."""
 
     recipient: str
     kind: str
     text: str
+    account_id: str = ""
+
+    def to(self, recipient: str) -> "Draft":
+        return Draft(recipient, self.kind, self.text, self.account_id)
 
 
 @dataclass(frozen=True)
@@ -83,8 +92,9 @@ def accounts_concerned(payload: Message) -> list[str]:
 
 
 def drafts_for(payload: Message, owners: Mapping[str, str]) -> list[Draft]:
-    """The notifications PAYLOAD gives rise to, given the known OWNERS of the accounts concerned. An account
-    whose owner is unknown concerns nobody here; the caller logs it.
+    """The notifications PAYLOAD gives rise to, given the known OWNERS of the accounts concerned. For an account
+    whose owner is not known yet the draft has no recipient: events of different accounts travel in different
+    partitions, so a transfer may arrive before the AccountOpened of its target.
 
     AccountFrozen notifies nobody on purpose: telling a suspect that support froze the account would tip
     them off during an investigation."""
@@ -118,5 +128,4 @@ def drafts_for(payload: Message, owners: Mapping[str, str]) -> list[Draft]:
 
 
 def _to_owner(owners: Mapping[str, str], account_id: str, kind: str, text: str) -> list[Draft]:
-    owner = owners.get(account_id)
-    return [Draft(owner, kind, text)] if owner else []
+    return [Draft(owners.get(account_id, ""), kind, text, account_id)]

@@ -17,6 +17,7 @@ class MemoryNotifications:
     # What the recipients table holds: only sealed bytes, as the database would.
     emails: dict[str, SealedEmail] = field(default_factory=dict)
     last_sequence: dict[str, int] = field(default_factory=dict)
+    deferred: list[tuple[Draft, str]] = field(default_factory=list)
 
     def remember_owner(self, account_id: str, owner: str) -> None:
         self.owners.setdefault(account_id, owner)  # an account never changes hands
@@ -29,6 +30,17 @@ class MemoryNotifications:
 
     def email_of(self, recipient: str) -> SealedEmail | None:
         return self.emails.get(recipient)
+
+    def defer(self, draft: Draft, event_id: str, created_at: datetime) -> str | None:
+        if draft.account_id in self.owners:
+            return self.owners[draft.account_id]
+        self.deferred.append((draft, event_id))
+        return None
+
+    def take_deferred(self, account_id: str) -> list[tuple[Draft, str]]:
+        taken = [item for item in self.deferred if item[0].account_id == account_id]
+        self.deferred = [item for item in self.deferred if item[0].account_id != account_id]
+        return taken
 
     def append(self, draft: Draft, notification_id: str, event_id: str, created_at: datetime) -> Notification:
         sequence = self.last_sequence.get(draft.recipient, 0) + 1

@@ -15,7 +15,7 @@ from bastion.accounts.v1 import events_pb2 as accounts_events
 from bastion.events.field_crypto import DataKeyRing, field_context, reveal
 from bastion.events.verify import VerifiedEvent
 from services.notifications import domain
-from services.notifications.domain import Draft, Notification, SealedEmail
+from services.notifications.domain import Draft, Notification, SealedEmail, StreamExpiredError
 
 log = structlog.get_logger(__name__)
 ACCOUNTS_TOPIC = "accounts.events.v1"
@@ -35,6 +35,13 @@ class NotificationsRepository(Protocol):
     def owners_of(self, account_ids: list[str]) -> dict[str, str]: ...
     def save_email(self, recipient: str, sealed: SealedEmail) -> None: ...
     def email_of(self, recipient: str) -> SealedEmail | None: ...
+    def defer(self, draft: Draft, event_id: str, created_at: dt.datetime) -> str | None:
+        """Keep DRAFT until the owner of its account is known; if the owner became known meanwhile (another
+        consumer committed the AccountOpened), keep nothing and return the owner instead."""
+        ...
+    def take_deferred(self, account_id: str) -> list[tuple[Draft, str]]:
+        """Remove and return the drafts waiting for ACCOUNT_ID's owner, with their events' ids, oldest first."""
+        ...
     def append(self, draft: Draft, notification_id: str, event_id: str, created_at: dt.datetime) -> Notification:
         """Store DRAFT as the recipient's next notification: sequence = the previous one + 1, assigned so that
         concurrent appends for one recipient neither collide nor leave a gap."""
@@ -71,22 +78,28 @@ class NotificationsHandlers:
         """Apply one verified event inside the consumer's transaction (UOW wraps the consumer's connection),
         so the notifications commit with the inbox row or not at all."""
         payload, repo = event.payload, uow.notifications
+        now = self.clock()
+        ready: list[tuple[Draft, str]] = []
+        waited: list[tuple[Draft, str]] = []  # told after "your account is open", in the order they happened
         if isinstance(payload, accounts_events.AccountOpened) and payload.owner:
             repo.remember_owner(payload.account_id, payload.owner)
             self._keep_email(repo, event, payload)
+            waited = [(draft.to(payload.owner), event_id) for draft, event_id in repo.take_deferred(payload.account_id)]
         concerned = domain.accounts_concerned(payload)
         owners = repo.owners_of(concerned) if concerned else {}
-        unknown = sorted(set(concerned) - owners.keys())
-        if unknown:
-            # Accounts events precede payments events for an account in practice; one that does not is logged,
-            # not retried: notifications are best effort, money is not at stake here.
-            log.warning("notification_for_unknown_account", event_type=event.envelope.event_type,
-                        event_id=event.event_id, account_ids=unknown, correlation_id=event.envelope.correlation_id)
-        now = self.clock()
+        for draft in domain.drafts_for(payload, owners):
+            if draft.recipient:
+                ready.append((draft, event.event_id))
+            elif (owner := repo.defer(draft, event.event_id, now)) is not None:
+                ready.append((draft.to(owner), event.event_id))
+            else:
+                log.info("notification_deferred_until_owner_known", event_type=event.envelope.event_type,
+                         event_id=event.event_id, account_id=draft.account_id,
+                         correlation_id=event.envelope.correlation_id)
         # Appends lock each recipient's row: taken in name order, two opposite transfers applied by two
-        # consumers at once cannot deadlock.
-        drafts = sorted(domain.drafts_for(payload, owners), key=lambda draft: draft.recipient)
-        return [repo.append(draft, self.new_id(), event.event_id, now) for draft in drafts]
+        # consumers at once cannot deadlock. The sort is stable, so one recipient's notifications keep their order.
+        ready = sorted(ready + waited, key=lambda item: item[0].recipient)
+        return [repo.append(draft, self.new_id(), event_id, now) for draft, event_id in ready]
 
     def _keep_email(self, repo: NotificationsRepository, event: VerifiedEvent,
                     payload: accounts_events.AccountOpened) -> None:
@@ -121,16 +134,22 @@ class NotificationStream:
     notifications are found by polling, since the consumer that stores them may run in another process."""
 
     def __init__(self, handlers: NotificationsHandlers, caller: Caller, after_sequence: int = 0,
-                 poll_seconds: float = 0.5, page: int = 100) -> None:
+                 poll_seconds: float = 0.5, page: int = 100, expires_at: dt.datetime | None = None) -> None:
         domain.check_page(after_sequence, page)
         self.handlers = handlers
         self.caller = caller
         self.last_sequence = after_sequence
         self.poll_seconds = poll_seconds
         self.page = page
+        # The caller's access token was checked once, when the stream opened: it must not outlive the token.
+        self.expires_at = expires_at
 
     async def __aiter__(self) -> AsyncIterator[Notification]:
         while True:
+            if self.expires_at is not None and self.handlers.clock() >= self.expires_at:
+                raise StreamExpiredError(
+                    "the access token expired while streaming: reconnect with a fresh token and "
+                    f"after_sequence={self.last_sequence} to continue without a gap")
             batch = await asyncio.to_thread(self.handlers.list_notifications, self.caller, self.last_sequence,
                                             self.page)
             for notification in batch:

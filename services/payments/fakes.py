@@ -48,6 +48,10 @@ class MemoryPayments:
     def initiated_by(self, username: str) -> list[Payment]:
         return sorted((p for p in self.rows.values() if p.initiated_by == username), key=lambda p: p.created_at)
 
+    def pending_before(self, cutoff: dt.datetime, limit: int) -> list[Payment]:
+        return sorted((p for p in self.rows.values() if p.status is PaymentStatus.PENDING and p.created_at < cutoff),
+                      key=lambda p: p.created_at)[:limit]
+
 
 @dataclass
 class MemoryEvents:

@@ -8,9 +8,10 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager, Asyn
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+import structlog
 from google.protobuf.message import Message
 
-from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from bastion.payments.v1 import events_pb2
 from bastion.resilience import locks
 from services.payments import domain
@@ -26,6 +27,7 @@ from services.payments.domain import (
     Transfer,
 )
 
+log = structlog.get_logger(__name__)
 TOPIC = "payments.events.v1"
 # What accounts answers when it will not apply this transfer as asked; anything else (unavailable, timed out)
 # leaves the outcome unknown, so the payment stays PENDING until a retry with the same key settles it.
@@ -49,6 +51,9 @@ class PaymentsRepository(Protocol):
     def count_since(self, account_id: str, since: dt.datetime) -> int: ...
     def by_id(self, payment_id: str) -> Payment | None: ...
     def initiated_by(self, username: str) -> list[Payment]: ...
+    def pending_before(self, cutoff: dt.datetime, limit: int) -> list[Payment]:
+        """PENDING payments created before CUTOFF, oldest first."""
+        ...
 
 
 class EventSink(Protocol):
@@ -155,6 +160,32 @@ class PaymentsHandlers:
             to_account_id=completed.to_account_id, amount_minor=completed.amount_minor, currency=completed.currency,
             initiated_by=completed.initiated_by)))
         return completed
+
+    async def settle_pending(self, older_than: dt.timedelta, limit: int = 100) -> list[Payment]:
+        """Settle payments left PENDING older than OLDER_THAN (accounts timed out or was away, or this process
+        died between the PENDING row and the outcome): call ApplyTransfer again, under a fresh lock, with the
+        payment's own idempotency key. accounts applies a key at most once, so this either learns the first
+        outcome or applies the transfer the customer asked for now. One still unsettled is tried next round."""
+        cutoff = self.clock() - older_than
+        stuck = await self._transaction(lambda uow: uow.payments.pending_before(cutoff, limit))
+        settled: list[Payment] = []
+        for payment in stuck:
+            try:
+                async with AsyncExitStack() as stack:
+                    fencing_token = await self._lock_source(stack, payment.from_account_id)
+                    current = await self._reread(payment)
+                    if current is None or current.status is not PaymentStatus.PENDING:
+                        continue  # a retry by the customer settled it meanwhile
+                    settled.append(await self._apply(current, fencing_token))
+            except PaymentRefusedError:
+                settled.append(await self._reread(payment) or payment)
+            except UnavailableError as error:
+                log.warning("pending_payment_not_settled", payment_id=payment.payment_id, error=str(error))
+        return settled
+
+    async def _reread(self, payment: Payment) -> Payment | None:
+        payment_id = payment.payment_id
+        return await self._transaction(lambda uow: uow.payments.by_id(payment_id))
 
     @staticmethod
     def _record(uow: UnitOfWork, payment: Payment, event: Message) -> None:

@@ -9,6 +9,7 @@ import threading
 
 import redis
 import redis.asyncio as aioredis
+import structlog
 from keycloak import KeycloakOpenID
 
 from bastion.grpc.channels import secure_channel
@@ -23,9 +24,10 @@ from services.payments.adapters.gateways import GrpcAccounts, KeycloakIntrospect
 from services.payments.adapters.grpc import PaymentsServicer
 from services.payments.adapters.postgres import PostgresUnitOfWork, create_schema
 from services.payments.domain import Limits
-from services.payments.handlers import PaymentsHandlers
+from services.payments.handlers import AccountsGateway, PaymentsHandlers
 from services.payments.settings import PaymentsSettings
 
+log = structlog.get_logger(__name__)
 NAME = "payments"
 
 
@@ -43,9 +45,7 @@ def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downs
     return Downstream("accounts", channel, tokens, breaker, RetryBudget(), own.accounts_deadline_seconds)
 
 
-async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
-    runtime = ServiceRuntime.load(NAME, settings)
-    create_schema(runtime.engine)
+def build_handlers(runtime: ServiceRuntime, own: PaymentsSettings, accounts: AccountsGateway) -> PaymentsHandlers:
     ctx = runtime.ctx
     lock_redis = aioredis.Redis(host=ctx.settings.bind_host, port=ctx.settings.redis_port, username=NAME,
                                 password=ctx.credentials.redis[NAME])
@@ -54,11 +54,30 @@ async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
         client_id=NAME, client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file)))
     limits = Limits(own.daily_limit_minor, own.velocity_count, dt.timedelta(seconds=own.velocity_window_seconds),
                     own.step_up_above_minor)
-    handlers = PaymentsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()),
-                                GrpcAccounts(accounts_downstream(runtime, own)),
-                                redis_locks(lock_redis, own.lock_ttl_seconds), introspection, limits)
+    return PaymentsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()), accounts,
+                            redis_locks(lock_redis, own.lock_ttl_seconds), introspection, limits)
+
+
+async def settle_pending_forever(handlers: PaymentsHandlers, own: PaymentsSettings) -> None:
+    """The reconciler: every interval, settle the payments left PENDING for longer than the grace period."""
+    while True:
+        await asyncio.sleep(own.reconcile_every_seconds)
+        try:
+            settled = await handlers.settle_pending(dt.timedelta(seconds=own.pending_grace_seconds))
+        except Exception as error:  # the database may be away for a while: try again next round
+            log.warning("reconciler_failed", error=type(error).__name__, detail=str(error))
+            continue
+        for payment in settled:
+            log.info("pending_payment_settled", payment_id=payment.payment_id, status=payment.status.value)
+
+
+async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
+    runtime = ServiceRuntime.load(NAME, settings)
+    create_schema(runtime.engine)
+    handlers = build_handlers(runtime, own, GrpcAccounts(accounts_downstream(runtime, own)))
     stop = threading.Event()
     runtime.start_relay(stop)
+    reconciler = asyncio.create_task(settle_pending_forever(handlers, own))
     server, port = await start_server(
         runtime.security(),
         lambda s: payments_pb2_grpc.add_PaymentsServicer_to_server(  # type: ignore[no-untyped-call]
@@ -67,6 +86,7 @@ async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
         port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
     )
     await runtime.serve_until_stopped(server, port, stop)
+    reconciler.cancel()
 
 
 def main() -> None:

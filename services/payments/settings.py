@@ -14,3 +14,6 @@ class PaymentsSettings(BaseSettings):
     accounts_deadline_seconds: float = 5.0
     breaker_fail_max: int = 5
     breaker_reset_seconds: float = 10.0
+    # A payment still PENDING after the grace period is settled by the reconciler (same idempotency key).
+    pending_grace_seconds: float = 60.0
+    reconcile_every_seconds: float = 30.0

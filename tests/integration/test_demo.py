@@ -10,5 +10,7 @@ def test_demo_runs_the_scenario_end_to_end(stack: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     output = " ".join(result.stdout.split())
     for step in ("1. alice and bob each opened", "2. tina the teller deposited", "3. alice sent 250.00 EUR",
-                 "payment COMPLETED", "4. bob tried to read alice's account: NOT_FOUND", "money is conserved"):
+                 "payment COMPLETED", "4. bob tried to read alice's account: NOT_FOUND", "money is conserved",
+                 "6. bob's notification arrived through StreamNotifications", "250.00 EUR arrived in your account",
+                 "7. ada (auditor) found the payment in the audit log", "PaymentCompleted", "verified the whole chain"):
         assert step in output, step

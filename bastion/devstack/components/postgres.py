@@ -13,8 +13,10 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import URL
+from sqlalchemy import URL, create_engine, text
+from sqlalchemy.pool import NullPool
 
+from bastion.audit.postgres import install as install_audit_log
 from bastion.devstack.components.base import Component
 from bastion.devstack.errors import ComponentStartError, PrerequisiteError
 from bastion.devstack.process import LaunchSpec
@@ -173,10 +175,35 @@ class Postgres(Component):
                         verb, sql.Identifier(name), sql.Literal(password)
                     )
                 )
+                owner = ADMIN_ROLE if name in self.append_only_logs else name
                 if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
                     create = sql.SQL("CREATE DATABASE {} OWNER {}")
-                    conn.execute(create.format(sql.Identifier(name), sql.Identifier(name)))
+                    conn.execute(create.format(sql.Identifier(name), sql.Identifier(owner)))
+                conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(name),
+                                                                             sql.Identifier(owner)))
                 conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+                if owner != name:
+                    conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
+                        sql.Identifier(name), sql.Identifier(name)))
+        for name in self.append_only_logs:
+            self._install_append_only_log(name)
+
+    @property
+    def append_only_logs(self) -> list[str]:
+        return [service.name for service in self.ctx.services if service.append_only_log]
+
+    def _install_append_only_log(self, name: str) -> None:
+        """In NAME's database, owned by the admin: the service role may create its own tables in `public`, and
+        the hash-chained log is installed (as the admin) so that the role can only INSERT into it and SELECT."""
+        url = self.sqlalchemy_url(ADMIN_ROLE, self.ctx.credentials.postgres[ADMIN_ROLE], name)
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                role = conn.dialect.identifier_preparer.quote(name)
+                conn.execute(text(f"GRANT USAGE, CREATE ON SCHEMA public TO {role}"))
+                install_audit_log(conn, name)
+        finally:
+            engine.dispose()
 
     def describe(self) -> dict[str, object]:
         return {"address": f"{self.ctx.settings.public_host}:{self.ctx.settings.postgres_port}"}

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 from bastion.events.outbox import Outbox, OutboxEventSink
-from bastion.events.storage import EVENTS_METADATA
+from bastion.migrations import upgrade
 from services.accounts.domain import Account
 from services.accounts.handlers import TOPIC
 
@@ -50,9 +50,9 @@ idempotency = Table(
 
 
 def create_schema(engine: Engine) -> None:
-    """Tables for tests and the dev stack (migrations with Alembic are the services issue's next step)."""
-    METADATA.create_all(engine)
-    EVENTS_METADATA.create_all(engine)
+    """Migrate the accounts database to the latest revision (`services/accounts/migrations`); safe when several
+    processes start at once. An engine with `schema_translate_map={None: name}` migrates that schema instead."""
+    upgrade(engine, "accounts")
 
 
 def _account(row: object) -> Account:

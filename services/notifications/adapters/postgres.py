@@ -13,19 +13,22 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Identity,
     LargeBinary,
     MetaData,
     String,
     Table,
     UniqueConstraint,
+    delete,
     insert,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import insert as upsert
 
 from bastion.events.consumer import Handler
-from bastion.events.storage import EVENTS_METADATA
 from bastion.events.verify import VerifiedEvent
+from bastion.migrations import upgrade
 from services.notifications.domain import Draft, Notification, SealedEmail
 from services.notifications.handlers import NotificationsHandlers
 
@@ -47,6 +50,16 @@ account_owners = Table(
     Column("account_id", String(36), primary_key=True),
     Column("owner", String(100), nullable=False),
 )
+# Drafts for the owner of an account whose AccountOpened has not arrived yet (it travels in another partition).
+deferred_notifications = Table(
+    "deferred_notifications", METADATA,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("account_id", String(36), nullable=False, index=True),
+    Column("kind", String(40), nullable=False),
+    Column("text", String(1000), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
 recipients = Table(
     "recipients", METADATA,
     Column("recipient", String(100), primary_key=True),
@@ -60,9 +73,10 @@ recipients = Table(
 
 
 def create_schema(engine: Engine) -> None:
-    """Tables for tests and the dev stack (migrations with Alembic are the services issue's next step)."""
-    METADATA.create_all(engine)
-    EVENTS_METADATA.create_all(engine)
+    """Migrate the notifications database to the latest revision (`services/notifications/migrations`); safe
+    when several processes start at once. An engine with `schema_translate_map={None: name}` migrates that schema
+    instead."""
+    upgrade(engine, "notifications")
 
 
 def _notification(row: object) -> Notification:
@@ -75,8 +89,31 @@ class PostgresNotifications:
     conn: Connection
 
     def remember_owner(self, account_id: str, owner: str) -> None:
+        self._lock_account(account_id)
         statement = upsert(account_owners).values(account_id=account_id, owner=owner)
         self.conn.execute(statement.on_conflict_do_nothing(index_elements=[account_owners.c.account_id]))
+
+    def _lock_account(self, account_id: str) -> None:
+        """Serialise, until commit, a consumer deferring a draft for ACCOUNT_ID with one recording its owner: the
+        later of the two then sees the other's work (READ COMMITTED), so no draft waits for ever."""
+        self.conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                          {"key": f"notifications.account-owner:{account_id}"})
+
+    def defer(self, draft: Draft, event_id: str, created_at: dt.datetime) -> str | None:
+        self._lock_account(draft.account_id)
+        owner = self.owners_of([draft.account_id]).get(draft.account_id)
+        if owner is not None:
+            return owner
+        self.conn.execute(insert(deferred_notifications).values(
+            account_id=draft.account_id, kind=draft.kind, text=draft.text, event_id=event_id, created_at=created_at))
+        return None
+
+    def take_deferred(self, account_id: str) -> list[tuple[Draft, str]]:
+        rows = self.conn.execute(delete(deferred_notifications).where(
+            deferred_notifications.c.account_id == account_id).returning(
+            deferred_notifications.c.id, deferred_notifications.c.kind, deferred_notifications.c.text,
+            deferred_notifications.c.event_id)).all()
+        return [(Draft("", row.kind, row.text, account_id), row.event_id) for row in sorted(rows, key=lambda r: r.id)]
 
     def owners_of(self, account_ids: list[str]) -> dict[str, str]:
         rows = self.conn.execute(select(account_owners).where(account_owners.c.account_id.in_(account_ids)))

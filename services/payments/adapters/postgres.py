@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from bastion.events.outbox import Outbox, OutboxEventSink
-from bastion.events.storage import EVENTS_METADATA
+from bastion.migrations import upgrade
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus
 from services.payments.handlers import TOPIC
 
@@ -58,9 +58,9 @@ SENT = (PaymentStatus.PENDING.value, PaymentStatus.COMPLETED.value)
 
 
 def create_schema(engine: Engine) -> None:
-    """Tables for tests and the dev stack (migrations with Alembic are the services issue's next step)."""
-    METADATA.create_all(engine)
-    EVENTS_METADATA.create_all(engine)
+    """Migrate the payments database to the latest revision (`services/payments/migrations`); safe when several
+    processes start at once. An engine with `schema_translate_map={None: name}` migrates that schema instead."""
+    upgrade(engine, "payments")
 
 
 def _payment(row: object) -> Payment:
@@ -107,6 +107,12 @@ class PostgresPayments:
     def initiated_by(self, username: str) -> list[Payment]:
         rows = self.conn.execute(select(payments).where(payments.c.initiated_by == username)
                                  .order_by(payments.c.created_at)).all()
+        return [_payment(row) for row in rows]
+
+    def pending_before(self, cutoff: dt.datetime, limit: int) -> list[Payment]:
+        rows = self.conn.execute(select(payments).where(payments.c.status == PaymentStatus.PENDING.value,
+                                                        payments.c.created_at < cutoff)
+                                 .order_by(payments.c.created_at).limit(limit)).all()
         return [_payment(row) for row in rows]
 
 

@@ -102,10 +102,20 @@ def test_payments_tell_the_initiator(world: World) -> None:
     assert told(failed) == [("alice", "payment_failed")] and failed[0].text.endswith("daily limit exceeded")
 
 
-def test_an_unknown_account_tells_nobody_and_is_logged(world: World) -> None:
+def test_a_transfer_that_arrives_before_its_targets_account_opened_waits_for_it(world: World) -> None:
+    world.open("acc-1", "alice")
     with capture_logs() as logs:
-        assert world.apply(MoneyDeposited(account_id="acc-x", amount_minor=1, currency="EUR")) == []
-    assert [e["account_ids"] for e in logs if e["event"] == "notification_for_unknown_account"] == [["acc-x"]]
+        early = world.apply(TransferApplied(transfer_id="t-1", from_account_id="acc-1", to_account_id="acc-2",
+                                            amount_minor=500, currency="EUR"))
+        deposit = world.apply(MoneyDeposited(account_id="acc-2", amount_minor=7, balance_minor=507, currency="EUR"))
+    assert told(early) == [("alice", "transfer_sent")] and deposit == []
+    assert [e["account_id"] for e in logs if e["event"] == "notification_deferred_until_owner_known"] == [
+        "acc-2", "acc-2"]
+    opened = world.open("acc-2", "bob")
+    assert told(opened) == [("bob", "account_opened"), ("bob", "transfer_received"), ("bob", "money_deposited")]
+    assert [n.sequence for n in opened] == [1, 2, 3]
+    assert opened[1].event_id != opened[0].event_id  # each keeps the event that caused it
+    assert world.open("acc-2", "bob")[1:] == []  # taken once
 
 
 def test_a_frozen_account_is_not_announced_to_its_owner(world: World) -> None:

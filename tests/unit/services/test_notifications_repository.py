@@ -63,6 +63,23 @@ class RepositoryContract:
             assert uow.notifications.email_of(f"{user}-nobody") is None
         assert append(unit_of_work, user) == 2
 
+    def test_deferred_drafts_wait_for_their_account_and_are_taken_once(self, unit_of_work: UnitOfWorkFactory,
+                                                                        user: str) -> None:
+        account, other = f"{user}-acc-1", f"{user}-acc-2"
+        with unit_of_work() as uow:
+            assert uow.notifications.defer(Draft("", "k1", "first", account), "event-1", NOW) is None
+            assert uow.notifications.defer(Draft("", "k2", "second", account), "event-2", NOW) is None
+            assert uow.notifications.defer(Draft("", "k3", "elsewhere", other), "event-3", NOW) is None
+        with unit_of_work() as uow:
+            uow.notifications.remember_owner(account, user)
+            assert uow.notifications.take_deferred(account) == [(Draft("", "k1", "first", account), "event-1"),
+                                                                (Draft("", "k2", "second", account), "event-2")]
+            assert uow.notifications.take_deferred(account) == []
+            # Once the owner is known, nothing more waits: the owner comes back instead.
+            assert uow.notifications.defer(Draft("", "k4", "late", account), "event-4", NOW) == user
+        with unit_of_work() as uow:
+            assert [event for _, event in uow.notifications.take_deferred(other)] == ["event-3"]
+
 
 class TestMemoryNotifications(RepositoryContract):
     @pytest.fixture()

@@ -221,3 +221,30 @@ def test_a_large_transfer_needs_an_active_token(world: World) -> None:
     world.introspection.reachable, world.introspection.active = True, {"alice-token"}
     world.clock.now += dt.timedelta(days=1)
     assert world.transfer(5_001, "key-large-0001").status is PaymentStatus.COMPLETED
+
+
+def test_a_pending_payment_is_settled_by_the_reconciler_once(world: World) -> None:
+    world.accounts.unavailable = True
+    with pytest.raises(UnavailableError):
+        world.transfer(4_000)
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1))) == []  # still unavailable, too young
+    world.clock.now += dt.timedelta(minutes=2)
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1))) == []  # accounts still away: kept
+    world.accounts.unavailable = False
+    [settled] = run(world.payments.settle_pending(dt.timedelta(minutes=1)))
+    assert settled.status is PaymentStatus.COMPLETED and world.events() == [events_pb2.PaymentCompleted]
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1))) == []
+    assert world.accounts.balance(world.alice) == 16_000
+    assert world.transfer(4_000).payment_id == settled.payment_id  # the customer's retry gets the same answer
+
+
+def test_a_pending_payment_that_accounts_refuses_is_settled_as_failed(world: World) -> None:
+    world.accounts.unavailable = True
+    with pytest.raises(UnavailableError):
+        world.transfer(4_000)
+    world.accounts.unavailable = False
+    world.accounts.bank.freeze_account(AccountsCaller("sam", frozenset({"support"})), world.alice, "under review")
+    world.clock.now += dt.timedelta(minutes=2)
+    [settled] = run(world.payments.settle_pending(dt.timedelta(minutes=1)))
+    assert settled.status is PaymentStatus.FAILED and world.events() == [events_pb2.PaymentFailed]
+    assert world.accounts.balance(world.alice) == 20_000

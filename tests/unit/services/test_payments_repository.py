@@ -53,6 +53,15 @@ class PaymentsRepositoryContract:
         repository.save(domain.fail(failed, "frozen"))
         assert repository.count_since("acc-1", NOON - dt.timedelta(seconds=60)) == 2
 
+    def test_pending_payments_before_a_cutoff_come_oldest_first(self, repository: PaymentsRepository) -> None:
+        repository.add(late := payment("key-pending-late", at=NOON))
+        repository.add(early := payment("key-pending-early", at=NOON - dt.timedelta(minutes=5)))
+        repository.add(done := payment("key-done-early", at=NOON - dt.timedelta(minutes=9)))
+        repository.save(domain.complete(done))
+        assert repository.pending_before(NOON + dt.timedelta(seconds=1), 10) == [early, late]
+        assert repository.pending_before(NOON, 10) == [early]
+        assert repository.pending_before(NOON + dt.timedelta(seconds=1), 1) == [early]
+
 
 class TestMemoryPayments(PaymentsRepositoryContract):
     @pytest.fixture()

@@ -1,0 +1,388 @@
+"""The audit store in PostgreSQL (SQLAlchemy Core): the append-only log table, the live projections, and
+the set-up that makes the log append-only for the service's own role.
+
+Set-up, once, as the database owner or a superuser (`install`):
+- schema `audit`, owned by the admin: the service role gets USAGE only. (Whoever owns a schema may drop any
+  table in it, which is why the log does not live in `public`: in the dev stack the service role owns the
+  `audit` database and, through it, `public`.)
+- `audit.log`, owned by the admin; the service role may only SELECT and INSERT. A statement trigger refuses
+  UPDATE, DELETE and TRUNCATE for everybody, superusers included, and is `ENABLE ALWAYS`, so setting
+  `session_replication_role = replica` does not silence it either. A superuser (or the table owner) can
+  still drop or disable the trigger, and whoever owns the database can drop it whole: that is why signed
+  checkpoints are kept outside the database (`bastion.audit.checkpoints`).
+- the projection tables, owned by the service role: they are derived data it updates and rebuilds.
+
+At run time, as the service role (`AuditLog`): `append` takes a transaction-scoped advisory lock, so there
+is one writer at a time, reads the head under it, links and inserts the records and updates the live
+projections, all in the caller's transaction. `iter_rows` streams the log in seq order through a
+server-side cursor; `check_chain` verifies it against the checkpoints; `rebuild` replays the log into the
+projections; `dump` and `digests` read the projections for comparison with the fold. For queries of your
+own, the tables are module attributes (`log`, `timeline`, ...) and `entry_of_row` reads a row of `log`.
+
+Tests and benchmarks install into another schema: `install(..., schema=NAME)`, then use an engine with
+`execution_options(schema_translate_map={AUDIT_SCHEMA: NAME})`.
+"""
+
+import hashlib
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Connection,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Row,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    bindparam,
+    collate,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import insert as upsert
+
+from bastion.audit.chain import EMPTY, Appended, Head, LogEntry, extend
+from bastion.audit.checkpoints import Checkpoint
+from bastion.audit.errors import CorruptRowError, InstallError, InvalidRecordError
+from bastion.audit.projections import (
+    AccessRow,
+    AccessSummaryRow,
+    ProjectionDump,
+    ProjectionRow,
+    Projections,
+    SecurityRow,
+    TimelineRow,
+    columns,
+    digest_rows,
+    plain_row,
+)
+from bastion.audit.projections import Row as PlainRow
+from bastion.audit.records import AuditRecord, Decision, RecordKind
+from bastion.audit.verify import ChainReport, check_chain
+
+AUDIT_SCHEMA = "audit"
+DEFAULT_PAGE = 1000
+# One advisory lock key for the writers of the log: the first 8 bytes of a hash of a fixed name.
+WRITER_LOCK = int.from_bytes(hashlib.sha256(b"bastion.audit.v1.writer").digest()[:8], "big", signed=True)
+
+METADATA = MetaData(schema=AUDIT_SCHEMA)
+
+log = Table(
+    "log", METADATA,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("event_type", Text, nullable=False),
+    Column("producer", Text, nullable=False),
+    Column("aggregate_id", Text, nullable=False),
+    Column("correlation_id", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("envelope", LargeBinary, nullable=False),
+    Column("principal", Text),
+    Column("action", Text),
+    Column("decision", Text),
+    Column("reason", Text),
+    Column("detail", Text),
+    Column("prev_hash", LargeBinary, nullable=False),
+    Column("hash", LargeBinary, nullable=False),
+    CheckConstraint("seq >= 1", name="log_seq_from_one"),
+    CheckConstraint("octet_length(prev_hash) = 32 AND octet_length(hash) = 32", name="log_sha256_hashes"),
+    # A Kafka record is kept once: a redelivery finds its entry (see AuditLog.append).
+    UniqueConstraint("topic", "partition", "offset", name="log_one_entry_per_kafka_record"),
+)
+
+timeline = Table(
+    TimelineRow.TABLE, METADATA,
+    Column("aggregate_id", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_type", Text, nullable=False),
+    Column("producer", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("correlation_id", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+)
+
+access_log = Table(
+    AccessRow.TABLE, METADATA,
+    Column("principal", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("action", Text, nullable=False),
+    Column("decision", Text, nullable=False),
+    Column("reason", Text),
+    Column("producer", Text, nullable=False),
+    Column("correlation_id", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+)
+
+access_summary = Table(
+    AccessSummaryRow.TABLE, METADATA,
+    Column("principal", Text, primary_key=True),
+    Column("allowed", BigInteger, nullable=False),
+    Column("denied", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+)
+
+security_view = Table(
+    SecurityRow.TABLE, METADATA,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", Text, nullable=False),
+    Column("principal", Text),
+    Column("producer", Text, nullable=False),
+    Column("action", Text),
+    Column("reason", Text),
+    Column("detail", Text),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("correlation_id", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+)
+
+# Each live projection table with the row type of the fold that fills it.
+PROJECTIONS: tuple[tuple[Table, type[ProjectionRow]], ...] = (
+    (timeline, TimelineRow), (access_log, AccessRow), (access_summary, AccessSummaryRow),
+    (security_view, SecurityRow),
+)
+PROJECTION_TABLES = tuple(table for table, _ in PROJECTIONS)
+
+
+def _quote(conn: Connection, name: str) -> str:
+    return conn.dialect.identifier_preparer.quote(name)
+
+
+def _schema(conn: Connection) -> str:
+    """The schema the audit tables are in for CONN (after any schema_translate_map of its engine)."""
+    translate = conn.get_execution_options().get("schema_translate_map") or {}
+    return str(translate.get(AUDIT_SCHEMA, AUDIT_SCHEMA))
+
+
+def install(admin_conn: Connection, service_role: str, schema: str = AUDIT_SCHEMA) -> None:
+    """Create (or bring up to date) the audit schema, tables, trigger and grants. Idempotent.
+
+    ADMIN_CONN is the database owner or a superuser, and a member of SERVICE_ROLE (to hand it the projection
+    tables); the admin owns the schema and the log. Raises InstallError if the schema or the log already
+    exists under another owner (the service role, say, which could then drop the log).
+    """
+    if admin_conn.exec_driver_sql("SELECT current_user").scalar_one() == service_role:
+        raise InstallError("install runs as the admin, not as the service role it restricts")
+    # Appends take this lock first: with it held here they wait at their first statement instead of holding
+    # projection rows that the ALTERs below need, which would deadlock an install run while the service runs.
+    admin_conn.execute(select(func.pg_advisory_xact_lock(WRITER_LOCK)))
+    name, role = _quote(admin_conn, schema), _quote(admin_conn, service_role)
+    admin_conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {name}")
+    owners = admin_conn.exec_driver_sql(
+        "SELECT n.nspowner = r.oid, (SELECT c.relowner = r.oid FROM pg_class c "
+        "WHERE c.relnamespace = n.oid AND c.relname = 'log') "
+        "FROM pg_namespace n, pg_roles r WHERE n.nspname = %(schema)s AND r.rolname = current_user",
+        {"schema": schema},
+    ).one()
+    if not owners[0] or owners[1] is False:
+        raise InstallError(f"schema {schema!r} or its log is owned by another role: refusing to install into it")
+    admin_conn.exec_driver_sql(f"REVOKE ALL ON SCHEMA {name} FROM PUBLIC")
+    admin_conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA {name} TO {role}")
+    tables = MetaData(schema=schema)
+    for table in METADATA.sorted_tables:
+        table.to_metadata(tables, schema=schema)
+    tables.create_all(admin_conn)
+    admin_conn.exec_driver_sql(f"""
+        CREATE OR REPLACE FUNCTION {name}.refuse_log_change() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+        BEGIN
+            RAISE EXCEPTION 'the audit log is append-only: %% refused', TG_OP
+                USING ERRCODE = 'insufficient_privilege';
+        END
+        $$""")
+    admin_conn.exec_driver_sql(f"REVOKE ALL ON FUNCTION {name}.refuse_log_change() FROM PUBLIC")
+    admin_conn.exec_driver_sql(
+        f"CREATE OR REPLACE TRIGGER log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {name}.log "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {name}.refuse_log_change()")
+    admin_conn.exec_driver_sql(f"ALTER TABLE {name}.log ENABLE ALWAYS TRIGGER log_append_only")
+    admin_conn.exec_driver_sql(f"REVOKE ALL ON {name}.log FROM PUBLIC")
+    admin_conn.exec_driver_sql(f"GRANT SELECT, INSERT ON {name}.log TO {role}")
+    for table in PROJECTION_TABLES:
+        admin_conn.exec_driver_sql(f"REVOKE ALL ON {name}.{_quote(admin_conn, table.name)} FROM PUBLIC")
+        admin_conn.exec_driver_sql(f"ALTER TABLE {name}.{_quote(admin_conn, table.name)} OWNER TO {role}")
+
+
+def _coordinates(record: AuditRecord) -> tuple[str, int, int]:
+    return record.topic, record.partition, record.offset
+
+
+def _values(row: object) -> dict[str, object]:
+    """A dataclass's fields as a dict, shallow (dataclasses.asdict deep-copies every value: slow here)."""
+    return {name: getattr(row, name) for name in columns(type(row))}
+
+
+def _log_row(entry: LogEntry) -> dict[str, object]:
+    row = _values(entry.record)
+    row["kind"] = entry.record.kind.value
+    row["decision"] = None if entry.record.decision is None else entry.record.decision.value
+    row.update(seq=entry.seq, prev_hash=entry.prev_hash, hash=entry.hash)
+    return row
+
+
+def entry_of_row(row: Row[tuple[object, ...]]) -> LogEntry:
+    """The entry in a row of `select(log)` (for queries of your own over the log, such as a filtered listing).
+    Raises CorruptRowError if the row does not read back as a valid record."""
+    values = row._mapping
+    seq = values["seq"]
+    try:
+        fields = {name: values[name] for name in columns(AuditRecord)}
+        fields["kind"] = RecordKind(fields["kind"])
+        fields["decision"] = None if fields["decision"] is None else Decision(fields["decision"])
+        fields["envelope"] = bytes(fields["envelope"])
+        record = AuditRecord(**fields)
+        return LogEntry(seq, record, bytes(values["prev_hash"]), bytes(values["hash"]))
+    except (InvalidRecordError, ValueError, TypeError) as error:
+        raise CorruptRowError(seq if isinstance(seq, int) else 0, str(error)) from None
+
+
+def _project(conn: Connection, entries: Sequence[LogEntry]) -> None:
+    """Fold ENTRIES with the pure fold and merge the result into the live projection tables."""
+    batch = Projections()
+    for entry in entries:
+        batch.apply(entry.seq, entry.record)
+    for table, rows in ((timeline, batch.timeline), (access_log, batch.access), (security_view, batch.security)):
+        if rows:
+            conn.execute(insert(table), [_values(row) for row in rows.values()])
+    if batch.summary:
+        statement = upsert(access_summary)
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=[access_summary.c.principal],
+            set_={"allowed": access_summary.c.allowed + statement.excluded.allowed,
+                  "denied": access_summary.c.denied + statement.excluded.denied,
+                  "last_seq": func.greatest(access_summary.c.last_seq, statement.excluded.last_seq)},
+        ), [_values(row) for row in batch.summary.values()])
+
+
+class AuditLog:
+    """The log's operations, each in the caller's transaction (a Connection from `engine.begin()`)."""
+
+    def __init__(self, page: int = DEFAULT_PAGE) -> None:
+        self.page = page
+
+    def append(self, conn: Connection, records: Sequence[AuditRecord]) -> list[Appended]:
+        """Append RECORDS in order and update the live projections; return (seq, hash) for each record.
+
+        A record whose Kafka coordinates (topic, partition, offset) are already stored, or repeated in
+        RECORDS, is not appended again: its stored (seq, hash) is returned, so a redelivered batch is
+        harmless. The writer lock is held until the caller's transaction ends: keep that transaction short.
+        Run it in READ COMMITTED (the default): the head must be read after the lock is granted.
+        """
+        if not records:
+            return []
+        conn.execute(select(func.pg_advisory_xact_lock(WRITER_LOCK)))
+        placed = self._stored(conn, records)
+        fresh: dict[tuple[str, int, int], AuditRecord] = {}
+        for record in records:
+            if _coordinates(record) not in placed:
+                fresh.setdefault(_coordinates(record), record)
+        entries = extend(self.head(conn), fresh.values())
+        if entries:
+            conn.execute(insert(log), [_log_row(entry) for entry in entries])
+            _project(conn, entries)
+        placed.update((_coordinates(entry.record), Appended(entry.seq, entry.hash)) for entry in entries)
+        return [placed[_coordinates(record)] for record in records]
+
+    def _stored(self, conn: Connection, records: Sequence[AuditRecord]) -> dict[tuple[str, int, int], Appended]:
+        """The entries already stored for the Kafka coordinates of RECORDS (one index lookup each)."""
+        wanted = list(dict.fromkeys(_coordinates(record) for record in records))
+        keys = func.unnest(
+            bindparam("topics", [key[0] for key in wanted], type_=ARRAY(Text)),
+            bindparam("partitions", [key[1] for key in wanted], type_=ARRAY(Integer)),
+            bindparam("offsets", [key[2] for key in wanted], type_=ARRAY(BigInteger)),
+        ).table_valued("topic", "partition", "offset").render_derived()
+        rows = conn.execute(
+            select(log.c.topic, log.c.partition, log.c.offset, log.c.seq, log.c.hash).join(keys, and_(
+                log.c.topic == keys.c.topic, log.c.partition == keys.c.partition, log.c.offset == keys.c.offset)))
+        return {(row.topic, row.partition, row.offset): Appended(row.seq, bytes(row.hash)) for row in rows}
+
+    def head(self, conn: Connection) -> Head:
+        """The log's length and head hash ((0, 32 zero bytes) when empty)."""
+        row = conn.execute(select(log.c.seq, log.c.hash).order_by(log.c.seq.desc()).limit(1)).first()
+        return EMPTY if row is None else Head(row.seq, bytes(row.hash))
+
+    def iter_rows(self, conn: Connection, page: int | None = None,
+                  after: int = 0) -> Generator[LogEntry, None, None]:
+        """The entries with seq > AFTER, in seq order, fetched PAGE rows at a time from one server-side cursor
+        (one snapshot, constant memory). Raises CorruptRowError at a row that is not a valid record."""
+        result = conn.execute(select(log).where(log.c.seq > after).order_by(log.c.seq),
+                              execution_options={"yield_per": page or self.page})
+        with closing(result):
+            for row in result:
+                yield entry_of_row(row)
+
+    def check_chain(self, conn: Connection, checkpoints: Sequence[Checkpoint], page: int | None = None) -> ChainReport:
+        """Verify the whole log against CHECKPOINTS (accepted ones: `CheckpointFile.load`), streaming."""
+        with closing(self.iter_rows(conn, page)) as entries:
+            return check_chain(entries, checkpoints)
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What `rebuild` did: entries replayed, and the projections' digests before (live) and after."""
+
+    replayed: int
+    live: dict[str, str]
+    rebuilt: dict[str, str]
+
+    @property
+    def matches(self) -> bool:
+        return self.live == self.rebuilt
+
+
+def rebuild(conn: Connection, page: int = DEFAULT_PAGE) -> Rebuilt:
+    """Truncate the projection tables and replay the whole log into them, under the writer lock (appends
+    wait). Replays what is stored without verifying it: run `check_chain` first."""
+    conn.execute(select(func.pg_advisory_xact_lock(WRITER_LOCK)))
+    live = digests(conn)
+    schema = _quote(conn, _schema(conn))
+    conn.exec_driver_sql("TRUNCATE " + ", ".join(f"{schema}.{_quote(conn, t.name)}" for t in PROJECTION_TABLES))
+    replayed = 0
+    batch: list[LogEntry] = []
+    with closing(AuditLog(page).iter_rows(conn)) as entries:
+        for entry in entries:
+            batch.append(entry)
+            if len(batch) == page:
+                _project(conn, batch)
+                replayed += len(batch)
+                batch = []
+    _project(conn, batch)
+    return Rebuilt(replayed + len(batch), live, digests(conn))
+
+
+def _projection_rows(conn: Connection, table: Table, row_type: type[ProjectionRow],
+                     page: int = DEFAULT_PAGE) -> Iterator[PlainRow]:
+    """TABLE's rows in key order (text keys in code-point order, as Python sorts), as plain values."""
+    order = [collate(table.c[key], "C") if isinstance(table.c[key].type, Text) else table.c[key]
+             for key in row_type.KEY]
+    result = conn.execute(select(*(table.c[name] for name in columns(row_type))).order_by(*order),
+                          execution_options={"yield_per": page})
+    with closing(result):
+        for row in result:
+            yield plain_row(row)
+
+
+def dump(conn: Connection) -> ProjectionDump:
+    """Every row of every live projection, in key order, as plain values (compare with Projections.dump)."""
+    return {table.name: list(_projection_rows(conn, table, row_type)) for table, row_type in PROJECTIONS}
+
+
+def digests(conn: Connection) -> dict[str, str]:
+    """A SHA-256 per live projection, streamed (compare with Projections.digests, or before and after rebuild)."""
+    return {table.name: digest_rows(_projection_rows(conn, table, row_type)) for table, row_type in PROJECTIONS}

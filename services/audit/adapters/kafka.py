@@ -1,0 +1,139 @@
+"""The audit service's consumer: every record of the audited topics passes the verification pipeline (steps 1
+to 5 of DESIGN.md: size and schema, producer and key, signature, trust policy, freshness) and is then appended
+to the hash-chained log, accepted or refused alike.
+
+Steps 6 and 7 (inbox and per-aggregate sequence) are deliberately not applied here. They exist so that a replay
+or a redelivery has no second *effect*; the audit log's effect is to say what was seen, and a replayed event or
+a gap is itself evidence an investigator needs. A redelivery of the same Kafka record is still kept once:
+the log is keyed by (topic, partition, offset). See docs/decisions.md.
+"""
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+from sqlalchemy import Engine
+
+from bastion.audit.checkpoints import Checkpoint, Checkpointer
+from bastion.audit.errors import CheckpointError
+from bastion.audit.postgres import AuditLog
+from bastion.audit.records import AuditRecord
+from bastion.events.consumer import broker_time, claimed_envelope, dead_letter, safe_claim
+from bastion.events.errors import VerificationError
+from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
+from bastion.events.verify import EnvelopeVerifier
+from services.audit import domain
+from services.audit.domain import Delivery
+from services.audit.handlers import SecurityRecords
+
+log = structlog.get_logger(__name__)
+CHECKPOINT_TOPIC = "audit.checkpoints.v1"
+Clock = Callable[[], dt.datetime]
+
+
+class CheckpointPublisher:
+    """Publishes each signed checkpoint on `audit.checkpoints.v1` (idempotent producer, acks=all): a second
+    witness outside the database and outside the state folder's file."""
+
+    def __init__(self, kafka_config: dict[str, Any]) -> None:
+        self.producer = Producer({**kafka_config, "enable.idempotence": True, "acks": "all"})
+
+    def publish(self, checkpoint: Checkpoint) -> None:
+        outcome: list[KafkaError | None] = []
+        self.producer.produce(CHECKPOINT_TOPIC, value=checkpoint.to_bytes(), key=checkpoint.origin.encode(),
+                              on_delivery=lambda err, _msg: outcome.append(err))
+        self.producer.flush(30)
+        if not outcome or outcome[0] is not None:
+            # The checkpoint is already in the file; the next one covers this length too.
+            log.warning("checkpoint_not_published", length=checkpoint.length, error=str(outcome))
+
+
+class AuditConsumer:
+    def __init__(self, kafka_config: dict[str, Any], topics: list[str], verifier: EnvelopeVerifier, engine: Engine,
+                 store: AuditLog, checkpointer: Checkpointer, publisher: CheckpointPublisher,
+                 security: SecurityRecords, batch_size: int = 500, poll_seconds: float = 0.5,
+                 clock: Clock = lambda: dt.datetime.now(dt.UTC)) -> None:
+        self.verifier = verifier
+        self.engine = engine
+        self.store = store
+        self.checkpointer = checkpointer
+        self.publisher = publisher
+        self.security = security
+        self.signing_refused = False
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.consumer = Consumer({**kafka_config, "group.id": domain.CONSUMER, "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
+        self.dead_letters = Producer({**kafka_config, "enable.idempotence": True, "acks": "all"})
+        self.consumer.subscribe(topics)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.dead_letters.flush(10)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.poll_batch()
+
+    def poll_batch(self) -> int:
+        """Read up to a batch, append it in one transaction, sign a checkpoint if one is due, then commit the
+        offsets: a crash anywhere before the commit reads the batch again, and the log keeps each record once."""
+        records = [self.record(message) for message in self.consumer.consume(self.batch_size, self.poll_seconds)
+                   if self._readable(message)]
+        if records:
+            with self.engine.begin() as conn:
+                self.store.append(conn, records)
+        self._checkpoint_if_due()
+        if records:
+            self.consumer.commit(asynchronous=False)
+        return len(records)
+
+    def _checkpoint_if_due(self) -> None:
+        """Sign the committed head when due. A head below the last signed checkpoint (a database restored from
+        an old copy, or rows removed) is never signed: signing stops, and a security record says why."""
+        if self.signing_refused:
+            return
+        with self.engine.connect() as conn:
+            head = self.store.head(conn)
+        try:
+            checkpoint = self.checkpointer.maybe_checkpoint(head)
+        except CheckpointError as error:
+            self.signing_refused = True
+            log.error("checkpoint_signing_refused", error=type(error).__name__, detail=str(error))
+            self.security.checkpoint_refused(error, "checkpointer")
+            return
+        if checkpoint is not None:
+            self.publisher.publish(checkpoint)
+
+    @staticmethod
+    def _readable(message: Message) -> bool:
+        if message.error() is None:
+            return True
+        if message.error().code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer_error", consumer=domain.CONSUMER, error=message.error().str())
+        return False
+
+    def record(self, message: Message) -> AuditRecord:
+        raw: bytes = message.value() or b""
+        received = broker_time(message) or self.clock()
+        delivery = Delivery(message.topic(), message.partition(), message.offset(), received, raw)
+        try:
+            event = self.verifier.verify(raw, delivery.topic, received)
+        except VerificationError as error:
+            return self._refuse(message, delivery, error)
+        EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
+        return domain.accepted(delivery, event, self.clock())
+
+    def _refuse(self, message: Message, delivery: Delivery, error: VerificationError) -> AuditRecord:
+        claimed = claimed_envelope(delivery.raw)
+        EVENTS_REJECTED.labels(domain.CONSUMER, delivery.topic, error.reason.value).inc()
+        log.warning("event_rejected", consumer=domain.CONSUMER, topic=delivery.topic, partition=delivery.partition,
+                    offset=delivery.offset, reason=error.reason.value, detail=error.detail[:300],
+                    claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
+                    correlation_id=safe_claim(claimed.correlation_id))
+        dead_letter(self.dead_letters, domain.CONSUMER, message, delivery.raw, error)
+        return domain.refused(delivery, claimed, error, self.clock())

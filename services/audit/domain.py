@@ -1,0 +1,124 @@
+"""The rules of the audit service, pure: what an audit record says about each Kafka record it read, and which
+ListEvents queries are valid. No I/O, no framework."""
+
+import base64
+import binascii
+import datetime as dt
+from dataclasses import dataclass
+
+from bastion.access.v1.decision_pb2 import DECISION_ALLOW, AccessDecision, EventRejected
+from bastion.audit.records import AuditRecord, Decision, RecordKind
+from bastion.events.consumer import safe_claim
+from bastion.events.errors import VerificationError
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import VerifiedEvent
+from bastion.grpc.errors import InvalidArgumentError
+
+CONSUMER = "audit"
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+MAX_TEXT = 1000
+
+
+class AuditServiceError(Exception):
+    """Base of the audit service's errors."""
+
+
+class InvalidQueryError(AuditServiceError, InvalidArgumentError):
+    pass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where and when a record was read: its Kafka coordinates, the broker's append time, and its bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    broker_time: dt.datetime
+    raw: bytes
+
+
+def _text(value: str) -> str:
+    """Attacker-influenced text kept in the log: bounded, and without the NUL PostgreSQL text cannot hold."""
+    return value.replace("\x00", "\ufffd")[:MAX_TEXT]
+
+
+def accepted(delivery: Delivery, event: VerifiedEvent, recorded_at: dt.datetime) -> AuditRecord:
+    """The record of an event that passed every check: a domain event, an access decision of an interceptor,
+    or another consumer's report that it refused an event."""
+    envelope, payload = event.envelope, event.payload
+    common = {
+        "topic": delivery.topic, "partition": delivery.partition, "offset": delivery.offset,
+        "event_id": envelope.event_id, "event_type": envelope.event_type, "producer": envelope.producer,
+        "aggregate_id": envelope.aggregate_id, "correlation_id": envelope.correlation_id,
+        "occurred_at": envelope.occurred_at.ToDatetime(dt.UTC), "recorded_at": recorded_at,
+        "envelope": delivery.raw,
+    }
+    if isinstance(payload, AccessDecision):
+        return AuditRecord(RecordKind.ACCESS, **common, principal=_text(payload.principal),  # type: ignore[arg-type]
+                           action=_text(payload.method),
+                           decision=Decision.ALLOW if payload.decision == DECISION_ALLOW else Decision.DENY,
+                           reason=_text(payload.reason), detail=f"peer={_text(payload.service_identity) or '-'}")
+    if isinstance(payload, EventRejected):
+        return AuditRecord(RecordKind.REJECTION, **common,  # type: ignore[arg-type]
+                           principal=_text(payload.consumer),
+                           action=_text(f"{payload.topic}/{payload.partition}/{payload.offset}"),
+                           reason=_text(payload.reason), detail=_text(payload.detail))
+    return AuditRecord(RecordKind.EVENT, **common)  # type: ignore[arg-type]
+
+
+def refused(delivery: Delivery, claimed: Envelope, error: VerificationError, recorded_at: dt.datetime) -> AuditRecord:
+    """The record of an event this service itself refused. What the event claims about itself is unverified:
+    only well-formed ids are kept, and its time is the broker's, which no producer chooses."""
+    return AuditRecord(
+        RecordKind.REJECTION, topic=delivery.topic, partition=delivery.partition, offset=delivery.offset,
+        event_id=safe_claim(claimed.event_id), event_type=safe_claim(claimed.event_type),
+        producer=safe_claim(claimed.producer), aggregate_id=safe_claim(claimed.aggregate_id),
+        correlation_id=safe_claim(claimed.correlation_id), occurred_at=delivery.broker_time,
+        recorded_at=recorded_at, envelope=delivery.raw, principal=CONSUMER,
+        action=f"{delivery.topic}/{delivery.partition}/{delivery.offset}", reason=error.reason.value,
+        detail=_text(error.detail))
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """ListEvents: filters (each applies when set, combined with AND), a page size and where to continue."""
+
+    aggregate_id: str = ""
+    principal: str = ""
+    event_type: str = ""
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    page_size: int = DEFAULT_PAGE
+    after_seq: int = 0
+
+
+def page_token(last_seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{last_seq}".encode()).decode()
+
+
+def after_seq_of(token: str) -> int:
+    """The position a page token stands for; tokens are opaque to clients, so anything else is invalid."""
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "seq" and value.isdigit():
+            return int(value)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise InvalidQueryError("page_token is not one this service issued")
+
+
+def query(aggregate_id: str = "", principal: str = "", event_type: str = "", since: dt.datetime | None = None,
+          until: dt.datetime | None = None, page_size: int = 0, token: str = "") -> EventQuery:
+    size = page_size or DEFAULT_PAGE
+    if not 1 <= size <= MAX_PAGE:
+        raise InvalidQueryError(f"page_size must be between 1 and {MAX_PAGE}, got {page_size}")
+    if since is not None and until is not None and since > until:
+        raise InvalidQueryError("since must not be later than until")
+    for name, value in (("aggregate_id", aggregate_id), ("principal", principal), ("event_type", event_type)):
+        if len(value) > MAX_TEXT:
+            raise InvalidQueryError(f"{name} is longer than {MAX_TEXT} characters")
+    return EventQuery(aggregate_id, principal, event_type, since, until, size, after_seq_of(token))

@@ -1,0 +1,66 @@
+"""The audit service process: wires settings, the kit and the adapters, then serves until stopped.
+
+Run by the devstack as `python -m services.audit.server`; settings come from the BASTION_* environment.
+"""
+
+import asyncio
+import threading
+
+from sqlalchemy import inspect
+
+from bastion.audit.checkpoints import Checkpointer, CheckpointFile
+from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog
+from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
+from bastion.devstack.errors import DevstackError
+from bastion.events.keys import KeyRing
+from bastion.grpc.server import start_server
+from bastion.migrations import upgrade
+from bastion.runtime import ServiceRuntime
+from bastion.settings import DevstackSettings
+from services.audit.adapters.grpc import AuditServicer
+from services.audit.adapters.kafka import AuditConsumer, CheckpointPublisher
+from services.audit.adapters.postgres import OutboxSecurityRecords, PostgresAuditReaders
+from services.audit.handlers import AuditHandlers
+from services.audit.settings import AuditSettings
+
+NAME = "audit"
+TOPICS = ["accounts.events.v1", "payments.events.v1", "access.decisions.v1"]
+
+
+def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings) -> CheckpointFile:
+    trust = KeyRing(runtime.ctx.layout.event_keys_dir).trust_store()
+    return CheckpointFile(runtime.ctx.layout.audit_checkpoints_file, trust, own.origin)
+
+
+async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
+    runtime = ServiceRuntime.load(NAME, settings)
+    if not inspect(runtime.engine).has_schema(AUDIT_SCHEMA):
+        raise DevstackError(f"the audit log schema {AUDIT_SCHEMA!r} is missing from the audit database",
+                            "run `bastion up`: it installs the log as the database owner")
+    upgrade(runtime.engine, NAME, schema="public")  # not the log's schema, which search_path puts first
+    store = AuditLog()
+    handlers = AuditHandlers(PostgresAuditReaders(runtime.engine, store), checkpoint_file(runtime, own),
+                             OutboxSecurityRecords(runtime.engine, runtime.outbox()))
+    stop = threading.Event()
+    runtime.start_relay(stop)
+    checkpointer = Checkpointer(runtime.key, checkpoint_file(runtime, own), own.checkpoint_every_records,
+                                own.checkpoint_every_seconds)
+    publisher = CheckpointPublisher(runtime.kafka_config)
+    runtime.start_worker("consumer", lambda: AuditConsumer(
+        runtime.kafka_config, TOPICS, runtime.verifier(), runtime.engine, store, checkpointer, publisher,
+        security=handlers.security), stop)
+    server, port = await start_server(
+        runtime.security(),
+        lambda s: audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(handlers), s),  # type: ignore[no-untyped-call]
+        [audit_pb2.DESCRIPTOR.services_by_name["Audit"]],
+        port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
+    )
+    await runtime.serve_until_stopped(server, port, stop)
+
+
+def main() -> None:
+    asyncio.run(serve(DevstackSettings(), AuditSettings()))
+
+
+if __name__ == "__main__":
+    main()

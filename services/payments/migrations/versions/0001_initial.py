@@ -1,0 +1,98 @@
+"""The payments table, and the event tables.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-26
+
+Every table is created `if_not_exists`: a database that `create_all` set up before migrations existed (a dev
+stack) is adopted as it is, and `bastion.migrations.check` shows whether it matches the tables declared in code.
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0001"
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "payments",
+        sa.Column("payment_id", sa.String(36), primary_key=True),
+        sa.Column("idempotency_key", sa.String(100), nullable=False),
+        sa.Column("fingerprint", sa.String(64), nullable=False),
+        sa.Column("from_account_id", sa.String(36), nullable=False),
+        sa.Column("to_account_id", sa.String(36), nullable=False),
+        sa.Column("amount_minor", sa.BigInteger(), nullable=False),
+        sa.Column("currency", sa.String(3), nullable=False),
+        sa.Column("initiated_by", sa.String(100), nullable=False),
+        sa.Column("status", sa.String(9), nullable=False),
+        sa.Column("reason", sa.String(500), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.UniqueConstraint("idempotency_key", name="payments_idempotency_key"),
+        sa.CheckConstraint("amount_minor > 0", name="payments_amount_positive"),
+        sa.CheckConstraint("from_account_id <> to_account_id", name="payments_distinct_accounts"),
+        sa.CheckConstraint("status IN ('PENDING', 'COMPLETED', 'FAILED')", name="payments_known_status"),
+        if_not_exists=True,
+    )
+    op.create_index("payments_source_recent", "payments", ["from_account_id", "created_at"], if_not_exists=True)
+    # The event tables of bastion.events.storage, as every service keeps them.
+    op.create_table(
+        "event_outbox",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=True), primary_key=True),
+        sa.Column("event_id", sa.String(36), nullable=False, unique=True),
+        sa.Column("topic", sa.String(249), nullable=False),
+        sa.Column("partition_key", sa.String(200), nullable=False),
+        sa.Column("envelope", sa.LargeBinary(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column("sent_at", sa.DateTime(timezone=True)),
+        if_not_exists=True,
+    )
+    op.create_index("event_outbox_unsent", "event_outbox", ["id"], postgresql_where=sa.text("sent_at IS NULL"),
+                    if_not_exists=True)
+    op.create_table(
+        "event_producer_sequence",
+        sa.Column("aggregate_id", sa.String(200), primary_key=True),
+        sa.Column("last_sequence", sa.BigInteger(), nullable=False),
+        if_not_exists=True,
+    )
+    op.create_table(
+        "event_inbox",
+        sa.Column("event_id", sa.String(36), primary_key=True),
+        sa.Column("producer", sa.String(100), nullable=False),
+        sa.Column("aggregate_id", sa.String(200), nullable=False),
+        sa.Column("sequence", sa.BigInteger(), nullable=False),
+        sa.Column("topic", sa.String(249), nullable=False),
+        sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        if_not_exists=True,
+    )
+    op.create_table(
+        "event_consumer_sequence",
+        sa.Column("producer", sa.String(100), primary_key=True),
+        sa.Column("aggregate_id", sa.String(200), primary_key=True),
+        sa.Column("last_sequence", sa.BigInteger(), nullable=False),
+        if_not_exists=True,
+    )
+    op.create_table(
+        "event_held",
+        sa.Column("producer", sa.String(100), primary_key=True),
+        sa.Column("aggregate_id", sa.String(200), primary_key=True),
+        sa.Column("sequence", sa.BigInteger(), primary_key=True),
+        sa.Column("topic", sa.String(249), nullable=False),
+        sa.Column("envelope", sa.LargeBinary(), nullable=False),
+        sa.Column("held_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        if_not_exists=True,
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("event_held")
+    op.drop_table("event_consumer_sequence")
+    op.drop_table("event_inbox")
+    op.drop_table("event_producer_sequence")
+    op.drop_table("event_outbox")
+    op.drop_table("payments")

@@ -1,0 +1,186 @@
+"""The audit service as `bastion up` runs it (issue 6): after a flow through the bank, its log holds every
+domain event and every access decision of that flow, the chain verifies (through the API and with `bastion audit
+verify`), the projections rebuilt from the log equal the live ones, and a forged checkpoint is refused and
+raises a security record."""
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
+from bastion.devstack.context import StackContext
+from bastion.payments.v1 import payments_pb2
+from tests.integration.bank import Bank, channel
+from tests.integration.conftest import bastion
+
+WAIT_SECONDS = 60
+
+
+@pytest.fixture(scope="module")
+def bank(stack: Any, ctx: StackContext) -> Bank:
+    return Bank.connect(ctx)
+
+
+@pytest.fixture(scope="module")
+def audit(bank: Bank) -> Any:
+    return audit_pb2_grpc.AuditStub(channel(bank.ctx, "audit"))  # type: ignore[no-untyped-call]
+
+
+def list_all(bank: Bank, audit: Any, **filters: Any) -> list[Any]:
+    events: list[Any] = []
+    token = ""
+    while True:
+        page = audit.ListEvents(audit_pb2.ListEventsRequest(page_size=500, page_token=token, **filters),
+                                metadata=bank.as_user("ada"), timeout=30)
+        events += page.events
+        token = page.next_page_token
+        if not token:
+            return events
+
+
+def eventually(found: Callable[[], list[Any]], enough: Callable[[list[Any]], bool]) -> list[Any]:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        result = found()
+        if enough(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(1)
+
+
+def test_the_log_holds_every_event_and_access_decision_of_a_flow_and_verifies(bank: Bank, audit: Any) -> None:
+    correlation = f"it-audit-{uuid.uuid4()}"
+    alice_account = bank.open_account("alice", correlation_id=correlation)
+    bob_account = bank.open_account("bob", correlation_id=correlation)
+    bank.deposit(alice_account, 1_000, correlation)
+    payment = bank.payments.Transfer(payments_pb2.TransferRequest(
+        idempotency_key=f"pay-{uuid.uuid4()}", from_account_id=alice_account, to_account_id=bob_account,
+        amount_minor=400, currency="EUR"), metadata=bank.as_user("alice", correlation), timeout=30).payment
+
+    def domain_events() -> list[Any]:
+        return [e for aggregate in (alice_account, bob_account, payment.payment_id)
+                for e in list_all(bank, audit, aggregate_id=aggregate)]
+
+    events = eventually(domain_events, lambda found: len(found) >= 5)
+    assert sorted(e.event_type.rsplit(".", 1)[-1] for e in events) == [
+        "AccountOpened", "AccountOpened", "MoneyDeposited", "PaymentCompleted", "TransferApplied"]
+    assert all(e.kind == "event" and len(e.hash) == 32 and e.envelope for e in events)
+
+    # Every call of the flow carried one correlation id: alice's and bob's OpenAccount, tina's Deposit and
+    # alice's Transfer, and payments' own GetAccount and ApplyTransfer to accounts. Each was decided by an
+    # interceptor, and each decision is in the log.
+    def decisions() -> list[Any]:
+        return [e for e in list_all(bank, audit, event_type="bastion.access.v1.AccessDecision")
+                if e.correlation_id == correlation]
+
+    decided = eventually(decisions, lambda found: len(found) >= 6)
+    calls = sorted((e.producer, e.principal, e.decision) for e in decided)
+    assert calls == [("accounts", "alice", "allow"), ("accounts", "bob", "allow"),
+                     ("accounts", "service-account-payments", "allow"),
+                     ("accounts", "service-account-payments", "allow"),
+                     ("accounts", "tina", "allow"), ("payments", "alice", "allow")], calls
+    assert sorted(e.action.rsplit("/", 1)[-1] for e in decided) == [
+        "ApplyTransfer", "Deposit", "GetAccount", "OpenAccount", "OpenAccount", "Transfer"]
+
+    verified = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
+    assert verified.ok and verified.first_bad_seq == 0 and verified.length >= max(e.seq for e in events)
+    assert len(verified.head_hash) == 32
+    result = bastion("audit", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit chain verified" in result.stdout
+
+
+def test_only_auditors_read_the_log_and_bad_queries_are_invalid(bank: Bank, audit: Any) -> None:
+    for user in ("alice", "sam", "tina"):
+        with pytest.raises(grpc.RpcError) as refused:
+            audit.ListEvents(audit_pb2.ListEventsRequest(), metadata=bank.as_user(user), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, user
+    for request, words in ((audit_pb2.ListEventsRequest(page_size=501), "page_size"),
+                           (audit_pb2.ListEventsRequest(page_token="not-a-token"), "page_token")):
+        with pytest.raises(grpc.RpcError) as invalid:
+            audit.ListEvents(request, metadata=bank.as_user("ada"), timeout=10)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in (invalid.value.details() or "")
+
+
+def test_pages_follow_each_other_without_overlap(bank: Bank, audit: Any) -> None:
+    first = audit.ListEvents(audit_pb2.ListEventsRequest(page_size=3), metadata=bank.as_user("ada"), timeout=10)
+    second = audit.ListEvents(audit_pb2.ListEventsRequest(page_size=3, page_token=first.next_page_token),
+                              metadata=bank.as_user("ada"), timeout=10)
+    sequences = [e.seq for e in first.events] + [e.seq for e in second.events]
+    assert sequences == sorted(sequences) and len(set(sequences)) == 6
+
+
+def test_rebuilding_the_projections_from_the_log_gives_the_live_ones(stack: Any) -> None:
+    result = bastion("audit", "rebuild")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "identical to the live ones" in " ".join(result.stdout.split())
+
+
+class CheckpointTamperer:
+    """Appends forged lines to the install's checkpoint file and takes exactly those out again afterwards; the
+    lines the audit service signs meanwhile stay."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.added: list[str] = []
+
+    def lines(self) -> list[str]:
+        return self.path.read_text().splitlines(keepends=True)
+
+    def append(self, line: str) -> None:
+        with self.path.open("a") as file:
+            file.write(line)
+        self.added.append(line)
+
+    def restore(self) -> None:
+        lines = self.lines()
+        for line in self.added:
+            del lines[len(lines) - 1 - lines[::-1].index(line)]
+        self.path.write_text("".join(lines))
+
+
+@pytest.fixture()
+def checkpoints(ctx: StackContext) -> Iterator[CheckpointTamperer]:
+    tamperer = CheckpointTamperer(ctx.layout.audit_checkpoints_file)
+    yield tamperer
+    tamperer.restore()
+
+
+def test_a_forged_checkpoint_is_refused_and_raises_a_security_record(bank: Bank, audit: Any,
+                                                                      checkpoints: CheckpointTamperer) -> None:
+    lines = checkpoints.lines()
+    assert lines, "the audit service has signed no checkpoint yet"
+    # A longer log than was ever signed, under the old signature.
+    forged = re.sub(r'"length":(\d+)', lambda m: f'"length":{int(m.group(1)) + 1}', lines[-1])
+    assert forged != lines[-1]
+    checkpoints.append(forged)
+    verdict = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
+    assert not verdict.ok and "checkpoint refused" in verdict.reason and "does not verify" in verdict.reason
+    result = bastion("audit", "verify")
+    assert result.returncode == 1 and "NOT verified" in result.stderr
+
+    def security_records() -> list[Any]:
+        return [e for e in list_all(bank, audit, event_type="bastion.access.v1.EventRejected")
+                if e.reason == "checkpoint_refused"]
+
+    assert eventually(security_records, bool), "no security record for the forged checkpoint"
+
+
+def test_a_checkpoint_whose_length_goes_backwards_is_refused(bank: Bank, audit: Any,
+                                                              checkpoints: CheckpointTamperer) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(lines := checkpoints.lines()) < 2:
+        # Each call is an access decision, so a record for the next checkpoint (signed every 10 s).
+        assert time.monotonic() < deadline, "the audit service signed no second checkpoint"
+        audit.ListEvents(audit_pb2.ListEventsRequest(page_size=1), metadata=bank.as_user("ada"), timeout=10)
+        time.sleep(1)
+    checkpoints.append(lines[0])  # an older, validly signed checkpoint replayed last
+    verdict = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
+    assert not verdict.ok and "checkpoint refused" in verdict.reason
+    assert "below the accepted length" in verdict.reason, verdict.reason

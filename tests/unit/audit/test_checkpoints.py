@@ -1,0 +1,204 @@
+"""Signed checkpoints: pinned bytes, round trips, every refusal typed (bad signature, unknown or retired key,
+another origin, a length going backwards, a fork), the 0600 append-only file, and the signing schedule."""
+
+import json
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bastion.audit.chain import EMPTY, Head
+from bastion.audit.checkpoints import (
+    Checkpoint,
+    Checkpointer,
+    CheckpointFile,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from bastion.audit.errors import (
+    BadCheckpointSignatureError,
+    CheckpointForkError,
+    CheckpointRollbackError,
+    MalformedCheckpointError,
+)
+from bastion.events.keys import KeyRing, SigningKey, TrustStore
+from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, trust_store
+
+VECTOR = json.loads((Path(__file__).parent / "vector-v1.json").read_text(encoding="utf-8"))
+HEAD = Head(2, bytes.fromhex(VECTOR["hash_seq_2_hex"]))
+TRUST = trust_store()
+
+hashes = st.binary(min_size=32, max_size=32)
+heads = st.builds(Head, st.integers(0, 2**63 - 1), hashes)
+origins = st.text(st.characters(codec="utf-8", exclude_characters="\n"), min_size=1, max_size=30)
+
+
+def test_the_vector_pins_the_signed_bytes_the_note_and_the_json_line() -> None:
+    assert AUDIT_KEY.private_key.private_bytes_raw().hex() == VECTOR["private_key_seed_hex"]
+    checkpoint = sign_checkpoint(AUDIT_KEY, VECTOR["origin"], HEAD)
+    assert checkpoint.signed_bytes().hex() == VECTOR["checkpoint_signed_bytes_hex"]
+    assert checkpoint.to_bytes().decode() == VECTOR["checkpoint_note"]
+    assert checkpoint.to_json() == VECTOR["checkpoint_json_line"]
+    assert checkpoint.signed_bytes().startswith(b"bastion.audit.v1.checkpoint\x00bastion.test/audit\n2\n")
+
+
+@given(origins, heads)
+def test_a_signed_checkpoint_round_trips_as_bytes_and_as_json_and_verifies(origin: str, head: Head) -> None:
+    checkpoint = sign_checkpoint(AUDIT_KEY, origin, head)
+    assert Checkpoint.from_bytes(checkpoint.to_bytes()) == checkpoint
+    assert Checkpoint.from_json(checkpoint.to_json()) == checkpoint
+    verify_checkpoint(Checkpoint.from_bytes(checkpoint.to_bytes()), TRUST, origin)
+
+
+@given(heads, st.sampled_from(["length", "head_hash", "signature"]), st.data())
+def test_any_change_breaks_the_signature(head: Head, field: str, data: st.DataObject) -> None:
+    checkpoint = sign_checkpoint(AUDIT_KEY, ORIGIN, head)
+    if field == "length":
+        changed = replace(checkpoint, length=data.draw(st.integers(0, 2**63 - 1).filter(lambda n: n != head.length)))
+    elif field == "head_hash":
+        changed = replace(checkpoint, head_hash=data.draw(hashes.filter(lambda h: h != head.hash)))
+    else:
+        flip = data.draw(st.integers(0, 63))
+        signature = bytearray(checkpoint.signature)
+        signature[flip] ^= 0x01
+        changed = replace(checkpoint, signature=bytes(signature))
+    with pytest.raises(BadCheckpointSignatureError):
+        verify_checkpoint(changed, TRUST, ORIGIN)
+
+
+def test_a_checkpoint_signed_with_another_key_is_refused() -> None:
+    stranger = SigningKey("audit", AUDIT_KEY.key_id, Ed25519PrivateKey.generate())
+    with pytest.raises(BadCheckpointSignatureError, match="key hash"):
+        verify_checkpoint(sign_checkpoint(stranger, ORIGIN, HEAD), TRUST, ORIGIN)
+
+
+def test_a_key_the_trust_store_does_not_know_or_has_retired_is_refused() -> None:
+    accounts_key = SigningKey("accounts", "accounts/20260301-00000001", Ed25519PrivateKey.generate())
+    both = TrustStore({"audit": {AUDIT_KEY.key_id: (AUDIT_KEY.private_key.public_key(), "active")},
+                       "accounts": {accounts_key.key_id: (accounts_key.private_key.public_key(), "active")}})
+    with pytest.raises(BadCheckpointSignatureError, match="not a key of 'audit'"):
+        verify_checkpoint(sign_checkpoint(accounts_key, ORIGIN, HEAD), both, ORIGIN)
+    with pytest.raises(BadCheckpointSignatureError, match="retired"):
+        verify_checkpoint(sign_checkpoint(AUDIT_KEY, ORIGIN, HEAD), trust_store(state="retired"), ORIGIN)
+
+
+def test_a_checkpoint_of_another_log_is_refused() -> None:
+    with pytest.raises(MalformedCheckpointError, match="expected"):
+        verify_checkpoint(sign_checkpoint(AUDIT_KEY, "elsewhere/audit", HEAD), TRUST, ORIGIN)
+
+
+def test_a_length_going_backwards_or_forking_is_refused_and_an_equal_one_accepted() -> None:
+    previous = sign_checkpoint(AUDIT_KEY, ORIGIN, Head(10, b"\x0a" * 32))
+    with pytest.raises(CheckpointRollbackError, match="below the accepted length 10"):
+        verify_checkpoint(sign_checkpoint(AUDIT_KEY, ORIGIN, Head(9, b"\x09" * 32)), TRUST, ORIGIN, previous)
+    with pytest.raises(CheckpointForkError):
+        verify_checkpoint(sign_checkpoint(AUDIT_KEY, ORIGIN, Head(10, b"\x0b" * 32)), TRUST, ORIGIN, previous)
+    verify_checkpoint(sign_checkpoint(AUDIT_KEY, ORIGIN, Head(10, b"\x0a" * 32)), TRUST, ORIGIN, previous)
+    verify_checkpoint(sign_checkpoint(AUDIT_KEY, ORIGIN, Head(11, b"\x0b" * 32)), TRUST, ORIGIN, previous)
+
+
+NOTE = VECTOR["checkpoint_note"]
+
+
+@pytest.mark.parametrize("data", [
+    b"\xff\xfe not utf-8",
+    NOTE.replace("\n\n", "\n").encode(),  # no empty line before the signature
+    NOTE.replace("\n2\n", "\n2\nextension\n").encode(),  # a fourth body line
+    NOTE.replace("\n2\n", "\n02\n").encode(),  # leading zero
+    NOTE.replace("\n2\n", "\n-2\n").encode(),
+    NOTE.replace("\n2\n", "\n\u0662\n").encode(),  # a non-ASCII digit
+    NOTE.replace("Smgk=", "Smgk").encode(),  # not canonical base64
+    NOTE.replace("4gU3DEcVeZiQdWR9Y9k1fwAb21ZImSzWPjH4ne9Smgk=", "AAAA").encode(),  # not 32 bytes
+    NOTE.replace("\u2014 ", "- ").encode(),  # not an em dash
+    (NOTE + NOTE.split("\n\n")[1]).encode(),  # two signature lines
+    NOTE.rstrip("\n").encode(),  # no final newline
+    NOTE.replace("audit/20260301-00000001 ", "audit/20260301-00000001").encode(),  # no space before the blob
+    b"\norigin-less\n",
+])
+def test_malformed_bytes_are_refused(data: bytes) -> None:
+    with pytest.raises(MalformedCheckpointError):
+        Checkpoint.from_bytes(data)
+
+
+@pytest.mark.parametrize("line", [
+    "not json", "[]", "{}",
+    VECTOR["checkpoint_json_line"].replace('"length":2', '"length":"2"'),
+    VECTOR["checkpoint_json_line"].replace('"length":2', '"length":true'),
+    VECTOR["checkpoint_json_line"].replace('"head_hash":"e2', '"head_hash":"zz'),
+])
+def test_malformed_json_lines_are_refused(line: str) -> None:
+    with pytest.raises(MalformedCheckpointError):
+        Checkpoint.from_json(line)
+
+
+def at(length: int) -> Checkpoint:
+    return sign_checkpoint(AUDIT_KEY, ORIGIN, Head(length, length.to_bytes(32, "big")))
+
+
+def test_the_file_is_private_append_only_and_loads_verified(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "audit-checkpoints.jsonl"
+    file = CheckpointFile(path, TRUST, ORIGIN)
+    assert file.load() == [] and file.last is None
+    for length in (0, 5, 5, 9):
+        file.append(at(length))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert CheckpointFile(path, TRUST, ORIGIN).load() == [at(0), at(5), at(5), at(9)]
+    with pytest.raises(CheckpointRollbackError):
+        file.append(at(8))
+    with pytest.raises(CheckpointRollbackError):
+        CheckpointFile(path, TRUST, ORIGIN).append(at(8))  # a fresh instance reads the last one first
+    assert len(path.read_text().splitlines()) == 4, "a refused checkpoint is not written"
+
+
+def test_loading_refuses_a_forged_line_a_rollback_and_a_cut_short_line(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints.jsonl"
+    forged = replace(at(7), head_hash=b"\x07" * 32)
+    for lines, error, where in [
+        ([at(3), forged], BadCheckpointSignatureError, ":2:"),
+        ([at(3), at(9), at(4)], CheckpointRollbackError, ":3:"),
+    ]:
+        path.write_text("".join(checkpoint.to_json() + "\n" for checkpoint in lines))
+        with pytest.raises(error, match=where):
+            CheckpointFile(path, TRUST, ORIGIN).load()
+    path.write_text(at(3).to_json() + "\n" + at(4).to_json())
+    with pytest.raises(MalformedCheckpointError, match="incomplete line"):
+        CheckpointFile(path, TRUST, ORIGIN).load()
+
+
+def test_the_audit_key_comes_from_the_key_ring(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    ring.ensure(["audit"])
+    checkpoint = sign_checkpoint(ring.signing_key("audit"), ORIGIN, HEAD)
+    verify_checkpoint(checkpoint, ring.trust_store(), ORIGIN)
+    ring.rotate("audit")  # the old key turns verify-only: its checkpoints still verify
+    verify_checkpoint(checkpoint, ring.trust_store(), ORIGIN)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_checkpointer_signs_every_n_records_or_t_seconds_of_growth(tmp_path: Path) -> None:
+    clock = Clock()
+    file = CheckpointFile(tmp_path / "checkpoints.jsonl", TRUST, ORIGIN)
+    checkpointer = Checkpointer(AUDIT_KEY, file, every_records=3, every_seconds=60, clock=clock)
+    assert checkpointer.maybe_checkpoint(EMPTY) is None
+    assert checkpointer.maybe_checkpoint(Head(2, b"\x02" * 32)) is None
+    issued = checkpointer.maybe_checkpoint(Head(3, b"\x03" * 32))
+    assert issued is not None and issued.length == 3 and file.last == issued
+    clock.now += 61
+    assert checkpointer.maybe_checkpoint(Head(3, b"\x03" * 32)) is None, "an unchanged log is not signed again"
+    issued = checkpointer.maybe_checkpoint(Head(4, b"\x04" * 32))
+    assert issued is not None and issued.length == 4
+    assert Checkpoint.from_bytes(issued.to_bytes()) == issued
+    assert [c.length for c in CheckpointFile(file.path, TRUST, ORIGIN).load()] == [3, 4]
+    with pytest.raises(CheckpointRollbackError):
+        checkpointer.checkpoint(Head(2, b"\x02" * 32))
