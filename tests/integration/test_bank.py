@@ -9,14 +9,17 @@ from typing import Any
 
 import grpc
 import pytest
+from keycloak import KeycloakOpenID
 
 from bastion.accounts.v1 import accounts_pb2
 from bastion.accounts.v1 import events_pb2 as account_events
 from bastion.devstack.context import StackContext
+from bastion.grpc.channels import call_metadata
 from bastion.notifications.v1 import notifications_pb2
 from bastion.payments.v1 import events_pb2 as payment_events
 from bastion.payments.v1 import payments_pb2
 from tests.integration.bank import Bank, channel, signed_events
+from tests.integration.grpc_harness import user_token
 
 DEADLINE = 20.0
 
@@ -233,3 +236,26 @@ def test_a_deposit_that_would_overflow_the_balance_is_refused(bank: Bank) -> Non
         bank.deposit(account, 2**62)
     assert refused.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
     assert bank.balance(account) == 2**62
+
+
+def test_a_large_transfer_is_refused_at_once_after_the_session_is_revoked(bank: Bank) -> None:
+    source, target = bank.open_account("alice", 300_000), bank.open_account("bob")
+    signed_in = user_token(bank.ctx, "alice")
+    metadata = call_metadata(signed_in["access_token"], f"it-{uuid.uuid4()}")
+
+    def send(amount: int) -> Any:
+        request = payments_pb2.TransferRequest(idempotency_key=f"pay-{uuid.uuid4()}", from_account_id=source,
+                                               to_account_id=target, amount_minor=amount, currency="EUR")
+        return bank.payments.Transfer(request, metadata=metadata, timeout=DEADLINE).payment
+
+    assert send(150_000).status == "COMPLETED"  # above the step-up threshold: checked online, active
+    keycloak = KeycloakOpenID(server_url=f"https://localhost:{bank.ctx.settings.keycloak_port}/",
+                              realm_name="bastion", client_id="bastion-cli", verify=str(bank.ctx.ca_file))
+    keycloak.logout(signed_in["refresh_token"])  # the session ends; the access token itself is still unexpired
+    with pytest.raises(grpc.RpcError) as refused:
+        send(150_000)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "active session" in (refused.value.details() or "")
+    # Below the threshold the token is trusted until it expires (at most 5 minutes): the documented trade-off.
+    assert send(1_000).status == "COMPLETED"
+    assert (bank.balance(source), bank.balance(target)) == (149_000, 151_000)
