@@ -4,7 +4,7 @@ ListEvents queries are valid. No I/O, no framework."""
 import base64
 import binascii
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, AccessDecision, EventRejected
 from bastion.audit.records import AuditRecord, Decision, RecordKind
@@ -48,24 +48,20 @@ def accepted(delivery: Delivery, event: VerifiedEvent, recorded_at: dt.datetime)
     """The record of an event that passed every check: a domain event, an access decision of an interceptor,
     or another consumer's report that it refused an event."""
     envelope, payload = event.envelope, event.payload
-    common = {
-        "topic": delivery.topic, "partition": delivery.partition, "offset": delivery.offset,
-        "event_id": envelope.event_id, "event_type": envelope.event_type, "producer": envelope.producer,
-        "aggregate_id": envelope.aggregate_id, "correlation_id": envelope.correlation_id,
-        "occurred_at": envelope.occurred_at.ToDatetime(dt.UTC), "recorded_at": recorded_at,
-        "envelope": delivery.raw,
-    }
+    record = AuditRecord(
+        RecordKind.EVENT, topic=delivery.topic, partition=delivery.partition, offset=delivery.offset,
+        event_id=envelope.event_id, event_type=envelope.event_type, producer=envelope.producer,
+        aggregate_id=envelope.aggregate_id, correlation_id=envelope.correlation_id,
+        occurred_at=envelope.occurred_at.ToDatetime(dt.UTC), recorded_at=recorded_at, envelope=delivery.raw)
     if isinstance(payload, AccessDecision):
-        return AuditRecord(RecordKind.ACCESS, **common, principal=_text(payload.principal),  # type: ignore[arg-type]
-                           action=_text(payload.method),
-                           decision=Decision.ALLOW if payload.decision == DECISION_ALLOW else Decision.DENY,
-                           reason=_text(payload.reason), detail=f"peer={_text(payload.service_identity) or '-'}")
+        return replace(record, kind=RecordKind.ACCESS, principal=_text(payload.principal), action=_text(payload.method),
+                       decision=Decision.ALLOW if payload.decision == DECISION_ALLOW else Decision.DENY,
+                       reason=_text(payload.reason), detail=f"peer={_text(payload.service_identity) or '-'}")
     if isinstance(payload, EventRejected):
-        return AuditRecord(RecordKind.REJECTION, **common,  # type: ignore[arg-type]
-                           principal=_text(payload.consumer),
-                           action=_text(f"{payload.topic}/{payload.partition}/{payload.offset}"),
-                           reason=_text(payload.reason), detail=_text(payload.detail))
-    return AuditRecord(RecordKind.EVENT, **common)  # type: ignore[arg-type]
+        return replace(record, kind=RecordKind.REJECTION, principal=_text(payload.consumer),
+                       action=_text(f"{payload.topic}/{payload.partition}/{payload.offset}"),
+                       reason=_text(payload.reason), detail=_text(payload.detail))
+    return record
 
 
 def refused(delivery: Delivery, claimed: Envelope, error: VerificationError, recorded_at: dt.datetime) -> AuditRecord:
