@@ -12,8 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
+from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
 from bastion.payments.v1 import payments_pb2
 from tests.integration.bank import Bank, channel
@@ -184,3 +187,26 @@ def test_a_checkpoint_whose_length_goes_backwards_is_refused(bank: Bank, audit: 
     verdict = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
     assert not verdict.ok and "checkpoint refused" in verdict.reason
     assert "below the accepted length" in verdict.reason, verdict.reason
+
+
+def test_bastion_audit_verify_names_the_record_a_superuser_edited(ctx: StackContext, bank: Bank) -> None:
+    admin = create_engine(Postgres(ctx).sqlalchemy_url(ADMIN_ROLE, ctx.credentials.postgres[ADMIN_ROLE], "audit"),
+                          poolclass=NullPool)
+
+    def set_correlation(value: str) -> None:
+        with admin.begin() as conn:  # what an attacker with the superuser's password can do, trigger and all
+            conn.exec_driver_sql("ALTER TABLE audit.log DISABLE TRIGGER log_append_only")
+            conn.execute(text("UPDATE audit.log SET correlation_id = :value WHERE seq = 2"), {"value": value})
+            conn.exec_driver_sql("ALTER TABLE audit.log ENABLE ALWAYS TRIGGER log_append_only")
+
+    with admin.connect() as conn:
+        original = conn.execute(text("SELECT correlation_id FROM audit.log WHERE seq = 2")).scalar_one()
+    set_correlation("nothing-to-see-here")
+    try:
+        result = bastion("audit", "verify")
+        assert result.returncode == 1, result.stdout
+        assert "NOT verified at seq 2" in " ".join(result.stderr.split())
+    finally:
+        set_correlation(original)
+        admin.dispose()
+    assert bastion("audit", "verify").returncode == 0
