@@ -88,9 +88,10 @@ class Scenario:
         verdict = self.audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=self._as("ada"), timeout=60)
         if not verdict.ok:
             raise DevstackError(f"the audit chain does not verify: {verdict.reason}", "run `bastion audit verify`")
+        anchored = (f"the newest signed checkpoint covers {verdict.checkpoint_length}" if verdict.checkpoint_length
+                    else "no checkpoint signed yet: the first comes within seconds of the first records")
         say(f"7. ada (auditor) found the payment in the audit log ({recorded}) and verified the whole chain: "
-            f"{verdict.length} records, head {verdict.head_hash.hex()[:16]}…, signed checkpoint at "
-            f"{verdict.checkpoint_length}")
+            f"{verdict.length} records, head {verdict.head_hash.hex()[:16]}…; {anchored}")
         say(f"every call carried the correlation id {self.correlation_id}; every access decision and state change "
             "became a signed event on Kafka (access.decisions.v1, accounts.events.v1, payments.events.v1)")
 
