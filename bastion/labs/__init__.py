@@ -1,0 +1,148 @@
+"""The attack labs: each runs one attack against the running stack and shows the defence that stops it.
+
+`LABS` is the catalogue, in the order of the training path (docs/training.md); `bastion.labs.scorecard` maps
+the concerns of the security guide to these labs. `bastion lab list`, `bastion lab run NAME|--all`.
+"""
+
+from bastion.labs import access, audit, edge, events, money, tokens, transport
+from bastion.labs.base import Lab
+
+LABS: tuple[Lab, ...] = (
+    Lab("no-client-certificate", "Calling a service without a dev-CA client certificate",
+        attack="Call accounts with alice's genuine token over TLS without a client certificate, with a certificate "
+               "from a CA of the attacker's own, and over plaintext HTTP/2.",
+        defence="Mutual TLS required by the server: the handshake fails before any interceptor or handler runs "
+                "(the caller sees UNAVAILABLE).",
+        where="bastion/grpc/server.py (server_credentials, require_client_auth), bastion/devstack/pki.py",
+        expect="UNAVAILABLE", probe=transport.no_client_certificate),
+    Lab("forged-token", "Forged access tokens: alg none, key confusion, an edited payload",
+        attack="Raise alice's roles to support in a copy of her token and sign it with alg none, with HS256 keyed "
+               "with the realm's public key, or not at all (the RS256 signature of the original kept).",
+        defence="Local JWT validation: the server's algorithm allowlist (RS256), the realm's keys from its JWKS, "
+                "exact issuer and audience, expiry: UNAUTHENTICATED.",
+        where="bastion/grpc/tokens.py (TokenValidator), bastion/grpc/interceptor.py (_authenticate)",
+        expect="UNAUTHENTICATED", probe=tokens.forged_token),
+    Lab("foreign-audience", "Genuine tokens at a service they were not issued for",
+        attack="Present payments' genuine service token (aud: accounts) to notifications, and notifications' "
+               "token (no audience) to accounts, each over its own service's certificate.",
+        defence="The audience check: a token must name the service it is presented to: UNAUTHENTICATED.",
+        where="bastion/grpc/tokens.py (audience), infra/keycloak/identities.yaml (who a token is for)",
+        expect="wrong_audience", probe=tokens.foreign_audience),
+    Lab("revoked-session", "A token that outlives its session",
+        attack="Alice signs out (or her session is ended); her unexpired access token is then used for a "
+               "transfer above the step-up amount.",
+        defence="Large transfers check the session online with Keycloak's introspection (fail closed): "
+                "PERMISSION_DENIED at once; smaller calls trust the 5-minute token until it expires.",
+        where="services/payments/handlers.py (needs_step_up), services/payments/adapters/gateways.py",
+        expect="PERMISSION_DENIED", probe=tokens.revoked_session),
+    Lab("service-impersonation", "One service acting as another: accounts.ApplyTransfer without being payments",
+        attack="Move alice's money with accounts.ApplyTransfer (payments only) as notifications, as notifications "
+               "holding a stolen payments token, and as alice herself.",
+        defence="The method policy: ApplyTransfer admits only the payments identity, and a service rule needs the "
+                "certificate and the service-account token of the same client: PERMISSION_DENIED.",
+        where="infra/policies/accounts.yaml, bastion/grpc/policy.py, bastion/grpc/context.py (SPIFFE identity)",
+        expect="PERMISSION_DENIED", probe=access.service_impersonation),
+    Lab("other-customer-account", "Bob reaches for alice's account",
+        attack="As bob, read alice's account, look for it in his list, and send money out of it through payments.",
+        defence="Object-level checks in the handlers: another customer's account is NOT_FOUND, so bob cannot even "
+                "learn that it exists; the method policy alone would let a customer call GetAccount.",
+        where="services/accounts/handlers.py (_visible), services/payments/handlers.py (owner of the source)",
+        expect="NOT_FOUND", probe=access.other_customer_account),
+    Lab("datastore-access", "Reaching into data stores without the right credentials",
+        attack="Use Redis without credentials, read accounts' keys and flush Redis as payments, open the payments "
+               "database as accounts, connect to PostgreSQL without TLS or without a password.",
+        defence="Redis ACL users confined to their key prefix, the default user off; one PostgreSQL role and "
+                "database per service, TLS-only SCRAM in pg_hba.conf.",
+        where="bastion/devstack/components/redis.py (acl_lines), bastion/devstack/components/postgres.py",
+        expect="NoPermissionError", probe=access.datastore_access),
+    Lab("rate-limit", "A burst of calls from one principal",
+        attack="Call accounts.ListAccounts as ada from 16 threads as fast as they go, until refused.",
+        defence="A per-principal fixed window counted in Redis and shared by every replica: RESOURCE_EXHAUSTED "
+                "for that principal only.",
+        where="bastion/grpc/ratelimit.py, bastion/runtime.py (the limits), bastion/grpc/interceptor.py",
+        expect="RESOURCE_EXHAUSTED", probe=edge.rate_limit),
+    Lab("hostile-input", "Amounts no int64 holds, and an oversized message",
+        attack="Send transfers whose amount is zero, negative, or beyond int64 on the wire, and a 2 MiB request.",
+        defence="Validation in the payments core (positive amounts only) and the server's 1 MiB message cap: "
+                "INVALID_ARGUMENT and RESOURCE_EXHAUSTED; nothing moves.",
+        where="services/payments/domain.py (validate), bastion/grpc/server.py (max message size)",
+        expect="INVALID_ARGUMENT", probe=edge.hostile_input),
+    Lab("plaintext-broker", "Talking to Kafka without TLS",
+        attack="Send a Kafka request in the clear to the client listener, and connect to the controller listener "
+               "without a client certificate.",
+        defence="No PLAINTEXT listener: clients speak SASL_SSL (TLS 1.3), the controller requires mutual TLS.",
+        where="bastion/devstack/components/kafka.py (server_properties)",
+        expect="no Kafka answer", probe=transport.plaintext_broker),
+    Lab("network-exposure", "Reaching the stack from the network",
+        attack="Connect to every port of the stack (services, Kafka, Keycloak, PostgreSQL, Redis) at this "
+               "machine's network addresses instead of loopback, as another host on the network would.",
+        defence="Every listener binds loopback only (bind_host), on non-default ports: connection refused.",
+        where="bastion/settings.py (bind_host), bastion/devstack/components/, bastion/runtime.py",
+        expect="connection refused on every port", probe=transport.network_exposure),
+    Lab("topic-without-acl", "Writing to a topic without the ACL",
+        attack="Produce a record to payments.events.v1 with notifications' genuine SCRAM credentials.",
+        defence="Kafka's StandardAuthorizer, default deny, with ACLs generated only from infra/event-access.yaml: "
+                "TOPIC_AUTHORIZATION_FAILED.",
+        where="infra/event-access.yaml, bastion/devstack/event_access.py, bastion/devstack/kafka_admin.py",
+        expect="TOPIC_AUTHORIZATION_FAILED", probe=events.topic_without_acl),
+    Lab("tampered-event", "A signed event altered in transit",
+        attack="Rewrite the amount of a MoneyDeposited signed by accounts from 1.00 to 1,000,000.00 EUR, keep the "
+               "signature, and publish it to accounts.events.v1.",
+        defence="Ed25519 signatures over the canonical bytes, checked by every verifying consumer: dead-lettered "
+                "with reason bad_signature, logged, and recorded in the audit log.",
+        where="bastion/events/signing.py, bastion/events/verify.py, bastion/events/consumer.py",
+        expect="bad_signature", probe=events.tampered_event),
+    Lab("foreign-event-type", "A producer emitting another producer's event type",
+        attack="Payments publishes a bastion.accounts.v1.MoneyDeposited, validly signed with its own key, on its "
+               "own topic payments.events.v1.",
+        defence="The trust policy: which producer may emit which type on which topic; dead-lettered with reason "
+                "not_authorised.",
+        where="infra/event-trust.yaml, bastion/events/trust.py, bastion/events/verify.py",
+        expect="not_authorised", probe=events.foreign_event_type),
+    Lab("unknown-schema", "An event carrying fields its schema does not know",
+        attack="Accounts signs a MoneyDeposited whose payload carries an extra field no schema defines, as a "
+               "malicious or newer producer could.",
+        defence="Strict parsing of envelope and payload, unknown fields rejected: dead-lettered with reason "
+                "unknown_fields.",
+        where="bastion/events/verify.py (_has_unknown_fields), bastion/events/catalog.py",
+        expect="unknown_fields", probe=events.unknown_schema),
+    Lab("replayed-event", "A captured event published again",
+        attack="Capture the genuine MoneyDeposited accounts published for a deposit into bob's account and "
+               "publish the same bytes again.",
+        defence="The inbox: an event id already applied has no second effect (and one older than 5 minutes is "
+                "refused as stale); bob is told once.",
+        where="bastion/events/inbox.py, bastion/events/verify.py (freshness), bastion/events/consumer.py",
+        expect="reason=duplicate", probe=events.replayed_event),
+    Lab("double-spend", "A double-spend race",
+        attack="From an account holding 10.00 EUR, send 8 transfers of 3.00 EUR at once with one idempotency "
+               "key, then 12 at once, each with its own key.",
+        defence="A fenced Redis lock on the source account, debit and credit in one transaction with rows locked "
+                "in order, CHECK (balance_minor >= 0), idempotency keys: no overdraft, one debit per key.",
+        where="services/payments/handlers.py, services/accounts/handlers.py, services/accounts/adapters/postgres.py",
+        expect="insufficient funds", probe=money.double_spend),
+    Lab("paused-lock-holder", "A paused lock holder wakes up (fencing)",
+        attack="Take payments' lock on alice's account, freeze past its TTL while the payments service completes a "
+               "transfer, then wake up and call ApplyTransfer with the old fencing token.",
+        defence="Fencing tokens: accounts accepts a transfer only with a token newer than the last it accepted "
+                "for the account: FAILED_PRECONDITION, money conserved.",
+        where="bastion/resilience/locks.py (FencedLock), services/accounts/domain.py (apply_transfer)",
+        expect="is not newer than", probe=money.paused_lock_holder),
+    Lab("retry-storm", "A retry storm against a failing downstream",
+        attack="Call a downstream that fails every request 30 times in a row through the client kit, as a caller "
+               "under load would.",
+        defence="Retries only on transient codes within a deadline and a retry budget, and a circuit breaker "
+                "shared through Redis: once open, calls fail fast with UNAVAILABLE without reaching the downstream.",
+        where="bastion/grpc/client.py (Downstream), bastion/resilience/breaker.py, bastion/resilience/retry.py",
+        expect="circuit open", probe=money.retry_storm),
+    Lab("audit-tampering", "Rewriting the audit log",
+        attack="Update, delete and truncate the audit log as the audit service's role and as the database admin; "
+               "then, as the admin with the trigger disabled, edit a record of a scratch copy of the log.",
+        defence="Grants (the service role may only INSERT and SELECT), an ENABLE ALWAYS trigger refusing UPDATE, "
+                "DELETE and TRUNCATE to everyone, and the hash chain with signed checkpoints the verifier checks.",
+        where="bastion/audit/postgres.py (install), bastion/audit/verify.py, bastion/audit/install_tools.py",
+        expect="first bad seq", probe=audit.audit_tampering),
+)
+
+
+def find(name: str) -> Lab | None:
+    return next((lab for lab in LABS if lab.name == name), None)

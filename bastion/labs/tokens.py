@@ -1,0 +1,174 @@
+"""Token labs: forged access tokens, genuine tokens presented to a service they were not issued for, and a
+token that outlives the session it was issued in."""
+
+import hashlib
+import hmac
+import json
+import ssl
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import jwt
+from cryptography.hazmat.primitives import serialization
+from jwt.utils import base64url_decode, base64url_encode
+
+from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.devstack.components.keycloak import Keycloak
+from bastion.grpc.channels import call_metadata
+from bastion.grpc.tokens import jwks_url, signing_keys
+from bastion.labs.bank import Bank, euros
+from bastion.labs.base import Evidence
+from bastion.labs.platform import (
+    TIMEOUT,
+    Answer,
+    LabSetupError,
+    Session,
+    Watch,
+    answer,
+    new_correlation_id,
+)
+from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
+
+UNAUTHENTICATED = "UNAUTHENTICATED"
+
+
+def _segment(value: dict[str, Any]) -> str:
+    return base64url_encode(json.dumps(value, separators=(",", ":")).encode()).decode()
+
+
+def _realm_public_pem(session: Session, kid: str) -> bytes:
+    """The realm's public key KID as a PEM, read from the JWKS endpoint as anybody can."""
+    context = ssl.create_default_context(cafile=str(session.ctx.ca_file))
+    with urllib.request.urlopen(jwks_url(Keycloak(session.ctx).issuer), context=context, timeout=10) as response:  # noqa: S310 - https to the dev realm
+        keys = signing_keys(json.load(response))
+    if kid not in keys:
+        raise LabSetupError(f"the realm's JWKS has no key {kid}")
+    public: Any = keys[kid].key
+    pem: bytes = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem
+
+
+def forgeries(session: Session, genuine: str) -> dict[str, str]:
+    """Alice's genuine token with her roles raised to support (who sees every account), re-signed three ways an
+    attacker can without the realm's private key."""
+    header_text, payload_text, signature = genuine.split(".")
+    header = json.loads(base64url_decode(header_text))
+    claims = json.loads(base64url_decode(payload_text))
+    claims["realm_access"] = {"roles": ["customer", "support"]}
+    unsigned = f"{_segment({'alg': 'none', 'typ': 'JWT', 'kid': header['kid']})}.{_segment(claims)}"
+    confused_input = f"{_segment({'alg': 'HS256', 'typ': 'JWT', 'kid': header['kid']})}.{_segment(claims)}"
+    mac = hmac.new(_realm_public_pem(session, header["kid"]), confused_input.encode(), hashlib.sha256).digest()
+    return {
+        "alg none, roles raised to support": f"{unsigned}.",
+        "HS256 keyed with the realm's public key (key confusion)": f"{confused_input}.{base64url_encode(mac).decode()}",
+        "payload edited, RS256 signature kept": f"{header_text}.{_segment(claims)}.{signature}",
+    }
+
+
+def _refusal(what: str, result: Answer, expected: str, accepted: str) -> Evidence:
+    if result.ok:
+        return Evidence(what, f"OK: {accepted}", False)
+    if result.code.name != expected:
+        return Evidence(what, f"{result} (expected {expected})", False)
+    return Evidence(what, str(result), True)
+
+
+def _context(watch: Watch, service: str, correlation_id: str) -> Iterator[Evidence]:
+    """The refusal's log line and audit record, found by the call's correlation id."""
+    for line in watch.log_lines(service, "call_refused", correlation_id)[:1]:
+        yield Evidence(f"{service}.log", line)
+    for entry in watch.audit_entries(correlation_id)[:1]:
+        yield Evidence("audit trail", str(entry))
+
+
+def _list_accounts(stub: Any, metadata: tuple[tuple[str, str], ...]) -> Answer:
+    return answer(lambda: stub.ListAccounts(accounts_pb2.ListAccountsRequest(), metadata=metadata, timeout=TIMEOUT))
+
+
+def forged_token(session: Session) -> Iterator[Evidence]:
+    accounts = accounts_pb2_grpc.AccountsStub(session.channel("accounts"))  # type: ignore[no-untyped-call]
+    genuine = session.user_token("alice")
+    calibration = _list_accounts(accounts, call_metadata(genuine, new_correlation_id("forged-token")))
+    if not calibration.ok:
+        raise LabSetupError(f"accounts refused alice's genuine token ({calibration}): is the stack healthy?")
+    yield Evidence("alice's genuine token, accounts.ListAccounts (calibration)",
+                   f"OK: {len(calibration.reply.accounts)} account(s), her own")
+    watch = session.watch()
+    correlation_id = ""
+    for name, token in forgeries(session, genuine).items():
+        correlation_id = new_correlation_id("forged-token")
+        result = _list_accounts(accounts, call_metadata(token, correlation_id))
+        seen = len(result.reply.accounts) if result.ok else 0
+        yield _refusal(name, result, UNAUTHENTICATED, f"accepted: alice, now support, lists {seen} accounts")
+    yield from _context(watch, "accounts", correlation_id)
+
+
+def _list_notifications(stub: Any, metadata: tuple[tuple[str, str], ...]) -> Answer:
+    return answer(lambda: stub.ListNotifications(notifications_pb2.ListNotificationsRequest(limit=1),
+                                                 metadata=metadata, timeout=TIMEOUT))
+
+
+def _audience(token: str) -> str:
+    audience = jwt.decode(token, options={"verify_signature": False}).get("aud")
+    return f"aud {audience}" if audience else "no aud claim"
+
+
+def foreign_audience(session: Session) -> Iterator[Evidence]:
+    as_cli = notifications_pb2_grpc.NotificationsStub(session.channel("notifications"))  # type: ignore[no-untyped-call]
+    calibration = _list_notifications(as_cli, session.as_user("alice", new_correlation_id("foreign-audience")))
+    if not calibration.ok:
+        raise LabSetupError(f"notifications refused alice's genuine token ({calibration}): is the stack healthy?")
+    yield Evidence("alice's token (its aud names every service), notifications.ListNotifications (calibration)",
+                   "OK")
+    watch = session.watch()
+    stolen = session.service_token("payments")
+    as_payments = notifications_pb2_grpc.NotificationsStub(  # type: ignore[no-untyped-call]
+        session.channel("notifications", "payments"))
+    cid = new_correlation_id("foreign-audience")
+    yield _refusal(f"payments' genuine service token ({_audience(stolen)}) at notifications.ListNotifications",
+                   _list_notifications(as_payments, call_metadata(stolen, cid)), UNAUTHENTICATED,
+                   "notifications accepted a token issued for another service")
+    yield from _context(watch, "notifications", cid)
+    nameless = session.service_token("notifications")
+    as_notifications = accounts_pb2_grpc.AccountsStub(  # type: ignore[no-untyped-call]
+        session.channel("accounts", "notifications"))
+    cid = new_correlation_id("foreign-audience")
+    yield _refusal(f"notifications' genuine service token ({_audience(nameless)}) at accounts.ListAccounts",
+                   _list_accounts(as_notifications, call_metadata(nameless, cid)), UNAUTHENTICATED,
+                   "accounts accepted a token that names no audience")
+    yield from _context(watch, "accounts", cid)
+
+
+STEP_UP_AMOUNT = 150_000  # above payments' step-up threshold (1,000.00 EUR): the session is checked online
+SMALL_AMOUNT = 1_000
+
+
+def revoked_session(session: Session) -> Iterator[Evidence]:
+    bank = Bank(session, "revoked-session")
+    source, target = bank.open_account("alice", 2 * STEP_UP_AMOUNT), bank.open_account("bob")
+    signed_in = session.user_tokens("alice")  # a session of its own, so that ending it touches no other lab
+    metadata = call_metadata(str(signed_in["access_token"]), new_correlation_id("revoked-session"))
+
+    def send(amount: int) -> Answer:
+        request = bank.transfer_request(source, target, amount)
+        return answer(lambda: bank.payments.Transfer(request, metadata=metadata, timeout=TIMEOUT))
+
+    before = send(STEP_UP_AMOUNT)
+    if not before.ok:
+        raise LabSetupError(f"alice's large transfer with an active session was refused ({before})")
+    yield Evidence(f"alice sends {euros(STEP_UP_AMOUNT)} while signed in (calibration)",
+                   f"{before.reply.payment.status}: the session was checked online and is active")
+    session.sign_out(str(signed_in["refresh_token"]))
+    yield Evidence("alice signs out (or an admin ends her session)",
+                   "her access token is unexpired and still passes local validation")
+    after = send(STEP_UP_AMOUNT)
+    yield Evidence(f"the same token, {euros(STEP_UP_AMOUNT)} again", "OK: the transfer went through" if after.ok
+                   else str(after), after.code == grpc.StatusCode.PERMISSION_DENIED)
+    small = send(SMALL_AMOUNT)
+    yield Evidence(f"the same token, {euros(SMALL_AMOUNT)}", f"{small}: below the step-up amount a token is trusted "
+                   "until it expires (at most 5 minutes), the trade-off docs/security.md names")
+    balance = bank.balance(source)
+    moved = STEP_UP_AMOUNT + (SMALL_AMOUNT if small.ok else 0)
+    yield Evidence("alice's balance", euros(balance), balance == 2 * STEP_UP_AMOUNT - moved)

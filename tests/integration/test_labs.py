@@ -1,0 +1,304 @@
+"""The attack labs on the test stack: every lab of the catalogue holds when run as a user runs it (`bastion lab
+run NAME`), `--all` prints one scorecard line per concern of docs/security.md, and a lab pointed at a deliberately
+weakened copy of its control (a validator that accepts any token, a handler without its object-level check, a
+verifier that skips signatures) does not hold, while the same lab against the intact copy does."""
+
+import asyncio
+import io
+import re
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import jwt
+import pytest
+from rich.console import Console
+from sqlalchemy import create_engine
+
+from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.devstack.components.kafka import Kafka
+from bastion.devstack.components.keycloak import Keycloak
+from bastion.devstack.components.postgres import Postgres
+from bastion.devstack.context import StackContext
+from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
+from bastion.events.catalog import SCHEMAS
+from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
+from bastion.events.keys import KeyRing
+from bastion.events.storage import EVENTS_METADATA
+from bastion.events.trust import TrustPolicy
+from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, parse_envelope
+from bastion.grpc.audit import MemoryAccessAudit
+from bastion.grpc.policy import load_method_policy
+from bastion.grpc.server import ServerSecurity, start_server
+from bastion.grpc.tokens import JwksCache, Principal, TokenValidator, jwks_url
+from bastion.labs import LABS, find
+from bastion.labs.base import LabResult, Outcome, exit_status, run_lab
+from bastion.labs.platform import EventRoute, Session, Target
+from bastion.labs.scorecard import CONCERNS, SECTIONS, Status
+from bastion.settings import PROJECT_ROOT
+from services.accounts.adapters.grpc import AccountsServicer
+from services.accounts.domain import Account, AccountNotFoundError
+from services.accounts.fakes import MemoryUnitOfWork
+from services.accounts.handlers import AccountsHandlers, Caller
+from tests.integration.conftest import bastion
+from tests.integration.grpc_harness import ProbeServer, tls_of
+
+WIDE = {"COLUMNS": "400"}  # one evidence item per line in the captured output
+
+
+# --- the catalogue, the scorecard and docs/security.md agree (no stack needed) ---
+
+
+def security_sections() -> list[tuple[str, list[str]]]:
+    """The sections of docs/security.md and the first cell of each row of their tables."""
+    sections: list[tuple[str, list[str]]] = []
+    for line in (PROJECT_ROOT / "docs" / "security.md").read_text().splitlines():
+        if line.startswith("## "):
+            sections.append((line.removeprefix("## ").strip(), []))
+        elif line.startswith("| ") and not line.startswith("| concern |") and sections:
+            sections[-1][1].append(line.split("|")[1].strip())
+    return sections
+
+
+def test_the_scorecard_has_the_sections_and_rows_of_the_security_guide_and_only_known_labs() -> None:
+    assert [(section, [c.title for c in concerns]) for section, concerns in SECTIONS] == security_sections()
+    names = {lab.name for lab in LABS}
+    assert len(names) == len(LABS)
+    assert {name for concern in CONCERNS for name in concern.labs} == names, "every lab proves a concern"
+    assert all(bool(concern.labs) != bool(concern.not_covered) for concern in CONCERNS)
+
+
+# --- every lab on the running test stack, as a user runs it ---
+
+
+@pytest.mark.parametrize("name", [lab.name for lab in LABS])
+def test_each_lab_holds_and_names_its_evidence(stack: Any, name: str) -> None:
+    lab = find(name)
+    assert lab is not None
+    result = bastion("lab", "run", name, env=WIDE, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "HELD: the defence fired" in result.stdout
+    assert "✗" not in result.stdout
+    evidence = [line for line in result.stdout.splitlines() if line.lstrip().startswith("✓")]
+    assert any(lab.expect in line for line in evidence), f"no evidence names {lab.expect!r}:\n{result.stdout}"
+
+
+def test_all_runs_every_lab_and_prints_one_scorecard_line_per_concern(stack: Any) -> None:
+    result = bastion("lab", "run", "--all", env=WIDE, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("HELD: the defence fired") == len(LABS)
+    scorecard = result.stdout.split("Scorecard", 1)[1].splitlines()
+    for concern in CONCERNS:
+        [line] = [line for line in scorecard if f" {concern.title}: " in line]
+        expected = Status.HELD if concern.labs else Status.NOT_COVERED
+        assert re.match(rf"\s+{expected.value}\s", line), line
+        assert concern.not_covered in line if not concern.labs else all(lab in line for lab in concern.labs)
+
+
+def test_an_unknown_lab_or_no_lab_is_a_usage_error(stack: Any) -> None:
+    assert bastion("lab", "run", "no-such-lab").returncode == 2
+    assert bastion("lab", "run").returncode == 2
+
+
+def test_a_stack_that_is_not_running_is_a_set_up_error(stack: Any, tmp_path: Any) -> None:
+    result = bastion("lab", "run", "forged-token", env={"BASTION_STATE_DIR": str(tmp_path / "nothing-here")})
+    message = " ".join(result.stderr.split())  # as printed, wrapped to the terminal
+    assert result.returncode == 2
+    assert "is not running" in message and "start it with `bastion up`" in message
+
+
+# --- the labs notice a control that is switched off ---
+
+
+def session_on(ctx: StackContext, **changes: Any) -> Session:
+    """A session on the test stack with some of the target pointed elsewhere; no waiting for context evidence
+    that a stand-in cannot produce."""
+    return Session(ctx, replace(Target.running_stack(ctx), context_wait_seconds=0, **changes))
+
+
+def run(ctx: StackContext, name: str, **changes: Any) -> LabResult:
+    lab = find(name)
+    assert lab is not None
+    session = session_on(ctx, **changes)
+    try:
+        return run_lab(lab, session, Console(file=io.StringIO(), width=400))
+    finally:
+        session.close()
+
+
+def attack_got_through(result: LabResult) -> list[str]:
+    """The evidence of the attack getting through, once sure the lab would exit 1 for it."""
+    assert exit_status({result.lab.name: result}) == 1
+    return [f"{item.what}: {item.observed}" for item in result.evidence if item.held is False]
+
+
+class AcceptsAnyToken:
+    """The authentication control switched off: reads a token's claims and believes them."""
+
+    def validate(self, token: str) -> Principal:
+        claims = jwt.decode(token, options={"verify_signature": False})
+        return Principal(claims["sub"], claims.get("preferred_username"), claims["azp"],
+                         frozenset(claims.get("realm_access", {}).get("roles", [])), claims.get("jti"),
+                         int(claims["exp"]))
+
+
+class WithoutObjectCheck(AccountsHandlers):
+    """The object-level check switched off: any caller the method policy admits reads any account."""
+
+    def get_account(self, caller: Caller, account_id: str) -> Account:
+        with self.unit_of_work() as uow:
+            account = uow.accounts.get(account_id)
+        if account is None:
+            raise AccountNotFoundError("account not found")
+        return account
+
+
+def start_accounts(ctx: StackContext, validator: Any, handlers: AccountsHandlers) -> ProbeServer:
+    """An accounts server on a free port with the real kit (mTLS, interceptor, the accounts method policy) over
+    in-memory accounts, in a thread with its own event loop."""
+    loop = asyncio.new_event_loop()
+    ready: dict[str, Any] = {}
+
+    async def boot() -> None:
+        security = ServerSecurity("accounts", tls_of(ctx, "accounts"), validator,
+                                  load_method_policy(PROJECT_ROOT / "infra" / "policies" / "accounts.yaml"),
+                                  MemoryAccessAudit())
+        server, port = await start_server(
+            security, lambda s: accounts_pb2_grpc.add_AccountsServicer_to_server(AccountsServicer(handlers), s),
+            [accounts_pb2.DESCRIPTOR.services_by_name["Accounts"]])
+        ready.update(server=server, port=port)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(boot())
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "port" not in ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "port" in ready, "the accounts stand-in did not start"
+    return ProbeServer(ready["port"], loop, ready["server"], thread)
+
+
+def realm_validator(ctx: StackContext) -> TokenValidator:
+    issuer = Keycloak(ctx).issuer
+    return TokenValidator(issuer, "accounts", JwksCache.from_url(
+        jwks_url(issuer), ssl.create_default_context(cafile=str(ctx.ca_file))))
+
+
+@pytest.mark.parametrize("switched_off", [False, True], ids=["intact", "accepts-any-token"])
+def test_the_forged_token_lab_fails_against_a_validator_that_accepts_anything(
+    stack: Any, ctx: StackContext, switched_off: bool,
+) -> None:
+    validator = AcceptsAnyToken() if switched_off else realm_validator(ctx)
+    server = start_accounts(ctx, validator, AccountsHandlers(MemoryUnitOfWork()))
+    try:
+        result = run(ctx, "forged-token", addresses={**Target.running_stack(ctx).addresses,
+                                                     "accounts": f"localhost:{server.port}"})
+    finally:
+        server.stop()
+    if not switched_off:
+        assert result.outcome is Outcome.HELD, result
+        return
+    got_through = attack_got_through(result)
+    assert len(got_through) == 3 and all("accepted" in line for line in got_through), got_through
+
+
+@pytest.mark.parametrize("handlers", [AccountsHandlers, WithoutObjectCheck], ids=["intact", "no-object-check"])
+def test_the_other_customer_lab_fails_against_a_handler_without_the_object_level_check(
+    stack: Any, ctx: StackContext, handlers: type[AccountsHandlers],
+) -> None:
+    server = start_accounts(ctx, realm_validator(ctx), handlers(MemoryUnitOfWork()))
+    try:
+        result = run(ctx, "other-customer-account", addresses={**Target.running_stack(ctx).addresses,
+                                                               "accounts": f"localhost:{server.port}"})
+    finally:
+        server.stop()
+    if handlers is AccountsHandlers:
+        assert result.outcome is Outcome.HELD, result
+        return
+    [got_through] = attack_got_through(result)
+    assert got_through.startswith("bob: accounts.GetAccount on alice's account: OK: bob read it: owner alice")
+
+
+class SignatureNotChecked(EnvelopeVerifier):
+    """The signature control switched off: parses and trusts whatever arrives."""
+
+    def verify(self, raw: bytes, topic: str, broker_time: Any = None, check_freshness: bool = True) -> VerifiedEvent:
+        envelope = parse_envelope(raw, self.max_bytes)
+        payload = SCHEMAS[envelope.event_type].message()
+        payload.ParseFromString(envelope.payload)
+        return VerifiedEvent(envelope, payload)
+
+
+@pytest.fixture()
+def own_route(ctx: StackContext) -> Iterator[tuple[str, str]]:
+    """A topic of the test's own with its dead-letter topic: accounts writes, notifications verifies."""
+    topic, group = f"lab-it.{uuid.uuid4().hex[:12]}.v1", f"lab-it-{uuid.uuid4().hex[:12]}"
+    access = EventAccessPolicy({
+        topic: TopicPolicy(topic, 1, ("accounts",), {"notifications": group},
+                           {"message.timestamp.type": "LogAppendTime"}),
+        f"{topic}.dlq": TopicPolicy(f"{topic}.dlq", 1, ("notifications",), {}),
+    })
+    admin = Kafka(ctx).admin()
+    admin.ensure_topics(access)
+    admin.grant(access.grants())
+    yield topic, group
+    admin.revoke(access.grants())
+    admin.client.delete_topics([topic, f"{topic}.dlq"])
+
+
+@pytest.mark.parametrize("verifier", [EnvelopeVerifier, SignatureNotChecked], ids=["intact", "signature-not-checked"])
+def test_the_tampering_lab_fails_against_a_verifier_that_skips_signatures(
+    stack: Any, ctx: StackContext, own_route: tuple[str, str], verifier: type[EnvelopeVerifier],
+) -> None:
+    topic, group = own_route
+    engine = create_engine(Postgres(ctx).sqlalchemy_url("notifications", ctx.credentials.postgres["notifications"],
+                                                        "notifications"))
+    EVENTS_METADATA.create_all(engine)
+    trust = TrustPolicy({topic: {"accounts": frozenset({"bastion.accounts.v1.MoneyDeposited"})}})
+    consumer = VerifyingConsumer(
+        ConsumerSettings("notifications", group, [topic], poll_seconds=0.2),
+        Kafka(ctx).client_config("notifications", ctx.credentials.kafka["notifications"]),
+        verifier(KeyRing(ctx.layout.event_keys_dir).trust_store(), trust), engine, lambda conn, event: None)
+    stop = threading.Event()
+    worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        routes = {**Target.running_stack(ctx).event_routes,
+                  "accounts.events.v1": EventRoute(topic, ("notifications",))}
+        result = run(ctx, "tampered-event", event_routes=routes, service_logs={}, verdict_wait_seconds=15)
+    finally:
+        stop.set()
+        worker.join(10)
+        consumer.close()
+        engine.dispose()
+    if verifier is EnvelopeVerifier:
+        assert result.outcome is Outcome.HELD, result
+        return
+    assert attack_got_through(result) == ["verdict of notifications: no dead letter within 15s: the event was not "
+                                          "refused"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("name", ["no-client-certificate", "forged-token"])
+def test_a_refusal_that_could_be_an_outage_is_never_taken_for_the_defence(
+    stack: Any, ctx: StackContext, name: str,
+) -> None:
+    """Nothing listens where accounts should be: UNAVAILABLE is what the no-certificate lab expects, yet the lab
+    must not hold; its calibration call finds the outage and the lab does not run (exit 2)."""
+    result = run(ctx, name, addresses={**Target.running_stack(ctx).addresses, "accounts": f"localhost:{free_port()}"})
+    assert result.outcome is Outcome.NOT_RUN
+    assert "UNAVAILABLE" in (result.error or "")
