@@ -106,15 +106,21 @@ class ServiceRuntime:
 
         def run() -> None:
             while not stop.is_set():
-                worker = build()
+                worker: Worker | None = None
                 try:
+                    worker = build()
                     worker.run(stop)
                 except Exception as error:
                     log.error("worker_failed", service=self.name, role=role, error=type(error).__name__,
                               detail=str(error))
                     time.sleep(WORKER_RESTART_SECONDS)
                 finally:
-                    worker.close()
+                    if worker is not None:
+                        try:
+                            worker.close()
+                        except Exception as error:  # closing a broken client must not end the restart loop
+                            log.warning("worker_close_failed", service=self.name, role=role,
+                                        error=type(error).__name__)
 
         thread = threading.Thread(target=run, name=f"{self.name}-{role}", daemon=True)
         thread.start()

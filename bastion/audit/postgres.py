@@ -178,6 +178,9 @@ def install(admin_conn: Connection, service_role: str, schema: str = AUDIT_SCHEM
     tables); the admin owns the schema and the log. Raises InstallError if the schema or the log already
     exists under another owner (the service role, say, which could then drop the log).
     """
+    # Only the catalog on the search path: objects a service role may create in `public` (an operator or a
+    # function shadowing a built-in) must never run with the admin's rights while it installs (CVE-2018-1058).
+    admin_conn.exec_driver_sql("SET LOCAL search_path = pg_catalog, pg_temp")
     if admin_conn.exec_driver_sql("SELECT current_user").scalar_one() == service_role:
         raise InstallError("install runs as the admin, not as the service role it restricts")
     # Appends take this lock first: with it held here they wait at their first statement instead of holding
@@ -316,6 +319,11 @@ class AuditLog:
         """The log's length and head hash ((0, 32 zero bytes) when empty)."""
         row = conn.execute(select(log.c.seq, log.c.hash).order_by(log.c.seq.desc()).limit(1)).first()
         return EMPTY if row is None else Head(row.seq, bytes(row.hash))
+
+    def hash_at(self, conn: Connection, seq: int) -> bytes | None:
+        """The stored hash of the entry at SEQ, or None if there is none."""
+        value = conn.execute(select(log.c.hash).where(log.c.seq == seq)).scalar_one_or_none()
+        return None if value is None else bytes(value)
 
     def iter_rows(self, conn: Connection, page: int | None = None,
                   after: int = 0) -> Generator[LogEntry, None, None]:

@@ -72,6 +72,11 @@ def parse_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
     if missing or not timestamps or envelope.sequence == 0:
         absent = ", ".join(missing) or "occurred_at, published_at or sequence"
         raise VerificationError(RejectReason.MALFORMED, f"missing fields: {absent}")
+    for name in ("occurred_at", "published_at"):
+        try:  # a Timestamp beyond year 9999 parses, but no datetime holds it: refuse it here, not crash later
+            getattr(envelope, name).ToDatetime(tzinfo=dt.UTC)
+        except (ValueError, OverflowError):
+            raise VerificationError(RejectReason.MALFORMED, f"{name} is out of range") from None
     return envelope
 
 

@@ -106,7 +106,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await self._refuse(context, call, PermissionDeniedError(f"permission denied: {verdict.reason}"))
         if self.limiter is not None:
             try:
-                await self.limiter.admit(f"{principal.client_id}:{principal.subject}", principal.is_service_account)
+                # The service budget needs the service's own certificate too, not just a token that looks like one.
+                service_account = principal.is_service_account and peer == principal.client_id
+                await self.limiter.admit(f"{principal.client_id}:{principal.subject}", service_account)
             except RequestError as error:
                 await self._refuse(context, call, error)
         self.audit.record(decision(_who(principal), peer or "", method, True, verdict.reason, correlation_id))

@@ -4,20 +4,25 @@ ListEvents queries are valid. No I/O, no framework."""
 import base64
 import binascii
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, replace
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, AccessDecision, EventRejected
+from bastion.audit.chain import Head
+from bastion.audit.checkpoints import Checkpoint
+from bastion.audit.errors import CheckpointForkError, CheckpointRollbackError
 from bastion.audit.records import AuditRecord, Decision, RecordKind
 from bastion.events.consumer import safe_claim
 from bastion.events.errors import VerificationError
 from bastion.events.v1.envelope_pb2 import Envelope
-from bastion.events.verify import VerifiedEvent
+from bastion.events.verify import MAX_ENVELOPE_BYTES, VerifiedEvent
 from bastion.grpc.errors import InvalidArgumentError
 
 CONSUMER = "audit"
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
 MAX_TEXT = 1000
+KEPT_PREFIX_BYTES = 4096
 
 
 class AuditServiceError(Exception):
@@ -44,14 +49,21 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd")[:MAX_TEXT]
 
 
+def _kept(raw: bytes) -> bytes:
+    """The bytes kept of a record: whole up to the envelope limit; beyond it (a refused oversized record) a prefix,
+    so that a flood of huge records cannot exhaust the consumer; `refused` puts the full SHA-256 in the detail."""
+    return raw if len(raw) <= MAX_ENVELOPE_BYTES else raw[:KEPT_PREFIX_BYTES]
+
+
 def accepted(delivery: Delivery, event: VerifiedEvent, recorded_at: dt.datetime) -> AuditRecord:
     """The record of an event that passed every check: a domain event, an access decision of an interceptor,
     or another consumer's report that it refused an event."""
     envelope, payload = event.envelope, event.payload
+    # Even a verified event's strings are a producer's input: bounded and NUL-free, so none can stop the log.
     record = AuditRecord(
         RecordKind.EVENT, topic=delivery.topic, partition=delivery.partition, offset=delivery.offset,
-        event_id=envelope.event_id, event_type=envelope.event_type, producer=envelope.producer,
-        aggregate_id=envelope.aggregate_id, correlation_id=envelope.correlation_id,
+        event_id=_text(envelope.event_id), event_type=_text(envelope.event_type), producer=_text(envelope.producer),
+        aggregate_id=_text(envelope.aggregate_id), correlation_id=_text(envelope.correlation_id),
         occurred_at=envelope.occurred_at.ToDatetime(dt.UTC), recorded_at=recorded_at, envelope=delivery.raw)
     if isinstance(payload, AccessDecision):
         return replace(record, kind=RecordKind.ACCESS, principal=_text(payload.principal), action=_text(payload.method),
@@ -72,9 +84,24 @@ def refused(delivery: Delivery, claimed: Envelope, error: VerificationError, rec
         event_id=safe_claim(claimed.event_id), event_type=safe_claim(claimed.event_type),
         producer=safe_claim(claimed.producer), aggregate_id=safe_claim(claimed.aggregate_id),
         correlation_id=safe_claim(claimed.correlation_id), occurred_at=delivery.broker_time,
-        recorded_at=recorded_at, envelope=delivery.raw, principal=CONSUMER,
+        recorded_at=recorded_at, envelope=_kept(delivery.raw), principal=CONSUMER,
         action=f"{delivery.topic}/{delivery.partition}/{delivery.offset}", reason=error.reason.value,
-        detail=_text(error.detail))
+        detail=_text(f"{error.detail} (sha256 {hashlib.sha256(delivery.raw).hexdigest()}, {len(delivery.raw)} "
+                     "bytes)" if len(delivery.raw) > MAX_ENVELOPE_BYTES else error.detail))
+
+
+def check_continuity(last: Checkpoint | None, head: Head, signed_hash: bytes | None) -> None:
+    """Before signing HEAD: the log must still extend the LAST signed checkpoint. SIGNED_HASH is the hash the log
+    holds now at the checkpoint's length. A shorter log (restored from an old copy, rows removed) or another
+    hash there (rewritten) raises, and the service stops signing rather than vouch for it."""
+    if last is None:
+        return
+    if head.length < last.length:
+        raise CheckpointRollbackError(
+            f"the log has {head.length} records, below the {last.length} of the last signed checkpoint")
+    if signed_hash != last.head_hash:
+        raise CheckpointForkError(
+            f"record {last.length} no longer has the hash the last checkpoint signed: the log was rewritten")
 
 
 @dataclass(frozen=True)

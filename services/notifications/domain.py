@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from bastion.accounts.v1 import events_pb2 as accounts_events
-from bastion.grpc.errors import InvalidArgumentError, UnauthenticatedError
+from bastion.grpc.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from bastion.payments.v1 import events_pb2 as payments_events
 
 MAX_PAGE = 500
@@ -29,6 +29,10 @@ class InvalidRequestError(NotificationsError, InvalidArgumentError):
 
 class StreamExpiredError(NotificationsError, UnauthenticatedError):
     """A stream outlived the access token it was opened with."""
+
+
+class TooManyStreamsError(NotificationsError, ResourceExhaustedError):
+    """The caller already holds as many open streams as one person needs."""
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,10 @@ class TokenNotActiveError(PaymentsError, PermissionDeniedError):
     """A large transfer needs a token the identity provider still reports active (not revoked, not logged out)."""
 
 
+class PaymentPendingError(PaymentsError, UnavailableError):
+    """The payment is recorded but its outcome at accounts is not known yet (it timed out or was away)."""
+
+
 class AccountLockUnavailableError(PaymentsError, UnavailableError):
     """The source account could not be locked: the transfer is refused rather than run unlocked."""
 

@@ -20,6 +20,7 @@ from services.payments.domain import (
     Limits,
     Payment,
     PaymentNotFoundError,
+    PaymentPendingError,
     PaymentRefusedError,
     PaymentStatus,
     SourceAccountNotFoundError,
@@ -147,6 +148,12 @@ class PaymentsHandlers:
             await self.accounts.apply_transfer(payment.payment_id, payment.from_account_id, payment.to_account_id,
                                                payment.amount_minor, payment.currency, fencing_token,
                                                payment.idempotency_key)
+        except UnavailableError as unknown:
+            # accounts may or may not have applied it: the payment stays PENDING and the caller must not pay
+            # again with a new key (the reconciler settles this one); the same key returns the outcome.
+            raise PaymentPendingError(
+                f"payment {payment.payment_id} is pending: its outcome is not known yet ({unknown}); retry with the "
+                "same idempotency key to learn it, never with a new one") from unknown
         except REFUSALS as refusal:
             failed = domain.fail(payment, str(refusal))
             await self._transaction(lambda uow: self._record(uow, failed, events_pb2.PaymentFailed(
@@ -179,8 +186,9 @@ class PaymentsHandlers:
                     settled.append(await self._apply(current, fencing_token))
             except PaymentRefusedError:
                 settled.append(await self._reread(payment) or payment)
-            except UnavailableError as error:
-                log.warning("pending_payment_not_settled", payment_id=payment.payment_id, error=str(error))
+            except Exception as error:  # one payment that cannot be settled must not hold back the others
+                log.warning("pending_payment_not_settled", payment_id=payment.payment_id,
+                            error=type(error).__name__, detail=str(error))
         return settled
 
     async def _reread(self, payment: Payment) -> Payment | None:

@@ -1,6 +1,7 @@
 """A second payments process for the fencing test: a real PaymentsHandlers (Redis lock, fencing token, the
-accounts client kit) whose accounts gateway, once it holds the lock, writes MARKER and waits a moment before
-calling ApplyTransfer, so that the test can SIGSTOP it while it holds the lock.
+accounts client kit) whose accounts gateway, once it holds the lock, writes MARKER (its fencing token) and then
+waits for a line on stdin before calling ApplyTransfer, so that the test can SIGSTOP it while it holds the lock
+and let it go on when the test chooses, with no timing race.
 
 Usage (with the BASTION_* environment of the test stack):
     python -m tests.integration.payments_worker FROM TO AMOUNT IDEMPOTENCY_KEY MARKER
@@ -10,7 +11,6 @@ Prints one JSON line: the payment, or the status the transfer ended with.
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
 from bastion.grpc.errors import RequestError
@@ -23,8 +23,6 @@ from services.payments.server import NAME, accounts_downstream, build_handlers
 from services.payments.settings import PaymentsSettings
 from tests.integration.grpc_harness import user_token
 
-PAUSE_WINDOW_SECONDS = 1.0
-
 
 class PausingAccounts:
     def __init__(self, inner: GrpcAccounts, marker: Path) -> None:
@@ -36,9 +34,12 @@ class PausingAccounts:
 
     async def apply_transfer(self, transfer_id: str, from_account_id: str, to_account_id: str, amount_minor: int,
                              currency: str, fencing_token: int, idempotency_key: str) -> None:
-        self.marker.write_text(str(fencing_token))
-        # Blocking on purpose: the SIGSTOP lands here, with the lock held and ApplyTransfer not yet sent.
-        time.sleep(PAUSE_WINDOW_SECONDS)
+        written = self.marker.with_suffix(".tmp")
+        written.write_text(str(fencing_token))
+        written.rename(self.marker)  # the test never reads a half-written token
+        # Blocking on purpose, event loop and lock extender included: the SIGSTOP lands here, with the lock held
+        # and ApplyTransfer not yet sent; the test's line on stdin lets it go on.
+        sys.stdin.readline()
         await self.inner.apply_transfer(transfer_id, from_account_id, to_account_id, amount_minor, currency,
                                         fencing_token, idempotency_key)
 

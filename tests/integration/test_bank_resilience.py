@@ -48,7 +48,7 @@ def test_a_paused_lock_holder_is_stopped_by_the_fencing_token(bank: Bank, tmp_pa
         [sys.executable, "-m", "tests.integration.payments_worker", source, target, "300", f"pay-{uuid.uuid4()}",
          str(marker)],
         env={**os.environ, **TEST_ENV, "BASTION_PAYMENTS_LOCK_TTL_SECONDS": str(WORKER_LOCK_TTL_SECONDS)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(marker)
         worker.send_signal(signal.SIGSTOP)  # paused with the lock and its fencing token, before ApplyTransfer
@@ -58,7 +58,7 @@ def test_a_paused_lock_holder_is_stopped_by_the_fencing_token(bank: Bank, tmp_pa
         assert second.status == "COMPLETED"
         assert (bank.balance(source), bank.balance(target)) == (800, 200)
         worker.send_signal(signal.SIGCONT)
-        out, err = worker.communicate(timeout=60)
+        out, err = worker.communicate("go on\n", timeout=60)
     finally:
         if worker.poll() is None:
             worker.send_signal(signal.SIGCONT)

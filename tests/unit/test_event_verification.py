@@ -123,6 +123,14 @@ def test_truncated_and_oversized_messages(verifier: EnvelopeVerifier, ring: KeyR
     assert refused(verifier, b"") == RejectReason.MALFORMED
 
 
+@pytest.mark.parametrize("field", ["occurred_at", "published_at"])
+def test_a_timestamp_no_datetime_holds_is_malformed_not_a_crash(verifier: EnvelopeVerifier, ring: KeyRing,
+                                                                 field: str) -> None:
+    envelope = opened(ring)
+    getattr(envelope, field).seconds = 2**40  # year 36812: valid protobuf, beyond datetime
+    assert refused(verifier, envelope.SerializeToString()) == RejectReason.MALFORMED
+
+
 def test_previous_schema_version_is_upcast_on_read(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
     old = seal(ring.signing_key("accounts"), TOPIC, MoneyDeposited(account_id="a1", amount_minor=500), "a1", 2, "c1",
                occurred_at=NOW)

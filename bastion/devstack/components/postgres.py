@@ -199,6 +199,7 @@ class Postgres(Component):
         engine = create_engine(url, poolclass=NullPool)
         try:
             with engine.begin() as conn:
+                conn.execute(text("SET LOCAL search_path = pg_catalog, pg_temp"))  # see audit.postgres.install
                 role = conn.dialect.identifier_preparer.quote(name)
                 conn.execute(text(f"GRANT USAGE, CREATE ON SCHEMA public TO {role}"))
                 install_audit_log(conn, name)

@@ -22,7 +22,7 @@ from bastion.audit.errors import CheckpointError
 from bastion.audit.postgres import AuditLog
 from bastion.audit.records import AuditRecord
 from bastion.events.consumer import broker_time, claimed_envelope, dead_letter, safe_claim
-from bastion.events.errors import VerificationError
+from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
 from bastion.events.verify import EnvelopeVerifier
 from services.audit import domain
@@ -97,9 +97,12 @@ class AuditConsumer:
         an old copy, or rows removed) is never signed: signing stops, and a security record says why."""
         if self.signing_refused:
             return
+        last = self.checkpointer.file.last
         with self.engine.connect() as conn:
             head = self.store.head(conn)
+            signed_hash = self.store.hash_at(conn, last.length) if last is not None else None
         try:
+            domain.check_continuity(last, head, signed_hash)
             checkpoint = self.checkpointer.maybe_checkpoint(head)
         except CheckpointError as error:
             self.signing_refused = True
@@ -123,10 +126,16 @@ class AuditConsumer:
         delivery = Delivery(message.topic(), message.partition(), message.offset(), received, raw)
         try:
             event = self.verifier.verify(raw, delivery.topic, received)
+            record = domain.accepted(delivery, event, self.clock())
         except VerificationError as error:
             return self._refuse(message, delivery, error)
+        except Exception as error:
+            # A record the checks let through but no audit record can hold is kept as refused: one bad record must
+            # never stop the whole trail.
+            return self._refuse(message, delivery, VerificationError(
+                RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]))
         EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
-        return domain.accepted(delivery, event, self.clock())
+        return record
 
     def _refuse(self, message: Message, delivery: Delivery, error: VerificationError) -> AuditRecord:
         claimed = claimed_envelope(delivery.raw)

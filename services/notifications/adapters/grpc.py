@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime as dt
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,10 +11,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from bastion.grpc.context import current_call
 from bastion.grpc.errors import UnauthenticatedError
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
-from services.notifications.domain import Notification
+from services.notifications.domain import Notification, TooManyStreamsError
 from services.notifications.handlers import Caller, NotificationsHandlers, NotificationStream
 
 DEFAULT_PAGE = 100
+# Each open stream polls the database: a few per person (a phone, a laptop) is plenty, hundreds are an attack.
+MAX_STREAMS_PER_CALLER = 5
 
 
 def _caller() -> tuple[Caller, dt.datetime]:
@@ -32,9 +35,13 @@ def _notification(notification: Notification) -> notifications_pb2.Notification:
 
 
 class NotificationsServicer(notifications_pb2_grpc.NotificationsServicer):
-    def __init__(self, handlers: NotificationsHandlers, poll_seconds: float = 0.5) -> None:
+    def __init__(self, handlers: NotificationsHandlers, poll_seconds: float = 0.5,
+                 max_streams_per_caller: int = MAX_STREAMS_PER_CALLER) -> None:
         self.handlers = handlers
         self.poll_seconds = poll_seconds
+        self.max_streams_per_caller = max_streams_per_caller
+        # Open streams per caller, in this process (every stream runs on its event loop, so no lock is needed).
+        self.open_streams: Counter[str] = Counter()
 
     async def ListNotifications(self, request: notifications_pb2.ListNotificationsRequest,
                                 context: grpc.aio.ServicerContext) -> notifications_pb2.ListNotificationsResponse:
@@ -47,7 +54,13 @@ class NotificationsServicer(notifications_pb2_grpc.NotificationsServicer):
                                   context: grpc.aio.ServicerContext
                                   ) -> AsyncIterator[notifications_pb2.StreamNotificationsResponse]:
         caller, expires_at = _caller()
+        if self.open_streams[caller.username] >= self.max_streams_per_caller:
+            raise TooManyStreamsError(f"at most {self.max_streams_per_caller} open streams per caller: close one first")
         stream = NotificationStream(self.handlers, caller, request.after_sequence, self.poll_seconds,
                                     expires_at=expires_at)
-        async for notification in stream:
-            yield notifications_pb2.StreamNotificationsResponse(notification=_notification(notification))
+        self.open_streams[caller.username] += 1
+        try:
+            async for notification in stream:
+                yield notifications_pb2.StreamNotificationsResponse(notification=_notification(notification))
+        finally:
+            self.open_streams[caller.username] -= 1

@@ -13,7 +13,7 @@ from bastion.access.v1.decision_pb2 import DECISION_DENY, AccessDecision, EventR
 from bastion.accounts.v1.events_pb2 import MoneyDeposited
 from bastion.audit.chain import EMPTY, LogEntry, extend
 from bastion.audit.checkpoints import Checkpoint, CheckpointFile, sign_checkpoint
-from bastion.audit.errors import CheckpointError
+from bastion.audit.errors import CheckpointError, CheckpointForkError, CheckpointRollbackError
 from bastion.audit.records import Decision, RecordKind
 from bastion.audit.verify import ChainReport, check_chain
 from bastion.events.errors import RejectReason, VerificationError
@@ -149,3 +149,14 @@ def test_a_forged_checkpoint_fails_the_verdict_and_raises_a_security_record(tmp_
     verdict = audit.verify_chain()
     assert not verdict.report.ok and "checkpoint refused" in verdict.report.reason
     assert security.refused == [f"BadCheckpointSignatureError at {file.path}"]
+
+
+def test_signing_stops_when_the_log_no_longer_extends_the_last_checkpoint() -> None:
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 6)])
+    last = sign_checkpoint(AUDIT_KEY, ORIGIN, entries[2].head)
+    domain.check_continuity(None, entries[-1].head, None)
+    domain.check_continuity(last, entries[-1].head, entries[2].hash)  # grown on top of it: fine
+    with pytest.raises(CheckpointRollbackError, match="below"):
+        domain.check_continuity(last, entries[1].head, None)  # restored from an older copy
+    with pytest.raises(CheckpointForkError, match="rewritten"):
+        domain.check_continuity(last, entries[-1].head, bytes(32))  # same length or longer, other history
