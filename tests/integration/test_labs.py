@@ -73,6 +73,15 @@ def test_the_scorecard_has_the_sections_and_rows_of_the_security_guide_and_only_
     assert all(bool(concern.labs) != bool(concern.not_covered) for concern in CONCERNS)
 
 
+def test_the_lab_column_of_docs_security_md_names_the_labs_of_the_scorecard() -> None:
+    documented = {}
+    for line in (PROJECT_ROOT / "docs" / "security.md").read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| concern |"):
+            cells = [cell.strip() for cell in line.split("|")[1:-1]]
+            documented[cells[0]] = tuple(name.strip(" `") for name in cells[3].split(",")) if cells[3] != "-" else ()
+    assert documented == {concern.title: concern.labs for concern in CONCERNS}
+
+
 # --- every lab on the running test stack, as a user runs it ---
 
 
