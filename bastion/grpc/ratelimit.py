@@ -1,4 +1,10 @@
-"""Per-principal rate limiting with its state in Redis, so every replica of a service shares the count."""
+"""Per-principal rate limiting with its state in Redis, so every replica of a service shares the count.
+
+A replica does not ask Redis on every call: it reserves a small batch of its principal's calls at a time (one
+INCRBY) and spends them locally. A reservation never exceeds what is left in the window, so the shared count is
+never overrun; the price is that calls a replica reserved but did not use are lost to the others until the
+window ends (at most `batch` per replica and principal), which errs on the side of refusing.
+"""
 
 import time
 from dataclasses import dataclass
@@ -14,12 +20,20 @@ class RateLimit:
     calls: int
     window_seconds: int
 
+    @property
+    def batch(self) -> int:
+        """How many calls a replica reserves at once: a tenth of the limit, at most 16, at least 1 (exact)."""
+        return max(1, min(16, self.calls // 10))
 
-# One command per call instead of MULTI/INCR/EXPIRE/EXEC: the expiry is set with the window's first call.
-COUNT_IN_WINDOW = """
-local calls = redis.call('INCR', KEYS[1])
-if calls == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return calls
+
+# Reserve up to ARGV[2] calls of a window of ARGV[3] calls; the expiry is set with the window's first reservation.
+# Returns how many were granted (0 when the window is spent). One round trip, atomic.
+RESERVE_IN_WINDOW = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local granted = math.min(tonumber(ARGV[2]), tonumber(ARGV[3]) - used)
+if granted <= 0 then return 0 end
+if redis.call('INCRBY', KEYS[1], granted) == granted then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return granted
 """
 
 
@@ -35,15 +49,28 @@ class RedisRateLimiter:
         self.service = service
         self.limit = limit
         self.service_limit = service_limit or limit
-        self.count = client.register_script(COUNT_IN_WINDOW)
+        self.reserve = client.register_script(RESERVE_IN_WINDOW)
+        # Calls reserved in Redis and not spent yet, per window key (this replica's share).
+        self.reserved: dict[str, int] = {}
 
     async def admit(self, principal_key: str, service_account: bool = False) -> None:
         limit = self.service_limit if service_account else self.limit
         window = int(time.time()) // limit.window_seconds
         key = f"{self.service}:ratelimit:{principal_key}:{window}"
+        if self.reserved.get(key, 0) > 0:
+            self.reserved[key] -= 1
+            return
         try:
-            count = await self.count(keys=[key], args=[limit.window_seconds * 2])
+            granted = int(await self.reserve(keys=[key], args=[limit.window_seconds * 2, limit.batch, limit.calls]))
         except (RedisError, OSError) as error:
             raise UnavailableError("rate limiter unavailable: request refused") from error
-        if int(count) > limit.calls:
+        if granted <= 0:
             raise ResourceExhaustedError(f"rate limit of {limit.calls} calls per {limit.window_seconds}s exceeded")
+        self._forget_old_windows(window)
+        self.reserved[key] = self.reserved.get(key, 0) + granted - 1
+
+    def _forget_old_windows(self, window: int) -> None:
+        """Drop reservations of windows that have ended, so the map stays as small as the active principals."""
+        if len(self.reserved) > 1024:
+            suffix = f":{window}"
+            self.reserved = {key: left for key, left in self.reserved.items() if key.endswith(suffix)}

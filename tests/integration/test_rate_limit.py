@@ -1,0 +1,59 @@
+"""The rate limiter's reservations against the real Redis: replicas that reserve calls in batches never admit
+more than the limit between them, a single replica spends its whole window, and a service account has its own
+budget."""
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from bastion.devstack.context import StackContext
+from bastion.grpc.errors import ResourceExhaustedError
+from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
+
+SERVICE = "accounts"
+
+
+def replica(ctx: StackContext, limit: RateLimit, service_limit: RateLimit | None = None) -> RedisRateLimiter:
+    client = aioredis.Redis(host="127.0.0.1", port=ctx.settings.redis_port, username=SERVICE,
+                            password=ctx.credentials.redis[SERVICE])
+    return RedisRateLimiter(client, SERVICE, limit, service_limit)
+
+
+async def admitted(limiter: RedisRateLimiter, principal: str, attempts: int, service_account: bool = False) -> int:
+    count = 0
+    for _ in range(attempts):
+        try:
+            await limiter.admit(principal, service_account)
+            count += 1
+        except ResourceExhaustedError:
+            pass
+    return count
+
+
+def test_replicas_reserving_in_batches_never_admit_more_than_the_limit(stack: Any, ctx: StackContext) -> None:
+    limit = RateLimit(calls=100, window_seconds=3600)  # a window that will not turn during the test
+    principal = f"it-ratelimit:{uuid.uuid4()}"
+
+    async def run() -> tuple[int, int, int]:
+        first, second = replica(ctx, limit), replica(ctx, limit)
+        together = await asyncio.gather(admitted(first, principal, 70), admitted(second, principal, 70))
+        return together[0], together[1], await admitted(replica(ctx, limit), principal, 5)
+
+    first, second, late = asyncio.run(run())
+    # Unused reservations make the replicas refuse early, never admit late: at most one batch each is left over.
+    assert 100 - 2 * limit.batch <= first + second <= 100 and late == 0
+
+
+def test_one_replica_spends_its_whole_window_then_is_refused(stack: Any, ctx: StackContext) -> None:
+    limit = RateLimit(calls=37, window_seconds=3600)
+    assert asyncio.run(admitted(replica(ctx, limit), f"it-ratelimit:{uuid.uuid4()}", 50)) == 37
+
+
+@pytest.mark.parametrize(("service_account", "expected"), [(False, 10), (True, 30)])
+def test_a_service_account_has_its_own_budget(stack: Any, ctx: StackContext, service_account: bool,
+                                              expected: int) -> None:
+    limiter = replica(ctx, RateLimit(calls=10, window_seconds=3600), RateLimit(calls=30, window_seconds=3600))
+    assert asyncio.run(admitted(limiter, f"it-ratelimit:{uuid.uuid4()}", 40, service_account)) == expected
