@@ -31,8 +31,11 @@ class MemoryPayments:
             raise IdempotencyConflictError("this idempotency key was used for a different request")
         self.rows[payment.payment_id] = payment
 
-    def save(self, payment: Payment) -> None:
+    def settle(self, payment: Payment) -> bool:
+        if self.rows[payment.payment_id].status is not PaymentStatus.PENDING:
+            return False
         self.rows[payment.payment_id] = payment
+        return True
 
     def sent_on(self, account_id: str, day: dt.date) -> int:
         return sum(p.amount_minor for p in self.rows.values()

@@ -47,7 +47,9 @@ class Caller:
 class PaymentsRepository(Protocol):
     def by_idempotency_key(self, idempotency_key: str) -> Payment | None: ...
     def add(self, payment: Payment) -> None: ...
-    def save(self, payment: Payment) -> None: ...
+    def settle(self, payment: Payment) -> bool:
+        """Record PAYMENT's outcome if it is still PENDING; False if another attempt settled it first."""
+        ...
     def sent_on(self, account_id: str, day: dt.date) -> int: ...
     def count_since(self, account_id: str, since: dt.datetime) -> int: ...
     def by_id(self, payment_id: str) -> Payment | None: ...
@@ -197,8 +199,10 @@ class PaymentsHandlers:
 
     @staticmethod
     def _record(uow: UnitOfWork, payment: Payment, event: Message) -> None:
-        uow.payments.save(payment)
-        uow.events.emit(event, payment.payment_id)
+        """The outcome and its event, once: a second attempt that reaches an outcome too (the reconciler and a
+        customer's retry, after a lost lock) finds the payment settled and emits nothing."""
+        if uow.payments.settle(payment):
+            uow.events.emit(event, payment.payment_id)
 
     async def get_payment(self, caller: Caller, payment_id: str) -> Payment:
         """One of the caller's own payments; anyone else's is NOT_FOUND, so ids reveal nothing."""

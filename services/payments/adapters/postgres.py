@@ -85,9 +85,11 @@ class PostgresPayments:
                 raise IdempotencyConflictError("this idempotency key was used for a different request") from None
             raise
 
-    def save(self, payment: Payment) -> None:
-        self.conn.execute(update(payments).where(payments.c.payment_id == payment.payment_id).values(
-            status=payment.status.value, reason=payment.reason))
+    def settle(self, payment: Payment) -> bool:
+        result = self.conn.execute(update(payments).where(
+            payments.c.payment_id == payment.payment_id, payments.c.status == PaymentStatus.PENDING.value,
+        ).values(status=payment.status.value, reason=payment.reason))
+        return result.rowcount == 1
 
     def sent_on(self, account_id: str, day: dt.date) -> int:
         start = dt.datetime.combine(day, dt.time(), dt.UTC)

@@ -24,10 +24,17 @@ class PaymentsRepositoryContract:
         first = payment("key-contract-1")
         repository.add(first)
         assert repository.by_idempotency_key("key-contract-1") == first
-        repository.save(domain.fail(first, "insufficient funds"))
+        repository.settle(domain.fail(first, "insufficient funds"))
         found = repository.by_idempotency_key("key-contract-1")
         assert found is not None and (found.status, found.reason) == (PaymentStatus.FAILED, "insufficient funds")
         assert repository.by_idempotency_key("key-contract-2") is None
+
+    def test_an_outcome_is_recorded_once(self, repository: PaymentsRepository) -> None:
+        repository.add(first := payment("key-contract-9"))
+        assert repository.settle(domain.complete(first)) is True
+        assert repository.settle(domain.fail(first, "too late")) is False
+        found = repository.by_id(first.payment_id)
+        assert found is not None and found.status is PaymentStatus.COMPLETED
 
     def test_a_second_payment_with_the_same_key_conflicts(self, repository: PaymentsRepository) -> None:
         repository.add(payment("key-contract-1"))
@@ -38,9 +45,9 @@ class PaymentsRepositoryContract:
                                                                              ) -> None:
         repository.add(payment("key-pending-1", 100))
         repository.add(completed := payment("key-complete", 20))
-        repository.save(domain.complete(completed))
+        repository.settle(domain.complete(completed))
         repository.add(failed := payment("key-failed-01", 3))
-        repository.save(domain.fail(failed, "frozen"))
+        repository.settle(domain.fail(failed, "frozen"))
         repository.add(payment("key-other-src", 4000, source="acc-2"))
         repository.add(payment("key-yesterday", 5000, at=NOON - dt.timedelta(days=1)))
         assert repository.sent_on("acc-1", NOON.date()) == 120
@@ -50,14 +57,14 @@ class PaymentsRepositoryContract:
         repository.add(payment("key-early-01", at=NOON - dt.timedelta(seconds=61)))
         repository.add(payment("key-recent-1", at=NOON - dt.timedelta(seconds=59)))
         repository.add(failed := payment("key-recent-2", at=NOON))
-        repository.save(domain.fail(failed, "frozen"))
+        repository.settle(domain.fail(failed, "frozen"))
         assert repository.count_since("acc-1", NOON - dt.timedelta(seconds=60)) == 2
 
     def test_pending_payments_before_a_cutoff_come_oldest_first(self, repository: PaymentsRepository) -> None:
         repository.add(late := payment("key-pending-late", at=NOON))
         repository.add(early := payment("key-pending-early", at=NOON - dt.timedelta(minutes=5)))
         repository.add(done := payment("key-done-early", at=NOON - dt.timedelta(minutes=9)))
-        repository.save(domain.complete(done))
+        repository.settle(domain.complete(done))
         assert repository.pending_before(NOON + dt.timedelta(seconds=1), 10) == [early, late]
         assert repository.pending_before(NOON, 10) == [early]
         assert repository.pending_before(NOON + dt.timedelta(seconds=1), 1) == [early]
