@@ -17,8 +17,8 @@ from bastion.grpc.server import TlsFiles
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from bastion.payments.v1 import payments_pb2, payments_pb2_grpc
 
-NOTIFICATION_WAIT_SECONDS = 30
-AUDIT_WAIT_SECONDS = 30
+NOTIFICATION_WAIT_SECONDS = 60
+AUDIT_WAIT_SECONDS = 60
 
 
 class Scenario:

@@ -8,12 +8,13 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
 import redis.asyncio as aioredis
 import structlog
+from grpc_health.v1 import health, health_pb2
 from sqlalchemy import Engine, create_engine
 
 from bastion.devstack.components.kafka import Kafka
@@ -35,11 +36,14 @@ from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import ServerSecurity, TlsFiles
 from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
 from bastion.settings import DevstackSettings
+from bastion.worker_health import WorkerHealth
 
 log = structlog.get_logger(__name__)
 DEFAULT_RATE_LIMIT = RateLimit(calls=600, window_seconds=60)
 SERVICE_ACCOUNT_RATE_LIMIT = RateLimit(calls=30_000, window_seconds=60)
 WORKER_RESTART_SECONDS = 2.0
+HEALTH_CHECK_SECONDS = 2.0
+WORKER_STOP_SECONDS = 10.0
 
 
 class Worker(Protocol):
@@ -54,6 +58,9 @@ class ServiceRuntime:
     engine: Engine
     key: SigningKey
     kafka_config: dict[str, Any]
+    workers: WorkerHealth = field(default_factory=WorkerHealth)
+    threads: list[threading.Thread] = field(default_factory=list)
+    health_servicer: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
 
     @classmethod
     def load(cls, name: str, settings: DevstackSettings) -> "ServiceRuntime":
@@ -109,8 +116,10 @@ class ServiceRuntime:
                 worker: Worker | None = None
                 try:
                     worker = build()
+                    self.workers.started(role, time.monotonic())
                     worker.run(stop)
                 except Exception as error:
+                    self.workers.failed(role, time.monotonic())
                     log.error("worker_failed", service=self.name, role=role, error=type(error).__name__,
                               detail=str(error))
                     time.sleep(WORKER_RESTART_SECONDS)
@@ -124,24 +133,46 @@ class ServiceRuntime:
 
         thread = threading.Thread(target=run, name=f"{self.name}-{role}", daemon=True)
         thread.start()
+        self.threads.append(thread)
         return thread
 
     def start_relay(self, stop: threading.Event) -> threading.Thread:
         relay = OutboxRelay(self.engine, self.kafka_config, self.key)
         thread = threading.Thread(target=relay.run, args=(stop,), name=f"{self.name}-outbox-relay", daemon=True)
         thread.start()
+        self.threads.append(thread)
         return thread
 
-    async def serve_until_stopped(self, server: grpc.aio.Server, port: int, relay: threading.Event) -> None:
-        """Log where the service listens, then serve until SIGTERM or SIGINT; stop the relay last."""
+    async def serve_until_stopped(self, server: grpc.aio.Server, port: int, stop: threading.Event) -> None:
+        """Log where the service listens, then serve until SIGTERM or SIGINT; stop the workers last. Meanwhile the
+        health check says NOT_SERVING while a background worker keeps failing (see bastion.worker_health)."""
         print(f"{self.name} serving on {self.ctx.settings.bind_host}:{port}", flush=True)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        watchdog = asyncio.create_task(self._report_workers())
         await stopping.wait()
+        watchdog.cancel()
         await server.stop(5)
-        relay.set()
+        stop.set()
+        # Let the workers end their loop and close: a consumer that closes leaves its group at once, so its
+        # partitions go to the other members (or this service's next start) now, not after the session timeout.
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for thread in self.threads:
+            await asyncio.to_thread(thread.join, max(deadline - time.monotonic(), 0.1))
+
+    async def _report_workers(self) -> None:
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_SECONDS)
+            failing = self.workers.failing(time.monotonic())
+            if bool(failing) == serving:
+                serving = not failing
+                status = health_pb2.HealthCheckResponse.SERVING if serving else \
+                    health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.health_servicer.set("", status)
+                log.warning("health_changed", service=self.name, serving=serving, failing_workers=failing)
 
     def security(self, rate_limit: RateLimit = DEFAULT_RATE_LIMIT) -> ServerSecurity:
         issuer = Keycloak(self.ctx).issuer

@@ -51,8 +51,10 @@ async def start_server(
     host: str = "127.0.0.1",
     dev_profile: bool = False,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    health_servicer: health.aio.HealthServicer | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Start a secured server; returns it with the bound port (port 0 picks a free one)."""
+    """Start a secured server; returns it with the bound port (port 0 picks a free one). Pass HEALTH_SERVICER
+    to change the health status later (ServiceRuntime does, from its workers' health)."""
     for descriptor in descriptors:
         security.policy.check_complete(descriptor)
     server = grpc.aio.server(
@@ -62,7 +64,7 @@ async def start_server(
                  ("grpc.max_send_message_length", max_message_bytes)],
     )
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [descriptor.full_name for descriptor in descriptors]
     for name in ("", *names):

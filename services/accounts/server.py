@@ -29,6 +29,7 @@ async def serve(settings: DevstackSettings) -> None:
             AccountsServicer(handlers), s),
         [accounts_pb2.DESCRIPTOR.services_by_name["Accounts"]],
         port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
+        health_servicer=runtime.health_servicer,
     )
     await runtime.serve_until_stopped(server, port, stop)
 

@@ -54,6 +54,7 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
         lambda s: audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(handlers), s),  # type: ignore[no-untyped-call]
         [audit_pb2.DESCRIPTOR.services_by_name["Audit"]],
         port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
+        health_servicer=runtime.health_servicer,
     )
     await runtime.serve_until_stopped(server, port, stop)
 

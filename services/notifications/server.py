@@ -34,6 +34,7 @@ async def serve(settings: DevstackSettings, own: NotificationsSettings) -> None:
             NotificationsServicer(handlers, own.stream_poll_seconds), s),
         [notifications_pb2.DESCRIPTOR.services_by_name["Notifications"]],
         port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
+        health_servicer=runtime.health_servicer,
     )
     await runtime.serve_until_stopped(server, port, stop)
 

@@ -84,6 +84,7 @@ async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
             PaymentsServicer(handlers), s),
         [payments_pb2.DESCRIPTOR.services_by_name["Payments"]],
         port=runtime.grpc_port, host=settings.bind_host, dev_profile=settings.dev_profile,
+        health_servicer=runtime.health_servicer,
     )
     await runtime.serve_until_stopped(server, port, stop)
     reconciler.cancel()
