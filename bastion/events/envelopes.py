@@ -2,12 +2,13 @@
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
 from bastion.events.catalog import SCHEMAS
 from bastion.events.keys import SigningKey
-from bastion.events.signing import sign
+from bastion.events.signing import sign, sign_batch
 from bastion.events.v1.envelope_pb2 import Envelope
 
 
@@ -43,9 +44,12 @@ def seal(
     return envelope
 
 
-def republish(envelope_bytes: bytes, key: SigningKey, now: dt.datetime | None = None) -> bytes:
-    """The envelope as the relay hands it to Kafka: published now, signed again by its producer's key."""
-    envelope = Envelope.FromString(envelope_bytes)
-    envelope.published_at.FromDatetime(now or dt.datetime.now(dt.UTC))
-    sign(envelope, key.private_key)
-    return envelope.SerializeToString()
+def republish(stored: Sequence[bytes], key: SigningKey, now: dt.datetime | None = None) -> list[bytes]:
+    """The stored envelopes as the relay hands them to Kafka, in this order: published now and signed together
+    by their producer's key, one signature over the batch's Merkle root (`signing.sign_batch`)."""
+    published = now or dt.datetime.now(dt.UTC)
+    envelopes = [Envelope.FromString(raw) for raw in stored]
+    for envelope in envelopes:
+        envelope.published_at.FromDatetime(published)
+    sign_batch(envelopes, key.private_key)
+    return [envelope.SerializeToString() for envelope in envelopes]

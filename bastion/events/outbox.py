@@ -120,9 +120,9 @@ class OutboxRelay:
                         errors.append(error)
                 return report
 
-            for row in rows:
+            for row, value in zip(rows, republish([row.envelope for row in rows], self.key), strict=True):
                 try:
-                    self.producer.produce(row.topic, value=republish(row.envelope, self.key),
+                    self.producer.produce(row.topic, value=value,
                                           key=row.partition_key.encode(), on_delivery=on_delivery(row.id))
                 except (KafkaException, BufferError) as refused:
                     # Stop here: the rows after this one wait too, so each partition keeps its order.

@@ -22,7 +22,7 @@ from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy
 from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
-from bastion.events.envelopes import seal
+from bastion.events.envelopes import republish, seal
 from bastion.events.field_crypto import DataKeyRing, encrypt_field, field_context, reveal
 from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox
@@ -210,6 +210,32 @@ def test_valid_stream_is_applied_exactly_once_in_order_and_each_attack_is_refuse
     mine = [r for r in mine if r.topic == lane.topic]
     assert sorted(r.reason for r in mine) == reasons
     assert all(r.consumer == CONSUMER for r in mine)
+
+
+def test_a_batch_signed_by_the_relay_is_applied_and_its_forged_members_are_refused(lane: Lane) -> None:
+    """The relay signs a batch once; each event is still checked on its own. A payload swapped under a genuine
+    proof, and a proof bent to fit, are both dead-lettered; the genuine events of the batch are applied."""
+    aggregate = f"acc-batch-{lane.group}"
+    events = [lane.seal("accounts", AccountOpened(account_id=aggregate, owner="alice", currency="EUR"), aggregate, 1)]
+    events += [lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=100 * n, currency="EUR"),
+                         aggregate, n) for n in (2, 3, 4)]
+    relayed = republish([event.SerializeToString() for event in events], lane.ring.signing_key("accounts"))
+    assert {Envelope.FromString(raw).batch.leaf_count for raw in relayed} == {4}
+    forged = Envelope.FromString(relayed[1])
+    forged.payload = MoneyDeposited(account_id=aggregate, amount_minor=10**9, currency="EUR").SerializeToString()
+    bent = Envelope.FromString(relayed[2])
+    bent.batch.path[0] = bytes(32)
+    attacks = [forged.SerializeToString(), bent.SerializeToString()]
+    before = counter("bastion_events_rejected_total", lane.topic, reason="bad_signature")
+
+    lane.publish_raw(relayed[0], *attacks, relayed[1], relayed[2], relayed[3])
+    lane.consume_until(6)
+
+    assert lane.applied_sequences(aggregate) == [1, 2, 3, 4]
+    dead = lane.dead_letters(2)
+    assert {value for value, _ in dead} == set(attacks)
+    assert {headers["bastion-reject-reason"] for _, headers in dead} == {b"bad_signature"}
+    assert counter("bastion_events_rejected_total", lane.topic, reason="bad_signature") - before == 2
 
 
 def test_a_sequence_gap_is_held_back_and_released_in_order(lane: Lane) -> None:

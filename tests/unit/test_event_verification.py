@@ -169,7 +169,7 @@ def test_an_event_that_waited_in_the_outbox_is_fresh_once_republished(
 ) -> None:
     """Written two hours ago, relayed now (Kafka was down): fresh. Replayed unchanged later: stale."""
     waited = opened(ring, occurred_at=NOW - dt.timedelta(hours=2))
-    relayed = republish(waited.SerializeToString(), ring.signing_key("accounts"), now=NOW)
+    [relayed] = republish([waited.SerializeToString()], ring.signing_key("accounts"), now=NOW)
     verifier.verify(relayed, TOPIC, broker_time=NOW + dt.timedelta(seconds=1))
     assert refused_at(verifier, relayed, NOW + dt.timedelta(minutes=6)) == RejectReason.STALE
     tampered = Envelope.FromString(relayed)

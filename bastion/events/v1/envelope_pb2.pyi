@@ -5,9 +5,11 @@ The signed envelope every event travels in. The signature covers the canonical s
 bastion/events/signing.py (not this message's wire encoding), pinned by tests/vectors/envelope-v1.json.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -37,6 +39,7 @@ class Envelope(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     PUBLISHED_AT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """A UUID, unique per event: the inbox key that makes redelivery and replay harmless."""
     event_type: _builtins.str
@@ -58,7 +61,7 @@ class Envelope(_message.Message):
     payload: _builtins.bytes
     """The serialised payload message (personal fields inside it are encrypted field by field)."""
     signature: _builtins.bytes
-    """Ed25519 over the canonical signed bytes."""
+    """Ed25519 over the canonical signed bytes or, when `batch` is set, over the Merkle root of the relay's batch."""
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -66,6 +69,13 @@ class Envelope(_message.Message):
         """When the event was handed to Kafka (set and signed by the relay). Consumers measure freshness on it
         against the broker's append time, so a backlog that waited in the outbox through an outage stays fresh
         while an old event replayed later does not.
+        """
+
+    @_builtins.property
+    def batch(self) -> Global___BatchProof:
+        """Set when one signature covers a whole batch of envelopes (the outbox relay signs each batch it publishes):
+        the proof that this envelope's signed bytes are a leaf of the signed Merkle tree. Not part of the signed
+        bytes: a proof that was changed no longer leads to the signed root.
         """
 
     def __init__(
@@ -85,14 +95,46 @@ class Envelope(_message.Message):
         payload: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
         published_at: _timestamp_pb2.Timestamp | None = ...,
+        batch: Global___BatchProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "published_at", b"published_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "occurred_at", b"occurred_at", "published_at", b"published_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "causation_id", b"causation_id", "correlation_id", b"correlation_id", "event_id", b"event_id", "event_type", b"event_type", "key_id", b"key_id", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "published_at", b"published_at", "schema_version", b"schema_version", "sequence", b"sequence", "signature", b"signature", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "batch", b"batch", "causation_id", b"causation_id", "correlation_id", b"correlation_id", "event_id", b"event_id", "event_type", b"event_type", "key_id", b"key_id", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "published_at", b"published_at", "schema_version", b"schema_version", "sequence", b"sequence", "signature", b"signature", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class BatchProof(_message.Message):
+    """An RFC 9162 inclusion proof: the envelope is leaf `leaf_index` of a Merkle tree of `leaf_count` leaves
+    (leaf hash SHA-256(0x00 || signed bytes), node hash SHA-256(0x01 || left || right)); `path` holds the
+    sibling hashes from the leaf up. The signature covers the root and the count: see bastion/events/signing.py.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
+    LEAF_COUNT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    leaf_index: _builtins.int
+    leaf_count: _builtins.int
+    @_builtins.property
+    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        leaf_index: _builtins.int = ...,
+        leaf_count: _builtins.int = ...,
+        path: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leaf_count", b"leaf_count", "leaf_index", b"leaf_index", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchProof: _TypeAlias = BatchProof  # noqa: Y015
 
 @_typing.final
 class EncryptedField(_message.Message):
