@@ -12,7 +12,7 @@ from bastion.events.signing import sign, sign_batch
 from bastion.events.v1.envelope_pb2 import Envelope
 
 
-def seal(
+def envelope_for(
     key: SigningKey,
     topic: str,
     payload: Message,
@@ -23,7 +23,8 @@ def seal(
     occurred_at: dt.datetime | None = None,
     event_id: str | None = None,
 ) -> Envelope:
-    """A signed envelope for PAYLOAD at the current schema version of its type."""
+    """An envelope for PAYLOAD at the current schema version of its type, not signed yet (see `seal`, or
+    `signing.sign_batch` for several at once)."""
     event_type = str(payload.DESCRIPTOR.full_name)
     envelope = Envelope(
         event_id=event_id or str(uuid.uuid4()),
@@ -40,6 +41,23 @@ def seal(
     )
     envelope.occurred_at.FromDatetime(occurred_at or dt.datetime.now(dt.UTC))
     envelope.published_at.CopyFrom(envelope.occurred_at)
+    return envelope
+
+
+def seal(
+    key: SigningKey,
+    topic: str,
+    payload: Message,
+    aggregate_id: str,
+    sequence: int,
+    correlation_id: str,
+    causation_id: str = "",
+    occurred_at: dt.datetime | None = None,
+    event_id: str | None = None,
+) -> Envelope:
+    """A signed envelope for PAYLOAD at the current schema version of its type."""
+    envelope = envelope_for(key, topic, payload, aggregate_id, sequence, correlation_id, causation_id,
+                            occurred_at, event_id)
     sign(envelope, key.private_key)
     return envelope
 

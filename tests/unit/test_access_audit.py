@@ -1,0 +1,111 @@
+"""The access-audit publisher signs what queued up as one batch: every decision still leaves, in order, each
+verifiable on its own; a batch that cannot be built is counted as lost and the publisher keeps going."""
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from bastion.access.v1.decision_pb2 import AccessDecision
+from bastion.events.keys import KeyRing
+from bastion.events.signing import SignatureChecker, sign_batch
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.grpc import audit as audit_module
+from bastion.grpc.audit import TOPIC, KafkaAccessAudit, decision
+
+SERVICE = "accounts"
+
+
+class HeldProducer:
+    """Stands in for librdkafka's producer: keeps what is produced; the first produce waits for RELEASE."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes, bytes]] = []
+        self.release = threading.Event()
+        self.holding = threading.Event()
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any = None) -> None:
+        if not self.records:
+            self.holding.set()
+            assert self.release.wait(10)
+        self.records.append((topic, value, key))
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def flush(self, _timeout: float) -> int:
+        return 0
+
+
+@pytest.fixture
+def ring(tmp_path: Path) -> KeyRing:
+    ring = KeyRing(tmp_path)
+    ring.ensure([SERVICE])
+    return ring
+
+
+def audit_with(ring: KeyRing, producer: HeldProducer, **options: Any) -> KafkaAccessAudit:
+    audit = KafkaAccessAudit(ring.signing_key(SERVICE), {"bootstrap.servers": "127.0.0.1:9", "log_level": 0}, **options)
+    audit.producer = producer  # type: ignore[assignment]
+    return audit
+
+
+def a_decision(number: int) -> AccessDecision:
+    return decision("alice", "cli", "/bastion.accounts.v1.Accounts/GetAccount", number % 2 == 0, "role customer",
+                    f"corr-{number}")
+
+
+def test_what_queued_while_the_publisher_was_busy_is_signed_as_batches_and_all_of_it_leaves(ring: KeyRing) -> None:
+    producer = HeldProducer()
+    audit = audit_with(ring, producer, max_batch=500)
+    audit.record(a_decision(0))
+    assert producer.holding.wait(10)  # the publisher is busy with decision 0: the next 600 queue up
+    for number in range(1, 601):
+        audit.record(a_decision(number))
+    producer.release.set()
+    assert audit.flush() == 0
+    audit.close()
+
+    envelopes = [Envelope.FromString(value) for _, value, _ in producer.records]
+    assert [AccessDecision.FromString(e.payload).correlation_id for e in envelopes] == [f"corr-{n}" for n in range(601)]
+    assert [e.sequence for e in envelopes] == list(range(1, 602))
+    assert {topic for topic, _, _ in producer.records} == {TOPIC}
+    assert len({e.aggregate_id for e in envelopes}) == 1
+    assert [e.batch.leaf_count for e in envelopes[:2]] + [envelopes[-1].batch.leaf_count] == [1, 500, 100]
+    checker = SignatureChecker()
+    public_key = ring.trust_store().public_key(SERVICE, ring.signing_key(SERVICE).key_id)
+    for envelope in envelopes:
+        checker.verify(envelope, public_key)
+    assert checker.signature_checks == 3  # one per batch
+
+
+def lost() -> float:
+    return REGISTRY.get_sample_value("bastion_access_decisions_lost_total", {"service": SERVICE}) or 0.0
+
+
+def test_a_batch_that_cannot_be_built_is_counted_lost_and_the_publisher_goes_on(
+    ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures = iter([RuntimeError("no key today")])
+
+    def sign_once_broken(envelopes: Any, key: Any) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        sign_batch(envelopes, key)
+
+    monkeypatch.setattr(audit_module, "sign_batch", sign_once_broken)
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer)
+    before = lost()
+    audit.record(a_decision(1))
+    assert audit.flush() == 0
+    audit.record(a_decision(2))
+    assert audit.flush() == 0
+    audit.close()
+    assert lost() - before == 1
+    assert [AccessDecision.FromString(Envelope.FromString(v).payload).correlation_id
+            for _, v, _ in producer.records] == ["corr-2"]
