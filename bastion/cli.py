@@ -17,10 +17,12 @@ from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
 from bastion.events.errors import KeyNotFoundError
 from bastion.events.keys import KeyRing
+from bastion.grpc.server import TlsFiles
 from bastion.labs import LABS, find
 from bastion.labs.base import exit_status, run_labs
 from bastion.labs.platform import LabSetupError, Session
 from bastion.labs.scorecard import concerns_of, print_scorecard
+from bastion.metrics_endpoint import scrape
 from bastion.settings import DevstackSettings
 
 console = Console(highlight=False)
@@ -187,6 +189,28 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
     return exit_status(results)
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Scrape SERVICE's metrics endpoint with the cli certificate; print the samples whose line holds MATCH."""
+    ctx = _stack(quiet=True).context()
+    service = next((s for s in ctx.services if s.name == args.service), None)
+    if service is None:
+        errors.print(f"bastion metrics: no service {args.service!r} (see infra/services.yaml)")
+        return 2
+    client = ctx.pki.paths("cli")
+    url = f"https://{ctx.settings.public_host}:{service.metrics_port + ctx.settings.service_port_offset}/metrics"
+    try:
+        text = scrape(url, TlsFiles(client.cert, client.key, ctx.ca_file))
+    except OSError as error:
+        errors.print(f"[red]bastion metrics: {url} did not answer ({error}); is it up (`bastion status`)?[/red]")
+        return 1
+    shown = [line for line in text.splitlines() if not line.startswith("#") and args.match in line]
+    for line in shown:
+        print(line)
+    if not shown:
+        errors.print(f"no sample matches {args.match!r} yet: a labelled counter appears with its first event")
+    return 0
+
+
 def _print_status(status: dict[str, object]) -> None:
     table = Table("component", "healthy", "pid", "address")
     components: dict[str, dict[str, object]] = status["components"]  # type: ignore[assignment]
@@ -213,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("--yes", action="store_true", help="confirm that all local data may be deleted")
     reset.set_defaults(func=cmd_reset)
     sub.add_parser("demo", help="start the platform and show it working").set_defaults(func=cmd_demo)
+    metrics = sub.add_parser("metrics", help="a service's counters (refusals, rejected events, ...), read over "
+                                             "its mutual-TLS metrics endpoint")
+    metrics.add_argument("service")
+    metrics.add_argument("--match", default="bastion_", help="print only samples containing this (default bastion_)")
+    metrics.set_defaults(func=cmd_metrics)
     audit = sub.add_parser("audit", help="the audit trail: verify the chain, rebuild projections").add_subparsers(
         dest="audit_command", required=True)
     audit.add_parser("verify", help="recompute the hash chain and check it against the signed checkpoints"

@@ -35,6 +35,7 @@ from bastion.grpc.policy import load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import ServerSecurity, TlsFiles
 from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
+from bastion.metrics_endpoint import serve_metrics
 from bastion.settings import DevstackSettings
 from bastion.worker_health import WorkerHealth
 
@@ -78,6 +79,11 @@ class ServiceRuntime:
     @property
     def grpc_port(self) -> int:
         port = next(s.grpc_port for s in self.ctx.services if s.name == self.name)
+        return port + self.ctx.settings.service_port_offset
+
+    @property
+    def metrics_port(self) -> int:
+        port = next(s.metrics_port for s in self.ctx.services if s.name == self.name)
         return port + self.ctx.settings.service_port_offset
 
     def tls(self) -> TlsFiles:
@@ -146,7 +152,8 @@ class ServiceRuntime:
     async def serve_until_stopped(self, server: grpc.aio.Server, port: int, stop: threading.Event) -> None:
         """Log where the service listens, then serve until SIGTERM or SIGINT; stop the workers last. Meanwhile the
         health check says NOT_SERVING while a background worker keeps failing (see bastion.worker_health)."""
-        print(f"{self.name} serving on {self.ctx.settings.bind_host}:{port}", flush=True)
+        metrics = serve_metrics(self.ctx.settings.bind_host, self.metrics_port, self.tls())
+        print(f"{self.name} serving on {self.ctx.settings.bind_host}:{port}, metrics at {metrics.url}", flush=True)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,6 +162,7 @@ class ServiceRuntime:
         await stopping.wait()
         watchdog.cancel()
         await server.stop(5)
+        await asyncio.to_thread(metrics.close)
         stop.set()
         # Let the workers end their loop and close: a consumer that closes leaves its group at once, so its
         # partitions go to the other members (or this service's next start) now, not after the session timeout.

@@ -30,8 +30,13 @@ class ServiceProcess(Component):
         port = next(s.grpc_port for s in self.ctx.services if s.name == self.name)
         return port + self.ctx.settings.service_port_offset
 
+    @property
+    def metrics_port(self) -> int:
+        port = next(s.metrics_port for s in self.ctx.services if s.name == self.name)
+        return port + self.ctx.settings.service_port_offset
+
     def ports(self) -> list[int]:
-        return [self.grpc_port]
+        return [self.grpc_port, self.metrics_port]
 
     def launch_spec(self) -> LaunchSpec:
         # The service reads the same BASTION_* settings as this process: pass them on explicitly.
@@ -54,7 +59,8 @@ class ServiceProcess(Component):
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     def describe(self) -> dict[str, Any]:
-        return {"grpc": f"{self.ctx.settings.public_host}:{self.grpc_port}"}
+        return {"grpc": f"{self.ctx.settings.public_host}:{self.grpc_port}",
+                "metrics": f"https://{self.ctx.settings.public_host}:{self.metrics_port}/metrics"}
 
 
 def service_component(name: str) -> type[ServiceProcess]:

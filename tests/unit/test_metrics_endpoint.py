@@ -1,0 +1,73 @@
+"""The metrics endpoint on a real loopback TLS socket: served to a dev-CA client certificate, refused to a client
+without one, to one from another CA, and to plaintext HTTP."""
+
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import Counter
+
+from bastion.devstack.pki import DevPki
+from bastion.grpc.server import TlsFiles
+from bastion.metrics_endpoint import MetricsEndpoint, sample_value, scrape, serve_metrics
+
+PROBED = Counter("bastion_test_metrics_endpoint_probes_total", "Probes of the metrics endpoint test", ["reason"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def tls_of(pki: DevPki, name: str) -> TlsFiles:
+    paths = pki.paths(name)
+    return TlsFiles(paths.cert, paths.key, pki.ca_file)
+
+
+@pytest.fixture()
+def pki(tmp_path: Path) -> DevPki:
+    pki = DevPki(tmp_path / "pki", leaf_days=7, reissue_when_days_left=2)
+    pki.ensure(["accounts", "cli"])
+    return pki
+
+
+@pytest.fixture()
+def endpoint(pki: DevPki) -> Iterator[MetricsEndpoint]:
+    served = serve_metrics("127.0.0.1", free_port(), tls_of(pki, "accounts"))
+    yield served
+    served.close()
+
+
+def test_a_dev_ca_client_reads_the_counters(endpoint: MetricsEndpoint, pki: DevPki) -> None:
+    PROBED.labels("too_large").inc(3)
+    text = scrape(endpoint.url, tls_of(pki, "cli"))
+    assert sample_value(text, "bastion_test_metrics_endpoint_probes_total", {"reason": "too_large"}) == 3.0
+    assert sample_value(text, "bastion_test_metrics_endpoint_probes_total", {"reason": "other"}) is None
+
+
+def test_a_client_without_a_certificate_is_refused(endpoint: MetricsEndpoint, pki: DevPki) -> None:
+    no_certificate = ssl.create_default_context(cafile=str(pki.ca_file))
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(endpoint.url, timeout=5, context=no_certificate).read()  # noqa: S310
+
+
+def test_a_certificate_of_another_ca_is_refused(endpoint: MetricsEndpoint, pki: DevPki, tmp_path: Path) -> None:
+    other = DevPki(tmp_path / "other", leaf_days=7, reissue_when_days_left=2)
+    other.ensure(["cli"])
+    foreign = ssl.create_default_context(cafile=str(pki.ca_file))  # trusts the server, but presents a stranger
+    foreign.load_cert_chain(str(other.paths("cli").cert), str(other.paths("cli").key))
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(endpoint.url, timeout=5, context=foreign).read()  # noqa: S310
+
+
+def test_plaintext_http_gets_no_metrics(endpoint: MetricsEndpoint) -> None:
+    plain = endpoint.url.replace("https://", "http://")
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)) as refused:
+        urllib.request.urlopen(plain, timeout=5).read()  # noqa: S310
+    assert "bastion_" not in str(refused.value)
