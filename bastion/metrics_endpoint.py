@@ -10,14 +10,43 @@ import ssl
 import threading
 import urllib.request
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.grpc.server import TlsFiles
 
 SCRAPE_TIMEOUT = 5.0
+
+
+HANDSHAKE_SECONDS = 5.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a line on stderr each."""
+
+
+class _TlsServer(ThreadingMixIn, WSGIServer):
+    """Accepts plain TCP and does the TLS handshake in each connection's own thread, under a timeout: a client
+    that connects and says nothing holds only its own thread for HANDSHAKE_SECONDS, never the accept loop
+    (prometheus_client's own TLS server handshakes inside accept, so one idle socket stalled every scrape and
+    shutdown)."""
+
+    daemon_threads = True
+    tls: ssl.SSLContext
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(HANDSHAKE_SECONDS)
+            secured = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):  # no certificate, another CA, plaintext, or silence: nothing served
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(secured, client_address)
 
 
 @dataclass
@@ -32,12 +61,22 @@ class MetricsEndpoint:
         self.thread.join(5)
 
 
+def server_context(tls: TlsFiles) -> ssl.SSLContext:
+    """TLS 1.2 or later with the service's certificate; a client certificate of the dev CA required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    context.load_verify_locations(cafile=str(tls.ca))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def serve_metrics(host: str, port: int, tls: TlsFiles) -> MetricsEndpoint:
     """Serve this process's default registry at https://HOST:PORT/metrics, client certificate required."""
-    server, thread = start_http_server(
-        port, addr=host, certfile=str(tls.cert), keyfile=str(tls.key), client_cafile=str(tls.ca),
-        client_auth_required=True, tls_min_version=ssl.TLSVersion.TLSv1_2,
-    )
+    server = make_server(host, port, make_wsgi_app(), server_class=_TlsServer, handler_class=_QuietHandler)
+    server.tls = server_context(tls)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True)
+    thread.start()
     return MetricsEndpoint(server, thread, f"https://{host}:{port}/metrics")
 
 

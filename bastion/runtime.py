@@ -143,11 +143,9 @@ class ServiceRuntime:
         return thread
 
     def start_relay(self, stop: threading.Event) -> threading.Thread:
-        relay = OutboxRelay(self.engine, self.kafka_config, self.key)
-        thread = threading.Thread(target=relay.run, args=(stop,), name=f"{self.name}-outbox-relay", daemon=True)
-        thread.start()
-        self.threads.append(thread)
-        return thread
+        """Publish the outbox until STOP is set, restarted after a failure like any worker (and reported by
+        the health check if it keeps failing)."""
+        return self.start_worker("outbox-relay", lambda: OutboxRelay(self.engine, self.kafka_config, self.key), stop)
 
     async def serve_until_stopped(self, server: grpc.aio.Server, port: int, stop: threading.Event) -> None:
         """Log where the service listens, then serve until SIGTERM or SIGINT; stop the workers last. Meanwhile the
@@ -162,13 +160,13 @@ class ServiceRuntime:
         await stopping.wait()
         watchdog.cancel()
         await server.stop(5)
-        await asyncio.to_thread(metrics.close)
         stop.set()
         # Let the workers end their loop and close: a consumer that closes leaves its group at once, so its
         # partitions go to the other members (or this service's next start) now, not after the session timeout.
         deadline = time.monotonic() + WORKER_STOP_SECONDS
         for thread in self.threads:
             await asyncio.to_thread(thread.join, max(deadline - time.monotonic(), 0.1))
+        await asyncio.to_thread(metrics.close)  # last: counters stay readable while the workers wind down
 
     async def _report_workers(self) -> None:
         serving = True

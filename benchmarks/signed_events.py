@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, Producer
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from bastion.accounts.v1.events_pb2 import MoneyDeposited
 from bastion.devstack.components.kafka import Kafka
@@ -110,12 +111,13 @@ def seal_events(key: SigningKey, topic: str, count: int) -> list[Envelope]:
 
 def stamp_unsigned(stored: Sequence[bytes]) -> list[bytes]:
     """The relay's work for unsigned events: published now, no signature."""
-    now = dt.datetime.now(dt.UTC)
+    now = Timestamp()
+    now.FromDatetime(dt.datetime.now(dt.UTC))
     out = []
     for raw in stored:
         envelope = Envelope.FromString(raw)
         envelope.ClearField("signature")
-        envelope.published_at.FromDatetime(now)
+        envelope.published_at.CopyFrom(now)  # as `republish` stamps them
         out.append(envelope.SerializeToString())
     return out
 

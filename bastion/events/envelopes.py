@@ -5,6 +5,7 @@ import uuid
 from collections.abc import Sequence
 
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from bastion.events.catalog import SCHEMAS
 from bastion.events.keys import SigningKey
@@ -64,10 +65,15 @@ def seal(
 
 def republish(stored: Sequence[bytes], key: SigningKey, now: dt.datetime | None = None) -> list[bytes]:
     """The stored envelopes as the relay hands them to Kafka, in this order: published now and signed together
-    by their producer's key, one signature over the batch's Merkle root (`signing.sign_batch`)."""
-    published = now or dt.datetime.now(dt.UTC)
+    by their producer's current key, one signature over the batch's Merkle root (`signing.sign_batch`). Rows
+    stored before a key rotation name the key that signs them now (the key id is signed too)."""
+    published = Timestamp()
+    published.FromDatetime(now or dt.datetime.now(dt.UTC))
     envelopes = [Envelope.FromString(raw) for raw in stored]
     for envelope in envelopes:
-        envelope.published_at.FromDatetime(published)
+        if envelope.producer != key.producer:
+            raise ValueError(f"an outbox row of {envelope.producer!r} cannot be published by {key.producer!r}")
+        envelope.key_id = key.key_id
+        envelope.published_at.CopyFrom(published)
     sign_batch(envelopes, key.private_key)
     return [envelope.SerializeToString() for envelope in envelopes]

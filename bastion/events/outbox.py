@@ -138,6 +138,9 @@ class OutboxRelay:
                             len(errors), len(rows), errors[0].str())
             return RelayResult(len(delivered), len(errors))
 
+    def close(self) -> None:
+        self.producer.flush(self.flush_timeout)
+
     def backlog(self) -> int:
         with self.engine.connect() as conn:
             return len(conn.execute(select(outbox.c.id).where(outbox.c.sent_at.is_(None))).all())

@@ -66,6 +66,7 @@ class KafkaAccessAudit:
         self.producer = Producer({**kafka_config, "enable.idempotence": True, "acks": "all", "linger.ms": 100,
                                   "delivery.report.only.error": True})
         self.pending: queue.Queue[AccessDecision | None] = queue.Queue(maxsize=max_queued)
+        self._closed = False
         self._new_aggregate()
         self.worker = threading.Thread(target=self._publish, name=f"access-audit-{key.producer}", daemon=True)
         self.worker.start()
@@ -75,14 +76,17 @@ class KafkaAccessAudit:
         lost decision, so the audit consumer never waits for a sequence number that will not come."""
         self.aggregate_id = f"access:{self.key.producer}:{uuid.uuid4()}"
         self.sequence = itertools.count(1)
+        self._sequence_broken = False
 
     def record(self, decision: AccessDecision) -> None:
         """Queue DECISION; never blocks or raises into the call path (a lost decision is logged and counted)."""
+        if self._closed:
+            self._count_lost(decision.correlation_id, "audit closed")
+            return
         try:
             self.pending.put_nowait(decision)
         except queue.Full:
-            DECISIONS_LOST.labels(self.key.producer).inc()
-            log.error("access_decision_lost", correlation_id=decision.correlation_id, error="audit queue full")
+            self._count_lost(decision.correlation_id, "audit queue full")
 
     def _take(self) -> list[AccessDecision | None]:
         """The next decision, waiting for it, then after LINGER seconds whatever else queued up meanwhile (up
@@ -102,53 +106,77 @@ class KafkaAccessAudit:
         while True:
             taken = self._take()
             decisions = [decision for decision in taken if decision is not None]
-            if decisions:
+            while decisions:
                 try:
-                    self._publish_batch(decisions)
+                    decisions = self._publish_batch(decisions)
                 except Exception as error:  # the thread must outlive a bad batch: count and log what it lost
                     for decision in decisions:
                         self._lost(decision.correlation_id, repr(error))
+                    decisions = []
+            self.producer.poll(0)
             for _ in taken:
                 self.pending.task_done()
-            if len(decisions) < len(taken):  # close() queued None: everything before it is out
+            if taken[-1] is None:  # close() queued None: everything before it is out
                 return
 
-    def _publish_batch(self, decisions: list[AccessDecision]) -> None:
+    def _publish_batch(self, decisions: list[AccessDecision]) -> list[AccessDecision]:
+        """Sign DECISIONS as one batch and hand them to the producer, in order. If one is lost, the rest are
+        returned unsent: published after it under the same aggregate they would wait behind a gap for ever,
+        so the caller signs them again, numbered in a fresh aggregate."""
+        if self._sequence_broken:
+            self._new_aggregate()
         envelopes = [envelope_for(self.key, TOPIC, decision, self.aggregate_id, next(self.sequence),
                                   correlation_id=decision.correlation_id) for decision in decisions]
         sign_batch(envelopes, self.key.private_key)
         key = self.aggregate_id.encode()
-        for decision, envelope in zip(decisions, envelopes, strict=True):
-            for _ in range(50):
-                try:
-                    self.producer.produce(TOPIC, value=envelope.SerializeToString(), key=key,
-                                          on_delivery=self._delivered)
-                    break
-                except BufferError:
-                    self.producer.poll(0.1)  # librdkafka's queue is full: let it drain, then try again
-                except KafkaException as error:
-                    self._lost(decision.correlation_id, repr(error))
-                    break
-            else:
-                self._lost(decision.correlation_id, "producer queue stayed full")
-        self.producer.poll(0)
+        for index, (decision, envelope) in enumerate(zip(decisions, envelopes, strict=True)):
+            if not self._produce(key, envelope.SerializeToString(), decision.correlation_id):
+                return decisions[index + 1:]
+        return []
+
+    def _produce(self, key: bytes, value: bytes, correlation_id: str) -> bool:
+        for _ in range(50):
+            try:
+                self.producer.produce(TOPIC, value=value, key=key, on_delivery=self._delivered)
+                return True
+            except BufferError:
+                self.producer.poll(0.1)  # librdkafka's queue is full: let it drain, then try again
+            except KafkaException as error:
+                self._lost(correlation_id, repr(error))
+                return False
+        self._lost(correlation_id, "producer queue stayed full")
+        return False
 
     def _delivered(self, error: Any, message: Any) -> None:
         if error is not None:
             self._lost("-", str(error))
 
     def _lost(self, correlation_id: str, error: str) -> None:
+        """A decision that will not reach Kafka: counted, logged, and the worker starts a new aggregate before
+        its next batch (this may run on librdkafka's callback, in whichever thread polls the producer)."""
+        self._count_lost(correlation_id, error)
+        self._sequence_broken = True
+
+    def _count_lost(self, correlation_id: str, error: str) -> None:
         DECISIONS_LOST.labels(self.key.producer).inc()
         log.error("access_decision_lost", correlation_id=correlation_id, error=error)
-        self._new_aggregate()
 
     def flush(self, timeout: float = 10.0) -> int:
-        """Wait until every queued decision was handed to Kafka and delivered; returns what is left."""
-        self.pending.join()
-        remaining: int = self.producer.flush(timeout)
+        """Wait (at most TIMEOUT seconds) until every queued decision was handed to Kafka and delivered;
+        returns how many are still queued or in flight."""
+        deadline = time.monotonic() + timeout
+        with self.pending.all_tasks_done:
+            while self.pending.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return int(self.pending.unfinished_tasks)
+                self.pending.all_tasks_done.wait(left)
+        remaining: int = self.producer.flush(max(deadline - time.monotonic(), 0.0))
         return remaining
 
     def close(self) -> None:
+        """Publish what is queued, then stop; decisions recorded afterwards are counted as lost."""
+        self._closed = True
         self.pending.put(None)
         self.worker.join(10)
         self.producer.flush(10)

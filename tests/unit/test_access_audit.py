@@ -2,10 +2,12 @@
 verifiable on its own; a batch that cannot be built is counted as lost and the publisher keeps going."""
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import REGISTRY
 
 from bastion.access.v1.decision_pb2 import AccessDecision
@@ -109,3 +111,57 @@ def test_a_batch_that_cannot_be_built_is_counted_lost_and_the_publisher_goes_on(
     assert lost() - before == 1
     assert [AccessDecision.FromString(Envelope.FromString(v).payload).correlation_id
             for _, v, _ in producer.records] == ["corr-2"]
+
+
+class FailingProducer(HeldProducer):
+    """Refuses the produce number FAIL_AT (counting from 0) with a KafkaException, keeps the others."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.release.set()
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any = None) -> None:
+        self.calls += 1
+        if self.calls - 1 == self.fail_at:
+            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT))
+        super().produce(topic, value, key, on_delivery)
+
+
+def test_after_a_lost_decision_the_rest_of_its_batch_moves_to_a_fresh_aggregate(ring: KeyRing) -> None:
+    """Published after the gap under the same aggregate, they would wait for a sequence number that never comes."""
+    producer = FailingProducer(fail_at=2)
+    audit = audit_with(ring, producer, linger=0.2)
+    before = lost()
+    for number in range(6):
+        audit.record(a_decision(number))
+    assert audit.flush() == 0
+    audit.close()
+    envelopes = [Envelope.FromString(value) for _, value, _ in producer.records]
+    published = [(AccessDecision.FromString(e.payload).correlation_id, e.aggregate_id, e.sequence) for e in envelopes]
+    first, second = published[0][1], published[2][1]
+    assert first != second
+    assert published == [("corr-0", first, 1), ("corr-1", first, 2),
+                         ("corr-3", second, 1), ("corr-4", second, 2), ("corr-5", second, 3)]
+    assert lost() - before == 1
+    checker = SignatureChecker()
+    public_key = ring.trust_store().public_key(SERVICE, ring.signing_key(SERVICE).key_id)
+    for envelope in envelopes:
+        checker.verify(envelope, public_key)
+
+
+def test_flush_gives_up_at_its_timeout_and_a_closed_audit_counts_what_comes_late(ring: KeyRing) -> None:
+    producer = HeldProducer()  # never released: the first decision stays in the publisher's hands
+    audit = audit_with(ring, producer)
+    audit.record(a_decision(0))
+    assert producer.holding.wait(10)
+    started = time.monotonic()
+    assert audit.flush(timeout=0.3) == 1
+    assert time.monotonic() - started < 2
+    producer.release.set()
+    audit.close()
+    before = lost()
+    audit.record(a_decision(1))
+    assert lost() - before == 1
+    assert len(producer.records) == 1

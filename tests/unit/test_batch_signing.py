@@ -238,3 +238,12 @@ def test_a_batch_has_a_size_limit(size: int) -> None:
     sign(envelope, KEY)
     envelope.batch.leaf_count = size
     assert "cannot be signed" in refused(envelope)
+
+
+@pytest.mark.parametrize("length", [0, 31, 33])
+def test_a_path_entry_that_is_not_a_hash_is_refused(length: int) -> None:
+    leaves = [merkle.leaf_hash(bytes([n])) for n in range(4)]
+    _, paths = merkle.inclusion_proofs(leaves)
+    bent = [paths[1][0][:length] if length <= 32 else paths[1][0] + b"\x00", paths[1][1]]
+    with pytest.raises(merkle.ProofError, match="not a SHA-256 hash"):
+        merkle.root_from_proof(leaves[1], 1, 4, bent)

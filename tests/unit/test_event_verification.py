@@ -201,3 +201,51 @@ def test_a_rotated_key_is_learnt_by_reloading_the_trust_store_at_most_once_per_g
     for _ in range(5):
         assert refused(verifier, opened(rogue).SerializeToString()) == RejectReason.UNKNOWN_KEY
     assert len(reloads) == 1, "unknown keys cannot make the consumer reload on every record"
+
+
+def test_rows_stored_before_a_key_rotation_are_published_under_the_new_key(ring: KeyRing) -> None:
+    """The relay signs with the producer's current key: rows written before `keys rotate` name it too, so a
+    mixed backlog is one batch that verifies, not a relay stuck on it."""
+    before = opened(ring).SerializeToString()
+    ring.rotate("accounts")
+    after = opened(ring, payload=MoneyDeposited(account_id="a1", amount_minor=5, currency="EUR")).SerializeToString()
+    access = load_policy(INFRA / "event-access.yaml", SERVICES)
+    verifier = EnvelopeVerifier(ring.trust_store(), load_trust_policy(INFRA / "event-trust.yaml", access),
+                                FreshnessWindow(), clock=lambda: NOW)
+    current = ring.signing_key("accounts")
+    for raw in republish([before, after], current, now=NOW):
+        assert verifier.verify(raw, TOPIC).envelope.key_id == current.key_id
+
+
+def test_the_relay_publishes_only_its_own_producers_rows(ring: KeyRing) -> None:
+    with pytest.raises(ValueError, match="cannot be published by 'payments'"):
+        republish([opened(ring).SerializeToString()], ring.signing_key("payments"), now=NOW)
+
+
+UNKNOWN_FIELD = b"\xa2\x06\x03bad"  # field 100, length-delimited: no message of ours has it
+
+
+def nested(field_tag: bytes, inner: bytes) -> bytes:
+    """A length-delimited field with INNER bytes; appended to an envelope, it merges into that sub-message."""
+    return field_tag + bytes([len(inner)]) + inner
+
+
+def test_unknown_fields_inside_nested_messages_are_found(verifier: EnvelopeVerifier, ring: KeyRing) -> None:
+    """The batch proof is not signed, so whatever rides inside it is refused at step 1, as inside a timestamp."""
+    [relayed] = republish([opened(ring).SerializeToString()], ring.signing_key("accounts"), now=NOW)
+    in_batch = relayed + nested(b"\x7a", UNKNOWN_FIELD)  # field 15, Envelope.batch
+    in_timestamp = relayed + nested(b"\x42", UNKNOWN_FIELD)  # field 8, Envelope.occurred_at
+    assert verifier.verify(relayed, TOPIC)
+    assert refused(verifier, in_batch) == RejectReason.UNKNOWN_FIELDS
+    assert refused(verifier, in_timestamp) == RejectReason.UNKNOWN_FIELDS
+
+
+@pytest.mark.parametrize("nanos", [-1, 1_000_000_000])
+def test_a_timestamp_with_nanoseconds_out_of_range_is_malformed(
+    verifier: EnvelopeVerifier, ring: KeyRing, nanos: int
+) -> None:
+    envelope = opened(ring)
+    envelope.occurred_at.nanos = nanos  # refused at step 1, before the signature (which no longer matches) is read
+    with pytest.raises(VerificationError, match="occurred_at is out of range") as error:
+        verifier.verify(envelope.SerializeToString(), TOPIC)
+    assert error.value.reason == RejectReason.MALFORMED

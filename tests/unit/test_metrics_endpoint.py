@@ -3,6 +3,8 @@ without one, to one from another CA, and to plaintext HTTP."""
 
 import socket
 import ssl
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -71,3 +73,20 @@ def test_plaintext_http_gets_no_metrics(endpoint: MetricsEndpoint) -> None:
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)) as refused:
         urllib.request.urlopen(plain, timeout=5).read()  # noqa: S310
     assert "bastion_" not in str(refused.value)
+
+
+def test_a_silent_connection_stalls_neither_scrapes_nor_shutdown(pki: DevPki) -> None:
+    """The handshake runs in each connection's thread under a timeout, not in the accept loop."""
+    served = serve_metrics("127.0.0.1", free_port(), tls_of(pki, "accounts"))
+    port = int(served.url.rsplit(":", 1)[1].split("/")[0])
+    silent = socket.create_connection(("127.0.0.1", port))  # no certificate, no handshake, no bytes
+    try:
+        started = time.monotonic()
+        assert "python_info" in scrape(served.url, tls_of(pki, "cli"))
+        assert time.monotonic() - started < 2
+        closing = threading.Thread(target=served.close)
+        closing.start()
+        closing.join(3)
+        assert not closing.is_alive()
+    finally:
+        silent.close()
