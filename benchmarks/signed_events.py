@@ -48,7 +48,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.devstack.kafka_admin import KafkaAdmin
 from bastion.devstack.stack import Stack
-from bastion.events.envelopes import republish, seal
+from bastion.events.envelopes import envelope_for, republish, seal
 from bastion.events.errors import VerificationError
 from bastion.events.keys import KeyRing, SigningKey, TrustStore
 from bastion.events.signing import signed_bytes
@@ -95,17 +95,18 @@ def payload(number: int, account: str) -> MoneyDeposited:
                           balance_minor=10_000_000 + number * 1_234, idempotency_key=str(uuid.uuid4()))
 
 
-def seal_events(key: SigningKey, topic: str, count: int) -> list[Envelope]:
-    """COUNT deposits as the outbox stores them, spread over AGGREGATES accounts, each account's sequence
-    counting from 1."""
+def seal_events(key: SigningKey, topic: str, count: int, signed: bool = True) -> list[Envelope]:
+    """COUNT deposits spread over AGGREGATES accounts, each account's sequence counting from 1: each signed
+    alone, or (SIGNED false) unsigned, as the outbox stores them for the relay to sign."""
     accounts = [f"acc-{uuid.uuid4()}" for _ in range(AGGREGATES)]
     sequences = [0] * AGGREGATES
     envelopes = []
     for number in range(count):
         slot = number % AGGREGATES
         sequences[slot] += 1
-        envelopes.append(seal(key, topic, payload(number, accounts[slot]), accounts[slot], sequences[slot],
-                              correlation_id=str(uuid.uuid4())))
+        build = seal if signed else envelope_for
+        envelopes.append(build(key, topic, payload(number, accounts[slot]), accounts[slot], sequences[slot],
+                               correlation_id=str(uuid.uuid4())))
     return envelopes
 
 
@@ -468,11 +469,11 @@ def main() -> None:
             executor = verification_pool(options.pool, options.workers, ring.trust_store_file.read_text(), allowed)
             with executor:
                 # An untimed warm-up run, so that no measured run pays for the broker's first requests.
-                warm = seal_events(key, warm_up.topic, min(2_000, n))
+                warm = seal_events(key, warm_up.topic, min(2_000, n), signed=False)
                 publish_consume(kafka, ctx, warm_up, [(e.aggregate_id.encode(), e.SerializeToString()) for e in warm],
                                 "signed", keys, CheckSink(executor, True, warm_up.topic, len(warm)))
                 for _, kind, lane in plan:
-                    envelopes = seal_events(key, lane.topic, n)  # the outbox rows, written before the clock starts
+                    envelopes = seal_events(key, lane.topic, n, signed=False)  # outbox rows, before the clock
                     if kind == "bare":
                         rows = [(e.aggregate_id.encode(), e.payload) for e in envelopes]
                         took = publish_consume(kafka, ctx, lane, rows, kind, keys, ParseSink())

@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from bastion.events.envelopes import republish, seal
+from bastion.events.envelopes import envelope_for, republish
 from bastion.events.keys import SigningKey
 from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class Outbox:
-    """Appends signed events to the outbox inside the caller's transaction."""
+    """Appends events to the outbox inside the caller's transaction. They are stored unsigned: the relay signs
+    each batch it publishes with the producer's current key (`envelopes.republish`), so signing here as well
+    would only add an Ed25519 operation to every state change's transaction."""
 
     def __init__(self, key: SigningKey) -> None:
         self.key = key
@@ -38,7 +40,7 @@ class Outbox:
         causation_id: str = "",
         event_id: str | None = None,
     ) -> Envelope | None:
-        """Sign and store one event; the next sequence of its aggregate is taken in the same transaction.
+        """Store one event; the next sequence of its aggregate is taken in the same transaction.
 
         A given EVENT_ID is stored once: appending it again (a retried handler) returns None.
         """
@@ -53,8 +55,8 @@ class Outbox:
             )
             .returning(producer_sequence.c.last_sequence)
         ).scalar_one()
-        envelope = seal(self.key, topic, payload, aggregate_id, sequence, correlation_id, causation_id,
-                        event_id=event_id)
+        envelope = envelope_for(self.key, topic, payload, aggregate_id, sequence, correlation_id, causation_id,
+                                event_id=event_id)
         conn.execute(
             insert(outbox).values(event_id=envelope.event_id, topic=topic, partition_key=aggregate_id,
                                   envelope=envelope.SerializeToString())
