@@ -134,11 +134,16 @@ class OutboxRelay:
                 self.producer.poll(0)
             self.producer.flush(self.flush_timeout)
             if delivered:
-                conn.execute(update(outbox).where(outbox.c.id.in_(delivered)).values(sent_at=dt.datetime.now(dt.UTC)))
+                self._mark_sent(conn, delivered)
             if errors:
                 log.warning("outbox relay: %d of %d events not delivered yet (%s); they stay queued",
                             len(errors), len(rows), errors[0].str())
             return RelayResult(len(delivered), len(errors))
+
+    def _mark_sent(self, conn: Connection, delivered: list[int]) -> None:
+        """Rows the broker acknowledged; a crash before this commits means they are published again (the
+        consumers' inbox makes that harmless)."""
+        conn.execute(update(outbox).where(outbox.c.id.in_(delivered)).values(sent_at=dt.datetime.now(dt.UTC)))
 
     def close(self) -> None:
         self.producer.flush(self.flush_timeout)

@@ -42,6 +42,7 @@ class WorkerConfig:
     trust: dict[str, dict[str, list[str]]] | None = None
     batch_size: int = 200
     stall_on_sequence: int = 0     # consumer: block forever in the handler of this sequence (first time)
+    stall_before_marking_sent: bool = False  # relay: block forever once a batch is acknowledged, before marking it
     marker: str = ""               # file written when the worker reached the interesting moment
 
 
@@ -68,9 +69,25 @@ def run_consumer(config: WorkerConfig, engine: Engine) -> None:
     consumer.run(threading.Event())
 
 
+class StallingRelay(OutboxRelay):
+    """Publishes a batch, has it acknowledged, then waits to be killed before marking it sent."""
+
+    marker = ""
+
+    def _mark_sent(self, conn: Connection, delivered: list[int]) -> None:
+        Path(self.marker).write_text("published, not marked sent")
+        time.sleep(3600)
+
+
 def run_relay(config: WorkerConfig, engine: Engine) -> None:
-    relay = OutboxRelay(engine, config.kafka, KeyRing(Path(config.keys_dir)).signing_key("accounts"),
-                        batch_size=config.batch_size)
+    key = KeyRing(Path(config.keys_dir)).signing_key("accounts")
+    relay: OutboxRelay
+    if config.stall_before_marking_sent:
+        stalling = StallingRelay(engine, config.kafka, key, batch_size=config.batch_size)
+        stalling.marker = config.marker
+        relay = stalling
+    else:
+        relay = OutboxRelay(engine, config.kafka, key, batch_size=config.batch_size)
     while True:
         result = relay.run_once()
         if result.published and config.marker:

@@ -138,11 +138,13 @@ def delivery(kafka: Kafka, postgres: Postgres, ctx: StackContext, unique: str, t
 def test_relay_killed_mid_batch_then_restarted_delivers_every_event_once(delivery: Delivery) -> None:
     total = 3000
     delivery.write(total)
-    relay = delivery.worker("relay", batch_size=1000)
-    wait_for(lambda: delivery.topic_size() > 0, 60, "the relay to start publishing")
-    os.kill(relay.pid, signal.SIGKILL)
+    marker = delivery.tmp / "relay-stalled"
+    relay = delivery.worker("relay", batch_size=1000, stall_before_marking_sent=True, marker=str(marker))
+    wait_for(marker.exists, 60, "the relay to publish its first batch")
+    assert delivery.topic_size() >= 1000, "the first batch is in Kafka"
+    os.kill(relay.pid, signal.SIGKILL)  # after the broker acknowledged the batch, before the rows were marked sent
     relay.wait()
-    assert delivery.unsent() > 0, "the relay was killed before it marked its batch sent"
+    assert delivery.unsent() == total, "the relay was killed before it marked its batch sent"
     restarted = delivery.worker("relay", batch_size=1000)
     try:
         wait_for(lambda: delivery.unsent() == 0, 120, "the restarted relay to drain the outbox")
