@@ -1,8 +1,8 @@
 """Benchmark of the gRPC security chain: unary Whoami throughput and latency, bare vs mutual TLS vs the whole kit.
 
 Run with `.venv/bin/python -m benchmarks.grpc_chain [--seconds S] [--concurrency N] [--rounds R] [--breakdown]
-[--profile]` (uses the dev install in .state and starts it if it is not running; it is left running). In the
-same run, for
+[--threads] [--profile]` (uses the dev install in .state and starts it if it is not running; it is left
+running). In the same run, for
 `bastion.probe.v1.Probe/Whoami`:
   (a) bare: plaintext on 127.0.0.1 (this benchmark's baseline only), no interceptor, a servicer answering a
       fixed WhoamiResponse (the real one reads the interceptor's `current_call`);
@@ -10,6 +10,11 @@ same run, for
   (c) the whole chain: `start_server` with the SecurityInterceptor: Keycloak JWKS cache and TokenValidator,
       method policy infra/policies/probe.yaml, Redis rate limiter (a limit that never triggers), signed access
       decisions to Kafka; alice's real access token on every call, the cli certificate on the client.
+      The decisions go to a throw-away topic of this run (`bench.<uuid>.access.v1`, like access.decisions.v1),
+      not to access.decisions.v1: there the dev stack's audit service would verify and store each of them in
+      PostgreSQL while the benchmark runs (about 0.5 ms of CPU per decision, audit service and PostgreSQL
+      together, measured 2026-11-27), on the same two cores: the chain would be measured against the audit
+      pipeline downstream of it, which in a deployment runs elsewhere (bench-audit measures the audit log).
 
 Each server runs in its own process (multiprocessing, spawn) with its own event loop; the client drives
 CONCURRENCY calls in flight over one grpc.aio channel in this process. Calls completing within the measured
@@ -18,6 +23,8 @@ window (after the warm-up) count; the server's and the client's CPU time over th
 each shows its best round. `--breakdown` adds the chain without the Redis limiter, without the Kafka audit and
 without either, and mutual TLS with an interceptor that only passes calls on, without and with the caller's
 bearer token on the wire, to attribute the chain's cost.
+`--threads` prints the server's CPU per call by OS thread (event loop, gRPC's poller, librdkafka's, the audit
+worker's), to see where CPU goes outside the event loop.
 `--profile` adds a run of the chain with cProfile on the server's event-loop thread (its figures are slowed
 by the profiler and not compared) and prints where the server's time goes.
 """
@@ -34,8 +41,10 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -48,6 +57,7 @@ from bastion.access.v1.decision_pb2 import AccessDecision
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.context import StackContext
+from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing
 from bastion.grpc.audit import AccessAudit, KafkaAccessAudit
@@ -209,7 +219,14 @@ async def _chain_server(ctx: StackContext, audit: AccessAudit, limited: bool
     return server, port, jwks
 
 
-async def _serve(mode: str, profile: bool, conn: Connection) -> None:
+def audit_topic_access(topic: str) -> EventAccessPolicy:
+    """The benchmark's own audit topic: like access.decisions.v1 (3 partitions, LogAppendTime), written by the
+    service the probe answers as, read by nobody."""
+    config = {"message.timestamp.type": "LogAppendTime"}
+    return EventAccessPolicy({topic: TopicPolicy(topic, 3, (SERVICE,), {}, config)})
+
+
+async def _serve(mode: str, profile: bool, audit_topic: str, conn: Connection) -> None:
     ctx = stack_context()
     audit: CountingAccessAudit | None = None
     jwks: JwksCache | None = None
@@ -221,8 +238,9 @@ async def _serve(mode: str, profile: bool, conn: Connection) -> None:
         server, port = await _passthrough_server(ctx)
     elif mode in ("chain", "chain-no-limiter"):
         key = KeyRing(ctx.layout.event_keys_dir).signing_key(SERVICE)
-        audit = CountingAccessAudit(key, Kafka(ctx).client_config(SERVICE, ctx.credentials.kafka[SERVICE]))
-        audit.producer.list_topics("access.decisions.v1", timeout=30)  # connection and SASL before any call
+        audit = CountingAccessAudit(key, Kafka(ctx).client_config(SERVICE, ctx.credentials.kafka[SERVICE]),
+                                    topic=audit_topic)
+        audit.producer.list_topics(audit_topic, timeout=30)  # connection and SASL before any call
         server, port, jwks = await _chain_server(ctx, audit, limited=mode == "chain")
     else:
         server, port, jwks = await _chain_server(ctx, NoAudit(), limited=mode == "chain-no-audit")
@@ -246,9 +264,9 @@ async def _serve(mode: str, profile: bool, conn: Connection) -> None:
     conn.send(("stopped", stats, _profile_report(profiler) if profiler is not None else ""))
 
 
-def serve(mode: str, profile: bool, conn: Connection) -> None:
+def serve(mode: str, profile: bool, audit_topic: str, conn: Connection) -> None:
     try:
-        asyncio.run(_serve(mode, profile, conn))
+        asyncio.run(_serve(mode, profile, audit_topic, conn))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
@@ -273,6 +291,7 @@ class Figures:
     p99_ms: float
     server_cpu: float  # CPU seconds of the server process over the measured window
     client_cpu: float
+    server_threads: dict[str, float]  # the server's CPU seconds over the window by thread (name: tid)
 
     @property
     def rate(self) -> float:
@@ -286,6 +305,19 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
+
+
+def thread_cpu(process: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of each thread of PROCESS, by 'name:tid' (the OS name: librdkafka and gRPC name
+    theirs; Python threads show as python, the main thread's tid is the pid)."""
+    seconds = {}
+    for thread in process.threads():
+        try:
+            name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:
+            continue
+        seconds[f"{name}:{thread.id}"] = thread.user_time + thread.system_time
+    return seconds
 
 
 async def drive(port: int, credentials: grpc.ChannelCredentials | None, metadata: tuple[tuple[str, str], ...],
@@ -303,6 +335,7 @@ async def drive(port: int, credentials: grpc.ChannelCredentials | None, metadata
             raise SystemExit(f"Whoami answered {answer.username!r}, not {USER!r}")
         latencies: list[float] = []
         cpu: dict[str, float] = {}
+        threads: dict[str, float] = {}
         start = time.perf_counter()
         window_from, window_to = start + warmup, start + warmup + seconds
 
@@ -320,21 +353,24 @@ async def drive(port: int, credentials: grpc.ChannelCredentials | None, metadata
         async def sample() -> None:
             await asyncio.sleep(window_from - time.perf_counter())
             cpu["server"], cpu["client"] = -cpu_seconds(server), -cpu_seconds(me)
+            before = thread_cpu(server)
             await asyncio.sleep(window_to - time.perf_counter())
             cpu["server"] += cpu_seconds(server)
             cpu["client"] += cpu_seconds(me)
+            threads.update({name: used - before.get(name, 0.0) for name, used in thread_cpu(server).items()})
 
         await asyncio.gather(sample(), *(worker() for _ in range(concurrency)))
     latencies.sort()
     return Figures(len(latencies), seconds, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
-                   cpu["server"], cpu["client"])
+                   cpu["server"], cpu["client"], threads)
 
 
-def run(mode: str, options: argparse.Namespace, ctx: StackContext, token: str, profile: bool = False
-        ) -> tuple[Figures, dict[str, int], str]:
+def run(mode: str, options: argparse.Namespace, ctx: StackContext, token: str, audit_topic: str,
+        profile: bool = False) -> tuple[Figures, dict[str, int], str]:
     spawn = multiprocessing.get_context("spawn")
     ours, theirs = spawn.Pipe()
-    process = spawn.Process(target=serve, args=(mode, profile, theirs), name=f"grpc-{mode}", daemon=True)
+    process = spawn.Process(target=serve, args=(mode, profile, audit_topic, theirs), name=f"grpc-{mode}",
+                            daemon=True)
     process.start()
     try:
         if not ours.poll(TIMEOUT):
@@ -377,6 +413,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also the chain without the rate limiter, without the audit, without either, and "
                              "mTLS with an interceptor that does nothing, without and with a bearer token sent")
+    parser.add_argument("--threads", action="store_true",
+                        help="also print each scenario's server CPU per call by thread (best round)")
     parser.add_argument("--profile", action="store_true",
                         help="then profile the chain's server (cProfile, event-loop thread) in an extra run")
     options = parser.parse_args()
@@ -387,12 +425,23 @@ def main() -> None:
     labels = {**SCENARIOS, **(BREAKDOWN if options.breakdown else {})}
     rounds: dict[str, list[Figures]] = {mode: [] for mode in labels}
     audit = {"queued": 0, "delivered": 0, "failed": 0, "remaining": 0}
-    for _ in range(options.rounds):
-        for mode in labels:
-            figures, stats, _ = run(mode, options, ctx, token)
-            rounds[mode].append(figures)
-            if mode == "chain":
-                audit = {name: audit[name] + stats[name] for name in audit}
+    admin = Kafka(ctx).admin()
+    audit_topic = f"bench.{uuid.uuid4().hex}.access.v1"
+    access = audit_topic_access(audit_topic)
+    try:
+        admin.ensure_topics(access)
+        admin.grant(access.grants())
+        for _ in range(options.rounds):
+            for mode in labels:
+                figures, stats, _ = run(mode, options, ctx, token, audit_topic)
+                rounds[mode].append(figures)
+                if mode == "chain":
+                    audit = {name: audit[name] + stats[name] for name in audit}
+        profiled = run("chain", options, ctx, token, audit_topic, profile=True) if options.profile else None
+    finally:
+        admin.revoke(access.grants())
+        for future in admin.client.delete_topics([audit_topic], operation_timeout=30).values():
+            future.result()
     best = {mode: max(figures, key=lambda f: f.rate) for mode, figures in rounds.items()}
 
     print(f"gRPC unary {probe_pb2.DESCRIPTOR.services_by_name['Probe'].full_name}/Whoami, {options.concurrency} "
@@ -409,9 +458,16 @@ def main() -> None:
     print(f"  {'ratio chain/bare':<48}{chain / bare:>9.2f}  (aim: >= {AIM}: {verdict})")
     print(f"  access decisions of the chain runs (warm-up included): queued {audit['queued']:,}, delivered "
           f"{audit['delivered']:,}, failed {audit['failed']}, still queued after flush {audit['remaining']}")
+    if options.threads:
+        print("\nserver CPU µs per call by thread (threads under 2 µs left out):")
+        for mode, label in labels.items():
+            figures = best[mode]
+            used = sorted(((seconds * 1e6 / figures.calls, name) for name, seconds in figures.server_threads.items()),
+                          reverse=True)
+            print(f"  {label.strip():<48}" + "  ".join(f"{name} {micros:.0f}" for micros, name in used if micros >= 2))
 
-    if options.profile:
-        figures, _, report = run("chain", options, ctx, token, profile=True)
+    if profiled is not None:
+        figures, _, report = profiled
         print(f"\nchain under cProfile (server event-loop thread; slowed, not comparable): {figures.rate:,.0f} calls/s,"
               f" {figures.calls:,} calls measured")
         print(report)

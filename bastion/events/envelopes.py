@@ -1,6 +1,7 @@
 """Building signed envelopes: the producer side of the signed-events kit."""
 
 import datetime as dt
+import os
 import uuid
 from collections.abc import Sequence
 
@@ -11,6 +12,19 @@ from bastion.events.catalog import SCHEMAS
 from bastion.events.keys import SigningKey
 from bastion.events.signing import sign, sign_batch
 from bastion.events.v1.envelope_pb2 import Envelope
+
+
+def new_event_ids(count: int) -> list[str]:
+    """COUNT random (version 4) UUIDs as text, from one read of the OS's random source: `uuid.uuid4()` reads
+    it once per id, which was the largest cost of building an envelope where many are built at once."""
+    random = bytearray(os.urandom(16 * count))
+    ids = []
+    for start in range(0, 16 * count, 16):
+        random[start + 6] = random[start + 6] & 0x0F | 0x40  # version 4
+        random[start + 8] = random[start + 8] & 0x3F | 0x80  # RFC 4122 variant
+        text = random[start:start + 16].hex()
+        ids.append(f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}")
+    return ids
 
 
 def envelope_for(

@@ -1,13 +1,13 @@
 """Access audit: every allow and deny becomes a signed AccessDecision on access.decisions.v1.
 
-Publishing never adds a network round trip, nor signing, to a call: `record` puts the decision on a queue; a
-worker thread takes whatever has queued up within 20 ms (up to 500), signs it as one batch (one Ed25519
+Publishing never adds a network round trip, nor signing, to a call: `record` appends the decision to a deque;
+a worker thread takes whatever has queued up within 20 ms (up to 500), signs it as one batch (one Ed25519
 signature over the batch's Merkle root, `signing.sign_batch`) and hands it to librdkafka, which sends it in
 the background.
 """
 
+import collections
 import itertools
-import queue
 import threading
 import time
 import uuid
@@ -18,11 +18,14 @@ from confluent_kafka import KafkaException, Producer
 from prometheus_client import Counter
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
-from bastion.events.envelopes import envelope_for
+from bastion.events.catalog import SCHEMAS
+from bastion.events.envelopes import new_event_ids
 from bastion.events.keys import SigningKey
 from bastion.events.signing import sign_batch
+from bastion.events.v1.envelope_pb2 import Envelope
 
 TOPIC = "access.decisions.v1"
+DECISION_TYPE = str(AccessDecision.DESCRIPTOR.full_name)
 log = structlog.get_logger(__name__)
 DECISIONS_LOST = Counter("bastion_access_decisions_lost_total", "Access decisions that could not be queued or "
                          "delivered to Kafka", ["service"])
@@ -51,13 +54,15 @@ class MemoryAccessAudit:
 
 class KafkaAccessAudit:
     """Signs decisions with the service's key and hands them to Kafka, from a thread of its own: the call
-    path only puts the decision on a bounded queue, so auditing costs it no signing and no I/O. Under load the
-    thread signs what queued up while it was busy as one batch, so signing costs one Ed25519 operation per
-    batch, not per call."""
+    path only appends the decision to a bounded deque (no lock, no wake-up while the worker is busy), so
+    auditing costs it no signing and no I/O. The worker signs what queued up as one batch, so signing costs
+    one Ed25519 operation per batch, not per call."""
 
     def __init__(self, key: SigningKey, kafka_config: dict[str, Any], max_queued: int = 100_000,
-                 max_batch: int = 500, linger: float = 0.02) -> None:
+                 max_batch: int = 500, linger: float = 0.02, topic: str = TOPIC) -> None:
         self.key = key
+        self.topic = topic
+        self.max_queued = max_queued
         self.max_batch = max_batch
         self.linger = linger
         # Delivery reports for failures only: a callback per delivered decision was Python work on every call.
@@ -65,7 +70,15 @@ class KafkaAccessAudit:
         # about 90 (benchmarks/grpc_chain.py, docs/performance.md); a decision reaches Kafka 0.1 s later.
         self.producer = Producer({**kafka_config, "enable.idempotence": True, "acks": "all", "linger.ms": 100,
                                   "delivery.report.only.error": True})
-        self.pending: queue.Queue[AccessDecision | None] = queue.Queue(maxsize=max_queued)
+        # (decision, when it was recorded in ns). deque.append and popleft are atomic: the call path takes no lock.
+        self.pending: collections.deque[tuple[AccessDecision, int]] = collections.deque()
+        # True from the moment the worker takes a batch until it handed it to Kafka (IN_HAND decisions): with
+        # PENDING, what `flush` waits for.
+        self._taking = False
+        self._in_hand = 0
+        self._progress = threading.Condition()
+        self._wake = threading.Event()
+        self._idle = False
         self._closed = False
         self._new_aggregate()
         self.worker = threading.Thread(target=self._publish, name=f"access-audit-{key.producer}", daemon=True)
@@ -79,65 +92,102 @@ class KafkaAccessAudit:
         self._sequence_broken = False
 
     def record(self, decision: AccessDecision) -> None:
-        """Queue DECISION; never blocks or raises into the call path (a lost decision is logged and counted)."""
+        """Queue DECISION; never blocks or raises into the call path (a lost decision is logged and counted).
+        Called from the server's event-loop thread."""
         if self._closed:
             self._count_lost(decision.correlation_id, "audit closed")
             return
-        try:
-            self.pending.put_nowait(decision)
-        except queue.Full:
+        if len(self.pending) >= self.max_queued:
             self._count_lost(decision.correlation_id, "audit queue full")
+            return
+        self.pending.append((decision, time.time_ns()))
+        if self._idle:  # the worker waits for work: wake it (only then, so a busy call path pays no wake-up)
+            self._idle = False
+            self._wake.set()
 
-    def _take(self) -> list[AccessDecision | None]:
-        """The next decision, waiting for it, then after LINGER seconds whatever else queued up meanwhile (up
-        to MAX_BATCH in all). One wake-up and one signature per batch: taking decisions one by one as they
-        come cost the server several times more CPU per call than the rest of the security chain."""
-        taken = [self.pending.get()]
-        if taken[0] is not None and self.linger > 0:
+    def _take(self) -> list[tuple[AccessDecision, int]]:
+        """Wait for work, then after LINGER seconds take whatever queued up meanwhile (up to MAX_BATCH). One
+        wake-up and one signature per batch: taking decisions one by one as they came cost the server several
+        times more CPU per call than the rest of the security chain."""
+        while not self.pending and not self._closed:
+            self._wake.clear()
+            self._idle = True
+            if not self.pending and not self._closed:  # `record` sets the event if it came in meanwhile
+                self._wake.wait(1.0)
+            self._idle = False
+        if self.pending and self.linger > 0 and not self._closed:
             time.sleep(self.linger)
-        while len(taken) < self.max_batch and taken[-1] is not None:
+        self._taking = True
+        taken: list[tuple[AccessDecision, int]] = []
+        while len(taken) < self.max_batch:
             try:
-                taken.append(self.pending.get_nowait())
-            except queue.Empty:
+                taken.append(self.pending.popleft())
+            except IndexError:
                 break
+        self._in_hand = len(taken)
         return taken
 
     def _publish(self) -> None:
         while True:
             taken = self._take()
-            decisions = [decision for decision in taken if decision is not None]
+            if not taken and self._closed:
+                with self._progress:
+                    self._taking = False
+                    self._progress.notify_all()
+                return
+            decisions = taken
             while decisions:
                 try:
                     decisions = self._publish_batch(decisions)
                 except Exception as error:  # the thread must outlive a bad batch: count and log what it lost
-                    for decision in decisions:
+                    for decision, _ in decisions:
                         self._lost(decision.correlation_id, repr(error))
                     decisions = []
             self.producer.poll(0)
-            for _ in taken:
-                self.pending.task_done()
-            if taken[-1] is None:  # close() queued None: everything before it is out
-                return
+            with self._progress:
+                self._taking = False
+                self._in_hand = 0
+                self._progress.notify_all()
 
-    def _publish_batch(self, decisions: list[AccessDecision]) -> list[AccessDecision]:
+    def _publish_batch(self, decisions: list[tuple[AccessDecision, int]]) -> list[tuple[AccessDecision, int]]:
         """Sign DECISIONS as one batch and hand them to the producer, in order. If one is lost, the rest are
         returned unsent: published after it under the same aggregate they would wait behind a gap for ever,
         so the caller signs them again, numbered in a fresh aggregate."""
         if self._sequence_broken:
             self._new_aggregate()
-        envelopes = [envelope_for(self.key, TOPIC, decision, self.aggregate_id, next(self.sequence),
-                                  correlation_id=decision.correlation_id) for decision in decisions]
+        envelopes = self._envelopes(decisions)
         sign_batch(envelopes, self.key.private_key)
         key = self.aggregate_id.encode()
-        for index, (decision, envelope) in enumerate(zip(decisions, envelopes, strict=True)):
+        for index, ((decision, _), envelope) in enumerate(zip(decisions, envelopes, strict=True)):
             if not self._produce(key, envelope.SerializeToString(), decision.correlation_id):
                 return decisions[index + 1:]
         return []
 
+    def _envelopes(self, decisions: list[tuple[AccessDecision, int]]) -> list[Envelope]:
+        """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurred and published when it
+        was recorded. Copied from one template of the fields they share (what `envelope_for` builds, at a third
+        of its cost: this runs for every call the service answers)."""
+        template = Envelope(event_type=DECISION_TYPE, schema_version=SCHEMAS[DECISION_TYPE].current_version,
+                            producer=self.key.producer, key_id=self.key.key_id, aggregate_id=self.aggregate_id,
+                            topic=self.topic)
+        envelopes = []
+        for (decision, recorded_ns), event_id in zip(decisions, new_event_ids(len(decisions)), strict=True):
+            envelope = Envelope()
+            envelope.CopyFrom(template)
+            envelope.event_id = event_id
+            envelope.sequence = next(self.sequence)
+            envelope.correlation_id = decision.correlation_id
+            envelope.payload = decision.SerializeToString(deterministic=True)
+            seconds, nanos = divmod(recorded_ns, 1_000_000_000)
+            envelope.occurred_at.seconds = envelope.published_at.seconds = seconds
+            envelope.occurred_at.nanos = envelope.published_at.nanos = nanos
+            envelopes.append(envelope)
+        return envelopes
+
     def _produce(self, key: bytes, value: bytes, correlation_id: str) -> bool:
         for _ in range(50):
             try:
-                self.producer.produce(TOPIC, value=value, key=key, on_delivery=self._delivered)
+                self.producer.produce(self.topic, value=value, key=key, on_delivery=self._delivered)
                 return True
             except BufferError:
                 self.producer.poll(0.1)  # librdkafka's queue is full: let it drain, then try again
@@ -162,21 +212,24 @@ class KafkaAccessAudit:
         log.error("access_decision_lost", correlation_id=correlation_id, error=error)
 
     def flush(self, timeout: float = 10.0) -> int:
-        """Wait (at most TIMEOUT seconds) until every queued decision was handed to Kafka and delivered;
-        returns how many are still queued or in flight."""
+        """Wait (at most TIMEOUT seconds) until every decision recorded so far was handed to Kafka and
+        delivered; returns how many are still queued or in flight."""
         deadline = time.monotonic() + timeout
-        with self.pending.all_tasks_done:
-            while self.pending.unfinished_tasks:
+        with self._progress:
+            while self.pending or self._taking:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return int(self.pending.unfinished_tasks)
-                self.pending.all_tasks_done.wait(left)
+                if left <= 0 or not self.worker.is_alive():
+                    return len(self.pending) + self._in_hand
+                self._progress.wait(min(left, 0.1))  # PENDING grows without notifying: look again now and then
         remaining: int = self.producer.flush(max(deadline - time.monotonic(), 0.0))
         return remaining
 
     def close(self) -> None:
         """Publish what is queued, then stop; decisions recorded afterwards are counted as lost."""
         self._closed = True
-        self.pending.put(None)
+        self._wake.set()
         self.worker.join(10)
+        if not self.worker.is_alive():
+            while self.pending:  # recorded while the worker was stopping
+                self._count_lost(self.pending.popleft()[0].correlation_id, "audit closed")
         self.producer.flush(10)

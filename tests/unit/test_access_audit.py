@@ -165,3 +165,50 @@ def test_flush_gives_up_at_its_timeout_and_a_closed_audit_counts_what_comes_late
     audit.record(a_decision(1))
     assert lost() - before == 1
     assert len(producer.records) == 1
+
+
+def test_each_decision_occurs_when_it_was_recorded_on_the_topic_it_was_given(ring: KeyRing) -> None:
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer, topic="bench.audit.v1")
+    before = time.time_ns()
+    audit.record(a_decision(0))
+    recorded = time.time_ns()
+    time.sleep(0.05)  # the batch is signed later than that
+    audit.record(a_decision(1))
+    assert audit.flush() == 0
+    audit.close()
+    envelopes = [Envelope.FromString(value) for _, value, _ in producer.records]
+    assert {topic for topic, _, _ in producer.records} == {"bench.audit.v1"}
+    assert {envelope.topic for envelope in envelopes} == {"bench.audit.v1"}  # signed for it, not only sent there
+    first = envelopes[0].occurred_at.seconds * 1_000_000_000 + envelopes[0].occurred_at.nanos
+    assert before <= first <= recorded
+    assert envelopes[0].published_at == envelopes[0].occurred_at
+    assert len({envelope.event_id for envelope in envelopes}) == 2
+
+
+def test_a_full_queue_counts_what_it_cannot_take_and_keeps_the_rest(ring: KeyRing) -> None:
+    producer = HeldProducer()  # holds the first decision: the next ones wait in the queue
+    audit = audit_with(ring, producer, max_queued=3, linger=0)
+    before = lost()
+    audit.record(a_decision(0))
+    assert producer.holding.wait(10)
+    for number in range(1, 6):
+        audit.record(a_decision(number))
+    assert lost() - before == 2
+    producer.release.set()
+    assert audit.flush() == 0
+    audit.close()
+    assert [AccessDecision.FromString(Envelope.FromString(v).payload).correlation_id
+            for _, v, _ in producer.records] == ["corr-0", "corr-1", "corr-2", "corr-3"]
+
+
+def test_flush_waits_for_a_decision_recorded_while_the_publisher_was_idle(ring: KeyRing) -> None:
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer, linger=0.05)
+    time.sleep(0.1)  # the publisher has nothing to do and waits to be woken
+    audit.record(a_decision(7))
+    assert audit.flush(timeout=5) == 0
+    assert len(producer.records) == 1
+    audit.close()

@@ -1,6 +1,7 @@
 """The canonical signed bytes and Ed25519 signatures: pinned by test vectors, and every change detected."""
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bastion.events.envelopes import new_event_ids
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.signing import sign, signed_bytes, verify_signature
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -112,3 +114,13 @@ def test_length_prefixes_make_field_boundaries_unambiguous() -> None:
     a.event_type, a.producer = "ab", "c"
     b.event_type, b.producer = "a", "bc"
     assert signed_bytes(a) != signed_bytes(b)
+
+
+def test_event_ids_made_in_bulk_are_distinct_version_4_uuids() -> None:
+    ids = new_event_ids(2_000)
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert new_event_ids(0) == []
