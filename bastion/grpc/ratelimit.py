@@ -22,8 +22,10 @@ class RateLimit:
 
     @property
     def batch(self) -> int:
-        """How many calls a replica reserves at once: a tenth of the limit, at most 16, at least 1 (exact)."""
-        return max(1, min(16, self.calls // 10))
+        """How many calls a replica reserves at once: a fiftieth of the limit (so a replica holds back at most 2%
+        of a window's calls from the others), at most 64, at least 1 (exact). A busy principal, such as a
+        calling service at 30,000 calls a minute, then costs one Redis round trip per 64 calls."""
+        return max(1, min(64, self.calls // 50))
 
 
 # Reserve up to ARGV[2] calls of a window of ARGV[3] calls; the expiry is set with the window's first reservation.
