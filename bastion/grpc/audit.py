@@ -77,7 +77,12 @@ class KafkaAccessAudit:
         self._taking = False
         self._in_hand = 0
         self._progress = threading.Condition()
+        # Held while checking `_closed` and appending, and while closing: nothing is appended after close() has
+        # decided what the worker still publishes (uncontended, it costs the call well under a microsecond).
+        self._closing = threading.Lock()
         self._wake = threading.Event()
+        # `_idle` and `_taking` are single attribute stores shared without a lock (atomic under CPython's GIL); a
+        # wake-up missed all the same would cost the worker's 1 s wait, never a decision.
         self._idle = False
         self._closed = False
         self._new_aggregate()
@@ -94,13 +99,17 @@ class KafkaAccessAudit:
     def record(self, decision: AccessDecision) -> None:
         """Queue DECISION; never blocks or raises into the call path (a lost decision is logged and counted).
         Called from the server's event-loop thread."""
-        if self._closed:
-            self._count_lost(decision.correlation_id, "audit closed")
+        with self._closing:
+            if self._closed:
+                refusal = "audit closed"
+            elif len(self.pending) >= self.max_queued:
+                refusal = "audit queue full"
+            else:
+                refusal = ""
+                self.pending.append((decision, time.time_ns()))
+        if refusal:
+            self._count_lost(decision.correlation_id, refusal)
             return
-        if len(self.pending) >= self.max_queued:
-            self._count_lost(decision.correlation_id, "audit queue full")
-            return
-        self.pending.append((decision, time.time_ns()))
         if self._idle:  # the worker waits for work: wake it (only then, so a busy call path pays no wake-up)
             self._idle = False
             self._wake.set()
@@ -143,7 +152,10 @@ class KafkaAccessAudit:
                     for decision, _ in decisions:
                         self._lost(decision.correlation_id, repr(error))
                     decisions = []
-            self.producer.poll(0)
+            try:
+                self.producer.poll(0)
+            except Exception as error:  # a callback's error: the worker must go on
+                log.error("access_audit_poll_failed", error=repr(error))
             with self._progress:
                 self._taking = False
                 self._in_hand = 0
@@ -164,12 +176,14 @@ class KafkaAccessAudit:
         return []
 
     def _envelopes(self, decisions: list[tuple[AccessDecision, int]]) -> list[Envelope]:
-        """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurred and published when it
-        was recorded. Copied from one template of the fields they share (what `envelope_for` builds, at a third
-        of its cost: this runs for every call the service answers)."""
+        """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurring when it was recorded
+        and published now (freshness is judged on `published_at`: a decision that waited, or is signed again
+        after a loss, is stamped when it leaves). Copied from one template of the fields they share (what
+        `envelope_for` builds, at a third of its cost: this runs for every call the service answers)."""
         template = Envelope(event_type=DECISION_TYPE, schema_version=SCHEMAS[DECISION_TYPE].current_version,
                             producer=self.key.producer, key_id=self.key.key_id, aggregate_id=self.aggregate_id,
                             topic=self.topic)
+        published_seconds, published_nanos = divmod(time.time_ns(), 1_000_000_000)
         envelopes = []
         for (decision, recorded_ns), event_id in zip(decisions, new_event_ids(len(decisions)), strict=True):
             envelope = Envelope()
@@ -179,8 +193,8 @@ class KafkaAccessAudit:
             envelope.correlation_id = decision.correlation_id
             envelope.payload = decision.SerializeToString(deterministic=True)
             seconds, nanos = divmod(recorded_ns, 1_000_000_000)
-            envelope.occurred_at.seconds = envelope.published_at.seconds = seconds
-            envelope.occurred_at.nanos = envelope.published_at.nanos = nanos
+            envelope.occurred_at.seconds, envelope.occurred_at.nanos = seconds, nanos
+            envelope.published_at.seconds, envelope.published_at.nanos = published_seconds, published_nanos
             envelopes.append(envelope)
         return envelopes
 
@@ -226,10 +240,14 @@ class KafkaAccessAudit:
 
     def close(self) -> None:
         """Publish what is queued, then stop; decisions recorded afterwards are counted as lost."""
-        self._closed = True
+        with self._closing:
+            self._closed = True  # from here on nothing is appended: the worker publishes what is queued, then ends
         self._wake.set()
         self.worker.join(10)
-        if not self.worker.is_alive():
-            while self.pending:  # recorded while the worker was stopping
-                self._count_lost(self.pending.popleft()[0].correlation_id, "audit closed")
+        while self.pending:  # only if the worker died or is stuck past the join
+            try:
+                decision, _ = self.pending.popleft()
+            except IndexError:
+                break
+            self._count_lost(decision.correlation_id, "audit closed before it was published")
         self.producer.flush(10)

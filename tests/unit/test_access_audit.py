@@ -182,8 +182,8 @@ def test_each_decision_occurs_when_it_was_recorded_on_the_topic_it_was_given(rin
     assert {topic for topic, _, _ in producer.records} == {"bench.audit.v1"}
     assert {envelope.topic for envelope in envelopes} == {"bench.audit.v1"}  # signed for it, not only sent there
     first = envelopes[0].occurred_at.seconds * 1_000_000_000 + envelopes[0].occurred_at.nanos
-    assert before <= first <= recorded
-    assert envelopes[0].published_at == envelopes[0].occurred_at
+    published = envelopes[0].published_at.seconds * 1_000_000_000 + envelopes[0].published_at.nanos
+    assert before <= first <= recorded < published  # published when its batch left, after the 20 ms linger
     assert len({envelope.event_id for envelope in envelopes}) == 2
 
 
@@ -212,3 +212,37 @@ def test_flush_waits_for_a_decision_recorded_while_the_publisher_was_idle(ring: 
     assert audit.flush(timeout=5) == 0
     assert len(producer.records) == 1
     audit.close()
+
+
+def test_a_decision_recorded_while_the_audit_closes_is_published_not_stranded(
+    ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recording thread is held between its `closed?` check and its append while another thread closes."""
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer)
+    entered, go = threading.Event(), threading.Event()
+
+    class HeldClock:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def time_ns(self) -> int:
+            if threading.current_thread().name == "recorder":
+                entered.set()
+                go.wait(5)
+            return time.time_ns()
+
+    monkeypatch.setattr(audit_module, "time", HeldClock())
+    before = lost()
+    recorder = threading.Thread(target=audit.record, args=(a_decision(1),), name="recorder")
+    recorder.start()
+    assert entered.wait(5)
+    closer = threading.Thread(target=audit.close)
+    closer.start()
+    time.sleep(0.1)  # close() is under way
+    go.set()
+    recorder.join(5)
+    closer.join(15)
+    assert not closer.is_alive()
+    assert len(producer.records) == 1 and lost() == before
