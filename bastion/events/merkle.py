@@ -43,14 +43,16 @@ def inclusion_proofs(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]
         if len(level) % 2:
             parents.append(level[-1])
         levels.append(parents)
-    paths = []
-    for index in range(len(leaves)):
-        path = []
-        for depth, level in enumerate(levels[:-1]):
-            sibling = (index >> depth) ^ 1
+    paths: list[list[bytes]] = [[] for _ in leaves]
+    for depth, level in enumerate(levels[:-1]):
+        # At DEPTH, the leaves of one block of 2**DEPTH share a node; its sibling (if any) joins all their paths.
+        width = 1 << depth
+        for node in range(len(level)):
+            sibling = node ^ 1
             if sibling < len(level):
-                path.append(level[sibling])
-        paths.append(path)
+                entry = level[sibling]
+                for path in paths[node * width:(node + 1) * width]:
+                    path.append(entry)
     return levels[-1][0], paths
 
 
