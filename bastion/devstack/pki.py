@@ -6,6 +6,7 @@ match, so `make setup` and `bastion up` can run any number of times.
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +93,18 @@ def create_ca(common_name: str = "Bastion dev CA", days: int = CA_DAYS) -> Certi
 
 
 def issue_certificate(
-    ca: CertificateAuthority, name: str, days: int
+    ca: CertificateAuthority, name: str, days: int,
+    alternative_names: Sequence[x509.GeneralName] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A leaf for component NAME, usable as TLS server and client: SANs localhost, 127.0.0.1, SPIFFE URI."""
+    """A leaf for component NAME, usable as TLS server and client: SANs localhost, 127.0.0.1, SPIFFE URI.
+    ALTERNATIVE_NAMES replaces those SANs (an empty list leaves the extension out): tests use it to show that
+    a dev-CA certificate without exactly one Bastion identity is refused."""
+    if alternative_names is None:
+        alternative_names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                             x509.UniformResourceIdentifier(spiffe_id(name))]
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_subject(name))
         .issuer_name(ca.cert.subject)
@@ -117,20 +124,11 @@ def issue_certificate(
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.UniformResourceIdentifier(spiffe_id(name)),
-                ]
-            ),
-            critical=False,
-        )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-        .sign(ca.key, hashes.SHA256())
     )
-    return cert, key
+    if alternative_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(alternative_names)), critical=False)
+    return builder.sign(ca.key, hashes.SHA256()), key
 
 
 class DevPki:
@@ -148,6 +146,18 @@ class DevPki:
     def paths(self, name: str) -> IssuedPaths:
         return IssuedPaths(self.folder / f"{name}.pem", self.folder / f"{name}-key.pem")
 
+    def authority(self) -> CertificateAuthority:
+        """The dev CA (created if the folder has none yet)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self._ensure_ca()[0]
+
+    def write(self, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> IssuedPaths:
+        """Store a leaf as NAME.pem and NAME-key.pem (the key readable by its owner only)."""
+        paths = self.paths(name)
+        write_private(paths.key, _key_pem(key))
+        paths.cert.write_bytes(_pem(cert))
+        return paths
+
     def ensure(self, names: list[str]) -> list[str]:
         """Make sure the CA and every named leaf are present and fresh; return the names (re)issued."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -156,9 +166,7 @@ class DevPki:
         for name in names:
             if ca_renewed or self._needs_leaf(ca, name):
                 cert, key = issue_certificate(ca, name, self.leaf_days)
-                paths = self.paths(name)
-                write_private(paths.key, _key_pem(key))
-                paths.cert.write_bytes(_pem(cert))
+                self.write(name, cert, key)
                 issued.append(name)
         return issued
 

@@ -100,7 +100,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         correlation_id = correlation_id_from(metadata)
         context.set_trailing_metadata((("x-correlation-id", correlation_id),))
-        peer = peer_identity_from(context.auth_context() or {})
+        peer = peer_identity_from(context.peer_identity_key(), context.peer_identities())
         call = CallContext(correlation_id, peer, None, method)
         if peer is None:
             await self._refuse(context, call, UnauthenticatedError("client certificate has no Bastion identity"))

@@ -20,6 +20,7 @@ import grpc
 import pytest
 import structlog
 from confluent_kafka import Consumer
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from jwt.algorithms import RSAAlgorithm
@@ -28,7 +29,7 @@ from keycloak import KeycloakOpenID
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.context import StackContext
-from bastion.devstack.pki import DevPki
+from bastion.devstack.pki import DevPki, issue_certificate, spiffe_id
 from bastion.events.keys import KeyRing
 from bastion.events.signing import verify_signature
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -200,6 +201,33 @@ def test_certificate_from_another_ca_never_reaches_a_handler(ctx: StackContext, 
     token = user_token(ctx, "alice")["access_token"]
     assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(token), timeout=10)) == \
         grpc.StatusCode.UNAVAILABLE
+
+
+URI = x509.UniformResourceIdentifier
+NOT_ONE_IDENTITY = {
+    "no SPIFFE URI": ("cli", [x509.DNSName("localhost")]),
+    "two SPIFFE URIs": ("cli", [URI(spiffe_id("cli")), URI(spiffe_id("payments"))]),
+    "another trust domain": ("cli", [URI("spiffe://elsewhere.example/service/payments")]),
+    "a path below a service": ("cli", [URI(spiffe_id("payments") + "/admin")]),
+    "no SANs, a SPIFFE ID as common name": (spiffe_id("payments"), []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_ONE_IDENTITY))
+def test_a_dev_ca_certificate_without_exactly_one_bastion_identity_never_reaches_a_handler(
+    ctx: StackContext, probe: ProbeServer, tmp_path: Path, case: str
+) -> None:
+    """Signed by the dev CA, so the TLS handshake succeeds, but the certificate names no single service of
+    this trust domain: the call is refused before authorisation, whatever token comes with it."""
+    common_name, names = NOT_ONE_IDENTITY[case]
+    cert, key = issue_certificate(ctx.pki.authority(), common_name, 1, alternative_names=names)
+    issued = DevPki(tmp_path, leaf_days=1, reissue_when_days_left=0).write("odd", cert, key)
+    client = stub(ctx, probe.port, TlsFiles(issued.cert, issued.key, ctx.ca_file))
+    token = service_token(ctx, "payments")
+    with pytest.raises(grpc.RpcError) as refused:
+        client.PaymentsOnly(probe_pb2.PaymentsOnlyRequest(), metadata=call_metadata(token), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, case
+    assert "client certificate has no Bastion identity" in (refused.value.details() or "")
 
 
 def test_service_identity_x_calling_a_method_reserved_to_y_is_denied(ctx: StackContext, probe: ProbeServer) -> None:
