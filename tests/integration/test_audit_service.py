@@ -134,7 +134,8 @@ class CheckpointTamperer:
         self.added: list[str] = []
 
     def lines(self) -> list[str]:
-        return self.path.read_text().splitlines(keepends=True)
+        """The file's lines; none before the audit service signed its first checkpoint (no file yet)."""
+        return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
 
     def append(self, line: str) -> None:
         with self.path.open("a") as file:
@@ -142,6 +143,8 @@ class CheckpointTamperer:
         self.added.append(line)
 
     def restore(self) -> None:
+        if not self.added:
+            return
         lines = self.lines()
         for line in self.added:
             del lines[len(lines) - 1 - lines[::-1].index(line)]
@@ -158,10 +161,20 @@ def checkpoints(ctx: StackContext) -> Iterator[CheckpointTamperer]:
     tamperer.restore()
 
 
+def signed_checkpoints(bank: Bank, audit: Any, checkpoints: CheckpointTamperer, at_least: int) -> list[str]:
+    """The checkpoint file's lines once the audit service has signed AT_LEAST checkpoints (every 10 s while
+    records come in; each call below is an access decision, so a record)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(lines := checkpoints.lines()) < at_least:
+        assert time.monotonic() < deadline, f"the audit service signed fewer than {at_least} checkpoints"
+        audit.ListEvents(audit_pb2.ListEventsRequest(page_size=1), metadata=bank.as_user("ada"), timeout=10)
+        time.sleep(1)
+    return lines
+
+
 def test_a_forged_checkpoint_is_refused_and_raises_a_security_record(bank: Bank, audit: Any,
                                                                       checkpoints: CheckpointTamperer) -> None:
-    lines = checkpoints.lines()
-    assert lines, "the audit service has signed no checkpoint yet"
+    lines = signed_checkpoints(bank, audit, checkpoints, at_least=1)
     # A longer log than was ever signed, under the old signature.
     forged = re.sub(r'"length":(\d+)', lambda m: f'"length":{int(m.group(1)) + 1}', lines[-1])
     assert forged != lines[-1]
@@ -182,12 +195,7 @@ def test_a_forged_checkpoint_is_refused_and_raises_a_security_record(bank: Bank,
 
 def test_a_checkpoint_whose_length_goes_backwards_is_refused(bank: Bank, audit: Any,
                                                               checkpoints: CheckpointTamperer) -> None:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while len(lines := checkpoints.lines()) < 2:
-        # Each call is an access decision, so a record for the next checkpoint (signed every 10 s).
-        assert time.monotonic() < deadline, "the audit service signed no second checkpoint"
-        audit.ListEvents(audit_pb2.ListEventsRequest(page_size=1), metadata=bank.as_user("ada"), timeout=10)
-        time.sleep(1)
+    lines = signed_checkpoints(bank, audit, checkpoints, at_least=2)
     checkpoints.append(lines[0])  # an older, validly signed checkpoint replayed last
     verdict = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
     assert not verdict.ok and "checkpoint refused" in verdict.reason
