@@ -54,8 +54,8 @@ class MemoryAccessAudit:
 
 class KafkaAccessAudit:
     """Signs decisions with the service's key and hands them to Kafka, from a thread of its own: the call
-    path only appends the decision to a bounded deque (no lock, no wake-up while the worker is busy), so
-    auditing costs it no signing and no I/O. The worker signs what queued up as one batch, so signing costs
+    path only appends the decision to a bounded deque (one uncontended lock, no wake-up while the worker is
+    busy), so auditing costs it no signing and no I/O. The worker signs what queued up as one batch, so signing costs
     one Ed25519 operation per batch, not per call."""
 
     def __init__(self, key: SigningKey, kafka_config: dict[str, Any], max_queued: int = 100_000,
@@ -70,7 +70,8 @@ class KafkaAccessAudit:
         # about 90 (benchmarks/grpc_chain.py, docs/performance.md); a decision reaches Kafka 0.1 s later.
         self.producer = Producer({**kafka_config, "enable.idempotence": True, "acks": "all", "linger.ms": 100,
                                   "delivery.report.only.error": True})
-        # (decision, when it was recorded in ns). deque.append and popleft are atomic: the call path takes no lock.
+        # (decision, when it was recorded in ns). deque.append and popleft are atomic; the call path takes only
+        # `_closing` (below), never the worker's lock or condition.
         self.pending: collections.deque[tuple[AccessDecision, int]] = collections.deque()
         # True from the moment the worker takes a batch until it handed it to Kafka (IN_HAND decisions): with
         # PENDING, what `flush` waits for.
