@@ -10,8 +10,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bastion.events.catalog import SCHEMAS
 from bastion.events.keys import SigningKey
-from bastion.events.signing import sign, sign_batch
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.signing import sign, sign_batch, sign_bundle
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 
 
 def new_event_ids(count: int) -> list[str]:
@@ -77,6 +77,29 @@ def seal(
     return envelope
 
 
+def _stamped(envelope: Envelope, key: SigningKey, published: Timestamp) -> None:
+    if envelope.producer != key.producer:
+        raise ValueError(f"an outbox row of {envelope.producer!r} cannot be published by {key.producer!r}")
+    envelope.key_id = key.key_id
+    envelope.published_at.CopyFrom(published)
+
+
+def bundle(stored: Sequence[bytes], key: SigningKey, now: dt.datetime | None = None) -> EnvelopeBundle:
+    """The stored envelopes, in this order, as the relay hands them to Kafka in one record: one bundle, published
+    now and signed by their producer's current key (`signing.sign_bundle`), as `republish` does for envelopes
+    sent one by one."""
+    published = Timestamp()
+    published.FromDatetime(now or dt.datetime.now(dt.UTC))
+    signed = EnvelopeBundle()
+    members = signed.envelopes
+    for raw in stored:
+        member = members.add()
+        member.MergeFromString(raw)
+        _stamped(member, key, published)
+    sign_bundle(signed, key.private_key)
+    return signed
+
+
 def republish(stored: Sequence[bytes], key: SigningKey, now: dt.datetime | None = None) -> list[bytes]:
     """The stored envelopes as the relay hands them to Kafka, in this order: published now and signed together
     by their producer's current key, one signature over the batch's Merkle root (`signing.sign_batch`). Rows
@@ -85,9 +108,6 @@ def republish(stored: Sequence[bytes], key: SigningKey, now: dt.datetime | None 
     published.FromDatetime(now or dt.datetime.now(dt.UTC))
     envelopes = [Envelope.FromString(raw) for raw in stored]
     for envelope in envelopes:
-        if envelope.producer != key.producer:
-            raise ValueError(f"an outbox row of {envelope.producer!r} cannot be published by {key.producer!r}")
-        envelope.key_id = key.key_id
-        envelope.published_at.CopyFrom(published)
+        _stamped(envelope, key, published)
     sign_batch(envelopes, key.private_key)
     return [envelope.SerializeToString() for envelope in envelopes]

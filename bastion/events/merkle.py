@@ -3,8 +3,9 @@
 A leaf hash is SHA-256(0x00 || data) and an inner node SHA-256(0x01 || left || right); a tree of n leaves
 splits at the largest power of two below n, so every size has exactly one shape and the root of a given
 size commits to the order of its leaves. `inclusion_proofs` builds every leaf's audit path at once (the
-relay's side); `root_from_proof` is the verification algorithm of RFC 9162 section 2.1.3.2 (the
-consumer's side): it accepts exactly one path length per (index, size) and never a path that was altered.
+relay's side), `tree_root` only the root (for a consumer that holds every leaf of a bundle);
+`root_from_proof` is the verification algorithm of RFC 9162 section 2.1.3.2 (the consumer's side): it accepts
+exactly one path length per (index, size) and never a path that was altered.
 """
 
 import hashlib
@@ -29,11 +30,10 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(NODE_PREFIX + left + right).digest()
 
 
-def inclusion_proofs(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
-    """The root over LEAVES (leaf hashes, in order) and, for each leaf, its audit path from the leaf up.
-
-    Built bottom up: each level pairs neighbours and lifts an odd last node as it is, which gives RFC 9162's
-    tree (split at the largest power of two below the size) with every node of a level at its index."""
+def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """The tree over LEAVES level by level, leaves first, root last. Each level pairs neighbours and lifts an odd
+    last node as it is, which gives RFC 9162's tree (split at the largest power of two below the size) with
+    every node of a level at its index."""
     if not leaves:
         raise ValueError("a Merkle tree needs at least one leaf")
     levels = [list(leaves)]
@@ -43,6 +43,17 @@ def inclusion_proofs(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]
         if len(level) % 2:
             parents.append(level[-1])
         levels.append(parents)
+    return levels
+
+
+def tree_root(leaves: Sequence[bytes]) -> bytes:
+    """The root over LEAVES (leaf hashes, in order): what a holder of every leaf checks a batch signature with."""
+    return _levels(leaves)[-1][0]
+
+
+def inclusion_proofs(leaves: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
+    """The root over LEAVES (leaf hashes, in order) and, for each leaf, its audit path from the leaf up."""
+    levels = _levels(leaves)
     paths: list[list[bytes]] = [[] for _ in leaves]
     for depth, level in enumerate(levels[:-1]):
         # At DEPTH, the leaves of one block of 2**DEPTH share a node; its sibling (if any) joins all their paths.

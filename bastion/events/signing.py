@@ -12,6 +12,10 @@ An envelope is signed in one of two ways (docs/decisions.md, "One signature per 
   One Ed25519 operation then covers hundreds of events; a consumer checks each event's path (a few
   hashes) and verifies each distinct root once (`SignatureChecker`). tests/vectors/envelope-batch-v1.json
   pins these bytes.
+A relay batch may also travel whole, one Kafka record per partition (`sign_bundle`, an `EnvelopeBundle`): the
+same batch signature, but the envelopes carry no proofs, since the consumer holds every leaf and recomputes the
+root (`SignatureChecker.verify_bundle`). `with_proofs` turns the members back into batch-signed envelopes that
+verify alone, for whoever keeps or forwards one of them.
 Either way, changing any signed field, the payload, the proof or the signature makes verification fail.
 """
 
@@ -24,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from bastion.events import merkle
 from bastion.events.errors import RejectReason, VerificationError
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 
 DOMAIN_TAG = b"bastion.events.v1.Envelope\x00"
 BATCH_TAG = b"bastion.events.v1.Batch\x00"
@@ -79,13 +83,17 @@ def sign(envelope: Envelope, key: Ed25519PrivateKey) -> None:
     envelope.signature = key.sign(signed_bytes(envelope))
 
 
-def sign_batch(envelopes: Sequence[Envelope], key: Ed25519PrivateKey) -> None:
-    """Sign ENVELOPES together, in this order: one Ed25519 signature over the root of their Merkle tree,
-    and in each envelope that signature and its inclusion proof."""
+def _check_batch(envelopes: Sequence[Envelope]) -> None:
     if not 0 < len(envelopes) <= MAX_BATCH:
         raise ValueError(f"a signed batch holds 1 to {MAX_BATCH} envelopes, not {len(envelopes)}")
     if len({(envelope.producer, envelope.key_id) for envelope in envelopes}) != 1:
         raise ValueError("a signed batch is one producer's, under one key id")
+
+
+def sign_batch(envelopes: Sequence[Envelope], key: Ed25519PrivateKey) -> None:
+    """Sign ENVELOPES together, in this order: one Ed25519 signature over the root of their Merkle tree,
+    and in each envelope that signature and its inclusion proof."""
+    _check_batch(envelopes)
     root, paths = merkle.inclusion_proofs([merkle.leaf_hash(signed_bytes(envelope)) for envelope in envelopes])
     signature = key.sign(batch_signed_bytes(len(envelopes), root))
     for index, (envelope, path) in enumerate(zip(envelopes, paths, strict=True)):
@@ -95,6 +103,36 @@ def sign_batch(envelopes: Sequence[Envelope], key: Ed25519PrivateKey) -> None:
         proof.leaf_index = index
         proof.leaf_count = len(envelopes)
         proof.path.extend(path)
+
+
+def sign_bundle(bundle: EnvelopeBundle, key: Ed25519PrivateKey) -> None:
+    """Sign the bundle's envelopes together, in their order, with the batch signature of `sign_batch`; any
+    signature or proof they carried goes (a bundle's envelopes carry neither)."""
+    members = bundle.envelopes
+    _check_batch(members)
+    for member in members:
+        member.ClearField("signature")
+        member.ClearField("batch")
+    root = merkle.tree_root([merkle.leaf_hash(signed_bytes(member)) for member in members])
+    bundle.signature = key.sign(batch_signed_bytes(len(members), root))
+
+
+def with_proofs(bundle: EnvelopeBundle) -> list[Envelope]:
+    """The bundle's envelopes as batch-signed envelopes, each with the bundle's signature and its own inclusion
+    proof: each verifies alone (`SignatureChecker.verify`) if and only if the bundle verified."""
+    members = bundle.envelopes
+    _, paths = merkle.inclusion_proofs([merkle.leaf_hash(signed_bytes(member)) for member in members])
+    signed = []
+    for index, (member, path) in enumerate(zip(members, paths, strict=True)):
+        envelope = Envelope()
+        envelope.CopyFrom(member)
+        envelope.signature = bundle.signature
+        proof = envelope.batch
+        proof.leaf_index = index
+        proof.leaf_count = len(members)
+        proof.path.extend(path)
+        signed.append(envelope)
+    return signed
 
 
 class SignatureChecker:
@@ -154,6 +192,24 @@ class SignatureChecker:
         self._roots[remembered] = key
         if len(self._roots) > self.max_roots:
             self._roots.popitem(last=False)
+
+    def verify_bundle(self, bundle: EnvelopeBundle, key: Ed25519PublicKey) -> None:
+        """Raise VerificationError(BAD_SIGNATURE) unless the bundle's signature is valid for KEY, the public key of
+        its envelopes' (producer, key id), over the root of all its envelopes in order."""
+        members = bundle.envelopes
+        if not 0 < len(members) <= MAX_BATCH:
+            raise VerificationError(RejectReason.BAD_SIGNATURE, f"a bundle of {len(members)} cannot be signed")
+        if len(bundle.signature) != SIGNATURE_BYTES:
+            raise VerificationError(RejectReason.BAD_SIGNATURE, "signature is not 64 bytes")
+        producer, key_id = members[0].producer, members[0].key_id
+        leaves = []
+        for member in members:
+            if member.producer != producer or member.key_id != key_id:
+                raise VerificationError(RejectReason.BAD_SIGNATURE, "a bundle is one producer's, under one key id")
+            if member.signature or member.HasField("batch"):
+                raise VerificationError(RejectReason.BAD_SIGNATURE, "an envelope of a bundle carries a signature")
+            leaves.append(merkle.leaf_hash(signed_bytes(member)))
+        self._check(key, bundle.signature, batch_signed_bytes(len(members), merkle.tree_root(leaves)))
 
     def _check(self, key: Ed25519PublicKey, signature: bytes, message: bytes) -> None:
         self.signature_checks += 1

@@ -1,6 +1,10 @@
 """Steps 1 to 5 of the consumer verification pipeline (DESIGN.md), pure and in order:
 size and parse (unknown fields rejected), producer and key known, signature, producer authorised for the
 type on the topic, freshness. Steps 6 and 7 (inbox, sequence) need the consumer's database: see `inbox`.
+
+A Kafka record holds one envelope (`verify`) or a bundle of them (`verify_bundle`, record header
+`bastion-content: bundle-v1`): steps 1 to 3 then hold for the bundle as a whole, which one signature covers,
+and steps 4 and 5 for each envelope in it.
 """
 
 import datetime as dt
@@ -17,21 +21,48 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from bastion.events.catalog import SCHEMAS
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.keys import TrustStore
-from bastion.events.signing import SignatureChecker
+from bastion.events.signing import SignatureChecker, with_proofs
 from bastion.events.trust import TrustPolicy
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 
 MAX_ENVELOPE_BYTES = 64 * 1024
+# Kafka's default largest record (message.max.bytes, 1 MB with its overhead): the relay cuts bundles below it.
+MAX_BUNDLE_BYTES = 1_000_000
+BUNDLE_HEADER = "bastion-content"
+BUNDLE_CONTENT = b"bundle-v1"
 
 
 @dataclass(frozen=True)
 class VerifiedEvent:
     envelope: Envelope
     payload: Message
+    # Set for an envelope that arrived in a bundle: the bundle and its place there (its envelope carries no
+    # signature of its own, see `signed_envelope`).
+    bundle: "VerifiedBundle | None" = None
+    index: int = 0
 
     @property
     def event_id(self) -> str:
         return self.envelope.event_id
+
+    def signed_envelope(self) -> Envelope:
+        """The envelope with what verifies it alone: itself, or for a bundle's envelope the bundle's signature
+        and its inclusion proof (what a consumer stores to check again later, or forwards)."""
+        return self.envelope if self.bundle is None else self.bundle.signed_envelope(self.index)
+
+
+@dataclass
+class VerifiedBundle:
+    """A bundle whose signature verified, and what became of each of its envelopes (steps 4 and 5)."""
+
+    bundle: EnvelopeBundle
+    outcomes: list[VerifiedEvent | VerificationError]
+    _signed: list[Envelope] | None = None
+
+    def signed_envelope(self, index: int) -> Envelope:
+        if self._signed is None:
+            self._signed = with_proofs(self.bundle)  # paths for every envelope at once, only when one is needed
+        return self._signed[index]
 
 
 @dataclass(frozen=True)
@@ -98,6 +129,13 @@ def decode_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope
         raise VerificationError(RejectReason.MALFORMED, f"not an envelope: {error}") from None
     if _has_unknown_fields(envelope):
         raise VerificationError(RejectReason.UNKNOWN_FIELDS, "the envelope carries fields this schema does not know")
+    check_envelope_fields(envelope)
+    return envelope
+
+
+def check_envelope_fields(envelope: Envelope) -> None:
+    """The fields every envelope must have, well formed: a UUID event id, the mandatory texts, both timestamps
+    within google.protobuf.Timestamp's range, a sequence from 1."""
     try:
         uuid.UUID(envelope.event_id)
     except ValueError:
@@ -112,7 +150,39 @@ def decode_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope
         # A Timestamp beyond year 9999 parses, but no datetime holds it: refuse it here, not crash later.
         if stamp.seconds not in _TIMESTAMP_SECONDS or stamp.nanos not in _NANOS:
             raise VerificationError(RejectReason.MALFORMED, f"{name} is out of range")
-    return envelope
+
+
+def decode_bundle(raw: bytes, max_bytes: int = MAX_BUNDLE_BYTES,
+                  max_envelope_bytes: int = MAX_ENVELOPE_BYTES) -> EnvelopeBundle:
+    """Step 1 for a bundle: size limits (the bundle's, and each envelope's as if it came alone), strict parse, no
+    unknown fields anywhere, every envelope well formed (`check_envelope_fields`). A bundle is one producer's
+    record: if any part of it is not, the whole of it is refused."""
+    if len(raw) > max_bytes:
+        raise VerificationError(RejectReason.TOO_LARGE, f"{len(raw)} bytes is over the {max_bytes}-byte bundle limit")
+    bundle = EnvelopeBundle()
+    try:
+        bundle.ParseFromString(raw)
+    except DecodeError as error:
+        raise VerificationError(RejectReason.MALFORMED, f"not an envelope bundle: {error}") from None
+    if _has_unknown_fields(bundle):
+        raise VerificationError(RejectReason.UNKNOWN_FIELDS, "the bundle carries fields this schema does not know")
+    if not bundle.envelopes:
+        raise VerificationError(RejectReason.MALFORMED, "the bundle holds no envelope")
+    for index, member in enumerate(bundle.envelopes):
+        if member.ByteSize() > max_envelope_bytes:
+            raise VerificationError(RejectReason.TOO_LARGE,
+                                    f"envelope {index} of the bundle is over the {max_envelope_bytes}-byte limit")
+        try:
+            check_envelope_fields(member)
+        except VerificationError as error:
+            raise VerificationError(error.reason, f"envelope {index} of the bundle: {error.detail}") from None
+    return bundle
+
+
+def is_bundle(headers: list[tuple[str, bytes | None]] | None) -> bool:
+    """Whether a record's headers say it holds a bundle (unsigned, like every header: a wrong one only makes
+    the parse fail, and the record is refused as malformed)."""
+    return any(name == BUNDLE_HEADER and value == BUNDLE_CONTENT for name, value in headers or ())
 
 
 def parse_payload(envelope: Envelope) -> Message:
@@ -193,6 +263,28 @@ class EnvelopeVerifier:
         if check_freshness:
             check_fresh(envelope, broker_time or self.clock(), self.window)
         return VerifiedEvent(envelope, payload)
+
+
+    def verify_bundle(self, raw: bytes, topic: str, broker_time: dt.datetime | None = None) -> VerifiedBundle:
+        """Steps 1 to 3 for the bundle as a whole (raise VerificationError naming the first that failed), then
+        steps 4 and 5 for each of its envelopes: each outcome is a VerifiedEvent or the VerificationError that
+        refused that envelope alone."""
+        bundle = decode_bundle(raw, max_envelope_bytes=self.max_bytes)
+        key = self._public_key(bundle.envelopes[0])  # a bundle is one producer's under one key: checked next
+        self.signatures.verify_bundle(bundle, key)
+        reference = broker_time or self.clock()
+        verified = VerifiedBundle(bundle, [])
+        outcomes = verified.outcomes
+        for index, member in enumerate(bundle.envelopes):
+            try:
+                check_authorised(member, topic, self.policy)
+                payload = parse_payload(member)
+                check_fresh(member, reference, self.window)
+            except VerificationError as error:
+                outcomes.append(error)
+                continue
+            outcomes.append(VerifiedEvent(member, payload, verified, index))
+        return verified
 
 
 def check_authorised(envelope: Envelope, topic: str, policy: TrustPolicy) -> None:

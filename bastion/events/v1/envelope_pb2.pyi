@@ -137,6 +137,36 @@ class BatchProof(_message.Message):
 Global___BatchProof: _TypeAlias = BatchProof  # noqa: Y015
 
 @_typing.final
+class EnvelopeBundle(_message.Message):
+    """A relay batch bound for one partition, carried as one Kafka record (record header `bastion-content:
+    bundle-v1`): the envelopes without signature or proof, and one Ed25519 signature over the Merkle root of their
+    signed bytes, exactly the batch signature described on `signature` above (leaf i is envelope i). A consumer
+    recomputes the root from all the envelopes, so no envelope needs a path; each can still be turned into a
+    self-contained batch-signed envelope (signature and inclusion proof) for storage or a dead letter.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    signature: _builtins.bytes
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]: ...
+    def __init__(
+        self,
+        *,
+        envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelopes", b"envelopes", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvelopeBundle: _TypeAlias = EnvelopeBundle  # noqa: Y015
+
+@_typing.final
 class EncryptedField(_message.Message):
     """A personal-data field encrypted with AES-256-GCM under a per-topic data key."""
 
