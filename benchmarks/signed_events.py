@@ -48,18 +48,23 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.devstack.kafka_admin import KafkaAdmin
 from bastion.devstack.stack import Stack
-from bastion.events.envelopes import envelope_for, republish, seal
+from bastion.events.envelopes import bundle, envelope_for, republish, seal
 from bastion.events.errors import VerificationError
 from bastion.events.keys import KeyRing, SigningKey, TrustStore
+from bastion.events.partitions import by_partition
 from bastion.events.signing import signed_bytes
 from bastion.events.trust import TrustPolicy
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import (
+    BUNDLE_CONTENT,
+    BUNDLE_HEADER,
     EnvelopeVerifier,
     FreshnessWindow,
     check_authorised,
     check_fresh,
+    decode_bundle,
     decode_envelope,
+    is_bundle,
     parse_payload,
 )
 from bastion.settings import DevstackSettings
@@ -81,8 +86,11 @@ WINDOW = FreshnessWindow()
 # checks are Python work that holds the GIL. `--pool thread` repeats the comparison.
 POOLS = ("process", "thread")
 
-Record = tuple[bytes, int | None]  # record value, broker append time in ms (None if not LogAppendTime)
+# record value, broker append time in ms (None if not LogAppendTime), whether it holds a bundle
+Record = tuple[bytes, int | None, bool]
 Prepare = Callable[[Sequence[bytes]], list[bytes]]  # what the relay does to a batch of stored rows
+PrepareBundle = Callable[[Sequence[bytes]], bytes]  # the same for a bundle: one partition's rows of a batch
+TRANSPORTS = ("bundle", "record")
 
 
 def bastion(*args: str) -> None:
@@ -123,6 +131,29 @@ def stamp_unsigned(stored: Sequence[bytes]) -> list[bytes]:
     return out
 
 
+def unsigned_bundle(stored: Sequence[bytes]) -> bytes:
+    """The relay's work for an unsigned bundle: the rows stamped as `envelopes.bundle` stamps them, no signature."""
+    now = Timestamp()
+    now.FromDatetime(dt.datetime.now(dt.UTC))
+    unsigned = EnvelopeBundle()
+    for raw in stored:
+        member = unsigned.envelopes.add()
+        member.MergeFromString(raw)
+        member.ClearField("signature")
+        member.published_at.CopyFrom(now)
+    return unsigned.SerializeToString()
+
+
+def check_unsigned_bundle(raw: bytes, topic: str, policy: TrustPolicy, reference: dt.datetime) -> int:
+    """`EnvelopeVerifier.verify_bundle` without the key lookup and the signature; the number of envelopes."""
+    unsigned = decode_bundle(raw)
+    for member in unsigned.envelopes:
+        check_authorised(member, topic, policy)
+        parse_payload(member)
+        check_fresh(member, reference, WINDOW)
+    return len(unsigned.envelopes)
+
+
 def in_batches(stored: Sequence[bytes], prepare: Prepare) -> list[bytes]:
     return [value for start in range(0, len(stored), RELAY_BATCH)
             for value in prepare(stored[start:start + RELAY_BATCH])]
@@ -158,6 +189,13 @@ def crypto_rates(key: SigningKey, trust_store: TrustStore, count: int) -> None:
     relaying = timed(lambda: batched.extend(in_batches(stored, lambda rows: republish(rows, key))))
     unsigned: list[bytes] = []
     stamping = timed(lambda: unsigned.extend(in_batches(stored, stamp_unsigned)))
+    # Bundles of a third of a relay batch, as one of three partitions gets them.
+    bundle_rows = [stored[start:start + RELAY_BATCH // PARTITIONS]
+                   for start in range(0, len(stored), RELAY_BATCH // PARTITIONS)]
+    bundles: list[bytes] = []
+    bundling = timed(lambda: bundles.extend(bundle(rows, key).SerializeToString() for rows in bundle_rows))
+    unsigned_bundles: list[bytes] = []
+    bundling_unsigned = timed(lambda: unsigned_bundles.extend(unsigned_bundle(rows) for rows in bundle_rows))
 
     def sign_bare() -> None:
         for _, data in signed:
@@ -175,6 +213,16 @@ def crypto_rates(key: SigningKey, trust_store: TrustStore, count: int) -> None:
         for raw in unsigned:
             check_unsigned(raw, topic, policy, now)
 
+    def verify_bundles() -> None:
+        verifier = EnvelopeVerifier(trust_store, policy)
+        for raw in bundles:
+            verifier.verify_bundle(raw, topic)
+
+    def check_unsigned_bundles() -> None:
+        now = dt.datetime.now(dt.UTC)
+        for raw in unsigned_bundles:
+            check_unsigned_bundle(raw, topic, policy, now)
+
     def verify_bare() -> None:
         for signature, data in signed:
             public.verify(signature, data)
@@ -182,14 +230,19 @@ def crypto_rates(key: SigningKey, trust_store: TrustStore, count: int) -> None:
     size = sum(len(raw) for raw in stored) / len(stored)
     print(f"single core, {count} envelopes ({EVENT_TYPE}, {size:.0f} bytes on average signed alone, "
           f"{sum(map(len, batched)) / count:.0f} in batches of {RELAY_BATCH}, "
-          f"{sum(map(len, unsigned)) / count:.0f} unsigned):")
+          f"{sum(map(len, unsigned)) / count:.0f} unsigned; in bundles of {RELAY_BATCH // PARTITIONS} "
+          f"{sum(map(len, bundles)) / count:.0f} signed, {sum(map(len, unsigned_bundles)) / count:.0f} unsigned):")
     print(f"  {'seal (build + sign alone)':<40}{per_second(count, sealing)}")
     print(f"  {'relay: stamp + sign in batches':<40}{per_second(count, relaying)}")
     print(f"  {'relay: stamp, unsigned':<40}{per_second(count, stamping)}")
+    print(f"  {'relay: stamp + sign bundles':<40}{per_second(count, bundling)}")
+    print(f"  {'relay: stamp unsigned bundles':<40}{per_second(count, bundling_unsigned)}")
     print(f"  {'Ed25519 sign only':<40}{per_second(count, timed(sign_bare))}")
     print(f"  {'steps 1-5, signed alone':<40}{per_second(count, timed(verify_all(stored)))}")
     print(f"  {'steps 1-5, signed in batches':<40}{per_second(count, timed(verify_all(batched)))}")
     print(f"  {'steps 1-5 but the signature, unsigned':<40}{per_second(count, timed(check_all_unsigned))}")
+    print(f"  {'steps 1-5, signed bundles':<40}{per_second(count, timed(verify_bundles))}")
+    print(f"  {'steps but the signature, unsigned bundles':<40}{per_second(count, timed(check_unsigned_bundles))}")
     print(f"  {'Ed25519 verify only':<40}{per_second(count, timed(verify_bare))}")
 
 
@@ -210,16 +263,24 @@ def check_batch(signed: bool, topic: str, records: list[Record]) -> tuple[int, s
     if verifier is None:
         raise RuntimeError("verification worker not initialised")
     passed = 0
-    for raw, millis in records:
+    for raw, millis, bundled in records:
         broker_time = dt.datetime.fromtimestamp(millis / 1000, dt.UTC) if millis is not None else None
         try:
-            if signed:
+            if bundled and signed:
+                for outcome in verifier.verify_bundle(raw, topic, broker_time).outcomes:
+                    if isinstance(outcome, VerificationError):
+                        return passed, str(outcome)
+                    passed += 1
+            elif bundled:
+                passed += check_unsigned_bundle(raw, topic, verifier.policy, broker_time or dt.datetime.now(dt.UTC))
+            elif signed:
                 verifier.verify(raw, topic, broker_time)
+                passed += 1
             else:
                 check_unsigned(raw, topic, verifier.policy, broker_time or dt.datetime.now(dt.UTC))
+                passed += 1
         except VerificationError as error:
             return passed, str(error)
-        passed += 1
     return passed, ""
 
 
@@ -263,7 +324,7 @@ class ParseSink:
         self.done_at = 0.0
 
     def take(self, batch: list[Record]) -> None:
-        for raw, _ in batch:
+        for raw, _, _ in batch:
             MoneyDeposited.FromString(raw)
         self.done_at = time.perf_counter()
 
@@ -355,7 +416,8 @@ def consume(config: dict[str, Any], lane: Lane, expected: int, sink: Sink, assig
                         raise RuntimeError(message.error().str())
                     continue
                 kind, millis = message.timestamp()
-                batch.append((message.value(), millis if kind == TIMESTAMP_LOG_APPEND_TIME else None))
+                batch.append((message.value(), millis if kind == TIMESTAMP_LOG_APPEND_TIME else None,
+                              is_bundle(message.headers())))
             if batch:
                 sink.take(batch)
                 seen += len(batch)
@@ -378,7 +440,49 @@ def prepare_for(kind: str, keys_dir: str) -> Prepare:
     return list
 
 
-def relay(config: dict[str, Any], topic: str, rows: Sequence[tuple[bytes, bytes]], kind: str, keys_dir: str,
+Row = tuple[bytes, bytes]  # (partition key, stored value), as in the outbox
+# What the relay hands to the producer: value, key, partition (None: the partitioner's choice), headers.
+Outgoing = tuple[bytes, bytes | None, int | None, list[tuple[str, bytes]] | None]
+
+
+def bundled(kind: str, transport: str) -> bool:
+    return transport == "bundle" and kind in ("signed", "unsigned")
+
+
+def outgoing_for(kind: str, transport: str, keys_dir: str) -> Callable[[Sequence[Row]], list[Outgoing]]:
+    """What the relay sends for a batch of rows in lane KIND: one record per row, or (bundles) one record per
+    partition the batch's rows go to, as `OutboxRelay` does."""
+    if not bundled(kind, transport):
+        prepare = prepare_for(kind, keys_dir)
+
+        def records(batch: Sequence[Row]) -> list[Outgoing]:
+            return [(value, key, None, None)
+                    for (key, _), value in zip(batch, prepare([stored for _, stored in batch]), strict=True)]
+        return records
+    if kind == "signed":
+        signing_key = KeyRing(Path(keys_dir)).signing_key(PRODUCER)
+
+        def make(stored: Sequence[bytes]) -> bytes:
+            return bundle(stored, signing_key).SerializeToString()
+    else:
+        make = unsigned_bundle
+
+    def bundles(batch: Sequence[Row]) -> list[Outgoing]:
+        groups = by_partition(batch, lambda row: row[0], PARTITIONS)
+        return [(make([stored for _, stored in group]), None, partition, [(BUNDLE_HEADER, BUNDLE_CONTENT)])
+                for partition, group in sorted(groups.items())]
+    return bundles
+
+
+def record_count(rows: Sequence[Row], kind: str, transport: str) -> int:
+    """How many Kafka records the relay sends for ROWS."""
+    if not bundled(kind, transport):
+        return len(rows)
+    return sum(len(by_partition(rows[start:start + RELAY_BATCH], lambda row: row[0], PARTITIONS))
+               for start in range(0, len(rows), RELAY_BATCH))
+
+
+def relay(config: dict[str, Any], topic: str, rows: Sequence[Row], kind: str, transport: str, keys_dir: str,
           go: Any, reports: Any) -> None:
     """The producing service's relay, in a process of its own as in the platform: connect, say ready, wait
     for GO, then prepare and publish ROWS in batches of RELAY_BATCH; report (start time, error or "")."""
@@ -388,7 +492,7 @@ def relay(config: dict[str, Any], topic: str, rows: Sequence[tuple[bytes, bytes]
         if error is not None:
             failures.append(f"delivery: {error.str()}")
 
-    prepare = prepare_for(kind, keys_dir)
+    outgoing = outgoing_for(kind, transport, keys_dir)
     producer = Producer({**config, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
                          "delivery.report.only.error": True, "on_delivery": delivery_failed})
     producer.list_topics(topic, timeout=30)  # connection, SASL and metadata before the clock starts
@@ -396,11 +500,13 @@ def relay(config: dict[str, Any], topic: str, rows: Sequence[tuple[bytes, bytes]
     go.wait(TIMEOUT)
     started = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the processes of one machine
     for start in range(0, len(rows), RELAY_BATCH):
-        batch = rows[start:start + RELAY_BATCH]
-        for (key, _), value in zip(batch, prepare([stored for _, stored in batch]), strict=True):
+        for value, key, partition, headers in outgoing(rows[start:start + RELAY_BATCH]):
             while True:
                 try:
-                    producer.produce(topic, value=value, key=key)
+                    if partition is None:
+                        producer.produce(topic, value=value, key=key)
+                    else:
+                        producer.produce(topic, value=value, key=key, partition=partition, headers=headers)
                     break
                 except BufferError:  # local queue full: let librdkafka send some
                     producer.poll(0.05)
@@ -410,20 +516,21 @@ def relay(config: dict[str, Any], topic: str, rows: Sequence[tuple[bytes, bytes]
     reports.put((started, "; ".join(failures[:3])))
 
 
-def publish_consume(kafka: Kafka, ctx: StackContext, lane: Lane, rows: Sequence[tuple[bytes, bytes]], kind: str,
+def publish_consume(kafka: Kafka, ctx: StackContext, lane: Lane, rows: Sequence[Row], kind: str, transport: str,
                     keys_dir: str, sink: Sink) -> float:
     """Seconds from the relay's first batch to the last event consumed and handled by SINK. ROWS are
     (partition key, stored value) as in the outbox; the relay process prepares and publishes them."""
     spawn = multiprocessing.get_context("spawn")
     go, reports = spawn.Event(), spawn.Queue()
     producer = spawn.Process(target=relay, name="relay", args=(
-        kafka.client_config(PRODUCER, ctx.credentials.kafka[PRODUCER]), lane.topic, rows, kind, keys_dir, go, reports))
+        kafka.client_config(PRODUCER, ctx.credentials.kafka[PRODUCER]), lane.topic, rows, kind, transport, keys_dir, go,
+        reports))
     producer.start()
     failures: list[str] = []
     assigned = threading.Event()
     reader = threading.Thread(target=consume, name="consumer", args=(
-        kafka.client_config(CONSUMER, ctx.credentials.kafka[CONSUMER]), lane, len(rows), sink, assigned,
-        failures))
+        kafka.client_config(CONSUMER, ctx.credentials.kafka[CONSUMER]), lane, record_count(rows, kind, transport), sink,
+        assigned, failures))
     reader.start()
     try:
         if reports.get(timeout=TIMEOUT) != "ready" or not assigned.wait(TIMEOUT) or failures:
@@ -446,6 +553,9 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=5_000, help="envelopes for the single-core rates")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="verification workers")
     parser.add_argument("--pool", choices=POOLS, default="process", help="verification pool (default process)")
+    parser.add_argument("--transport", choices=TRANSPORTS, default="bundle",
+                        help="envelopes in one Kafka record per partition of each relay batch, as OutboxRelay sends "
+                             "them (bundle, the default), or one record per envelope (record)")
     options = parser.parse_args()
 
     bastion("up")
@@ -471,22 +581,25 @@ def main() -> None:
                 # An untimed warm-up run, so that no measured run pays for the broker's first requests.
                 warm = seal_events(key, warm_up.topic, min(2_000, n), signed=False)
                 publish_consume(kafka, ctx, warm_up, [(e.aggregate_id.encode(), e.SerializeToString()) for e in warm],
-                                "signed", keys, CheckSink(executor, True, warm_up.topic, len(warm)))
+                                "signed", options.transport, keys, CheckSink(executor, True, warm_up.topic, len(warm)))
                 for _, kind, lane in plan:
                     envelopes = seal_events(key, lane.topic, n, signed=False)  # outbox rows, before the clock
                     if kind == "bare":
                         rows = [(e.aggregate_id.encode(), e.payload) for e in envelopes]
-                        took = publish_consume(kafka, ctx, lane, rows, kind, keys, ParseSink())
+                        took = publish_consume(kafka, ctx, lane, rows, kind, options.transport, keys, ParseSink())
                     else:
                         rows = [(e.aggregate_id.encode(), e.SerializeToString()) for e in envelopes]
-                        took = publish_consume(kafka, ctx, lane, rows, kind, keys,
+                        took = publish_consume(kafka, ctx, lane, rows, kind, options.transport, keys,
                                                CheckSink(executor, kind == "signed", lane.topic, n))
                     seconds[kind].append(took)
         finally:
             close_lanes(admin, lanes)
 
-    print(f"end to end, {n} events, {PARTITIONS} partitions, relay batches of {RELAY_BATCH}, idempotent producer "
-          f"(acks=all) and consumer group concurrently, {options.workers} {options.pool} workers checking, "
+    carried = ("one Kafka record per partition of each relay batch (bundles)" if options.transport == "bundle"
+               else "one Kafka record per envelope")
+    print(f"end to end, {n} events, {carried}, {PARTITIONS} partitions, relay batches of {RELAY_BATCH}, "
+          f"idempotent producer (acks=all) and consumer group concurrently, {options.workers} {options.pool} workers "
+          f"checking, "
           f"dev-stack Kafka at {kafka.bootstrap_address}; best of {options.rounds} alternated rounds "
           f"(all rounds in events/s):")
     best = {kind: min(runs) for kind, runs in seconds.items()}

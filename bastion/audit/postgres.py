@@ -97,12 +97,15 @@ log = Table(
     Column("decision", Text),
     Column("reason", Text),
     Column("detail", Text),
+    Column("item", Integer),
     Column("prev_hash", LargeBinary, nullable=False),
     Column("hash", LargeBinary, nullable=False),
     CheckConstraint("seq >= 1", name="log_seq_from_one"),
     CheckConstraint("octet_length(prev_hash) = 32 AND octet_length(hash) = 32", name="log_sha256_hashes"),
-    # A Kafka record is kept once: a redelivery finds its entry (see AuditLog.append).
-    UniqueConstraint("topic", "partition", "offset", name="log_one_entry_per_kafka_record"),
+    # A Kafka record (or one envelope of a bundle record) is kept once: a redelivery finds its entry (see
+    # AuditLog.append). NULLS NOT DISTINCT: a record that is not a bundle has no item, and is still unique.
+    UniqueConstraint("topic", "partition", "offset", "item", name="log_one_entry_per_kafka_record_item",
+                     postgresql_nulls_not_distinct=True),
 )
 
 timeline = Table(
@@ -202,6 +205,16 @@ def install(admin_conn: Connection, service_role: str, schema: str = AUDIT_SCHEM
     for table in METADATA.sorted_tables:
         table.to_metadata(tables, schema=schema)
     tables.create_all(admin_conn)
+    # A log created before bundles: the item column, and uniqueness per envelope of a record (both idempotent).
+    admin_conn.exec_driver_sql(f"ALTER TABLE {name}.log ADD COLUMN IF NOT EXISTS item integer")
+    admin_conn.exec_driver_sql(f"ALTER TABLE {name}.log DROP CONSTRAINT IF EXISTS log_one_entry_per_kafka_record")
+    if not admin_conn.exec_driver_sql(
+            "SELECT 1 FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+            "WHERE n.nspname = %(schema)s AND c.conname = 'log_one_entry_per_kafka_record_item'",
+            {"schema": schema}).first():
+        admin_conn.exec_driver_sql(
+            f"ALTER TABLE {name}.log ADD CONSTRAINT log_one_entry_per_kafka_record_item "
+            'UNIQUE NULLS NOT DISTINCT (topic, "partition", "offset", item)')
     admin_conn.exec_driver_sql(f"""
         CREATE OR REPLACE FUNCTION {name}.refuse_log_change() RETURNS trigger
         LANGUAGE plpgsql SET search_path = pg_catalog AS $$
@@ -222,8 +235,11 @@ def install(admin_conn: Connection, service_role: str, schema: str = AUDIT_SCHEM
         admin_conn.exec_driver_sql(f"ALTER TABLE {name}.{_quote(admin_conn, table.name)} OWNER TO {role}")
 
 
-def _coordinates(record: AuditRecord) -> tuple[str, int, int]:
-    return record.topic, record.partition, record.offset
+Coordinates = tuple[str, int, int, int | None]
+
+
+def _coordinates(record: AuditRecord) -> Coordinates:
+    return record.topic, record.partition, record.offset, record.item
 
 
 def _values(row: object) -> dict[str, object]:
@@ -282,7 +298,7 @@ class AuditLog:
     def append(self, conn: Connection, records: Sequence[AuditRecord]) -> list[Appended]:
         """Append RECORDS in order and update the live projections; return (seq, hash) for each record.
 
-        A record whose Kafka coordinates (topic, partition, offset) are already stored, or repeated in
+        A record whose Kafka coordinates (topic, partition, offset, item) are already stored, or repeated in
         RECORDS, is not appended again: its stored (seq, hash) is returned, so a redelivered batch is
         harmless. The writer lock is held until the caller's transaction ends: keep that transaction short.
         Run it in READ COMMITTED (the default): the head must be read after the lock is granted.
@@ -291,7 +307,7 @@ class AuditLog:
             return []
         conn.execute(select(func.pg_advisory_xact_lock(WRITER_LOCK)))
         placed = self._stored(conn, records)
-        fresh: dict[tuple[str, int, int], AuditRecord] = {}
+        fresh: dict[Coordinates, AuditRecord] = {}
         for record in records:
             if _coordinates(record) not in placed:
                 fresh.setdefault(_coordinates(record), record)
@@ -302,18 +318,20 @@ class AuditLog:
         placed.update((_coordinates(entry.record), Appended(entry.seq, entry.hash)) for entry in entries)
         return [placed[_coordinates(record)] for record in records]
 
-    def _stored(self, conn: Connection, records: Sequence[AuditRecord]) -> dict[tuple[str, int, int], Appended]:
+    def _stored(self, conn: Connection, records: Sequence[AuditRecord]) -> dict[Coordinates, Appended]:
         """The entries already stored for the Kafka coordinates of RECORDS (one index lookup each)."""
         wanted = list(dict.fromkeys(_coordinates(record) for record in records))
         keys = func.unnest(
             bindparam("topics", [key[0] for key in wanted], type_=ARRAY(Text)),
             bindparam("partitions", [key[1] for key in wanted], type_=ARRAY(Integer)),
             bindparam("offsets", [key[2] for key in wanted], type_=ARRAY(BigInteger)),
-        ).table_valued("topic", "partition", "offset").render_derived()
+            bindparam("items", [key[3] for key in wanted], type_=ARRAY(Integer)),
+        ).table_valued("topic", "partition", "offset", "item").render_derived()
         rows = conn.execute(
-            select(log.c.topic, log.c.partition, log.c.offset, log.c.seq, log.c.hash).join(keys, and_(
-                log.c.topic == keys.c.topic, log.c.partition == keys.c.partition, log.c.offset == keys.c.offset)))
-        return {(row.topic, row.partition, row.offset): Appended(row.seq, bytes(row.hash)) for row in rows}
+            select(log.c.topic, log.c.partition, log.c.offset, log.c.item, log.c.seq, log.c.hash).join(keys, and_(
+                log.c.topic == keys.c.topic, log.c.partition == keys.c.partition, log.c.offset == keys.c.offset,
+                log.c.item.is_not_distinct_from(keys.c.item))))
+        return {(row.topic, row.partition, row.offset, row.item): Appended(row.seq, bytes(row.hash)) for row in rows}
 
     def head(self, conn: Connection) -> Head:
         """The log's length and head hash ((0, 32 zero bytes) when empty)."""

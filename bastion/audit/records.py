@@ -1,7 +1,9 @@
 """The audit record (what the audit store keeps of each Kafka record it consumed) and its canonical bytes.
 
 `canonical_bytes` is the one definition of what the hash chain covers. It is JSON with sorted keys, no
-whitespace, UTF-8 (non-ASCII characters as themselves), every field present (absent ones as `null`),
+whitespace, UTF-8 (non-ASCII characters as themselves), every field present (absent ones as `null`) but
+`item`, which is written only for a record that is one envelope of a bundle (so every record stored before
+bundles keeps its bytes and its hash),
 bytes as standard base64 with padding and timestamps as RFC 3339 UTC with exactly six fractional digits and
 a `Z`. With only strings, integers and null in it and ASCII keys, that text is also the RFC 8785 (JCS) form
 of the object, so a verifier in another language can rebuild it with any JCS library.
@@ -18,6 +20,7 @@ from bastion.audit.errors import InvalidRecordError
 
 MAX_PARTITION = 2**31 - 1
 MAX_OFFSET = 2**63 - 1
+MAX_ITEM = 2**16 - 1  # a bundle holds at most signing.MAX_BATCH envelopes
 
 
 class RecordKind(StrEnum):
@@ -35,14 +38,16 @@ class Decision(StrEnum):
 class AuditRecord:
     """One consumed Kafka record, as an investigator needs it.
 
-    - `topic`, `partition`, `offset`: where the audit service read the record. They identify it: appending
-      a record whose coordinates are already stored returns the stored entry (a redelivery is not kept twice).
+    - `topic`, `partition`, `offset`: where the audit service read the record, and `item` the envelope's place
+      when the record was a bundle of envelopes (None otherwise). They identify it: appending a record whose
+      coordinates are already stored returns the stored entry (a redelivery is not kept twice).
     - `event_id`, `event_type`, `producer`, `aggregate_id`, `correlation_id`, `occurred_at`: from the envelope.
       For a REJECTION they are what the refused event claimed (unverified; "" when it did not parse), and
       `occurred_at` is the broker's append time when the envelope has none.
     - `recorded_at`: when the audit service took the record.
     - `envelope`: the record value exactly as read, the producer's signature included, so anybody can verify
-      the producer's signature again later with the trust store of that time.
+      the producer's signature again later with the trust store of that time; for an envelope of a bundle, that
+      envelope with the bundle's signature and its inclusion proof, which verifies alone in the same way.
     - ACCESS: `principal` is the caller, `action` the gRPC method, `decision` allow or deny, `reason` why,
       `detail` what else the decision said (the caller's mTLS service identity).
     - REJECTION: `principal` is the consumer that refused the event, `action` the refused record's
@@ -69,6 +74,7 @@ class AuditRecord:
     decision: Decision | None = None
     reason: str | None = None
     detail: str | None = None
+    item: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, RecordKind):
@@ -81,6 +87,8 @@ class AuditRecord:
                 raise InvalidRecordError(f"{name} must be a datetime with a time zone, not {value!r}")
         if not 0 <= self.partition <= MAX_PARTITION or not 0 <= self.offset <= MAX_OFFSET:
             raise InvalidRecordError(f"partition {self.partition} or offset {self.offset} out of range")
+        if self.item is not None and (isinstance(self.item, bool) or not 0 <= self.item <= MAX_ITEM):
+            raise InvalidRecordError(f"item {self.item!r} out of range")
         if not isinstance(self.envelope, bytes):
             raise InvalidRecordError("envelope must be bytes")
         for name in TEXT_FIELDS:
@@ -136,5 +144,7 @@ def canonical_bytes(record: AuditRecord) -> bytes:
         "reason": record.reason,
         "detail": record.detail,
     }
+    if record.item is not None:
+        document["item"] = record.item
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")

@@ -3,6 +3,11 @@
 Accepted events are applied with their inbox row in one database transaction; rejected ones go to
 `<topic>.dlq` with the reason (and a security record for the audit service). The Kafka offset is committed
 only after the effect and inbox row are committed, or the dead-letter write is acknowledged: nothing is lost.
+
+A record is one envelope, or a bundle of them (the relay's batch for one partition, `verify.verify_bundle`): a
+bundle refused as a whole goes to the dead-letter topic as it came; after that, each of its envelopes is
+applied, dropped or dead-lettered on its own (as the envelope that verifies alone, `signed_envelope`), in order,
+and the record's offset is committed once every one of them is settled.
 """
 
 import datetime as dt
@@ -25,8 +30,8 @@ from bastion.events import inbox
 from bastion.events.errors import EventsError, RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_DROPPED, EVENTS_HELD, EVENTS_REJECTED
 from bastion.events.outbox import Outbox
-from bastion.events.v1.envelope_pb2 import Envelope
-from bastion.events.verify import EnvelopeVerifier, VerifiedEvent
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
+from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifier, VerifiedEvent, is_bundle
 
 log = structlog.get_logger(__name__)
 SECURITY_TOPIC = "access.decisions.v1"
@@ -62,14 +67,16 @@ def safe_claim(text: str) -> str:
     return text if SAFE_ID.match(text) else ("-" if not text else "(malformed)")
 
 
-def claimed_envelope(raw: bytes) -> Envelope:
-    """Whatever a rejected record claims about itself, for the log and the security record."""
-    envelope = Envelope()
+def claimed_envelope(raw: bytes, bundled: bool = False) -> Envelope:
+    """Whatever a rejected record claims about itself (for a bundle, its first envelope), for the log and the
+    security record."""
     try:
-        envelope.ParseFromString(raw)
+        if bundled:
+            bundle = EnvelopeBundle.FromString(raw)
+            return bundle.envelopes[0] if bundle.envelopes else Envelope()
+        return Envelope.FromString(raw)
     except DecodeError:  # a record that does not even parse claims nothing
         return Envelope()
-    return envelope
 
 
 class VerifyingConsumer:
@@ -122,11 +129,34 @@ class VerifyingConsumer:
     def handle(self, message: Message) -> str:
         raw: bytes = message.value() or b""
         topic: str = message.topic()
+        if is_bundle(message.headers()):
+            return self._handle_bundle(message, raw)
         try:
             event = self.verifier.verify(raw, topic, broker_time(message))
         except VerificationError as error:
             self._reject(message, raw, error)
             return "rejected"
+        return self._settle(message, event, raw)
+
+    def _handle_bundle(self, message: Message, raw: bytes) -> str:
+        """Every envelope of a bundle in order; the outcome of the last (or the bundle's refusal)."""
+        try:
+            verified = self.verifier.verify_bundle(raw, message.topic(), broker_time(message))
+        except VerificationError as error:
+            self._reject(message, raw, error, bundled=True)
+            return "rejected"
+        outcome = "rejected"
+        for item, event in enumerate(verified.outcomes):
+            if isinstance(event, VerificationError):
+                self._reject(message, verified.signed_envelope(item).SerializeToString(), event, item=item)
+                outcome = "rejected"
+            else:
+                outcome = self._settle(message, event, b"", item)
+        return outcome
+
+    def _settle(self, message: Message, event: VerifiedEvent, raw: bytes, item: int | None = None) -> str:
+        """Apply a verified event with its inbox row, trying a few times; a handler that keeps failing sets it
+        aside (RAW, or the envelope that verifies alone, to the dead-letter topic)."""
         for attempt in range(1, self.settings.handler_attempts + 1):
             try:
                 with self.engine.begin() as conn:
@@ -135,12 +165,12 @@ class VerifyingConsumer:
                 raise  # the database is away: stop here; the record is read again after the restart
             except Exception as error:
                 # One poison event must not stop its partition for ever: after a few tries it is set aside.
-                log.warning("handler_failed", consumer=self.settings.name, topic=topic, attempt=attempt,
+                log.warning("handler_failed", consumer=self.settings.name, topic=message.topic(), attempt=attempt,
                             error=type(error).__name__, event_id=event.event_id,
                             correlation_id=event.envelope.correlation_id)
                 if attempt == self.settings.handler_attempts:
                     failure = VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
-                    self._reject(message, raw, failure)
+                    self._reject(message, raw or event.signed_envelope().SerializeToString(), failure, item=item)
         return "rejected"
 
     def _apply_in_order(self, conn: Connection, event: VerifiedEvent) -> str:
@@ -170,41 +200,49 @@ class VerifyingConsumer:
         inbox.record(conn, event)
         EVENTS_APPLIED.labels(self.settings.name, event.envelope.topic).inc()
 
-    def _reject(self, message: Message, raw: bytes, error: VerificationError) -> None:
-        claimed = claimed_envelope(raw)
+    def _reject(self, message: Message, raw: bytes, error: VerificationError, item: int | None = None,
+                bundled: bool = False) -> None:
+        """Count, log, raise a security record and dead-letter RAW: a refused record, or (ITEM set) the envelope
+        of a bundle that was refused alone."""
+        claimed = claimed_envelope(raw, bundled)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         EVENTS_REJECTED.labels(self.settings.name, topic, error.reason.value).inc()
         log.warning("event_rejected", consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                    reason=error.reason.value, detail=error.detail[:300], claimed_producer=safe_claim(claimed.producer),
-                    claimed_event_id=safe_claim(claimed.event_id), correlation_id=safe_claim(claimed.correlation_id))
+                    item=item, reason=error.reason.value, detail=error.detail[:300],
+                    claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
+                    correlation_id=safe_claim(claimed.correlation_id))
         if self.security_outbox is not None:
             record = EventRejected(
                 consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
                 reason=error.reason.value, detail=error.detail[:500], claimed_producer=safe_claim(claimed.producer),
                 claimed_event_id=safe_claim(claimed.event_id), correlation_id=safe_claim(claimed.correlation_id),
+                item=item,
             )
-            record_id = str(uuid.uuid5(REJECTION_NAMESPACE, f"{self.settings.name}/{topic}/{partition}/{offset}"))
+            place = f"{self.settings.name}/{topic}/{partition}/{offset}" + (f"/{item}" if item is not None else "")
+            record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
             with self.engine.begin() as conn:
                 self.security_outbox.append(conn, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
                                             correlation_id=record.correlation_id if SAFE_ID.match(
                                                 record.correlation_id) else record_id,
                                             event_id=record_id)
-        self._dead_letter(message, raw, error)
-
-    def _dead_letter(self, message: Message, raw: bytes, error: VerificationError) -> None:
-        dead_letter(self.dead_letters, self.settings.name, message, raw, error)
+        dead_letter(self.dead_letters, self.settings.name, message, raw, error, item)
 
 
-def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes, error: VerificationError) -> None:
-    """Write the refused record to `<topic>.dlq` with the reason in its headers; return once the broker has
-    acknowledged it (the caller commits the offset only then), raise DeadLetterError otherwise."""
+def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes, error: VerificationError,
+                item: int | None = None) -> None:
+    """Write the refused record (or, ITEM set, the refused envelope of a bundle record) to `<topic>.dlq` with the
+    reason in its headers; return once the broker has acknowledged it (the caller commits the offset only then),
+    raise DeadLetterError otherwise. A whole bundle keeps its bundle header, so it can be read as one again."""
     outcome: list[KafkaError | None] = []
+    source = f"{message.topic()}/{message.partition()}/{message.offset()}" + (f"/{item}" if item is not None else "")
     headers = [
         ("bastion-reject-reason", error.reason.value.encode()),
         ("bastion-reject-detail", error.detail[:500].encode()),
-        ("bastion-source", f"{message.topic()}/{message.partition()}/{message.offset()}".encode()),
+        ("bastion-source", source.encode()),
         ("bastion-consumer", consumer.encode()),
     ]
+    if item is None and is_bundle(message.headers()):
+        headers.append((BUNDLE_HEADER, BUNDLE_CONTENT))
     producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
                      on_delivery=lambda err, _msg: outcome.append(err))
     producer.flush(30)

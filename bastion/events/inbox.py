@@ -37,7 +37,7 @@ def admit(conn: Connection, event: VerifiedEvent) -> Admission:
         conn.execute(
             insert(held)
             .values(producer=env.producer, aggregate_id=env.aggregate_id, sequence=env.sequence, topic=env.topic,
-                    envelope=env.SerializeToString())
+                    envelope=event.signed_envelope().SerializeToString())  # verifies alone when taken
             .on_conflict_do_nothing()
         )
         return Admission.HELD

@@ -1,10 +1,15 @@
 """The transactional outbox: events are written with the state change, in one transaction, and a relay
 publishes them with an idempotent producer (acks=all). While Kafka is down the rows wait; the service
-keeps working; when Kafka returns they drain in order."""
+keeps working; when Kafka returns they drain in order.
+
+The relay sends each batch as bundles (`verify.verify_bundle`): one Kafka record per partition the batch's rows
+go to (librdkafka's own partitioner, `partitions.partition_for`, so an aggregate keeps its partition), signed
+once. A bundle stays under Kafka's largest record; a larger group is cut into several, in order."""
 
 import datetime as dt
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +18,12 @@ from google.protobuf.message import Message
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from bastion.events.envelopes import envelope_for, republish
+from bastion.events.envelopes import bundle, envelope_for
 from bastion.events.keys import SigningKey
+from bastion.events.partitions import partition_for
 from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, MAX_BUNDLE_BYTES
 from bastion.grpc.context import current_call
 
 log = logging.getLogger(__name__)
@@ -24,7 +31,7 @@ log = logging.getLogger(__name__)
 
 class Outbox:
     """Appends events to the outbox inside the caller's transaction. They are stored unsigned: the relay signs
-    each batch it publishes with the producer's current key (`envelopes.republish`), so signing here as well
+    each batch it publishes with the producer's current key (`envelopes.bundle`), so signing here as well
     would only add an Ed25519 operation to every state change's transaction."""
 
     def __init__(self, key: SigningKey) -> None:
@@ -85,15 +92,44 @@ class RelayResult:
     failed: int
 
 
+# What a bundle's envelopes may add up to as stored (the relay adds a key id and a timestamp to each, and the
+# bundle a signature), leaving room under MAX_BUNDLE_BYTES.
+BUNDLE_BUDGET = MAX_BUNDLE_BYTES * 3 // 4
+STAMP_BYTES = 128  # at most what stamping adds to one envelope (key id, published_at, the bundle's framing)
+
+
+def in_bundles(rows: Sequence[Any], partitions: Mapping[str, int]) -> list[tuple[str, int, list[Any]]]:
+    """ROWS (with topic, partition_key, envelope) as (topic, partition, rows) groups, each one bundle: grouped by
+    where their key goes, in the order of each group's first row, each group cut to BUNDLE_BUDGET bytes."""
+    groups: dict[tuple[str, int], list[list[Any]]] = {}
+    sizes: dict[tuple[str, int], int] = {}
+    for row in rows:
+        place = (row.topic, partition_for(row.partition_key.encode(), partitions[row.topic]))
+        size = len(row.envelope) + STAMP_BYTES
+        chunks = groups.setdefault(place, [[]])
+        if chunks[-1] and sizes[place] + size > BUNDLE_BUDGET:
+            chunks.append([])
+            sizes[place] = 0
+        chunks[-1].append(row)
+        sizes[place] = sizes.get(place, 0) + size
+    return [(topic, partition, chunk) for (topic, partition), chunks in groups.items() for chunk in chunks]
+
+
+BUNDLE_HEADERS = [(BUNDLE_HEADER, BUNDLE_CONTENT)]
+
+
 class OutboxRelay:
-    """Publishes unsent outbox rows in id order and marks them sent once the broker acknowledged them."""
+    """Publishes unsent outbox rows in id order, as bundles, and marks them sent once the broker acknowledged
+    them."""
 
     def __init__(self, engine: Engine, producer_config: dict[str, Any], key: SigningKey, batch_size: int = 500,
-                 flush_timeout: float = 30.0) -> None:
+                 flush_timeout: float = 30.0, metadata_timeout: float = 5.0) -> None:
         self.engine = engine
         self.key = key
         self.batch_size = batch_size
         self.flush_timeout = flush_timeout
+        self.metadata_timeout = metadata_timeout
+        self._partition_counts: dict[str, int] = {}
         self.producer = Producer(
             # Messages time out before flush gives up, so every delivery report lands in its own batch.
             {**producer_config, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
@@ -111,23 +147,30 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return RelayResult(0, 0)
+            try:
+                bundles = in_bundles(rows, {topic: self._partitions(topic) for topic in {row.topic for row in rows}})
+            except KafkaException as away:
+                log.warning("outbox relay: %d events wait, Kafka's metadata is unavailable (%s)", len(rows),
+                            away.args[0].str() if away.args and isinstance(away.args[0], KafkaError) else away)
+                return RelayResult(0, len(rows))
             delivered: list[int] = []
             errors: list[KafkaError] = []
 
-            def on_delivery(row_id: int) -> Any:
+            def on_delivery(row_ids: list[int]) -> Any:
                 def report(error: KafkaError | None, _message: Any) -> None:
                     if error is None:
-                        delivered.append(row_id)
+                        delivered.extend(row_ids)
                     else:
                         errors.append(error)
                 return report
 
-            for row, value in zip(rows, republish([row.envelope for row in rows], self.key), strict=True):
+            for topic, partition, group in bundles:
+                value = bundle([row.envelope for row in group], self.key).SerializeToString()
                 try:
-                    self.producer.produce(row.topic, value=value,
-                                          key=row.partition_key.encode(), on_delivery=on_delivery(row.id))
+                    self.producer.produce(topic, value=value, partition=partition, headers=BUNDLE_HEADERS,
+                                          on_delivery=on_delivery([row.id for row in group]))
                 except (KafkaException, BufferError) as refused:
-                    # Stop here: the rows after this one wait too, so each partition keeps its order.
+                    # Stop here: the rows after this bundle wait too, so each partition keeps its order.
                     errors.append(refused.args[0] if refused.args and isinstance(refused.args[0], KafkaError)
                                   else KafkaError(KafkaError._FAIL, str(refused)))
                     break
@@ -137,8 +180,20 @@ class OutboxRelay:
                 self._mark_sent(conn, delivered)
             if errors:
                 log.warning("outbox relay: %d of %d events not delivered yet (%s); they stay queued",
-                            len(errors), len(rows), errors[0].str())
-            return RelayResult(len(delivered), len(errors))
+                            len(rows) - len(delivered), len(rows), errors[0].str())
+            return RelayResult(len(delivered), len(rows) - len(delivered))
+
+    def _partitions(self, topic: str) -> int:
+        """How many partitions TOPIC has, asked once per relay (a topic's partitions only grow, and growing them
+        moves keys for every producer alike). Raises KafkaException while the broker cannot say."""
+        known = self._partition_counts.get(topic)
+        if known is None:
+            metadata = self.producer.list_topics(topic, timeout=self.metadata_timeout).topics.get(topic)
+            if metadata is None or metadata.error is not None or not metadata.partitions:
+                raise KafkaException(metadata.error if metadata is not None and metadata.error is not None
+                                     else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, f"no partitions for {topic}"))
+            known = self._partition_counts[topic] = len(metadata.partitions)
+        return known
 
     def _mark_sent(self, conn: Connection, delivered: list[int]) -> None:
         """Rows the broker acknowledged; a crash before this commits means they are published again (the

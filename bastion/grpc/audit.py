@@ -1,9 +1,9 @@
 """Access audit: every allow and deny becomes a signed AccessDecision on access.decisions.v1.
 
 Publishing never adds a network round trip, nor signing, to a call: `record` appends the decision to a deque;
-a worker thread takes whatever has queued up within 20 ms (up to 500), signs it as one batch (one Ed25519
-signature over the batch's Merkle root, `signing.sign_batch`) and hands it to librdkafka, which sends it in
-the background.
+a worker thread takes whatever has queued up within 20 ms (up to 500), signs it as one bundle (one Ed25519
+signature over the Merkle root of the decisions' envelopes, `signing.sign_bundle`) and hands it to librdkafka
+as one Kafka record, which it sends in the background. The audit service keeps one record per decision.
 """
 
 import collections
@@ -21,10 +21,12 @@ from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, Access
 from bastion.events.catalog import SCHEMAS
 from bastion.events.envelopes import new_event_ids
 from bastion.events.keys import SigningKey
-from bastion.events.signing import sign_batch
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.signing import sign_bundle
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
+from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
 
 TOPIC = "access.decisions.v1"
+BUNDLE_HEADERS = [(BUNDLE_HEADER, BUNDLE_CONTENT)]
 DECISION_TYPE = str(AccessDecision.DESCRIPTOR.full_name)
 log = structlog.get_logger(__name__)
 DECISIONS_LOST = Counter("bastion_access_decisions_lost_total", "Access decisions that could not be queued or "
@@ -163,31 +165,31 @@ class KafkaAccessAudit:
                 self._progress.notify_all()
 
     def _publish_batch(self, decisions: list[tuple[AccessDecision, int]]) -> list[tuple[AccessDecision, int]]:
-        """Sign DECISIONS as one batch and hand them to the producer, in order. If one is lost, the rest are
-        returned unsent: published after it under the same aggregate they would wait behind a gap for ever,
-        so the caller signs them again, numbered in a fresh aggregate."""
+        """Sign DECISIONS as one bundle and hand it to the producer as one Kafka record (one record per batch,
+        not per call: each record cost the server, librdkafka and the broker more than signing did). A bundle
+        the producer refuses is lost whole (each decision counted and logged), and the next batch is numbered in
+        a fresh aggregate. Returns the decisions to sign again: none (the signature covers all or none)."""
         if self._sequence_broken:
             self._new_aggregate()
-        envelopes = self._envelopes(decisions)
-        sign_batch(envelopes, self.key.private_key)
-        key = self.aggregate_id.encode()
-        for index, ((decision, _), envelope) in enumerate(zip(decisions, envelopes, strict=True)):
-            if not self._produce(key, envelope.SerializeToString(), decision.correlation_id):
-                return decisions[index + 1:]
+        signed = self._bundle(decisions)
+        sign_bundle(signed, self.key.private_key)
+        correlation_ids = [decision.correlation_id for decision, _ in decisions]
+        self._produce(self.aggregate_id.encode(), signed.SerializeToString(), correlation_ids)
         return []
 
-    def _envelopes(self, decisions: list[tuple[AccessDecision, int]]) -> list[Envelope]:
+    def _bundle(self, decisions: list[tuple[AccessDecision, int]]) -> EnvelopeBundle:
         """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurring when it was recorded
-        and published now (freshness is judged on `published_at`: a decision that waited, or is signed again
-        after a loss, is stamped when it leaves). Copied from one template of the fields they share (what
-        `envelope_for` builds, at a third of its cost: this runs for every call the service answers)."""
+        and published now (freshness is judged on `published_at`: a decision that waited is stamped when it
+        leaves). Copied from one template of the fields they share (what `envelope_for` builds, at a third of
+        its cost: this runs for every call the service answers)."""
         template = Envelope(event_type=DECISION_TYPE, schema_version=SCHEMAS[DECISION_TYPE].current_version,
                             producer=self.key.producer, key_id=self.key.key_id, aggregate_id=self.aggregate_id,
                             topic=self.topic)
         published_seconds, published_nanos = divmod(time.time_ns(), 1_000_000_000)
-        envelopes = []
+        unsigned = EnvelopeBundle()
+        members = unsigned.envelopes
         for (decision, recorded_ns), event_id in zip(decisions, new_event_ids(len(decisions)), strict=True):
-            envelope = Envelope()
+            envelope = members.add()
             envelope.CopyFrom(template)
             envelope.event_id = event_id
             envelope.sequence = next(self.sequence)
@@ -196,25 +198,31 @@ class KafkaAccessAudit:
             seconds, nanos = divmod(recorded_ns, 1_000_000_000)
             envelope.occurred_at.seconds, envelope.occurred_at.nanos = seconds, nanos
             envelope.published_at.seconds, envelope.published_at.nanos = published_seconds, published_nanos
-            envelopes.append(envelope)
-        return envelopes
+        return unsigned
 
-    def _produce(self, key: bytes, value: bytes, correlation_id: str) -> bool:
+    def _produce(self, key: bytes, value: bytes, correlation_ids: list[str]) -> bool:
         for _ in range(50):
             try:
-                self.producer.produce(self.topic, value=value, key=key, on_delivery=self._delivered)
+                self.producer.produce(self.topic, value=value, key=key, headers=BUNDLE_HEADERS,
+                                      on_delivery=self._delivery_of(correlation_ids))
                 return True
             except BufferError:
                 self.producer.poll(0.1)  # librdkafka's queue is full: let it drain, then try again
             except KafkaException as error:
-                self._lost(correlation_id, repr(error))
+                self._lost_all(correlation_ids, repr(error))
                 return False
-        self._lost(correlation_id, "producer queue stayed full")
+        self._lost_all(correlation_ids, "producer queue stayed full")
         return False
 
-    def _delivered(self, error: Any, message: Any) -> None:
-        if error is not None:
-            self._lost("-", str(error))
+    def _delivery_of(self, correlation_ids: list[str]) -> Any:
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                self._lost_all(correlation_ids, str(error))
+        return delivered
+
+    def _lost_all(self, correlation_ids: list[str], error: str) -> None:
+        for correlation_id in correlation_ids:
+            self._lost(correlation_id, error)
 
     def _lost(self, correlation_id: str, error: str) -> None:
         """A decision that will not reach Kafka: counted, logged, and the worker starts a new aggregate before

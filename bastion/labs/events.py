@@ -16,7 +16,8 @@ from google.protobuf.message import DecodeError
 from bastion.accounts.v1.events_pb2 import MoneyDeposited
 from bastion.events.envelopes import seal
 from bastion.events.signing import sign
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
+from bastion.events.verify import is_bundle
 from bastion.labs.bank import Bank, euros
 from bastion.labs.base import Evidence
 from bastion.labs.platform import (
@@ -146,7 +147,7 @@ def replayed_event(session: Session) -> Iterator[Evidence]:
     watch_from_start = session.watch()
     try:
         bank.deposit(account, 100, correlation_id)
-        raw, envelope = _first_deposit(capture, account, session.target.verdict_wait_seconds)
+        raw, headers, envelope = _first_deposit(capture, account, session.target.verdict_wait_seconds)
     finally:
         capture.close()
     yield Evidence("captured", f"the genuine {envelope.event_type} of {euros(100)} into bob's account, event "
@@ -156,10 +157,11 @@ def replayed_event(session: Session) -> Iterator[Evidence]:
         raise LabSetupError(f"bob's notification of the genuine deposit did not arrive ({told} found)")
     yield Evidence("bob's notifications (calibration)", "told once of the genuine deposit")
     watch = session.watch()
-    delivery = session.publish("accounts", route.topic, raw, key=account.encode())
+    delivery = session.publish("accounts", route.topic, raw, key=account.encode(), headers=headers)
     if delivery.error is not None:
         raise LabSetupError(f"accounts could not write to {route.topic}: {delivery.error.str()}")
-    yield Evidence("replayed", f"the same bytes published again to {route.topic} at {delivery.source}")
+    carried = "the same record (the relay's bundle that carried it)" if headers else "the same bytes"
+    yield Evidence("replayed", f"{carried} published again to {route.topic} at {delivery.source}")
     dropped = watch.log_lines("notifications", "event_dropped", envelope.event_id,
                               wait_seconds=session.target.verdict_wait_seconds)
     yield Evidence("notifications.log", dropped[0] if dropped else
@@ -200,13 +202,18 @@ def _told(session: Session, inbox: notifications_pb2_grpc.NotificationsStub, eve
         time.sleep(0.3)
 
 
-def _first_deposit(tail: TopicTail, account_id: str, wait_seconds: float) -> tuple[bytes, Envelope]:
-    """The first MoneyDeposited of ACCOUNT_ID on TAIL's topic, as the bytes read and as an envelope."""
+def _first_deposit(tail: TopicTail, account_id: str, wait_seconds: float
+                   ) -> tuple[bytes, list[tuple[str, bytes]], Envelope]:
+    """The first MoneyDeposited of ACCOUNT_ID on TAIL's topic: the record that carried it (its bytes and headers;
+    the relay sends bundles of envelopes) and the envelope."""
     for message in tail.records(wait_seconds):
+        headers = [(name, value) for name, value in message.headers() or [] if value is not None]
         try:
-            envelope = Envelope.FromString(message.value())
+            envelopes = (list(EnvelopeBundle.FromString(message.value()).envelopes) if is_bundle(headers)
+                         else [Envelope.FromString(message.value())])
         except DecodeError:  # not an envelope (another lab's junk, say): not the record we wait for
             continue
-        if envelope.aggregate_id == account_id and envelope.event_type == DEPOSITED:
-            return bytes(message.value()), envelope
+        for envelope in envelopes:
+            if envelope.aggregate_id == account_id and envelope.event_type == DEPOSITED:
+                return bytes(message.value()), headers, envelope
     raise LabSetupError(f"no {DEPOSITED} of account {account_id} appeared within {wait_seconds:.0f}s")

@@ -220,8 +220,9 @@ class Session:
     def kafka_config(self, principal: str) -> dict[str, Any]:
         return Kafka(self.ctx).client_config(principal, self.ctx.credentials.kafka[principal])
 
-    def publish(self, principal: str, topic: str, value: bytes, key: bytes = b"lab") -> Delivery:
-        """Produce VALUE to TOPIC as Kafka PRINCIPAL and wait for the broker's answer."""
+    def publish(self, principal: str, topic: str, value: bytes, key: bytes = b"lab",
+                headers: list[tuple[str, bytes]] | None = None) -> Delivery:
+        """Produce VALUE (with HEADERS) to TOPIC as Kafka PRINCIPAL and wait for the broker's answer."""
         producer = Producer({**self.kafka_config(principal), "enable.idempotence": True, "acks": "all",
                              "message.timeout.ms": 15000})
         outcome: list[Delivery] = []
@@ -230,7 +231,7 @@ class Session:
             where = "" if error else f"{message.topic()}/{message.partition()}/{message.offset()}"
             outcome.append(Delivery(error, where))
 
-        producer.produce(topic, value=value, key=key, on_delivery=delivered)
+        producer.produce(topic, value=value, key=key, headers=headers or [], on_delivery=delivered)
         producer.flush(20)
         if not outcome:
             raise LabSetupError(f"Kafka gave no answer for a record to {topic} within 20s")

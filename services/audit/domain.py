@@ -35,13 +35,19 @@ class InvalidQueryError(AuditServiceError, InvalidArgumentError):
 
 @dataclass(frozen=True)
 class Delivery:
-    """Where and when a record was read: its Kafka coordinates, the broker's append time, and its bytes."""
+    """Where and when a record was read: its Kafka coordinates, the broker's append time, and its bytes. For one
+    envelope of a bundle record: its place in the bundle, and as bytes that envelope as it verifies alone."""
 
     topic: str
     partition: int
     offset: int
     broker_time: dt.datetime
     raw: bytes
+    item: int | None = None
+
+    @property
+    def place(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}" + (f"/{self.item}" if self.item is not None else "")
 
 
 def _text(value: str) -> str:
@@ -64,7 +70,8 @@ def accepted(delivery: Delivery, event: VerifiedEvent, recorded_at: dt.datetime)
         RecordKind.EVENT, topic=delivery.topic, partition=delivery.partition, offset=delivery.offset,
         event_id=_text(envelope.event_id), event_type=_text(envelope.event_type), producer=_text(envelope.producer),
         aggregate_id=_text(envelope.aggregate_id), correlation_id=_text(envelope.correlation_id),
-        occurred_at=envelope.occurred_at.ToDatetime(dt.UTC), recorded_at=recorded_at, envelope=delivery.raw)
+        occurred_at=envelope.occurred_at.ToDatetime(dt.UTC), recorded_at=recorded_at, envelope=delivery.raw,
+        item=delivery.item)
     if isinstance(payload, AccessDecision):
         return replace(record, kind=RecordKind.ACCESS, principal=_text(payload.principal), action=_text(payload.method),
                        decision=Decision.ALLOW if payload.decision == DECISION_ALLOW else Decision.DENY,
@@ -84,8 +91,8 @@ def refused(delivery: Delivery, claimed: Envelope, error: VerificationError, rec
         event_id=safe_claim(claimed.event_id), event_type=safe_claim(claimed.event_type),
         producer=safe_claim(claimed.producer), aggregate_id=safe_claim(claimed.aggregate_id),
         correlation_id=safe_claim(claimed.correlation_id), occurred_at=delivery.broker_time,
-        recorded_at=recorded_at, envelope=_kept(delivery.raw), principal=CONSUMER,
-        action=f"{delivery.topic}/{delivery.partition}/{delivery.offset}", reason=error.reason.value,
+        recorded_at=recorded_at, envelope=_kept(delivery.raw), principal=CONSUMER, item=delivery.item,
+        action=delivery.place, reason=error.reason.value,
         detail=_text(f"{error.detail} (sha256 {hashlib.sha256(delivery.raw).hexdigest()}, {len(delivery.raw)} "
                      "bytes)" if len(delivery.raw) > MAX_ENVELOPE_BYTES else error.detail))
 

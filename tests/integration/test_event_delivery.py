@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from sqlalchemy import Engine, create_engine, func, select
 
 from bastion.accounts.v1.events_pb2 import MoneyDeposited
@@ -25,7 +25,10 @@ from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox, OutboxRelay
+from bastion.events.partitions import partition_for
 from bastion.events.storage import outbox
+from bastion.events.v1.envelope_pb2 import EnvelopeBundle
+from bastion.events.verify import is_bundle
 from tests.integration.conftest import bastion
 from tests.integration.event_worker import applied, create_schema
 
@@ -79,10 +82,27 @@ class Delivery:
                     conn.execute(select(applied.c.aggregate_id, applied.c.sequence).order_by(applied.c.applied_ns))]
 
     def topic_size(self) -> int:
+        """Records in the topic (the relay sends bundles: a record holds many events)."""
         probe = Consumer(self.kafka.client_config("admin", self.ctx.credentials.kafka["admin"]) | {"group.id": "probe"})
         low, high = probe.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=10)
         probe.close()
         return int(high - low)
+
+    def topic_events(self) -> int:
+        """Events in the topic: every record read from the start, a bundle counted by its envelopes."""
+        records = self.topic_size()
+        reader = Consumer(self.kafka.client_config("admin", self.ctx.credentials.kafka["admin"])
+                          | {"group.id": f"count-{time.monotonic_ns()}", "enable.auto.commit": False})
+        reader.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+        events, seen, deadline = 0, 0, time.monotonic() + 30
+        while seen < records and time.monotonic() < deadline:
+            message = reader.poll(1)
+            if message is None or message.error() is not None:
+                continue
+            seen += 1
+            events += len(EnvelopeBundle.FromString(message.value()).envelopes) if is_bundle(message.headers()) else 1
+        reader.close()
+        return events
 
     def committed_offset(self) -> int:
         admin = self.kafka.client_config("admin", self.ctx.credentials.kafka["admin"])
@@ -141,7 +161,7 @@ def test_relay_killed_mid_batch_then_restarted_delivers_every_event_once(deliver
     marker = delivery.tmp / "relay-stalled"
     relay = delivery.worker("relay", batch_size=1000, stall_before_marking_sent=True, marker=str(marker))
     wait_for(marker.exists, 60, "the relay to publish its first batch")
-    assert delivery.topic_size() >= 1000, "the first batch is in Kafka"
+    assert delivery.topic_events() >= 1000, "the first batch is in Kafka"
     os.kill(relay.pid, signal.SIGKILL)  # after the broker acknowledged the batch, before the rows were marked sent
     relay.wait()
     assert delivery.unsent() == total, "the relay was killed before it marked its batch sent"
@@ -150,7 +170,7 @@ def test_relay_killed_mid_batch_then_restarted_delivers_every_event_once(deliver
         wait_for(lambda: delivery.unsent() == 0, 120, "the restarted relay to drain the outbox")
     finally:
         restarted.kill()
-    assert delivery.topic_size() >= total
+    assert delivery.topic_events() >= total
     consumer = delivery.worker("consumer")
     try:
         wait_for(lambda: len(delivery.applied_rows()) >= total and delivery.committed_offset() >= delivery.topic_size(),
@@ -171,12 +191,13 @@ def test_consumer_killed_after_its_effect_before_its_offset_commit_applies_each_
     wait_for(marker.exists, 60, "the consumer to reach sequence 25")
     applied_before_kill = len(delivery.applied_rows())
     assert applied_before_kill == 24, "effects of sequences 1..24 are committed"
-    assert delivery.committed_offset() < 24, "but the batch's offsets are not"
+    assert delivery.committed_offset() < delivery.topic_size(), "but the record's offset is not"
     os.kill(consumer.pid, signal.SIGKILL)
     consumer.wait()
     again = delivery.worker("consumer")
     try:
-        wait_for(lambda: len(delivery.applied_rows()) >= total and delivery.committed_offset() >= total, 90,
+        wait_for(lambda: len(delivery.applied_rows()) >= total
+                 and delivery.committed_offset() >= delivery.topic_size(), 90,
                  "the restarted consumer to catch up")
     finally:
         again.kill()
@@ -235,3 +256,25 @@ def test_kafka_down_for_30s_callers_see_no_error_and_the_backlog_drains(delivery
     finally:
         consumer.kill()
     assert_each_applied_once_in_order(delivery, written[0])
+
+
+def test_the_relays_partition_for_a_key_is_the_one_librdkafka_chooses(kafka: Kafka, ctx: StackContext,
+                                                                       unique: str) -> None:
+    """The relay picks each bundle's partition itself; an aggregate whose events went through librdkafka's own
+    partitioner before must land in the same partition now, or its order across the change would break."""
+    topic = f"it.{unique}.partitions.v1"
+    access = EventAccessPolicy({topic: TopicPolicy(topic, 3, (), {}, {})})
+    admin = kafka.admin()
+    admin.ensure_topics(access)
+    try:
+        producer = Producer(kafka.client_config("admin", ctx.credentials.kafka["admin"]))
+        placed: dict[bytes, int] = {}
+        keys = [f"acc-{number}-{unique}".encode() for number in range(60)]
+        for key in keys:
+            producer.produce(topic, value=b"x", key=key,
+                             on_delivery=lambda error, message: placed.__setitem__(message.key(), message.partition()))
+        assert producer.flush(20) == 0
+        assert placed == {key: partition_for(key, 3) for key in keys}
+        assert len(set(placed.values())) == 3
+    finally:
+        admin.client.delete_topics([topic])

@@ -31,8 +31,9 @@ from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.context import StackContext
 from bastion.devstack.pki import DevPki, issue_certificate, spiffe_id
 from bastion.events.keys import KeyRing
-from bastion.events.signing import verify_signature
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.signing import verify_signature, with_proofs
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
+from bastion.events.verify import is_bundle
 from bastion.grpc.audit import MemoryAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.ratelimit import RateLimit
@@ -326,11 +327,14 @@ def test_every_decision_is_a_signed_access_decision_event_with_the_correlation_i
         message = reader.poll(1)
         if message is None or message.error():
             continue
-        envelope = Envelope.FromString(message.value())
-        if envelope.correlation_id not in calls:
-            continue
-        verify_signature(envelope, trust.public_key(envelope.producer, envelope.key_id))
-        found[envelope.correlation_id] = AccessDecision.FromString(envelope.payload)
+        # The publisher sends a bundle per batch; each decision taken out of it verifies alone.
+        envelopes = (with_proofs(EnvelopeBundle.FromString(message.value())) if is_bundle(message.headers())
+                     else [Envelope.FromString(message.value())])
+        for envelope in envelopes:
+            if envelope.correlation_id not in calls:
+                continue
+            verify_signature(envelope, trust.public_key(envelope.producer, envelope.key_id))
+            found[envelope.correlation_id] = AccessDecision.FromString(envelope.payload)
     reader.close()
     assert set(found) == set(calls)
     for correlation, (_, _, _, expected) in calls.items():

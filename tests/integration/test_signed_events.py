@@ -22,15 +22,15 @@ from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy
 from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
-from bastion.events.envelopes import republish, seal
+from bastion.events.envelopes import bundle, envelope_for, republish, seal
 from bastion.events.field_crypto import DataKeyRing, encrypt_field, field_context, reveal
 from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox
-from bastion.events.signing import sign
+from bastion.events.signing import sign, verify_signature
 from bastion.events.storage import EVENTS_METADATA, outbox
 from bastion.events.trust import TrustPolicy
 from bastion.events.v1.envelope_pb2 import Envelope
-from bastion.events.verify import EnvelopeVerifier, VerifiedEvent
+from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifier, VerifiedEvent
 from bastion.payments.v1.events_pb2 import PaymentCompleted
 
 CONSUMER = "notifications"
@@ -58,11 +58,11 @@ class Lane:
     ctx: StackContext
     seen: list[VerifiedEvent]
 
-    def publish_raw(self, *records: bytes, key: bytes = b"k") -> None:
+    def publish_raw(self, *records: bytes, key: bytes = b"k", headers: list[tuple[str, bytes]] | None = None) -> None:
         """Write records as the broker's admin: the attacker here has got past the ACLs."""
         producer = Producer(self.kafka.client_config("admin", self.ctx.credentials.kafka["admin"]))
         for record in records:
-            producer.produce(self.topic, value=record, key=key)
+            producer.produce(self.topic, value=record, key=key, headers=headers or [])
         assert producer.flush(20) == 0
 
     def seal(self, producer: str, payload: object, aggregate: str, sequence: int, **kwargs: object) -> Envelope:
@@ -236,6 +236,62 @@ def test_a_batch_signed_by_the_relay_is_applied_and_its_forged_members_are_refus
     assert {value for value, _ in dead} == set(attacks)
     assert {headers["bastion-reject-reason"] for _, headers in dead} == {b"bad_signature"}
     assert counter("bastion_events_rejected_total", lane.topic, reason="bad_signature") - before == 2
+
+
+def test_a_bundle_is_applied_envelope_by_envelope_and_refused_whole_when_tampered(lane: Lane) -> None:
+    """A bundle from the relay (one record, one signature): its valid envelopes are applied in order, one of a type
+    its producer may not emit is dead-lettered alone (as an envelope that verifies alone, with its place in the
+    bundle) and raises a security record; replaying the bundle applies nothing twice; a bundle with one changed
+    payload is dead-lettered whole, as it came, and none of its envelopes is applied."""
+    aggregate, other = f"acc-bundle-{lane.group}", f"acc-bundle-other-{lane.group}"
+    key = lane.ring.signing_key("accounts")
+
+    def stored(payload: object, aggregate_id: str, sequence: int) -> bytes:
+        return envelope_for(key, lane.topic, payload, aggregate_id, sequence,  # type: ignore[arg-type]
+                            correlation_id=f"corr-{aggregate_id}-{sequence}").SerializeToString()
+
+    rows = [stored(AccountOpened(account_id=aggregate, owner="alice", currency="EUR"), aggregate, 1),
+            stored(MoneyDeposited(account_id=aggregate, amount_minor=100, currency="EUR"), aggregate, 2),
+            stored(PaymentCompleted(payment_id="p-1"), f"pay-{aggregate}", 1),
+            stored(MoneyDeposited(account_id=aggregate, amount_minor=200, currency="EUR"), aggregate, 3)]
+    genuine = bundle(rows, key).SerializeToString()
+    tampered = bundle([stored(AccountOpened(account_id=other, owner="bob", currency="EUR"), other, 1)], key)
+    tampered.envelopes[0].payload = AccountOpened(account_id=other, owner="mallory", currency="EUR").SerializeToString()
+    refused_before = {reason: counter("bastion_events_rejected_total", lane.topic, reason=reason)
+                      for reason in ("not_authorised", "bad_signature")}
+    duplicates_before = counter("bastion_events_dropped_total", lane.topic, reason="duplicate")
+
+    with structlog.testing.capture_logs() as logs:
+        lane.publish_raw(genuine, tampered.SerializeToString(), genuine, headers=[(BUNDLE_HEADER, BUNDLE_CONTENT)])
+        lane.consume_until(3)
+
+    assert lane.applied_sequences(aggregate) == [1, 2, 3]
+    assert lane.applied_sequences(other) == []
+    dead = sorted(lane.dead_letters(3), key=lambda letter: letter[1]["bastion-source"])
+    [whole] = [letter for letter in dead if letter[1]["bastion-reject-reason"] == b"bad_signature"]
+    assert whole[0] == tampered.SerializeToString() and whole[1][BUNDLE_HEADER] == BUNDLE_CONTENT
+    alone = [letter for letter in dead if letter[1]["bastion-reject-reason"] == b"not_authorised"]
+    assert len(alone) == 2, "the refused envelope, once per delivery of the bundle"
+    for value, headers in alone:
+        assert headers["bastion-source"].decode().endswith("/2") and BUNDLE_HEADER not in headers
+        envelope = Envelope.FromString(value)
+        assert envelope.event_type == "bastion.payments.v1.PaymentCompleted" and envelope.batch.leaf_count == 4
+        verify_signature(envelope, key.private_key.public_key())  # what was refused can be checked again alone
+    assert counter("bastion_events_rejected_total", lane.topic, reason="not_authorised") \
+        - refused_before["not_authorised"] == 2
+    assert counter("bastion_events_rejected_total", lane.topic, reason="bad_signature") \
+        - refused_before["bad_signature"] == 1
+    assert counter("bastion_events_dropped_total", lane.topic, reason="duplicate") - duplicates_before == 3
+    rejected = [entry for entry in logs if entry["event"] == "event_rejected"]
+    assert sorted((entry["reason"], entry["item"]) for entry in rejected) == [
+        ("bad_signature", None), ("not_authorised", 2), ("not_authorised", 2)]
+    with lane.engine.connect() as conn:
+        records = [EventRejected.FromString(Envelope.FromString(row.envelope).payload) for row in conn.execute(
+            select(outbox.c.envelope).where(outbox.c.partition_key == f"consumer:{CONSUMER}",
+                                            outbox.c.topic == "access.decisions.v1")).all()]
+    mine = sorted((r.reason, r.item if r.HasField("item") else None, r.offset) for r in records
+                  if r.topic == lane.topic)
+    assert mine == [("bad_signature", None, 1), ("not_authorised", 2, 0), ("not_authorised", 2, 2)]
 
 
 def test_a_sequence_gap_is_held_back_and_released_in_order(lane: Lane) -> None:

@@ -1,5 +1,6 @@
-"""The access-audit publisher signs what queued up as one batch: every decision still leaves, in order, each
-verifiable on its own; a batch that cannot be built is counted as lost and the publisher keeps going."""
+"""The access-audit publisher signs what queued up as one bundle, one Kafka record: every decision still leaves,
+in order, each verifiable on its own once taken out of its bundle; a batch that cannot be built or sent is
+counted as lost and the publisher keeps going, the next batch in a fresh aggregate."""
 
 import threading
 import time
@@ -12,8 +13,9 @@ from prometheus_client import REGISTRY
 
 from bastion.access.v1.decision_pb2 import AccessDecision
 from bastion.events.keys import KeyRing
-from bastion.events.signing import SignatureChecker, sign_batch
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.signing import SignatureChecker, sign_bundle, with_proofs
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
+from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
 from bastion.grpc import audit as audit_module
 from bastion.grpc.audit import TOPIC, KafkaAccessAudit, decision
 
@@ -28,11 +30,19 @@ class HeldProducer:
         self.release = threading.Event()
         self.holding = threading.Event()
 
-    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any = None) -> None:
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
+        assert headers == [(BUNDLE_HEADER, BUNDLE_CONTENT)]
         if not self.records:
             self.holding.set()
             assert self.release.wait(10)
         self.records.append((topic, value, key))
+
+    def envelopes(self) -> list[Envelope]:
+        """Every decision's envelope, taken out of the bundles in order, each with its inclusion proof."""
+        return [envelope for _, value, _ in self.records for envelope in with_proofs(EnvelopeBundle.FromString(value))]
+
+    def correlation_ids(self) -> list[str]:
+        return [AccessDecision.FromString(envelope.payload).correlation_id for envelope in self.envelopes()]
 
     def poll(self, _timeout: float) -> int:
         return 0
@@ -70,17 +80,21 @@ def test_what_queued_while_the_publisher_was_busy_is_signed_as_batches_and_all_o
     assert audit.flush() == 0
     audit.close()
 
-    envelopes = [Envelope.FromString(value) for _, value, _ in producer.records]
-    assert [AccessDecision.FromString(e.payload).correlation_id for e in envelopes] == [f"corr-{n}" for n in range(601)]
+    envelopes = producer.envelopes()
+    assert producer.correlation_ids() == [f"corr-{n}" for n in range(601)]
     assert [e.sequence for e in envelopes] == list(range(1, 602))
     assert {topic for topic, _, _ in producer.records} == {TOPIC}
+    assert len(producer.records) == 3, "one Kafka record per batch"
     assert len({e.aggregate_id for e in envelopes}) == 1
+    assert {key for _, _, key in producer.records} == {envelopes[0].aggregate_id.encode()}
     assert [e.batch.leaf_count for e in envelopes[:2]] + [envelopes[-1].batch.leaf_count] == [1, 500, 100]
     checker = SignatureChecker()
     public_key = ring.trust_store().public_key(SERVICE, ring.signing_key(SERVICE).key_id)
+    for _, value, _ in producer.records:
+        checker.verify_bundle(EnvelopeBundle.FromString(value), public_key)
     for envelope in envelopes:
         checker.verify(envelope, public_key)
-    assert checker.signature_checks == 3  # one per batch
+    assert checker.signature_checks == 6  # one per bundle, and one per batch root for the envelopes alone
 
 
 def lost() -> float:
@@ -92,13 +106,13 @@ def test_a_batch_that_cannot_be_built_is_counted_lost_and_the_publisher_goes_on(
 ) -> None:
     failures = iter([RuntimeError("no key today")])
 
-    def sign_once_broken(envelopes: Any, key: Any) -> None:
+    def sign_once_broken(bundle: Any, key: Any) -> None:
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        sign_batch(envelopes, key)
+        sign_bundle(bundle, key)
 
-    monkeypatch.setattr(audit_module, "sign_batch", sign_once_broken)
+    monkeypatch.setattr(audit_module, "sign_bundle", sign_once_broken)
     producer = HeldProducer()
     producer.release.set()
     audit = audit_with(ring, producer)
@@ -109,8 +123,7 @@ def test_a_batch_that_cannot_be_built_is_counted_lost_and_the_publisher_goes_on(
     assert audit.flush() == 0
     audit.close()
     assert lost() - before == 1
-    assert [AccessDecision.FromString(Envelope.FromString(v).payload).correlation_id
-            for _, v, _ in producer.records] == ["corr-2"]
+    assert producer.correlation_ids() == ["corr-2"]
 
 
 class FailingProducer(HeldProducer):
@@ -122,29 +135,31 @@ class FailingProducer(HeldProducer):
         self.fail_at = fail_at
         self.calls = 0
 
-    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any = None) -> None:
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
         self.calls += 1
         if self.calls - 1 == self.fail_at:
             raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT))
-        super().produce(topic, value, key, on_delivery)
+        super().produce(topic, value, key, headers, on_delivery)
 
 
-def test_after_a_lost_decision_the_rest_of_its_batch_moves_to_a_fresh_aggregate(ring: KeyRing) -> None:
-    """Published after the gap under the same aggregate, they would wait for a sequence number that never comes."""
-    producer = FailingProducer(fail_at=2)
-    audit = audit_with(ring, producer, linger=0.2)
+def test_after_a_lost_batch_the_next_one_moves_to_a_fresh_aggregate(ring: KeyRing) -> None:
+    """Published after the gap under the same aggregate, they would wait for a sequence number that never comes.
+    A refused bundle loses all its decisions (the signature covers all or none), each counted."""
+    producer = FailingProducer(fail_at=1)
+    audit = audit_with(ring, producer, linger=0.2)  # each burst of records below is one batch
     before = lost()
-    for number in range(6):
-        audit.record(a_decision(number))
-    assert audit.flush() == 0
+    for burst in ((0, 1, 2), (3, 4), (5, 6)):
+        for number in burst:
+            audit.record(a_decision(number))
+        assert audit.flush() == 0
     audit.close()
-    envelopes = [Envelope.FromString(value) for _, value, _ in producer.records]
+    envelopes = producer.envelopes()
     published = [(AccessDecision.FromString(e.payload).correlation_id, e.aggregate_id, e.sequence) for e in envelopes]
-    first, second = published[0][1], published[2][1]
+    first, second = published[0][1], published[3][1]
     assert first != second
-    assert published == [("corr-0", first, 1), ("corr-1", first, 2),
-                         ("corr-3", second, 1), ("corr-4", second, 2), ("corr-5", second, 3)]
-    assert lost() - before == 1
+    assert published == [("corr-0", first, 1), ("corr-1", first, 2), ("corr-2", first, 3),
+                         ("corr-5", second, 1), ("corr-6", second, 2)]
+    assert lost() - before == 2
     checker = SignatureChecker()
     public_key = ring.trust_store().public_key(SERVICE, ring.signing_key(SERVICE).key_id)
     for envelope in envelopes:
@@ -178,7 +193,7 @@ def test_each_decision_occurs_when_it_was_recorded_on_the_topic_it_was_given(rin
     audit.record(a_decision(1))
     assert audit.flush() == 0
     audit.close()
-    envelopes = [Envelope.FromString(value) for _, value, _ in producer.records]
+    envelopes = producer.envelopes()
     assert {topic for topic, _, _ in producer.records} == {"bench.audit.v1"}
     assert {envelope.topic for envelope in envelopes} == {"bench.audit.v1"}  # signed for it, not only sent there
     first = envelopes[0].occurred_at.seconds * 1_000_000_000 + envelopes[0].occurred_at.nanos
@@ -199,8 +214,7 @@ def test_a_full_queue_counts_what_it_cannot_take_and_keeps_the_rest(ring: KeyRin
     producer.release.set()
     assert audit.flush() == 0
     audit.close()
-    assert [AccessDecision.FromString(Envelope.FromString(v).payload).correlation_id
-            for _, v, _ in producer.records] == ["corr-0", "corr-1", "corr-2", "corr-3"]
+    assert producer.correlation_ids() == ["corr-0", "corr-1", "corr-2", "corr-3"]
 
 
 def test_flush_waits_for_a_decision_recorded_while_the_publisher_was_idle(ring: KeyRing) -> None:
@@ -246,3 +260,32 @@ def test_a_decision_recorded_while_the_audit_closes_is_published_not_stranded(
     closer.join(15)
     assert not closer.is_alive()
     assert len(producer.records) == 1 and lost() == before
+
+
+class UndeliveredProducer(HeldProducer):
+    """Accepts every bundle, then reports the first one undelivered (as librdkafka does after its retries)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
+        first = not self.records
+        super().produce(topic, value, key, headers, on_delivery)
+        if first:
+            on_delivery(KafkaError(KafkaError._MSG_TIMED_OUT), None)
+
+
+def test_a_bundle_reported_undelivered_counts_each_of_its_decisions_lost(ring: KeyRing) -> None:
+    producer = UndeliveredProducer()
+    audit = audit_with(ring, producer, linger=0.2)
+    before = lost()
+    for number in range(3):
+        audit.record(a_decision(number))
+    assert audit.flush() == 0
+    audit.record(a_decision(3))
+    assert audit.flush() == 0
+    audit.close()
+    assert lost() - before == 3
+    first, second = (EnvelopeBundle.FromString(value).envelopes for _, value, _ in producer.records)
+    assert second[0].aggregate_id != first[0].aggregate_id and second[0].sequence == 1

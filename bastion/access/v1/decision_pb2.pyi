@@ -83,6 +83,7 @@ class EventRejected(_message.Message):
     CLAIMED_PRODUCER_FIELD_NUMBER: _builtins.int
     CLAIMED_EVENT_ID_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    ITEM_FIELD_NUMBER: _builtins.int
     consumer: _builtins.str
     topic: _builtins.str
     partition: _builtins.int
@@ -92,6 +93,10 @@ class EventRejected(_message.Message):
     claimed_producer: _builtins.str
     claimed_event_id: _builtins.str
     correlation_id: _builtins.str
+    item: _builtins.int
+    """The refused envelope's place in a bundle record (several envelopes in one Kafka record); unset when the record
+    was one envelope, or the whole bundle was refused.
+    """
     def __init__(
         self,
         *,
@@ -104,11 +109,14 @@ class EventRejected(_message.Message):
         claimed_producer: _builtins.str = ...,
         claimed_event_id: _builtins.str = ...,
         correlation_id: _builtins.str = ...,
+        item: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_item", b"_item", "item", b"item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed_event_id", b"claimed_event_id", "claimed_producer", b"claimed_producer", "consumer", b"consumer", "correlation_id", b"correlation_id", "detail", b"detail", "offset", b"offset", "partition", b"partition", "reason", b"reason", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_item", b"_item", "claimed_event_id", b"claimed_event_id", "claimed_producer", b"claimed_producer", "consumer", b"consumer", "correlation_id", b"correlation_id", "detail", b"detail", "item", b"item", "offset", b"offset", "partition", b"partition", "reason", b"reason", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__item: _TypeAlias = _typing.Literal["item"]  # noqa: Y015
+    _WhichOneofArgType__item: _TypeAlias = _typing.Literal["_item", b"_item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__item) -> _WhichOneofReturnType__item | None: ...
 
 Global___EventRejected: _TypeAlias = EventRejected  # noqa: Y015

@@ -1,6 +1,7 @@
 """The audit service's consumer: every record of the audited topics passes the verification pipeline (steps 1
 to 5 of DESIGN.md: size and schema, producer and key, signature, trust policy, freshness) and is then appended
-to the hash-chained log, accepted or refused alike.
+to the hash-chained log, accepted or refused alike. A bundle record becomes one log record per envelope (its
+`item`), each keeping that envelope as it verifies alone; a bundle refused whole is one refused record.
 
 Steps 6 and 7 (inbox and per-aggregate sequence) are deliberately not applied here. They exist so that a replay
 or a redelivery has no second *effect*; the audit log's effect is to say what was seen, and a replayed event or
@@ -11,6 +12,7 @@ the log is keyed by (topic, partition, offset). See docs/decisions.md.
 import datetime as dt
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -24,7 +26,7 @@ from bastion.audit.records import AuditRecord
 from bastion.events.consumer import broker_time, claimed_envelope, dead_letter, safe_claim
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
-from bastion.events.verify import EnvelopeVerifier
+from bastion.events.verify import EnvelopeVerifier, is_bundle
 from services.audit import domain
 from services.audit.domain import Delivery
 from services.audit.handlers import SecurityRecords
@@ -82,8 +84,8 @@ class AuditConsumer:
     def poll_batch(self) -> int:
         """Read up to a batch, append it in one transaction, sign a checkpoint if one is due, then commit the
         offsets: a crash anywhere before the commit reads the batch again, and the log keeps each record once."""
-        records = [self.record(message) for message in self.consumer.consume(self.batch_size, self.poll_seconds)
-                   if self._readable(message)]
+        records = [record for message in self.consumer.consume(self.batch_size, self.poll_seconds)
+                   if self._readable(message) for record in self.records(message)]
         if records:
             with self.engine.begin() as conn:
                 self.store.append(conn, records)
@@ -120,6 +122,32 @@ class AuditConsumer:
             log.warning("consumer_error", consumer=domain.CONSUMER, error=message.error().str())
         return False
 
+    def records(self, message: Message) -> list[AuditRecord]:
+        """The log records of one Kafka record: one, or one per envelope of a bundle."""
+        if not is_bundle(message.headers()):
+            return [self.record(message)]
+        raw: bytes = message.value() or b""
+        received = broker_time(message) or self.clock()
+        delivery = Delivery(message.topic(), message.partition(), message.offset(), received, raw)
+        try:
+            verified = self.verifier.verify_bundle(raw, delivery.topic, received)
+        except VerificationError as error:
+            return [self._refuse(message, delivery, error, bundled=True)]
+        records = []
+        for item, event in enumerate(verified.outcomes):
+            alone = replace(delivery, item=item, raw=verified.signed_envelope(item).SerializeToString())
+            if isinstance(event, VerificationError):
+                records.append(self._refuse(message, alone, event))
+                continue
+            try:
+                records.append(domain.accepted(alone, event, self.clock()))
+            except Exception as error:  # as in `record`: kept as refused, never a stop of the trail
+                records.append(self._refuse(message, alone, VerificationError(
+                    RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300])))
+                continue
+            EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
+        return records
+
     def record(self, message: Message) -> AuditRecord:
         raw: bytes = message.value() or b""
         received = broker_time(message) or self.clock()
@@ -137,12 +165,13 @@ class AuditConsumer:
         EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
         return record
 
-    def _refuse(self, message: Message, delivery: Delivery, error: VerificationError) -> AuditRecord:
-        claimed = claimed_envelope(delivery.raw)
+    def _refuse(self, message: Message, delivery: Delivery, error: VerificationError,
+                bundled: bool = False) -> AuditRecord:
+        claimed = claimed_envelope(delivery.raw, bundled)
         EVENTS_REJECTED.labels(domain.CONSUMER, delivery.topic, error.reason.value).inc()
         log.warning("event_rejected", consumer=domain.CONSUMER, topic=delivery.topic, partition=delivery.partition,
-                    offset=delivery.offset, reason=error.reason.value, detail=error.detail[:300],
+                    offset=delivery.offset, item=delivery.item, reason=error.reason.value, detail=error.detail[:300],
                     claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
                     correlation_id=safe_claim(claimed.correlation_id))
-        dead_letter(self.dead_letters, domain.CONSUMER, message, delivery.raw, error)
+        dead_letter(self.dead_letters, domain.CONSUMER, message, delivery.raw, error, delivery.item)
         return domain.refused(delivery, claimed, error, self.clock())

@@ -72,7 +72,7 @@ events = st.builds(
 @st.composite
 def records(draw: st.DrawFn) -> AuditRecord:
     """Any valid record, of any kind."""
-    event = draw(events)
+    event = replace(draw(events), item=draw(st.none() | st.integers(0, 2**16 - 1)))
     kind = draw(st.sampled_from(RecordKind))
     if kind is RecordKind.ACCESS:
         return replace(event, kind=kind, principal=draw(text), action=draw(text),

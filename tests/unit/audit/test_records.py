@@ -84,6 +84,9 @@ NAIVE = dt.datetime(2026, 3, 1, 9, 30)
     ({"aggregate_id": "\ud800"}, "surrogate"),
     ({"partition": -1}, "out of range"),
     ({"offset": 2**63}, "out of range"),
+    ({"item": -1}, "item -1 out of range"),
+    ({"item": 2**16}, "out of range"),
+    ({"item": True}, "out of range"),
     ({"decision": Decision.ALLOW}, "no decision"),
     ({"kind": "event"}, "RecordKind"),
     ({"kind": RecordKind.ACCESS}, "principal, action and decision"),
@@ -92,3 +95,13 @@ NAIVE = dt.datetime(2026, 3, 1, 9, 30)
 def test_a_record_that_cannot_be_stored_is_refused_when_built(change: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRecordError, match=message):
         replace(sample_record(1), **change)  # type: ignore[arg-type]
+
+
+def test_item_is_written_only_for_an_envelope_of_a_bundle() -> None:
+    """Records stored before bundles keep their canonical bytes (and so every stored hash): `item` appears only
+    when set, and then it is covered like every other field."""
+    alone = sample_record(7)
+    assert "item" not in json.loads(canonical_bytes(alone))
+    first, second = replace(alone, item=0), replace(alone, item=1)
+    assert json.loads(canonical_bytes(first))["item"] == 0
+    assert len({canonical_bytes(alone), canonical_bytes(first), canonical_bytes(second)}) == 3

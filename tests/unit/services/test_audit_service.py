@@ -4,7 +4,7 @@ valid, paging, and a refused checkpoint failing the verdict and raising a securi
 import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -68,6 +68,16 @@ def test_an_event_audit_refuses_keeps_only_well_formed_claims_and_the_brokers_ti
     assert (record.kind, record.principal, record.reason) == (RecordKind.REJECTION, "audit", "bad_signature")
     assert record.event_id == "(malformed)" and record.producer == "payments" and record.correlation_id == "(malformed)"
     assert record.occurred_at == DELIVERY.broker_time and "\x00" not in (record.detail or "")
+
+
+def test_an_envelope_of_a_bundle_is_its_own_record_at_its_place() -> None:
+    member = replace(DELIVERY, item=3, raw=b"\x0a\x01alone")
+    record = domain.accepted(member, verified(MoneyDeposited(account_id="agg-1"), "bastion.accounts.v1.MoneyDeposited"),
+                             NOW)
+    assert (record.offset, record.item, record.envelope) == (41, 3, b"\x0a\x01alone")
+    refused = domain.refused(member, Envelope(), VerificationError(RejectReason.STALE, "published long ago"), NOW)
+    assert (refused.item, refused.action) == (3, "access.decisions.v1/2/41/3")
+    assert domain.refused(DELIVERY, Envelope(), VerificationError(RejectReason.STALE, "old"), NOW).item is None
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
