@@ -3,18 +3,24 @@
 Run with `.venv/bin/python -m benchmarks.signed_events [--events N] [--rounds R]` (uses the dev install in
 .state and starts it if it is not running; it is left running). Prints:
 1. single-core rates over realistic envelopes: sealing one event alone, the relay's batch signing
-   (`envelopes.republish`: one Ed25519 signature per batch of 500 over a Merkle root), the consumer's steps
-   1-5 (`EnvelopeVerifier.verify`) on events signed alone and in batches, the same steps without the
-   signature for unsigned envelopes, each next to the bare Ed25519 operation;
+   (`envelopes.republish`: one Ed25519 signature per batch of 500 over a Merkle root) and bundling
+   (`envelopes.bundle`: the same signature over a third of a batch, one partition's share), the consumer's
+   steps 1-5 (`EnvelopeVerifier.verify`, `verify_bundle`) on events signed alone, in batches and in bundles,
+   the same steps without the signature for unsigned envelopes and bundles, each next to the bare Ed25519
+   operation;
 2. publish-consume throughput against the dev stack's real Kafka, three lanes in the same run, alternated
    for R rounds (best round of each reported). In each lane a relay process of its own (as the producing
-   service's relay is) publishes stored outbox rows as `OutboxRelay` does (batches of 500, idempotent
-   producer, acks=all) while a consumer group in this process reads them and a pool of worker processes
-   checks them; the clock runs from the relay's first batch to the last event checked:
-   - signed: the relay stamps `published_at` and signs each batch; consumers run steps 1-5;
-   - unsigned: the same envelopes stamped without a signature; consumers run the same steps but the
-     signature (parse, no unknown fields, topic and trust policy, payload schema, freshness);
-   - bare payload: no envelope at all, the payload bytes parsed as their protobuf (Kafka's own pace, for
+   service's relay is) publishes stored outbox rows in batches of 500 with an idempotent producer (acks=all) as
+   `OutboxRelay` does: one record per partition of each batch, a bundle (`--transport bundle`, the default and
+   what the relay sends), or one record per envelope (`--transport record`, how it sent them before). A
+   consumer group in this process reads them and a pool of worker processes checks them; the clock runs from
+   the relay's first batch to the last event checked:
+   - signed: the relay stamps `published_at` and signs (each bundle once, or each batch once with a proof per
+     envelope); consumers run steps 1-5 (`verify_bundle` or `verify`);
+   - unsigned: the same envelopes and records stamped without a signature; consumers run the same steps but
+     the signature (parse, no unknown fields, topic and trust policy, payload schema, freshness) and hand
+     back the same VerifiedEvent results;
+   - bare payload: no envelope at all, one record per payload, parsed as its protobuf (Kafka's own pace, for
      scale).
    The aim compares signed with unsigned events: what signing costs, everything else equal.
 
@@ -60,6 +66,7 @@ from bastion.events.verify import (
     BUNDLE_HEADER,
     EnvelopeVerifier,
     FreshnessWindow,
+    VerifiedEvent,
     check_authorised,
     check_fresh,
     decode_bundle,
@@ -76,7 +83,7 @@ PARTITIONS = 3
 AGGREGATES = 500
 RELAY_BATCH = 500  # OutboxRelay's default batch size
 CONSUME_BATCH = 500
-# Records per verification task: large enough that pickling and the hop to a worker are noise next to the
+# Events per verification task: large enough that pickling and the hop to a worker are noise next to the
 # checks, small enough that the last task adds little to the end time.
 VERIFY_CHUNK = 200
 TIMEOUT = 120.0
@@ -145,13 +152,16 @@ def unsigned_bundle(stored: Sequence[bytes]) -> bytes:
 
 
 def check_unsigned_bundle(raw: bytes, topic: str, policy: TrustPolicy, reference: dt.datetime) -> int:
-    """`EnvelopeVerifier.verify_bundle` without the key lookup and the signature; the number of envelopes."""
+    """`EnvelopeVerifier.verify_bundle` without the key lookup and the signature, handing back the same
+    VerifiedEvent per envelope (a consumer of unsigned events needs them as much); the number of envelopes."""
     unsigned = decode_bundle(raw)
-    for member in unsigned.envelopes:
+    events = []
+    for index, member in enumerate(unsigned.envelopes):
         check_authorised(member, topic, policy)
-        parse_payload(member)
+        payload = parse_payload(member)
         check_fresh(member, reference, WINDOW)
-    return len(unsigned.envelopes)
+        events.append(VerifiedEvent(member, payload, None, index))
+    return len(events)
 
 
 def in_batches(stored: Sequence[bytes], prepare: Prepare) -> list[bytes]:
@@ -159,12 +169,13 @@ def in_batches(stored: Sequence[bytes], prepare: Prepare) -> list[bytes]:
             for value in prepare(stored[start:start + RELAY_BATCH])]
 
 
-def check_unsigned(raw: bytes, topic: str, policy: TrustPolicy, reference: dt.datetime) -> None:
-    """Steps 1-5 of `EnvelopeVerifier.verify` without the key lookup and the signature."""
+def check_unsigned(raw: bytes, topic: str, policy: TrustPolicy, reference: dt.datetime) -> VerifiedEvent:
+    """Steps 1-5 of `EnvelopeVerifier.verify` without the key lookup and the signature, with the same result."""
     envelope = decode_envelope(raw)
     check_authorised(envelope, topic, policy)
-    parse_payload(envelope)
+    payload = parse_payload(envelope)
     check_fresh(envelope, reference, WINDOW)
+    return VerifiedEvent(envelope, payload)
 
 
 def per_second(count: int, seconds: float) -> str:
@@ -345,10 +356,18 @@ class CheckSink:
         self.done_at = 0.0
 
     def take(self, batch: list[Record]) -> None:
-        for start in range(0, len(batch), VERIFY_CHUNK):
-            future = self.executor.submit(check_batch, self.signed, self.topic, batch[start:start + VERIFY_CHUNK])
+        start = 0
+        while start < len(batch):
+            # About VERIFY_CHUNK events per task: that many single envelopes, or bundles until they hold as many
+            # (a bundle of a third of a relay batch is one task: more per task would leave a worker idle).
+            end, events = start, 0
+            while end < len(batch) and events < VERIFY_CHUNK:
+                events += RELAY_BATCH // PARTITIONS if batch[end][2] else 1
+                end += 1
+            future = self.executor.submit(check_batch, self.signed, self.topic, batch[start:end])
             future.add_done_callback(self._done)
             self.futures.append(future)
+            start = end
 
     def _done(self, _future: Future[tuple[int, str]]) -> None:
         now = time.perf_counter()
