@@ -142,21 +142,22 @@ def unsigned_bundle(stored: Sequence[bytes]) -> bytes:
     """The relay's work for an unsigned bundle: the rows stamped as `envelopes.bundle` stamps them, no signature."""
     now = Timestamp()
     now.FromDatetime(dt.datetime.now(dt.UTC))
-    unsigned = EnvelopeBundle()
+    members = []
     for raw in stored:
-        member = unsigned.envelopes.add()
-        member.MergeFromString(raw)
+        member = Envelope.FromString(raw)
         member.ClearField("signature")
+        member.ClearField("batch")
         member.published_at.CopyFrom(now)
-    return unsigned.SerializeToString()
+        members.append(member.SerializeToString())
+    return EnvelopeBundle(envelopes=members).SerializeToString()
 
 
 def check_unsigned_bundle(raw: bytes, topic: str, policy: TrustPolicy, reference: dt.datetime) -> int:
     """`EnvelopeVerifier.verify_bundle` without the key lookup and the signature, handing back the same
     VerifiedEvent per envelope (a consumer of unsigned events needs them as much); the number of envelopes."""
-    unsigned = decode_bundle(raw)
+    _, members = decode_bundle(raw)
     events = []
-    for index, member in enumerate(unsigned.envelopes):
+    for index, member in enumerate(members):
         check_authorised(member, topic, policy)
         payload = parse_payload(member)
         check_fresh(member, reference, WINDOW)

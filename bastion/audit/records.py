@@ -46,8 +46,8 @@ class AuditRecord:
       `occurred_at` is the broker's append time when the envelope has none.
     - `recorded_at`: when the audit service took the record.
     - `envelope`: the record value exactly as read, the producer's signature included, so anybody can verify
-      the producer's signature again later with the trust store of that time; for an envelope of a bundle, that
-      envelope with the bundle's signature and its inclusion proof, which verifies alone in the same way.
+      the producer's signature again later with the trust store of that time; for an envelope of a bundle, a
+      bundle of one (that envelope's bytes, the bundle's signature, its inclusion proof), which verifies alone.
     - ACCESS: `principal` is the caller, `action` the gRPC method, `decision` allow or deny, `reason` why,
       `detail` what else the decision said (the caller's mTLS service identity).
     - REJECTION: `principal` is the consumer that refused the event, `action` the refused record's

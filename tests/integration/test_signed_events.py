@@ -26,10 +26,10 @@ from bastion.events.envelopes import bundle, envelope_for, republish, seal
 from bastion.events.field_crypto import DataKeyRing, encrypt_field, field_context, reveal
 from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox
-from bastion.events.signing import sign, verify_signature
+from bastion.events.signing import SignatureChecker, sign
 from bastion.events.storage import EVENTS_METADATA, outbox
 from bastion.events.trust import TrustPolicy
-from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifier, VerifiedEvent
 from bastion.payments.v1.events_pb2 import PaymentCompleted
 
@@ -256,7 +256,9 @@ def test_a_bundle_is_applied_envelope_by_envelope_and_refused_whole_when_tampere
             stored(MoneyDeposited(account_id=aggregate, amount_minor=200, currency="EUR"), aggregate, 3)]
     genuine = bundle(rows, key).SerializeToString()
     tampered = bundle([stored(AccountOpened(account_id=other, owner="bob", currency="EUR"), other, 1)], key)
-    tampered.envelopes[0].payload = AccountOpened(account_id=other, owner="mallory", currency="EUR").SerializeToString()
+    changed = Envelope.FromString(tampered.envelopes[0])
+    changed.payload = AccountOpened(account_id=other, owner="mallory", currency="EUR").SerializeToString()
+    tampered.envelopes[0] = changed.SerializeToString()
     refused_before = {reason: counter("bastion_events_rejected_total", lane.topic, reason=reason)
                       for reason in ("not_authorised", "bad_signature")}
     duplicates_before = counter("bastion_events_dropped_total", lane.topic, reason="duplicate")
@@ -273,10 +275,11 @@ def test_a_bundle_is_applied_envelope_by_envelope_and_refused_whole_when_tampere
     alone = [letter for letter in dead if letter[1]["bastion-reject-reason"] == b"not_authorised"]
     assert len(alone) == 2, "the refused envelope, once per delivery of the bundle"
     for value, headers in alone:
-        assert headers["bastion-source"].decode().endswith("/2") and BUNDLE_HEADER not in headers
-        envelope = Envelope.FromString(value)
-        assert envelope.event_type == "bastion.payments.v1.PaymentCompleted" and envelope.batch.leaf_count == 4
-        verify_signature(envelope, key.private_key.public_key())  # what was refused can be checked again alone
+        assert headers["bastion-source"].decode().endswith("/2") and headers[BUNDLE_HEADER] == BUNDLE_CONTENT
+        one = EnvelopeBundle.FromString(value)  # a bundle of one: the envelope, the signature, its proof
+        [envelope] = [Envelope.FromString(member) for member in one.envelopes]
+        assert envelope.event_type == "bastion.payments.v1.PaymentCompleted" and one.proof.leaf_count == 4
+        SignatureChecker().verify_bundle(one, [envelope], key.private_key.public_key())  # checkable again alone
     assert counter("bastion_events_rejected_total", lane.topic, reason="not_authorised") \
         - refused_before["not_authorised"] == 2
     assert counter("bastion_events_rejected_total", lane.topic, reason="bad_signature") \
@@ -292,6 +295,22 @@ def test_a_bundle_is_applied_envelope_by_envelope_and_refused_whole_when_tampere
     mine = sorted((r.reason, r.item if r.HasField("item") else None, r.offset) for r in records
                   if r.topic == lane.topic)
     assert mine == [("bad_signature", None, 1), ("not_authorised", 2, 0), ("not_authorised", 2, 2)]
+
+
+def test_envelopes_of_a_bundle_held_behind_a_gap_are_verified_again_and_applied_in_order(lane: Lane) -> None:
+    """Events 2 and 3 of an aggregate arrive in a bundle before the bundle holding event 1: they are held (as
+    bundles of one, each verifying alone) and applied after event 1."""
+    aggregate = f"acc-held-{lane.group}"
+    key = lane.ring.signing_key("accounts")
+    rows = [envelope_for(key, lane.topic, MoneyDeposited(account_id=aggregate, amount_minor=n, currency="EUR"),
+                         aggregate, n, correlation_id=f"corr-{n}").SerializeToString() for n in (1, 2, 3)]
+    held_before = counter("bastion_events_held_total", lane.topic)
+    lane.publish_raw(bundle(rows[1:], key).SerializeToString(), bundle(rows[:1], key).SerializeToString(),
+                     headers=[(BUNDLE_HEADER, BUNDLE_CONTENT)])
+    lane.consume_until(2)
+    assert lane.applied_sequences(aggregate) == [1, 2, 3]
+    assert counter("bastion_events_held_total", lane.topic) - held_before == 2
+    assert [event.bundle is not None for event in lane.seen if event.envelope.aggregate_id == aggregate] == [True] * 3
 
 
 def test_a_sequence_gap_is_held_back_and_released_in_order(lane: Lane) -> None:

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from bastion.access.v1.decision_pb2 import AccessDecision
 from bastion.events.keys import KeyRing
-from bastion.events.signing import SignatureChecker, sign_bundle, with_proofs
+from bastion.events.signing import SignatureChecker, bundles_of_one, sign_bundle
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
 from bastion.grpc import audit as audit_module
@@ -38,8 +38,9 @@ class HeldProducer:
         self.records.append((topic, value, key))
 
     def envelopes(self) -> list[Envelope]:
-        """Every decision's envelope, taken out of the bundles in order, each with its inclusion proof."""
-        return [envelope for _, value, _ in self.records for envelope in with_proofs(EnvelopeBundle.FromString(value))]
+        """Every decision's envelope, taken out of the bundles in order."""
+        return [Envelope.FromString(member) for _, value, _ in self.records
+                for member in EnvelopeBundle.FromString(value).envelopes]
 
     def correlation_ids(self) -> list[str]:
         return [AccessDecision.FromString(envelope.payload).correlation_id for envelope in self.envelopes()]
@@ -87,14 +88,15 @@ def test_what_queued_while_the_publisher_was_busy_is_signed_as_batches_and_all_o
     assert len(producer.records) == 3, "one Kafka record per batch"
     assert len({e.aggregate_id for e in envelopes}) == 1
     assert {key for _, _, key in producer.records} == {envelopes[0].aggregate_id.encode()}
-    assert [e.batch.leaf_count for e in envelopes[:2]] + [envelopes[-1].batch.leaf_count] == [1, 500, 100]
+    bundles = [EnvelopeBundle.FromString(value) for _, value, _ in producer.records]
+    assert [len(signed.envelopes) for signed in bundles] == [1, 500, 100]
     checker = SignatureChecker()
     public_key = ring.trust_store().public_key(SERVICE, ring.signing_key(SERVICE).key_id)
-    for _, value, _ in producer.records:
-        checker.verify_bundle(EnvelopeBundle.FromString(value), public_key)
-    for envelope in envelopes:
-        checker.verify(envelope, public_key)
-    assert checker.signature_checks == 6  # one per bundle, and one per batch root for the envelopes alone
+    for signed in bundles:
+        checker.verify_bundle(signed, [Envelope.FromString(member) for member in signed.envelopes], public_key)
+        for one in bundles_of_one(signed)[:3]:  # and each decision cut out of its bundle verifies alone
+            checker.verify_bundle(one, [Envelope.FromString(one.envelopes[0])], public_key)
+    assert checker.signature_checks == 3 + 1 + 3 + 3  # one per bundle, one per bundle of one
 
 
 def lost() -> float:
@@ -162,8 +164,9 @@ def test_after_a_lost_batch_the_next_one_moves_to_a_fresh_aggregate(ring: KeyRin
     assert lost() - before == 2
     checker = SignatureChecker()
     public_key = ring.trust_store().public_key(SERVICE, ring.signing_key(SERVICE).key_id)
-    for envelope in envelopes:
-        checker.verify(envelope, public_key)
+    for _, value, _ in producer.records:
+        signed = EnvelopeBundle.FromString(value)
+        checker.verify_bundle(signed, [Envelope.FromString(member) for member in signed.envelopes], public_key)
 
 
 def test_flush_gives_up_at_its_timeout_and_a_closed_audit_counts_what_comes_late(ring: KeyRing) -> None:
@@ -287,5 +290,6 @@ def test_a_bundle_reported_undelivered_counts_each_of_its_decisions_lost(ring: K
     assert audit.flush() == 0
     audit.close()
     assert lost() - before == 3
-    first, second = (EnvelopeBundle.FromString(value).envelopes for _, value, _ in producer.records)
+    first, second = ([Envelope.FromString(member) for member in EnvelopeBundle.FromString(value).envelopes]
+                     for _, value, _ in producer.records)
     assert second[0].aggregate_id != first[0].aggregate_id and second[0].sequence == 1

@@ -1,19 +1,30 @@
-"""Bundles: a relay batch as one Kafka record, under the batch signature of the pinned vector. Any change to any
-envelope, their order or number, or the signature is refused for the whole bundle; steps 4 and 5 refuse one
-envelope at a time; every envelope can be turned back into one that verifies alone."""
+"""Bundles: a relay batch as one Kafka record, signed once over the Merkle root of its envelopes' bytes, pinned by
+tests/vectors/envelope-bundle-v1.json. Any change to any envelope, their order or number, or the signature is
+refused for the whole bundle; steps 4 and 5 refuse one envelope at a time; every envelope can be cut out as a
+bundle of one that verifies alone."""
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bastion.accounts.v1.events_pb2 import AccountOpened
+from bastion.events import merkle
 from bastion.events.envelopes import bundle, envelope_for
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.keys import KeyRing
-from bastion.events.signing import SignatureChecker, sign_bundle, verify_signature, with_proofs
+from bastion.events.signing import (
+    BATCH_TAG,
+    SignatureChecker,
+    batch_signed_bytes,
+    bundle_signed_bytes,
+    bundles_of_one,
+    sign_bundle,
+)
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import (
     BUNDLE_CONTENT,
@@ -24,31 +35,57 @@ from bastion.events.verify import (
     is_bundle,
 )
 from bastion.payments.v1.events_pb2 import PaymentCompleted
-from tests.unit.test_batch_signing import BATCH, batch_vector
 from tests.unit.test_event_verification import NOW, TOPIC, ring, verifier  # noqa: F401  (fixtures)
 from tests.unit.test_signing import KEY, SIGNED_FIELDS, _tamper, envelopes
 
+VECTOR = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "envelope-bundle-v1.json").read_text())
+
 
 def bundle_of(members: list[Envelope]) -> EnvelopeBundle:
-    signed = EnvelopeBundle()
-    signed.envelopes.extend(members)
+    signed = EnvelopeBundle(envelopes=[member.SerializeToString() for member in members])
     sign_bundle(signed, KEY)
     return signed
 
 
+def check(signed: EnvelopeBundle) -> None:
+    """The bundle's signature, over the envelopes as carried (parsed only to see who signed them; a part that
+    does not even parse is refused too: step 1 refuses it first in a consumer)."""
+    decoded = EnvelopeBundle.FromString(signed.SerializeToString())
+    try:
+        members = [Envelope.FromString(member) for member in decoded.envelopes]
+    except DecodeError:
+        raise VerificationError(RejectReason.MALFORMED, "an envelope does not parse") from None
+    SignatureChecker().verify_bundle(decoded, members, KEY.public_key())
+
+
 def refused_bundle(signed: EnvelopeBundle) -> str:
+    members = [Envelope.FromString(member) for member in signed.envelopes]
     with pytest.raises(VerificationError) as refusal:
-        SignatureChecker().verify_bundle(signed, KEY.public_key())
+        SignatureChecker().verify_bundle(signed, members, KEY.public_key())
     assert refusal.value.reason == RejectReason.BAD_SIGNATURE
     return refusal.value.detail
 
 
-def test_a_bundle_carries_the_pinned_batch_signature_and_gives_back_the_pinned_envelopes() -> None:
-    signed = bundle_of(batch_vector())
-    assert signed.signature.hex() == BATCH["signature_hex"]
-    SignatureChecker().verify_bundle(EnvelopeBundle.FromString(signed.SerializeToString()), KEY.public_key())
-    assert [envelope.SerializeToString().hex() for envelope in with_proofs(signed)] == BATCH["envelopes_hex"]
-    assert not any(member.signature or member.HasField("batch") for member in signed.envelopes)
+def test_the_vector_pins_leaves_root_signed_bytes_and_signature() -> None:
+    members = [bytes.fromhex(member) for member in VECTOR["members_hex"]]
+    leaves = [merkle.leaf_hash(member) for member in members]
+    assert [leaf.hex() for leaf in leaves] == VECTOR["leaf_hashes_hex"]
+    root = merkle.tree_root(leaves)
+    assert root.hex() == VECTOR["root_hex"]
+    assert bundle_signed_bytes(len(members), root).hex() == VECTOR["bundle_signed_bytes_hex"]
+    signed = EnvelopeBundle(envelopes=members)
+    sign_bundle(signed, KEY)
+    assert signed.signature.hex() == VECTOR["signature_hex"]
+    assert signed.SerializeToString().hex() == VECTOR["bundle_hex"]
+    decoded, members = decode_bundle(bytes.fromhex(VECTOR["bundle_hex"]))  # steps 1 to 3, as a consumer runs them
+    SignatureChecker().verify_bundle(decoded, members, KEY.public_key())
+
+
+def test_a_bundle_signature_is_never_a_batch_signature() -> None:
+    """Same leaves, same count: the domain tags keep a bundle root from passing for a batch root, and back."""
+    root = bytes.fromhex(VECTOR["root_hex"])
+    assert bundle_signed_bytes(3, root) != batch_signed_bytes(3, root)
+    assert batch_signed_bytes(3, root).startswith(BATCH_TAG)
 
 
 def signed_members(batch: list[Envelope]) -> list[Envelope]:
@@ -62,12 +99,30 @@ batches = st.lists(envelopes, min_size=1, max_size=9).map(signed_members)
 
 
 @given(batches, st.sampled_from(SIGNED_FIELDS), st.data())
-def test_any_change_to_a_signed_field_of_any_envelope_refuses_the_bundle(
+def test_any_change_to_any_field_of_any_envelope_refuses_the_bundle(
     batch: list[Envelope], field: str, data: st.DataObject
 ) -> None:
     signed = bundle_of(batch)
-    _tamper(signed.envelopes[data.draw(st.integers(0, len(batch) - 1))], field, data)
+    victim = data.draw(st.integers(0, len(batch) - 1))
+    changed = Envelope.FromString(signed.envelopes[victim])
+    _tamper(changed, field, data)
+    signed.envelopes[victim] = changed.SerializeToString()
     refused_bundle(signed)
+
+
+@given(batches, st.data())
+def test_any_changed_byte_of_an_envelope_refuses_the_bundle(batch: list[Envelope], data: st.DataObject) -> None:
+    """The leaves are the bytes as carried: even a change that parses to the same envelope is refused."""
+    signed = bundle_of(batch)
+    victim = data.draw(st.integers(0, len(batch) - 1))
+    changed = bytearray(signed.envelopes[victim])
+    if data.draw(st.booleans()) or not changed:
+        changed += data.draw(st.binary(min_size=1, max_size=8))
+    else:
+        changed[data.draw(st.integers(0, len(changed) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    signed.envelopes[victim] = bytes(changed)
+    with pytest.raises(VerificationError):
+        check(signed)
 
 
 @given(batches, st.data())
@@ -97,38 +152,52 @@ def test_any_flipped_bit_of_the_bundle_signature_is_refused(batch: list[Envelope
 
 
 @given(batches, st.data())
-def test_each_envelope_given_back_verifies_alone_and_only_unchanged(batch: list[Envelope], data: st.DataObject) -> None:
+def test_each_envelope_cut_out_verifies_alone_and_only_unchanged(batch: list[Envelope], data: st.DataObject) -> None:
     signed = bundle_of(batch)
-    alone = with_proofs(signed)
-    for envelope in alone:
-        verify_signature(Envelope.FromString(envelope.SerializeToString()), KEY.public_key())
+    alone = bundles_of_one(signed)
+    for one in alone:
+        check(EnvelopeBundle.FromString(one.SerializeToString()))
     victim = alone[data.draw(st.integers(0, len(alone) - 1))]
-    _tamper(victim, data.draw(st.sampled_from(SIGNED_FIELDS)), data)
-    with pytest.raises(VerificationError, match=r"does not verify|batch proof"):
-        verify_signature(victim, KEY.public_key())
+    change = data.draw(st.sampled_from(["envelope", "index", "count", "path"]))
+    if change == "envelope":
+        changed = Envelope.FromString(victim.envelopes[0])
+        _tamper(changed, data.draw(st.sampled_from(SIGNED_FIELDS)), data)
+        victim.envelopes[0] = changed.SerializeToString()
+    elif change == "index":
+        victim.proof.leaf_index = data.draw(st.integers(0, 2**32 - 1).filter(lambda v: v != victim.proof.leaf_index))
+    elif change == "count":
+        victim.proof.leaf_count = data.draw(st.integers(0, 2**32 - 1).filter(lambda v: v != victim.proof.leaf_count))
+    else:
+        victim.proof.path.append(bytes(32))
+    refused_bundle(victim)
 
 
 def test_a_bundle_is_one_producers_without_signatures_of_its_envelopes() -> None:
-    signed = bundle_of(batch_vector())
-    signed.envelopes[1].key_id = "accounts/another-key"
-    assert refused_bundle(signed) == "a bundle is one producer's, under one key id"
-    signed = bundle_of(batch_vector())
-    signed.envelopes[2].signature = signed.signature
-    assert refused_bundle(signed) == "an envelope of a bundle carries a signature"
-    signed = bundle_of(batch_vector())
-    signed.envelopes[0].batch.leaf_count = 3
-    assert refused_bundle(signed) == "an envelope of a bundle carries a signature"
-    signed = bundle_of(batch_vector())
-    signed.signature = signed.signature[:63]
-    assert refused_bundle(signed) == "signature is not 64 bytes"
-    with pytest.raises(ValueError, match="one producer's"):
-        bundle_of([batch_vector()[0], envelope_for_other_producer()])
+    def with_change(index: int, change: str) -> EnvelopeBundle:
+        signed = bundle_of(signed_members([envelope for envelope in _vector_batch()]))
+        member = Envelope.FromString(signed.envelopes[index])
+        if change == "key":
+            member.key_id = "accounts/another-key"
+        elif change == "signature":
+            member.signature = signed.signature
+        else:
+            member.batch.leaf_count = 3
+        signed.envelopes[index] = member.SerializeToString()
+        return signed
+
+    assert refused_bundle(with_change(1, "key")) == "a bundle is one producer's, under one key id"
+    assert refused_bundle(with_change(2, "signature")) == "an envelope of a bundle carries a signature"
+    assert refused_bundle(with_change(0, "proof")) == "an envelope of a bundle carries a signature"
+    short = bundle_of(_vector_batch())
+    short.signature = short.signature[:63]
+    assert refused_bundle(short) == "signature is not 64 bytes"
+    two = bundle_of(_vector_batch())
+    two.proof.leaf_count = 3
+    assert refused_bundle(two) == "a proof places one envelope in a bundle"
 
 
-def envelope_for_other_producer() -> Envelope:
-    envelope = batch_vector()[0]
-    envelope.producer = "payments"
-    return envelope
+def _vector_batch() -> list[Envelope]:
+    return [Envelope.FromString(bytes.fromhex(member)) for member in VECTOR["members_hex"]]
 
 
 def test_decoding_refuses_an_empty_bundle_unknown_fields_oversize_and_malformed_envelopes() -> None:
@@ -137,19 +206,25 @@ def test_decoding_refuses_an_empty_bundle_unknown_fields_oversize_and_malformed_
             decode_bundle(raw, **limits)
         return refusal.value.reason, refusal.value.detail
 
-    raw = bundle_of(batch_vector()).SerializeToString()
-    assert len(decode_bundle(raw).envelopes) == 3
+    raw = bundle_of(_vector_batch()).SerializeToString()
+    assert len(decode_bundle(raw)[1]) == 3
     assert reason(EnvelopeBundle(signature=bytes(64)).SerializeToString()) == (
         RejectReason.MALFORMED, "the bundle holds no envelope")
-    assert reason(raw + b"\x18\x01")[0] == RejectReason.UNKNOWN_FIELDS  # field 3 of the bundle
-    signed = bundle_of(batch_vector())
-    signed.envelopes[1].MergeFromString(b"\x80\x02\x01")  # field 32 of an envelope inside
-    assert reason(signed.SerializeToString())[0] == RejectReason.UNKNOWN_FIELDS
+    assert reason(raw + b"\x20\x01")[0] == RejectReason.UNKNOWN_FIELDS  # field 4 of the bundle
+    signed = bundle_of(_vector_batch())
+    signed.envelopes[1] = signed.envelopes[1] + b"\x80\x02\x01"  # field 32 of an envelope inside
+    assert reason(signed.SerializeToString()) == (
+        RejectReason.UNKNOWN_FIELDS, "envelope 1 of the bundle: the envelope carries fields this schema does not know")
     assert reason(raw, max_bytes=len(raw) - 1)[0] == RejectReason.TOO_LARGE
-    assert reason(raw, max_envelope_bytes=100) == (
-        RejectReason.TOO_LARGE, "envelope 0 of the bundle is over the 100-byte limit")
-    signed = bundle_of(batch_vector())
-    signed.envelopes[2].event_id = "not-a-uuid"
+    too_large, detail = reason(raw, max_envelope_bytes=100)
+    assert too_large == RejectReason.TOO_LARGE and detail.startswith("envelope 0 of the bundle: ")
+    assert detail.endswith("bytes is over the 100-byte limit")
+    signed = bundle_of(_vector_batch())
+    signed.envelopes[2] = b"\xff\xff"
+    assert reason(signed.SerializeToString())[0] == RejectReason.MALFORMED
+    member = _vector_batch()[2]
+    member.event_id = "not-a-uuid"
+    signed.envelopes[2] = member.SerializeToString()
     assert reason(signed.SerializeToString()) == (RejectReason.MALFORMED,
                                                   "envelope 2 of the bundle: event_id is not a UUID")
     assert reason(raw[:-5])[0] == RejectReason.MALFORMED  # truncated
@@ -174,17 +249,19 @@ def opened_event(keys: KeyRing, sequence: int, payload: object | None = None, to
 def test_steps_four_and_five_refuse_one_envelope_and_keep_the_others(
     verifier: EnvelopeVerifier, ring: KeyRing  # noqa: F811
 ) -> None:
-    members = [opened_event(ring, 1), opened_event(ring, 2, PaymentCompleted(payment_id="p1")), opened_event(ring, 3),
-               opened_event(ring, 4, topic="payments.events.v1")]
+    members = [opened_event(ring, 1), opened_event(ring, 2, PaymentCompleted(payment_id="p1")),
+               opened_event(ring, 3), opened_event(ring, 4, topic="payments.events.v1")]
     verified = verifier.verify_bundle(relay_bundle(ring, members), TOPIC)
     first, unauthorised, third, elsewhere = verified.outcomes
     assert isinstance(first, VerifiedEvent) and isinstance(third, VerifiedEvent)
     assert isinstance(first.payload, AccountOpened) and first.payload.account_id == "a1"
     assert isinstance(unauthorised, VerificationError) and unauthorised.reason == RejectReason.NOT_AUTHORISED
     assert isinstance(elsewhere, VerificationError) and elsewhere.reason == RejectReason.TOPIC_MISMATCH
-    kept = third.signed_envelope()  # what a consumer stores or forwards: it verifies alone, as any envelope does
-    assert kept.HasField("batch") and kept.batch.leaf_index == 2 and kept.batch.leaf_count == 4
-    assert verifier.verify(kept.SerializeToString(), TOPIC).event_id == third.event_id
+    kept = EnvelopeBundle.FromString(third.alone())  # what a consumer stores or forwards: verifies alone
+    assert kept.proof.leaf_index == 2 and kept.proof.leaf_count == 4 and len(kept.envelopes) == 1
+    [again] = verifier.verify_bundle(third.alone(), TOPIC).outcomes
+    assert isinstance(again, VerifiedEvent) and again.event_id == third.event_id
+    assert again.alone() == third.alone(), "a bundle of one is kept as it came"
 
 
 def test_stale_envelopes_are_refused_one_by_one(verifier: EnvelopeVerifier, ring: KeyRing) -> None:  # noqa: F811
@@ -192,6 +269,8 @@ def test_stale_envelopes_are_refused_one_by_one(verifier: EnvelopeVerifier, ring
     outcomes = verifier.verify_bundle(raw, TOPIC).outcomes
     assert [outcome.reason for outcome in outcomes if isinstance(outcome, VerificationError)] == [
         RejectReason.STALE, RejectReason.STALE]
+    assert all(isinstance(outcome, VerifiedEvent)
+               for outcome in verifier.verify_bundle(raw, TOPIC, check_freshness=False).outcomes)
 
 
 def test_a_bundle_under_an_unknown_key_or_tampered_is_refused_whole(
@@ -203,7 +282,9 @@ def test_a_bundle_under_an_unknown_key_or_tampered_is_refused_whole(
         verifier.verify_bundle(relay_bundle(rogue, [opened_event(rogue, 1)]), TOPIC)
     assert refusal.value.reason == RejectReason.UNKNOWN_KEY
     signed = EnvelopeBundle.FromString(relay_bundle(ring, [opened_event(ring, 1), opened_event(ring, 2)]))
-    signed.envelopes[1].payload = AccountOpened(account_id="a2", owner="mallory", currency="EUR").SerializeToString()
+    changed = Envelope.FromString(signed.envelopes[1])
+    changed.payload = AccountOpened(account_id="a2", owner="mallory", currency="EUR").SerializeToString()
+    signed.envelopes[1] = changed.SerializeToString()
     with pytest.raises(VerificationError) as refusal:
         verifier.verify_bundle(signed.SerializeToString(), TOPIC)
     assert refusal.value.reason == RejectReason.BAD_SIGNATURE

@@ -139,28 +139,35 @@ Global___BatchProof: _TypeAlias = BatchProof  # noqa: Y015
 @_typing.final
 class EnvelopeBundle(_message.Message):
     """A relay batch bound for one partition, carried as one Kafka record (record header `bastion-content:
-    bundle-v1`): the envelopes without signature or proof, and one Ed25519 signature over the Merkle root of their
-    signed bytes, exactly the batch signature described on `signature` above (leaf i is envelope i). A consumer
-    recomputes the root from all the envelopes, so no envelope needs a path; each can still be turned into a
-    self-contained batch-signed envelope (signature and inclusion proof) for storage or a dead letter.
+    bundle-v1`). Each entry of `envelopes` is a serialized Envelope without signature or proof, exactly the bytes
+    that were signed: leaf i of an RFC 9162 Merkle tree is SHA-256(0x00 || envelopes[i]), and `signature` is
+    Ed25519 over the bundle's signed bytes (a domain tag of its own, the number of leaves, the root; see
+    bastion/events/signing.py). Signing the bytes as sent, not a canonical form rebuilt from them, spares both
+    sides that rebuilding. A consumer recomputes the root from all the envelopes.
+    With `proof` set, the bundle carries one envelope of a larger signed bundle: `proof` places it there (what a
+    consumer keeps or forwards of one envelope, so that it verifies alone).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPES_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
     signature: _builtins.bytes
     @_builtins.property
-    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]: ...
+    def envelopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def proof(self) -> Global___BatchProof: ...
     def __init__(
         self,
         *,
-        envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        envelopes: _abc.Iterable[_builtins.bytes] | None = ...,
         signature: _builtins.bytes = ...,
+        proof: Global___BatchProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proof", b"proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelopes", b"envelopes", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelopes", b"envelopes", "proof", b"proof", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

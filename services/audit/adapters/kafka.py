@@ -135,15 +135,15 @@ class AuditConsumer:
             return [self._refuse(message, delivery, error, bundled=True)]
         records = []
         for item, event in enumerate(verified.outcomes):
-            alone = replace(delivery, item=item, raw=verified.signed_envelope(item).SerializeToString())
+            alone = replace(delivery, item=item, raw=verified.alone(item))  # a bundle of one: verifies alone
             if isinstance(event, VerificationError):
-                records.append(self._refuse(message, alone, event))
+                records.append(self._refuse(message, alone, event, bundled=True))
                 continue
             try:
                 records.append(domain.accepted(alone, event, self.clock()))
             except Exception as error:  # as in `record`: kept as refused, never a stop of the trail
                 records.append(self._refuse(message, alone, VerificationError(
-                    RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300])))
+                    RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]), bundled=True))
                 continue
             EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
         return records
@@ -173,5 +173,5 @@ class AuditConsumer:
                     offset=delivery.offset, item=delivery.item, reason=error.reason.value, detail=error.detail[:300],
                     claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
                     correlation_id=safe_claim(claimed.correlation_id))
-        dead_letter(self.dead_letters, domain.CONSUMER, message, delivery.raw, error, delivery.item)
+        dead_letter(self.dead_letters, domain.CONSUMER, message, delivery.raw, error, delivery.item, bundled)
         return domain.refused(delivery, claimed, error, self.clock())
