@@ -38,7 +38,7 @@ class VerifiedEvent:
     payload: Message
     # Set for an envelope that arrived in a bundle: the bundle and its place there (the envelope carries no
     # signature of its own, see `alone`).
-    bundle: "VerifiedBundle | None" = None
+    bundle: "BundleOrigin | None" = None
     index: int = 0
 
     @property
@@ -54,11 +54,11 @@ class VerifiedEvent:
 
 
 @dataclass
-class VerifiedBundle:
-    """A bundle whose signature verified, and what became of each of its envelopes (steps 4 and 5)."""
+class BundleOrigin:
+    """The verified bundle an event came in, to cut it out alone. It holds no reference to the events (no cycle:
+    a bundle's events are freed as soon as the consumer is done with them, not at the next garbage collection)."""
 
     bundle: EnvelopeBundle
-    outcomes: list["VerifiedEvent | VerificationError"]
     _alone: list[bytes] | None = None
 
     def alone(self, index: int) -> bytes:
@@ -68,6 +68,17 @@ class VerifiedBundle:
         if self._alone is None:  # paths for every envelope at once, only when one is needed
             self._alone = [one.SerializeToString() for one in bundles_of_one(self.bundle)]
         return self._alone[index]
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signature verified, and what became of each of its envelopes (steps 4 and 5)."""
+
+    origin: BundleOrigin
+    outcomes: list[VerifiedEvent | VerificationError]
+
+    def alone(self, index: int) -> bytes:
+        return self.origin.alone(index)
 
 
 @dataclass(frozen=True)
@@ -279,8 +290,8 @@ class EnvelopeVerifier:
         key = self._public_key(members[0])  # a bundle is one producer's under one key: checked next
         self.signatures.verify_bundle(bundle, members, key)
         reference = broker_time or self.clock()
-        verified = VerifiedBundle(bundle, [])
-        outcomes = verified.outcomes
+        origin = BundleOrigin(bundle)
+        outcomes: list[VerifiedEvent | VerificationError] = []
         for index, member in enumerate(members):
             try:
                 check_authorised(member, topic, self.policy)
@@ -290,8 +301,8 @@ class EnvelopeVerifier:
             except VerificationError as error:
                 outcomes.append(error)
                 continue
-            outcomes.append(VerifiedEvent(member, payload, verified, index))
-        return verified
+            outcomes.append(VerifiedEvent(member, payload, origin, index))
+        return VerifiedBundle(origin, outcomes)
 
 
 def check_authorised(envelope: Envelope, topic: str, policy: TrustPolicy) -> None:
