@@ -298,40 +298,51 @@ class AuditLog:
     def append(self, conn: Connection, records: Sequence[AuditRecord]) -> list[Appended]:
         """Append RECORDS in order and update the live projections; return (seq, hash) for each record.
 
-        A record whose Kafka coordinates (topic, partition, offset, item) are already stored, or repeated in
-        RECORDS, is not appended again: its stored (seq, hash) is returned, so a redelivered batch is
-        harmless. The writer lock is held until the caller's transaction ends: keep that transaction short.
-        Run it in READ COMMITTED (the default): the head must be read after the lock is granted.
+        A Kafka record (topic, partition, offset) already kept is not kept again, in whatever form it was kept:
+        as one record, or as the records of its bundle's envelopes (`item`). A redelivered batch is harmless
+        even when its verdict changed in between (a bundle refused whole once, accepted after a key reload):
+        the log keeps what was seen first. Records repeated in RECORDS are appended once. Each record's stored
+        (seq, hash) is returned (for an envelope of a bundle kept in another form, the first entry of its Kafka
+        record). The writer lock is held until the caller's transaction ends: keep that transaction short. Run
+        it in READ COMMITTED (the default): the head must be read after the lock is granted.
         """
         if not records:
             return []
         conn.execute(select(func.pg_advisory_xact_lock(WRITER_LOCK)))
-        placed = self._stored(conn, records)
+        kept = self._stored(conn, records)
         fresh: dict[Coordinates, AuditRecord] = {}
         for record in records:
-            if _coordinates(record) not in placed:
+            if _coordinates(record)[:3] not in kept:
                 fresh.setdefault(_coordinates(record), record)
         entries = extend(self.head(conn), fresh.values())
         if entries:
             conn.execute(insert(log), [_log_row(entry) for entry in entries])
             _project(conn, entries)
-        placed.update((_coordinates(entry.record), Appended(entry.seq, entry.hash)) for entry in entries)
-        return [placed[_coordinates(record)] for record in records]
+        for entry in entries:
+            kept.setdefault(_coordinates(entry.record)[:3], {})[entry.record.item] = Appended(entry.seq, entry.hash)
+        placed = []
+        for record in records:
+            items = kept[_coordinates(record)[:3]]
+            placed.append(items.get(record.item) or min(items.values(), key=lambda appended: appended.seq))
+        return placed
 
-    def _stored(self, conn: Connection, records: Sequence[AuditRecord]) -> dict[Coordinates, Appended]:
-        """The entries already stored for the Kafka coordinates of RECORDS (one index lookup each)."""
-        wanted = list(dict.fromkeys(_coordinates(record) for record in records))
+    def _stored(self, conn: Connection, records: Sequence[AuditRecord]
+                ) -> dict[tuple[str, int, int], dict[int | None, Appended]]:
+        """The entries already stored for the Kafka records of RECORDS, by (topic, partition, offset) and item
+        (one index lookup each)."""
+        wanted = list(dict.fromkeys(_coordinates(record)[:3] for record in records))
         keys = func.unnest(
             bindparam("topics", [key[0] for key in wanted], type_=ARRAY(Text)),
             bindparam("partitions", [key[1] for key in wanted], type_=ARRAY(Integer)),
             bindparam("offsets", [key[2] for key in wanted], type_=ARRAY(BigInteger)),
-            bindparam("items", [key[3] for key in wanted], type_=ARRAY(Integer)),
-        ).table_valued("topic", "partition", "offset", "item").render_derived()
+        ).table_valued("topic", "partition", "offset").render_derived()
         rows = conn.execute(
             select(log.c.topic, log.c.partition, log.c.offset, log.c.item, log.c.seq, log.c.hash).join(keys, and_(
-                log.c.topic == keys.c.topic, log.c.partition == keys.c.partition, log.c.offset == keys.c.offset,
-                log.c.item.is_not_distinct_from(keys.c.item))))
-        return {(row.topic, row.partition, row.offset, row.item): Appended(row.seq, bytes(row.hash)) for row in rows}
+                log.c.topic == keys.c.topic, log.c.partition == keys.c.partition, log.c.offset == keys.c.offset)))
+        kept: dict[tuple[str, int, int], dict[int | None, Appended]] = {}
+        for row in rows:
+            kept.setdefault((row.topic, row.partition, row.offset), {})[row.item] = Appended(row.seq, bytes(row.hash))
+        return kept
 
     def head(self, conn: Connection) -> Head:
         """The log's length and head hash ((0, 32 zero bytes) when empty)."""

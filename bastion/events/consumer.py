@@ -11,6 +11,7 @@ and the record's offset is committed once every one of them is settled.
 """
 
 import datetime as dt
+import hashlib
 import re
 import threading
 import uuid
@@ -35,6 +36,9 @@ from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifie
 
 log = structlog.get_logger(__name__)
 SECURITY_TOPIC = "access.decisions.v1"
+# A refused record larger than this is dead-lettered as a prefix (Kafka's largest record is 1 MB, headers included).
+DEAD_LETTER_MAX_BYTES = 900_000
+DEAD_LETTER_PREFIX_BYTES = 4096
 SAFE_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,100}$")
 REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
 
@@ -251,6 +255,12 @@ def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes,
         ("bastion-source", source.encode()),
         ("bastion-consumer", consumer.encode()),
     ]
+    if len(raw) > DEAD_LETTER_MAX_BYTES:
+        # With the headers it would not fit in a Kafka record: the write would fail on every restart and stop the
+        # partition. Keep a prefix, the size and the digest of the whole; the source record stays in its topic.
+        headers += [("bastion-truncated-from", str(len(raw)).encode()),
+                    ("bastion-sha256", hashlib.sha256(raw).hexdigest().encode())]
+        raw = raw[:DEAD_LETTER_PREFIX_BYTES]
     if bundled:
         headers.append((BUNDLE_HEADER, BUNDLE_CONTENT))
     producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,

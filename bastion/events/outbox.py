@@ -23,7 +23,7 @@ from bastion.events.keys import SigningKey
 from bastion.events.partitions import partition_for
 from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
-from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, MAX_BUNDLE_BYTES
+from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, MAX_BUNDLE_BYTES, MAX_ENVELOPE_BYTES
 from bastion.grpc.context import current_call
 
 log = logging.getLogger(__name__)
@@ -100,18 +100,21 @@ STAMP_BYTES = 128  # at most what stamping adds to one envelope (key id, publish
 
 def in_bundles(rows: Sequence[Any], partitions: Mapping[str, int]) -> list[tuple[str, int, list[Any]]]:
     """ROWS (with topic, partition_key, envelope) as (topic, partition, rows) groups, each one bundle: grouped by
-    where their key goes, in the order of each group's first row, each group cut to BUNDLE_BUDGET bytes."""
+    where their key goes, in the order of each group's first row, each group cut to BUNDLE_BUDGET bytes. A row
+    too large for a consumer to take (over MAX_ENVELOPE_BYTES once stamped) goes alone: a bundle with it is
+    refused whole, and the events around it must not be refused with it."""
     groups: dict[tuple[str, int], list[list[Any]]] = {}
     sizes: dict[tuple[str, int], int] = {}
     for row in rows:
         place = (row.topic, partition_for(row.partition_key.encode(), partitions[row.topic]))
         size = len(row.envelope) + STAMP_BYTES
+        alone = size > MAX_ENVELOPE_BYTES
         chunks = groups.setdefault(place, [[]])
-        if chunks[-1] and sizes[place] + size > BUNDLE_BUDGET:
+        if chunks[-1] and (alone or sizes[place] + size > BUNDLE_BUDGET):
             chunks.append([])
             sizes[place] = 0
         chunks[-1].append(row)
-        sizes[place] = sizes.get(place, 0) + size
+        sizes[place] = BUNDLE_BUDGET + 1 if alone else sizes.get(place, 0) + size  # nothing joins a lone row
     return [(topic, partition, chunk) for (topic, partition), chunks in groups.items() for chunk in chunks]
 
 

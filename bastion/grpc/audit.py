@@ -37,11 +37,28 @@ class AccessAudit(Protocol):
     def record(self, decision: AccessDecision) -> None: ...
 
 
+MAX_METHOD = 256  # the method of a call to an unknown path is the caller's text: kept bounded
+# A bundle of decisions stays far below Kafka's largest record (1 MB): a batch that would not is sent as several.
+MAX_BUNDLE_BYTES = 256 * 1024
+
+
 def decision(principal: str, service_identity: str, method: str, allowed: bool, reason: str,
              correlation_id: str) -> AccessDecision:
-    return AccessDecision(principal=principal, service_identity=service_identity, method=method,
+    return AccessDecision(principal=principal, service_identity=service_identity, method=method[:MAX_METHOD],
                           decision=DECISION_ALLOW if allowed else DECISION_DENY, reason=reason[:300],
                           correlation_id=correlation_id)
+
+
+def bundle_cuts(sizes: list[int], budget: int) -> list[int]:
+    """Where to cut items of SIZES, in order, into runs whose sizes add up to at most BUDGET (an item larger than
+    BUDGET alone in its run): the end index of each run."""
+    cuts, total = [], 0
+    for index, size in enumerate(sizes):
+        if index and total + size > budget:
+            cuts.append(index)
+            total = 0
+        total += size
+    return [*cuts, len(sizes)]
 
 
 class MemoryAccessAudit:
@@ -171,13 +188,20 @@ class KafkaAccessAudit:
         a fresh aggregate. Returns the decisions to sign again: none (the signature covers all or none)."""
         if self._sequence_broken:
             self._new_aggregate()
-        signed = self._bundle(decisions)
-        sign_bundle(signed, self.key.private_key)
-        correlation_ids = [decision.correlation_id for decision, _ in decisions]
-        self._produce(self.aggregate_id.encode(), signed.SerializeToString(), correlation_ids)
+        members = self._members(decisions)
+        key = self.aggregate_id.encode()
+        start = 0
+        for end in bundle_cuts([len(member) for member in members], MAX_BUNDLE_BYTES):
+            # A batch of long decisions is several bundles, so none is ever too large for Kafka (a refused bundle
+            # would lose every decision in it, the legitimate ones with the others).
+            signed = EnvelopeBundle(envelopes=members[start:end])
+            sign_bundle(signed, self.key.private_key)
+            self._produce(key, signed.SerializeToString(), [decision.correlation_id for decision, _ in
+                                                            decisions[start:end]])
+            start = end
         return []
 
-    def _bundle(self, decisions: list[tuple[AccessDecision, int]]) -> EnvelopeBundle:
+    def _members(self, decisions: list[tuple[AccessDecision, int]]) -> list[bytes]:
         """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurring when it was recorded
         and published now (freshness is judged on `published_at`: a decision that waited is stamped when it
         leaves). Copied from one template of the fields they share (what `envelope_for` builds, at a third of
@@ -198,7 +222,7 @@ class KafkaAccessAudit:
             envelope.occurred_at.seconds, envelope.occurred_at.nanos = seconds, nanos
             envelope.published_at.seconds, envelope.published_at.nanos = published_seconds, published_nanos
             members.append(envelope.SerializeToString())
-        return EnvelopeBundle(envelopes=members)
+        return members
 
     def _produce(self, key: bytes, value: bytes, correlation_ids: list[str]) -> bool:
         for _ in range(50):

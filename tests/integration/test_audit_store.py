@@ -102,6 +102,27 @@ def test_appends_chain_from_genesis_and_a_redelivery_is_not_kept_twice(store: St
     assert report.ok and (report.length, report.head_hash) == head
 
 
+def test_a_bundle_is_kept_once_per_envelope_and_once_whatever_its_next_verdict(store: Store) -> None:
+    """A bundle record becomes one entry per envelope (`item`); delivered again, it is not kept again, even when
+    its verdict changed in between (refused whole the first time, accepted after a key reload, or the other
+    way): the log keeps what was seen first."""
+    base = mixed_records(1)[0]
+    members = [replace(base, offset=10_000, item=item, event_id=f"member-{item}") for item in range(3)]
+    refused_whole = replace(base, offset=10_001)  # a bundle refused as a whole: one entry, no item
+    with store.service.begin() as conn:
+        first = AuditLog().append(conn, [*members, refused_whole])
+    with store.service.begin() as conn:
+        again = AuditLog().append(conn, [replace(base, offset=10_000), *[
+            replace(base, offset=10_001, item=item, event_id=f"later-{item}") for item in range(2)]])
+        head = AuditLog().head(conn)
+    assert [placed.seq for placed in first] == [1, 2, 3, 4]
+    assert again == [first[0], first[3], first[3]], "nothing new: each Kafka record was kept already"
+    assert head.length == 4
+    assert [(entry.record.offset, entry.record.item) for entry in entries(store)] == [
+        (10_000, 0), (10_000, 1), (10_000, 2), (10_001, None)]
+    assert verify(store, []).ok
+
+
 def test_concurrent_writers_are_serialised_into_one_gap_free_chain(store: Store) -> None:
     crashed: list[BaseException] = []
 

@@ -293,3 +293,31 @@ def test_a_bundle_reported_undelivered_counts_each_of_its_decisions_lost(ring: K
     first, second = ([Envelope.FromString(member) for member in EnvelopeBundle.FromString(value).envelopes]
                      for _, value, _ in producer.records)
     assert second[0].aggregate_id != first[0].aggregate_id and second[0].sequence == 1
+
+
+def test_a_batch_of_long_decisions_is_cut_into_bundles_kafka_takes(
+    ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attacker's long paths to unknown methods must not make a bundle too large for Kafka, which would lose
+    every decision in it: a path is kept bounded, each bundle stays under its cap (made small here), and every
+    decision leaves, in order."""
+    monkeypatch.setattr(audit_module, "MAX_BUNDLE_BYTES", 8_000)
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer, linger=0.2)
+    for number in range(120):
+        audit.record(decision("mallory", "cli", "/" + "x" * 8_000, False, "no rule: denied by default",
+                              f"corr-{number}"))
+    assert audit.flush() == 0
+    audit.close()
+    assert len(producer.records) > 1
+    assert all(len(value) <= audit_module.MAX_BUNDLE_BYTES + 4096 for _, value, _ in producer.records)
+    assert producer.correlation_ids() == [f"corr-{number}" for number in range(120)]
+    methods = {AccessDecision.FromString(envelope.payload).method for envelope in producer.envelopes()}
+    assert methods == {"/" + "x" * (audit_module.MAX_METHOD - 1)}
+
+
+def test_bundle_cuts_keep_each_run_within_the_budget() -> None:
+    assert audit_module.bundle_cuts([10, 10, 10, 10], 25) == [2, 4]
+    assert audit_module.bundle_cuts([30, 5, 5], 25) == [1, 3]  # an item over the budget goes alone
+    assert audit_module.bundle_cuts([5], 25) == [1]

@@ -62,3 +62,10 @@ def test_a_group_over_the_budget_is_cut_into_several_bundles() -> None:
     assert [[row.id for row in group] for _, _, group in bundles] == [[0], [1], [2], [3], [4]]
     small = [Row(number, "t", "same-key", bytes(100)) for number in range(1000)]
     assert len(in_bundles(small, {"t": 3})) == 1
+
+
+def test_a_row_too_large_for_a_consumer_goes_alone_so_only_it_is_refused() -> None:
+    from bastion.events.verify import MAX_ENVELOPE_BYTES
+    rows = [Row(0, "t", "k", bytes(100)), Row(1, "t", "k", bytes(MAX_ENVELOPE_BYTES)), Row(2, "t", "k", bytes(100)),
+            Row(3, "t", "k", bytes(100))]
+    assert [[row.id for row in group] for _, _, group in in_bundles(rows, {"t": 1})] == [[0], [1], [2, 3]]
