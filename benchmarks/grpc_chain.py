@@ -44,6 +44,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -446,6 +447,16 @@ def row(label: str, figures: Figures) -> str:
             f"{figures.machine_cpu_per_call * 1e6:>13.0f}{figures.server_cpu / figures.seconds:>9.0%}")
 
 
+def print_cpu_by_part(title: str, labels: dict[str, str], best: dict[str, Figures],
+                      parts: Callable[[Figures], dict[str, float]]) -> None:
+    """Each scenario's CPU per call by part (a thread, a dev-stack component), largest first, from its best round."""
+    print(f"\n{title}")
+    for mode, label in labels.items():
+        figures = best[mode]
+        used = sorted(((seconds * 1e6 / figures.calls, name) for name, seconds in parts(figures).items()), reverse=True)
+        print(f"  {label.strip():<48}" + "  ".join(f"{name} {micros:.0f}" for micros, name in used if micros >= 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario (default 5)")
@@ -507,18 +518,10 @@ def main() -> None:
     print(f"  access decisions of the chain runs (warm-up included): queued {audit['queued']:,}, delivered "
           f"{audit['delivered']:,}, failed {audit['failed']}, still queued after flush {audit['remaining']}")
     if options.threads:
-        print("\nserver CPU µs per call by thread (threads under 2 µs left out):")
-        for mode, label in labels.items():
-            figures = best[mode]
-            used = sorted(((seconds * 1e6 / figures.calls, name) for name, seconds in figures.server_threads.items()),
-                          reverse=True)
-            print(f"  {label.strip():<48}" + "  ".join(f"{name} {micros:.0f}" for micros, name in used if micros >= 2))
-        print("\ndev stack's CPU µs per call over the same window (components under 2 µs left out):")
-        for mode, label in labels.items():
-            figures = best[mode]
-            used = sorted(((seconds * 1e6 / figures.calls, name) for name, seconds in figures.stack_cpu.items()),
-                          reverse=True)
-            print(f"  {label.strip():<48}" + "  ".join(f"{name} {micros:.0f}" for micros, name in used if micros >= 2))
+        print_cpu_by_part("server CPU µs per call by thread (threads under 2 µs left out):", labels, best,
+                          lambda figures: figures.server_threads)
+        print_cpu_by_part("dev stack's CPU µs per call over the same window (components under 2 µs left out):",
+                          labels, best, lambda figures: figures.stack_cpu)
 
     if profiled is not None:
         figures, _, report = profiled

@@ -133,6 +133,7 @@ def stamp_unsigned(stored: Sequence[bytes]) -> list[bytes]:
     for raw in stored:
         envelope = Envelope.FromString(raw)
         envelope.ClearField("signature")
+        envelope.ClearField("batch")
         envelope.published_at.CopyFrom(now)  # as `republish` stamps them
         out.append(envelope.SerializeToString())
     return out
@@ -140,16 +141,7 @@ def stamp_unsigned(stored: Sequence[bytes]) -> list[bytes]:
 
 def unsigned_bundle(stored: Sequence[bytes]) -> bytes:
     """The relay's work for an unsigned bundle: the rows stamped as `envelopes.bundle` stamps them, no signature."""
-    now = Timestamp()
-    now.FromDatetime(dt.datetime.now(dt.UTC))
-    members = []
-    for raw in stored:
-        member = Envelope.FromString(raw)
-        member.ClearField("signature")
-        member.ClearField("batch")
-        member.published_at.CopyFrom(now)
-        members.append(member.SerializeToString())
-    return EnvelopeBundle(envelopes=members).SerializeToString()
+    return EnvelopeBundle(envelopes=stamp_unsigned(stored)).SerializeToString()
 
 
 def check_unsigned_bundle(raw: bytes, topic: str, policy: TrustPolicy, reference: dt.datetime) -> int:

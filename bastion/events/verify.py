@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.descriptor import Descriptor
@@ -136,17 +137,25 @@ def parse_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
 def decode_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
     """Step 1 without asking for a signature: what any envelope must be, signed or not. Consumers call
     `parse_envelope`; the benchmark's unsigned baseline calls this."""
-    if len(raw) > max_bytes:
-        raise VerificationError(RejectReason.TOO_LARGE, f"{len(raw)} bytes is over the {max_bytes}-byte limit")
-    envelope = Envelope()
-    try:
-        envelope.ParseFromString(raw)
-    except DecodeError as error:
-        raise VerificationError(RejectReason.MALFORMED, f"not an envelope: {error}") from None
-    if _has_unknown_fields(envelope):
-        raise VerificationError(RejectReason.UNKNOWN_FIELDS, "the envelope carries fields this schema does not know")
+    envelope = _parsed_strictly(Envelope(), raw, max_bytes, "envelope")
     check_envelope_fields(envelope)
     return envelope
+
+
+Parsed = TypeVar("Parsed", Envelope, EnvelopeBundle)
+
+
+def _parsed_strictly(message: Parsed, raw: bytes, max_bytes: int, what: str) -> Parsed:
+    """RAW parsed into MESSAGE: within MAX_BYTES, a valid protobuf, no field its schema does not know."""
+    if len(raw) > max_bytes:
+        raise VerificationError(RejectReason.TOO_LARGE, f"{len(raw)} bytes is over the {max_bytes}-byte limit")
+    try:
+        message.ParseFromString(raw)
+    except DecodeError as error:
+        raise VerificationError(RejectReason.MALFORMED, f"not an {what}: {error}") from None
+    if _has_unknown_fields(message):
+        raise VerificationError(RejectReason.UNKNOWN_FIELDS, f"the {what} carries fields this schema does not know")
+    return message
 
 
 def check_envelope_fields(envelope: Envelope) -> None:
@@ -174,15 +183,7 @@ def decode_bundle(raw: bytes, max_bytes: int = MAX_BUNDLE_BYTES,
     the bundle and of each envelope in it, no unknown fields anywhere, every envelope well formed
     (`check_envelope_fields`). Returns the bundle and its envelopes parsed. A bundle is one producer's record: if
     any part of it is not, the whole of it is refused."""
-    if len(raw) > max_bytes:
-        raise VerificationError(RejectReason.TOO_LARGE, f"{len(raw)} bytes is over the {max_bytes}-byte bundle limit")
-    bundle = EnvelopeBundle()
-    try:
-        bundle.ParseFromString(raw)
-    except DecodeError as error:
-        raise VerificationError(RejectReason.MALFORMED, f"not an envelope bundle: {error}") from None
-    if _has_unknown_fields(bundle):
-        raise VerificationError(RejectReason.UNKNOWN_FIELDS, "the bundle carries fields this schema does not know")
+    bundle = _parsed_strictly(EnvelopeBundle(), raw, max_bytes, "envelope bundle")
     if not bundle.envelopes:
         raise VerificationError(RejectReason.MALFORMED, "the bundle holds no envelope")
     members = []
