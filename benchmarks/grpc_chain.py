@@ -23,7 +23,9 @@ and "all CPU" adds the dev stack's components (Kafka's broker, Redis, ...): on t
 call is steadier than calls/s, so a second ratio compares all CPU per call, bare over chain (median rounds).
 The scenarios run in R alternated rounds and each shows its best round. `--breakdown` adds the chain without
 the Redis limiter, without the Kafka audit and without either, and mutual TLS with an interceptor that only
-passes calls on, without and with the caller's bearer token on the wire, to attribute the chain's cost.
+passes calls on, without and with the caller's bearer token on the wire, and with it one that reads only what every
+call of the chain must read (metadata, the correlation id returned as trailing metadata, the peer's certificate
+identity) and checks nothing: the floor of any chain built on grpc.aio this way, to attribute the chain's cost.
 `--threads` prints the server's CPU per call by OS thread (event loop, gRPC's poller, librdkafka's, the audit
 worker's), to see where CPU goes outside the event loop, and the dev stack's components' CPU per call over the
 same window (Kafka's broker taking the access decisions, Redis answering the rate limiter).
@@ -33,6 +35,7 @@ by the profiler and not compared) and prints where the server's time goes.
 
 import argparse
 import asyncio
+import contextvars
 import cProfile
 import io
 import multiprocessing
@@ -65,6 +68,7 @@ from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing
 from bastion.grpc.audit import AccessAudit, KafkaAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.context import CORRELATION_HEADER, correlation_id_from, peer_identity_from
 from bastion.grpc.policy import load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import MAX_MESSAGE_BYTES, ServerSecurity, TlsFiles, server_credentials, start_server
@@ -89,11 +93,13 @@ BREAKDOWN = {
     "chain-local": "    chain without either (mTLS+JWT cache+policy)",
     "mtls-passthrough": "    mTLS + an interceptor that only passes calls on",
     "mtls-token": "    the same, the caller's bearer token sent as well",
+    "mtls-reads": "    the same, reading what the chain must (no checks)",
 }
 AIM = 0.8
 SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 TIMEOUT = 60.0
+CALL_METADATA: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("bench_call_metadata")
 
 
 def bastion(*args: str) -> None:
@@ -185,19 +191,44 @@ class PassThrough(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         wrapped = self.wrapped.get(details.method)
         if wrapped is None:
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await inner(request, context)
-
             wrapped = self.wrapped[details.method] = grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
+                self.wrap(handler), request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return wrapped
 
+    def wrap(self, handler: Any) -> Any:
+        inner = handler.unary_unary
 
-async def _passthrough_server(ctx: StackContext) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[PassThrough()])
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await inner(request, context)
+
+        return unary
+
+
+class ReadsOnly(PassThrough):
+    """`--breakdown` only: what every call of the chain must do before any check, and nothing else: the metadata
+    (as grpc.aio hands it to interceptors), the correlation id returned in the trailing metadata, the peer's
+    identity from its certificate. The floor of any chain built this way on grpc.aio."""
+
+    def wrap(self, handler: Any) -> Any:
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = {key: value for key, value in CALL_METADATA.get() if isinstance(value, str)}
+            context.set_trailing_metadata(((CORRELATION_HEADER, correlation_id_from(metadata)),))
+            if peer_identity_from(context.peer_identity_key(), context.peer_identities()) is None:
+                raise SystemExit("the client certificate has no Bastion identity")
+            return await inner(request, context)
+
+        return unary
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        CALL_METADATA.set(details.invocation_metadata or ())
+        return await super().intercept_service(continuation, details)
+
+
+async def _passthrough_server(ctx: StackContext, interceptor: PassThrough) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[interceptor])
     register_probe(FixedProbeServicer(), server)
     port: int = server.add_secure_port(f"{HOST}:0", server_credentials(tls_of(ctx, SERVICE)))
     await server.start()
@@ -238,7 +269,9 @@ async def _serve(mode: str, profile: bool, audit_topic: str, conn: Connection) -
     elif mode == "mtls":
         server, port = await _mtls_server(ctx)
     elif mode in ("mtls-passthrough", "mtls-token"):
-        server, port = await _passthrough_server(ctx)
+        server, port = await _passthrough_server(ctx, PassThrough())
+    elif mode == "mtls-reads":
+        server, port = await _passthrough_server(ctx, ReadsOnly())
     elif mode in ("chain", "chain-no-limiter"):
         key = KeyRing(ctx.layout.event_keys_dir).signing_key(SERVICE)
         audit = CountingAccessAudit(key, Kafka(ctx).client_config(SERVICE, ctx.credentials.kafka[SERVICE]),
@@ -424,7 +457,7 @@ def run(mode: str, options: argparse.Namespace, ctx: StackContext, token: str, a
             raise SystemExit(f"the {mode} server failed:\n{message[1]}")
         port: int = message[1]
         credentials = None if mode == "bare" else channel_credentials(tls_of(ctx, "cli"))
-        metadata = call_metadata(token) if mode.startswith("chain") or mode == "mtls-token" else ()
+        metadata = call_metadata(token) if mode.startswith("chain") or mode in ("mtls-token", "mtls-reads") else ()
         figures = asyncio.run(drive(port, credentials, metadata, psutil.Process(process.pid), stack_processes(ctx),
                                     options.concurrency, options.warmup, options.seconds))
         ours.send("stop")

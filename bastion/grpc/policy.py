@@ -1,6 +1,6 @@
 """Per-method authorisation from a declarative policy file (infra/policies/SERVICE.yaml), default deny."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,18 @@ class Decision:
     reason: str
 
 
+# Verdicts remembered per distinct question (method, the caller's roles and client, peer): a service sees few.
+MAX_REMEMBERED = 4096
+
+
 @dataclass(frozen=True)
 class MethodPolicy:
     service: str
     rules: dict[str, MethodRule]
+    # The rules never change, so a verdict depends only on what `_decide` reads: it is worked out once per
+    # distinct question and then looked up (the call path's cost, not a security shortcut; cleared when full).
+    _verdicts: dict[tuple[str, str, frozenset[str], bool, str | None], Decision] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def check_complete(self, descriptor: ServiceDescriptor) -> None:
         """Refuse to serve a service whose methods are not all covered, or a policy naming others."""
@@ -41,6 +49,18 @@ class MethodPolicy:
                                 "give every method of the service exactly one rule in its policy file")
 
     def decide(self, full_method: str, principal: Principal | None, peer_identity: str | None) -> Decision:
+        if principal is None:
+            return self._decide(full_method, None, peer_identity)
+        question = (full_method, principal.client_id, principal.roles, principal.is_service_account, peer_identity)
+        verdict = self._verdicts.get(question)
+        if verdict is None:
+            if len(self._verdicts) >= MAX_REMEMBERED:
+                self._verdicts.clear()
+            verdict = self._verdicts[question] = self._decide(full_method, principal, peer_identity)
+        return verdict
+
+    def _decide(self, full_method: str, principal: Principal | None, peer_identity: str | None) -> Decision:
+        """The verdict from the rules; reads only the principal's client id, roles and kind."""
         service, _, method = full_method.strip("/").rpartition("/")
         rule = self.rules.get(method) if service == self.service else None
         if rule is None:

@@ -5,6 +5,7 @@ SERVICES is refused without a token, with a forged token and without a client ce
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from jwt.algorithms import RSAAlgorithm
 from keycloak import KeycloakOpenID
+from prometheus_client import REGISTRY
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
 from bastion.devstack.components.kafka import Kafka
@@ -36,6 +38,7 @@ from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import is_bundle
 from bastion.grpc.audit import MemoryAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.interceptor import UNKNOWN_METHOD
 from bastion.grpc.ratelimit import RateLimit
 from bastion.grpc.server import TlsFiles
 from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
@@ -261,6 +264,27 @@ def test_a_method_missing_from_the_policy_is_denied(ctx: StackContext, probe: Pr
     token = user_token(ctx, "ada")["access_token"]
     assert code_of(lambda: unlisted(b"", metadata=call_metadata(token), timeout=10)) == \
         grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_calls_to_unserved_paths_are_counted_under_one_label_whatever_the_path(
+    ctx: StackContext, probe: ProbeServer
+) -> None:
+    """The refusal counter's method label is the caller's path only for methods the server serves: arbitrary paths
+    would otherwise each make a series of their own (metrics grown without bound by any caller)."""
+    channel = grpc.secure_channel(f"localhost:{probe.port}", channel_credentials(tls_of(ctx, "cli")))
+    token = user_token(ctx, "alice")["access_token"]
+    labels = {"service": "accounts", "method": UNKNOWN_METHOD, "code": "PERMISSION_DENIED"}
+    before = REGISTRY.get_sample_value("bastion_grpc_refused_total", labels) or 0.0
+    paths = [f"/bastion.probe.v1.Probe/Nothing{uuid.uuid4().hex}" for _ in range(3)] + [f"/x/{'y' * 1000}"]
+    for path in paths:
+        call = channel.unary_unary(path, request_serializer=lambda _: b"", response_deserializer=lambda data: data)
+        assert code_of(functools.partial(call, b"", metadata=call_metadata(token), timeout=10)) == \
+            grpc.StatusCode.PERMISSION_DENIED
+    assert REGISTRY.get_sample_value("bastion_grpc_refused_total", labels) == before + len(paths)
+    series = {sample.labels["method"] for metric in REGISTRY.collect() if metric.name == "bastion_grpc_refused"
+              for sample in metric.samples}
+    assert not series & set(paths)
+    channel.close()
 
 
 def _generic_call(channel: grpc.Channel, service: ServiceDescriptor, method: MethodDescriptor) -> Any:

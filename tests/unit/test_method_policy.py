@@ -4,9 +4,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bastion.devstack.errors import DevstackError
-from bastion.grpc.policy import load_method_policy, parse_method_policy
+from bastion.grpc.policy import MAX_REMEMBERED, load_method_policy, parse_method_policy
 from bastion.grpc.tokens import Principal
 from bastion.probe.v1 import probe_pb2
 
@@ -69,3 +71,43 @@ def test_the_accounts_policy_covers_the_accounts_service() -> None:
     assert not policy.decide("/bastion.accounts.v1.Accounts/ApplyTransfer", user("customer"), "cli").allowed
     assert not policy.decide("/bastion.accounts.v1.Accounts/Deposit", user("customer"), "cli").allowed
     assert policy.decide("/bastion.accounts.v1.Accounts/ApplyTransfer", service("payments"), "payments").allowed
+
+
+METHODS = st.sampled_from([f"/{PROBE.full_name}/{m.name}" for m in PROBE.methods]
+                          + ["/bastion.probe.v1.Probe/Transfer", "/bastion.other.v1.Other/Whoami"])
+# Few principals, so that the same question comes back and look-alikes meet: the same client and roles as a user
+# and as a service account, a service's client id with a user's name.
+PRINCIPALS = st.sampled_from([
+    None, user("customer"), user("teller", name="tina"), user(), service("payments"), service("notifications"),
+    Principal("s", "service-account-bastion-cli", "bastion-cli", frozenset({"teller"}), "j", 0),
+    Principal("s", "mallory", "payments", frozenset({"customer"}), "j", 0),
+])
+PEERS = st.sampled_from([None, "cli", "payments", "notifications", "accounts"])
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(METHODS, PRINCIPALS, PEERS), min_size=2, max_size=80))
+def test_a_remembered_verdict_is_always_the_rules_verdict(questions: list[tuple[str, Principal | None, str | None]]
+                                                          ) -> None:
+    policy = load_method_policy(POLICY)
+    for method, principal, peer in questions:
+        assert policy.decide(method, principal, peer) == policy._decide(method, principal, peer)
+
+
+def test_look_alike_principals_get_their_own_verdicts() -> None:
+    """A service account with a user's client and roles, or a user holding a service's client id, asks another
+    question than the user it resembles: a remembered verdict is never handed to the wrong one."""
+    policy = load_method_policy(POLICY)
+    teller = user("teller", name="tina")
+    machine_teller = Principal("s", "service-account-bastion-cli", "bastion-cli", frozenset({"teller"}), "j", 0)
+    assert policy.decide("/bastion.probe.v1.Probe/TellerOnly", teller, "cli").allowed
+    assert not policy.decide("/bastion.probe.v1.Probe/TellerOnly", machine_teller, "cli").allowed
+    assert policy.decide("/bastion.probe.v1.Probe/PaymentsOnly", service("payments"), "payments").allowed
+    assert not policy.decide("/bastion.probe.v1.Probe/PaymentsOnly", service("payments"), "notifications").allowed
+
+
+def test_remembered_verdicts_stay_bounded_whatever_callers_send() -> None:
+    policy = load_method_policy(POLICY)
+    for number in range(MAX_REMEMBERED + 10):
+        assert not policy.decide(f"/bastion.probe.v1.Probe/Nothing{number}", user("admin"), "cli").allowed
+    assert len(policy._verdicts) <= MAX_REMEMBERED
