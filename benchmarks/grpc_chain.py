@@ -442,7 +442,7 @@ async def drive(port: int, credentials: grpc.ChannelCredentials | None, metadata
                    cpu["server"], cpu["client"], threads, components)
 
 
-def run(mode: str, options: argparse.Namespace, ctx: StackContext, token: str, audit_topic: str,
+def run(mode: str, options: argparse.Namespace, ctx: StackContext, audit_topic: str,
         profile: bool = False) -> tuple[Figures, dict[str, int], str]:
     spawn = multiprocessing.get_context("spawn")
     ours, theirs = spawn.Pipe()
@@ -457,6 +457,8 @@ def run(mode: str, options: argparse.Namespace, ctx: StackContext, token: str, a
             raise SystemExit(f"the {mode} server failed:\n{message[1]}")
         port: int = message[1]
         credentials = None if mode == "bare" else channel_credentials(tls_of(ctx, "cli"))
+        # A fresh token for each run: the realm's access tokens live 5 minutes, less than a run of many rounds.
+        token = user_token(ctx, USER)
         metadata = call_metadata(token) if mode.startswith("chain") or mode in ("mtls-token", "mtls-reads") else ()
         figures = asyncio.run(drive(port, credentials, metadata, psutil.Process(process.pid), stack_processes(ctx),
                                     options.concurrency, options.warmup, options.seconds))
@@ -508,7 +510,6 @@ def main() -> None:
 
     bastion("up")
     ctx = stack_context()
-    token = user_token(ctx, USER)
     labels = {**SCENARIOS, **(BREAKDOWN if options.breakdown else {})}
     rounds: dict[str, list[Figures]] = {mode: [] for mode in labels}
     audit = {"queued": 0, "delivered": 0, "failed": 0, "remaining": 0}
@@ -520,11 +521,11 @@ def main() -> None:
         admin.grant(access.grants())
         for _ in range(options.rounds):
             for mode in labels:
-                figures, stats, _ = run(mode, options, ctx, token, audit_topic)
+                figures, stats, _ = run(mode, options, ctx, audit_topic)
                 rounds[mode].append(figures)
                 if mode == "chain":
                     audit = {name: audit[name] + stats[name] for name in audit}
-        profiled = run("chain", options, ctx, token, audit_topic, profile=True) if options.profile else None
+        profiled = run("chain", options, ctx, audit_topic, profile=True) if options.profile else None
     finally:
         admin.revoke(access.grants())
         for future in admin.client.delete_topics([audit_topic], operation_timeout=30).values():

@@ -40,6 +40,7 @@ SECURITY_TOPIC = "access.decisions.v1"
 DEAD_LETTER_MAX_BYTES = 900_000
 DEAD_LETTER_PREFIX_BYTES = 4096
 SAFE_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,100}$")
+CONSUMER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
 
 Handler = Callable[[Connection, VerifiedEvent], None]
@@ -57,6 +58,14 @@ class ConsumerSettings:
     batch_size: int = 200
     poll_seconds: float = 0.5
     handler_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        # The name begins the place a security record's id is derived from (`consumer/topic/partition/offset`):
+        # a name with a "/" could make two places one.
+        if not CONSUMER_NAME.match(self.name):
+            raise ValueError(f"consumer name {self.name!r} is not a service name ({CONSUMER_NAME.pattern})")
+        if self.handler_attempts < 1:
+            raise ValueError("handler_attempts must be at least 1")
 
 
 def broker_time(message: Message) -> dt.datetime | None:
@@ -164,7 +173,7 @@ class VerifyingConsumer:
         for attempt in range(1, self.settings.handler_attempts + 1):
             try:
                 with self.engine.begin() as conn:
-                    return self._apply_in_order(conn, event)
+                    return self._apply_in_order(conn, message, event)
             except OperationalError:
                 raise  # the database is away: stop here; the record is read again after the restart
             except Exception as error:
@@ -177,7 +186,7 @@ class VerifyingConsumer:
                     self._reject(message, raw or event.alone(), failure, item=item, bundled=event.bundle is not None)
         return "rejected"
 
-    def _apply_in_order(self, conn: Connection, event: VerifiedEvent) -> str:
+    def _apply_in_order(self, conn: Connection, message: Message, event: VerifiedEvent) -> str:
         env = event.envelope
         topic = env.topic
         admission = inbox.admit(conn, event)
@@ -185,7 +194,8 @@ class VerifyingConsumer:
             self._apply(conn, event)
             following = env.sequence + 1
             while (held := inbox.take_held(conn, env.producer, env.aggregate_id, following)) is not None:
-                self._apply(conn, self._released(held, topic))
+                if not self._release(conn, message, held, topic, following):
+                    break  # set aside: the events after it stay held behind the gap it leaves
                 following += 1
             return "applied"
         if admission is inbox.Admission.HELD:
@@ -198,6 +208,39 @@ class VerifyingConsumer:
         log.info("event_dropped", consumer=self.settings.name, topic=topic, reason=admission.value,
                  event_id=env.event_id, correlation_id=env.correlation_id)
         return admission.value
+
+    def _release(self, conn: Connection, message: Message, held: bytes, topic: str, sequence: int) -> bool:
+        """Apply the held event SEQUENCE, released by MESSAGE's event, in a savepoint; True once applied.
+
+        One that no longer verifies, or whose handler keeps failing, is set aside to the dead-letter topic, and
+        the event that released it is applied all the same: the poison is the held event, not the one that
+        filled the gap (which a failure of the whole transaction would have set aside in its place)."""
+        try:
+            event = self._released(held, topic)
+        except VerificationError as error:
+            self._set_aside_held(message, held, error, sequence)
+            return False
+        for attempt in range(1, self.settings.handler_attempts + 1):
+            try:
+                with conn.begin_nested():
+                    self._apply(conn, event)
+                return True
+            except OperationalError:
+                raise
+            except Exception as error:
+                log.warning("handler_failed", consumer=self.settings.name, topic=topic, attempt=attempt,
+                            error=type(error).__name__, event_id=event.event_id, released_from_hold=True,
+                            correlation_id=event.envelope.correlation_id)
+                failure = VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
+        self._set_aside_held(message, held, failure, sequence)
+        return False
+
+    def _set_aside_held(self, message: Message, held: bytes, error: VerificationError, sequence: int) -> None:
+        """Dead-letter a held event (its `held_form` bytes) that could not be applied when released. Its row
+        is gone with the transaction that releases it, which commits only after the broker acknowledged this."""
+        bundled = held.startswith(inbox.HELD_BUNDLE)
+        raw = held[len(inbox.HELD_BUNDLE):] if bundled else held
+        self._reject(message, raw, error, bundled=bundled, released=sequence)
 
     def _released(self, held: bytes, topic: str) -> VerifiedEvent:
         """A held event verified again (it passed every step when it arrived; freshness is not asked twice)."""
@@ -214,14 +257,17 @@ class VerifyingConsumer:
         EVENTS_APPLIED.labels(self.settings.name, event.envelope.topic).inc()
 
     def _reject(self, message: Message, raw: bytes, error: VerificationError, item: int | None = None,
-                bundled: bool = False) -> None:
+                bundled: bool = False, released: int | None = None) -> None:
         """Count, log, raise a security record and dead-letter RAW: a refused record, or (ITEM set) the envelope
-        of a bundle that was refused alone, as a bundle of one (BUNDLED: RAW is a bundle)."""
+        of a bundle that was refused alone, as a bundle of one (BUNDLED: RAW is a bundle), or (RELEASED set) the
+        held event of that sequence which MESSAGE's event released and which could not be applied."""
         claimed = claimed_envelope(raw, bundled)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if released is not None:
+            error = VerificationError(error.reason, f"held event {released}, released by this record: {error.detail}")
         EVENTS_REJECTED.labels(self.settings.name, topic, error.reason.value).inc()
         log.warning("event_rejected", consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                    item=item, reason=error.reason.value, detail=error.detail[:300],
+                    item=item, released=released, reason=error.reason.value, detail=error.detail[:300],
                     claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
                     correlation_id=safe_claim(claimed.correlation_id))
         if self.security_outbox is not None:
@@ -231,24 +277,35 @@ class VerifyingConsumer:
                 claimed_event_id=safe_claim(claimed.event_id), correlation_id=safe_claim(claimed.correlation_id),
                 item=item,
             )
-            place = f"{self.settings.name}/{topic}/{partition}/{offset}" + (f"/{item}" if item is not None else "")
+            place = f"{self.settings.name}/{source_of(message, item, released)}"
             record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
             with self.engine.begin() as conn:
                 self.security_outbox.append(conn, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
                                             correlation_id=record.correlation_id if SAFE_ID.match(
                                                 record.correlation_id) else record_id,
                                             event_id=record_id)
-        dead_letter(self.dead_letters, self.settings.name, message, raw, error, item, bundled)
+        dead_letter(self.dead_letters, self.settings.name, message, raw, error, item, bundled, released)
+
+
+def source_of(message: Message, item: int | None = None, released: int | None = None) -> str:
+    """Where a refused event came from: topic/partition/offset of its record, `/ITEM` for an envelope of a bundle,
+    `/released/SEQUENCE` for a held event of the same aggregate that the record's event released."""
+    place = f"{message.topic()}/{message.partition()}/{message.offset()}"
+    if item is not None:
+        place += f"/{item}"
+    if released is not None:
+        place += f"/released/{released}"
+    return place
 
 
 def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes, error: VerificationError,
-                item: int | None = None, bundled: bool = False) -> None:
+                item: int | None = None, bundled: bool = False, released: int | None = None) -> None:
     """Write the refused record (or, ITEM set, the refused envelope of a bundle record, as a bundle of one) to
     `<topic>.dlq` with the reason in its headers; return once the broker has acknowledged it (the caller commits
     the offset only then), raise DeadLetterError otherwise. A bundle (BUNDLED) keeps the bundle header, so it
     can be read as one again."""
     outcome: list[KafkaError | None] = []
-    source = f"{message.topic()}/{message.partition()}/{message.offset()}" + (f"/{item}" if item is not None else "")
+    source = source_of(message, item, released)
     headers = [
         ("bastion-reject-reason", error.reason.value.encode()),
         ("bastion-reject-detail", error.detail[:500].encode()),

@@ -27,7 +27,7 @@ from bastion.events.field_crypto import DataKeyRing, encrypt_field, field_contex
 from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox
 from bastion.events.signing import SignatureChecker, sign
-from bastion.events.storage import EVENTS_METADATA, outbox
+from bastion.events.storage import EVENTS_METADATA, held, outbox
 from bastion.events.trust import TrustPolicy
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifier, VerifiedEvent
@@ -325,6 +325,30 @@ def test_a_sequence_gap_is_held_back_and_released_in_order(lane: Lane) -> None:
     lane.publish_raw(events[1].SerializeToString())
     lane.consume_until(1)
     assert lane.applied_sequences(aggregate) == [1, 2, 3, 4]
+
+
+def test_a_held_event_that_cannot_be_applied_is_set_aside_not_the_event_that_released_it(lane: Lane) -> None:
+    """Events 2 (poison for the handler) and 3 arrive before 1 and are held. When 1 fills the gap, 1 is applied;
+    2 is dead-lettered (handler_failed, with where it was released) after its retries; 3 stays held behind the gap
+    2 leaves. Before, the failure of 2 failed the whole transaction and set 1 aside in its place."""
+    aggregate = f"held-poison-{lane.group}"
+    events = [lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=1, currency="EUR"), aggregate, 1),
+              lane.seal("accounts", AccountFrozen(account_id=aggregate, reason="poison"), aggregate, 2),
+              lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=3, currency="EUR"), aggregate, 3)]
+    rejected_before = counter("bastion_events_rejected_total", lane.topic, reason="handler_failed")
+    lane.publish_raw(events[1].SerializeToString(), events[2].SerializeToString())
+    lane.consume_until(2)
+    lane.publish_raw(events[0].SerializeToString())
+    lane.consume_until(1)
+    assert lane.applied_sequences(aggregate) == [1]
+    [(value, headers)] = lane.dead_letters(1)
+    assert value == events[1].SerializeToString()
+    assert headers["bastion-reject-reason"] == b"handler_failed"
+    assert headers["bastion-source"] == f"{lane.topic}/0/2/released/2".encode()
+    assert counter("bastion_events_rejected_total", lane.topic, reason="handler_failed") - rejected_before == 1
+    with lane.engine.connect() as conn:
+        still_held = conn.execute(select(held.c.sequence).where(held.c.aggregate_id == aggregate)).scalars().all()
+    assert still_held == [3]
 
 
 def test_a_replayed_sequence_with_a_new_event_id_has_no_effect(lane: Lane) -> None:

@@ -4,7 +4,15 @@ headers is kept as a prefix with its size and digest, so its partition never sto
 import hashlib
 from typing import Any
 
-from bastion.events.consumer import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_PREFIX_BYTES, dead_letter
+import pytest
+
+from bastion.events.consumer import (
+    DEAD_LETTER_MAX_BYTES,
+    DEAD_LETTER_PREFIX_BYTES,
+    ConsumerSettings,
+    dead_letter,
+    source_of,
+)
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
 
@@ -61,3 +69,16 @@ def test_a_record_too_large_to_dead_letter_whole_keeps_a_prefix_its_size_and_dig
     assert value == huge[:DEAD_LETTER_PREFIX_BYTES]
     assert headers["bastion-truncated-from"] == str(len(huge)).encode()
     assert headers["bastion-sha256"] == hashlib.sha256(huge).hexdigest().encode()
+
+
+def test_each_place_names_one_record_envelope_or_released_held_event() -> None:
+    places = {source_of(Record(), item, released)  # type: ignore[arg-type]
+              for item in (None, 0, 2) for released in (None, 0, 2)}
+    assert len(places) == 9
+    assert source_of(Record(), released=5) == "accounts.events.v1/2/77/released/5"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "Notifications", "notifications/x", "9lives", "n" * 64])
+def test_a_consumer_name_that_could_blur_a_place_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="not a service name"):
+        ConsumerSettings(name, "group", ["t"])
