@@ -2,6 +2,8 @@
 
 from enum import StrEnum
 
+from bastion.grpc.errors import InvalidArgumentError
+
 
 class RejectReason(StrEnum):
     TOO_LARGE = "too_large"
@@ -29,6 +31,12 @@ class VerificationError(EventsError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class EventTooLargeError(EventsError, InvalidArgumentError):
+    """An event would be larger than consumers accept: refused when it is written, with the state change that
+    made it, rather than published and refused by every reader (or, over Kafka's largest record, stopping the
+    relay). A request that causes it gets INVALID_ARGUMENT."""
 
 
 class KeyNotFoundError(EventsError):

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from bastion.events.envelopes import bundle, envelope_for
+from bastion.events.errors import EventTooLargeError
 from bastion.events.keys import SigningKey
 from bastion.events.partitions import partition_for
 from bastion.events.storage import outbox, producer_sequence
@@ -64,9 +65,15 @@ class Outbox:
         ).scalar_one()
         envelope = envelope_for(self.key, topic, payload, aggregate_id, sequence, correlation_id, causation_id,
                                 event_id=event_id)
+        stored = envelope.SerializeToString()
+        if len(stored) + STAMP_BYTES > MAX_ENVELOPE_BYTES:
+            # Raised inside the caller's transaction: the state change that made the event is not committed either.
+            raise EventTooLargeError(
+                f"event {envelope.event_type} of {aggregate_id[:100]} would be {len(stored) + STAMP_BYTES} bytes once "
+                f"published; consumers accept at most {MAX_ENVELOPE_BYTES}")
         conn.execute(
             insert(outbox).values(event_id=envelope.event_id, topic=topic, partition_key=aggregate_id,
-                                  envelope=envelope.SerializeToString())
+                                  envelope=stored)
         )
         return envelope
 

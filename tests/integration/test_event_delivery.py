@@ -13,22 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from sqlalchemy import Engine, create_engine, func, select
 
-from bastion.accounts.v1.events_pb2 import MoneyDeposited
+from bastion.accounts.v1.events_pb2 import AccountFrozen, MoneyDeposited
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.devstack.stack import Stack
+from bastion.events.errors import EventTooLargeError
 from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox, OutboxRelay
 from bastion.events.partitions import partition_for
 from bastion.events.storage import outbox
 from bastion.events.v1.envelope_pb2 import EnvelopeBundle
-from bastion.events.verify import is_bundle
+from bastion.events.verify import MAX_ENVELOPE_BYTES, is_bundle
+from bastion.grpc.errors import status_for
 from tests.integration.conftest import bastion
 from tests.integration.event_worker import applied, create_schema
 
@@ -256,6 +259,27 @@ def test_kafka_down_for_30s_callers_see_no_error_and_the_backlog_drains(delivery
     finally:
         consumer.kill()
     assert_each_applied_once_in_order(delivery, written[0])
+
+
+def test_an_event_too_large_for_consumers_is_refused_with_the_state_change_that_made_it(delivery: Delivery) -> None:
+    """Consumers refuse an envelope over MAX_ENVELOPE_BYTES, and Kafka a record over 1 MB (which would stop the
+    relay at that row): such an event is refused when it is written, as bad input, and nothing of its transaction
+    is kept, not even the sequence number it took."""
+    writer = Outbox(delivery.ring.signing_key("accounts"))
+    aggregate = f"{delivery.schema}-big"
+    huge = AccountFrozen(account_id=aggregate, reason="x" * MAX_ENVELOPE_BYTES)
+    with (pytest.raises(EventTooLargeError, match="consumers accept at most") as refused,
+          delivery.producer_db.begin() as conn):
+        writer.append(conn, delivery.topic, MoneyDeposited(account_id=aggregate, amount_minor=1, currency="EUR"),
+                      aggregate_id=aggregate, correlation_id="c-before")
+        writer.append(conn, delivery.topic, huge, aggregate_id=aggregate, correlation_id="c-big")
+    assert status_for(refused.value, "c-big")[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert delivery.unsent() == 0
+    with delivery.producer_db.begin() as conn:
+        stored = writer.append(conn, delivery.topic, MoneyDeposited(account_id=aggregate, amount_minor=2,
+                                                                    currency="EUR"),
+                               aggregate_id=aggregate, correlation_id="c-after")
+    assert stored is not None and stored.sequence == 1
 
 
 def test_the_relays_partition_for_a_key_is_the_one_librdkafka_chooses(kafka: Kafka, ctx: StackContext,
