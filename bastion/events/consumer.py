@@ -10,6 +10,7 @@ applied, dropped or dead-lettered on its own (as the envelope that verifies alon
 and the record's offset is committed once every one of them is settled.
 """
 
+import contextlib
 import datetime as dt
 import hashlib
 import re
@@ -40,7 +41,7 @@ SECURITY_TOPIC = "access.decisions.v1"
 DEAD_LETTER_MAX_BYTES = 900_000
 DEAD_LETTER_PREFIX_BYTES = 4096
 SAFE_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,100}$")
-CONSUMER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+CONSUMER_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
 
 Handler = Callable[[Connection, VerifiedEvent], None]
@@ -48,6 +49,11 @@ Handler = Callable[[Connection, VerifiedEvent], None]
 
 class DeadLetterError(EventsError):
     """The dead-letter write was not acknowledged: the offset stays uncommitted and the record comes back."""
+
+
+class HeldEventNotSetAsideError(EventsError):
+    """A released held event that could not be applied could not be set aside either (its dead letter or its
+    security record failed): the consumer stops, and the record that released it is read again after a restart."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class ConsumerSettings:
     def __post_init__(self) -> None:
         # The name begins the place a security record's id is derived from (`consumer/topic/partition/offset`):
         # a name with a "/" could make two places one.
-        if not CONSUMER_NAME.match(self.name):
+        if not CONSUMER_NAME.fullmatch(self.name):
             raise ValueError(f"consumer name {self.name!r} is not a service name ({CONSUMER_NAME.pattern})")
         if self.handler_attempts < 1:
             raise ValueError("handler_attempts must be at least 1")
@@ -173,9 +179,11 @@ class VerifyingConsumer:
         for attempt in range(1, self.settings.handler_attempts + 1):
             try:
                 with self.engine.begin() as conn:
-                    return self._apply_in_order(conn, message, event)
-            except OperationalError:
-                raise  # the database is away: stop here; the record is read again after the restart
+                    return self._apply_in_order(conn, message, event, item)
+            except (OperationalError, HeldEventNotSetAsideError):
+                # The database is away, or a held event could not be set aside (`_release`): stop here; the record
+                # is read again after the restart. Never the current event's fault, so never set aside for it.
+                raise
             except Exception as error:
                 # One poison event must not stop its partition for ever: after a few tries it is set aside.
                 log.warning("handler_failed", consumer=self.settings.name, topic=message.topic(), attempt=attempt,
@@ -186,7 +194,7 @@ class VerifyingConsumer:
                     self._reject(message, raw or event.alone(), failure, item=item, bundled=event.bundle is not None)
         return "rejected"
 
-    def _apply_in_order(self, conn: Connection, message: Message, event: VerifiedEvent) -> str:
+    def _apply_in_order(self, conn: Connection, message: Message, event: VerifiedEvent, item: int | None) -> str:
         env = event.envelope
         topic = env.topic
         admission = inbox.admit(conn, event)
@@ -194,7 +202,7 @@ class VerifyingConsumer:
             self._apply(conn, event)
             following = env.sequence + 1
             while (held := inbox.take_held(conn, env.producer, env.aggregate_id, following)) is not None:
-                if not self._release(conn, message, held, topic, following):
+                if not self._release(conn, message, item, held, topic, following):
                     break  # set aside: the events after it stay held behind the gap it leaves
                 following += 1
             return "applied"
@@ -209,8 +217,10 @@ class VerifyingConsumer:
                  event_id=env.event_id, correlation_id=env.correlation_id)
         return admission.value
 
-    def _release(self, conn: Connection, message: Message, held: bytes, topic: str, sequence: int) -> bool:
-        """Apply the held event SEQUENCE, released by MESSAGE's event, in a savepoint; True once applied.
+    def _release(self, conn: Connection, message: Message, item: int | None, held: bytes, topic: str,
+                 sequence: int) -> bool:
+        """Apply the held event SEQUENCE, released by MESSAGE's event (envelope ITEM of a bundle), in a savepoint;
+        True once applied.
 
         One that no longer verifies, or whose handler keeps failing, is set aside to the dead-letter topic, and
         the event that released it is applied all the same: the poison is the held event, not the one that
@@ -218,7 +228,7 @@ class VerifyingConsumer:
         try:
             event = self._released(held, topic)
         except VerificationError as error:
-            self._set_aside_held(message, held, error, sequence)
+            self._set_aside_held(conn, message, item, held, error, sequence)
             return False
         for attempt in range(1, self.settings.handler_attempts + 1):
             try:
@@ -232,15 +242,22 @@ class VerifyingConsumer:
                             error=type(error).__name__, event_id=event.event_id, released_from_hold=True,
                             correlation_id=event.envelope.correlation_id)
                 failure = VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
-        self._set_aside_held(message, held, failure, sequence)
+        self._set_aside_held(conn, message, item, held, failure, sequence)
         return False
 
-    def _set_aside_held(self, message: Message, held: bytes, error: VerificationError, sequence: int) -> None:
-        """Dead-letter a held event (its `held_form` bytes) that could not be applied when released. Its row
-        is gone with the transaction that releases it, which commits only after the broker acknowledged this."""
+    def _set_aside_held(self, conn: Connection, message: Message, item: int | None, held: bytes,
+                        error: VerificationError, sequence: int) -> None:
+        """Dead-letter a held event (its `held_form` bytes) that could not be applied when released. Its security
+        record goes in CONN's transaction, with the removal of its held row: both commit only after the broker
+        acknowledged the dead letter, or neither does (a crash in between writes the dead letter again). Any
+        failure here is HeldEventNotSetAsideError, never a failure of the event that released it."""
         bundled = held.startswith(inbox.HELD_BUNDLE)
         raw = held[len(inbox.HELD_BUNDLE):] if bundled else held
-        self._reject(message, raw, error, bundled=bundled, released=sequence)
+        try:
+            self._reject(message, raw, error, item=item, bundled=bundled, released=sequence, conn=conn)
+        except Exception as failure:
+            raise HeldEventNotSetAsideError(f"held event {sequence} could not be set aside: "
+                                            f"{type(failure).__name__}") from failure
 
     def _released(self, held: bytes, topic: str) -> VerifiedEvent:
         """A held event verified again (it passed every step when it arrived; freshness is not asked twice)."""
@@ -257,10 +274,11 @@ class VerifyingConsumer:
         EVENTS_APPLIED.labels(self.settings.name, event.envelope.topic).inc()
 
     def _reject(self, message: Message, raw: bytes, error: VerificationError, item: int | None = None,
-                bundled: bool = False, released: int | None = None) -> None:
+                bundled: bool = False, released: int | None = None, conn: Connection | None = None) -> None:
         """Count, log, raise a security record and dead-letter RAW: a refused record, or (ITEM set) the envelope
         of a bundle that was refused alone, as a bundle of one (BUNDLED: RAW is a bundle), or (RELEASED set) the
-        held event of that sequence which MESSAGE's event released and which could not be applied."""
+        held event of that sequence which MESSAGE's event released and which could not be applied. The security
+        record is written in CONN's transaction when given, else in one of its own."""
         claimed = claimed_envelope(raw, bundled)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         if released is not None:
@@ -279,8 +297,9 @@ class VerifyingConsumer:
             )
             place = f"{self.settings.name}/{source_of(message, item, released)}"
             record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
-            with self.engine.begin() as conn:
-                self.security_outbox.append(conn, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
+            with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as target:
+                self.security_outbox.append(target, SECURITY_TOPIC, record,
+                                            aggregate_id=f"consumer:{self.settings.name}",
                                             correlation_id=record.correlation_id if SAFE_ID.match(
                                                 record.correlation_id) else record_id,
                                             event_id=record_id)

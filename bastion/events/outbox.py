@@ -67,7 +67,10 @@ class Outbox:
                                 event_id=event_id)
         stored = envelope.SerializeToString()
         if len(stored) + STAMP_BYTES > MAX_ENVELOPE_BYTES:
-            # Raised inside the caller's transaction: the state change that made the event is not committed either.
+            # Give the sequence number back, so that a caller who catches this and commits leaves no gap (every
+            # later event of the aggregate would be held behind it); uncaught, the transaction is rolled back.
+            conn.execute(update(producer_sequence).where(producer_sequence.c.aggregate_id == aggregate_id)
+                         .values(last_sequence=producer_sequence.c.last_sequence - 1))
             raise EventTooLargeError(
                 f"event {envelope.event_type} of {aggregate_id[:100]} would be {len(stored) + STAMP_BYTES} bytes once "
                 f"published; consumers accept at most {MAX_ENVELOPE_BYTES}")

@@ -25,6 +25,7 @@ class Decision:
 
 # Verdicts remembered per distinct question (method, the caller's roles and client, peer): a service sees few.
 MAX_REMEMBERED = 4096
+MAX_PATH = 256  # how much of a caller's path to an unknown method a verdict repeats
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class MethodPolicy:
     # distinct question and then looked up (the call path's cost, not a security shortcut; cleared when full).
     _verdicts: dict[tuple[str, str, frozenset[str], bool, str | None], Decision] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    _served: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_served", frozenset(f"/{self.service}/{method}" for method in self.rules))
 
     def check_complete(self, descriptor: ServiceDescriptor) -> None:
         """Refuse to serve a service whose methods are not all covered, or a policy naming others."""
@@ -49,8 +54,9 @@ class MethodPolicy:
                                 "give every method of the service exactly one rule in its policy file")
 
     def decide(self, full_method: str, principal: Principal | None, peer_identity: str | None) -> Decision:
-        if principal is None:
-            return self._decide(full_method, None, peer_identity)
+        if principal is None or full_method not in self._served:
+            # Only questions about served methods are remembered: a path to an unknown method is the caller's text.
+            return self._decide(full_method, principal, peer_identity)
         question = (full_method, principal.client_id, principal.roles, principal.is_service_account, peer_identity)
         verdict = self._verdicts.get(question)
         if verdict is None:
@@ -64,7 +70,7 @@ class MethodPolicy:
         service, _, method = full_method.strip("/").rpartition("/")
         rule = self.rules.get(method) if service == self.service else None
         if rule is None:
-            return Decision(False, f"no rule for {full_method}: denied by default")
+            return Decision(False, f"no rule for {full_method[:MAX_PATH]}: denied by default")
         if principal is None:
             return Decision(False, "no authenticated principal")
         if rule.services and peer_identity in rule.services and principal.client_id == peer_identity:

@@ -275,11 +275,15 @@ def test_an_event_too_large_for_consumers_is_refused_with_the_state_change_that_
         writer.append(conn, delivery.topic, huge, aggregate_id=aggregate, correlation_id="c-big")
     assert status_for(refused.value, "c-big")[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert delivery.unsent() == 0
+    # A caller that catches the refusal and commits the rest leaves no gap in the aggregate's sequence.
     with delivery.producer_db.begin() as conn:
+        with pytest.raises(EventTooLargeError):
+            writer.append(conn, delivery.topic, huge, aggregate_id=aggregate, correlation_id="c-big-again")
         stored = writer.append(conn, delivery.topic, MoneyDeposited(account_id=aggregate, amount_minor=2,
                                                                     currency="EUR"),
                                aggregate_id=aggregate, correlation_id="c-after")
     assert stored is not None and stored.sequence == 1
+    assert delivery.unsent() == 1
 
 
 def test_the_relays_partition_for_a_key_is_the_one_librdkafka_chooses(kafka: Kafka, ctx: StackContext,

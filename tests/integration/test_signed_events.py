@@ -4,6 +4,7 @@ applied exactly once, in order. Each test has its own topic, dead-letter topic a
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy
-from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
+from bastion.events.consumer import REJECTION_NAMESPACE, ConsumerSettings, VerifyingConsumer
 from bastion.events.envelopes import bundle, envelope_for, republish, seal
 from bastion.events.field_crypto import DataKeyRing, encrypt_field, field_context, reveal
 from bastion.events.keys import KeyRing
@@ -327,28 +328,49 @@ def test_a_sequence_gap_is_held_back_and_released_in_order(lane: Lane) -> None:
     assert lane.applied_sequences(aggregate) == [1, 2, 3, 4]
 
 
-def test_a_held_event_that_cannot_be_applied_is_set_aside_not_the_event_that_released_it(lane: Lane) -> None:
+@pytest.mark.parametrize("transport", ["record", "bundle"])
+def test_a_held_event_that_cannot_be_applied_is_set_aside_not_the_event_that_released_it(lane: Lane,
+                                                                                          transport: str) -> None:
     """Events 2 (poison for the handler) and 3 arrive before 1 and are held. When 1 fills the gap, 1 is applied;
-    2 is dead-lettered (handler_failed, with where it was released) after its retries; 3 stays held behind the gap
-    2 leaves. Before, the failure of 2 failed the whole transaction and set 1 aside in its place."""
+    2 is dead-lettered (handler_failed, with where it was released) after its retries, and its security record is
+    kept under an id of its own; 3 stays held behind the gap 2 leaves. Before, the failure of 2 failed the whole
+    transaction and set 1 aside in its place."""
     aggregate = f"held-poison-{lane.group}"
     events = [lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=1, currency="EUR"), aggregate, 1),
               lane.seal("accounts", AccountFrozen(account_id=aggregate, reason="poison"), aggregate, 2),
               lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=3, currency="EUR"), aggregate, 3)]
     rejected_before = counter("bastion_events_rejected_total", lane.topic, reason="handler_failed")
-    lane.publish_raw(events[1].SerializeToString(), events[2].SerializeToString())
-    lane.consume_until(2)
-    lane.publish_raw(events[0].SerializeToString())
+    if transport == "record":
+        lane.publish_raw(events[1].SerializeToString(), events[2].SerializeToString())
+        lane.consume_until(2)
+        lane.publish_raw(events[0].SerializeToString())
+        source = f"{lane.topic}/0/2/released/2"
+    else:
+        key = lane.ring.signing_key("accounts")
+        lane.publish_raw(bundle([e.SerializeToString() for e in events[1:]], key).SerializeToString(),
+                         headers=[(BUNDLE_HEADER, BUNDLE_CONTENT)])
+        lane.consume_until(1)
+        lane.publish_raw(bundle([events[0].SerializeToString()], key).SerializeToString(),
+                         headers=[(BUNDLE_HEADER, BUNDLE_CONTENT)])
+        source = f"{lane.topic}/0/1/0/released/2"
     lane.consume_until(1)
     assert lane.applied_sequences(aggregate) == [1]
     [(value, headers)] = lane.dead_letters(1)
-    assert value == events[1].SerializeToString()
     assert headers["bastion-reject-reason"] == b"handler_failed"
-    assert headers["bastion-source"] == f"{lane.topic}/0/2/released/2".encode()
+    assert headers["bastion-source"] == source.encode()
+    if transport == "record":
+        assert value == events[1].SerializeToString()
+    else:
+        assert headers[BUNDLE_HEADER] == BUNDLE_CONTENT
+        [alone] = EnvelopeBundle.FromString(value).envelopes
+        assert Envelope.FromString(alone).event_id == events[1].event_id
     assert counter("bastion_events_rejected_total", lane.topic, reason="handler_failed") - rejected_before == 1
+    record_id = str(uuid.uuid5(REJECTION_NAMESPACE, f"{CONSUMER}/{source}"))
     with lane.engine.connect() as conn:
         still_held = conn.execute(select(held.c.sequence).where(held.c.aggregate_id == aggregate)).scalars().all()
+        security_records = conn.execute(select(outbox.c.topic).where(outbox.c.event_id == record_id)).scalars().all()
     assert still_held == [3]
+    assert security_records == ["access.decisions.v1"]
 
 
 def test_a_replayed_sequence_with_a_new_event_id_has_no_effect(lane: Lane) -> None:

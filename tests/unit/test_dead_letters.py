@@ -78,7 +78,7 @@ def test_each_place_names_one_record_envelope_or_released_held_event() -> None:
     assert source_of(Record(), released=5) == "accounts.events.v1/2/77/released/5"  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "Notifications", "notifications/x", "9lives", "n" * 64])
+@pytest.mark.parametrize("name", ["", "a/b", "Notifications", "notifications/x", "9lives", "n" * 64, "accounts\n"])
 def test_a_consumer_name_that_could_blur_a_place_is_refused(name: str) -> None:
     with pytest.raises(ValueError, match="not a service name"):
         ConsumerSettings(name, "group", ["t"])

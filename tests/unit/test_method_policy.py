@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.devstack.errors import DevstackError
-from bastion.grpc.policy import MAX_REMEMBERED, load_method_policy, parse_method_policy
+from bastion.grpc.policy import MAX_PATH, MAX_REMEMBERED, load_method_policy, parse_method_policy
 from bastion.grpc.tokens import Principal
 from bastion.probe.v1 import probe_pb2
 
@@ -106,8 +106,14 @@ def test_look_alike_principals_get_their_own_verdicts() -> None:
     assert not policy.decide("/bastion.probe.v1.Probe/PaymentsOnly", service("payments"), "notifications").allowed
 
 
-def test_remembered_verdicts_stay_bounded_whatever_callers_send() -> None:
+def test_paths_to_unknown_methods_are_never_remembered_and_cut_in_the_verdict() -> None:
+    """A caller's path to an unknown method is its own text: remembering it, or repeating it whole, would let any
+    caller fill the server's memory."""
     policy = load_method_policy(POLICY)
-    for number in range(MAX_REMEMBERED + 10):
-        assert not policy.decide(f"/bastion.probe.v1.Probe/Nothing{number}", user("admin"), "cli").allowed
-    assert len(policy._verdicts) <= MAX_REMEMBERED
+    for number in range(100):
+        assert not policy.decide(f"/bastion.probe.v1.Probe/Nothing{number}{'x' * 10_000}", user("admin"), "cli").allowed
+    assert policy._verdicts == {}
+    assert len(policy.decide(f"/x/{'y' * 10_000}", user("admin"), "cli").reason) < MAX_PATH + 50
+    for number in range(MAX_REMEMBERED + 10):  # served methods: at most MAX_REMEMBERED questions are kept
+        policy.decide("/bastion.probe.v1.Probe/Whoami", user("customer", name="u"), f"peer-{number}")
+    assert 0 < len(policy._verdicts) <= MAX_REMEMBERED
