@@ -6,6 +6,7 @@ never overrun; the price is that calls a replica reserved but did not use are lo
 window ends (at most `batch` per replica and principal), which errs on the side of refusing.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -54,22 +55,37 @@ class RedisRateLimiter:
         self.reserve = client.register_script(RESERVE_IN_WINDOW)
         # Calls reserved in Redis and not spent yet, per window key (this replica's share).
         self.reserved: dict[str, int] = {}
+        # The reservation in flight for a window key, if any (at most one per key).
+        self._reserving: dict[str, asyncio.Future[int]] = {}
 
     async def admit(self, principal_key: str, service_account: bool = False) -> None:
         limit = self.service_limit if service_account else self.limit
         window = int(time.time()) // limit.window_seconds
         key = f"{self.service}:ratelimit:{principal_key}:{window}"
-        if self.reserved.get(key, 0) > 0:
-            self.reserved[key] -= 1
-            return
+        while self.reserved.get(key, 0) <= 0:
+            # One reservation in flight per key: the calls that find nothing reserved wait for it together, instead
+            # of each reserving a batch (32 calls in flight once took 32 batches, holding back 32 times as many
+            # calls from the other replicas as a replica should). Shielded, so a caller that goes away does not
+            # cancel it for the others; its failure reaches every one of them.
+            pending = self._reserving.get(key)
+            if pending is None:
+                pending = self._reserving[key] = asyncio.ensure_future(self._reserve(key, window, limit))
+            if await asyncio.shield(pending) <= 0:
+                raise ResourceExhaustedError(f"rate limit of {limit.calls} calls per {limit.window_seconds}s exceeded")
+        self.reserved[key] -= 1
+
+    async def _reserve(self, key: str, window: int, limit: RateLimit) -> int:
+        """Reserve a batch of KEY's window in Redis and add it to this replica's share; how many were granted."""
         try:
             granted = int(await self.reserve(keys=[key], args=[limit.window_seconds * 2, limit.batch, limit.calls]))
         except (RedisError, OSError) as error:
             raise UnavailableError("rate limiter unavailable: request refused") from error
-        if granted <= 0:
-            raise ResourceExhaustedError(f"rate limit of {limit.calls} calls per {limit.window_seconds}s exceeded")
-        self._forget_old_windows(window)
-        self.reserved[key] = self.reserved.get(key, 0) + granted - 1
+        finally:
+            del self._reserving[key]
+        if granted > 0:
+            self._forget_old_windows(window)
+            self.reserved[key] = self.reserved.get(key, 0) + granted
+        return granted
 
     def _forget_old_windows(self, window: int) -> None:
         """Drop reservations of windows that have ended, so the map stays as small as the active principals."""

@@ -3,6 +3,7 @@ more than the limit between them, a single replica spends its whole window, and 
 budget."""
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bastion.devstack.context import StackContext
-from bastion.grpc.errors import ResourceExhaustedError
+from bastion.grpc.errors import ResourceExhaustedError, UnavailableError
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 
 SERVICE = "accounts"
@@ -57,3 +58,37 @@ def test_a_service_account_has_its_own_budget(stack: Any, ctx: StackContext, ser
                                               expected: int) -> None:
     limiter = replica(ctx, RateLimit(calls=10, window_seconds=3600), RateLimit(calls=30, window_seconds=3600))
     assert asyncio.run(admitted(limiter, f"it-ratelimit:{uuid.uuid4()}", 40, service_account)) == expected
+
+
+def test_calls_in_flight_together_share_one_reservation(stack: Any, ctx: StackContext) -> None:
+    """Calls that find nothing reserved wait for one reservation together: a replica holds back at most one batch
+    from the others, however many of its calls arrive at once (each reserving its own batch once made 100
+    concurrent calls reserve the whole window)."""
+    limit = RateLimit(calls=3_200, window_seconds=3600)
+    principal = f"it-ratelimit:{uuid.uuid4()}"
+    limiter = replica(ctx, limit)
+
+    async def run() -> int:
+        first = int(time.time()) // limit.window_seconds
+        await asyncio.gather(*(limiter.admit(principal) for _ in range(100)))
+        windows = range(first, int(time.time()) // limit.window_seconds + 1)  # one, unless an hour just turned
+        used = [await limiter.client.get(f"{SERVICE}:ratelimit:{principal}:{window}") for window in windows]
+        return sum(int(value) for value in used if value is not None)
+
+    reserved_in_redis = asyncio.run(run())
+    assert 100 <= reserved_in_redis <= 100 + limit.batch
+
+
+def test_a_reservation_that_fails_refuses_every_call_waiting_for_it(stack: Any, ctx: StackContext) -> None:
+    """Redis unreachable: every call waiting for the shared reservation is refused UNAVAILABLE (fail closed)."""
+    client = aioredis.Redis(host="127.0.0.1", port=ctx.settings.redis_port, username=SERVICE, password="wrong")
+    limiter = RedisRateLimiter(client, SERVICE, RateLimit(calls=3_200, window_seconds=3600))
+
+    async def run() -> list[BaseException | None]:
+        return await asyncio.gather(*(limiter.admit(f"it-ratelimit:{uuid.uuid4()}") for _ in range(1)),
+                                    *(limiter.admit("it-ratelimit:shared") for _ in range(20)),
+                                    return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(outcome, UnavailableError) for outcome in outcomes), outcomes
+    assert limiter._reserving == {}
