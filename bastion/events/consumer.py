@@ -190,8 +190,8 @@ class VerifyingConsumer:
                             error=type(error).__name__, event_id=event.event_id,
                             correlation_id=event.envelope.correlation_id)
                 if attempt == self.settings.handler_attempts:
-                    failure = VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
-                    self._reject(message, raw or event.alone(), failure, item=item, bundled=event.bundle is not None)
+                    self._reject(message, raw or event.alone(), handler_failure(error), item=item,
+                                 bundled=event.bundle is not None)
         return "rejected"
 
     def _apply_in_order(self, conn: Connection, message: Message, event: VerifiedEvent, item: int | None) -> str:
@@ -241,7 +241,7 @@ class VerifyingConsumer:
                 log.warning("handler_failed", consumer=self.settings.name, topic=topic, attempt=attempt,
                             error=type(error).__name__, event_id=event.event_id, released_from_hold=True,
                             correlation_id=event.envelope.correlation_id)
-                failure = VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
+                failure = handler_failure(error)
         self._set_aside_held(conn, message, item, held, failure, sequence)
         return False
 
@@ -304,6 +304,11 @@ class VerifyingConsumer:
                                                 record.correlation_id) else record_id,
                                             event_id=record_id)
         dead_letter(self.dead_letters, self.settings.name, message, raw, error, item, bundled, released)
+
+
+def handler_failure(error: Exception) -> VerificationError:
+    """Why an event whose handler kept failing is set aside: the error's type and message, cut."""
+    return VerificationError(RejectReason.HANDLER_FAILED, f"{type(error).__name__}: {error}"[:300])
 
 
 def source_of(message: Message, item: int | None = None, released: int | None = None) -> str:

@@ -24,6 +24,7 @@ from bastion.events.keys import SigningKey
 from bastion.events.signing import sign_bundle
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
+from bastion.grpc.context import MAX_METHOD
 
 TOPIC = "access.decisions.v1"
 BUNDLE_HEADERS = [(BUNDLE_HEADER, BUNDLE_CONTENT)]
@@ -37,7 +38,6 @@ class AccessAudit(Protocol):
     def record(self, decision: AccessDecision) -> None: ...
 
 
-MAX_METHOD = 256  # the method of a call to an unknown path is the caller's text: kept bounded
 # A bundle of decisions stays far below Kafka's largest record (1 MB): a batch that would not is sent as several.
 MAX_BUNDLE_BYTES = 256 * 1024
 

@@ -14,6 +14,9 @@ CORRELATION_HEADER = "x-correlation-id"
 VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 SPIFFE_PREFIX = "spiffe://bastion.local/service/"
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+# How much of a call's method path is kept in a verdict, a log line or an access decision: for a call to an unknown
+# method the path is the caller's own text, of any length.
+MAX_METHOD = 256
 SAN_PROPERTY = "x509_subject_alternative_name"  # gRPC's peer identity property when the certificate has SANs
 
 

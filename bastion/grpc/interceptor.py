@@ -10,8 +10,8 @@ import grpc
 import structlog
 from prometheus_client import Counter
 
-from bastion.grpc.audit import MAX_METHOD, AccessAudit, decision
-from bastion.grpc.context import CallContext, correlation_id_from, current_call, peer_identity_from
+from bastion.grpc.audit import AccessAudit, decision
+from bastion.grpc.context import MAX_METHOD, CallContext, correlation_id_from, current_call, peer_identity_from
 from bastion.grpc.errors import (
     PermissionDeniedError,
     RequestError,

@@ -8,6 +8,7 @@ import yaml
 from google.protobuf.descriptor import ServiceDescriptor
 
 from bastion.devstack.errors import DevstackError
+from bastion.grpc.context import MAX_METHOD
 from bastion.grpc.tokens import Principal
 
 
@@ -25,7 +26,6 @@ class Decision:
 
 # Verdicts remembered per distinct question (method, the caller's roles and client, peer): a service sees few.
 MAX_REMEMBERED = 4096
-MAX_PATH = 256  # how much of a caller's path to an unknown method a verdict repeats
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class MethodPolicy:
         service, _, method = full_method.strip("/").rpartition("/")
         rule = self.rules.get(method) if service == self.service else None
         if rule is None:
-            return Decision(False, f"no rule for {full_method[:MAX_PATH]}: denied by default")
+            return Decision(False, f"no rule for {full_method[:MAX_METHOD]}: denied by default")
         if principal is None:
             return Decision(False, "no authenticated principal")
         if rule.services and peer_identity in rule.services and principal.client_id == peer_identity:

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.devstack.errors import DevstackError
-from bastion.grpc.policy import MAX_PATH, MAX_REMEMBERED, load_method_policy, parse_method_policy
+from bastion.grpc.context import MAX_METHOD
+from bastion.grpc.policy import MAX_REMEMBERED, load_method_policy, parse_method_policy
 from bastion.grpc.tokens import Principal
 from bastion.probe.v1 import probe_pb2
 
@@ -113,7 +114,7 @@ def test_paths_to_unknown_methods_are_never_remembered_and_cut_in_the_verdict() 
     for number in range(100):
         assert not policy.decide(f"/bastion.probe.v1.Probe/Nothing{number}{'x' * 10_000}", user("admin"), "cli").allowed
     assert policy._verdicts == {}
-    assert len(policy.decide(f"/x/{'y' * 10_000}", user("admin"), "cli").reason) < MAX_PATH + 50
+    assert len(policy.decide(f"/x/{'y' * 10_000}", user("admin"), "cli").reason) < MAX_METHOD + 50
     for number in range(MAX_REMEMBERED + 10):  # served methods: at most MAX_REMEMBERED questions are kept
         policy.decide("/bastion.probe.v1.Probe/Whoami", user("customer", name="u"), f"peer-{number}")
     assert 0 < len(policy._verdicts) <= MAX_REMEMBERED
