@@ -53,13 +53,14 @@ class RetryBudget:
 async def call_with_retries(
     fn: Callable[[], Awaitable[T]], *, is_transient: ErrorPredicate, deadline_seconds: float, budget: RetryBudget,
     max_attempts: int = 4, initial_backoff: float = 0.05, max_backoff: float = 1.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> T:
     """Await FN, retrying it while its error is transient, attempts and the budget remain, and the deadline allows.
 
     Retry number n sleeps a random time in [0, min(MAX_BACKOFF, INITIAL_BACKOFF * 2**(n-1))] first; there is no
     retry if that sleep would end past the deadline. A non-transient error, or the last one, is raised as it is.
     An attempt still running at the deadline is cancelled, and `DeadlineExceededError` raised. The kit's own
-    errors (`BreakerOpenError`) and cancellation are never retried.
+    errors (`BreakerOpenError`) and cancellation are never retried. SLEEP waits out each backoff (tests watch it).
     """
     if deadline_seconds <= 0 or max_attempts < 1:
         raise ValueError("deadline_seconds must be > 0 and max_attempts >= 1")
@@ -77,7 +78,7 @@ async def call_with_retries(
 
     retrying = AsyncRetrying(
         retry=retry_if_exception(worth_retrying), stop=stop,
-        wait=wait_random_exponential(multiplier=initial_backoff, max=max_backoff), reraise=True,
+        wait=wait_random_exponential(multiplier=initial_backoff, max=max_backoff), reraise=True, sleep=sleep,
     )
     async def attempt() -> T:
         # tenacity awaits only coroutine functions; FN may be any callable returning an awaitable (a gRPC stub).
