@@ -21,7 +21,9 @@ CONCURRENCY calls in flight over one grpc.aio channel in this process. Calls com
 window (after the warm-up) count; the server's and the client's CPU time over that window is reported per call,
 and "all CPU" adds the dev stack's components (Kafka's broker, Redis, ...): on this busy 2-core machine CPU per
 call is steadier than calls/s, so a second ratio compares all CPU per call, bare over chain (median rounds).
-The scenarios run in R alternated rounds and each shows its best round. `--breakdown` adds the chain without
+The scenarios run in R alternated rounds and each shows its best round; the chain/bare ratio is also given
+per round (each round's chain over the same round's bare, seconds apart) and their median, the figure least
+moved by the machine's slow swings. `--breakdown` adds the chain without
 the Redis limiter, without the Kafka audit and without either, and mutual TLS with an interceptor that only
 passes calls on, without and with the caller's bearer token on the wire, and with it one that reads only what every
 call of the chain must read (metadata, the correlation id returned as trailing metadata, the peer's certificate
@@ -42,6 +44,7 @@ import multiprocessing
 import os
 import pstats
 import ssl
+import statistics
 import subprocess
 import sys
 import time
@@ -547,6 +550,12 @@ def main() -> None:
     median_rate = {mode: sorted(f.rate for f in rounds[mode])[len(rounds[mode]) // 2] for mode in SCENARIOS}
     print(f"  {'ratio chain/bare (median rounds)':<48}{median_rate['chain'] / median_rate['bare']:>9.2f}"
           f"  ({median_rate['chain']:,.0f} against {median_rate['bare']:,.0f} calls/s)")
+    # Each round runs every scenario back to back, so a round's chain/bare compares two runs seconds apart: the
+    # pairs cancel the machine's slow swings (other tenants, the dev stack's JVMs), which best and median rounds
+    # taken apart do not.
+    paired = sorted(c.rate / b.rate for b, c in zip(rounds["bare"], rounds["chain"], strict=True))
+    print(f"  {'ratio chain/bare, paired by round (median)':<48}{statistics.median(paired):>9.2f}"
+          f"  (each round's, sorted: {' '.join(f'{ratio:.2f}' for ratio in paired)})")
     # The steadier view of the same question: all CPU per call, bare over chain (the rate each would reach on a
     # saturated machine), from each scenario's median round by that measure.
     steady = {mode: sorted(f.machine_cpu_per_call for f in rounds[mode])[len(rounds[mode]) // 2] for mode in SCENARIOS}

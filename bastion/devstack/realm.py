@@ -2,6 +2,11 @@
 
 Every client has `fullScopeAllowed: false`, so a token carries only the roles and audiences declared here:
 no `account` audience, no default roles. Audience mappers put into `aud` exactly the services a token is for.
+
+Tokens carry only what the services read (docs/decisions.md, "Access tokens carry only what the services
+read"): the `basic` scope (`sub`), the `roles` scope (`realm_access`), and the username as `preferred_username`.
+No profile or email scope: a user's name and email address are not sent to every service on every call, and
+the token stays small (gRPC sends custom metadata in full with each call; it never enters HPACK's table).
 """
 
 from typing import Any
@@ -26,6 +31,29 @@ def _audience_mapper(service: str) -> dict[str, Any]:
     }
 
 
+# The client scopes every client's tokens get; none are optional, so a caller cannot ask for more.
+TOKEN_SCOPES = ("basic", "roles")
+
+
+def _username_mapper() -> dict[str, Any]:
+    """`preferred_username` in access tokens only: the principal's name in the services and the audit."""
+    return {
+        "name": "username",
+        "protocol": "openid-connect",
+        "protocolMapper": "oidc-usermodel-attribute-mapper",
+        "consentRequired": False,
+        "config": {
+            "user.attribute": "username",
+            "claim.name": "preferred_username",
+            "jsonType.label": "String",
+            "access.token.claim": "true",
+            "id.token.claim": "false",
+            "userinfo.token.claim": "false",
+            "introspection.token.claim": "true",
+        },
+    }
+
+
 def _no_browser_flows() -> dict[str, Any]:
     return {
         "enabled": True,
@@ -36,6 +64,8 @@ def _no_browser_flows() -> dict[str, Any]:
         "fullScopeAllowed": False,
         "redirectUris": [],
         "webOrigins": [],
+        "defaultClientScopes": list(TOKEN_SCOPES),
+        "optionalClientScopes": [],
         "attributes": {"oauth2.device.authorization.grant.enabled": "false", "oidc.ciba.grant.enabled": "false"},
     }
 
@@ -52,7 +82,7 @@ def render_realm(identities: Identities, credentials: Credentials) -> dict[str, 
             "secret": credentials.keycloak_clients[name],
             "serviceAccountsEnabled": True,
             "directAccessGrantsEnabled": False,
-            "protocolMappers": [_audience_mapper(target) for target in calls],
+            "protocolMappers": [_username_mapper(), *(_audience_mapper(target) for target in calls)],
         }
         for name, calls in identities.service_calls.items()
     ]
@@ -63,7 +93,7 @@ def render_realm(identities: Identities, credentials: Credentials) -> dict[str, 
         "publicClient": True,
         "serviceAccountsEnabled": False,
         "directAccessGrantsEnabled": True,
-        "protocolMappers": [_audience_mapper(target) for target in identities.cli_audiences],
+        "protocolMappers": [_username_mapper(), *(_audience_mapper(t) for t in identities.cli_audiences)],
     }
     users = [
         {

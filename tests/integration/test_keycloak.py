@@ -7,7 +7,7 @@ from typing import Any
 
 import jwt
 import pytest
-from keycloak import KeycloakAuthenticationError, KeycloakOpenID
+from keycloak import KeycloakAuthenticationError, KeycloakOpenID, KeycloakPostError
 
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.context import StackContext
@@ -78,6 +78,40 @@ def test_demo_user_password_grant_carries_roles_and_audiences(keycloak: Keycloak
     assert claims["realm_access"]["roles"] == [USER_ROLES[user]]
     assert audiences(claims) == SERVICES
     assert claims["exp"] - claims["iat"] <= 300
+
+
+# What an access token may carry: the JOSE/OIDC bookkeeping, the principal (`sub`, `preferred_username`, `azp`,
+# `realm_access`) and the audiences. Nothing personal beyond the username (bastion/devstack/realm.py).
+TOKEN_CLAIMS = {"exp", "iat", "jti", "iss", "aud", "sub", "typ", "azp", "sid", "scope", "realm_access",
+                "preferred_username"}
+# Keycloak adds its `service_account` scope to clients with a service account: the client and its caller's address.
+SERVICE_TOKEN_CLAIMS = TOKEN_CLAIMS | {"client_id", "clientHost", "clientAddress"}
+PERSONAL_CLAIMS = {"email", "email_verified", "name", "given_name", "family_name", "address", "phone_number"}
+
+
+def test_a_user_token_carries_no_personal_data(keycloak: Keycloak, ctx: StackContext) -> None:
+    token = openid(keycloak, ctx, "bastion-cli").token("alice", ctx.credentials.users["alice"])
+    claims = verified_claims(keycloak, ctx, token["access_token"], "accounts")
+    assert set(claims) <= TOKEN_CLAIMS, f"unexpected claims: {sorted(set(claims) - TOKEN_CLAIMS)}"
+    assert not set(claims) & PERSONAL_CLAIMS
+    assert claims["preferred_username"] == "alice"
+
+
+def test_asking_for_the_profile_or_email_scope_is_refused(keycloak: Keycloak, ctx: StackContext) -> None:
+    with pytest.raises(KeycloakPostError) as refused:
+        openid(keycloak, ctx, "bastion-cli").token("alice", ctx.credentials.users["alice"],
+                                                   scope="openid profile email")
+    assert refused.value.response_code == 400
+    assert b"invalid_scope" in refused.value.error_message
+
+
+def test_a_service_token_names_its_service_account(keycloak: Keycloak, ctx: StackContext) -> None:
+    token = openid(keycloak, ctx, "payments", ctx.credentials.keycloak_clients["payments"]).token(
+        grant_type="client_credentials"
+    )
+    claims = verified_claims(keycloak, ctx, token["access_token"], "accounts")
+    assert set(claims) <= SERVICE_TOKEN_CLAIMS, f"unexpected claims: {sorted(set(claims) - SERVICE_TOKEN_CLAIMS)}"
+    assert claims["preferred_username"] == "service-account-payments"
 
 
 def test_wrong_client_secret_fails(keycloak: Keycloak, ctx: StackContext) -> None:
