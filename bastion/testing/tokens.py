@@ -92,7 +92,8 @@ class TokenMinter:
         return {"keys": keys}
 
     def claims(self, **overrides: Any) -> dict[str, Any]:
-        """Keycloak's access-token claims for alice; an override of None removes the claim."""
+        """Keycloak's access-token claims for alice, as the realm issues them (bastion/devstack/realm.py); an
+        override of None removes the claim."""
         now = int(self._clock())
         claims: dict[str, Any] = {
             "exp": now + 300,
@@ -103,9 +104,9 @@ class TokenMinter:
             "sub": str(uuid.uuid5(uuid.NAMESPACE_URL, "bastion:alice")),
             "typ": "Bearer",
             "azp": self.client_id,
-            "acr": "1",
+            "sid": str(uuid.uuid4()),
             "realm_access": {"roles": ["customer"]},
-            "scope": "profile email",
+            "scope": "openid",
             "preferred_username": "alice",
         }
         claims.update(overrides)
