@@ -15,8 +15,6 @@ from bastion.devstack.context import StackContext
 from bastion.grpc.channels import call_metadata, channel_credentials
 from tests.integration.grpc_harness import service_token, tls_of, user_token
 
-SERVICE = accounts_pb2.DESCRIPTOR.services_by_name["Accounts"]
-
 
 def target(ctx: StackContext) -> str:
     return f"localhost:{50051 + ctx.settings.service_port_offset}"
@@ -103,14 +101,3 @@ def test_only_the_payments_identity_may_apply_a_transfer(ctx: StackContext, as_c
     assert status_of(lambda: as_payments.ApplyTransfer(
         request, metadata=call_metadata(service_token(ctx, "payments")), timeout=10)) == \
         grpc.StatusCode.FAILED_PRECONDITION, "a fencing token that is not newer is refused"
-
-
-@pytest.mark.parametrize("method", list(SERVICE.methods), ids=lambda m: m.name)
-def test_every_rpc_refuses_no_token_and_no_certificate(ctx: StackContext, stack: Any, method: Any) -> None:
-    path = f"/{SERVICE.full_name}/{method.name}"
-    identity = {"request_serializer": lambda _: b"", "response_deserializer": lambda data: data}
-    with_cert = grpc.secure_channel(target(ctx), channel_credentials(tls_of(ctx, "cli")))
-    assert status_of(lambda: with_cert.unary_unary(path, **identity)(b"", timeout=10)) == \
-        grpc.StatusCode.UNAUTHENTICATED
-    without = grpc.secure_channel(target(ctx), grpc.ssl_channel_credentials(ctx.ca_file.read_bytes()))
-    assert status_of(lambda: without.unary_unary(path, **identity)(b"", timeout=10)) == grpc.StatusCode.UNAVAILABLE

@@ -3,15 +3,9 @@
 The negative tests are generated from the service descriptors: every RPC of every service registered in
 SERVICES is refused without a token, with a forged token and without a client certificate."""
 
-import base64
 import contextlib
 import functools
-import hashlib
-import hmac
-import json
-import ssl
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +16,7 @@ import pytest
 import structlog
 from confluent_kafka import Consumer
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from jwt.algorithms import RSAAlgorithm
-from keycloak import KeycloakOpenID
 from prometheus_client import REGISTRY
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
@@ -40,9 +31,10 @@ from bastion.grpc.audit import MemoryAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.interceptor import UNKNOWN_METHOD
 from bastion.grpc.ratelimit import RateLimit
-from bastion.grpc.server import TlsFiles
+from bastion.grpc.server import MAX_MESSAGE_BYTES, TlsFiles
 from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
-from bastion.testing.tokens import TokenMinter
+from bastion.testing.probe import ProbeServicer
+from tests.integration.forgeries import forged_tokens, generic_call
 from tests.integration.grpc_harness import (
     ProbeServer,
     kafka_audit,
@@ -82,55 +74,6 @@ def code_of(call: Any) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as refused:
         call()
     return refused.value.code()  # type: ignore[no-any-return]
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def realm_public_pem(ctx: StackContext) -> tuple[str, bytes]:
-    """The realm's RS256 key id and public key PEM, as anyone can read them from the JWKS endpoint."""
-    context = ssl.create_default_context(cafile=str(ctx.ca_file))
-    url = f"https://localhost:{ctx.settings.keycloak_port}/realms/bastion/protocol/openid-connect/certs"
-    with urllib.request.urlopen(url, context=context, timeout=10) as response:
-        jwks = json.load(response)
-    key = next(k for k in jwks["keys"] if k.get("use") == "sig" and k.get("alg") == "RS256")
-    public = RSAAlgorithm.from_jwk(json.dumps(key))
-    return key["kid"], public.public_bytes(serialization.Encoding.PEM,  # type: ignore[union-attr]
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def forged_tokens(ctx: StackContext) -> dict[str, str]:
-    """Every kind of bad token, built from real Keycloak tokens where the attack needs one."""
-    real = user_token(ctx, "tina")
-    header, payload, signature = real["access_token"].split(".")
-    claims = json.loads(unb64(payload))
-    kid, public_pem = realm_public_pem(ctx)
-    confused_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT', 'kid': kid}).encode())}.{payload}"
-    confused = b64(hmac.new(public_pem, confused_input.encode(), hashlib.sha256).digest())
-    edited = dict(claims, realm_access={"roles": ["admin", "teller"]})
-    minter = TokenMinter()
-    forged_claims = {k: v for k, v in claims.items() if k not in ("exp", "iat")}
-    master = KeycloakOpenID(server_url=f"https://localhost:{ctx.settings.keycloak_port}/", realm_name="master",
-                            client_id="admin-cli", verify=str(ctx.ca_file)).token(
-        "admin", ctx.credentials.keycloak_admin["admin"])["access_token"]
-    return {
-        "alg none": f"{b64(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}.{payload}.",
-        "HS256 keyed with the realm public key": f"{confused_input}.{confused}",
-        "edited payload": f"{header}.{b64(json.dumps(edited).encode())}.{signature}",
-        "stripped signature": f"{header}.{payload}.",
-        "audience of another service": service_token(ctx, "notifications"),
-        "another issuer": master,
-        "ID token": real["id_token"],
-        "refresh token": real["refresh_token"],
-        "key the realm never had": minter.mint(**forged_claims),
-        "realm key id, foreign key": minter.mint(headers={"kid": kid}, **forged_claims),
-        "garbage": "not-a-jwt",
-    }
 
 
 @pytest.fixture(scope="module")
@@ -287,23 +230,13 @@ def test_calls_to_unserved_paths_are_counted_under_one_label_whatever_the_path(
     channel.close()
 
 
-def _generic_call(channel: grpc.Channel, service: ServiceDescriptor, method: MethodDescriptor) -> Any:
-    path = f"/{service.full_name}/{method.name}"
-    identity = {"request_serializer": lambda _: b"", "response_deserializer": lambda data: data}
-    if method.server_streaming:
-        stream = channel.unary_stream(path, **identity)
-        return lambda **kwargs: list(stream(b"", **kwargs))
-    unary = channel.unary_unary(path, **identity)
-    return lambda **kwargs: unary(b"", **kwargs)
-
-
 @pytest.mark.parametrize(("service", "method"), ALL_METHODS, ids=[f"{s.name}.{m.name}" for s, m in ALL_METHODS])
 def test_every_rpc_refuses_calls_without_token_forged_token_or_certificate(
     ctx: StackContext, probe: ProbeServer, forged: dict[str, str], service: ServiceDescriptor,
     method: MethodDescriptor,
 ) -> None:
     with_cert = grpc.secure_channel(f"localhost:{probe.port}", channel_credentials(tls_of(ctx, "cli")))
-    call = _generic_call(with_cert, service, method)
+    call = generic_call(with_cert, service, method)
     assert code_of(lambda: call(timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: call(metadata=call_metadata(forged["alg none"]), timeout=10)) == \
         grpc.StatusCode.UNAUTHENTICATED
@@ -311,7 +244,7 @@ def test_every_rpc_refuses_calls_without_token_forged_token_or_certificate(
         grpc.StatusCode.UNAUTHENTICATED
     without_cert = grpc.secure_channel(f"localhost:{probe.port}",
                                        grpc.ssl_channel_credentials(root_certificates=ctx.ca_file.read_bytes()))
-    no_cert_call = _generic_call(without_cert, service, method)
+    no_cert_call = generic_call(without_cert, service, method)
     assert code_of(lambda: no_cert_call(timeout=10)) == grpc.StatusCode.UNAVAILABLE
 
 
@@ -393,3 +326,50 @@ def test_a_burst_over_the_rate_limit_is_exhausted_for_that_principal_only(ctx: S
         assert client.Whoami(probe_pb2.WhoamiRequest(), metadata=call_metadata(sam), timeout=10).username == "sam"
     finally:
         limited.stop()
+
+
+class CrashingProbeServicer(ProbeServicer):
+    """A Whoami that fails the way a bug does: an exception whose message holds things no caller may see."""
+
+    SECRET = "postgresql://payments:hunter2-not-for-callers@db/payments"
+
+    async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
+                     ) -> probe_pb2.WhoamiResponse:
+        raise RuntimeError(f"could not connect to {self.SECRET}")
+
+
+def test_a_crashing_handler_answers_internal_with_only_the_correlation_id(ctx: StackContext) -> None:
+    server = start_probe(ctx, MemoryAccessAudit(), servicer=CrashingProbeServicer())
+    try:
+        client = stub(ctx, server.port, tls_of(ctx, "cli"))
+        correlation = f"it-{uuid.uuid4()}"
+        labels = {"service": "accounts", "method": "/bastion.probe.v1.Probe/Whoami", "code": "INTERNAL"}
+        before = REGISTRY.get_sample_value("bastion_grpc_refused_total", labels) or 0.0
+        metadata = call_metadata(user_token(ctx, "alice")["access_token"], correlation)
+        with structlog.testing.capture_logs() as logs, pytest.raises(grpc.RpcError) as failed:
+            client.Whoami(probe_pb2.WhoamiRequest(), metadata=metadata, timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert failed.value.details() == f"internal error (correlation id {correlation})"
+        for leak in (CrashingProbeServicer.SECRET, "RuntimeError", "Traceback", "crash"):
+            assert leak not in failed.value.details()
+            assert leak not in repr(failed.value.trailing_metadata())
+        crashes = [entry for entry in logs if entry["event"] == "call_crashed"]
+        assert [entry["correlation_id"] for entry in crashes] == [correlation], "logged, with the correlation id"
+        assert REGISTRY.get_sample_value("bastion_grpc_refused_total", labels) == before + 1
+    finally:
+        server.stop()
+
+
+def test_a_request_over_the_size_limit_is_refused_before_any_handler(ctx: StackContext, probe: ProbeServer) -> None:
+    # A channel that sends anything: the kit's own client channels would refuse to send it in the first place.
+    channel = grpc.secure_channel(f"localhost:{probe.port}", channel_credentials(tls_of(ctx, "cli")),
+                                  options=[("grpc.max_send_message_length", -1)])
+    whoami = channel.unary_unary("/bastion.probe.v1.Probe/Whoami", request_serializer=lambda raw: raw,
+                                 response_deserializer=lambda raw: raw)
+    token = call_metadata(user_token(ctx, "alice")["access_token"])
+    with pytest.raises(grpc.RpcError) as refused:
+        whoami(b"\x00" * (MAX_MESSAGE_BYTES + 1), metadata=token, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(MAX_MESSAGE_BYTES) in refused.value.details(), refused.value.details()
+    assert whoami(probe_pb2.WhoamiRequest().SerializeToString(), metadata=token, timeout=10) is not None
+    channel.close()
