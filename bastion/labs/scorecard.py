@@ -90,7 +90,11 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
                 not_covered="no lab: rotation and retirement change the install's keys (`bastion keys`, unit tests)"),
         Concern("Service mesh, WAF", not_covered="no mesh or HTTP edge"),
         Concern("Data backup security", not_covered="the dev install has no backups"),
-        Concern("Compliance, training, incident response procedures",
+        Concern("Session management", ("revoked-session",)),
+        Concern("Output encoding", ("hostile-input",)),
+        Concern("Security updates and patches",
+                not_covered="versions are pinned; nothing watches advisories or proposes updates"),
+        Concern("Compliance, training, incident response, assessments",
                 not_covered="organisational; the labs are the training material (docs/training.md)"),
     )),
 )

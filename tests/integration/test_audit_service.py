@@ -200,6 +200,13 @@ def test_a_checkpoint_whose_length_goes_backwards_is_refused(bank: Bank, audit: 
     verdict = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
     assert not verdict.ok and "checkpoint refused" in verdict.reason
     assert "below the accepted length" in verdict.reason, verdict.reason
+    refusal = verdict.reason.removeprefix("checkpoint refused: ")
+
+    def security_records() -> list[Any]:  # this replay's (its lengths name it), not one of an earlier run
+        return [e for e in list_all(bank, audit, event_type="bastion.access.v1.EventRejected")
+                if e.reason == "checkpoint_refused" and refusal in e.detail]
+
+    assert eventually(security_records, bool), "no security record for the replayed checkpoint"
 
 
 def test_bastion_audit_verify_names_the_record_a_superuser_edited(ctx: StackContext, bank: Bank) -> None:

@@ -7,10 +7,12 @@ import psycopg
 import pytest
 import redis
 
+from bastion.devstack.catalog import load_services
 from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.components.redis import Redis
 from bastion.devstack.context import StackContext
 from bastion.devstack.stack import Stack
+from bastion.settings import PROJECT_ROOT
 
 
 @pytest.mark.parametrize("service", ["accounts", "payments", "notifications", "audit", "keycloak"])
@@ -72,9 +74,11 @@ def _is_loopback(address: str) -> bool:
 
 
 def test_every_component_listens_on_loopback_only(stack: Stack) -> None:
-    """All listening sockets of every process the devstack runs (children included) are on loopback."""
+    """All listening sockets of every process the devstack runs (children included) are on loopback: the
+    datastores, Kafka, Keycloak and every service of infra/services.yaml (gRPC and metrics)."""
+    services = [entry.name for entry in load_services(PROJECT_ROOT / "infra" / "services.yaml")]
     pids: set[int] = set()
-    for name in ("postgres", "redis", "kafka", "keycloak"):
+    for name in ("postgres", "redis", "kafka", "keycloak", *services):
         pid = stack.supervisor.pid(name)
         assert pid is not None, f"{name} is not running"
         pids.add(pid)
@@ -82,5 +86,5 @@ def test_every_component_listens_on_loopback_only(stack: Stack) -> None:
     listening = [
         conn for conn in psutil.net_connections("tcp") if conn.status == psutil.CONN_LISTEN and conn.pid in pids
     ]
-    assert len(listening) >= 6
+    assert len(listening) >= 6 + 2 * len(services)
     assert [c.laddr for c in listening if not _is_loopback(c.laddr.ip)] == []

@@ -114,6 +114,20 @@ def test_a_service_token_names_its_service_account(keycloak: Keycloak, ctx: Stac
     assert claims["preferred_username"] == "service-account-payments"
 
 
+def test_a_replayed_refresh_token_is_refused_and_ends_the_session(keycloak: Keycloak, ctx: StackContext) -> None:
+    """Refresh tokens rotate and each works once. A stolen copy replayed after its owner used it gets nothing,
+    and Keycloak then ends the client's session: the owner's newer refresh token is refused too."""
+    cli = openid(keycloak, ctx, "bastion-cli")
+    first = cli.token("bob", ctx.credentials.users["bob"])
+    second = cli.refresh_token(first["refresh_token"])
+    assert second["refresh_token"] != first["refresh_token"]
+    assert verified_claims(keycloak, ctx, second["access_token"], "accounts")["preferred_username"] == "bob"
+    for replayed in (first["refresh_token"], second["refresh_token"]):
+        with pytest.raises(KeycloakPostError) as refused:
+            cli.refresh_token(replayed)
+        assert refused.value.response_code == 400 and b"invalid_grant" in refused.value.error_message
+
+
 def test_wrong_client_secret_fails(keycloak: Keycloak, ctx: StackContext) -> None:
     with pytest.raises(KeycloakAuthenticationError) as refused:
         openid(keycloak, ctx, "accounts", "not-the-secret").token(grant_type="client_credentials")

@@ -388,11 +388,22 @@ def test_an_event_signed_for_another_topic_is_refused(lane: Lane) -> None:
                      aggregate, 1, "corr-x")
     moved = Envelope()
     moved.CopyFrom(elsewhere)
-    lane.publish_raw(moved.SerializeToString())
-    lane.consume_until(1)
+    before = counter("bastion_events_rejected_total", lane.topic, reason="topic_mismatch")
+    with structlog.testing.capture_logs() as logs:
+        lane.publish_raw(moved.SerializeToString())
+        lane.consume_until(1)
     dead = lane.dead_letters(1)
     assert dead[0][1]["bastion-reject-reason"] == b"topic_mismatch"
     assert lane.applied_sequences(aggregate) == []
+    assert counter("bastion_events_rejected_total", lane.topic, reason="topic_mismatch") - before == 1
+    [logged] = [entry for entry in logs if entry["event"] == "event_rejected"]
+    assert (logged["reason"], logged["correlation_id"], logged["log_level"]) == ("topic_mismatch", "corr-x", "warning")
+    with lane.engine.connect() as conn:
+        records = [EventRejected.FromString(Envelope.FromString(row.envelope).payload) for row in conn.execute(
+            select(outbox.c.envelope).where(outbox.c.partition_key == f"consumer:{CONSUMER}",
+                                            outbox.c.topic == "access.decisions.v1")).all()]
+    assert [(r.reason, r.claimed_event_id) for r in records if r.topic == lane.topic] == \
+        [("topic_mismatch", elsewhere.event_id)]
     resigned = Envelope()
     resigned.CopyFrom(elsewhere)
     resigned.topic = lane.topic
