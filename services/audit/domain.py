@@ -122,6 +122,8 @@ class EventQuery:
     until: dt.datetime | None = None
     page_size: int = DEFAULT_PAGE
     after_seq: int = 0
+    # Only denied access decisions and rejected events.
+    refusals_only: bool = False
 
 
 def page_token(last_seq: int) -> str:
@@ -142,7 +144,8 @@ def after_seq_of(token: str) -> int:
 
 
 def query(aggregate_id: str = "", principal: str = "", event_type: str = "", since: dt.datetime | None = None,
-          until: dt.datetime | None = None, page_size: int = 0, token: str = "") -> EventQuery:
+          until: dt.datetime | None = None, page_size: int = 0, token: str = "", refusals_only: bool = False
+          ) -> EventQuery:
     size = page_size or DEFAULT_PAGE
     if not 1 <= size <= MAX_PAGE:
         raise InvalidQueryError(f"page_size must be between 1 and {MAX_PAGE}, got {page_size}")
@@ -151,4 +154,4 @@ def query(aggregate_id: str = "", principal: str = "", event_type: str = "", sin
     for name, value in (("aggregate_id", aggregate_id), ("principal", principal), ("event_type", event_type)):
         if len(value) > MAX_TEXT:
             raise InvalidQueryError(f"{name} is longer than {MAX_TEXT} characters")
-    return EventQuery(aggregate_id, principal, event_type, since, until, size, after_seq_of(token))
+    return EventQuery(aggregate_id, principal, event_type, since, until, size, after_seq_of(token), refusals_only)

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from bastion.accounts.v1 import accounts_pb2
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
@@ -96,6 +97,27 @@ def test_the_log_holds_every_event_and_access_decision_of_a_flow_and_verifies(ba
     result = bastion("audit", "verify")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "audit chain verified" in result.stdout
+
+
+def test_refusals_only_lists_the_denials_and_rejections_and_nothing_else(bank: Bank, audit: Any) -> None:
+    correlation = f"it-refusal-{uuid.uuid4()}"
+    account = bank.open_account("alice", correlation_id=correlation)  # allowed: not a refusal
+    with pytest.raises(grpc.RpcError) as refused:  # a customer may not deposit: denied by the policy
+        bank.accounts.Deposit(accounts_pb2.DepositRequest(account_id=account, amount_minor=10**6,
+                                                          idempotency_key=f"fund-{uuid.uuid4()}"),
+                              metadata=bank.as_user("alice", correlation), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    def refusals() -> list[Any]:
+        return list_all(bank, audit, refusals_only=True)
+
+    found = eventually(refusals, lambda entries: any(e.correlation_id == correlation for e in entries))
+    assert all(e.kind == "rejection" or (e.kind == "access" and e.decision == "deny") for e in found)
+    assert [(e.principal, e.action.rsplit("/", 1)[-1], e.decision) for e in found
+            if e.correlation_id == correlation] == [("alice", "Deposit", "deny")]
+    everything = [e for e in list_all(bank, audit, principal="alice") if e.correlation_id == correlation]
+    assert sorted((e.action.rsplit("/", 1)[-1], e.decision) for e in everything) == [
+        ("Deposit", "deny"), ("OpenAccount", "allow")], "the full log holds the allowed call too"
 
 
 def test_only_auditors_read_the_log_and_bad_queries_are_invalid(bank: Bank, audit: Any) -> None:

@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+)
 
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.context import StackContext
@@ -190,3 +198,29 @@ def test_acl_sync_removes_grants_the_policy_does_not_make(kafka: Kafka, unique: 
     remaining = admin.client.describe_acls(EVERY_ACL, request_timeout=TIMEOUT).result()
     assert not [b for b in remaining if b.name == stray.resource_name]
     assert any(b.name == "accounts.events.v1" and b.principal == "User:accounts" for b in remaining)
+
+
+@pytest.mark.parametrize("service", ["payments", "audit"])
+def test_a_service_principal_is_no_super_user_and_cannot_grant_itself_anything(
+    kafka: Kafka, ctx: StackContext, unique: str, service: str,
+) -> None:
+    """Only `User:admin` and the broker are super users: a service's SCRAM principal can neither create a topic
+    nor write an ACL, so a stolen service password cannot widen its own access."""
+    admin = AdminClient(kafka.client_config(service, ctx.credentials.kafka[service]))
+
+    def refusal(futures: dict[Any, Any]) -> int:
+        [future] = futures.values()
+        with pytest.raises(KafkaException) as refused:
+            future.result(timeout=TIMEOUT)
+        return int(refused.value.args[0].code())
+
+    stray = f"it.{unique}.stray"
+    assert refusal(admin.create_topics([NewTopic(stray, 1, 1)])) in (
+        KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED)
+    everything = AclBinding(ResourceType.TOPIC, "*", ResourcePatternType.LITERAL, f"User:{service}", "*",
+                            AclOperation.ALL, AclPermissionType.ALLOW)
+    assert refusal(admin.create_acls([everything])) == KafkaError.CLUSTER_AUTHORIZATION_FAILED
+    operator = kafka.admin()  # User:admin, a super user, sees what is there
+    assert not [acl for acl in operator.client.describe_acls(EVERY_ACL).result(timeout=TIMEOUT)
+                if acl.principal == f"User:{service}" and acl.name == "*"], "no ACL was written"
+    assert stray not in operator.client.list_topics(timeout=TIMEOUT).topics

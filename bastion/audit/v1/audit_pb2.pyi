@@ -45,7 +45,7 @@ class AuditEvent(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     kind: _builtins.str
-    """"event", "access_decision" or "rejection"."""
+    """"event", "access" (an access decision) or "rejection"."""
     topic: _builtins.str
     event_id: _builtins.str
     event_type: _builtins.str
@@ -107,6 +107,7 @@ class ListEventsRequest(_message.Message):
     UNTIL_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REFUSALS_ONLY_FIELD_NUMBER: _builtins.int
     aggregate_id: _builtins.str
     """Each filter applies when set; they combine with AND."""
     principal: _builtins.str
@@ -115,6 +116,10 @@ class ListEventsRequest(_message.Message):
     """At most this many (1 to 500); 0 means 100."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first."""
+    refusals_only: _builtins.bool
+    """Only refusals, what a security review reads first: access decisions that denied a call, and events a
+    verifying consumer refused.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -129,10 +134,11 @@ class ListEventsRequest(_message.Message):
         until: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        refusals_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "event_type", b"event_type", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "event_type", b"event_type", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "refusals_only", b"refusals_only", "since", b"since", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
