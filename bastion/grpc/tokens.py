@@ -25,7 +25,9 @@ JwksFetch = Callable[[], Mapping[str, Any]]
 SUPPORTED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"})
 # Headers that would let the token choose its own key or oblige us to understand an extension.
 REFUSED_HEADERS = frozenset({"jku", "x5u", "x5c", "jwk", "crit", "b64"})
-REQUIRED_CLAIMS = ("exp", "iat", "iss", "sub", "azp")
+# `preferred_username` names the principal in every service (owners, audit records): a token without it would fall
+# back to its client id, which every user of one client shares.
+REQUIRED_CLAIMS = ("exp", "iat", "iss", "sub", "azp", "preferred_username")
 ACCESS_TOKEN_TYPE = "Bearer"  # noqa: S105 - the `typ` claim of an access token, not a password
 SIGNING_KEY_TYPES = frozenset({"RSA", "EC"})
 
@@ -396,7 +398,8 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
     if (
         not isinstance(subject, str)
         or not isinstance(client_id, str)
-        or not isinstance(username, str | None)
+        or not isinstance(username, str)
+        or not username
         or not isinstance(token_id, str | None)
         or not isinstance(roles, list)
         or not all(isinstance(role, str) for role in roles)

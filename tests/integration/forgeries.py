@@ -1,4 +1,5 @@
-"""What the generated negative tests send: every kind of bad token, and a caller for any RPC of any service."""
+"""What the generated negative tests send: every kind of bad token, a caller for any RPC of any service, and the
+status a refused call ends with."""
 
 import base64
 import hashlib
@@ -9,6 +10,7 @@ import urllib.request
 from typing import Any
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from jwt.algorithms import RSAAlgorithm
@@ -78,3 +80,10 @@ def generic_call(channel: grpc.Channel, service: ServiceDescriptor, method: Meth
         return lambda **kwargs: list(stream(b"", **kwargs))
     unary = channel.unary_unary(path, **identity)
     return lambda **kwargs: unary(b"", **kwargs)
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    """The status CALL fails with; the test fails if it does not fail."""
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    return refused.value.code()  # type: ignore[no-any-return]

@@ -13,6 +13,7 @@ import pytest
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.devstack.context import StackContext
 from bastion.grpc.channels import call_metadata, channel_credentials
+from tests.integration.forgeries import code_of
 from tests.integration.grpc_harness import service_token, tls_of, user_token
 
 
@@ -31,12 +32,6 @@ def token(ctx: StackContext, user: str) -> tuple[tuple[str, str], ...]:
     return call_metadata(user_token(ctx, user)["access_token"], f"it-{uuid.uuid4()}")
 
 
-def status_of(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as refused:
-        call()
-    return refused.value.code()  # type: ignore[no-any-return]
-
-
 def test_open_deposit_and_read_with_object_level_checks(ctx: StackContext, as_cli: Any) -> None:
     opened = as_cli.OpenAccount(accounts_pb2.OpenAccountRequest(currency="EUR"), metadata=token(ctx, "alice"),
                                 timeout=10).account
@@ -48,12 +43,12 @@ def test_open_deposit_and_read_with_object_level_checks(ctx: StackContext, as_cl
     mine = as_cli.GetAccount(accounts_pb2.GetAccountRequest(account_id=opened.account_id),
                              metadata=token(ctx, "alice"), timeout=10).account
     assert mine.balance_minor == 2500
-    assert status_of(lambda: as_cli.GetAccount(accounts_pb2.GetAccountRequest(account_id=opened.account_id),
+    assert code_of(lambda: as_cli.GetAccount(accounts_pb2.GetAccountRequest(account_id=opened.account_id),
                                                metadata=token(ctx, "bob"), timeout=10)) == grpc.StatusCode.NOT_FOUND
-    assert status_of(lambda: as_cli.FreezeAccount(
+    assert code_of(lambda: as_cli.FreezeAccount(
         accounts_pb2.FreezeAccountRequest(account_id=opened.account_id, reason="x"), metadata=token(ctx, "bob"),
         timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
-    assert status_of(lambda: as_cli.Deposit(deposit, metadata=token(ctx, "alice"), timeout=10)) == \
+    assert code_of(lambda: as_cli.Deposit(deposit, metadata=token(ctx, "alice"), timeout=10)) == \
         grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -86,11 +81,11 @@ def test_only_the_payments_identity_may_apply_a_transfer(ctx: StackContext, as_c
     request = accounts_pb2.ApplyTransferRequest(
         transfer_id=str(uuid.uuid4()), from_account_id=source.account_id, to_account_id=target_account.account_id,
         amount_minor=300, currency="EUR", fencing_token=1, idempotency_key=f"transfer-{uuid.uuid4()}")
-    assert status_of(lambda: as_cli.ApplyTransfer(request, metadata=token(ctx, "alice"), timeout=10)) == \
+    assert code_of(lambda: as_cli.ApplyTransfer(request, metadata=token(ctx, "alice"), timeout=10)) == \
         grpc.StatusCode.PERMISSION_DENIED
     as_notifications = accounts_pb2_grpc.AccountsStub(
         grpc.secure_channel(target(ctx), channel_credentials(tls_of(ctx, "notifications"))))
-    assert status_of(lambda: as_notifications.ApplyTransfer(
+    assert code_of(lambda: as_notifications.ApplyTransfer(
         request, metadata=call_metadata(service_token(ctx, "payments")), timeout=10)) == \
         grpc.StatusCode.PERMISSION_DENIED
     as_payments = accounts_pb2_grpc.AccountsStub(
@@ -98,6 +93,6 @@ def test_only_the_payments_identity_may_apply_a_transfer(ctx: StackContext, as_c
     applied = as_payments.ApplyTransfer(request, metadata=call_metadata(service_token(ctx, "payments")), timeout=10)
     assert (applied.from_balance_minor, applied.to_balance_minor) == (700, 300)
     request.fencing_token, request.idempotency_key = 1, f"transfer-{uuid.uuid4()}"
-    assert status_of(lambda: as_payments.ApplyTransfer(
+    assert code_of(lambda: as_payments.ApplyTransfer(
         request, metadata=call_metadata(service_token(ctx, "payments")), timeout=10)) == \
         grpc.StatusCode.FAILED_PRECONDITION, "a fencing token that is not newer is refused"

@@ -3,6 +3,7 @@ domain event and every access decision of that flow, the chain verifies (through
 verify`), the projections rebuilt from the log equal the live ones, and a forged checkpoint is refused and
 raises a security record."""
 
+import datetime as dt
 import re
 import time
 import uuid
@@ -12,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -74,6 +76,7 @@ def test_the_log_holds_every_event_and_access_decision_of_a_flow_and_verifies(ba
     assert sorted(e.event_type.rsplit(".", 1)[-1] for e in events) == [
         "AccountOpened", "AccountOpened", "MoneyDeposited", "PaymentCompleted", "TransferApplied"]
     assert all(e.kind == "event" and len(e.hash) == 32 and e.envelope for e in events)
+    assert {e.correlation_id for e in events} == {correlation}, "the call's correlation id reaches its events"
 
     # Every call of the flow carried one correlation id: alice's and bob's OpenAccount, tina's Deposit and
     # alice's Transfer, and payments' own GetAccount and ApplyTransfer to accounts. Each was decided by an
@@ -99,7 +102,14 @@ def test_the_log_holds_every_event_and_access_decision_of_a_flow_and_verifies(ba
     assert "audit chain verified" in result.stdout
 
 
+def since(moment: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment - dt.timedelta(seconds=30))  # the services' clocks are this machine's
+    return stamp
+
+
 def test_refusals_only_lists_the_denials_and_rejections_and_nothing_else(bank: Bank, audit: Any) -> None:
+    window = since(dt.datetime.now(dt.UTC))  # this test's records, not the whole history of a reused install
     correlation = f"it-refusal-{uuid.uuid4()}"
     account = bank.open_account("alice", correlation_id=correlation)  # allowed: not a refusal
     with pytest.raises(grpc.RpcError) as refused:  # a customer may not deposit: denied by the policy
@@ -109,13 +119,14 @@ def test_refusals_only_lists_the_denials_and_rejections_and_nothing_else(bank: B
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     def refusals() -> list[Any]:
-        return list_all(bank, audit, refusals_only=True)
+        return list_all(bank, audit, refusals_only=True, since=window)
 
     found = eventually(refusals, lambda entries: any(e.correlation_id == correlation for e in entries))
     assert all(e.kind == "rejection" or (e.kind == "access" and e.decision == "deny") for e in found)
     assert [(e.principal, e.action.rsplit("/", 1)[-1], e.decision) for e in found
             if e.correlation_id == correlation] == [("alice", "Deposit", "deny")]
-    everything = [e for e in list_all(bank, audit, principal="alice") if e.correlation_id == correlation]
+    everything = [e for e in list_all(bank, audit, principal="alice", since=window)
+                  if e.correlation_id == correlation]
     assert sorted((e.action.rsplit("/", 1)[-1], e.decision) for e in everything) == [
         ("Deposit", "deny"), ("OpenAccount", "allow")], "the full log holds the allowed call too"
 
@@ -228,7 +239,12 @@ def test_a_checkpoint_whose_length_goes_backwards_is_refused(bank: Bank, audit: 
         return [e for e in list_all(bank, audit, event_type="bastion.access.v1.EventRejected")
                 if e.reason == "checkpoint_refused" and refusal in e.detail]
 
-    assert eventually(security_records, bool), "no security record for the replayed checkpoint"
+    found = eventually(security_records, bool)
+    assert found, "no security record for the replayed checkpoint"
+    record = found[-1]
+    assert record.kind == "rejection"
+    refusals = list_all(bank, audit, refusals_only=True, since=since(record.occurred_at.ToDatetime(dt.UTC)))
+    assert record.seq in {e.seq for e in refusals}, "a rejection is a refusal too"
 
 
 def test_bastion_audit_verify_names_the_record_a_superuser_edited(ctx: StackContext, bank: Bank) -> None:

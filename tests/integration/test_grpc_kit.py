@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -34,7 +33,7 @@ from bastion.grpc.ratelimit import RateLimit
 from bastion.grpc.server import MAX_MESSAGE_BYTES, TlsFiles
 from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
 from bastion.testing.probe import ProbeServicer
-from tests.integration.forgeries import forged_tokens, generic_call
+from tests.integration.forgeries import code_of, forged_tokens, generic_call
 from tests.integration.grpc_harness import (
     ProbeServer,
     kafka_audit,
@@ -68,12 +67,6 @@ def stub(ctx: StackContext, port: int, tls: TlsFiles | None) -> probe_pb2_grpc.P
         anonymous = grpc.ssl_channel_credentials(root_certificates=ctx.ca_file.read_bytes())
         return probe_pb2_grpc.ProbeStub(grpc.secure_channel(target, anonymous))
     return probe_pb2_grpc.ProbeStub(grpc.secure_channel(target, channel_credentials(tls)))
-
-
-def code_of(call: Any) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as refused:
-        call()
-    return refused.value.code()  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")

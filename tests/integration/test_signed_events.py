@@ -83,6 +83,14 @@ class Lane:
             ).order_by(applied.c.applied_order)).all()
         return [row.sequence for row in rows]
 
+    def security_records(self) -> list[EventRejected]:
+        """The EventRejected records the consumer raised about this lane's topic (its outbox, not yet relayed)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(outbox.c.envelope).where(outbox.c.partition_key == f"consumer:{CONSUMER}",
+                                                                outbox.c.topic == "access.decisions.v1")).all()
+        records = [EventRejected.FromString(Envelope.FromString(row.envelope).payload) for row in rows]
+        return [record for record in records if record.topic == self.topic]
+
     def dead_letters(self, count: int) -> list[tuple[bytes, dict[str, bytes]]]:
         reader = Consumer({**self.kafka.client_config("admin", self.ctx.credentials.kafka["admin"]),
                            "group.id": f"{self.group}-dlq-reader", "auto.offset.reset": "earliest"})
@@ -203,12 +211,7 @@ def test_valid_stream_is_applied_exactly_once_in_order_and_each_attack_is_refuse
     assert {e["correlation_id"] for e in rejected_logs if e["reason"] == "stale"} == {f"corr-{aggregate}-2"}
     assert [e["reason"] for e in logs if e["event"] == "event_dropped"] == ["duplicate"]
 
-    with lane.engine.connect() as conn:
-        records = [Envelope.FromString(row.envelope) for row in conn.execute(
-            select(outbox.c.envelope).where(outbox.c.partition_key == f"consumer:{CONSUMER}",
-                                            outbox.c.topic == "access.decisions.v1")).all()]
-    mine = [EventRejected.FromString(r.payload) for r in records]
-    mine = [r for r in mine if r.topic == lane.topic]
+    mine = lane.security_records()
     assert sorted(r.reason for r in mine) == reasons
     assert all(r.consumer == CONSUMER for r in mine)
 
@@ -289,12 +292,7 @@ def test_a_bundle_is_applied_envelope_by_envelope_and_refused_whole_when_tampere
     rejected = [entry for entry in logs if entry["event"] == "event_rejected"]
     assert sorted((entry["reason"], entry["item"]) for entry in rejected) == [
         ("bad_signature", None), ("not_authorised", 2), ("not_authorised", 2)]
-    with lane.engine.connect() as conn:
-        records = [EventRejected.FromString(Envelope.FromString(row.envelope).payload) for row in conn.execute(
-            select(outbox.c.envelope).where(outbox.c.partition_key == f"consumer:{CONSUMER}",
-                                            outbox.c.topic == "access.decisions.v1")).all()]
-    mine = sorted((r.reason, r.item if r.HasField("item") else None, r.offset) for r in records
-                  if r.topic == lane.topic)
+    mine = sorted((r.reason, r.item if r.HasField("item") else None, r.offset) for r in lane.security_records())
     assert mine == [("bad_signature", None, 1), ("not_authorised", 2, 0), ("not_authorised", 2, 2)]
 
 
@@ -398,12 +396,7 @@ def test_an_event_signed_for_another_topic_is_refused(lane: Lane) -> None:
     assert counter("bastion_events_rejected_total", lane.topic, reason="topic_mismatch") - before == 1
     [logged] = [entry for entry in logs if entry["event"] == "event_rejected"]
     assert (logged["reason"], logged["correlation_id"], logged["log_level"]) == ("topic_mismatch", "corr-x", "warning")
-    with lane.engine.connect() as conn:
-        records = [EventRejected.FromString(Envelope.FromString(row.envelope).payload) for row in conn.execute(
-            select(outbox.c.envelope).where(outbox.c.partition_key == f"consumer:{CONSUMER}",
-                                            outbox.c.topic == "access.decisions.v1")).all()]
-    assert [(r.reason, r.claimed_event_id) for r in records if r.topic == lane.topic] == \
-        [("topic_mismatch", elsewhere.event_id)]
+    assert [(r.reason, r.claimed_event_id) for r in lane.security_records()] == [("topic_mismatch", elsewhere.event_id)]
     resigned = Envelope()
     resigned.CopyFrom(elsewhere)
     resigned.topic = lane.topic

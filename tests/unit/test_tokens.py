@@ -151,14 +151,14 @@ def test_only_access_tokens_are_accepted(validator: TokenValidator, minter: Toke
     assert refused(validator, minter.mint(typ=typ)) == AuthReason.NOT_AN_ACCESS_TOKEN
 
 
-@pytest.mark.parametrize("claim", ["exp", "iat", "sub", "azp"])
+@pytest.mark.parametrize("claim", ["exp", "iat", "sub", "azp", "preferred_username"])
 def test_required_claims(validator: TokenValidator, minter: TokenMinter, claim: str) -> None:
     removed: dict[str, Any] = {claim: None}
     assert refused(validator, minter.mint(**removed)) == AuthReason.MALFORMED
 
 
 @pytest.mark.parametrize("claims", [{"exp": "tomorrow"}, {"realm_access": {"roles": "admin"}},
-                                    {"preferred_username": 7}])
+                                    {"preferred_username": 7}, {"preferred_username": ""}])
 def test_claims_of_the_wrong_type(validator: TokenValidator, minter: TokenMinter, claims: dict[str, Any]) -> None:
     assert refused(validator, minter.mint(**claims)) == AuthReason.MALFORMED
 

@@ -6,15 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, and_, or_, select
+from sqlalchemy import Connection, Engine, select
 
 from bastion.access.v1.decision_pb2 import EventRejected
 from bastion.audit.chain import LogEntry
 from bastion.audit.checkpoints import Checkpoint
 from bastion.audit.errors import CheckpointError
-from bastion.audit.postgres import AuditLog, entry_of_row
+from bastion.audit.postgres import AuditLog, entry_of_row, security_view
 from bastion.audit.postgres import log as audit_log
-from bastion.audit.records import Decision, RecordKind
 from bastion.audit.verify import ChainReport
 from bastion.events.consumer import SECURITY_TOPIC
 from bastion.events.outbox import Outbox
@@ -42,10 +41,8 @@ class PostgresAuditReader:
             statement = statement.where(audit_log.c.occurred_at >= query.since)
         if query.until is not None:
             statement = statement.where(audit_log.c.occurred_at < query.until)
-        if query.refusals_only:
-            statement = statement.where(or_(
-                audit_log.c.kind == RecordKind.REJECTION.value,
-                and_(audit_log.c.kind == RecordKind.ACCESS.value, audit_log.c.decision == Decision.DENY.value)))
+        if query.refusals_only:  # the security view's rows: one rule for what a refusal is (projections.py)
+            statement = statement.where(audit_log.c.seq.in_(select(security_view.c.seq)))
         rows = self.conn.execute(statement.order_by(audit_log.c.seq).limit(query.page_size))
         return [entry_of_row(row) for row in rows]
 
