@@ -1,15 +1,17 @@
 """The `bastion` command: set up, start, inspect, stop and reset the platform on this machine."""
 
 import argparse
+import datetime as dt
 import json
 import sys
 import time
 from collections.abc import Sequence
 
+import grpc
 from rich.console import Console
 from rich.table import Table
 
-from bastion.audit import install_tools
+from bastion.audit import install_tools, refusals
 from bastion.demo import Scenario
 from bastion.devstack.catalog import load_services
 from bastion.devstack.errors import DevstackError
@@ -119,6 +121,22 @@ def cmd_audit_rebuild(args: argparse.Namespace) -> int:
         mark = "=" if rebuilt.live.get(name) == rebuilt.rebuilt[name] else "≠"
         console.print(f"  {name:<16} {mark} {rebuilt.rebuilt[name][:16]}")
     return 0 if rebuilt.matches else 1
+
+
+def cmd_audit_refusals(args: argparse.Namespace) -> int:
+    try:
+        found = refusals.recent_refusals(_stack(quiet=True).context(), args.minutes, args.limit)
+    except grpc.RpcError as error:
+        errors.print(f"the audit service refused or did not answer: {error.code().name}: {error.details()}")
+        return 1
+    console.print(f"{len(found)} refusals in the last {args.minutes:g} minutes (newest {args.limit} at most), "
+                  "oldest first:")
+    for event in found:
+        when = event.occurred_at.ToDatetime(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        console.print(f"  {event.seq:>8} {when} {event.kind:<9} {event.decision or '-':<5} "
+                      f"{event.principal or '-'} {event.action or event.topic} {event.reason[:120]} "
+                      f"(correlation id {event.correlation_id})", soft_wrap=True, markup=False, highlight=False)
+    return 0
 
 
 def _event_keys() -> KeyRing:
@@ -248,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                      ).set_defaults(func=cmd_audit_verify)
     audit.add_parser("rebuild", help="rebuild the projections by replaying the whole log"
                      ).set_defaults(func=cmd_audit_rebuild)
+    recent = audit.add_parser("refusals", help="the calls denied and the events refused lately, as the auditor "
+                              "reads them from the audit service")
+    recent.add_argument("--minutes", type=float, default=60.0, help="how far back (default 60)")
+    recent.add_argument("--limit", type=int, default=50, help="the newest this many at most (default 50)")
+    recent.set_defaults(func=cmd_audit_refusals)
     lab = sub.add_parser("lab", help="attack labs: each attack against the running stack, and the defence that "
                          "stops it").add_subparsers(dest="lab_command", required=True)
     lab.add_parser("list", help="the labs and the concerns they prove").set_defaults(func=cmd_lab_list)

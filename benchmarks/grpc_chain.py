@@ -23,7 +23,8 @@ and "all CPU" adds the dev stack's components (Kafka's broker, Redis, ...): on t
 call is steadier than calls/s, so a second ratio compares all CPU per call, bare over chain (median rounds).
 The scenarios run in R alternated rounds and each shows its best round; the chain/bare ratio is also given
 per round (each round's chain over the same round's bare, seconds apart) and their median, the figure least
-moved by the machine's slow swings. `--breakdown` adds the chain without
+moved by the machine's slow swings. Every median is an upper median: a measured value, for an even number of
+rounds too. `--breakdown` adds the chain without
 the Redis limiter, without the Kafka audit and without either, and mutual TLS with an interceptor that only
 passes calls on, without and with the caller's bearer token on the wire, and with it one that reads only what every
 call of the chain must read (metadata, the correlation id returned as trailing metadata, the peer's certificate
@@ -547,18 +548,18 @@ def main() -> None:
     print(f"  {'ratio mTLS/bare':<48}{mtls / bare:>9.2f}")
     verdict = "met" if chain / bare >= AIM else "NOT met"
     print(f"  {'ratio chain/bare':<48}{chain / bare:>9.2f}  (aim: >= {AIM}: {verdict})")
-    median_rate = {mode: sorted(f.rate for f in rounds[mode])[len(rounds[mode]) // 2] for mode in SCENARIOS}
+    median_rate = {mode: statistics.median_high(f.rate for f in rounds[mode]) for mode in SCENARIOS}
     print(f"  {'ratio chain/bare (median rounds)':<48}{median_rate['chain'] / median_rate['bare']:>9.2f}"
           f"  ({median_rate['chain']:,.0f} against {median_rate['bare']:,.0f} calls/s)")
     # Each round runs every scenario back to back, so a round's chain/bare compares two runs seconds apart: the
     # pairs cancel the machine's slow swings (other tenants, the dev stack's JVMs), which best and median rounds
     # taken apart do not.
     paired = sorted(c.rate / b.rate for b, c in zip(rounds["bare"], rounds["chain"], strict=True))
-    print(f"  {'ratio chain/bare, paired by round (median)':<48}{statistics.median(paired):>9.2f}"
+    print(f"  {'ratio chain/bare, paired by round (median)':<48}{statistics.median_high(paired):>9.2f}"
           f"  (each round's, sorted: {' '.join(f'{ratio:.2f}' for ratio in paired)})")
     # The steadier view of the same question: all CPU per call, bare over chain (the rate each would reach on a
     # saturated machine), from each scenario's median round by that measure.
-    steady = {mode: sorted(f.machine_cpu_per_call for f in rounds[mode])[len(rounds[mode]) // 2] for mode in SCENARIOS}
+    steady = {mode: statistics.median_high(f.machine_cpu_per_call for f in rounds[mode]) for mode in SCENARIOS}
     print(f"  {'ratio of all CPU per call bare/chain (median)':<48}{steady['bare'] / steady['chain']:>9.2f}"
           f"  ({steady['bare'] * 1e6:.0f} against {steady['chain'] * 1e6:.0f} µs)")
     print(f"  access decisions of the chain runs (warm-up included): queued {audit['queued']:,}, delivered "

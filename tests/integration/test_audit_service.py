@@ -130,6 +130,13 @@ def test_refusals_only_lists_the_denials_and_rejections_and_nothing_else(bank: B
     assert sorted((e.action.rsplit("/", 1)[-1], e.decision) for e in everything) == [
         ("Deposit", "deny"), ("OpenAccount", "allow")], "the full log holds the allowed call too"
 
+    result = bastion("audit", "refusals", "--minutes", "10", "--limit", "500")  # the operator's view of the same
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = [line for line in result.stdout.splitlines() if correlation in line]
+    assert "access" in line and "deny" in line and "alice" in line and "/Deposit" in line, line
+    refused = bastion("audit", "refusals", "--limit", "0")
+    assert refused.returncode != 0 and "--limit" in refused.stderr
+
 
 def test_only_auditors_read_the_log_and_bad_queries_are_invalid(bank: Bank, audit: Any) -> None:
     for user in ("alice", "sam", "tina"):
