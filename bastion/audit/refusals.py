@@ -11,7 +11,7 @@ from keycloak import KeycloakOpenID
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
-from bastion.devstack.identities import load_identities
+from bastion.devstack.identities import Identities, load_identities
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.server import TlsFiles
 
@@ -19,9 +19,8 @@ AUDITOR_ROLE = "auditor"
 PAGE = 500
 
 
-def auditor_of(ctx: StackContext) -> str:
+def auditor_of(identities: Identities) -> str:
     """The first demo user who holds the auditor role."""
-    identities = load_identities(ctx.settings.infra_dir / "keycloak" / "identities.yaml", set(ctx.service_names))
     auditors = [user.username for user in identities.users if AUDITOR_ROLE in user.roles]
     if not auditors:
         raise DevstackError("no demo user holds the auditor role", "give one in infra/keycloak/identities.yaml")
@@ -33,9 +32,10 @@ def recent_refusals(ctx: StackContext, minutes: float, limit: int) -> list[audit
     if minutes <= 0 or limit < 1:
         raise DevstackError("--minutes must be positive and --limit at least 1", "for example: --minutes 60")
     host, settings = ctx.settings.public_host, ctx.settings
-    auditor = auditor_of(ctx)
-    keycloak = KeycloakOpenID(server_url=f"https://{host}:{settings.keycloak_port}/", realm_name="bastion",
-                              client_id="bastion-cli", verify=str(ctx.ca_file))
+    identities = load_identities(settings.infra_dir / "keycloak" / "identities.yaml", set(ctx.service_names))
+    auditor = auditor_of(identities)
+    keycloak = KeycloakOpenID(server_url=f"https://{host}:{settings.keycloak_port}/", realm_name=identities.realm,
+                              client_id=identities.cli_client, verify=str(ctx.ca_file))
     token = str(keycloak.token(auditor, ctx.credentials.users[auditor])["access_token"])
     port = next(s.grpc_port for s in ctx.services if s.name == "audit") + settings.service_port_offset
     cli = ctx.pki.paths("cli")
