@@ -210,12 +210,11 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     """Scrape SERVICE's metrics endpoint with the cli certificate; print the samples whose line holds MATCH."""
     ctx = _stack(quiet=True).context()
-    service = next((s for s in ctx.services if s.name == args.service), None)
-    if service is None:
+    if args.service not in ctx.service_names:
         errors.print(f"bastion metrics: no service {args.service!r} (see infra/services.yaml)")
         return 2
     client = ctx.pki.paths("cli")
-    url = f"https://{ctx.settings.public_host}:{service.metrics_port + ctx.settings.service_port_offset}/metrics"
+    url = f"https://{ctx.settings.public_host}:{ctx.metrics_port(args.service)}/metrics"
     try:
         text = scrape(url, TlsFiles(client.cert, client.key, ctx.ca_file))
     except OSError as error:

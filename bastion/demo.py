@@ -27,17 +27,15 @@ class Scenario:
         self.say = say
         cli = ctx.pki.paths("cli")
         credentials = channel_credentials(TlsFiles(cli.cert, cli.key, ctx.ca_file))
-        offset, host = ctx.settings.service_port_offset, ctx.settings.public_host
-        ports = {s.name: s.grpc_port + offset for s in ctx.services}
         self.accounts = accounts_pb2_grpc.AccountsStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(f"{host}:{ports['accounts']}", credentials))
+            grpc.secure_channel(ctx.grpc_address("accounts"), credentials))
         self.payments = payments_pb2_grpc.PaymentsStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(f"{host}:{ports['payments']}", credentials))
+            grpc.secure_channel(ctx.grpc_address("payments"), credentials))
         self.notifications = notifications_pb2_grpc.NotificationsStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(f"{host}:{ports['notifications']}", credentials))
+            grpc.secure_channel(ctx.grpc_address("notifications"), credentials))
         self.audit = audit_pb2_grpc.AuditStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(f"{host}:{ports['audit']}", credentials))
-        self.keycloak = KeycloakOpenID(server_url=f"https://{host}:{ctx.settings.keycloak_port}/",
+            grpc.secure_channel(ctx.grpc_address("audit"), credentials))
+        self.keycloak = KeycloakOpenID(server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/",
                                        realm_name="bastion", client_id="bastion-cli", verify=str(ctx.ca_file))
         self.correlation_id = f"demo-{uuid.uuid4()}"
         self.tokens: dict[str, str] = {}

@@ -78,13 +78,11 @@ class ServiceRuntime:
 
     @property
     def grpc_port(self) -> int:
-        port = next(s.grpc_port for s in self.ctx.services if s.name == self.name)
-        return port + self.ctx.settings.service_port_offset
+        return self.ctx.grpc_port(self.name)
 
     @property
     def metrics_port(self) -> int:
-        port = next(s.metrics_port for s in self.ctx.services if s.name == self.name)
-        return port + self.ctx.settings.service_port_offset
+        return self.ctx.metrics_port(self.name)
 
     def tls(self) -> TlsFiles:
         paths = self.ctx.pki.paths(self.name)

@@ -29,6 +29,10 @@ class DevstackSettings(BaseSettings):
     service_port_offset: int = 0
     dev_profile: bool = True
 
+    def service_port(self, declared: int) -> int:
+        """Where a service port declared in infra/services.yaml listens in this install (its offset added)."""
+        return declared + self.service_port_offset
+
     java_home: Path | None = None
     postgres_bin_dir: Path | None = None
     kafka_heap: str = "-Xms128m -Xmx512m"

@@ -37,11 +37,11 @@ def recent_refusals(ctx: StackContext, minutes: float, limit: int) -> list[audit
     keycloak = KeycloakOpenID(server_url=f"https://{host}:{settings.keycloak_port}/", realm_name=identities.realm,
                               client_id=identities.cli_client, verify=str(ctx.ca_file))
     token = str(keycloak.token(auditor, ctx.credentials.users[auditor])["access_token"])
-    port = next(s.grpc_port for s in ctx.services if s.name == "audit") + settings.service_port_offset
     cli = ctx.pki.paths("cli")
     since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes)
     newest: deque[audit_pb2.AuditEvent] = deque(maxlen=limit)
-    with grpc.secure_channel(f"{host}:{port}", channel_credentials(TlsFiles(cli.cert, cli.key, ctx.ca_file))) as ch:
+    credentials = channel_credentials(TlsFiles(cli.cert, cli.key, ctx.ca_file))
+    with grpc.secure_channel(ctx.grpc_address("audit"), credentials) as ch:
         audit = audit_pb2_grpc.AuditStub(ch)  # type: ignore[no-untyped-call]
         request = audit_pb2.ListEventsRequest(refusals_only=True, page_size=PAGE)
         request.since.FromDatetime(since)

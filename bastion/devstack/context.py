@@ -5,6 +5,7 @@ from pathlib import Path
 
 from bastion.devstack.catalog import ServiceEntry
 from bastion.devstack.distributions import Distribution
+from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
 from bastion.devstack.pki import DevPki
 from bastion.devstack.secrets import Credentials
@@ -27,6 +28,26 @@ class StackContext:
     @property
     def ca_file(self) -> Path:
         return self.pki.ca_file
+
+    def service(self, name: str) -> ServiceEntry:
+        """NAME's entry in infra/services.yaml."""
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise DevstackError(f"no service {name!r} in infra/services.yaml",
+                            f"the declared services are {', '.join(self.service_names)}")
+
+    def grpc_port(self, name: str) -> int:
+        """The port service NAME serves gRPC on in this install."""
+        return self.settings.service_port(self.service(name).grpc_port)
+
+    def metrics_port(self, name: str) -> int:
+        """The port service NAME serves its metrics on (HTTPS, client certificates) in this install."""
+        return self.settings.service_port(self.service(name).metrics_port)
+
+    def grpc_address(self, name: str) -> str:
+        """host:port of service NAME's gRPC endpoint, as clients dial it (the name on its certificate)."""
+        return f"{self.settings.public_host}:{self.grpc_port(name)}"
 
     def distribution_dir(self, name: str) -> Path:
         """The verified cache folder of a pinned distribution (filled by `bastion setup`)."""

@@ -203,7 +203,7 @@ class Stack:
             components[service.name] = {
                 "healthy": False,
                 "pid": None,
-                "grpc": f"{self.settings.public_host}:{service.grpc_port + self.settings.service_port_offset}",
+                "grpc": f"{self.settings.public_host}:{self.settings.service_port(service.grpc_port)}",
                 "detail": "service not built yet",
             }
         return {

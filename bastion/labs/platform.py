@@ -61,11 +61,10 @@ class Target:
 
     @classmethod
     def running_stack(cls, ctx: StackContext) -> "Target":
-        host, offset = ctx.settings.public_host, ctx.settings.service_port_offset
         access = load_policy(ctx.settings.infra_dir / "event-access.yaml", set(ctx.service_names))
         routes = {name: EventRoute(name, tuple(sorted(topic.consumers))) for name, topic in access.topics.items()}
         return cls(
-            addresses={s.name: f"{host}:{s.grpc_port + offset}" for s in ctx.services},
+            addresses={name: ctx.grpc_address(name) for name in ctx.service_names},
             event_routes=routes,
             service_logs={name: ctx.layout.log_file(name) for name in ctx.service_names},
         )

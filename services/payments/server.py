@@ -40,8 +40,7 @@ def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downs
                                 password=ctx.credentials.redis[NAME])
     breaker = redis_breaker(NAME, "accounts", breaker_redis, is_failure=is_unhealthy,
                             fail_max=own.breaker_fail_max, reset_timeout=own.breaker_reset_seconds)
-    port = next(s.grpc_port for s in ctx.services if s.name == "accounts") + ctx.settings.service_port_offset
-    channel = secure_channel(f"{ctx.settings.public_host}:{port}", runtime.tls())
+    channel = secure_channel(ctx.grpc_address("accounts"), runtime.tls())
     return Downstream("accounts", channel, tokens, breaker, RetryBudget(), own.accounts_deadline_seconds)
 
 

@@ -26,7 +26,6 @@ from tests.integration.grpc_harness import tls_of, user_token
 
 TOKEN_REUSE_SECONDS = 60.0  # well within the realm's 5-minute access token lifespan
 SIGN_IN = threading.Lock()
-PORTS = {"accounts": 50051, "payments": 50052, "notifications": 50053, "audit": 50054}
 
 
 @dataclass
@@ -78,8 +77,7 @@ class Bank:
 
 
 def channel(ctx: StackContext, service: str) -> grpc.Channel:
-    target = f"localhost:{PORTS[service] + ctx.settings.service_port_offset}"
-    return grpc.secure_channel(target, channel_credentials(tls_of(ctx, "cli")))
+    return grpc.secure_channel(ctx.grpc_address(service), channel_credentials(tls_of(ctx, "cli")))
 
 
 def signed_events(ctx: StackContext, topics: list[str], wanted: Callable[[VerifiedEvent], bool], count: int,

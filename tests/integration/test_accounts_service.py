@@ -18,7 +18,7 @@ from tests.integration.grpc_harness import service_token, tls_of, user_token
 
 
 def target(ctx: StackContext) -> str:
-    return f"localhost:{50051 + ctx.settings.service_port_offset}"
+    return ctx.grpc_address("accounts")
 
 
 @pytest.fixture(scope="module")

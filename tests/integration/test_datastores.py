@@ -15,7 +15,8 @@ from bastion.devstack.stack import Stack
 from bastion.settings import PROJECT_ROOT
 
 
-@pytest.mark.parametrize("service", ["accounts", "payments", "notifications", "audit", "keycloak"])
+@pytest.mark.parametrize("service", [*(entry.name for entry in load_services(PROJECT_ROOT / "infra" / "services.yaml")),
+                                     "keycloak"])
 def test_each_service_reaches_its_own_database_over_verified_tls(
     postgres: Postgres, ctx: StackContext, service: str
 ) -> None:

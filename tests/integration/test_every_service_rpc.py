@@ -79,7 +79,7 @@ def channels(ctx: StackContext, stack: Any) -> Iterator[dict[str, grpc.Channel]]
     """Per service, a channel with the cli's client certificate and one with none (the dev CA trusted)."""
     opened: dict[str, grpc.Channel] = {}
     for entry in {rpc[0].name: rpc[0] for rpc in EVERY_RPC}.values():
-        target = f"{ctx.settings.public_host}:{entry.grpc_port + ctx.settings.service_port_offset}"
+        target = ctx.grpc_address(entry.name)
         opened[entry.name] = grpc.secure_channel(target, channel_credentials(tls_of(ctx, "cli")))
         opened[f"{entry.name}/no certificate"] = grpc.secure_channel(
             target, grpc.ssl_channel_credentials(root_certificates=ctx.ca_file.read_bytes()))

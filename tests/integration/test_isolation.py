@@ -11,7 +11,7 @@ PORT_FIELDS = ("postgres_port", "redis_port", "kafka_port", "kafka_controller_po
 def ports_of(settings: DevstackSettings) -> set[int]:
     ports = {getattr(settings, name) for name in PORT_FIELDS}
     for service in load_services(settings.infra_dir / "services.yaml"):
-        ports |= {service.grpc_port + settings.service_port_offset, service.metrics_port + settings.service_port_offset}
+        ports |= {settings.service_port(service.grpc_port), settings.service_port(service.metrics_port)}
     return ports
 
 

@@ -14,19 +14,21 @@ import grpc
 import pytest
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.devstack.catalog import load_services
 from bastion.devstack.context import StackContext
 from bastion.grpc.channels import channel_credentials
 from bastion.metrics_endpoint import sample_value, scrape
+from bastion.settings import PROJECT_ROOT
 from tests.integration.conftest import TEST_ENV
 from tests.integration.grpc_harness import tls_of
 
 REFUSED = "bastion_grpc_refused_total"
 LIST_ACCOUNTS = "/bastion.accounts.v1.Accounts/ListAccounts"
+DECLARED_SERVICES = [entry.name for entry in load_services(PROJECT_ROOT / "infra" / "services.yaml")]
 
 
 def metrics_url(ctx: StackContext, service: str) -> str:
-    entry = next(s for s in ctx.services if s.name == service)
-    return f"https://localhost:{entry.metrics_port + ctx.settings.service_port_offset}/metrics"
+    return f"https://{ctx.settings.public_host}:{ctx.metrics_port(service)}/metrics"
 
 
 def refused_count(ctx: StackContext) -> float:
@@ -35,7 +37,7 @@ def refused_count(ctx: StackContext) -> float:
     return sample_value(text, REFUSED, labels) or 0.0
 
 
-@pytest.mark.parametrize("service", ["accounts", "payments", "notifications", "audit"])
+@pytest.mark.parametrize("service", DECLARED_SERVICES)
 def test_each_service_serves_its_counters_to_a_dev_ca_client(stack: Any, ctx: StackContext, service: str) -> None:
     text = scrape(metrics_url(ctx, service), tls_of(ctx, "cli"))
     assert "# TYPE bastion_grpc_refused_total counter" in text
@@ -43,7 +45,7 @@ def test_each_service_serves_its_counters_to_a_dev_ca_client(stack: Any, ctx: St
 
 def test_a_refused_call_is_counted_where_an_operator_reads_it(stack: Any, ctx: StackContext) -> None:
     before = refused_count(ctx)
-    channel = grpc.secure_channel(f"localhost:{50051 + ctx.settings.service_port_offset}",
+    channel = grpc.secure_channel(ctx.grpc_address("accounts"),
                                   channel_credentials(tls_of(ctx, "cli")))
     with pytest.raises(grpc.RpcError) as refused:
         accounts_pb2_grpc.AccountsStub(channel).ListAccounts(accounts_pb2.ListAccountsRequest(), timeout=10)

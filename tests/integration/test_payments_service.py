@@ -16,9 +16,8 @@ from tests.integration.grpc_harness import tls_of, user_token
 
 def stubs(ctx: StackContext) -> tuple[Any, Any]:
     credentials = channel_credentials(tls_of(ctx, "cli"))
-    offset = ctx.settings.service_port_offset
-    accounts = accounts_pb2_grpc.AccountsStub(grpc.secure_channel(f"localhost:{50051 + offset}", credentials))
-    payments = payments_pb2_grpc.PaymentsStub(grpc.secure_channel(f"localhost:{50052 + offset}", credentials))
+    accounts = accounts_pb2_grpc.AccountsStub(grpc.secure_channel(ctx.grpc_address("accounts"), credentials))
+    payments = payments_pb2_grpc.PaymentsStub(grpc.secure_channel(ctx.grpc_address("payments"), credentials))
     return accounts, payments
 
 

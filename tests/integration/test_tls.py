@@ -24,8 +24,8 @@ def endpoints(ctx: StackContext) -> dict[str, int]:
     ports = {"kafka": s.kafka_port, "kafka-controller": s.kafka_controller_port, "keycloak": s.keycloak_port,
              "keycloak-management": s.keycloak_management_port}
     for service in SERVICES:
-        ports[f"{service.name}-grpc"] = service.grpc_port + s.service_port_offset
-        ports[f"{service.name}-metrics"] = service.metrics_port + s.service_port_offset
+        ports[f"{service.name}-grpc"] = s.service_port(service.grpc_port)
+        ports[f"{service.name}-metrics"] = s.service_port(service.metrics_port)
     return ports
 
 

@@ -27,13 +27,11 @@ class ServiceProcess(Component):
 
     @property
     def grpc_port(self) -> int:
-        port = next(s.grpc_port for s in self.ctx.services if s.name == self.name)
-        return port + self.ctx.settings.service_port_offset
+        return self.ctx.grpc_port(self.name)
 
     @property
     def metrics_port(self) -> int:
-        port = next(s.metrics_port for s in self.ctx.services if s.name == self.name)
-        return port + self.ctx.settings.service_port_offset
+        return self.ctx.metrics_port(self.name)
 
     def ports(self) -> list[int]:
         return [self.grpc_port, self.metrics_port]
