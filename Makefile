@@ -68,7 +68,7 @@ bench-events: setup        ## sign/verify rates and signed vs unsigned end-to-en
 bench-grpc: setup          ## unary RPC throughput and latency: bare, mTLS only, whole security chain
 	$(BIN)/python -m benchmarks.grpc_chain
 
-bench-audit: setup         ## audit log: append throughput, full-chain verification and rebuild speed (100k records)
+bench-audit: setup         ## audit log: append, full-chain verification, rebuild (100k records), consuming access decisions
 	$(BIN)/python -m benchmarks.audit_chain
 
 reset: $(STAMP)            ## stop everything and wipe the state folder (secrets, PKI, data)

@@ -11,7 +11,12 @@ rights only). Prints, for a log of N records (default 100000):
 2. full-chain verification speed: `AuditLog.check_chain` streaming the whole log (server-side cursor,
    `--page` rows at a time) against the checkpoints signed while appending, and the process's peak RSS
    before and after it (a verifier that loaded the log would show it there);
-3. projection rebuild speed: truncate and replay the whole log, with the live/rebuilt comparison.
+3. projection rebuild speed: truncate and replay the whole log, with the live/rebuilt comparison;
+4. the audit service's consumer on access decisions (`--decisions`, default 20000): signed bundles of
+   `--bundle` decisions (default 100) sealed as the interceptors' audit seals them, each bundle taken through
+   the consumer's checks and turned into records (`AuditRecords.of`, the service's own code; Kafka itself is
+   left out), a polled batch of `--batch` records appended in one transaction; with the CPU per decision of
+   this process and of the PostgreSQL session serving it.
 
 The run installs into its own schema `bench_audit_<uuid>`, dropped at the end. Records are realistic: signed
 envelopes (deposits, access decisions), 80 % domain events, 10 % access decisions, 10 % rejections; they
@@ -30,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -41,8 +48,17 @@ from bastion.audit.checkpoints import Checkpointer, CheckpointFile
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog, install, rebuild
 from bastion.audit.records import AuditRecord, RecordKind
 from bastion.audit.records import Decision as AuditDecision
+from bastion.devstack.catalog import load_services
+from bastion.devstack.event_access import load_policy
+from bastion.events.consumer import DeadLetters
 from bastion.events.envelopes import seal
 from bastion.events.keys import KeyRing, SigningKey
+from bastion.events.trust import load_trust_policy
+from bastion.events.verify import EnvelopeVerifier
+from bastion.grpc.audit import BUNDLE_HEADERS, TOPIC, DecisionSealer
+from bastion.grpc.audit import decision as access_decision
+from bastion.settings import PROJECT_ROOT
+from services.audit.adapters.kafka import AuditRecords
 
 SERVICE_ROLE = "audit"
 ORIGIN = "bastion.bench/audit"
@@ -138,6 +154,80 @@ def batches(records: Records, total: int, size: int) -> Iterator[list[AuditRecor
         yield batch
 
 
+class SealedRecord:
+    """A Kafka record of `access.decisions.v1` as the consumer reads it: a sealed bundle of decisions."""
+
+    def __init__(self, value: bytes, offset: int) -> None:
+        self._value, self._offset, self._appended_ms = value, offset, int(time.time() * 1000)
+
+    def value(self) -> bytes:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return BUNDLE_HEADERS
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return TIMESTAMP_LOG_APPEND_TIME, self._appended_ms
+
+
+def sealed_decisions(ring: KeyRing, count: int, bundle: int) -> list[SealedRecord]:
+    """COUNT access decisions (one in twenty denied) sealed into bundles of BUNDLE by the accounts service's key."""
+    sealer = DecisionSealer(ring.signing_key("accounts"))
+    methods = ["/bastion.accounts.v1.Accounts/GetAccount", "/bastion.accounts.v1.Accounts/Deposit"]
+    sealed: list[SealedRecord] = []
+    for first in range(0, count, bundle):
+        batch = [(access_decision(f"user-{n % PRINCIPALS}", "cli", methods[n % 2], n % 20 != 7,
+                           "role customer is allowed" if n % 20 != 7 else "needs one of teller", str(uuid.uuid4())),
+                  time.time_ns()) for n in range(first, min(first + bundle, count))]
+        sealed += [SealedRecord(value, len(sealed) + 1) for value, _, _ in sealer.bundles(batch)]
+    return sealed
+
+
+class NoDeadLetters:
+    """The benchmark's decisions all verify: a dead letter would mean the run measured the wrong thing."""
+
+    def produce(self, *_args: object, **_kwargs: object) -> None:
+        raise SystemExit("a benchmark decision was refused by the consumer's checks")
+
+
+def consume(service: Engine, log: AuditLog, ring: KeyRing, options: argparse.Namespace) -> tuple[float, float, float]:
+    """Seconds, this process's CPU seconds and the PostgreSQL session's CPU seconds to take `--decisions` sealed
+    decisions through the consumer's checks into the log, `--batch` records per transaction."""
+    infra = PROJECT_ROOT / "infra"
+    access = load_policy(infra / "event-access.yaml", {entry.name for entry in load_services(infra / "services.yaml")})
+    verifier = EnvelopeVerifier(ring.trust_store(), load_trust_policy(infra / "event-trust.yaml", access))
+    reader = AuditRecords(verifier, DeadLetters(NoDeadLetters(), "audit"))
+    sealed = sealed_decisions(ring, options.decisions, options.bundle)
+    me = psutil.Process()
+    with service.connect() as conn:
+        backend = psutil.Process(int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()))
+        conn.rollback()
+        cpu, backend_cpu, started = me.cpu_times(), backend.cpu_times(), time.perf_counter()
+        pending: list[AuditRecord] = []
+        for index, record in enumerate(sealed):
+            pending += reader.of(record)
+            if len(pending) >= options.batch or index == len(sealed) - 1:
+                with conn.begin():
+                    log.append(conn, pending)
+                pending = []
+        seconds = time.perf_counter() - started
+        used, backend_used = me.cpu_times(), backend.cpu_times()
+    return (seconds, used.user + used.system - cpu.user - cpu.system,
+            backend_used.user + backend_used.system - backend_cpu.user - backend_cpu.system)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -154,6 +244,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="records per append transaction (default 500)")
     parser.add_argument("--page", type=int, default=1_000, help="rows per fetch when streaming (default 1000)")
     parser.add_argument("--checkpoint-every", type=int, default=10_000, help="records per checkpoint")
+    parser.add_argument("--decisions", type=int, default=20_000, help="access decisions consumed (default 20000)")
+    parser.add_argument("--bundle", type=int, default=100, help="decisions per sealed bundle (default 100)")
     options = parser.parse_args()
     if options.records <= SINGLE_APPENDS:
         parser.error(f"--records must be above the {SINGLE_APPENDS} single-record appends")
@@ -215,6 +307,7 @@ def main() -> None:
             rebuilding = time.perf_counter() - started
             if not rebuilt.matches or rebuilt.replayed != options.records:
                 raise SystemExit(f"the rebuilt projections differ from the live ones: {rebuilt}")
+            consuming, consumer_cpu, postgres_cpu = consume(service, log, ring, options)
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -232,6 +325,10 @@ def main() -> None:
     print(f"  peak RSS before verifying {rss_before:.0f} MB, after {rss_after:.0f} MB "
           f"(the verifier streams: {options.page}-row pages)")
     print(f"  head {report.head_hash.hex()} at length {report.length}, anchored at {report.anchored_length}")
+    decisions = options.decisions
+    print(f"  {f'consume access decisions, bundles of {options.bundle}':<46}{decisions / consuming:>10,.0f} "
+          f"decisions/s ({consuming:6.2f} s); CPU per decision: consumer {consumer_cpu / decisions * 1e6:.0f} µs, "
+          f"PostgreSQL {postgres_cpu / decisions * 1e6:.0f} µs")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from sqlalchemy import (
     bindparam,
     collate,
     func,
-    insert,
     select,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -53,7 +52,7 @@ from sqlalchemy.dialects.postgresql import insert as upsert
 
 from bastion.audit.chain import EMPTY, Appended, Head, LogEntry, extend
 from bastion.audit.checkpoints import Checkpoint
-from bastion.audit.errors import CorruptRowError, InstallError, InvalidRecordError
+from bastion.audit.errors import AuditError, CorruptRowError, InstallError, InvalidRecordError
 from bastion.audit.projections import (
     AccessRow,
     AccessSummaryRow,
@@ -271,6 +270,24 @@ def entry_of_row(row: Row[tuple[object, ...]]) -> LogEntry:
         raise CorruptRowError(seq if isinstance(seq, int) else 0, str(error)) from None
 
 
+def _copy_in(conn: Connection, table: Table, rows: Sequence[dict[str, object]]) -> None:
+    """Insert ROWS into TABLE with one COPY FROM STDIN in CONN's transaction: one stream of rows instead of a
+    statement per row (the log gets a row per access decision the platform makes: with an INSERT per row, that
+    was the largest part of the consumer's cost). The same rights as INSERT; the same constraints and triggers."""
+    names = [column.name for column in table.columns]
+    translate = conn.get_execution_options().get("schema_translate_map") or {}
+    quote = conn.dialect.identifier_preparer.quote
+    schema = table.schema or AUDIT_SCHEMA
+    target = f"{quote(translate.get(schema, schema))}.{quote(table.name)}"
+    statement = f"COPY {target} ({', '.join(quote(name) for name in names)}) FROM STDIN"
+    driver = conn.connection.driver_connection
+    if driver is None:
+        raise AuditError("the audit store's connection has no open psycopg connection to copy rows through")
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row([row[name] for name in names])
+
+
 def _project(conn: Connection, entries: Sequence[LogEntry]) -> None:
     """Fold ENTRIES with the pure fold and merge the result into the live projection tables."""
     batch = Projections()
@@ -278,7 +295,7 @@ def _project(conn: Connection, entries: Sequence[LogEntry]) -> None:
         batch.apply(entry.seq, entry.record)
     for table, rows in ((timeline, batch.timeline), (access_log, batch.access), (security_view, batch.security)):
         if rows:
-            conn.execute(insert(table), [_values(row) for row in rows.values()])
+            _copy_in(conn, table, [_values(row) for row in rows.values()])
     if batch.summary:
         statement = upsert(access_summary)
         conn.execute(statement.on_conflict_do_update(
@@ -316,7 +333,7 @@ class AuditLog:
                 fresh.setdefault(_coordinates(record), record)
         entries = extend(self.head(conn), fresh.values())
         if entries:
-            conn.execute(insert(log), [_log_row(entry) for entry in entries])
+            _copy_in(conn, log, [_log_row(entry) for entry in entries])
             _project(conn, entries)
         for entry in entries:
             kept.setdefault(_coordinates(entry.record)[:3], {})[entry.record.item] = Appended(entry.seq, entry.hash)

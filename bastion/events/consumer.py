@@ -6,8 +6,9 @@ only after the effect and inbox row are committed, or the dead-letter write is a
 
 A record is one envelope, or a bundle of them (the relay's batch for one partition, `verify.verify_bundle`): a
 bundle refused as a whole goes to the dead-letter topic as it came; after that, each of its envelopes is
-applied, dropped or dead-lettered on its own (as the envelope that verifies alone, `signed_envelope`), in order,
-and the record's offset is committed once every one of them is settled.
+applied or dropped on its own, in order; those refused alone (each kept as the envelope that verifies alone,
+`signed_envelope`) are then recorded and dead-lettered together, in one transaction and one broker round trip. The
+record's offset is committed once every one of them is settled.
 """
 
 import contextlib
@@ -17,7 +18,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -54,6 +55,19 @@ class DeadLetterError(EventsError):
 class HeldEventNotSetAsideError(EventsError):
     """A released held event that could not be applied could not be set aside either (its dead letter or its
     security record failed): the consumer stops, and the record that released it is read again after a restart."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused record (RAW), or (ITEM set) the refused envelope of a bundle record, as a bundle of one (BUNDLED:
+    RAW is a bundle), or (RELEASED set) the held event of that sequence which the record's event released and
+    which could not be applied."""
+
+    raw: bytes
+    error: VerificationError
+    item: int | None = None
+    bundled: bool = False
+    released: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ class VerifyingConsumer:
              "auto.offset.reset": "earliest", "isolation.level": "read_committed"}
         )
         self.dead_letters = Producer({**kafka_config, "enable.idempotence": True, "acks": "all"})
+        self.letters = DeadLetters(self.dead_letters, settings.name)
         self.consumer.subscribe(settings.topics)
 
     def close(self) -> None:
@@ -165,12 +180,15 @@ class VerifyingConsumer:
             self._reject(message, raw, error, bundled=True)
             return "rejected"
         outcome = "rejected"
+        refused = []
         for item, event in enumerate(verified.outcomes):
             if isinstance(event, VerificationError):
-                self._reject(message, verified.alone(item), event, item=item, bundled=True)
+                refused.append(Refusal(verified.alone(item), event, item, bundled=True))
                 outcome = "rejected"
             else:
                 outcome = self._settle(message, event, b"", item)
+        if refused:
+            self._reject_all(message, refused)
         return outcome
 
     def _settle(self, message: Message, event: VerifiedEvent, raw: bytes, item: int | None = None) -> str:
@@ -275,35 +293,52 @@ class VerifyingConsumer:
 
     def _reject(self, message: Message, raw: bytes, error: VerificationError, item: int | None = None,
                 bundled: bool = False, released: int | None = None, conn: Connection | None = None) -> None:
-        """Count, log, raise a security record and dead-letter RAW: a refused record, or (ITEM set) the envelope
-        of a bundle that was refused alone, as a bundle of one (BUNDLED: RAW is a bundle), or (RELEASED set) the
-        held event of that sequence which MESSAGE's event released and which could not be applied. The security
-        record is written in CONN's transaction when given, else in one of its own."""
-        claimed = claimed_envelope(raw, bundled)
+        self._reject_all(message, [Refusal(raw, error, item, bundled, released)], conn)
+
+    def _reject_all(self, message: Message, refusals: list[Refusal], conn: Connection | None = None) -> None:
+        """Count, log, raise a security record for and dead-letter each of REFUSALS of MESSAGE. The security
+        records are written in CONN's transaction when given, else in one of their own, and the dead letters are
+        settled once: a bundle's refused envelopes cost one commit and one broker round trip, not one each."""
+        noted = [self._noted(message, refusal) for refusal in refusals]
+        outbox = self.security_outbox
+        if outbox is not None:
+            with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as target:
+                for refusal, claimed in noted:
+                    self._security_record(outbox, target, message, refusal, claimed)
+        for refusal, _ in noted:
+            self.letters.write(message, refusal.raw, refusal.error, refusal.item, refusal.bundled, refusal.released)
+        self.letters.settle()
+
+    def _noted(self, message: Message, refusal: Refusal) -> tuple[Refusal, Envelope]:
+        """REFUSAL counted and logged, with what its record claims about itself (the reason of a released held
+        event names it)."""
+        claimed = claimed_envelope(refusal.raw, refusal.bundled)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
-        if released is not None:
-            error = VerificationError(error.reason, f"held event {released}, released by this record: {error.detail}")
+        error = refusal.error
+        if refusal.released is not None:
+            error = VerificationError(error.reason, f"held event {refusal.released}, released by this record: "
+                                                    f"{error.detail}")
+            refusal = replace(refusal, error=error)
         EVENTS_REJECTED.labels(self.settings.name, topic, error.reason.value).inc()
         log.warning("event_rejected", consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                    item=item, released=released, reason=error.reason.value, detail=error.detail[:300],
-                    claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
-                    correlation_id=safe_claim(claimed.correlation_id))
-        if self.security_outbox is not None:
-            record = EventRejected(
-                consumer=self.settings.name, topic=topic, partition=partition, offset=offset,
-                reason=error.reason.value, detail=error.detail[:500], claimed_producer=safe_claim(claimed.producer),
-                claimed_event_id=safe_claim(claimed.event_id), correlation_id=safe_claim(claimed.correlation_id),
-                item=item,
-            )
-            place = f"{self.settings.name}/{source_of(message, item, released)}"
-            record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
-            with contextlib.nullcontext(conn) if conn is not None else self.engine.begin() as target:
-                self.security_outbox.append(target, SECURITY_TOPIC, record,
-                                            aggregate_id=f"consumer:{self.settings.name}",
-                                            correlation_id=record.correlation_id if SAFE_ID.match(
-                                                record.correlation_id) else record_id,
-                                            event_id=record_id)
-        dead_letter(self.dead_letters, self.settings.name, message, raw, error, item, bundled, released)
+                    item=refusal.item, released=refusal.released, reason=error.reason.value,
+                    detail=error.detail[:300], claimed_producer=safe_claim(claimed.producer),
+                    claimed_event_id=safe_claim(claimed.event_id), correlation_id=safe_claim(claimed.correlation_id))
+        return refusal, claimed
+
+    def _security_record(self, outbox: Outbox, target: Connection, message: Message, refusal: Refusal,
+                         claimed: Envelope) -> None:
+        record = EventRejected(
+            consumer=self.settings.name, topic=message.topic(), partition=message.partition(),
+            offset=message.offset(), reason=refusal.error.reason.value, detail=refusal.error.detail[:500],
+            claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
+            correlation_id=safe_claim(claimed.correlation_id), item=refusal.item,
+        )
+        place = f"{self.settings.name}/{source_of(message, refusal.item, refusal.released)}"
+        record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
+        outbox.append(target, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
+                      correlation_id=record.correlation_id if SAFE_ID.match(record.correlation_id) else record_id,
+                      event_id=record_id)
 
 
 def handler_failure(error: Exception) -> VerificationError:
@@ -322,30 +357,61 @@ def source_of(message: Message, item: int | None = None, released: int | None = 
     return place
 
 
+class DeadLetters:
+    """Writes refused records to `<topic>.dlq` with the reason in their headers. `write` hands one to the producer;
+    `settle` returns once the broker has acknowledged every one written since the last settle (the caller commits
+    the offset only then) and raises DeadLetterError otherwise.
+
+    The refused envelopes of one bundle are written together and settled once: one broker round trip per bundle,
+    not per envelope, so a bundle of hundreds of refused envelopes (a producer's stolen key can sign one) costs
+    the consumer one wait, not hundreds."""
+
+    def __init__(self, producer: Producer, consumer: str) -> None:
+        self.producer = producer
+        self.consumer = consumer
+        self._outcomes: list[KafkaError | None] = []
+        self._written: list[str] = []
+
+    def write(self, message: Message, raw: bytes, error: VerificationError, item: int | None = None,
+              bundled: bool = False, released: int | None = None) -> None:
+        """Hand the refused record (or, ITEM set, the refused envelope of a bundle record, as a bundle of one) to
+        the producer. A bundle (BUNDLED) keeps the bundle header, so it can be read as one again."""
+        source = source_of(message, item, released)
+        headers = [
+            ("bastion-reject-reason", error.reason.value.encode()),
+            ("bastion-reject-detail", error.detail[:500].encode()),
+            ("bastion-source", source.encode()),
+            ("bastion-consumer", self.consumer.encode()),
+        ]
+        if len(raw) > DEAD_LETTER_MAX_BYTES:
+            # With the headers it would not fit in a Kafka record: the write would fail on every restart and stop
+            # the partition. Keep a prefix, the size and the digest of the whole; the source stays in its topic.
+            headers += [("bastion-truncated-from", str(len(raw)).encode()),
+                        ("bastion-sha256", hashlib.sha256(raw).hexdigest().encode())]
+            raw = raw[:DEAD_LETTER_PREFIX_BYTES]
+        if bundled:
+            headers.append((BUNDLE_HEADER, BUNDLE_CONTENT))
+        outcomes = self._outcomes  # this settle's list: the report may come after the next settle began
+        self.producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
+                              on_delivery=lambda err, _msg: outcomes.append(err))
+        self._written.append(source)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait (one flush) until the broker has acknowledged every dead letter written since the last settle."""
+        if not self._written:
+            return
+        written, outcomes = self._written, self._outcomes
+        self._written, self._outcomes = [], []
+        self.producer.flush(timeout)
+        failed = [str(outcome) for outcome in outcomes if outcome is not None]
+        if len(outcomes) < len(written) or failed:
+            raise DeadLetterError(f"dead-letter writes not acknowledged: {len(written) - len(outcomes)} without an "
+                                  f"answer, {len(failed)} failed ({'; '.join(failed)[:300]}), first at {written[0]}")
+
+
 def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes, error: VerificationError,
                 item: int | None = None, bundled: bool = False, released: int | None = None) -> None:
-    """Write the refused record (or, ITEM set, the refused envelope of a bundle record, as a bundle of one) to
-    `<topic>.dlq` with the reason in its headers; return once the broker has acknowledged it (the caller commits
-    the offset only then), raise DeadLetterError otherwise. A bundle (BUNDLED) keeps the bundle header, so it
-    can be read as one again."""
-    outcome: list[KafkaError | None] = []
-    source = source_of(message, item, released)
-    headers = [
-        ("bastion-reject-reason", error.reason.value.encode()),
-        ("bastion-reject-detail", error.detail[:500].encode()),
-        ("bastion-source", source.encode()),
-        ("bastion-consumer", consumer.encode()),
-    ]
-    if len(raw) > DEAD_LETTER_MAX_BYTES:
-        # With the headers it would not fit in a Kafka record: the write would fail on every restart and stop the
-        # partition. Keep a prefix, the size and the digest of the whole; the source record stays in its topic.
-        headers += [("bastion-truncated-from", str(len(raw)).encode()),
-                    ("bastion-sha256", hashlib.sha256(raw).hexdigest().encode())]
-        raw = raw[:DEAD_LETTER_PREFIX_BYTES]
-    if bundled:
-        headers.append((BUNDLE_HEADER, BUNDLE_CONTENT))
-    producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
-                     on_delivery=lambda err, _msg: outcome.append(err))
-    producer.flush(30)
-    if not outcome or outcome[0] is not None:
-        raise DeadLetterError(f"dead-letter write for {message.topic()} not acknowledged: {outcome}")
+    """Write one refused record to `<topic>.dlq` (DeadLetters.write) and return once the broker acknowledged it."""
+    letters = DeadLetters(producer, consumer)
+    letters.write(message, raw, error, item, bundled, released)
+    letters.settle()

@@ -71,6 +71,59 @@ class MemoryAccessAudit:
         self.decisions.append(decision)
 
 
+class DecisionSealer:
+    """Numbers access decisions in this process's aggregate and seals them into signed bundles: one Ed25519
+    signature per bundle, over the Merkle root of its envelopes (`signing.sign_bundle`). No I/O."""
+
+    def __init__(self, key: SigningKey, topic: str = TOPIC) -> None:
+        self.key = key
+        self.topic = topic
+        self.new_aggregate()
+
+    def new_aggregate(self) -> None:
+        """One aggregate per process (gap-free sequences without coordinating replicas); a new one after a
+        lost decision, so the audit consumer never waits for a sequence number that will not come."""
+        self.aggregate_id = f"access:{self.key.producer}:{uuid.uuid4()}"
+        self.sequence = itertools.count(1)
+
+    def bundles(self, decisions: list[tuple[AccessDecision, int]]) -> list[tuple[bytes, int, int]]:
+        """DECISIONS ((decision, when it was recorded in ns), in order) numbered on and sealed: each bundle's bytes
+        with the range [start, end) of DECISIONS it holds. A batch of long decisions is several bundles, so none
+        is ever too large for Kafka (a refused bundle would lose every decision in it, the legitimate ones with
+        the others)."""
+        members = self._members(decisions)
+        sealed, start = [], 0
+        for end in bundle_cuts([len(member) for member in members], MAX_BUNDLE_BYTES):
+            signed = EnvelopeBundle(envelopes=members[start:end])
+            sign_bundle(signed, self.key.private_key)
+            sealed.append((signed.SerializeToString(), start, end))
+            start = end
+        return sealed
+
+    def _members(self, decisions: list[tuple[AccessDecision, int]]) -> list[bytes]:
+        """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurring when it was recorded
+        and published now (freshness is judged on `published_at`: a decision that waited is stamped when it
+        leaves). Copied from one template of the fields they share (what `envelope_for` builds, at a third of
+        its cost: this runs for every call the service answers)."""
+        template = Envelope(event_type=DECISION_TYPE, schema_version=SCHEMAS[DECISION_TYPE].current_version,
+                            producer=self.key.producer, key_id=self.key.key_id, aggregate_id=self.aggregate_id,
+                            topic=self.topic)
+        published_seconds, published_nanos = divmod(time.time_ns(), 1_000_000_000)
+        members = []
+        envelope = Envelope()
+        for (decision, recorded_ns), event_id in zip(decisions, new_event_ids(len(decisions)), strict=True):
+            envelope.CopyFrom(template)
+            envelope.event_id = event_id
+            envelope.sequence = next(self.sequence)
+            envelope.correlation_id = decision.correlation_id
+            envelope.payload = decision.SerializeToString(deterministic=True)
+            seconds, nanos = divmod(recorded_ns, 1_000_000_000)
+            envelope.occurred_at.seconds, envelope.occurred_at.nanos = seconds, nanos
+            envelope.published_at.seconds, envelope.published_at.nanos = published_seconds, published_nanos
+            members.append(envelope.SerializeToString())
+        return members
+
+
 class KafkaAccessAudit:
     """Signs decisions with the service's key and hands them to Kafka, from a thread of its own: the call
     path only appends the decision to a bounded deque (one uncontended lock, no wake-up while the worker is
@@ -105,16 +158,10 @@ class KafkaAccessAudit:
         # wake-up missed all the same would cost the worker's 1 s wait, never a decision.
         self._idle = False
         self._closed = False
-        self._new_aggregate()
+        self.sealer = DecisionSealer(key, topic)
+        self._sequence_broken = False
         self.worker = threading.Thread(target=self._publish, name=f"access-audit-{key.producer}", daemon=True)
         self.worker.start()
-
-    def _new_aggregate(self) -> None:
-        """One aggregate per process (gap-free sequences without coordinating replicas); a new one after a
-        lost decision, so the audit consumer never waits for a sequence number that will not come."""
-        self.aggregate_id = f"access:{self.key.producer}:{uuid.uuid4()}"
-        self.sequence = itertools.count(1)
-        self._sequence_broken = False
 
     def record(self, decision: AccessDecision) -> None:
         """Queue DECISION; never blocks or raises into the call path (a lost decision is logged and counted).
@@ -182,47 +229,18 @@ class KafkaAccessAudit:
                 self._progress.notify_all()
 
     def _publish_batch(self, decisions: list[tuple[AccessDecision, int]]) -> list[tuple[AccessDecision, int]]:
-        """Sign DECISIONS as one bundle and hand it to the producer as one Kafka record (one record per batch,
-        not per call: each record cost the server, librdkafka and the broker more than signing did). A bundle
-        the producer refuses is lost whole (each decision counted and logged), and the next batch is numbered in
-        a fresh aggregate. Returns the decisions to sign again: none (the signature covers all or none)."""
+        """Seal DECISIONS (one bundle, or several if they are long) and hand each bundle to the producer as one
+        Kafka record (one record per batch, not per call: each record cost the server, librdkafka and the broker
+        more than signing did). A bundle the producer refuses is lost whole (each decision counted and logged),
+        and the next batch is numbered in a fresh aggregate. Returns the decisions to seal again: none (the
+        signature covers all or none)."""
         if self._sequence_broken:
-            self._new_aggregate()
-        members = self._members(decisions)
-        key = self.aggregate_id.encode()
-        start = 0
-        for end in bundle_cuts([len(member) for member in members], MAX_BUNDLE_BYTES):
-            # A batch of long decisions is several bundles, so none is ever too large for Kafka (a refused bundle
-            # would lose every decision in it, the legitimate ones with the others).
-            signed = EnvelopeBundle(envelopes=members[start:end])
-            sign_bundle(signed, self.key.private_key)
-            self._produce(key, signed.SerializeToString(), [decision.correlation_id for decision, _ in
-                                                            decisions[start:end]])
-            start = end
+            self.sealer.new_aggregate()
+            self._sequence_broken = False
+        key = self.sealer.aggregate_id.encode()
+        for bundle, start, end in self.sealer.bundles(decisions):
+            self._produce(key, bundle, [decision.correlation_id for decision, _ in decisions[start:end]])
         return []
-
-    def _members(self, decisions: list[tuple[AccessDecision, int]]) -> list[bytes]:
-        """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurring when it was recorded
-        and published now (freshness is judged on `published_at`: a decision that waited is stamped when it
-        leaves). Copied from one template of the fields they share (what `envelope_for` builds, at a third of
-        its cost: this runs for every call the service answers)."""
-        template = Envelope(event_type=DECISION_TYPE, schema_version=SCHEMAS[DECISION_TYPE].current_version,
-                            producer=self.key.producer, key_id=self.key.key_id, aggregate_id=self.aggregate_id,
-                            topic=self.topic)
-        published_seconds, published_nanos = divmod(time.time_ns(), 1_000_000_000)
-        members = []
-        envelope = Envelope()
-        for (decision, recorded_ns), event_id in zip(decisions, new_event_ids(len(decisions)), strict=True):
-            envelope.CopyFrom(template)
-            envelope.event_id = event_id
-            envelope.sequence = next(self.sequence)
-            envelope.correlation_id = decision.correlation_id
-            envelope.payload = decision.SerializeToString(deterministic=True)
-            seconds, nanos = divmod(recorded_ns, 1_000_000_000)
-            envelope.occurred_at.seconds, envelope.occurred_at.nanos = seconds, nanos
-            envelope.published_at.seconds, envelope.published_at.nanos = published_seconds, published_nanos
-            members.append(envelope.SerializeToString())
-        return members
 
     def _produce(self, key: bytes, value: bytes, correlation_ids: list[str]) -> bool:
         for _ in range(50):

@@ -5,7 +5,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, AccessDecision, EventRejected
 from bastion.audit.chain import Head
@@ -63,24 +63,25 @@ def _kept(raw: bytes) -> bytes:
 
 def accepted(delivery: Delivery, event: VerifiedEvent, recorded_at: dt.datetime) -> AuditRecord:
     """The record of an event that passed every check: a domain event, an access decision of an interceptor,
-    or another consumer's report that it refused an event."""
+    or another consumer's report that it refused an event. Built once, of its kind (each record is checked when
+    built, and the consumer builds one per access decision the platform makes)."""
     envelope, payload = event.envelope, event.payload
+    kind, principal, action, decision, reason, detail = RecordKind.EVENT, None, None, None, None, None
     # Even a verified event's strings are a producer's input: bounded and NUL-free, so none can stop the log.
-    record = AuditRecord(
-        RecordKind.EVENT, topic=delivery.topic, partition=delivery.partition, offset=delivery.offset,
+    if isinstance(payload, AccessDecision):
+        kind, principal, action = RecordKind.ACCESS, _text(payload.principal), _text(payload.method)
+        decision = Decision.ALLOW if payload.decision == DECISION_ALLOW else Decision.DENY
+        reason, detail = _text(payload.reason), f"peer={_text(payload.service_identity) or '-'}"
+    elif isinstance(payload, EventRejected):
+        kind, principal = RecordKind.REJECTION, _text(payload.consumer)
+        action = _text(f"{payload.topic}/{payload.partition}/{payload.offset}")
+        reason, detail = _text(payload.reason), _text(payload.detail)
+    return AuditRecord(
+        kind, topic=delivery.topic, partition=delivery.partition, offset=delivery.offset,
         event_id=_text(envelope.event_id), event_type=_text(envelope.event_type), producer=_text(envelope.producer),
         aggregate_id=_text(envelope.aggregate_id), correlation_id=_text(envelope.correlation_id),
         occurred_at=envelope.occurred_at.ToDatetime(dt.UTC), recorded_at=recorded_at, envelope=delivery.raw,
-        item=delivery.item)
-    if isinstance(payload, AccessDecision):
-        return replace(record, kind=RecordKind.ACCESS, principal=_text(payload.principal), action=_text(payload.method),
-                       decision=Decision.ALLOW if payload.decision == DECISION_ALLOW else Decision.DENY,
-                       reason=_text(payload.reason), detail=f"peer={_text(payload.service_identity) or '-'}")
-    if isinstance(payload, EventRejected):
-        return replace(record, kind=RecordKind.REJECTION, principal=_text(payload.consumer),
-                       action=_text(f"{payload.topic}/{payload.partition}/{payload.offset}"),
-                       reason=_text(payload.reason), detail=_text(payload.detail))
-    return record
+        principal=principal, action=action, decision=decision, reason=reason, detail=detail, item=delivery.item)
 
 
 def refused(delivery: Delivery, claimed: Envelope, error: VerificationError, recorded_at: dt.datetime) -> AuditRecord:

@@ -224,3 +224,21 @@ def test_a_service_principal_is_no_super_user_and_cannot_grant_itself_anything(
     assert not [acl for acl in operator.client.describe_acls(EVERY_ACL).result(timeout=TIMEOUT)
                 if acl.principal == f"User:{service}" and acl.name == "*"], "no ACL was written"
     assert stray not in operator.client.list_topics(timeout=TIMEOUT).topics
+
+
+@pytest.mark.parametrize("service", ["payments", "audit"])
+def test_a_service_principal_sees_no_acl_and_only_the_topics_it_is_granted(
+    kafka: Kafka, ctx: StackContext, service: str,
+) -> None:
+    """A stolen service password does not map the broker: DescribeAcls answers with nothing, and the topic list
+    holds only the topics the principal has a grant on."""
+    admin = AdminClient(kafka.client_config(service, ctx.credentials.kafka[service]))
+    operator = kafka.admin().client
+    every_acl = operator.describe_acls(EVERY_ACL).result(timeout=TIMEOUT)
+    granted = {acl.name for acl in every_acl if acl.principal == f"User:{service}" and
+               acl.restype == ResourceType.TOPIC}
+    all_topics = set(operator.list_topics(timeout=TIMEOUT).topics)
+    assert len(every_acl) > 10 and all_topics - granted, "the broker holds ACLs and topics of other principals"
+    assert admin.describe_acls(EVERY_ACL).result(timeout=TIMEOUT) == []
+    seen = set(admin.list_topics(timeout=TIMEOUT).topics)
+    assert seen and seen <= granted

@@ -1,7 +1,9 @@
 """Dead letters: a refused record keeps its bytes and the reason, and one too large to be written again with its
 headers is kept as a prefix with its size and digest, so its partition never stops on it."""
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -10,14 +12,24 @@ from bastion.events.consumer import (
     DEAD_LETTER_MAX_BYTES,
     DEAD_LETTER_PREFIX_BYTES,
     ConsumerSettings,
+    DeadLetterError,
+    DeadLetters,
+    VerifyingConsumer,
     dead_letter,
     source_of,
 )
 from bastion.events.errors import RejectReason, VerificationError
+from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
 
 
 class Record:
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [(BUNDLE_HEADER, BUNDLE_CONTENT)]
+
+    def value(self) -> bytes:
+        return b"a bundle"
+
     def topic(self) -> str:
         return "accounts.events.v1"
 
@@ -82,3 +94,124 @@ def test_each_place_names_one_record_envelope_or_released_held_event() -> None:
 def test_a_consumer_name_that_could_blur_a_place_is_refused(name: str) -> None:
     with pytest.raises(ValueError, match="not a service name"):
         ConsumerSettings(name, "group", ["t"])
+
+
+class Unanswering(Acknowledging):
+    """Takes records and never reports on them."""
+
+    def flush(self, _timeout: float) -> int:
+        return len(self.callbacks)
+
+
+class RefusingOne(Acknowledging):
+    """Acknowledges every record but the second."""
+
+    def flush(self, _timeout: float) -> int:
+        for number, callback in enumerate(self.callbacks):
+            callback("Broker: not enough replicas" if number == 1 else None, None)
+        self.callbacks = []
+        return 0
+
+
+class CountingFlushes(Acknowledging):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self, timeout: float) -> int:
+        self.flushes += 1
+        answered = super().flush(timeout)
+        self.callbacks = []
+        return answered
+
+
+def test_the_refused_envelopes_of_a_bundle_cost_one_broker_round_trip() -> None:
+    producer = CountingFlushes()
+    letters = DeadLetters(producer, "audit")  # type: ignore[arg-type]
+    for item in range(300):
+        letters.write(Record(), b"forged", REFUSED, item=item, bundled=True)  # type: ignore[arg-type]
+    letters.settle()
+    assert producer.flushes == 1 and len(producer.sent) == 300
+    assert {headers["bastion-source"] for _, _, headers in producer.sent} == {
+        f"accounts.events.v1/2/77/{item}".encode() for item in range(300)}
+    letters.settle()  # nothing written since: no round trip
+    assert producer.flushes == 1
+
+
+def test_one_unacknowledged_dead_letter_fails_the_whole_settle() -> None:
+    letters = DeadLetters(RefusingOne(), "audit")  # type: ignore[arg-type]
+    for item in range(3):
+        letters.write(Record(), b"forged", REFUSED, item=item, bundled=True)  # type: ignore[arg-type]
+    with pytest.raises(DeadLetterError, match=r"1 failed .*not enough replicas"):
+        letters.settle()
+
+
+def test_a_dead_letter_without_an_answer_from_the_broker_fails_the_settle() -> None:
+    letters = DeadLetters(Unanswering(), "audit")  # type: ignore[arg-type]
+    letters.write(Record(), b"forged", REFUSED)  # type: ignore[arg-type]
+    with pytest.raises(DeadLetterError, match=r"1 without an answer.*first at accounts\.events\.v1/2/77"):
+        letters.settle()
+
+
+def test_a_late_report_counts_for_its_own_settle_not_the_next() -> None:
+    producer = Unanswering()
+    letters = DeadLetters(producer, "audit")  # type: ignore[arg-type]
+    letters.write(Record(), b"forged", REFUSED, item=0)  # type: ignore[arg-type]
+    with pytest.raises(DeadLetterError):
+        letters.settle()
+    late = producer.callbacks.pop()
+    letters.write(Record(), b"forged", REFUSED, item=1)  # type: ignore[arg-type]
+    late("Broker: timed out", None)  # the first letter's report, arriving while the second waits
+    producer.callbacks.pop()(None, None)
+    letters.settle()  # the second letter was acknowledged: the first's late failure is not counted against it
+
+
+class BundleRecord(Record):
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+class ForgedBundle:
+    """What `verify_bundle` answers for a bundle whose signature verified and whose envelopes are all refused."""
+
+    def __init__(self, refused: int) -> None:
+        one = EnvelopeBundle(envelopes=[Envelope(producer="accounts", event_id="e-1").SerializeToString()])
+        self.raw = one.SerializeToString()
+        self.outcomes = [VerificationError(RejectReason.NOT_AUTHORISED, f"envelope {n}: producer may not publish it")
+                         for n in range(refused)]
+
+    def verify_bundle(self, _raw: bytes, _topic: str, _received: Any) -> "ForgedBundle":
+        return self
+
+    def alone(self, _index: int) -> bytes:
+        return self.raw
+
+
+class CountingEngine:
+    def __init__(self) -> None:
+        self.transactions = 0
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[str]:
+        self.transactions += 1
+        yield "connection"
+
+
+class RecordingOutbox:
+    def __init__(self) -> None:
+        self.appended: list[tuple[str, str]] = []
+
+    def append(self, conn: str, _topic: str, record: Any, **ids: str) -> None:
+        self.appended.append((conn, ids["event_id"]))
+
+
+def test_a_bundle_of_refused_envelopes_costs_one_transaction_and_one_round_trip_and_loses_none() -> None:
+    consumer = VerifyingConsumer.__new__(VerifyingConsumer)  # the Kafka clients are not needed to settle a record
+    producer, engine, outbox = CountingFlushes(), CountingEngine(), RecordingOutbox()
+    consumer.settings = ConsumerSettings("notifications", "notifications", ["accounts.events.v1"])
+    consumer.verifier, consumer.engine, consumer.security_outbox = ForgedBundle(250), engine, outbox  # type: ignore
+    consumer.letters = DeadLetters(producer, "notifications")  # type: ignore[arg-type]
+    assert consumer.handle(BundleRecord()) == "rejected"  # type: ignore[arg-type]
+    assert (engine.transactions, producer.flushes) == (1, 1)
+    assert len(producer.sent) == 250 and len({event_id for _, event_id in outbox.appended}) == 250
+    assert [headers["bastion-reject-reason"] for _, _, headers in producer.sent] == [b"not_authorised"] * 250

@@ -12,7 +12,6 @@ the log is keyed by (topic, partition, offset). See docs/decisions.md.
 import datetime as dt
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -23,7 +22,7 @@ from bastion.audit.checkpoints import Checkpoint, Checkpointer
 from bastion.audit.errors import CheckpointError
 from bastion.audit.postgres import AuditLog
 from bastion.audit.records import AuditRecord
-from bastion.events.consumer import broker_time, claimed_envelope, dead_letter, safe_claim
+from bastion.events.consumer import DeadLetters, broker_time, claimed_envelope, safe_claim
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
 from bastion.events.verify import EnvelopeVerifier, is_bundle
@@ -53,12 +52,81 @@ class CheckpointPublisher:
             log.warning("checkpoint_not_published", length=checkpoint.length, error=str(outcome))
 
 
+class AuditRecords:
+    """What the audit log keeps of each consumed Kafka record: it passes the verification pipeline and becomes
+    one audit record, or one per envelope of a bundle. Refused ones are counted, logged and handed to LETTERS;
+    whoever commits the offsets settles them first. No Kafka client of its own."""
+
+    def __init__(self, verifier: EnvelopeVerifier, letters: DeadLetters,
+                 clock: Clock = lambda: dt.datetime.now(dt.UTC)) -> None:
+        self.verifier = verifier
+        self.letters = letters
+        self.clock = clock
+
+    def of(self, message: Message) -> list[AuditRecord]:
+        """The log records of one Kafka record: one, or one per envelope of a bundle."""
+        if not is_bundle(message.headers()):
+            return [self.record(message)]
+        raw: bytes = message.value() or b""
+        received = broker_time(message) or self.clock()
+        delivery = Delivery(message.topic(), message.partition(), message.offset(), received, raw)
+        try:
+            verified = self.verifier.verify_bundle(raw, delivery.topic, received)
+        except VerificationError as error:
+            return [self._refuse(message, delivery, error, bundled=True)]
+        records = []
+        applied = 0
+        for item, event in enumerate(verified.outcomes):
+            # A bundle of one: the envelope with the bundle's signature and its inclusion proof, which verifies alone.
+            alone = Delivery(delivery.topic, delivery.partition, delivery.offset, received, verified.alone(item), item)
+            if isinstance(event, VerificationError):
+                records.append(self._refuse(message, alone, event, bundled=True))
+                continue
+            try:
+                records.append(domain.accepted(alone, event, self.clock()))
+            except Exception as error:  # as in `record`: kept as refused, never a stop of the trail
+                records.append(self._refuse(message, alone, VerificationError(
+                    RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]), bundled=True))
+                continue
+            applied += 1
+        if applied:
+            EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc(applied)
+        return records
+
+    def record(self, message: Message) -> AuditRecord:
+        raw: bytes = message.value() or b""
+        received = broker_time(message) or self.clock()
+        delivery = Delivery(message.topic(), message.partition(), message.offset(), received, raw)
+        try:
+            event = self.verifier.verify(raw, delivery.topic, received)
+            record = domain.accepted(delivery, event, self.clock())
+        except VerificationError as error:
+            return self._refuse(message, delivery, error)
+        except Exception as error:
+            # A record the checks let through but no audit record can hold is kept as refused: one bad record must
+            # never stop the whole trail.
+            return self._refuse(message, delivery, VerificationError(
+                RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]))
+        EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
+        return record
+
+    def _refuse(self, message: Message, delivery: Delivery, error: VerificationError,
+                bundled: bool = False) -> AuditRecord:
+        claimed = claimed_envelope(delivery.raw, bundled)
+        EVENTS_REJECTED.labels(domain.CONSUMER, delivery.topic, error.reason.value).inc()
+        log.warning("event_rejected", consumer=domain.CONSUMER, topic=delivery.topic, partition=delivery.partition,
+                    offset=delivery.offset, item=delivery.item, reason=error.reason.value, detail=error.detail[:300],
+                    claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
+                    correlation_id=safe_claim(claimed.correlation_id))
+        self.letters.write(message, delivery.raw, error, delivery.item, bundled)
+        return domain.refused(delivery, claimed, error, self.clock())
+
+
 class AuditConsumer:
     def __init__(self, kafka_config: dict[str, Any], topics: list[str], verifier: EnvelopeVerifier, engine: Engine,
                  store: AuditLog, checkpointer: Checkpointer, publisher: CheckpointPublisher,
                  security: SecurityRecords, batch_size: int = 500, poll_seconds: float = 0.5,
                  clock: Clock = lambda: dt.datetime.now(dt.UTC)) -> None:
-        self.verifier = verifier
         self.engine = engine
         self.store = store
         self.checkpointer = checkpointer
@@ -67,10 +135,11 @@ class AuditConsumer:
         self.signing_refused = False
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
-        self.clock = clock
         self.consumer = Consumer({**kafka_config, "group.id": domain.CONSUMER, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
         self.dead_letters = Producer({**kafka_config, "enable.idempotence": True, "acks": "all"})
+        self.letters = DeadLetters(self.dead_letters, domain.CONSUMER)
+        self.records = AuditRecords(verifier, self.letters, clock)
         self.consumer.subscribe(topics)
 
     def close(self) -> None:
@@ -83,9 +152,11 @@ class AuditConsumer:
 
     def poll_batch(self) -> int:
         """Read up to a batch, append it in one transaction, sign a checkpoint if one is due, then commit the
-        offsets: a crash anywhere before the commit reads the batch again, and the log keeps each record once."""
+        offsets: a crash anywhere before the commit reads the batch again, and the log keeps each record once.
+        The batch's refused records are dead-lettered together, and acknowledged before anything is committed."""
         records = [record for message in self.consumer.consume(self.batch_size, self.poll_seconds)
-                   if self._readable(message) for record in self.records(message)]
+                   if self._readable(message) for record in self.records.of(message)]
+        self.letters.settle()
         if records:
             with self.engine.begin() as conn:
                 self.store.append(conn, records)
@@ -121,57 +192,3 @@ class AuditConsumer:
         if message.error().code() != KafkaError._PARTITION_EOF:
             log.warning("consumer_error", consumer=domain.CONSUMER, error=message.error().str())
         return False
-
-    def records(self, message: Message) -> list[AuditRecord]:
-        """The log records of one Kafka record: one, or one per envelope of a bundle."""
-        if not is_bundle(message.headers()):
-            return [self.record(message)]
-        raw: bytes = message.value() or b""
-        received = broker_time(message) or self.clock()
-        delivery = Delivery(message.topic(), message.partition(), message.offset(), received, raw)
-        try:
-            verified = self.verifier.verify_bundle(raw, delivery.topic, received)
-        except VerificationError as error:
-            return [self._refuse(message, delivery, error, bundled=True)]
-        records = []
-        for item, event in enumerate(verified.outcomes):
-            alone = replace(delivery, item=item, raw=verified.alone(item))  # a bundle of one: verifies alone
-            if isinstance(event, VerificationError):
-                records.append(self._refuse(message, alone, event, bundled=True))
-                continue
-            try:
-                records.append(domain.accepted(alone, event, self.clock()))
-            except Exception as error:  # as in `record`: kept as refused, never a stop of the trail
-                records.append(self._refuse(message, alone, VerificationError(
-                    RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]), bundled=True))
-                continue
-            EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
-        return records
-
-    def record(self, message: Message) -> AuditRecord:
-        raw: bytes = message.value() or b""
-        received = broker_time(message) or self.clock()
-        delivery = Delivery(message.topic(), message.partition(), message.offset(), received, raw)
-        try:
-            event = self.verifier.verify(raw, delivery.topic, received)
-            record = domain.accepted(delivery, event, self.clock())
-        except VerificationError as error:
-            return self._refuse(message, delivery, error)
-        except Exception as error:
-            # A record the checks let through but no audit record can hold is kept as refused: one bad record must
-            # never stop the whole trail.
-            return self._refuse(message, delivery, VerificationError(
-                RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]))
-        EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
-        return record
-
-    def _refuse(self, message: Message, delivery: Delivery, error: VerificationError,
-                bundled: bool = False) -> AuditRecord:
-        claimed = claimed_envelope(delivery.raw, bundled)
-        EVENTS_REJECTED.labels(domain.CONSUMER, delivery.topic, error.reason.value).inc()
-        log.warning("event_rejected", consumer=domain.CONSUMER, topic=delivery.topic, partition=delivery.partition,
-                    offset=delivery.offset, item=delivery.item, reason=error.reason.value, detail=error.detail[:300],
-                    claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
-                    correlation_id=safe_claim(claimed.correlation_id))
-        dead_letter(self.dead_letters, domain.CONSUMER, message, delivery.raw, error, delivery.item, bundled)
-        return domain.refused(delivery, claimed, error, self.clock())
