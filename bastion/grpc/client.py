@@ -1,6 +1,6 @@
 """The client factory: calls to another service over mutual TLS, with a client-credentials token, the end
-user's token and correlation id passed on, retries on transient failures within a deadline and a budget, and
-a circuit breaker per downstream. An open breaker answers UNAVAILABLE at once."""
+user's token, the correlation id and the trace context passed on, retries on transient failures within a
+deadline and a budget, and a circuit breaker per downstream. An open breaker answers UNAVAILABLE at once."""
 
 import asyncio
 import time
@@ -101,6 +101,8 @@ class Downstream:
         call = current_call.get(None)
         if call is not None:
             metadata.append((CORRELATION_HEADER, call.correlation_id))
+            if call.trace is not None:
+                metadata += call.trace.child_headers()
             if call.bearer and call.principal is not None and not call.principal.is_service_account:
                 metadata.append((END_USER_TOKEN_HEADER, call.bearer))
         return tuple(metadata)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bastion.grpc.tokens import Principal
+from bastion.grpc.trace import TraceContext
 
 CORRELATION_HEADER = "x-correlation-id"
 VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -28,6 +29,8 @@ class CallContext:
     method: str
     # The caller's bearer token, kept only in this process so calls made on the user's behalf can pass it on.
     bearer: str | None = field(default=None, repr=False)
+    # This call's span of the caller's trace (W3C trace context), passed on to the calls made on its behalf.
+    trace: TraceContext | None = None
 
 
 current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("bastion_current_call")

@@ -1,5 +1,5 @@
-"""The security interceptor: on every call, in order, correlation id, peer identity from the client
-certificate, JWT authentication, per-method authorisation, rate limit, access audit. A refused call ends
+"""The security interceptor: on every call, in order, correlation id and trace context, peer identity from the
+client certificate, JWT authentication, per-method authorisation, rate limit, access audit. A refused call ends
 with the status of the error table; the handler never runs. Health checks and reflection need only mTLS."""
 
 import contextvars
@@ -22,6 +22,7 @@ from bastion.grpc.errors import (
 from bastion.grpc.policy import MethodPolicy
 from bastion.grpc.ratelimit import RedisRateLimiter
 from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal, TokenValidator
+from bastion.grpc.trace import trace_context_from
 
 log = structlog.get_logger(__name__)
 CALLS_REFUSED = Counter("bastion_grpc_refused_total", "Calls refused by the security interceptor",
@@ -113,6 +114,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             received = context.invocation_metadata() or ()
         metadata = {key: value for key, value in received if isinstance(value, str)}
         correlation_id = correlation_id_from(metadata)
+        trace = trace_context_from(metadata)
         context.set_trailing_metadata((("x-correlation-id", correlation_id),))
         peer = peer_identity_from(context.peer_identity_key(), context.peer_identities())
         header = metadata.get("authorization", "")
@@ -121,8 +123,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise UnauthenticatedError("client certificate has no Bastion identity")
             principal = self._authenticate(header)
         except RequestError as error:
-            await self._refuse(context, CallContext(correlation_id, peer, None, method), error)
-        call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2])
+            await self._refuse(context, CallContext(correlation_id, peer, None, method, trace=trace), error)
+        call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2], trace=trace)
         verdict = self.policy.decide(method, principal, peer)
         if not verdict.allowed:
             await self._refuse(context, call, PermissionDeniedError(f"permission denied: {verdict.reason}"))
@@ -156,7 +158,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         CALLS_REFUSED.labels(self.service, call.method if served else UNKNOWN_METHOD, code.name).inc()
         log.warning("call_refused", service=self.service, method=call.method[:MAX_METHOD], code=code.name,
                     reason=message, peer=call.peer_identity, principal=_who(call.principal),
-                    correlation_id=call.correlation_id)
+                    correlation_id=call.correlation_id, trace_id=_trace_id(call))
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
@@ -169,11 +171,15 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         CALLS_REFUSED.labels(self.service, call.method, code.name).inc()
         if isinstance(error, RequestError):
             log.info("call_failed", service=self.service, method=call.method, code=code.name, reason=message,
-                     correlation_id=call.correlation_id)
+                     correlation_id=call.correlation_id, trace_id=_trace_id(call))
         else:
             log.exception("call_crashed", service=self.service, method=call.method,
-                          correlation_id=call.correlation_id)
+                          correlation_id=call.correlation_id, trace_id=_trace_id(call))
         await context.abort(code, message)
+
+
+def _trace_id(call: CallContext) -> str | None:
+    return call.trace.trace_id if call.trace is not None else None
 
 
 def _who(principal: Principal | None) -> str:

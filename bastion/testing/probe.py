@@ -19,7 +19,9 @@ class ProbeServicer(probe_pb2_grpc.ProbeServicer):
         return probe_pb2.WhoamiResponse(
             subject=principal.subject, username=principal.username or "", client_id=principal.client_id,
             roles=sorted(principal.roles), peer_identity=call.peer_identity or "",
-            correlation_id=call.correlation_id,
+            correlation_id=call.correlation_id, trace_id=call.trace.trace_id if call.trace else "",
+            span_id=call.trace.span_id if call.trace else "",
+            parent_span_id=call.trace.parent_id or "" if call.trace else "",
         )
 
     async def TellerOnly(self, request: probe_pb2.TellerOnlyRequest, context: grpc.aio.ServicerContext

@@ -125,6 +125,31 @@ def test_valid_user_token_reaches_the_handler_with_its_principal(ctx: StackConte
         ("alice", ["customer"], "cli", correlation)
 
 
+def test_a_call_continues_its_callers_trace_in_a_span_of_its_own(ctx: StackContext, probe: ProbeServer) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    token = user_token(ctx, "alice")["access_token"]
+    trace, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    reply = client.Whoami(probe_pb2.WhoamiRequest(), metadata=(
+        *call_metadata(token), ("traceparent", f"00-{trace}-{parent}-01")), timeout=10)
+    assert (reply.trace_id, reply.parent_span_id) == (trace, parent)
+    assert len(reply.span_id) == 16 and reply.span_id != parent
+
+
+def test_a_malformed_traceparent_starts_a_new_trace_and_is_never_echoed(ctx: StackContext, probe: ProbeServer) -> None:
+    client = stub(ctx, probe.port, tls_of(ctx, "cli"))
+    token = user_token(ctx, "alice")["access_token"]
+    correlation = f"it-{uuid.uuid4()}"
+    bogus = f"00-{'A' * 32}-{'b' * 16}-01"  # upper-case hex: not a trace id
+    reply = client.Whoami(probe_pb2.WhoamiRequest(), metadata=(
+        *call_metadata(token, correlation), ("traceparent", bogus), ("tracestate", "evil=1")), timeout=10)
+    assert reply.parent_span_id == "" and len(reply.trace_id) == 32 and reply.trace_id.lower() != "a" * 32
+    with structlog.testing.capture_logs() as logs:
+        code_of(lambda: client.TellerOnly(probe_pb2.TellerOnlyRequest(), metadata=(
+            *call_metadata(token, correlation), ("traceparent", bogus)), timeout=10))
+    [refusal] = [entry for entry in logs if entry.get("correlation_id") == correlation]
+    assert refusal["event"] == "call_refused" and len(refusal["trace_id"]) == 32 and bogus not in repr(refusal)
+
+
 def test_connection_without_client_certificate_never_reaches_a_handler(ctx: StackContext, probe: ProbeServer) -> None:
     client = stub(ctx, probe.port, None)
     token = user_token(ctx, "alice")["access_token"]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61stion/probe/v1/probe.proto\x12\x10\x62\x61stion.probe.v1\"\x0f\n\rWhoamiRequest\"\x84\x01\n\x0eWhoamiResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x15\n\rpeer_identity\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\"\x13\n\x11TellerOnlyRequest\"&\n\x12TellerOnlyResponse\x12\x10\n\x08username\x18\x01 \x01(\t\"\x15\n\x13PaymentsOnlyRequest\"-\n\x14PaymentsOnlyResponse\x12\x15\n\rpeer_identity\x18\x01 \x01(\t\"!\n\x10\x43ountdownRequest\x12\r\n\x05start\x18\x01 \x01(\r\"\"\n\x11\x43ountdownResponse\x12\r\n\x05value\x18\x01 \x01(\r2\xe4\x02\n\x05Probe\x12K\n\x06Whoami\x12\x1f.bastion.probe.v1.WhoamiRequest\x1a .bastion.probe.v1.WhoamiResponse\x12W\n\nTellerOnly\x12#.bastion.probe.v1.TellerOnlyRequest\x1a$.bastion.probe.v1.TellerOnlyResponse\x12]\n\x0cPaymentsOnly\x12%.bastion.probe.v1.PaymentsOnlyRequest\x1a&.bastion.probe.v1.PaymentsOnlyResponse\x12V\n\tCountdown\x12\".bastion.probe.v1.CountdownRequest\x1a#.bastion.probe.v1.CountdownResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61stion/probe/v1/probe.proto\x12\x10\x62\x61stion.probe.v1\"\x0f\n\rWhoamiRequest\"\xbf\x01\n\x0eWhoamiResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12\x15\n\rpeer_identity\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\x12\x0f\n\x07span_id\x18\x08 \x01(\t\x12\x16\n\x0eparent_span_id\x18\t \x01(\t\"\x13\n\x11TellerOnlyRequest\"&\n\x12TellerOnlyResponse\x12\x10\n\x08username\x18\x01 \x01(\t\"\x15\n\x13PaymentsOnlyRequest\"-\n\x14PaymentsOnlyResponse\x12\x15\n\rpeer_identity\x18\x01 \x01(\t\"!\n\x10\x43ountdownRequest\x12\r\n\x05start\x18\x01 \x01(\r\"\"\n\x11\x43ountdownResponse\x12\r\n\x05value\x18\x01 \x01(\r2\xe4\x02\n\x05Probe\x12K\n\x06Whoami\x12\x1f.bastion.probe.v1.WhoamiRequest\x1a .bastion.probe.v1.WhoamiResponse\x12W\n\nTellerOnly\x12#.bastion.probe.v1.TellerOnlyRequest\x1a$.bastion.probe.v1.TellerOnlyResponse\x12]\n\x0cPaymentsOnly\x12%.bastion.probe.v1.PaymentsOnlyRequest\x1a&.bastion.probe.v1.PaymentsOnlyResponse\x12V\n\tCountdown\x12\".bastion.probe.v1.CountdownRequest\x1a#.bastion.probe.v1.CountdownResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WHOAMIREQUEST']._serialized_start=50
   _globals['_WHOAMIREQUEST']._serialized_end=65
   _globals['_WHOAMIRESPONSE']._serialized_start=68
-  _globals['_WHOAMIRESPONSE']._serialized_end=200
-  _globals['_TELLERONLYREQUEST']._serialized_start=202
-  _globals['_TELLERONLYREQUEST']._serialized_end=221
-  _globals['_TELLERONLYRESPONSE']._serialized_start=223
-  _globals['_TELLERONLYRESPONSE']._serialized_end=261
-  _globals['_PAYMENTSONLYREQUEST']._serialized_start=263
-  _globals['_PAYMENTSONLYREQUEST']._serialized_end=284
-  _globals['_PAYMENTSONLYRESPONSE']._serialized_start=286
-  _globals['_PAYMENTSONLYRESPONSE']._serialized_end=331
-  _globals['_COUNTDOWNREQUEST']._serialized_start=333
-  _globals['_COUNTDOWNREQUEST']._serialized_end=366
-  _globals['_COUNTDOWNRESPONSE']._serialized_start=368
-  _globals['_COUNTDOWNRESPONSE']._serialized_end=402
-  _globals['_PROBE']._serialized_start=405
-  _globals['_PROBE']._serialized_end=761
+  _globals['_WHOAMIRESPONSE']._serialized_end=259
+  _globals['_TELLERONLYREQUEST']._serialized_start=261
+  _globals['_TELLERONLYREQUEST']._serialized_end=280
+  _globals['_TELLERONLYRESPONSE']._serialized_start=282
+  _globals['_TELLERONLYRESPONSE']._serialized_end=320
+  _globals['_PAYMENTSONLYREQUEST']._serialized_start=322
+  _globals['_PAYMENTSONLYREQUEST']._serialized_end=343
+  _globals['_PAYMENTSONLYRESPONSE']._serialized_start=345
+  _globals['_PAYMENTSONLYRESPONSE']._serialized_end=390
+  _globals['_COUNTDOWNREQUEST']._serialized_start=392
+  _globals['_COUNTDOWNREQUEST']._serialized_end=425
+  _globals['_COUNTDOWNRESPONSE']._serialized_start=427
+  _globals['_COUNTDOWNRESPONSE']._serialized_end=461
+  _globals['_PROBE']._serialized_start=464
+  _globals['_PROBE']._serialized_end=820
 # @@protoc_insertion_point(module_scope)

@@ -45,11 +45,20 @@ class WhoamiResponse(_message.Message):
     ROLES_FIELD_NUMBER: _builtins.int
     PEER_IDENTITY_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
+    PARENT_SPAN_ID_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     username: _builtins.str
     client_id: _builtins.str
     peer_identity: _builtins.str
     correlation_id: _builtins.str
+    trace_id: _builtins.str
+    """This call's span of the caller's trace (W3C trace context): the trace id, the server's own span id, and
+    the caller's span id when the call continued a trace ("" when the call started one).
+    """
+    span_id: _builtins.str
+    parent_span_id: _builtins.str
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -61,10 +70,13 @@ class WhoamiResponse(_message.Message):
         roles: _abc.Iterable[_builtins.str] | None = ...,
         peer_identity: _builtins.str = ...,
         correlation_id: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        span_id: _builtins.str = ...,
+        parent_span_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "correlation_id", b"correlation_id", "peer_identity", b"peer_identity", "roles", b"roles", "subject", b"subject", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "correlation_id", b"correlation_id", "parent_span_id", b"parent_span_id", "peer_identity", b"peer_identity", "roles", b"roles", "span_id", b"span_id", "subject", b"subject", "trace_id", b"trace_id", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

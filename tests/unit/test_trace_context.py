@@ -1,0 +1,91 @@
+"""W3C trace context: a well-formed `traceparent` is continued, anything else starts a trace of its own (and its
+`tracestate` is dropped), and calls made on a call's behalf are children of its span."""
+
+import re
+
+import pytest
+
+from bastion.grpc.client import Downstream
+from bastion.grpc.context import CallContext, current_call
+from bastion.grpc.trace import (
+    MAX_TRACESTATE,
+    TRACEPARENT,
+    TRACESTATE,
+    parse_traceparent,
+    trace_context_from,
+    valid_tracestate,
+)
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+WELL_FORMED = f"00-{TRACE}-{PARENT}-01"
+ID = re.compile(r"[0-9a-f]+")
+
+
+def test_a_well_formed_traceparent_is_continued_in_a_span_of_its_own() -> None:
+    trace = trace_context_from({TRACEPARENT: WELL_FORMED, TRACESTATE: "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"})
+    assert (trace.trace_id, trace.parent_id, trace.sampled) == (TRACE, PARENT, True)
+    assert trace.span_id != PARENT and len(trace.span_id) == 16 and ID.fullmatch(trace.span_id)
+    assert trace.state == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize("header", [
+    "",
+    f"00-{TRACE.upper()}-{PARENT}-01",  # upper-case hex
+    f"00-{'0' * 32}-{PARENT}-01",  # all-zero trace id
+    f"00-{TRACE}-{'0' * 16}-01",  # all-zero parent id
+    f"ff-{TRACE}-{PARENT}-01",  # the invalid version
+    f"00-{TRACE}-{PARENT}-01-extra",  # version 00 has exactly four fields
+    f"01-{TRACE}-{PARENT}-01extra",  # a later version's extra fields follow a dash
+    f"00-{TRACE[:-1]}-{PARENT}-01",  # short trace id
+    f"00-{TRACE}-{PARENT}-1",  # short flags
+    f" 00-{TRACE}-{PARENT}-01",
+    "00-not-a-trace-01",
+])
+def test_anything_but_a_well_formed_traceparent_starts_a_new_trace_and_drops_the_tracestate(header: str) -> None:
+    assert parse_traceparent(header) is None
+    trace = trace_context_from({TRACEPARENT: header, TRACESTATE: "congo=t61rcWkgMzE"})
+    assert trace.parent_id is None and not trace.sampled and trace.state == ""
+    assert len(trace.trace_id) == 32 and ID.fullmatch(trace.trace_id) and trace.trace_id != TRACE
+
+
+def test_a_later_version_is_read_as_version_00_and_only_the_sampled_flag_is_kept() -> None:
+    assert parse_traceparent(f"cc-{TRACE}-{PARENT}-09-what-the-future-holds") == (TRACE, PARENT, True)
+    assert parse_traceparent(f"00-{TRACE}-{PARENT}-00") == (TRACE, PARENT, False)
+
+
+@pytest.mark.parametrize(("header", "kept"), [
+    ("rojo=00f067aa0ba902b7", "rojo=00f067aa0ba902b7"),
+    (" congo=t61rcWkgMzE ,\trojo=1 ", "congo=t61rcWkgMzE,rojo=1"),
+    ("fw529a3039@dt=abc", "fw529a3039@dt=abc"),
+    ("Upper=1", ""),  # keys are lower case
+    ("congo=", ""),  # a value has at least one character
+    ("congo=a,b", ""),  # every member is key=value
+    ("congo=a=b", ""),  # '=' is not a value character
+    (",".join(f"k{n}=v" for n in range(33)), ""),  # at most 32 members
+    ("k=" + "v" * MAX_TRACESTATE, ""),  # longer than the kit passes on
+])
+def test_a_tracestate_is_passed_on_only_when_well_formed(header: str, kept: str) -> None:
+    assert valid_tracestate(header) == kept
+
+
+def test_new_traces_and_spans_get_fresh_ids() -> None:
+    traces = [trace_context_from({}) for _ in range(1000)]
+    assert len({trace.trace_id for trace in traces}) == 1000 and len({trace.span_id for trace in traces}) == 1000
+
+
+def test_a_call_made_on_a_calls_behalf_is_a_child_of_its_span() -> None:
+    trace = trace_context_from({TRACEPARENT: WELL_FORMED, TRACESTATE: "rojo=1"})
+    downstream = Downstream("accounts", None, None, None, None)  # type: ignore[arg-type]
+    token = current_call.set(CallContext("corr-1", "payments", None, "/x/Y", trace=trace))
+    try:
+        metadata = dict(downstream.metadata("service-token"))
+    finally:
+        current_call.reset(token)
+    assert metadata[TRACEPARENT] == f"00-{TRACE}-{trace.span_id}-01" and metadata[TRACESTATE] == "rojo=1"
+    assert trace_context_from(metadata).parent_id == trace.span_id
+
+
+def test_a_call_outside_any_served_call_sends_no_trace_context() -> None:
+    downstream = Downstream("accounts", None, None, None, None)  # type: ignore[arg-type]
+    assert TRACEPARENT not in dict(downstream.metadata("service-token"))
