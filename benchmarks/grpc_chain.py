@@ -141,6 +141,7 @@ class FixedProbeServicer(ProbeServicer):
             subject="5f0c6f1e-6a7b-4c1d-9e2f-0a1b2c3d4e5f", username=USER, client_id="bastion-cli",
             roles=["customer", "default-roles-bastion", "offline_access", "uma_authorization"],
             peer_identity="cli", correlation_id="8a6e0f5c-2b1d-4e3f-9a7b-6c5d4e3f2a1b",
+            trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="00f067aa0ba902b7",  # as the chain's new traces
         )
 
     async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext

@@ -12,7 +12,7 @@ import yaml
 
 from bastion.devstack.errors import DevstackError
 
-TOPIC_NAME = re.compile(r"^[a-z][a-z0-9]*(\.[a-z0-9]+)*$")
+TOPIC_NAME = re.compile(r"[a-z][a-z0-9]*(\.[a-z0-9]+)*")
 DLQ_SUFFIX = ".dlq"
 
 Operation = Literal["READ", "WRITE", "DESCRIBE"]
@@ -77,7 +77,7 @@ def parse_policy(raw: dict[str, Any], known_principals: set[str]) -> EventAccess
     problems: list[str] = []
     topics: dict[str, TopicPolicy] = {}
     for name, entry in (raw.get("topics") or {}).items():
-        if not TOPIC_NAME.match(name):
+        if not TOPIC_NAME.fullmatch(name):
             problems.append(f"{name}: not a valid topic name (lower-case words separated by dots)")
         unknown_keys = set(entry) - {"partitions", "producers", "consumers", "config"}
         if unknown_keys:

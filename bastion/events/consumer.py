@@ -41,7 +41,7 @@ SECURITY_TOPIC = "access.decisions.v1"
 # A refused record larger than this is dead-lettered as a prefix (Kafka's largest record is 1 MB, headers included).
 DEAD_LETTER_MAX_BYTES = 900_000
 DEAD_LETTER_PREFIX_BYTES = 4096
-SAFE_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,100}$")
+SAFE_ID = re.compile(r"[A-Za-z0-9._:/-]{1,100}")
 CONSUMER_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
 
@@ -97,7 +97,7 @@ def broker_time(message: Message) -> dt.datetime | None:
 
 def safe_claim(text: str) -> str:
     """A claimed id is attacker input: only a well-formed one goes into logs and security records."""
-    return text if SAFE_ID.match(text) else ("-" if not text else "(malformed)")
+    return text if SAFE_ID.fullmatch(text) else ("-" if not text else "(malformed)")
 
 
 def claimed_envelope(raw: bytes, bundled: bool = False) -> Envelope:
@@ -337,7 +337,7 @@ class VerifyingConsumer:
         place = f"{self.settings.name}/{source_of(message, refusal.item, refusal.released)}"
         record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
         outbox.append(target, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
-                      correlation_id=record.correlation_id if SAFE_ID.match(record.correlation_id) else record_id,
+                      correlation_id=record.correlation_id if SAFE_ID.fullmatch(record.correlation_id) else record_id,
                       event_id=record_id)
 
 

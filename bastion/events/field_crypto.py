@@ -25,8 +25,8 @@ NONCE_BYTES = 12
 AAD_DOMAIN_TAG = b"bastion.events.v1.EncryptedField\x00"
 INDEX_FILE = "keys.json"
 # A protobuf full name never contains "@", so the first "@" of a context ends the field name unambiguously.
-FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
-KEY_SUFFIX = re.compile(r"^[0-9]{8}-[0-9a-f]{8}$")
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+KEY_SUFFIX = re.compile(r"[0-9]{8}-[0-9a-f]{8}")
 
 
 class DataKeyError(EventsError):
@@ -44,7 +44,7 @@ class FieldIntegrityError(EventsError):
 def field_context(field: str, aggregate_id: str) -> str:
     """The context that pins a ciphertext to one field of one aggregate, e.g.
     `bastion.accounts.v1.AccountOpened.owner_email@a1`."""
-    if not FIELD_NAME.match(field):
+    if not FIELD_NAME.fullmatch(field):
         raise ValueError(f"{field!r} is not a fully qualified protobuf field name")
     return f"{field}@{aggregate_id}"
 
@@ -76,13 +76,13 @@ class DataKeyRing:
 
     def _topic_dir(self, topic: str) -> Path:
         # The topic becomes a path component: a name like "../x" must never reach the file system.
-        if not TOPIC_NAME.match(topic):
+        if not TOPIC_NAME.fullmatch(topic):
             raise DataKeyError(f"{topic!r} is not a valid topic name")
         return self.folder / topic
 
     def _key_file(self, topic: str, key_id: str) -> Path:
         suffix = key_id.removeprefix(f"{topic}/")
-        if suffix == key_id or not KEY_SUFFIX.match(suffix):
+        if suffix == key_id or not KEY_SUFFIX.fullmatch(suffix):
             raise DataKeyError(f"{key_id!r} is not a key id of topic {topic!r}")
         return self._topic_dir(topic) / f"{suffix}.key"
 
@@ -215,7 +215,7 @@ def decrypt_field(ring: DataKeyRing, topic: str, context: str, field: EncryptedF
         raise FieldIntegrityError(f"field encrypted under {field.key_id!r}, which is not a key of topic {topic!r}")
     if len(field.nonce) != NONCE_BYTES:
         raise FieldIntegrityError(f"nonce of a field under {field.key_id!r} is not {NONCE_BYTES} bytes")
-    if not KEY_SUFFIX.match(field.key_id.removeprefix(f"{topic}/")):
+    if not KEY_SUFFIX.fullmatch(field.key_id.removeprefix(f"{topic}/")):
         raise FieldIntegrityError(f"{field.key_id!r} is not a well-formed data key id")
     key = ring.get(topic, field.key_id)
     if key is None:

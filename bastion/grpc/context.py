@@ -12,9 +12,9 @@ from bastion.grpc.tokens import Principal
 from bastion.grpc.trace import TraceContext
 
 CORRELATION_HEADER = "x-correlation-id"
-VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+VALID_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 SPIFFE_PREFIX = "spiffe://bastion.local/service/"
-SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 # How much of a call's method path is kept in a verdict, a log line or an access decision: for a call to an unknown
 # method the path is the caller's own text, of any length.
 MAX_METHOD = 256
@@ -61,7 +61,7 @@ _fresh_ids = _CorrelationIds()
 def correlation_id_from(metadata: dict[str, str]) -> str:
     """The caller's correlation id when it is well formed, else a fresh one (never echo arbitrary input)."""
     offered = metadata.get(CORRELATION_HEADER, "")
-    return offered if VALID_CORRELATION_ID.match(offered) else _fresh_ids.next()
+    return offered if VALID_CORRELATION_ID.fullmatch(offered) else _fresh_ids.next()
 
 
 def peer_identity_from(identity_key: str | None, identities: Iterable[bytes] | None) -> str | None:
@@ -79,4 +79,4 @@ def peer_identity_from(identity_key: str | None, identities: Iterable[bytes] | N
         return None
     text = spiffe[0].decode(errors="replace")
     name = text[len(SPIFFE_PREFIX):] if text.startswith(SPIFFE_PREFIX) else ""
-    return name if SERVICE_NAME.match(name) else None
+    return name if SERVICE_NAME.fullmatch(name) else None

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 from jwt.algorithms import RSAAlgorithm
 from jwt.utils import base64url_decode, base64url_encode
@@ -123,6 +123,14 @@ class TokenMinter:
         """A signed token; the header names the active key id unless HEADERS says otherwise (None removes)."""
         header = {name: value for name, value in {"kid": self.kid, **(headers or {})}.items() if value is not None}
         return jwt.encode(self.claims(**claims), key or self.private_key, algorithm=algorithm, headers=header)
+
+    def signed_as_is(self, header: dict[str, Any], **claims: Any) -> str:
+        """A token with exactly HEADER (plus the active key id and RS256), validly signed by the realm key: for
+        header members PyJWT itself would drop or rewrite when encoding (such as `b64: true`)."""
+        header = {"alg": "RS256", "typ": "JWT", "kid": self.kid, **header}
+        signing_input = f"{_segment(header)}.{_segment(self.claims(**claims))}"
+        signature = self.private_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{base64url_encode(signature).decode()}"
 
     def alg_none(self, **claims: Any) -> str:
         """An unsigned token that declares `alg: none`."""

@@ -9,7 +9,7 @@ from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, N
 MAX_MINOR = 2**63 - 1  # the largest amount PostgreSQL's bigint and protobuf's int64 both hold
 # The currencies the bank keeps accounts in (ISO 4217 alphabetic codes).
 CURRENCIES = frozenset({"EUR", "USD", "GBP", "CHF", "JPY", "SEK", "NOK", "DKK", "PLN", "CZK"})
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{8,100}$")
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{8,100}")
 
 
 class AccountsError(Exception):
@@ -76,7 +76,7 @@ def check_currency(currency: str) -> None:
 
 
 def check_idempotency_key(key: str) -> None:
-    if not IDEMPOTENCY_KEY.match(key):
+    if not IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidRequestError("idempotency_key must be 8 to 100 characters of letters, digits and ._:-")
 
 

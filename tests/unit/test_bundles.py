@@ -172,6 +172,16 @@ def test_each_envelope_cut_out_verifies_alone_and_only_unchanged(batch: list[Env
     refused_bundle(victim)
 
 
+def test_an_envelope_appended_to_a_bundle_of_one_is_refused_with_it() -> None:
+    """A proof vouches for one envelope: anything appended beside it (here the bundle's own next envelope, same
+    producer and key) would otherwise ride on that envelope's proof and signature."""
+    signed = bundle_of(_vector_batch())
+    first, second = bundles_of_one(signed)[:2]
+    check(first)
+    first.envelopes.append(second.envelopes[0])
+    refused_bundle(first)
+
+
 def test_a_bundle_is_one_producers_without_signatures_of_its_envelopes() -> None:
     def with_change(index: int, change: str) -> EnvelopeBundle:
         signed = bundle_of(signed_members([envelope for envelope in _vector_batch()]))

@@ -10,10 +10,10 @@ def test_a_well_formed_id_from_the_caller_is_kept() -> None:
 
 
 def test_a_missing_or_malformed_id_is_replaced_by_a_fresh_well_formed_one() -> None:
-    offered = ["", "x" * 65, "has space", "new\nline", "ünïcode", "<script>"]
+    offered = ["", "x" * 65, "has space", "new\nline", "trailing\n", "ünïcode", "<script>"]
     fresh = [correlation_id_from({CORRELATION_HEADER: value} if value else {}) for value in offered]
     assert not set(fresh) & set(offered)
-    assert all(VALID_CORRELATION_ID.match(value) for value in fresh)
+    assert all(VALID_CORRELATION_ID.fullmatch(value) for value in fresh)
 
 
 def test_fresh_ids_are_unique_in_a_process_and_across_a_fork() -> None:
@@ -28,5 +28,5 @@ def test_fresh_ids_are_unique_in_a_process_and_across_a_fork() -> None:
     _, status = os.waitpid(child, 0)
     theirs = os.read(reader, 100).decode()
     os.close(reader)
-    assert status == 0 and VALID_CORRELATION_ID.match(theirs)
+    assert status == 0 and VALID_CORRELATION_ID.fullmatch(theirs)
     assert theirs not in ours and theirs.rpartition(".")[0] != next(iter(ours)).rpartition(".")[0]

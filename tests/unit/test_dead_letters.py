@@ -16,6 +16,7 @@ from bastion.events.consumer import (
     DeadLetters,
     VerifyingConsumer,
     dead_letter,
+    safe_claim,
     source_of,
 )
 from bastion.events.errors import RejectReason, VerificationError
@@ -215,3 +216,14 @@ def test_a_bundle_of_refused_envelopes_costs_one_transaction_and_one_round_trip_
     assert (engine.transactions, producer.flushes) == (1, 1)
     assert len(producer.sent) == 250 and len({event_id for _, event_id in outbox.appended}) == 250
     assert [headers["bastion-reject-reason"] for _, _, headers in producer.sent] == [b"not_authorised"] * 250
+
+
+@pytest.mark.parametrize(("claimed", "kept"), [
+    ("0b6f2a4e-5d0c-4c7e-9a57-2f7d1c3e8b10", "0b6f2a4e-5d0c-4c7e-9a57-2f7d1c3e8b10"),
+    ("", "-"),
+    ("forged\n", "(malformed)"),  # a line break would start a log line of the attacker's
+    ("x" * 101, "(malformed)"),
+    ("<script>", "(malformed)"),
+])
+def test_what_a_refused_event_claims_is_kept_only_when_well_formed(claimed: str, kept: str) -> None:
+    assert safe_claim(claimed) == kept

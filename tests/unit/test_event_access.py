@@ -53,6 +53,7 @@ def test_consumers_get_read_on_topic_and_own_group_only() -> None:
     [
         ({"t.v1": {"producers": ["mallory"]}}, "'mallory' is not a service"),
         ({"T_V1": {"producers": ["accounts"]}}, "not a valid topic name"),
+        ({"t.v1\n": {"producers": ["accounts"]}}, "not a valid topic name"),
         ({"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit"}}}, "no dead-letter topic"),
         (
             {"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit"}},

@@ -78,7 +78,8 @@ def test_tampering_fails_authentication(ring: DataKeyRing, change: str) -> None:
         reveal(ring, TOPIC, CONTEXT, tampered)
 
 
-@pytest.mark.parametrize("bad", [{"nonce": b"short"}, {"ciphertext": b""}, {"key_id": f"{TOPIC}/../../etc"}])
+@pytest.mark.parametrize("bad", [{"nonce": b"short"}, {"ciphertext": b""}, {"key_id": f"{TOPIC}/../../etc"},
+                                 {"key_id": f"{TOPIC}/20261127-0a1b2c3d\n"}])
 def test_malformed_fields_are_refused(ring: DataKeyRing, bad: dict[str, object]) -> None:
     field = encrypt_field(ring, TOPIC, CONTEXT, "alice@example.org")
     with pytest.raises(FieldIntegrityError):
@@ -196,3 +197,5 @@ def test_a_ring_without_an_active_key_says_so(tmp_path: Path) -> None:
 def test_a_context_needs_a_qualified_field_name() -> None:
     with pytest.raises(ValueError, match="fully qualified"):
         field_context("owner_email", "a1")
+    with pytest.raises(ValueError, match="fully qualified"):
+        field_context("bastion.accounts.v1.AccountOpened.owner_email\n", "a1")

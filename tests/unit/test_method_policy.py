@@ -53,6 +53,10 @@ def test_roles_allow_users_only() -> None:
     policy = load_method_policy(POLICY)
     assert policy.decide("/bastion.probe.v1.Probe/TellerOnly", user("teller", name="tina"), "cli").allowed
     assert not policy.decide("/bastion.probe.v1.Probe/TellerOnly", user("customer"), "cli").allowed
+    # A service account holding the role (a mapper misconfigured in the realm) is still no teller.
+    account = Principal(subject="s", username="service-account-payments", client_id="payments",
+                        roles=frozenset({"teller"}), token_id="j", expires_at=0)
+    assert not policy.decide("/bastion.probe.v1.Probe/TellerOnly", account, "payments").allowed
 
 
 def test_service_rules_need_the_certificate_and_the_token_of_the_same_service() -> None:

@@ -17,6 +17,7 @@ SAN = SAN_PROPERTY
     (SAN, [b"spiffe://bastion.local/service/payments/admin"], None),  # a path below a service
     (SAN, [b"spiffe://bastion.local/service/"], None),  # no name
     (SAN, [b"spiffe://bastion.local/service/Payments"], None),  # not a service name
+    (SAN, [b"spiffe://bastion.local/service/payments\n"], None),  # a name and a line break
     (SAN, [b"spiffe://bastion.local/user/payments"], None),  # not a service
     (SAN, [b"spiffe://bastion.local/service/pay\xffments"], None),  # not UTF-8
     ("x509_common_name", [b"spiffe://bastion.local/service/payments"], None),  # a common name, no SANs

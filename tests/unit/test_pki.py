@@ -36,6 +36,16 @@ def test_leaf_carries_loopback_names_and_spiffe_identity(pki: DevPki) -> None:
     cert.verify_directly_issued_by(load(pki.ca_file))
 
 
+def test_a_leaf_is_an_end_entity_that_cannot_sign_certificates(pki: DevPki) -> None:
+    """A stolen service key must not become a CA of the platform's trust domain."""
+    pki.ensure(["payments"])
+    cert = load(pki.paths("payments").cert)
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert constraints.critical and constraints.value.ca is False
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_cert_sign and not usage.crl_sign
+
+
 def test_private_keys_are_owner_only(pki: DevPki) -> None:
     pki.ensure(["kafka"])
     for key in (pki.paths("kafka").key, pki.folder / "ca-key.pem"):

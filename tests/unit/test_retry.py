@@ -4,9 +4,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import grpc
 import pybreaker
 import pytest
 
+from bastion.grpc.client import is_transient
 from bastion.resilience.breaker import BreakerOpenError, memory_breaker
 from bastion.resilience.retry import DeadlineExceededError, RetryBudget, call_with_retries, resilient_call
 
@@ -184,3 +186,12 @@ def test_an_open_breaker_stops_the_retries() -> None:
         assert flaky.attempts == 2
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("code", list(grpc.StatusCode))
+def test_only_unavailable_and_deadline_exceeded_are_retried_by_the_client(code: grpc.StatusCode) -> None:
+    """A retried INTERNAL or UNKNOWN could run a call twice that did something the first time; a business refusal
+    would be asked again for nothing. Only the two codes that say the call did not get through are transient."""
+    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="from a test")
+    assert is_transient(error) == (code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert not is_transient(RuntimeError("not a gRPC error"))

@@ -14,6 +14,7 @@ from services.accounts.domain import (
     InvalidRequestError,
     StaleFencingTokenError,
     UnknownCurrencyError,
+    check_idempotency_key,
 )
 from services.accounts.fakes import MemoryUnitOfWork
 from services.accounts.handlers import AccountsHandlers, Caller
@@ -121,3 +122,10 @@ def test_transfers_that_break_a_rule_change_nothing(bank: AccountsHandlers, uow:
     with pytest.raises(error):
         bank.apply_transfer("t", source, source if setup == "same" else target, amount, "EUR", 1, KEY)
     assert uow.accounts.rows == before
+
+
+@pytest.mark.parametrize("key", ["short", "x" * 101, "has space", "deposit-0001\n", "dépôt-0001", ""])
+def test_an_idempotency_key_is_refused_unless_it_is_8_to_100_safe_characters(key: str) -> None:
+    with pytest.raises(InvalidRequestError, match="idempotency_key must be 8 to 100 characters"):
+        check_idempotency_key(key)
+    check_idempotency_key("deposit-0001:a.b_c")
