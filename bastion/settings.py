@@ -25,7 +25,7 @@ class DevstackSettings(BaseSettings):
     kafka_controller_port: int = 19093
     keycloak_port: int = 18443
     keycloak_management_port: int = 18444
-    # Added to each service's gRPC port of infra/services.yaml (the test stack uses 10000).
+    # Added to each service's gRPC and metrics ports of infra/services.yaml (the test stack uses 10000).
     service_port_offset: int = 0
     dev_profile: bool = True
 

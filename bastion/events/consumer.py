@@ -41,6 +41,9 @@ SECURITY_TOPIC = "access.decisions.v1"
 # A refused record larger than this is dead-lettered as a prefix (Kafka's largest record is 1 MB, headers included).
 DEAD_LETTER_MAX_BYTES = 900_000
 DEAD_LETTER_PREFIX_BYTES = 4096
+# Dead letters handed to the producer before `DeadLetters` waits for them: a bundle can hold thousands of refused
+# envelopes, and librdkafka's queue is bounded. Waiting early is safe: offsets are committed after the last wait.
+MAX_UNSETTLED_LETTERS = 1000
 SAFE_ID = re.compile(r"[A-Za-z0-9._:/-]{1,100}")
 CONSUMER_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
@@ -364,11 +367,13 @@ class DeadLetters:
 
     The refused envelopes of one bundle are written together and settled once: one broker round trip per bundle,
     not per envelope, so a bundle of hundreds of refused envelopes (a producer's stolen key can sign one) costs
-    the consumer one wait, not hundreds."""
+    the consumer one wait, not hundreds. Every MAX_UNSETTLED letters it waits once on the way, so that however
+    many are refused, the producer's queue never overflows and the consumer moves on."""
 
-    def __init__(self, producer: Producer, consumer: str) -> None:
+    def __init__(self, producer: Producer, consumer: str, max_unsettled: int = MAX_UNSETTLED_LETTERS) -> None:
         self.producer = producer
         self.consumer = consumer
+        self.max_unsettled = max_unsettled
         self._outcomes: list[KafkaError | None] = []
         self._written: list[str] = []
 
@@ -391,9 +396,18 @@ class DeadLetters:
             raw = raw[:DEAD_LETTER_PREFIX_BYTES]
         if bundled:
             headers.append((BUNDLE_HEADER, BUNDLE_CONTENT))
+        if len(self._written) >= self.max_unsettled:
+            self.settle()
         outcomes = self._outcomes  # this settle's list: the report may come after the next settle began
-        self.producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(), headers=headers,
-                              on_delivery=lambda err, _msg: outcomes.append(err))
+        for _ in range(100):
+            try:
+                self.producer.produce(dead_letter_topic(message.topic()), value=raw, key=message.key(),
+                                      headers=headers, on_delivery=lambda err, _msg: outcomes.append(err))
+                break
+            except BufferError:  # librdkafka's queue is full (other writers share the producer): let it drain
+                self.producer.poll(0.1)
+        else:
+            raise DeadLetterError(f"dead-letter write for {source} not accepted: the producer's queue stayed full")
         self._written.append(source)
 
     def settle(self, timeout: float = 30.0) -> None:

@@ -114,7 +114,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             received = context.invocation_metadata() or ()
         metadata = {key: value for key, value in received if isinstance(value, str)}
         correlation_id = correlation_id_from(metadata)
-        trace = trace_context_from(metadata)
+        trace = trace_context_from(received)
         context.set_trailing_metadata((("x-correlation-id", correlation_id),))
         peer = peer_identity_from(context.peer_identity_key(), context.peer_identities())
         header = metadata.get("authorization", "")

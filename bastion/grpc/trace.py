@@ -2,10 +2,12 @@
 trace, and the calls it makes downstream are children of that span.
 
 A call's `traceparent` header (`00-<trace id>-<caller's span id>-<flags>`) is read when it is well formed by the
-recommendation's rules; otherwise the call starts a trace of its own, and the caller's `tracestate` is dropped
-with it (a `tracestate` travels only with the `traceparent` it belongs to). The call gets a span id of its own,
-which downstream calls name as their parent. The ids are logged with every refusal (`trace_id`), so the log
-lines of one request can be joined across services with any tracing tool's ids, beside the correlation id.
+recommendation's rules and sent once; otherwise the call starts a trace of its own, and the caller's `tracestate`
+is dropped with it (a `tracestate` travels only with the `traceparent` it belongs to). Several `tracestate`
+headers are one list; a malformed list is dropped whole, one too long loses members as the recommendation says.
+The call gets a span id of its own, which downstream calls name as their parent. The trace id is logged with
+every refusal (`trace_id`), so the log lines of one request can be joined across services with any tracing
+tool's ids, beside the correlation id.
 
 Spans are not recorded or exported here: nothing in the dev stack collects them, and recording one per call in
 Python costs the call path more than the rest of the chain's checks (docs/decisions.md). A deployment that wants
@@ -15,7 +17,7 @@ them adds OpenTelemetry's gRPC instrumentation, which reads and writes the same 
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 TRACEPARENT = "traceparent"
@@ -26,10 +28,11 @@ _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f
 _INVALID_VERSION = "ff"
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 SAMPLED = 0x01  # the only flag version 00 defines; the others are not passed on
-# tracestate: at most 32 list members `key=value`, at most 512 characters kept (the recommendation lets a
-# vendor drop a tracestate longer than that). A malformed one is dropped whole.
+# tracestate: at most 32 list members `key=value`. Over 512 characters, members longer than 128 go first, then
+# members from the end, until it fits (the recommendation's order). A malformed list is dropped whole.
 MAX_TRACESTATE = 512
 MAX_TRACESTATE_MEMBERS = 32
+LONG_TRACESTATE_MEMBER = 128
 _TRACESTATE_MEMBER = re.compile(
     r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
@@ -82,22 +85,35 @@ def parse_traceparent(header: str) -> tuple[str, str, bool] | None:
 
 
 def valid_tracestate(header: str) -> str:
-    """HEADER if it is a well-formed `tracestate` the kit passes on, else ""."""
-    if not header or len(header) > MAX_TRACESTATE:
-        return ""
+    """The `tracestate` the kit passes on for HEADER: its members without optional white space, cut to 512
+    characters; "" when HEADER is empty or malformed."""
     members = [member.strip(" \t") for member in header.split(",")]
     members = [member for member in members if member]
     if not members or len(members) > MAX_TRACESTATE_MEMBERS:
         return ""
     if not all(_TRACESTATE_MEMBER.fullmatch(member) for member in members):
         return ""
+    if len(",".join(members)) > MAX_TRACESTATE:
+        members = [member for member in members if len(member) <= LONG_TRACESTATE_MEMBER]
+        while members and len(",".join(members)) > MAX_TRACESTATE:
+            members.pop()
     return ",".join(members)
 
 
-def trace_context_from(metadata: Mapping[str, str]) -> TraceContext:
-    """This call's span: a child of the caller's when its `traceparent` is well formed, else a new trace's root."""
-    parent = parse_traceparent(metadata.get(TRACEPARENT, ""))
+def trace_context_from(received: Iterable[tuple[str, str | bytes]]) -> TraceContext:
+    """This call's span, from the call's metadata RECEIVED: a child of the caller's when it sent one well-formed
+    `traceparent`, else a new trace's root."""
+    parents: list[str | bytes] = []
+    states: list[str | bytes] = []
+    for key, value in received:
+        if key == TRACEPARENT:
+            parents.append(value)
+        elif key == TRACESTATE:
+            states.append(value)
+    parent = parse_traceparent(parents[0]) if len(parents) == 1 and isinstance(parents[0], str) else None
     if parent is None:
         return TraceContext(_ids.hex(32), _ids.hex(16), None, False)
     trace_id, parent_id, sampled = parent
-    return TraceContext(trace_id, _ids.hex(16), parent_id, sampled, valid_tracestate(metadata.get(TRACESTATE, "")))
+    state = "" if not all(isinstance(value, str) for value in states) else valid_tracestate(
+        ",".join(str(value) for value in states))
+    return TraceContext(trace_id, _ids.hex(16), parent_id, sampled, state)

@@ -227,3 +227,58 @@ def test_a_bundle_of_refused_envelopes_costs_one_transaction_and_one_round_trip_
 ])
 def test_what_a_refused_event_claims_is_kept_only_when_well_formed(claimed: str, kept: str) -> None:
     assert safe_claim(claimed) == kept
+
+
+def test_thousands_of_refused_envelopes_are_settled_on_the_way_so_the_producer_queue_never_overflows() -> None:
+    producer = CountingFlushes()
+    letters = DeadLetters(producer, "audit", max_unsettled=1000)  # type: ignore[arg-type]
+    for item in range(2500):
+        letters.write(Record(), b"forged", REFUSED, item=item, bundled=True)  # type: ignore[arg-type]
+    assert producer.flushes == 2, "waited after the first and the second thousand"
+    letters.settle()
+    assert producer.flushes == 3 and len(producer.sent) == 2500
+
+
+class FullQueue(Acknowledging):
+    """A producer whose queue is full for the first FULL attempts."""
+
+    def __init__(self, full: int) -> None:
+        super().__init__()
+        self.full = full
+        self.polls = 0
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        if self.full > 0:
+            self.full -= 1
+            raise BufferError("Local: Queue full")
+        super().produce(*args, **kwargs)
+
+    def poll(self, _timeout: float) -> int:
+        self.polls += 1
+        return 0
+
+
+def test_a_full_producer_queue_is_waited_out_and_a_queue_that_stays_full_fails_the_write() -> None:
+    draining = FullQueue(full=3)
+    letters = DeadLetters(draining, "audit")  # type: ignore[arg-type]
+    letters.write(Record(), b"forged", REFUSED)  # type: ignore[arg-type]
+    letters.settle()
+    assert (draining.polls, len(draining.sent)) == (3, 1)
+    stuck = DeadLetters(FullQueue(full=10**6), "audit")  # type: ignore[arg-type]
+    with pytest.raises(DeadLetterError, match="queue stayed full"):
+        stuck.write(Record(), b"forged", REFUSED)  # type: ignore[arg-type]
+
+
+def test_a_released_held_event_is_dead_lettered_before_the_transaction_that_sets_it_aside_commits() -> None:
+    """`_set_aside_held` passes its own transaction: the dead letter must be acknowledged before `_reject`
+    returns, since that transaction commits the held row's removal right after."""
+    consumer = VerifyingConsumer.__new__(VerifyingConsumer)
+    producer, outbox = CountingFlushes(), RecordingOutbox()
+    consumer.settings = ConsumerSettings("notifications", "notifications", ["accounts.events.v1"])
+    consumer.engine, consumer.security_outbox = CountingEngine(), outbox  # type: ignore[assignment]
+    consumer.letters = DeadLetters(producer, "notifications")  # type: ignore[arg-type]
+    consumer._reject(BundleRecord(), ForgedBundle(1).raw, REFUSED, item=0, bundled=True, released=4,  # type: ignore
+                     conn="the caller's transaction")  # type: ignore[arg-type]
+    assert producer.flushes == 1 and len(producer.sent) == 1
+    assert outbox.appended[0][0] == "the caller's transaction"
+    assert producer.sent[0][2]["bastion-source"] == b"accounts.events.v1/2/77/0/released/4"

@@ -191,7 +191,8 @@ def test_an_open_breaker_stops_the_retries() -> None:
 @pytest.mark.parametrize("code", list(grpc.StatusCode))
 def test_only_unavailable_and_deadline_exceeded_are_retried_by_the_client(code: grpc.StatusCode) -> None:
     """A retried INTERNAL or UNKNOWN could run a call twice that did something the first time; a business refusal
-    would be asked again for nothing. Only the two codes that say the call did not get through are transient."""
+    would be asked again for nothing. Only UNAVAILABLE and DEADLINE_EXCEEDED are transient; a deadline can pass
+    after the server did the work, which is why callers send the same idempotency key on every attempt."""
     error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="from a test")
     assert is_transient(error) == (code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED))
     assert not is_transient(RuntimeError("not a gRPC error"))

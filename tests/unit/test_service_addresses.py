@@ -26,10 +26,12 @@ def test_the_offset_of_the_install_is_added_to_every_declared_port(tmp_path: Pat
     assert ctx.grpc_address("ledger") == "localhost:60061"
 
 
-def test_the_dev_install_serves_the_declared_ports_unchanged() -> None:
+def test_the_test_installs_ports_are_all_distinct_from_each_other_and_from_the_dev_installs() -> None:
     services = load_services(PROJECT_ROOT / "infra" / "services.yaml")
-    settings = DevstackSettings(service_port_offset=0)
-    assert [settings.service_port(service.grpc_port) for service in services] == [s.grpc_port for s in services]
+    declared = [port for service in services for port in (service.grpc_port, service.metrics_port)]
+    shifted = [DevstackSettings(service_port_offset=10000).service_port(port) for port in declared]
+    assert shifted == [port + 10000 for port in declared]
+    assert len(set(declared) | set(shifted)) == 2 * len(declared)
 
 
 def test_an_undeclared_service_is_named_in_the_error(tmp_path: Path) -> None:

@@ -1,0 +1,93 @@
+"""The audit service's consumer loop: a consumed batch's refused records are dead-lettered and acknowledged
+before the batch is appended and its offsets committed, so a refused record is never lost to a crash."""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from bastion.events.consumer import DeadLetters
+from bastion.events.errors import RejectReason, VerificationError
+from services.audit.adapters.kafka import AuditConsumer, AuditRecords
+
+
+class Forged:
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def error(self) -> None:
+        return None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def value(self) -> bytes:
+        return b"\x0a\x03abc"
+
+    def topic(self) -> str:
+        return "accounts.events.v1"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+class Refusing:
+    def verify(self, *_args: Any) -> None:
+        raise VerificationError(RejectReason.BAD_SIGNATURE, "signature does not verify")
+
+
+class Kafka:
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+
+    def consume(self, _count: int, _timeout: float) -> list[Forged]:
+        return [Forged(7), Forged(8)]
+
+    def commit(self, asynchronous: bool) -> None:
+        self.steps.append("commit")
+
+    def produce(self, topic: str, value: bytes, key: Any, headers: Any, on_delivery: Any) -> None:
+        self.steps.append(f"dead letter {dict(headers)['bastion-source'].decode()}")
+        self.pending = [*getattr(self, "pending", []), on_delivery]
+
+    def flush(self, _timeout: float) -> int:
+        self.steps.append("acknowledged")
+        for report in self.pending:
+            report(None, None)
+        self.pending = []
+        return 0
+
+
+class Store:
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[str]:
+        yield "connection"
+        self.steps.append("transaction committed")
+
+    def append(self, _conn: str, records: list[Any]) -> None:
+        self.steps.append(f"appended {len(records)}")
+
+
+def test_a_batchs_refused_records_are_acknowledged_as_dead_letters_before_anything_is_committed() -> None:
+    steps: list[str] = []
+    kafka, store = Kafka(steps), Store(steps)
+    consumer = AuditConsumer.__new__(AuditConsumer)  # the Kafka clients and the checkpointer are not needed here
+    consumer.consumer, consumer.engine, consumer.store = kafka, store, store  # type: ignore[assignment]
+    consumer.letters = DeadLetters(kafka, "audit")  # type: ignore[arg-type]
+    consumer.records = AuditRecords(Refusing(), consumer.letters)  # type: ignore[arg-type]
+    consumer.signing_refused = True  # no checkpoint in this test
+    consumer.batch_size, consumer.poll_seconds = 500, 0.1
+    assert consumer.poll_batch() == 2
+    assert steps == ["dead letter accounts.events.v1/0/7", "dead letter accounts.events.v1/0/8", "acknowledged",
+                     "appended 2", "transaction committed", "commit"]
