@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 # `buf breaking` compares protos/ with the last released contracts, a buf image committed with the code.
 RELEASED_PROTOS := protos/released.binpb
 
-.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc bench-audit
+.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc bench-audit bench-audit-service
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,9 @@ bench-grpc: setup          ## unary RPC throughput and latency: bare, mTLS only,
 
 bench-audit: setup         ## audit log: append, full-chain verification, rebuild (100k records), consuming access decisions
 	$(BIN)/python -m benchmarks.audit_chain
+
+bench-audit-service: setup ## the running audit service: CPU per access decision, end to end on the dev stack
+	$(BIN)/python -m benchmarks.audit_service
 
 reset: $(STAMP)            ## stop everything and wipe the state folder (secrets, PKI, data)
 	$(BIN)/bastion reset --yes
