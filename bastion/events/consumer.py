@@ -421,11 +421,3 @@ class DeadLetters:
         if len(outcomes) < len(written) or failed:
             raise DeadLetterError(f"dead-letter writes not acknowledged: {len(written) - len(outcomes)} without an "
                                   f"answer, {len(failed)} failed ({'; '.join(failed)[:300]}), first at {written[0]}")
-
-
-def dead_letter(producer: Producer, consumer: str, message: Message, raw: bytes, error: VerificationError,
-                item: int | None = None, bundled: bool = False, released: int | None = None) -> None:
-    """Write one refused record to `<topic>.dlq` (DeadLetters.write) and return once the broker acknowledged it."""
-    letters = DeadLetters(producer, consumer)
-    letters.write(message, raw, error, item, bundled, released)
-    letters.settle()

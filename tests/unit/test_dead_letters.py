@@ -15,7 +15,6 @@ from bastion.events.consumer import (
     DeadLetterError,
     DeadLetters,
     VerifyingConsumer,
-    dead_letter,
     safe_claim,
     source_of,
 )
@@ -66,7 +65,9 @@ REFUSED = VerificationError(RejectReason.MALFORMED, "not an envelope bundle")
 
 def test_a_refused_record_keeps_its_bytes_reason_and_place() -> None:
     producer = Acknowledging()
-    dead_letter(producer, "notifications", Record(), b"forged", REFUSED, item=3, bundled=True)  # type: ignore[arg-type]
+    letters = DeadLetters(producer, "notifications")  # type: ignore[arg-type]
+    letters.write(Record(), b"forged", REFUSED, item=3, bundled=True)  # type: ignore[arg-type]
+    letters.settle()
     [(topic, value, headers)] = producer.sent
     assert (topic, value) == ("accounts.events.v1.dlq", b"forged")
     assert headers["bastion-reject-reason"] == b"malformed"
@@ -77,7 +78,9 @@ def test_a_refused_record_keeps_its_bytes_reason_and_place() -> None:
 def test_a_record_too_large_to_dead_letter_whole_keeps_a_prefix_its_size_and_digest() -> None:
     producer = Acknowledging()
     huge = bytes(range(256)) * ((DEAD_LETTER_MAX_BYTES // 256) + 200)
-    dead_letter(producer, "audit", Record(), huge, REFUSED, bundled=True)  # type: ignore[arg-type]
+    letters = DeadLetters(producer, "audit")  # type: ignore[arg-type]
+    letters.write(Record(), huge, REFUSED, bundled=True)  # type: ignore[arg-type]
+    letters.settle()
     [(_, value, headers)] = producer.sent
     assert value == huge[:DEAD_LETTER_PREFIX_BYTES]
     assert headers["bastion-truncated-from"] == str(len(huge)).encode()
