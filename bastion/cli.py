@@ -5,15 +5,18 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from rich.console import Console
 from rich.table import Table
 
 from bastion.audit import install_tools, refusals
+from bastion.audit.v1 import audit_pb2
 from bastion.demo import Scenario
 from bastion.devstack.catalog import load_services
+from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
@@ -123,19 +126,50 @@ def cmd_audit_rebuild(args: argparse.Namespace) -> int:
     return 0 if rebuilt.matches else 1
 
 
-def cmd_audit_refusals(args: argparse.Namespace) -> int:
+Answer = TypeVar("Answer")
+
+
+def _ask_audit(question: Callable[[StackContext, float, int], list[Answer]], args: argparse.Namespace
+               ) -> list[Answer] | None:
+    """QUESTION's answer from the audit service (as the realm's auditor), or None once the refusal is printed."""
     try:
-        found = refusals.recent_refusals(_stack(quiet=True).context(), args.minutes, args.limit)
+        return question(_stack(quiet=True).context(), args.minutes, args.limit)
     except grpc.RpcError as error:
         errors.print(f"the audit service refused or did not answer: {error.code().name}: {error.details()}")
+        return None
+
+
+def _when(event: audit_pb2.AuditEvent) -> str:
+    return str(event.occurred_at.ToDatetime(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def cmd_audit_refusals(args: argparse.Namespace) -> int:
+    found = _ask_audit(refusals.recent_refusals, args)
+    if found is None:
         return 1
     console.print(f"{len(found)} refusals in the last {args.minutes:g} minutes (newest {args.limit} at most), "
                   "oldest first:")
     for event in found:
-        when = event.occurred_at.ToDatetime(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        console.print(f"  {event.seq:>8} {when} {event.kind:<9} {event.decision or '-':<5} "
+        console.print(f"  {event.seq:>8} {_when(event)} {event.kind:<9} {event.decision or '-':<5} "
                       f"{event.principal or '-'} {event.action or event.topic} {event.reason[:120]} "
                       f"(correlation id {event.correlation_id})", soft_wrap=True, markup=False, highlight=False)
+    return 0
+
+
+def cmd_audit_alerts(args: argparse.Namespace) -> int:
+    found = _ask_audit(refusals.recent_alerts, args)
+    if found is None:
+        return 1
+    console.print(f"{len(found)} security alerts in the last {args.minutes:g} minutes (newest {args.limit} at most), "
+                  "oldest first (rules: infra/alert-rules.yaml):")
+    for event, alert in found:
+        if isinstance(alert, str):
+            console.print(f"  {event.seq:>8} {_when(event)} unreadable: {alert}", markup=False, highlight=False)
+            continue
+        console.print(f"  {event.seq:>8} {_when(event)} {alert.severity:<8} {alert.rule}: {alert.counted_by} "
+                      f"{alert.key!r} refused {alert.count} times within {alert.window_seconds}s (log entries "
+                      f"{alert.first_seq} to {alert.last_seq}; last correlation id {alert.last_correlation_id})",
+                      soft_wrap=True, markup=False, highlight=False)
     return 0
 
 
@@ -270,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     recent.add_argument("--minutes", type=float, default=60.0, help="how far back (default 60)")
     recent.add_argument("--limit", type=int, default=50, help="the newest this many at most (default 50)")
     recent.set_defaults(func=cmd_audit_refusals)
+    alerts = audit.add_parser("alerts", help="the security alerts the audit service raised lately over the refusals "
+                              "(infra/alert-rules.yaml)")
+    alerts.add_argument("--minutes", type=float, default=60.0, help="how far back (default 60)")
+    alerts.add_argument("--limit", type=int, default=50, help="the newest this many at most (default 50)")
+    alerts.set_defaults(func=cmd_audit_alerts)
     lab = sub.add_parser("lab", help="attack labs: each attack against the running stack, and the defence that "
                          "stops it").add_subparsers(dest="lab_command", required=True)
     lab.add_parser("list", help="the labs and the concerns they prove").set_defaults(func=cmd_lab_list)

@@ -420,6 +420,18 @@ def rebuild(conn: Connection, page: int = DEFAULT_PAGE) -> Rebuilt:
     return Rebuilt(replayed + len(batch), live, digests(conn))
 
 
+def refusals_after(conn: Connection, seq: int) -> list[SecurityRow]:
+    """The security view's rows after log entry SEQ, in log order."""
+    rows = conn.execute(select(security_view).where(security_view.c.seq > seq).order_by(security_view.c.seq))
+    return [SecurityRow(**row._mapping) for row in rows]
+
+
+def latest_refusals(conn: Connection, count: int) -> list[SecurityRow]:
+    """The COUNT newest rows of the security view, in log order."""
+    rows = conn.execute(select(security_view).order_by(security_view.c.seq.desc()).limit(count))
+    return [SecurityRow(**row._mapping) for row in reversed(rows.all())]
+
+
 def _projection_rows(conn: Connection, table: Table, row_type: type[ProjectionRow],
                      page: int = DEFAULT_PAGE) -> Iterator[PlainRow]:
     """TABLE's rows in key order (text keys in code-point order, as Python sorts), as plain values."""

@@ -131,6 +131,16 @@ def digest_rows(rows: Iterable[Row]) -> str:
     return digest.hexdigest()
 
 
+def security_row(seq: int, record: AuditRecord) -> SecurityRow | None:
+    """The security view's row of the record stored at SEQ: one for every refusal (a denied access decision or a
+    rejected event), None for anything else."""
+    if record.kind is not RecordKind.REJECTION and record.decision is not Decision.DENY:
+        return None
+    return SecurityRow(
+        seq, record.kind.value, record.principal, record.producer, record.action, record.reason, record.detail,
+        record.topic, record.partition, record.offset, record.event_id, record.correlation_id, record.occurred_at)
+
+
 class Projections:
     """The projections held in memory: the fold itself, and the reference a rebuild is compared with."""
 
@@ -155,11 +165,9 @@ class Projections:
             change = AccessSummaryRow(record.principal, int(allowed), int(not allowed), seq)
             before = self.summary.get(record.principal)
             self.summary[record.principal] = before.merge(change) if before else change
-        if record.kind is RecordKind.REJECTION or record.decision is Decision.DENY:
-            self.security[seq] = SecurityRow(
-                seq, record.kind.value, record.principal, record.producer, record.action, record.reason,
-                record.detail, record.topic, record.partition, record.offset, record.event_id,
-                record.correlation_id, record.occurred_at)
+        refusal = security_row(seq, record)
+        if refusal is not None:
+            self.security[seq] = refusal
 
     def merge(self, later: "Projections") -> None:
         """Add LATER, the fold of the entries that follow this one's, as the PostgreSQL adapter merges each

@@ -1,17 +1,23 @@
-"""`bastion audit refusals`: what a security review reads first, the calls an interceptor denied and the events a
-consumer refused, asked of the audit service like any client: mutual TLS with the cli certificate and a token of
-the realm's auditor (a demo user of this install), through the same method policy as everyone else."""
+"""`bastion audit refusals` and `bastion audit alerts`: what a security review reads first, the calls an interceptor
+denied and the events a consumer refused, and the alerts the audit service raised over them; asked of the audit
+service like any client: mutual TLS with the cli certificate and a token of the realm's auditor (a demo user of this
+install), through the same method policy as everyone else."""
 
 import datetime as dt
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 from keycloak import KeycloakOpenID
 
+from bastion.access.v1.decision_pb2 import SecurityAlert
+from bastion.audit.alerts import ALERTING_SERVICE, alert_in
+from bastion.audit.records import RecordKind
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.identities import Identities, load_identities
+from bastion.events.errors import VerificationError
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.server import TlsFiles
 
@@ -29,6 +35,32 @@ def auditor_of(identities: Identities) -> str:
 
 def recent_refusals(ctx: StackContext, minutes: float, limit: int) -> list[audit_pb2.AuditEvent]:
     """The LIMIT newest refusals recorded in the last MINUTES, oldest first."""
+    return _recent(ctx, minutes, limit, audit_pb2.ListEventsRequest(refusals_only=True, page_size=PAGE))
+
+
+def recent_alerts(ctx: StackContext, minutes: float, limit: int
+                  ) -> list[tuple[audit_pb2.AuditEvent, SecurityAlert | str]]:
+    """The LIMIT newest security alerts raised in the last MINUTES, oldest first, each with its record; an alert
+    that cannot be read back (it verified on its way in: never seen) comes as the reason instead."""
+    request = audit_pb2.ListEventsRequest(event_type=SecurityAlert.DESCRIPTOR.full_name, page_size=PAGE)
+    return [(event, _read(event)) for event in _recent(ctx, minutes, limit, request, _raised)]
+
+
+def _read(event: audit_pb2.AuditEvent) -> SecurityAlert | str:
+    try:
+        return alert_in(event.envelope)
+    except VerificationError as error:
+        return str(error)
+
+
+def _raised(event: audit_pb2.AuditEvent) -> bool:
+    """An alert the audit service raised: an accepted event of its own. A refused record keeps the type its
+    sender claimed, so a service that tried to forge an alert is listed by `refusals`, never here."""
+    return event.kind == RecordKind.EVENT.value and event.producer == ALERTING_SERVICE
+
+
+def _recent(ctx: StackContext, minutes: float, limit: int, request: audit_pb2.ListEventsRequest,
+            wanted: Callable[[audit_pb2.AuditEvent], bool] = lambda _event: True) -> list[audit_pb2.AuditEvent]:
     if minutes <= 0 or limit < 1:
         raise DevstackError("--minutes must be positive and --limit at least 1", "for example: --minutes 60")
     host, settings = ctx.settings.public_host, ctx.settings
@@ -43,11 +75,10 @@ def recent_refusals(ctx: StackContext, minutes: float, limit: int) -> list[audit
     credentials = channel_credentials(TlsFiles(cli.cert, cli.key, ctx.ca_file))
     with grpc.secure_channel(ctx.grpc_address("audit"), credentials) as ch:
         audit = audit_pb2_grpc.AuditStub(ch)  # type: ignore[no-untyped-call]
-        request = audit_pb2.ListEventsRequest(refusals_only=True, page_size=PAGE)
         request.since.FromDatetime(since)
         while True:
             page = audit.ListEvents(request, metadata=call_metadata(token), timeout=30)
-            newest.extend(page.events)
+            newest.extend(event for event in page.events if wanted(event))
             if not page.next_page_token:
                 return list(newest)
             request.page_token = page.next_page_token

@@ -48,5 +48,6 @@ SCHEMAS: dict[str, EventSchema] = {
         EventSchema(payments_events.PaymentFailed, 1, {}),
         EventSchema(decision_pb2.AccessDecision, 1, {}),
         EventSchema(decision_pb2.EventRejected, 1, {}),
+        EventSchema(decision_pb2.SecurityAlert, 1, {}),
     ]
 }

@@ -4,7 +4,7 @@
 the concerns of the security guide to these labs. `bastion lab list`, `bastion lab run NAME|--all`.
 """
 
-from bastion.labs import access, audit, edge, events, money, tokens, transport
+from bastion.labs import access, audit, detection, edge, events, money, tokens, transport
 from bastion.labs.base import Lab
 
 LABS: tuple[Lab, ...] = (
@@ -141,6 +141,13 @@ LABS: tuple[Lab, ...] = (
                 "DELETE and TRUNCATE to everyone, and the hash chain with signed checkpoints the verifier checks.",
         where="bastion/audit/postgres.py (install), bastion/audit/verify.py, bastion/audit/install_tools.py",
         expect="first bad seq", probe=audit.audit_tampering),
+    Lab("permission-probing", "A customer trying a teller's method again and again",
+        attack="Call accounts.Deposit, which only tellers may, as alice (a customer) as many times as the "
+               "permission-probing rule's threshold, within seconds.",
+        defence="Every call is denied and becomes a signed access decision; the audit service counts the denials "
+                "per caller and raises a signed SecurityAlert back into the audit log, logged and counted.",
+        where="infra/alert-rules.yaml, bastion/audit/alerts.py, services/audit/adapters/postgres.py (PostgresAlerts)",
+        expect="permission-probing", probe=detection.permission_probing),
 )
 
 

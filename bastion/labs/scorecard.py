@@ -66,7 +66,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
         Concern("Distributed logs lacking correlation",
                 not_covered="no lab of its own: every lab prints the log line and audit record of its attempts, "
                             "found by their correlation id; no distributed tracing"),
-        Concern("Lack of anomaly detection", not_covered="no anomaly detection or alert rules are built"),
+        Concern("Lack of anomaly detection", ("permission-probing",)),
         Concern("Silent failures: event losses or retries without alerting",
                 not_covered="losses need processes killed mid-flight: test_event_delivery.py"),
     )),

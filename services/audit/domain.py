@@ -7,7 +7,8 @@ import datetime as dt
 import hashlib
 from dataclasses import dataclass
 
-from bastion.access.v1.decision_pb2 import DECISION_ALLOW, AccessDecision, EventRejected
+from bastion.access.v1.decision_pb2 import DECISION_ALLOW, AccessDecision, EventRejected, SecurityAlert
+from bastion.audit.alerts import Alert
 from bastion.audit.chain import Head
 from bastion.audit.checkpoints import Checkpoint
 from bastion.audit.errors import CheckpointForkError, CheckpointRollbackError
@@ -96,6 +97,18 @@ def refused(delivery: Delivery, claimed: Envelope, error: VerificationError, rec
         action=delivery.place, reason=error.reason.value,
         detail=_text(f"{error.detail} (sha256 {hashlib.sha256(delivery.raw).hexdigest()}, {len(delivery.raw)} "
                      "bytes)" if len(delivery.raw) > MAX_ENVELOPE_BYTES else error.detail))
+
+
+def security_alert(alert: Alert) -> SecurityAlert:
+    """The signed event an alert is published as."""
+    rule = alert.rule
+    message = SecurityAlert(
+        rule=rule.name, severity=rule.severity, description=rule.description, counted_by=rule.count_by,
+        key=alert.key, count=alert.count, window_seconds=int(rule.window.total_seconds()),
+        first_seq=alert.first_seq, last_seq=alert.last_seq, last_correlation_id=alert.last_correlation_id)
+    message.first_at.FromDatetime(alert.first_at)
+    message.last_at.FromDatetime(alert.last_at)
+    return message
 
 
 def check_continuity(last: Checkpoint | None, head: Head, signed_hash: bytes | None) -> None:

@@ -1,14 +1,19 @@
-"""The audit use cases: list the log's records for an auditor, and verify the whole chain against the signed
-checkpoints. A checkpoint that does not verify is itself a security event: it is reported, never skipped."""
+"""The audit use cases: list the log's records for an auditor, verify the whole chain against the signed
+checkpoints, and raise security alerts over the refusals appended. A checkpoint that does not verify is itself a
+security event: it is reported, never skipped."""
 
-from collections.abc import Callable
+import datetime as dt
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from prometheus_client import Counter
+from sqlalchemy import Connection
 
-from bastion.audit.chain import LogEntry
+from bastion.audit.alerts import Alert
+from bastion.audit.chain import Appended, LogEntry
 from bastion.audit.checkpoints import Checkpoint, CheckpointFile
 from bastion.audit.errors import CheckpointError
 from bastion.audit.verify import ChainReport
@@ -16,6 +21,8 @@ from services.audit import domain
 from services.audit.domain import EventQuery
 
 log = structlog.get_logger(__name__)
+SECURITY_ALERTS = Counter("bastion_security_alerts_total", "Security alerts raised by the audit service",
+                          ["rule", "severity"])
 
 
 class AuditReader(Protocol):
@@ -30,6 +37,24 @@ class SecurityRecords(Protocol):
     """Raises a security record (an EventRejected on access.decisions.v1, kept by this service's own log)."""
 
     def checkpoint_refused(self, error: CheckpointError, where: str) -> None: ...
+
+
+class Alerting(Protocol):
+    """The alert detector, run in the transaction that appends each batch (see adapters/postgres.py)."""
+
+    def start(self, conn: Connection, head: int, now: dt.datetime) -> list[Alert]: ...
+
+    def observe(self, conn: Connection, placed: Sequence[Appended]) -> list[Alert]: ...
+
+
+def announce(alerts: Sequence[Alert]) -> None:
+    """Log and count alerts once their transaction committed."""
+    for alert in alerts:
+        SECURITY_ALERTS.labels(alert.rule.name, alert.rule.severity).inc()
+        log.warning("security_alert", rule=alert.rule.name, severity=alert.rule.severity,
+                    counted_by=alert.rule.count_by, key=alert.key, count=alert.count,
+                    window_seconds=int(alert.rule.window.total_seconds()), first_seq=alert.first_seq,
+                    last_seq=alert.last_seq, alert_id=alert.alert_id, correlation_id=alert.last_correlation_id)
 
 
 ReaderFactory = Callable[[], AbstractContextManager[AuditReader]]

@@ -8,6 +8,7 @@ import threading
 
 from sqlalchemy import inspect
 
+from bastion.audit.alerts import AlertDetector, load_alert_rules
 from bastion.audit.checkpoints import Checkpointer, CheckpointFile
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -19,7 +20,7 @@ from bastion.runtime import ServiceRuntime
 from bastion.settings import DevstackSettings
 from services.audit.adapters.grpc import AuditServicer
 from services.audit.adapters.kafka import AuditConsumer, CheckpointPublisher
-from services.audit.adapters.postgres import OutboxSecurityRecords, PostgresAuditReaders
+from services.audit.adapters.postgres import OutboxSecurityRecords, PostgresAlerts, PostgresAuditReaders
 from services.audit.handlers import AuditHandlers
 from services.audit.settings import AuditSettings
 
@@ -46,9 +47,10 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
     checkpointer = Checkpointer(runtime.key, checkpoint_file(runtime, own), own.checkpoint_every_records,
                                 own.checkpoint_every_seconds)
     publisher = CheckpointPublisher(runtime.kafka_config)
+    rules = load_alert_rules(settings.infra_dir / "alert-rules.yaml")  # refused at start-up when wrong
     runtime.start_worker("consumer", lambda: AuditConsumer(
         runtime.kafka_config, TOPICS, runtime.verifier(), runtime.engine, store, checkpointer, publisher,
-        security=handlers.security), stop)
+        security=handlers.security, alerts=PostgresAlerts(runtime.outbox(), AlertDetector(rules))), stop)
     server, port = await start_server(
         runtime.security(),
         lambda s: audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(handlers), s),  # type: ignore[no-untyped-call]

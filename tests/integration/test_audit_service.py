@@ -17,7 +17,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1 import accounts_pb2
+from bastion.audit.alerts import alert_in
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
@@ -136,6 +138,43 @@ def test_refusals_only_lists_the_denials_and_rejections_and_nothing_else(bank: B
     assert "access" in line and "deny" in line and "alice" in line and "/Deposit" in line, line
     refused = bastion("audit", "refusals", "--limit", "0")
     assert refused.returncode != 0 and "--limit" in refused.stderr
+
+
+def test_a_caller_denied_again_and_again_raises_a_signed_security_alert(bank: Bank, audit: Any) -> None:
+    """Five denials of one caller within a minute (infra/alert-rules.yaml, permission-probing) raise an alert: a
+    SecurityAlert the audit service signed, back in the log, that counts them; `bastion audit alerts` shows it."""
+    window = since(dt.datetime.now(dt.UTC))
+    probes = [f"it-probe-{uuid.uuid4()}" for _ in range(5)]
+    account = bank.open_account("alice")
+    for correlation in probes:  # a customer trying a teller's method, again and again
+        with pytest.raises(grpc.RpcError) as refused:
+            bank.accounts.Deposit(accounts_pb2.DepositRequest(account_id=account, amount_minor=10**6,
+                                                              idempotency_key=f"fund-{uuid.uuid4()}"),
+                                  metadata=bank.as_user("alice", correlation), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    denials = eventually(lambda: [e for e in list_all(bank, audit, refusals_only=True, since=window)
+                                  if e.correlation_id in probes], lambda found: len(found) == len(probes))
+    first, last = min(e.seq for e in denials), max(e.seq for e in denials)
+
+    def alerts() -> list[tuple[Any, SecurityAlert]]:
+        return [(e, alert_in(e.envelope)) for e in list_all(bank, audit, event_type=SecurityAlert.DESCRIPTOR.full_name,
+                                                   since=window)]
+
+    def ours(found: list[tuple[Any, SecurityAlert]]) -> list[tuple[Any, SecurityAlert]]:
+        # Other tests deny alice too: denials of hers just before these may have raised it sooner, but the rule
+        # starts counting afresh after each alert, so one alert ends among these five.
+        return [(e, a) for e, a in found if a.rule == "permission-probing" and a.key == "alice"
+                and first <= a.last_seq <= last]
+
+    [(entry, alert)] = ours(eventually(alerts, lambda found: bool(ours(found))))
+    assert (entry.kind, entry.producer) == ("event", "audit"), "a signed event of the audit service, verified"
+    assert (alert.counted_by, alert.count, alert.window_seconds, alert.severity) == ("principal", 5, 60, "warning")
+    assert alert.first_seq < alert.last_seq and alert.last_correlation_id in probes
+
+    result = bastion("audit", "alerts", "--minutes", "10", "--limit", "500")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = [line for line in result.stdout.splitlines() if alert.last_correlation_id in line]
+    assert "permission-probing" in line and "'alice'" in line and "5 times" in line, line
 
 
 def test_only_auditors_read_the_log_and_bad_queries_are_invalid(bank: Bank, audit: Any) -> None:

@@ -9,6 +9,7 @@ import yaml
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.event_access import load_policy
 from bastion.events.catalog import SCHEMAS
+from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.trust import load_trust_policy, parse_trust_policy
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
@@ -45,3 +46,13 @@ def test_unknown_topic_is_a_contradiction() -> None:
     data["topics"]["ledger.events.v1"] = {"accounts": []}
     with pytest.raises(DevstackError, match=r"ledger\.events\.v1: not a topic"):
         parse_trust_policy(data, ACCESS)
+
+
+def test_only_the_audit_service_may_publish_a_security_alert() -> None:
+    policy = load_trust_policy(INFRA / "event-trust.yaml", ACCESS)
+    alert = "bastion.access.v1.SecurityAlert"
+    policy.check("access.decisions.v1", "audit", alert)
+    for service in ("accounts", "payments", "notifications"):
+        with pytest.raises(VerificationError) as refused:
+            policy.check("access.decisions.v1", service, alert)
+        assert refused.value.reason is RejectReason.NOT_AUTHORISED

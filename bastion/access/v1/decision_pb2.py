@@ -22,19 +22,22 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bastion/access/v1/decision.proto\x12\x11\x62\x61stion.access.v1\"\xa4\x01\n\x0e\x41\x63\x63\x65ssDecision\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x18\n\x10service_identity\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x1b.bastion.access.v1.Decision\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\"\xdb\x01\n\rEventRejected\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x18\n\x10\x63laimed_producer\x18\x07 \x01(\t\x12\x18\n\x10\x63laimed_event_id\x18\x08 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x11\n\x04item\x18\n \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_item*K\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bastion/access/v1/decision.proto\x12\x11\x62\x61stion.access.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x01\n\x0e\x41\x63\x63\x65ssDecision\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x18\n\x10service_identity\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x1b.bastion.access.v1.Decision\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\"\xdb\x01\n\rEventRejected\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x18\n\x10\x63laimed_producer\x18\x07 \x01(\t\x12\x18\n\x10\x63laimed_event_id\x18\x08 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x11\n\x04item\x18\n \x01(\rH\x00\x88\x01\x01\x42\x07\n\x05_item\"\xa9\x02\n\rSecurityAlert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x10\n\x08severity\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\ncounted_by\x18\x04 \x01(\t\x12\x0b\n\x03key\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\r\x12\x16\n\x0ewindow_seconds\x18\x07 \x01(\r\x12\x11\n\tfirst_seq\x18\x08 \x01(\x03\x12\x10\n\x08last_seq\x18\t \x01(\x03\x12,\n\x08\x66irst_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07last_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13last_correlation_id\x18\x0c \x01(\t*K\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bastion.access.v1.decision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=444
-  _globals['_DECISION']._serialized_end=519
-  _globals['_ACCESSDECISION']._serialized_start=56
-  _globals['_ACCESSDECISION']._serialized_end=220
-  _globals['_EVENTREJECTED']._serialized_start=223
-  _globals['_EVENTREJECTED']._serialized_end=442
+  _globals['_DECISION']._serialized_start=777
+  _globals['_DECISION']._serialized_end=852
+  _globals['_ACCESSDECISION']._serialized_start=89
+  _globals['_ACCESSDECISION']._serialized_end=253
+  _globals['_EVENTREJECTED']._serialized_start=256
+  _globals['_EVENTREJECTED']._serialized_end=475
+  _globals['_SECURITYALERT']._serialized_start=478
+  _globals['_SECURITYALERT']._serialized_end=775
 # @@protoc_insertion_point(module_scope)

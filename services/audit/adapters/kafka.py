@@ -28,7 +28,7 @@ from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
 from bastion.events.verify import EnvelopeVerifier, is_bundle
 from services.audit import domain
 from services.audit.domain import Delivery
-from services.audit.handlers import SecurityRecords
+from services.audit.handlers import Alerting, SecurityRecords, announce
 
 log = structlog.get_logger(__name__)
 CHECKPOINT_TOPIC = "audit.checkpoints.v1"
@@ -125,9 +125,14 @@ class AuditRecords:
 class AuditConsumer:
     def __init__(self, kafka_config: dict[str, Any], topics: list[str], verifier: EnvelopeVerifier, engine: Engine,
                  store: AuditLog, checkpointer: Checkpointer, publisher: CheckpointPublisher,
-                 security: SecurityRecords, batch_size: int = 500, poll_seconds: float = 0.5,
-                 clock: Clock = lambda: dt.datetime.now(dt.UTC)) -> None:
+                 security: SecurityRecords, alerts: Alerting | None = None, batch_size: int = 500,
+                 poll_seconds: float = 0.5, clock: Clock = lambda: dt.datetime.now(dt.UTC)) -> None:
         self.engine = engine
+        self.alerts = alerts
+        if alerts is not None:
+            with engine.begin() as conn:
+                raised = alerts.start(conn, store.head(conn).length, clock())
+            announce(raised)
         self.store = store
         self.checkpointer = checkpointer
         self.publisher = publisher
@@ -151,15 +156,20 @@ class AuditConsumer:
             self.poll_batch()
 
     def poll_batch(self) -> int:
-        """Read up to a batch, append it in one transaction, sign a checkpoint if one is due, then commit the
-        offsets: a crash anywhere before the commit reads the batch again, and the log keeps each record once.
+        """Read up to a batch, append it in one transaction with the alerts it raises, sign a checkpoint if one is
+        due, then commit the offsets: a crash anywhere before the commit reads the batch again, and the log keeps
+        each record once.
         The batch's refused records are dead-lettered together, and acknowledged before anything is committed."""
         records = [record for message in self.consumer.consume(self.batch_size, self.poll_seconds)
                    if self._readable(message) for record in self.records.of(message)]
         self.letters.settle()
+        raised = []
         if records:
             with self.engine.begin() as conn:
-                self.store.append(conn, records)
+                placed = self.store.append(conn, records)
+                if self.alerts is not None:
+                    raised = self.alerts.observe(conn, placed)
+            announce(raised)
         self._checkpoint_if_due()
         if records:
             self.consumer.commit(asynchronous=False)

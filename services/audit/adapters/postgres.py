@@ -1,18 +1,21 @@
 """PostgreSQL adapters of the audit service: the reader of the log (ListEvents, VerifyChain) over the kit's
-hash-chained table, and the security records it raises through its own outbox."""
+hash-chained table, and the security records and alerts it raises through its own outbox."""
 
+import datetime as dt
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import BigInteger, Column, Connection, DateTime, Engine, MetaData, String, Table, select
+from sqlalchemy.dialects.postgresql import insert as upsert
 
 from bastion.access.v1.decision_pb2 import EventRejected
-from bastion.audit.chain import LogEntry
+from bastion.audit.alerts import OUT_OF_ORDER, Alert, AlertDetector, longest_window
+from bastion.audit.chain import Appended, LogEntry
 from bastion.audit.checkpoints import Checkpoint
 from bastion.audit.errors import CheckpointError
-from bastion.audit.postgres import AuditLog, entry_of_row, security_view
+from bastion.audit.postgres import AuditLog, entry_of_row, latest_refusals, refusals_after, security_view
 from bastion.audit.postgres import log as audit_log
 from bastion.audit.verify import ChainReport
 from bastion.events.consumer import SECURITY_TOPIC
@@ -22,6 +25,19 @@ from services.audit.domain import EventQuery
 
 CHECKPOINT_TOPIC = "audit.checkpoints.v1"
 SECURITY_NAMESPACE = uuid.UUID("0c8f1c35-2f8e-4c55-9c0e-5b8f0b1d7a21")
+ALERTS_AGGREGATE = f"alerts:{domain.CONSUMER}"
+# A restarted detector counts again at most this many of the newest refusals.
+PRIMING_ROWS = 100_000
+
+# migrations/versions/0002_alert_marks.py; in the service's own schema, beside the outbox.
+ALERTS_METADATA = MetaData()
+alert_marks = Table(
+    "alert_marks", ALERTS_METADATA,
+    Column("rule", String(63), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("last_at", DateTime(timezone=True), nullable=False),
+)
 
 
 @dataclass
@@ -80,3 +96,51 @@ class OutboxSecurityRecords:
         with self.engine.begin() as conn:
             self.outbox.append(conn, SECURITY_TOPIC, record, aggregate_id=f"consumer:{domain.CONSUMER}",
                                correlation_id=record_id, event_id=record_id)
+
+
+class PostgresAlerts:
+    """The alert detector of the audit service, fed in the transaction that appends each batch: the alerts a batch
+    raises are written to the outbox (signed, relayed to access.decisions.v1) with the mark of where each rule last
+    raised one per key, in that same transaction. A crash before the commit loses neither: the batch is read again
+    and raises them again. Alert ids come from what raised them, and the outbox stores an id once.
+
+    One audit service writes the log (the writer lock makes a second one wait, and its detector would count the
+    first one's entries too); the detector reads back the security view's rows of the entries each append added."""
+
+    def __init__(self, outbox: Outbox, detector: AlertDetector) -> None:
+        self.outbox = outbox
+        self.detector = detector
+
+    def start(self, conn: Connection, head: int, now: dt.datetime) -> list[Alert]:
+        """Count again the log's recent refusals, but those an alert already counted, then go on after HEAD.
+        Recent: within the longest window, plus OUT_OF_ORDER, before the newest refusal (or NOW, if earlier),
+        among the newest PRIMING_ROWS: as far back as the detector keeps them. Returns the alerts this raises,
+        written: only rules made stricter since can raise any."""
+        rows = latest_refusals(conn, PRIMING_ROWS)
+        if rows:
+            since = min(now, max(row.occurred_at for row in rows)) - longest_window(self.detector.rules) \
+                - OUT_OF_ORDER
+            rows = [row for row in rows if row.occurred_at >= since]
+        marks = {(mark.rule, mark.key): mark.last_seq for mark in conn.execute(
+            select(alert_marks).where(alert_marks.c.last_seq >= (rows[0].seq if rows else head)))}
+        raised = self.detector.observe(rows, skip_through=marks)
+        self.detector.seen_through(head)
+        return [alert for alert in raised if self._raise(conn, alert)]
+
+    def observe(self, conn: Connection, placed: Sequence[Appended]) -> list[Alert]:
+        """The alerts raised by the entries an append just added (PLACED is what it returned: the entries of the
+        records given, some of them stored before); returns those written (not those the outbox had already)."""
+        newest = max((appended.seq for appended in placed), default=0)
+        raised = self.detector.observe(refusals_after(conn, self.detector.last_seq)) \
+            if newest > self.detector.last_seq else []
+        self.detector.seen_through(newest)
+        return [alert for alert in raised if self._raise(conn, alert)]
+
+    def _raise(self, conn: Connection, alert: Alert) -> bool:
+        stored = self.outbox.append(conn, SECURITY_TOPIC, domain.security_alert(alert), aggregate_id=ALERTS_AGGREGATE,
+                                    correlation_id=alert.alert_id, event_id=alert.alert_id)
+        mark = {"rule": alert.rule.name, "key": alert.key, "last_seq": alert.last_seq, "last_at": alert.last_at}
+        conn.execute(upsert(alert_marks).values(**mark).on_conflict_do_update(
+            index_elements=[alert_marks.c.rule, alert_marks.c.key],
+            set_={"last_seq": mark["last_seq"], "last_at": mark["last_at"]}))
+        return stored is not None

@@ -1,5 +1,6 @@
 """The audit service's consumer loop: a consumed batch's refused records are dead-lettered and acknowledged
-before the batch is appended and its offsets committed, so a refused record is never lost to a crash."""
+before the batch is appended and its offsets committed, so a refused record is never lost to a crash; the alerts
+the batch raises are written in the transaction that appends it."""
 
 import contextlib
 from collections.abc import Iterator
@@ -75,8 +76,18 @@ class Store:
         yield "connection"
         self.steps.append("transaction committed")
 
-    def append(self, _conn: str, records: list[Any]) -> None:
+    def append(self, _conn: str, records: list[Any]) -> list[str]:
         self.steps.append(f"appended {len(records)}")
+        return [f"placed {index}" for index in range(len(records))]
+
+
+class Alerts:
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+
+    def observe(self, conn: str, placed: list[str]) -> list[Any]:
+        self.steps.append(f"alerts of {len(placed)} entries in the {conn}'s transaction")
+        return []
 
 
 def test_a_batchs_refused_records_are_acknowledged_as_dead_letters_before_anything_is_committed() -> None:
@@ -86,8 +97,10 @@ def test_a_batchs_refused_records_are_acknowledged_as_dead_letters_before_anythi
     consumer.consumer, consumer.engine, consumer.store = kafka, store, store  # type: ignore[assignment]
     consumer.letters = DeadLetters(kafka, "audit")  # type: ignore[arg-type]
     consumer.records = AuditRecords(Refusing(), consumer.letters)  # type: ignore[arg-type]
+    consumer.alerts = Alerts(steps)  # type: ignore[assignment]
     consumer.signing_refused = True  # no checkpoint in this test
     consumer.batch_size, consumer.poll_seconds = 500, 0.1
     assert consumer.poll_batch() == 2
     assert steps == ["dead letter accounts.events.v1/0/7", "dead letter accounts.events.v1/0/8", "acknowledged",
-                     "appended 2", "transaction committed", "commit"]
+                     "appended 2", "alerts of 2 entries in the connection's transaction", "transaction committed",
+                     "commit"]
