@@ -17,9 +17,11 @@ What a rule may count by:
 Refusals are read in log order, which is not always the order they occurred in (the decisions of several services
 come from several partitions, and a backlog is read one partition after another), so "within the window" is
 about when they occurred, not when they were read: a key keeps its refusals in time order, as far back as the
-window plus OUT_OF_ORDER before its latest one (events the broker took more than that after they occurred are
-refused as stale), and at most KEPT_PER_THRESHOLD times the threshold of them (the oldest go first). An alert
-counts the first THRESHOLD of them that lie within the window, and the key then counts from zero again.
+window plus OUT_OF_ORDER before its latest one. An alert counts the first THRESHOLD of them that lie within the
+window, and the key then counts from zero again. The limit of this, with bounded memory: a refusal that occurred
+more than the window plus OUT_OF_ORDER before a later refusal of its key that was read first (a backlog read
+partition by partition, one partition far behind) is not counted. A key keeps at most as many refusals as that
+span can hold without THRESHOLD of them within one window, and never more than MAX_KEPT_PER_KEY.
 
 At most MAX_KEYS keys are kept per rule (the key seen longest ago is forgotten first), so a flood of distinct
 keys (a `producer` or `reason` is what a refused event claimed) cannot exhaust memory; a forgotten key only
@@ -28,6 +30,7 @@ counts from zero again.
 
 import bisect
 import datetime as dt
+import math
 import re
 import uuid
 from collections import OrderedDict
@@ -56,7 +59,7 @@ MAX_WINDOW_SECONDS = 86_400
 MAX_KEYS = 2_000
 MAX_KEY = 200
 MAX_DESCRIPTION = 300
-KEPT_PER_THRESHOLD = 2
+MAX_KEPT_PER_KEY = 1_000
 OUT_OF_ORDER = dt.timedelta(minutes=5)  # FreshnessWindow.max_age: what the broker may take after an event occurred
 RULE_FIELDS = {"name", "description", "severity", "kind", "count_by", "threshold", "window_seconds",
                "reason_starts_with"}
@@ -76,6 +79,13 @@ class AlertRule:
     threshold: int
     window: dt.timedelta
     reason_starts_with: tuple[str, ...] = ()
+
+    @property
+    def kept_per_key(self) -> int:
+        """How many refusals of one key the span a key keeps (window plus OUT_OF_ORDER) holds at most while no
+        THRESHOLD of them lie within one window: fewer than THRESHOLD per window-long slice of it."""
+        slices = math.ceil((self.window + OUT_OF_ORDER) / self.window) + 1
+        return min((self.threshold - 1) * slices, MAX_KEPT_PER_KEY)
 
     def key_of(self, row: SecurityRow) -> str | None:
         """The key ROW is counted under by this rule, or None when the rule does not count it."""
@@ -164,7 +174,7 @@ class AlertDetector:
         horizon = counted[-1].at - rule.window - OUT_OF_ORDER
         while counted[0].at < horizon:
             del counted[0]
-        del counted[:-KEPT_PER_THRESHOLD * rule.threshold]
+        del counted[:-rule.kept_per_key]
         window = _dense(counted, rule)
         if window is None:
             return None

@@ -85,6 +85,8 @@ def test_an_alert_is_written_once_with_its_batch_and_a_restart_goes_on_as_if_it_
     assert (first.key, first.count, first.first_seq, first.last_seq) == ("mallory", 5, 1, 5)
     assert written(engine) == ([first.alert_id], [("permission-probing", "mallory", 5)])
     assert append(engine, alerts, records[:5]) == [], "the same batch read again raises nothing"
+    forgetful = PostgresAlerts(Outbox(AUDIT_KEY), AlertDetector([PROBING]))  # never started: counts 1 to 5 again
+    assert append(engine, forgetful, records[:5]) == [], "the outbox keeps an alert id once: not raised twice"
     assert append(engine, alerts, records[5:7]) == []
     assert written(engine)[0] == [first.alert_id]
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Column, Connection, DateTime, Engine, MetaData, String, Table, select
+from sqlalchemy import BigInteger, Column, Connection, DateTime, Engine, MetaData, String, Table, func, select
 from sqlalchemy.dialects.postgresql import insert as upsert
 
 from bastion.access.v1.decision_pb2 import EventRejected
@@ -114,8 +114,9 @@ class PostgresAlerts:
     def start(self, conn: Connection, head: int, now: dt.datetime) -> list[Alert]:
         """Count again the log's recent refusals, but those an alert already counted, then go on after HEAD.
         Recent: within the longest window, plus OUT_OF_ORDER, before the newest refusal (or NOW, if earlier),
-        among the newest PRIMING_ROWS: as far back as the detector keeps them. Returns the alerts this raises,
-        written: only rules made stricter since can raise any."""
+        among the newest PRIMING_ROWS: about as far back as the detector keeps them (it keeps them per key, so
+        refusals read far out of time order may count differently after a restart). Returns the alerts this
+        raises, written: normally none, unless rules were made stricter since."""
         rows = latest_refusals(conn, PRIMING_ROWS)
         if rows:
             since = min(now, max(row.occurred_at for row in rows)) - longest_window(self.detector.rules) \
@@ -142,5 +143,5 @@ class PostgresAlerts:
         mark = {"rule": alert.rule.name, "key": alert.key, "last_seq": alert.last_seq, "last_at": alert.last_at}
         conn.execute(upsert(alert_marks).values(**mark).on_conflict_do_update(
             index_elements=[alert_marks.c.rule, alert_marks.c.key],
-            set_={"last_seq": mark["last_seq"], "last_at": mark["last_at"]}))
+            set_={"last_seq": func.greatest(alert_marks.c.last_seq, mark["last_seq"]), "last_at": mark["last_at"]}))
         return stored is not None

@@ -77,6 +77,21 @@ def test_refusals_read_out_of_time_order_are_counted_by_when_they_occurred() -> 
     assert (alert.first_at, alert.last_at) == (T0, T0 + dt.timedelta(seconds=50))
 
 
+def test_a_burst_read_after_many_later_refusals_of_its_key_is_still_found() -> None:
+    spaced = [denial(seq, 300 + 20 * seq) for seq in range(1, 11)]  # four a minute: below the threshold
+    burst = [denial(seq, 200 + seq) for seq in range(11, 16)]  # occurred before them, read after them
+    [alert] = AlertDetector([rule()]).observe(spaced + burst)
+    assert (alert.first_seq, alert.last_seq, alert.count) == (11, 15, 5)
+
+
+def test_the_limit_a_refusal_read_far_behind_a_later_one_of_its_key_is_not_counted() -> None:
+    # Pinned on purpose (docs/audit.md): with bounded memory, a key keeps its refusals back to the window plus five
+    # minutes before its latest, so a partition read an hour behind another loses its burst for that key.
+    rows = [denial(1, 0), denial(2, 1), denial(3, 3600), denial(4, 2), denial(5, 3)]
+    assert AlertDetector([rule()]).observe(rows) == []
+    assert [alert.last_seq for alert in AlertDetector([rule()]).observe([*rows[:2], *rows[3:], denial(6, 4)])] == [6]
+
+
 def test_keys_are_counted_apart() -> None:
     detector = AlertDetector([rule()])
     rows = [denial(seq, seq, principal="alice" if seq % 2 else "bob") for seq in range(1, 9)]
