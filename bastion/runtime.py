@@ -182,8 +182,7 @@ class ServiceRuntime:
         issuer = Keycloak(self.ctx).issuer
         jwks = JwksCache.from_url(jwks_url(issuer), ssl.create_default_context(cafile=str(self.ctx.ca_file)))
         jwks.start_background_refresh()
-        redis = aioredis.Redis(host=self.ctx.settings.bind_host, port=self.ctx.settings.redis_port,
-                               username=self.name, password=self.ctx.credentials.redis[self.name])
+        redis = aioredis.Redis(**self.ctx.redis_options(self.name, self.ctx.credentials.redis[self.name]))
         return ServerSecurity(
             service=self.name,
             tls=self.tls(),

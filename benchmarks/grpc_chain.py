@@ -246,8 +246,7 @@ async def _chain_server(ctx: StackContext, audit: AccessAudit, limited: bool
     jwks = JwksCache.from_url(jwks_url(keycloak.issuer), ssl.create_default_context(cafile=str(ctx.ca_file)))
     jwks.start_background_refresh()
     validator = TokenValidator(keycloak.issuer, SERVICE, jwks)
-    redis = aioredis.Redis(host=HOST, port=ctx.settings.redis_port, username=SERVICE,
-                           password=ctx.credentials.redis[SERVICE])
+    redis = aioredis.Redis(**ctx.redis_options(SERVICE, ctx.credentials.redis[SERVICE]))
     limiter = RedisRateLimiter(redis, SERVICE, RateLimit(10**9, 60)) if limited else None
     policy = load_method_policy(PROJECT_ROOT / "infra" / "policies" / "probe.yaml")
     security = ServerSecurity(SERVICE, tls_of(ctx, SERVICE), validator, policy, audit, limiter)

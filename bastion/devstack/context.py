@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bastion.devstack.catalog import ServiceEntry
 from bastion.devstack.distributions import Distribution
@@ -48,6 +49,12 @@ class StackContext:
     def grpc_address(self, name: str) -> str:
         """host:port of service NAME's gRPC endpoint, as clients dial it (the name on its certificate)."""
         return f"{self.settings.public_host}:{self.grpc_port(name)}"
+
+    def redis_options(self, user: str, password: str) -> dict[str, Any]:
+        """How to reach Redis as USER: keyword arguments of redis.Redis and redis.asyncio.Redis. TLS only, the
+        server's certificate checked against the dev CA and its name; the ACL user and password."""
+        return {"host": self.settings.bind_host, "port": self.settings.redis_port, "username": user,
+                "password": password, "ssl": True, "ssl_ca_certs": str(self.ca_file), "ssl_check_hostname": True}
 
     def distribution_dir(self, name: str) -> Path:
         """The verified cache folder of a pinned distribution (filled by `bastion setup`)."""

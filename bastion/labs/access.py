@@ -128,13 +128,15 @@ def _refused(what: str, attempt: Callable[[], Any], refusals: tuple[type[Excepti
 
 
 def datastore_access(session: Session) -> Iterator[Evidence]:
-    ctx, settings = session.ctx, session.ctx.settings
+    ctx = session.ctx
     postgres = Postgres(ctx)
 
-    def redis_as(user: str | None, password: str | None) -> redis.Redis:
+    def redis_as(user: str | None, password: str | None, tls: bool = True) -> redis.Redis:
         # No retries: a refusal is the answer we are after, not a hiccup to retry through.
-        return redis.Redis(host=settings.bind_host, port=settings.redis_port, username=user, password=password,
-                           socket_timeout=3, retry=Retry(NoBackoff(), 0))
+        options = {**ctx.redis_options(user or "", password or ""), "username": user, "password": password}
+        if not tls:
+            options = {key: options[key] for key in ("host", "port", "username", "password")}
+        return redis.Redis(**options, socket_timeout=3, retry=Retry(NoBackoff(), 0))
 
     def connect(conninfo: str) -> None:
         with psycopg.connect(conninfo) as conn:
@@ -154,6 +156,9 @@ def datastore_access(session: Session) -> Iterator[Evidence]:
         yield _refused("Redis as payments, reading a key of accounts", lambda: payments_redis.get("accounts:lab"),
                        (redis.exceptions.NoPermissionError,))
         yield _refused("Redis as payments, FLUSHALL", payments_redis.flushall, (redis.exceptions.NoPermissionError,))
+        yield _refused("Redis as payments with its password, without TLS",
+                       lambda: redis_as("payments", ctx.credentials.redis["payments"], tls=False).ping(),
+                       (redis.ConnectionError,))
     finally:
         payments_redis.close()
     yield _refused("PostgreSQL as accounts, into the payments database",

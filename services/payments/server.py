@@ -36,8 +36,7 @@ def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downs
     keycloak_url = f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/"
     tokens = ServiceTokens.for_service(keycloak_url, "bastion", NAME, ctx.credentials.keycloak_clients[NAME],
                                        str(ctx.ca_file))
-    breaker_redis = redis.Redis(host=ctx.settings.bind_host, port=ctx.settings.redis_port, username=NAME,
-                                password=ctx.credentials.redis[NAME])
+    breaker_redis = redis.Redis(**ctx.redis_options(NAME, ctx.credentials.redis[NAME]))
     breaker = redis_breaker(NAME, "accounts", breaker_redis, is_failure=is_unhealthy,
                             fail_max=own.breaker_fail_max, reset_timeout=own.breaker_reset_seconds)
     channel = secure_channel(ctx.grpc_address("accounts"), runtime.tls())
@@ -46,8 +45,7 @@ def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downs
 
 def build_handlers(runtime: ServiceRuntime, own: PaymentsSettings, accounts: AccountsGateway) -> PaymentsHandlers:
     ctx = runtime.ctx
-    lock_redis = aioredis.Redis(host=ctx.settings.bind_host, port=ctx.settings.redis_port, username=NAME,
-                                password=ctx.credentials.redis[NAME])
+    lock_redis = aioredis.Redis(**ctx.redis_options(NAME, ctx.credentials.redis[NAME]))
     introspection = KeycloakIntrospection(KeycloakOpenID(
         server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/", realm_name="bastion",
         client_id=NAME, client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file)))

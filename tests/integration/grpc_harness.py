@@ -61,8 +61,7 @@ def start_probe(ctx: StackContext, audit: AccessAudit, rate_limit: RateLimit | N
     async def boot() -> None:
         limiter = None
         if rate_limit is not None:
-            client = aioredis.Redis(host="127.0.0.1", port=ctx.settings.redis_port, username=SERVICE,
-                                    password=ctx.credentials.redis[SERVICE])
+            client = aioredis.Redis(**ctx.redis_options(SERVICE, ctx.credentials.redis[SERVICE]))
             limiter = RedisRateLimiter(client, SERVICE, rate_limit)
         security = ServerSecurity(SERVICE, tls_of(ctx, SERVICE), validator, probe_policy(), audit, limiter)
         server, bound = await start_server(

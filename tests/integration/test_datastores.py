@@ -49,11 +49,26 @@ def test_a_service_cannot_open_another_services_database(postgres: Postgres, ctx
 
 
 def test_redis_refuses_anonymous_and_wrong_password(redis_server: Redis, ctx: StackContext) -> None:
-    anonymous = redis.Redis(host="127.0.0.1", port=ctx.settings.redis_port, socket_timeout=3)
+    options = ctx.redis_options("accounts", ctx.credentials.redis["accounts"])
+    anonymous = redis.Redis(**{**options, "username": None, "password": None}, socket_timeout=3)
     with pytest.raises(redis.AuthenticationError):
         anonymous.ping()
     with pytest.raises(redis.AuthenticationError):
         redis_server.client("accounts", "not-the-password").ping()
+    assert redis_server.client("accounts", ctx.credentials.redis["accounts"]).ping()
+
+
+def test_redis_speaks_only_tls_with_the_dev_cas_certificate(redis_server: Redis, ctx: StackContext) -> None:
+    options = ctx.redis_options("accounts", ctx.credentials.redis["accounts"])
+    plaintext = redis.Redis(host=options["host"], port=options["port"], username="accounts",
+                            password=ctx.credentials.redis["accounts"], socket_timeout=3)
+    with pytest.raises(redis.ConnectionError):
+        plaintext.ping()
+    system_trust = redis.Redis(**{**options, "ssl_ca_certs": None}, socket_timeout=3)  # not the dev CA
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        system_trust.ping()
+    config = (ctx.layout.component_conf("redis") / "redis.conf").read_text().splitlines()
+    assert "port 0" in config and f"tls-port {ctx.settings.redis_port}" in config, "no plaintext listener"
 
 
 def test_redis_confines_a_service_to_its_own_keys(redis_server: Redis, ctx: StackContext, unique: str) -> None:

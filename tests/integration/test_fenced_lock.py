@@ -12,8 +12,8 @@ from bastion.resilience.locks import FencedLock, LockBusyError, LockUnavailableE
 
 
 def client(ctx: StackContext, port: int | None = None) -> aioredis.Redis:
-    return aioredis.Redis(host="127.0.0.1", port=port or ctx.settings.redis_port, username="payments",
-                          password=ctx.credentials.redis["payments"], socket_connect_timeout=1)
+    options = ctx.redis_options("payments", ctx.credentials.redis["payments"])
+    return aioredis.Redis(**{**options, "port": port or options["port"]}, socket_connect_timeout=1)
 
 
 def test_a_second_holder_waits_and_gets_a_higher_token(ctx: StackContext) -> None:

@@ -18,8 +18,7 @@ SERVICE = "accounts"
 
 
 def replica(ctx: StackContext, limit: RateLimit, service_limit: RateLimit | None = None) -> RedisRateLimiter:
-    client = aioredis.Redis(host="127.0.0.1", port=ctx.settings.redis_port, username=SERVICE,
-                            password=ctx.credentials.redis[SERVICE])
+    client = aioredis.Redis(**ctx.redis_options(SERVICE, ctx.credentials.redis[SERVICE]))
     return RedisRateLimiter(client, SERVICE, limit, service_limit)
 
 
@@ -81,7 +80,7 @@ def test_calls_in_flight_together_share_one_reservation(stack: Any, ctx: StackCo
 
 def test_a_reservation_that_fails_refuses_every_call_waiting_for_it(stack: Any, ctx: StackContext) -> None:
     """Redis unreachable: every call waiting for the shared reservation is refused UNAVAILABLE (fail closed)."""
-    client = aioredis.Redis(host="127.0.0.1", port=ctx.settings.redis_port, username=SERVICE, password="wrong")
+    client = aioredis.Redis(**ctx.redis_options(SERVICE, "wrong"))
     limiter = RedisRateLimiter(client, SERVICE, RateLimit(calls=3_200, window_seconds=3600))
 
     async def run() -> list[BaseException | None]:

