@@ -1,5 +1,6 @@
 """What every component of the devstack needs to know: settings, paths, secrets, PKI and the catalog."""
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,12 @@ class StackContext:
         return f"{self.settings.public_host}:{self.grpc_port(name)}"
 
     def redis_options(self, user: str, password: str) -> dict[str, Any]:
-        """How to reach Redis as USER: keyword arguments of redis.Redis and redis.asyncio.Redis. TLS only, the
-        server's certificate checked against the dev CA and its name; the ACL user and password."""
-        return {"host": self.settings.bind_host, "port": self.settings.redis_port, "username": user,
-                "password": password, "ssl": True, "ssl_ca_certs": str(self.ca_file), "ssl_check_hostname": True}
+        """How to reach Redis as USER: keyword arguments of redis.Redis and redis.asyncio.Redis. TLS 1.3, the
+        server's certificate checked against the dev CA and its name (the one on its certificate); the ACL user
+        and password."""
+        return {"host": self.settings.public_host, "port": self.settings.redis_port, "username": user,
+                "password": password, "ssl": True, "ssl_ca_certs": str(self.ca_file), "ssl_check_hostname": True,
+                "ssl_min_version": ssl.TLSVersion.TLSv1_3}
 
     def distribution_dir(self, name: str) -> Path:
         """The verified cache folder of a pinned distribution (filled by `bastion setup`)."""

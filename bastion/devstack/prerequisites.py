@@ -55,6 +55,10 @@ def find_redis_server() -> Path:
         raise PrerequisiteError(
             f"{found} is Redis {major or 'of unknown version'}; Bastion needs {MINIMUM_REDIS}+ for TLS",
             "install Redis from the system packages (Debian: `apt-get install redis-server`)")
+    # A build without TLS (make's default) has no TLS settings at all: `tls-port` would be a "Bad directive".
+    if b"tls-cert-file" not in Path(found).resolve().read_bytes():
+        raise PrerequisiteError(f"{found} is built without TLS", "install Redis from the system packages (Debian: "
+                                "`apt-get install redis-server`), or build it with BUILD_TLS=yes")
     return Path(found)
 
 

@@ -67,8 +67,11 @@ def test_redis_speaks_only_tls_with_the_dev_cas_certificate(redis_server: Redis,
     system_trust = redis.Redis(**{**options, "ssl_ca_certs": None}, socket_timeout=3)  # not the dev CA
     with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
         system_trust.ping()
-    config = (ctx.layout.component_conf("redis") / "redis.conf").read_text().splitlines()
-    assert "port 0" in config and f"tls-port {ctx.settings.redis_port}" in config, "no plaintext listener"
+    [server] = {conn.pid for conn in psutil.net_connections(kind="tcp")
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == ctx.settings.redis_port}
+    listening = {conn.laddr.port for conn in psutil.Process(server).net_connections(kind="inet")
+                 if conn.status == psutil.CONN_LISTEN}
+    assert listening == {ctx.settings.redis_port}, "Redis listens on its TLS port and nowhere else"
 
 
 def test_redis_confines_a_service_to_its_own_keys(redis_server: Redis, ctx: StackContext, unique: str) -> None:

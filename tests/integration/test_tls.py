@@ -1,6 +1,6 @@
-"""Every TLS endpoint of the stack verifies against the dev CA with hostname checks on, and not otherwise: the
-datastores' and Keycloak's, and each service's gRPC and metrics endpoints (PostgreSQL negotiates TLS inside its
-own protocol: `test_datastores.py` covers it)."""
+"""Every TLS endpoint of the stack verifies against the dev CA with hostname checks on, and not otherwise: Kafka's,
+Redis's and Keycloak's, and each service's gRPC and metrics endpoints (PostgreSQL negotiates TLS inside its own
+protocol: `test_datastores.py` covers it)."""
 
 import socket
 import ssl
@@ -15,14 +15,14 @@ from bastion.devstack.stack import Stack
 from bastion.settings import PROJECT_ROOT
 
 SERVICES = load_services(PROJECT_ROOT / "infra" / "services.yaml")
-COMPONENTS = ["kafka", "kafka-controller", "keycloak", "keycloak-management"]
+COMPONENTS = ["kafka", "kafka-controller", "keycloak", "keycloak-management", "redis"]
 ENDPOINTS = COMPONENTS + [f"{service.name}-{kind}" for service in SERVICES for kind in ("grpc", "metrics")]
 
 
 def endpoints(ctx: StackContext) -> dict[str, int]:
     s = ctx.settings
     ports = {"kafka": s.kafka_port, "kafka-controller": s.kafka_controller_port, "keycloak": s.keycloak_port,
-             "keycloak-management": s.keycloak_management_port}
+             "keycloak-management": s.keycloak_management_port, "redis": s.redis_port}
     for service in SERVICES:
         ports[f"{service.name}-grpc"] = s.service_port(service.grpc_port)
         ports[f"{service.name}-metrics"] = s.service_port(service.metrics_port)
@@ -65,7 +65,7 @@ def test_client_trusting_another_ca_refuses_the_server(ctx: StackContext, endpoi
 
 
 @pytest.mark.parametrize("endpoint", COMPONENTS)
-def test_kafka_and_keycloak_speak_tls_1_3_only(ctx: StackContext, endpoint: str) -> None:
+def test_kafka_keycloak_and_redis_speak_tls_1_3_only(ctx: StackContext, endpoint: str) -> None:
     with pytest.raises(ssl.SSLError, match=r"(?i)protocol.version|unsupported.protocol") as refused:
         handshake(ctx, endpoints(ctx)[endpoint], ctx.ca_file, "localhost", newest=ssl.TLSVersion.TLSv1_2)
     assert not isinstance(refused.value, ssl.SSLCertVerificationError), "refused for the version, not the certificate"

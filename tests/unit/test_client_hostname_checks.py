@@ -19,11 +19,15 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+import redis
 from confluent_kafka.admin import AdminClient
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from bastion.devstack.components.postgres import Postgres
+from bastion.devstack.context import StackContext
 from bastion.devstack.kafka_admin import client_config
 from bastion.devstack.pki import DevPki, IssuedPaths, issue_certificate
 from bastion.grpc.channels import channel_credentials
@@ -135,6 +139,19 @@ def test_kafka_clients_refuse_a_broker_certificate_for_another_name(pki: DevPki)
     wrong = errors_with("wrong", 10)
     assert any("SSL handshake failed" in error and "certificate verify failed" in error for error in wrong), wrong
     assert not any("SSL handshake failed" in error for error in errors_with("right", 2))
+
+
+def test_redis_clients_refuse_a_server_certificate_for_another_name(pki: DevPki) -> None:
+    def failure_with(name: str) -> str:
+        with tls_server(pki.paths(name)) as port:
+            ctx = SimpleNamespace(settings=SimpleNamespace(public_host=HOST, redis_port=port), ca_file=pki.ca_file)
+            options = StackContext.redis_options(ctx, "accounts", "not-a-real-password")  # type: ignore[arg-type]
+            with pytest.raises(redis.ConnectionError) as refused:
+                redis.Redis(**options, socket_timeout=5, retry=Retry(NoBackoff(), 0)).ping()
+            return str(refused.value)
+
+    assert "certificate verify failed" in failure_with("wrong")
+    assert "certificate verify failed" not in failure_with("right")  # past TLS: the server hung up after it
 
 
 def test_the_clients_are_configured_to_check_names(pki: DevPki, tmp_path: Path) -> None:

