@@ -73,6 +73,37 @@ def port_owner(port: int) -> str:
     return "another process"
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+def ephemeral_ports(port_range: Path = EPHEMERAL_RANGE, reserved: Path = RESERVED_PORTS) -> set[int]:
+    """The local ports this machine may give an outgoing connection (Linux: 32768 to 60999 unless configured),
+    without those reserved; empty where the kernel does not say."""
+    try:
+        low, high = (int(part) for part in port_range.read_text().split())
+        kept = reserved.read_text().strip() if reserved.exists() else ""
+    except (OSError, ValueError):
+        return set()
+    ports = set(range(low, high + 1))
+    for item in filter(None, kept.split(",")):
+        first, _, last = item.partition("-")
+        ports -= set(range(int(first), int(last or first) + 1))
+    return ports
+
+
+def ensure_port_not_ephemeral(port: int, component: str, ephemeral: set[int]) -> None:
+    """Refuse a listening port that any outgoing connection may take as its own: the component would fail to
+    start whenever one did, by chance."""
+    if port in ephemeral:
+        raise PrerequisiteError(
+            f"port {port}, needed by {component}, is one this machine gives outgoing connections "
+            f"({min(ephemeral)} to {max(ephemeral)}): one of them holding it would stop {component} from starting",
+            "choose a port below that range (BASTION_*_PORT settings, infra/services.yaml), or reserve it in "
+            "/proc/sys/net/ipv4/ip_local_reserved_ports",
+        )
+
+
 def ensure_port_free(host: str, port: int, component: str) -> None:
     """Refuse to start COMPONENT on a port something else already listens on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

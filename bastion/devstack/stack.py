@@ -21,7 +21,13 @@ from bastion.devstack.event_access import EventAccessPolicy, load_policy
 from bastion.devstack.identities import load_identities
 from bastion.devstack.layout import StateLayout, write_private
 from bastion.devstack.pki import DevPki
-from bastion.devstack.prerequisites import ensure_port_free, find_java, find_redis_server
+from bastion.devstack.prerequisites import (
+    ensure_port_free,
+    ensure_port_not_ephemeral,
+    ephemeral_ports,
+    find_java,
+    find_redis_server,
+)
 from bastion.devstack.process import ProcessSupervisor, wait_until
 from bastion.devstack.secrets import SecretNeeds, ensure_credentials, load_credentials
 from bastion.events.field_crypto import DataKeyRing
@@ -152,10 +158,14 @@ class Stack:
                 self.progress(f"{component.name}: healthy{took}")
 
     def _check_prerequisites(self, ctx: StackContext) -> None:
-        """Fail before anything starts: a missing Java, PostgreSQL or Redis, or a port another process holds."""
+        """Fail before anything starts: a missing Java, PostgreSQL or Redis, a port another process holds or any
+        outgoing connection could."""
         find_java(self.settings.java_home)
         find_redis_server()
+        ephemeral = ephemeral_ports()
         for component in (kind(ctx) for kind in self.kinds):
+            for port in component.ports():
+                ensure_port_not_ephemeral(port, component.name, ephemeral)
             if isinstance(component, Postgres):
                 _ = component.bin_dir
             if self.supervisor.pid(component.name) is None:

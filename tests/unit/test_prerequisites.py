@@ -1,13 +1,16 @@
-"""The machine's Redis: the system's redis-server, new enough for TLS and built with it, or one message that says
-what to install."""
+"""What the machine must provide, each refused with one message that says what to do: the system's redis-server,
+new enough for TLS and built with it; listening ports that no outgoing connection can take."""
 
 import os
 from pathlib import Path
 
 import pytest
 
+from bastion.devstack.catalog import load_services
 from bastion.devstack.errors import PrerequisiteError
-from bastion.devstack.prerequisites import find_redis_server
+from bastion.devstack.prerequisites import ensure_port_not_ephemeral, ephemeral_ports, find_redis_server
+from bastion.settings import PROJECT_ROOT, DevstackSettings
+from tests.integration.conftest import TEST_ENV
 
 
 def fake_redis(folder: Path, version: str, tls: bool = True) -> None:
@@ -44,3 +47,33 @@ def test_a_redis_built_without_tls_is_refused(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(PrerequisiteError, match="built without TLS") as refused:
         find_redis_server()
     assert "BUILD_TLS=yes" in refused.value.remedy
+
+
+def test_the_ports_outgoing_connections_may_take_are_read_from_the_kernel_less_the_reserved(tmp_path: Path) -> None:
+    (tmp_path / "range").write_text("32768\t60999\n")
+    (tmp_path / "reserved").write_text("50051-50054,60054\n")
+    ephemeral = ephemeral_ports(tmp_path / "range", tmp_path / "reserved")
+    assert min(ephemeral) == 32768 and max(ephemeral) == 60999
+    assert not {50051, 50052, 50053, 50054, 60054} & ephemeral and {50050, 50055, 60053} <= ephemeral
+    (tmp_path / "range").write_text("not a range")
+    assert ephemeral_ports(tmp_path / "range", tmp_path / "reserved") == set(), "unknown: nothing refused"
+
+
+def test_a_listening_port_in_the_ephemeral_range_is_refused_before_anything_starts() -> None:
+    ephemeral = set(range(32768, 61000))
+    ensure_port_not_ephemeral(15054, "audit", ephemeral)
+    with pytest.raises(PrerequisiteError, match="port 60054, needed by audit, is one this machine gives outgoing"):
+        ensure_port_not_ephemeral(60054, "audit", ephemeral)
+
+
+def test_no_port_of_the_dev_or_the_test_install_is_one_linux_gives_outgoing_connections() -> None:
+    """A service on such a port failed to start once in a clean-clone run: a connection held it as its own."""
+    linux_default = set(range(32768, 61000))
+    services = load_services(PROJECT_ROOT / "infra" / "services.yaml")
+    test_install = {key.removeprefix("BASTION_").lower(): value for key, value in TEST_ENV.items()}
+    for settings in (DevstackSettings(), DevstackSettings(**test_install)):
+        ports = {settings.postgres_port, settings.redis_port, settings.kafka_port, settings.kafka_controller_port,
+                 settings.keycloak_port, settings.keycloak_management_port}
+        ports |= {settings.service_port(port) for service in services
+                  for port in (service.grpc_port, service.metrics_port)}
+        assert not ports & linux_default, sorted(ports & linux_default)
