@@ -106,7 +106,8 @@ class ServiceRuntime:
 
     def start_consumer(self, topics: list[str], handler: Handler, stop: threading.Event) -> threading.Thread:
         """Consume TOPICS through the verifying consumer (group = the service's name) until STOP is set."""
-        settings = ConsumerSettings(self.name, self.name, topics)
+        settings = ConsumerSettings(self.name, self.name, topics,
+                                    gap_alert_seconds=self.ctx.settings.sequence_gap_alert_seconds)
         return self.start_worker("consumer", lambda: VerifyingConsumer(
             settings, self.kafka_config, self.verifier(), self.engine, handler, security_outbox=self.outbox()), stop)
 

@@ -41,3 +41,5 @@ class DevstackSettings(BaseSettings):
     leaf_certificate_days: int = 7
     reissue_when_days_left: int = 2
     start_timeout_seconds: float = 180.0
+    # A verifying consumer reports a sequence gap still open after this long (bastion/events/consumer.py).
+    sequence_gap_alert_seconds: float = Field(default=30.0, gt=0, le=86_400)

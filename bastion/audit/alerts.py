@@ -85,7 +85,7 @@ class AlertRule:
         """How many refusals of one key the span a key keeps (window plus OUT_OF_ORDER) holds at most while no
         THRESHOLD of them lie within one window: fewer than THRESHOLD per window-long slice of it."""
         slices = math.ceil((self.window + OUT_OF_ORDER) / self.window) + 1
-        return min((self.threshold - 1) * slices, MAX_KEPT_PER_KEY)
+        return max(min((self.threshold - 1) * slices, MAX_KEPT_PER_KEY), 1)  # a threshold of 1 needs the one
 
     def key_of(self, row: SecurityRow) -> str | None:
         """The key ROW is counted under by this rule, or None when the rule does not count it."""
@@ -227,7 +227,7 @@ def _rule(entry: Any, where: str) -> AlertRule:
         (entry["kind"] in KINDS, f"kind must be one of {', '.join(KINDS)}"),
         (entry["count_by"] in COUNT_BY, f"count_by must be one of {', '.join(COUNT_BY)}"),
         (entry["count_by"] != "peer" or entry["kind"] == "denial", "only a denial has a peer to count by"),
-        (_whole(entry["threshold"], 2, MAX_THRESHOLD), f"threshold must be a whole number from 2 to {MAX_THRESHOLD}"),
+        (_whole(entry["threshold"], 1, MAX_THRESHOLD), f"threshold must be a whole number from 1 to {MAX_THRESHOLD}"),
         (_whole(entry["window_seconds"], 1, MAX_WINDOW_SECONDS),
          f"window_seconds must be a whole number from 1 to {MAX_WINDOW_SECONDS}"),
         (isinstance(entry.get("reason_starts_with", []), list)

@@ -9,6 +9,11 @@ bundle refused as a whole goes to the dead-letter topic as it came; after that, 
 applied or dropped on its own, in order; those refused alone (each kept as the envelope that verifies alone,
 `signed_envelope`) are then recorded and dead-lettered together, in one transaction and one broker round trip. The
 record's offset is committed once every one of them is settled.
+
+An event that arrives ahead of a gap in its aggregate's sequence is held back until the gap fills. A gap still open
+after `gap_alert_seconds` (an event lost, suppressed or refused upstream, or one from far ahead) is reported once:
+logged, counted and raised as a `sequence_gap` security record, which the audit service's alert rules turn into a
+security alert. The held events stay held: nothing is lost, and they are applied if the gap ever fills.
 """
 
 import contextlib
@@ -16,6 +21,7 @@ import datetime as dt
 import hashlib
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,7 +37,7 @@ from bastion.access.v1.decision_pb2 import EventRejected
 from bastion.devstack.event_access import dead_letter_topic
 from bastion.events import inbox
 from bastion.events.errors import EventsError, RejectReason, VerificationError
-from bastion.events.metrics import EVENTS_APPLIED, EVENTS_DROPPED, EVENTS_HELD, EVENTS_REJECTED
+from bastion.events.metrics import EVENTS_APPLIED, EVENTS_DROPPED, EVENTS_GAPS_OPEN, EVENTS_HELD, EVENTS_REJECTED
 from bastion.events.outbox import Outbox
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifier, VerifiedEvent, is_bundle
@@ -47,6 +53,9 @@ MAX_UNSETTLED_LETTERS = 1000
 SAFE_ID = re.compile(r"[A-Za-z0-9._:/-]{1,100}")
 CONSUMER_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 REJECTION_NAMESPACE = uuid.UUID("5b0f3c1e-6a43-4d0e-9a59-2f1f0a0c9b11")
+# The consumer looks for gaps that stayed open every quarter of its wait, and at least this often, so a gap is
+# reported at most that late (plus one poll).
+MAX_GAP_CHECK_SECONDS = 15.0
 
 Handler = Callable[[Connection, VerifiedEvent], None]
 
@@ -81,6 +90,9 @@ class ConsumerSettings:
     batch_size: int = 200
     poll_seconds: float = 0.5
     handler_attempts: int = 3
+    # A sequence gap still open after this long is reported. Events of one aggregate share a partition and come in
+    # order, so a gap that lasts is not a slow producer: an event was lost, suppressed or refused on the way.
+    gap_alert_seconds: float = 30.0  # the services take BASTION_SEQUENCE_GAP_ALERT_SECONDS (same default)
 
     def __post_init__(self) -> None:
         # The name begins the place a security record's id is derived from (`consumer/topic/partition/offset`):
@@ -89,6 +101,12 @@ class ConsumerSettings:
             raise ValueError(f"consumer name {self.name!r} is not a service name ({CONSUMER_NAME.pattern})")
         if self.handler_attempts < 1:
             raise ValueError("handler_attempts must be at least 1")
+        if not 0 < self.gap_alert_seconds <= 86_400:
+            raise ValueError("gap_alert_seconds must be more than 0 and at most a day")
+
+    @property
+    def gap_check_seconds(self) -> float:
+        return min(self.gap_alert_seconds / 4, MAX_GAP_CHECK_SECONDS)
 
 
 def broker_time(message: Message) -> dt.datetime | None:
@@ -137,6 +155,7 @@ class VerifyingConsumer:
         self.dead_letters = Producer({**kafka_config, "enable.idempotence": True, "acks": "all"})
         self.letters = DeadLetters(self.dead_letters, settings.name)
         self.consumer.subscribe(settings.topics)
+        self._next_gap_check = 0.0
 
     def close(self) -> None:
         self.consumer.close()
@@ -161,6 +180,13 @@ class VerifyingConsumer:
             handled += 1
         if handled:
             self.consumer.commit(asynchronous=False)
+        if time.monotonic() >= self._next_gap_check:
+            self._next_gap_check = time.monotonic() + self.settings.gap_check_seconds
+            try:
+                self.report_open_gaps()
+            except Exception as error:  # a report that fails must not stop the events; the next look tries again
+                log.warning("sequence_gap_report_failed", consumer=self.settings.name, error=type(error).__name__,
+                            detail=str(error)[:300])
         return handled
 
     def handle(self, message: Message) -> str:
@@ -218,7 +244,7 @@ class VerifyingConsumer:
     def _apply_in_order(self, conn: Connection, message: Message, event: VerifiedEvent, item: int | None) -> str:
         env = event.envelope
         topic = env.topic
-        admission = inbox.admit(conn, event)
+        admission = inbox.admit(conn, event, source_of(message, item))
         if admission is inbox.Admission.APPLY:
             self._apply(conn, event)
             following = env.sequence + 1
@@ -272,8 +298,7 @@ class VerifyingConsumer:
         record goes in CONN's transaction, with the removal of its held row: both commit only after the broker
         acknowledged the dead letter, or neither does (a crash in between writes the dead letter again). Any
         failure here is HeldEventNotSetAsideError, never a failure of the event that released it."""
-        bundled = held.startswith(inbox.HELD_BUNDLE)
-        raw = held[len(inbox.HELD_BUNDLE):] if bundled else held
+        raw, bundled = inbox.unwrap_held(held)
         try:
             self._reject(message, raw, error, item=item, bundled=bundled, released=sequence, conn=conn)
         except Exception as failure:
@@ -282,12 +307,57 @@ class VerifyingConsumer:
 
     def _released(self, held: bytes, topic: str) -> VerifiedEvent:
         """A held event verified again (it passed every step when it arrived; freshness is not asked twice)."""
-        if not held.startswith(inbox.HELD_BUNDLE):
-            return self.verifier.verify(held, topic, check_freshness=False)
-        [outcome] = self.verifier.verify_bundle(held[len(inbox.HELD_BUNDLE):], topic, check_freshness=False).outcomes
+        raw, bundled = inbox.unwrap_held(held)
+        if not bundled:
+            return self.verifier.verify(raw, topic, check_freshness=False)
+        [outcome] = self.verifier.verify_bundle(raw, topic, check_freshness=False).outcomes
         if isinstance(outcome, VerificationError):
             raise outcome
         return outcome
+
+    def report_open_gaps(self) -> list[inbox.OpenGap]:
+        """Report, once each, the sequence gaps on this consumer's topics that events have waited behind for
+        longer than `gap_alert_seconds`: a `sequence_gap` security record (in the transaction that marks their held
+        rows reported), a warning log line with the first held event's correlation id, a count. A gap reported
+        before, with more events held behind it since, raises nothing new. Returns the gaps reported now."""
+        held_for = dt.timedelta(seconds=self.settings.gap_alert_seconds)
+        with self.engine.begin() as conn:
+            reported = [gap for gap in inbox.open_gaps(conn, self.settings.topics, held_for)
+                        if not gap.reported_before and self._gap_record(conn, gap)]
+        for gap in reported:
+            claimed = claimed_envelope(*inbox.unwrap_held(gap.form))
+            EVENTS_GAPS_OPEN.labels(self.settings.name, gap.topic).inc()
+            log.warning("sequence_gap_open", consumer=self.settings.name, topic=gap.topic,
+                        producer=safe_claim(gap.producer), aggregate_id=safe_claim(gap.aggregate_id),
+                        missing=gap.missing_range, held=gap.held, first_held=gap.first_held, source=gap.source,
+                        held_since=gap.held_since.isoformat(), event_id=safe_claim(claimed.event_id),
+                        correlation_id=safe_claim(claimed.correlation_id))
+        return reported
+
+    def _gap_record(self, conn: Connection, gap: inbox.OpenGap) -> bool:
+        """Write GAP's security record; False when it was written before (its id is the gap's)."""
+        if self.security_outbox is None:
+            return True
+        claimed = claimed_envelope(*inbox.unwrap_held(gap.form))
+        partition, offset, item = place_in(gap.source)
+        record = EventRejected(
+            consumer=self.settings.name, topic=gap.topic, partition=partition, offset=offset,
+            reason=RejectReason.SEQUENCE_GAP.value,
+            detail=(f"{gap.missing_range} of aggregate {safe_claim(gap.aggregate_id)} from "
+                    f"{safe_claim(gap.producer)} missing for over {self.settings.gap_alert_seconds:g}s: {gap.held} "
+                    f"event(s) held behind, the first sequence {gap.first_held} (held, not lost: applied in order "
+                    "if the missing ones come)")[:500],
+            claimed_producer=safe_claim(gap.producer), claimed_event_id=safe_claim(claimed.event_id),
+            correlation_id=safe_claim(claimed.correlation_id), item=item,
+        )
+        # One record per gap: the missing sequence of the aggregate names it (the aggregate last, as it may hold "/").
+        record_id = str(uuid.uuid5(REJECTION_NAMESPACE,
+                                   f"{self.settings.name}/gap/{gap.producer}/{gap.missing}/{gap.aggregate_id}"))
+        stored = self.security_outbox.append(
+            conn, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
+            correlation_id=record.correlation_id if SAFE_ID.fullmatch(record.correlation_id) else record_id,
+            event_id=record_id)
+        return stored is not None
 
     def _apply(self, conn: Connection, event: VerifiedEvent) -> None:
         self.handler(conn, event)
@@ -358,6 +428,14 @@ def source_of(message: Message, item: int | None = None, released: int | None = 
     if released is not None:
         place += f"/released/{released}"
     return place
+
+
+def place_in(source: str | None) -> tuple[int, int, int | None]:
+    """Partition, offset and bundle item of a `source_of` place; (-1, -1, None) when it is not known."""
+    parts = (source or "").split("/")  # a topic name never holds "/"
+    if len(parts) in (3, 4) and all(part.isascii() and part.isdecimal() for part in parts[1:]):
+        return int(parts[1]), int(parts[2]), int(parts[3]) if len(parts) == 4 else None
+    return -1, -1, None
 
 
 class DeadLetters:

@@ -18,6 +18,8 @@ class RejectReason(StrEnum):
     STALE = "stale"
     FROM_THE_FUTURE = "from_the_future"
     HANDLER_FAILED = "handler_failed"
+    # Not a refusal of the event in hand: a gap in an aggregate's sequence stayed open, the events behind it held.
+    SEQUENCE_GAP = "sequence_gap"
 
 
 class EventsError(Exception):

@@ -10,3 +10,6 @@ EVENTS_DROPPED = Counter("bastion_events_dropped_total", "Redelivered or replaye
                          ["consumer", "topic", "reason"])
 EVENTS_HELD = Counter("bastion_events_held_total", "Events held back behind a sequence gap",
                       ["consumer", "topic"])
+EVENTS_GAPS_OPEN = Counter("bastion_events_sequence_gaps_total",
+                           "Sequence gaps that stayed open past the consumer's wait, events held behind them",
+                           ["consumer", "topic"])

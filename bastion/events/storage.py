@@ -62,7 +62,9 @@ consumer_sequence = Table(
     Column("last_sequence", BigInteger, nullable=False),
 )
 
-# Consumer side: events that arrived ahead of a gap, applied once the gap is filled.
+# Consumer side: events that arrived ahead of a gap, applied once the gap is filled. A gap that stays open is
+# reported once (`inbox.open_gaps`): `source` says where the held event was read (topic/partition/offset[/item]),
+# `reported_gap` the missing sequence it was last reported behind.
 held = Table(
     "event_held",
     EVENTS_METADATA,
@@ -72,4 +74,6 @@ held = Table(
     Column("topic", String(249), nullable=False),
     Column("envelope", LargeBinary, nullable=False),
     Column("held_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("source", String(300)),
+    Column("reported_gap", BigInteger),
 )

@@ -39,15 +39,16 @@ NOTIFICATIONS_PAGE = 500
 DEPOSITED = str(MoneyDeposited.DESCRIPTOR.full_name)
 
 
-def _forged_deposit(session: Session, producer: str, platform_topic: str, amount: int,
-                    correlation_id: str) -> Envelope:
+def forged_deposit(session: Session, producer: str, platform_topic: str, amount: int, correlation_id: str,
+                   sequence: int = 1) -> Envelope:
     """A MoneyDeposited as PRODUCER's relay would hand it to Kafka, for the target's route of PLATFORM_TOPIC,
-    into an account nobody has: even an accepted forgery would touch nobody's data."""
+    into an account nobody has (its aggregate's event SEQUENCE): even an accepted forgery would touch nobody's
+    data."""
     account = str(uuid.uuid4())
     payload = MoneyDeposited(account_id=account, amount_minor=amount, currency="EUR", balance_minor=amount,
                              idempotency_key=f"lab-{uuid.uuid4()}")
     route = session.target.event_routes[platform_topic]
-    return seal(session.signing_key(producer), route.topic, payload, account, 1, correlation_id)
+    return seal(session.signing_key(producer), route.topic, payload, account, sequence, correlation_id)
 
 
 def _inject(session: Session, platform_topic: str, principal: str, record: bytes, expected: str,
@@ -90,7 +91,7 @@ def _context(watch: Watch, consumers: tuple[str, ...], correlation_id: str) -> I
 
 def tampered_event(session: Session) -> Iterator[Evidence]:
     correlation_id = new_correlation_id("tampered-event")
-    envelope = _forged_deposit(session, "accounts", ACCOUNTS_TOPIC, 100, correlation_id)
+    envelope = forged_deposit(session, "accounts", ACCOUNTS_TOPIC, 100, correlation_id)
     tampered = Envelope()
     tampered.CopyFrom(envelope)
     changed = MoneyDeposited.FromString(envelope.payload)
@@ -104,7 +105,7 @@ def tampered_event(session: Session) -> Iterator[Evidence]:
 
 def foreign_event_type(session: Session) -> Iterator[Evidence]:
     correlation_id = new_correlation_id("foreign-event-type")
-    envelope = _forged_deposit(session, "payments", PAYMENTS_TOPIC, 100_000_000, correlation_id)
+    envelope = forged_deposit(session, "payments", PAYMENTS_TOPIC, 100_000_000, correlation_id)
     yield Evidence("the event", f"{envelope.event_type} of {euros(100_000_000)}, validly signed with payments' key "
                    f"{envelope.key_id[:12]}…, on payments' own topic")
     yield from _inject(session, PAYMENTS_TOPIC, "payments", envelope.SerializeToString(), "not_authorised",
@@ -113,7 +114,7 @@ def foreign_event_type(session: Session) -> Iterator[Evidence]:
 
 def unknown_schema(session: Session) -> Iterator[Evidence]:
     correlation_id = new_correlation_id("unknown-schema")
-    envelope = _forged_deposit(session, "accounts", ACCOUNTS_TOPIC, 100, correlation_id)
+    envelope = forged_deposit(session, "accounts", ACCOUNTS_TOPIC, 100, correlation_id)
     envelope.payload = envelope.payload + UNKNOWN_FIELD
     sign(envelope, session.signing_key("accounts").private_key)
     yield Evidence("the event", "a MoneyDeposited whose payload carries a field its schema does not know, "

@@ -66,9 +66,8 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
         Concern("Distributed logs lacking correlation",
                 not_covered="no lab of its own: every lab prints the log line and audit record of its attempts, "
                             "found by their correlation id; W3C trace context is carried, spans are not recorded"),
-        Concern("Lack of anomaly detection", ("permission-probing",)),
-        Concern("Silent failures: event losses or retries without alerting",
-                not_covered="losses need processes killed mid-flight: test_event_delivery.py"),
+        Concern("Lack of anomaly detection", ("permission-probing", "suppressed-event")),
+        Concern("Silent failures: event losses or retries without alerting", ("suppressed-event",)),
     )),
     ("Testing and isolation", (
         Concern("Test data leakage", not_covered="synthetic users and a separate test install (conftest.py)"),

@@ -30,6 +30,8 @@ TEST_ENV = {
     "BASTION_KEYCLOAK_PORT": "28443",
     "BASTION_KEYCLOAK_MANAGEMENT_PORT": "28444",
     "BASTION_SERVICE_PORT_OFFSET": "10000",
+    # Sequence gaps reported after 3 s instead of 30, so the suppressed-event lab runs in seconds.
+    "BASTION_SEQUENCE_GAP_ALERT_SECONDS": "3",
 }
 
 

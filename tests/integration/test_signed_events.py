@@ -6,7 +6,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -324,6 +324,67 @@ def test_a_sequence_gap_is_held_back_and_released_in_order(lane: Lane) -> None:
     lane.publish_raw(events[1].SerializeToString())
     lane.consume_until(1)
     assert lane.applied_sequences(aggregate) == [1, 2, 3, 4]
+
+
+def test_a_gap_that_stays_open_is_reported_once_and_its_events_stay_held(lane: Lane) -> None:
+    """Events 2 and 6 of an aggregate are missing: 3, 4 and 7 wait behind 2. Once they have waited longer than the
+    consumer's `gap_alert_seconds`, the periodic look (in `poll_batch`) raises one `sequence_gap` security record
+    naming the missing sequence and where the first held event was read, logs and counts it. An event held behind
+    the same gap later raises nothing new. When 2 comes, 3 to 5 are applied and 7 now waits behind 6: a new gap, a
+    new report at the next look (7 has waited long enough). When 6 comes, everything is applied in order."""
+    aggregate = f"open-gap-{lane.group}"
+    lane.consumer.settings = replace(lane.consumer.settings, gap_alert_seconds=1.0)
+    events = [lane.seal("accounts", MoneyDeposited(account_id=aggregate, amount_minor=n, currency="EUR"), aggregate, n)
+              for n in range(1, 8)]
+    gaps_before = counter("bastion_events_sequence_gaps_total", lane.topic)
+
+    def gap_records() -> list[EventRejected]:
+        return [record for record in lane.security_records() if record.reason == "sequence_gap"]
+
+    def reported_behind() -> dict[int, int | None]:
+        with lane.engine.connect() as conn:
+            return dict(conn.execute(select(held.c.sequence, held.c.reported_gap).where(
+                held.c.aggregate_id == aggregate)).all())
+
+    def publish(*sequences: int) -> None:
+        lane.publish_raw(*(events[n - 1].SerializeToString() for n in sequences))
+        lane.consume_until(len(sequences))
+
+    publish(1, 3, 4, 7)
+    assert gap_records() == [], "held for less than the consumer waits: not reported yet"
+    time.sleep(1.5)
+    with structlog.testing.capture_logs() as logs:
+        assert lane.consumer.poll_batch() == 0  # nothing to read: only the periodic look for open gaps
+    [record] = gap_records()
+    assert record.consumer == CONSUMER and record.topic == lane.topic
+    assert (record.partition, record.offset, record.HasField("item")) == (0, 1, False)  # where event 3 was read
+    assert record.detail.startswith(f"sequence 2 of aggregate {aggregate} from accounts missing for over 1s: "
+                                    "3 event(s) held behind, the first sequence 3")
+    assert (record.claimed_producer, record.claimed_event_id, record.correlation_id) == (
+        "accounts", events[2].event_id, events[2].correlation_id)
+    [line] = [line for line in logs if line["event"] == "sequence_gap_open" and line["topic"] == lane.topic]
+    assert (line["missing"], line["held"], line["correlation_id"]) == ("sequence 2", 3, events[2].correlation_id)
+    assert counter("bastion_events_sequence_gaps_total", lane.topic) - gaps_before == 1
+    assert reported_behind() == {3: 2, 4: 2, 7: 2}
+
+    publish(5)
+    time.sleep(1.5)
+    assert lane.consumer.report_open_gaps() == [], "the same gap, reported already"
+    assert len(gap_records()) == 1 and reported_behind() == {3: 2, 4: 2, 5: 2, 7: 2}
+    assert counter("bastion_events_sequence_gaps_total", lane.topic) - gaps_before == 1
+
+    publish(2)
+    assert lane.applied_sequences(aggregate) == [1, 2, 3, 4, 5]
+    lane.consumer.report_open_gaps()  # if the look after the batch that applied them was not due yet
+    assert sorted(record.detail.split(" of ")[0] for record in gap_records()) == ["sequence 2", "sequence 6"]
+    [second] = [record for record in gap_records() if record.detail.startswith("sequence 6")]
+    assert "1 event(s) held behind, the first sequence 7" in second.detail and second.offset == 3
+    assert counter("bastion_events_sequence_gaps_total", lane.topic) - gaps_before == 2
+    assert reported_behind() == {7: 6}
+
+    publish(6)
+    assert lane.applied_sequences(aggregate) == [1, 2, 3, 4, 5, 6, 7]
+    assert reported_behind() == {}
 
 
 @pytest.mark.parametrize("transport", ["record", "bundle"])

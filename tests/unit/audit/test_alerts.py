@@ -161,6 +161,14 @@ def test_a_detector_started_again_over_the_recent_log_raises_what_one_running_th
     assert [alert.last_seq for alert in forgetful.observe(rows[7:])] == [9]
 
 
+def test_a_threshold_of_one_makes_each_refusal_an_alert_of_its_own() -> None:
+    detector = AlertDetector([rule(threshold=1)])
+    alerts = detector.observe([denial(1, 1), denial(2, 2), denial(3, 200, "eve")])
+    assert [(alert.key, alert.count, alert.first_seq, alert.last_seq) for alert in alerts] == [
+        ("mallory", 1, 1, 1), ("mallory", 1, 2, 2), ("eve", 1, 3, 3)]
+    assert len({alert.alert_id for alert in alerts}) == 3
+
+
 def test_alert_ids_follow_from_what_raised_them() -> None:
     first = AlertDetector([rule()]).observe([denial(seq, seq) for seq in range(1, 6)])
     again = AlertDetector([rule()]).observe([denial(seq, seq) for seq in range(1, 6)])
@@ -171,7 +179,7 @@ def test_alert_ids_follow_from_what_raised_them() -> None:
 def test_the_shipped_rules_load() -> None:
     rules = load_alert_rules(INFRA / "alert-rules.yaml")
     assert {"permission-probing", "token-guessing", "forged-events"} <= {rule.name for rule in rules}
-    assert all(rule.threshold >= 2 and rule.reason_starts_with for rule in rules)
+    assert all(rule.reason_starts_with for rule in rules)
 
 
 def good() -> dict[str, Any]:
@@ -182,7 +190,8 @@ def good() -> dict[str, Any]:
 @pytest.mark.parametrize(("change", "message"), [
     ({"colour": "red"}, r"unknown fields \['colour'\]"),
     ({"threshold": None}, "threshold must be a whole number"),
-    ({"threshold": 1}, "threshold must be a whole number from 2"),
+    ({"threshold": 0}, "threshold must be a whole number from 1"),
+    ({"threshold": 101}, "threshold must be a whole number from 1 to 100"),
     ({"threshold": True}, "threshold must be a whole number"),
     ({"window_seconds": 0}, "window_seconds must be a whole number from 1"),
     ({"window_seconds": 86_401}, "window_seconds must be a whole number"),
@@ -242,6 +251,8 @@ def test_the_shipped_rules_catch_what_they_are_for_and_nothing_else() -> None:
     assert raised([rejection(seq, seq, reason="stale") for seq in range(1, 4)]) == [("stale-events", "stale")]
     assert raised([rejection(seq, seq, reason="handler_failed", consumer="notifications") for seq in range(1, 4)]
                   ) == [("failing-consumer", "notifications")]
+    gap = rejection(1, 0, reason="sequence_gap", consumer="notifications")
+    assert raised([gap]) == [("sequence-gaps", "notifications")], "one gap that stayed open is an alert"
     # Below each threshold, or spread out, nothing: a customer's occasional slip is not an attack.
     assert raised(probing[:4]) == raised(guessing[:4]) == raised([rejection(1, 0)]) == []
     outage = [denial(seq, seq, reason="rate limiter unavailable: request refused") for seq in range(1, 41)]

@@ -1,0 +1,63 @@
+"""The pure parts of reporting a sequence gap that stayed open: the consumer's wait, the place of a held event, and
+the form the held table keeps (the database part is in tests/integration/test_signed_events.py)."""
+
+import datetime as dt
+from dataclasses import dataclass
+
+import pytest
+
+from bastion.events.consumer import MAX_GAP_CHECK_SECONDS, ConsumerSettings, place_in, source_of
+from bastion.events.inbox import HELD_BUNDLE, OpenGap, unwrap_held
+from bastion.settings import DevstackSettings
+
+
+@dataclass
+class Record:
+    partition_: int = 3
+    offset_: int = 1234
+
+    def topic(self) -> str:
+        return "accounts.events.v1"
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+
+def test_the_place_of_a_held_event_reads_back_from_its_source() -> None:
+    assert place_in(source_of(Record())) == (3, 1234, None)  # type: ignore[arg-type]
+    assert place_in(source_of(Record(0, 0), item=7)) == (0, 0, 7)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("source", [None, "", "accounts.events.v1", "t/x/1", "t/1/2/3/released/4", "t/-1/2"])
+def test_an_unknown_or_odd_source_gives_no_place(source: str | None) -> None:
+    assert place_in(source) == (-1, -1, None)
+
+
+def test_the_held_form_unwraps_to_what_was_held() -> None:
+    assert unwrap_held(b"\x0a\x03abc") == (b"\x0a\x03abc", False)
+    assert unwrap_held(HELD_BUNDLE + b"\x0a\x03abc") == (b"\x0a\x03abc", True)
+
+
+def test_the_consumer_looks_for_open_gaps_a_quarter_of_its_wait_apart_at_most() -> None:
+    assert ConsumerSettings("notifications", "g", ["t"]).gap_alert_seconds == \
+        DevstackSettings.model_fields["sequence_gap_alert_seconds"].default
+    assert ConsumerSettings("notifications", "g", ["t"], gap_alert_seconds=2).gap_check_seconds == 0.5
+    assert ConsumerSettings("notifications", "g", ["t"], gap_alert_seconds=3600).gap_check_seconds == \
+        MAX_GAP_CHECK_SECONDS
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 86_401])
+def test_a_wait_that_would_never_or_always_report_is_refused(seconds: float) -> None:
+    with pytest.raises(ValueError, match="gap_alert_seconds"):
+        ConsumerSettings("notifications", "g", ["t"], gap_alert_seconds=seconds)
+
+
+def test_a_gap_names_every_sequence_missing_before_the_first_held_event() -> None:
+    def gap(missing: int, first_held: int) -> OpenGap:
+        return OpenGap("accounts", "a", missing, first_held, None, b"", "t", dt.datetime.now(dt.UTC), 1, False)
+
+    assert gap(2, 3).missing_range == "sequence 2"
+    assert gap(2, 5).missing_range == "sequences 2 to 4"
