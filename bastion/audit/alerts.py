@@ -66,6 +66,7 @@ RULE_FIELDS = {"name", "description", "severity", "kind", "count_by", "threshold
 # Alert ids are derived from what raised them, so raising the same alert twice (a batch read again) stores it once.
 ALERT_NAMESPACE = uuid.UUID("5d1f0c3e-7a4b-4c8e-9f61-2b7e3a9d4c10")
 ALERTING_SERVICE = "audit"  # the only producer a SecurityAlert is accepted from (infra/event-trust.yaml)
+ALERTS_TOPIC = "security.alerts.v1"  # where it publishes them (infra/event-access.yaml)
 PEER_PREFIX = "peer="  # a denied call's detail, as the audit service writes it (services/audit/domain.py)
 
 

@@ -146,7 +146,8 @@ LABS: tuple[Lab, ...] = (
         attack="Call accounts.Deposit, which only tellers may, as alice (a customer) as many times as the "
                "permission-probing rule's threshold, within seconds.",
         defence="Every call is denied and becomes a signed access decision; the audit service counts the denials "
-                "per caller and raises a signed SecurityAlert back into the audit log, logged and counted.",
+                "per caller and raises a signed SecurityAlert back into the audit log, logged and counted; the "
+                "auditors of infra/alert-recipients.yaml are notified.",
         where="infra/alert-rules.yaml, bastion/audit/alerts.py, services/audit/adapters/postgres.py (PostgresAlerts)",
         expect="permission-probing", probe=detection.permission_probing),
     Lab("suppressed-event", "An event withheld in transit, the next one let through",
@@ -154,8 +155,8 @@ LABS: tuple[Lab, ...] = (
                "publish event 2, genuinely signed by accounts, in its place.",
         defence="Per-aggregate sequences: each verifying consumer holds event 2 back instead of applying it out "
                 "of order, and reports the gap once it stays open (a sequence_gap security record, logged and "
-                "counted); the audit service raises a signed sequence-gaps SecurityAlert. Nothing is lost: "
-                "event 2 is applied if event 1 ever comes.",
+                "counted); the audit service raises a signed sequence-gaps SecurityAlert, and the auditors of "
+                "infra/alert-recipients.yaml are notified. Nothing is lost: event 2 is applied if event 1 ever comes.",
         where="bastion/events/inbox.py (admit, open_gaps), bastion/events/consumer.py (report_open_gaps), "
               "infra/alert-rules.yaml",
         expect="sequence-gaps", probe=detection.suppressed_event),

@@ -5,6 +5,7 @@ in transit (the next one held back behind the gap, the gap reported once it stay
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import grpc
@@ -12,14 +13,16 @@ from sqlalchemy import select
 
 from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1 import accounts_pb2
+from bastion.audit.alert_recipients import load_alert_recipients
 from bastion.audit.alerts import ALERTING_SERVICE, AlertRule, alert_in, load_alert_rules
 from bastion.audit.postgres import log as audit_log
 from bastion.audit.records import RecordKind
 from bastion.events.errors import RejectReason
 from bastion.labs.bank import Bank
 from bastion.labs.base import Evidence
-from bastion.labs.events import ACCOUNTS_TOPIC, forged_deposit
+from bastion.labs.events import ACCOUNTS_TOPIC, NOTIFICATIONS_PAGE, forged_deposit
 from bastion.labs.platform import TIMEOUT, LabSetupError, Session, answer, new_correlation_id
+from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 
 LAB = "permission-probing"
 RULE = "permission-probing"
@@ -59,13 +62,14 @@ def permission_probing(session: Session) -> Iterator[Evidence]:
         yield Evidence(f"a {RULE} alert counting these denials in the audit log",
                        f"none within {session.target.verdict_wait_seconds:g}s: the probing went unnoticed", False)
         return
-    seq, producer, alert = found
+    seq, producer, alert = found.seq, found.producer, found.alert
     yield Evidence("the audit service's alert, signed and back in the audit log",
                    f"seq {seq} from {producer}: {alert.severity} {alert.rule}: {alert.counted_by} {alert.key!r} "
                    f"refused {alert.count} times within {alert.window_seconds}s (log entries {alert.first_seq} to "
                    f"{alert.last_seq})", alert.key == PROBER)
     for line in watch.log_lines("audit", "security_alert", alert.last_correlation_id)[:1]:
         yield Evidence("audit.log", line)
+    yield from _recipients_told(session, found)
 
 
 def suppressed_event(session: Session) -> Iterator[Evidence]:
@@ -107,28 +111,71 @@ def suppressed_event(session: Session) -> Iterator[Evidence]:
     if found is None:
         yield Evidence(f"a {GAP_RULE} alert in the audit log", f"none within {verdict_wait:g}s", False)
         return
-    seq, producer, alert = found
+    seq, producer, alert = found.seq, found.producer, found.alert
     yield Evidence("the audit service's alert, signed and back in the audit log",
                    f"seq {seq} from {producer}: {alert.severity} {alert.rule}: {alert.counted_by} {alert.key!r}",
                    alert.key in holders)
+    yield from _recipients_told(session, found)
 
 
-def _alert(session: Session, after: int, rule: str, correlation_ids: set[str],
-           wait: float) -> tuple[int, str, SecurityAlert] | None:
+def _recipients_told(session: Session, found: "FoundAlert") -> Iterator[Evidence]:
+    """Each person of infra/alert-recipients.yaml is told of the alert FOUND, on their own notification stream (the
+    notification carries the id of the signed alert it came from)."""
+    stub = notifications_pb2_grpc.NotificationsStub(session.channel("notifications"))  # type: ignore[no-untyped-call]
+    wait = session.target.verdict_wait_seconds
+    for recipient in load_alert_recipients(session.ctx.settings.infra_dir / "alert-recipients.yaml"):
+        deadline, after, told = time.monotonic() + wait, 0, None
+        while True:
+            told, after = _told(session, stub, recipient, found.event_id, after)
+            if told is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        yield Evidence(f"{recipient}'s notifications (infra/alert-recipients.yaml)",
+                       told or f"no notification of alert {found.event_id} within {wait:g}s", told is not None)
+
+
+def _told(session: Session, stub: notifications_pb2_grpc.NotificationsStub, recipient: str, event_id: str,
+          after: int) -> tuple[str | None, int]:
+    """The text of RECIPIENT's notification from EVENT_ID among those after AFTER, if there is one yet, and the
+    last sequence read (where to go on from)."""
+    while True:
+        page = stub.ListNotifications(
+            notifications_pb2.ListNotificationsRequest(after_sequence=after, limit=NOTIFICATIONS_PAGE),
+            metadata=session.as_user(recipient, new_correlation_id("alert-recipient")), timeout=TIMEOUT).notifications
+        for notification in page:
+            if notification.event_id == event_id:
+                return str(notification.text), after
+        if page:
+            after = page[-1].sequence
+        if len(page) < NOTIFICATIONS_PAGE:
+            return None, after
+
+
+@dataclass(frozen=True)
+class FoundAlert:
+    """An alert of the audit service, as the audit log keeps it."""
+
+    seq: int
+    producer: str
+    event_id: str
+    alert: SecurityAlert
+
+
+def _alert(session: Session, after: int, rule: str, correlation_ids: set[str], wait: float) -> FoundAlert | None:
     """The alert of RULE whose last refusal carries one of CORRELATION_IDS (a rule counts afresh after each alert,
     so one of them crosses its threshold), waiting up to WAIT seconds for the audit service to record it."""
     # Accepted events of the audit service only: a refused event claiming to be an alert keeps its claimed type.
-    query = (select(audit_log.c.seq, audit_log.c.producer, audit_log.c.envelope)
+    query = (select(audit_log.c.seq, audit_log.c.producer, audit_log.c.event_id, audit_log.c.envelope)
              .where(audit_log.c.seq > after, audit_log.c.event_type == SecurityAlert.DESCRIPTOR.full_name,
                     audit_log.c.kind == RecordKind.EVENT.value, audit_log.c.producer == ALERTING_SERVICE)
              .order_by(audit_log.c.seq))
     deadline = time.monotonic() + wait
     while True:
         with session.audit_engine().connect() as conn:
-            for seq, producer, envelope in conn.execute(query):
+            for seq, producer, event_id, envelope in conn.execute(query):
                 alert = alert_in(envelope)
                 if alert.rule == rule and alert.last_correlation_id in correlation_ids:
-                    return seq, producer, alert
+                    return FoundAlert(seq, producer, event_id, alert)
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.5)

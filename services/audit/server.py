@@ -8,7 +8,7 @@ import threading
 
 from sqlalchemy import inspect
 
-from bastion.audit.alerts import AlertDetector, load_alert_rules
+from bastion.audit.alerts import ALERTS_TOPIC, AlertDetector, load_alert_rules
 from bastion.audit.checkpoints import Checkpointer, CheckpointFile
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -25,7 +25,7 @@ from services.audit.handlers import AuditHandlers
 from services.audit.settings import AuditSettings
 
 NAME = "audit"
-TOPICS = ["accounts.events.v1", "payments.events.v1", "access.decisions.v1"]
+TOPICS = ["accounts.events.v1", "payments.events.v1", "access.decisions.v1", ALERTS_TOPIC]
 
 
 def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings) -> CheckpointFile:

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1 import events_pb2 as accounts_events
 from bastion.grpc.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from bastion.payments.v1 import events_pb2 as payments_events
 
 MAX_PAGE = 500
 MAX_REASON = 200
+MAX_ALERT_TEXT = 200  # of each text an alert carries: a key may be what a refused event claimed about itself
 # ISO 4217 minor-unit exponents that differ from the usual 2.
 EXPONENTS = {"JPY": 0}
 
@@ -129,6 +131,20 @@ def drafts_for(payload: Message, owners: Mapping[str, str]) -> list[Draft]:
                          f"Your payment {payload.payment_id} of {money(payload.amount_minor, payload.currency)} "
                          f"to account {payload.to_account_id} failed: {payload.reason[:MAX_REASON]}")
     return []
+
+
+def alert_drafts(alert: SecurityAlert, recipients: tuple[str, ...]) -> list[Draft]:
+    """A security alert of the audit service, told to each of RECIPIENTS (infra/alert-recipients.yaml)."""
+    key = _printable(alert.key)
+    text = (f"Security alert ({_printable(alert.severity)}) {_printable(alert.rule)}: {_printable(alert.counted_by)} "
+            f"{key!r} refused {alert.count} time(s) within {alert.window_seconds}s, audit log entries "
+            f"{alert.first_seq} to {alert.last_seq} (`bastion audit alerts`). {_printable(alert.description)}")
+    return [Draft(recipient, "security_alert", text) for recipient in recipients]
+
+
+def _printable(text: str) -> str:
+    """TEXT bounded and without control characters, fit for a notification."""
+    return "".join(char if char.isprintable() else "\ufffd" for char in text[:MAX_ALERT_TEXT])
 
 
 def _to_owner(owners: Mapping[str, str], account_id: str, kind: str, text: str) -> list[Draft]:

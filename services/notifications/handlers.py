@@ -11,7 +11,9 @@ from typing import Protocol
 
 import structlog
 
+from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1 import events_pb2 as accounts_events
+from bastion.audit.alerts import ALERTING_SERVICE
 from bastion.events.field_crypto import DataKeyRing, field_context, reveal
 from bastion.events.verify import VerifiedEvent
 from services.notifications import domain
@@ -67,8 +69,10 @@ class EmailCipher(Protocol):
 class NotificationsHandlers:
     def __init__(self, unit_of_work: UnitOfWorkFactory, data_keys: DataKeyRing | None, cipher: EmailCipher,
                  clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-                 new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+                 new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+                 alert_recipients: tuple[str, ...] = ()) -> None:
         self.unit_of_work = unit_of_work
+        self.alert_recipients = alert_recipients
         self.data_keys = data_keys
         self.cipher = cipher
         self.clock = clock
@@ -85,6 +89,14 @@ class NotificationsHandlers:
             repo.remember_owner(payload.account_id, payload.owner)
             self._keep_email(repo, event, payload)
             waited = [(draft.to(payload.owner), event_id) for draft, event_id in repo.take_deferred(payload.account_id)]
+        if isinstance(payload, SecurityAlert):
+            # Only the audit service may publish one (infra/event-trust.yaml, checked by the verifying consumer
+            # before this runs); checked again here, as a trust file edited by mistake must not let others page.
+            if event.envelope.producer == ALERTING_SERVICE:
+                ready = [(draft, event.event_id) for draft in domain.alert_drafts(payload, self.alert_recipients)]
+            else:
+                log.warning("security_alert_ignored", producer=event.envelope.producer, event_id=event.event_id,
+                            correlation_id=event.envelope.correlation_id)
         concerned = domain.accounts_concerned(payload)
         owners = repo.owners_of(concerned) if concerned else {}
         for draft in domain.drafts_for(payload, owners):

@@ -6,6 +6,8 @@ Run by the devstack as `python -m services.notifications.server`; settings come 
 import asyncio
 import threading
 
+from bastion.audit.alert_recipients import load_alert_recipients
+from bastion.audit.alerts import ALERTS_TOPIC
 from bastion.grpc.server import start_server
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from bastion.runtime import ServiceRuntime
@@ -17,14 +19,15 @@ from services.notifications.handlers import NotificationsHandlers
 from services.notifications.settings import NotificationsSettings
 
 NAME = "notifications"
-TOPICS = ["accounts.events.v1", "payments.events.v1"]
+TOPICS = ["accounts.events.v1", "payments.events.v1", ALERTS_TOPIC]
 
 
 async def serve(settings: DevstackSettings, own: NotificationsSettings) -> None:
     runtime = ServiceRuntime.load(NAME, settings)
+    recipients = load_alert_recipients(settings.infra_dir / "alert-recipients.yaml")
     create_schema(runtime.engine)
     handlers = NotificationsHandlers(PostgresUnitOfWork(runtime.engine), runtime.data_keys(),
-                                     AtRestCipher(runtime.ctx.layout.at_rest_key(NAME)))
+                                     AtRestCipher(runtime.ctx.layout.at_rest_key(NAME)), alert_recipients=recipients)
     stop = threading.Event()
     runtime.start_relay(stop)  # the consumer's security records (rejected events) leave through the outbox
     runtime.start_consumer(TOPICS, consumer_handler(handlers), stop)

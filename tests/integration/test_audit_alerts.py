@@ -69,7 +69,12 @@ def started(engine: Engine, rules: list[AlertRule], seconds: float) -> PostgresA
 
 def written(engine: Engine) -> tuple[list[str], list[tuple[str, str, int]]]:
     with engine.connect() as conn:
-        events = [row.event_id for row in conn.execute(select(outbox_table.c.event_id).order_by(outbox_table.c.id))]
+        rows = conn.execute(select(outbox_table.c.event_id, outbox_table.c.topic, outbox_table.c.partition_key)
+                            .order_by(outbox_table.c.id)).all()
+        # Each alert on the alerts' own topic, an aggregate of its own (no sequence ties one alert to another).
+        assert all(row.topic == "security.alerts.v1" and row.partition_key == f"security-alert:{row.event_id}"
+                   for row in rows), rows
+        events = [row.event_id for row in rows]
         marks = [(row.rule, row.key, row.last_seq) for row in conn.execute(select(alert_marks))]
     return events, marks
 

@@ -23,6 +23,7 @@ from bastion.audit.alerts import alert_in
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
+from bastion.notifications.v1 import notifications_pb2
 from bastion.payments.v1 import payments_pb2
 from tests.integration.bank import Bank, channel
 from tests.integration.conftest import bastion
@@ -142,7 +143,8 @@ def test_refusals_only_lists_the_denials_and_rejections_and_nothing_else(bank: B
 
 def test_a_caller_denied_again_and_again_raises_a_signed_security_alert(bank: Bank, audit: Any) -> None:
     """Five denials of one caller within a minute (infra/alert-rules.yaml, permission-probing) raise an alert: a
-    SecurityAlert the audit service signed, back in the log, that counts them; `bastion audit alerts` shows it."""
+    SecurityAlert the audit service signed, back in the log, that counts them; `bastion audit alerts` shows it, and
+    the notifications service tells the auditors of infra/alert-recipients.yaml."""
     window = since(dt.datetime.now(dt.UTC))
     probes = [f"it-probe-{uuid.uuid4()}" for _ in range(5)]
     account = bank.open_account("alice")
@@ -167,7 +169,8 @@ def test_a_caller_denied_again_and_again_raises_a_signed_security_alert(bank: Ba
                 and first <= a.last_seq <= last]
 
     [(entry, alert)] = ours(eventually(alerts, lambda found: bool(ours(found))))
-    assert (entry.kind, entry.producer) == ("event", "audit"), "a signed event of the audit service, verified"
+    assert (entry.kind, entry.producer, entry.topic) == ("event", "audit", "security.alerts.v1"), \
+        "a signed event of the audit service on its own topic, verified"
     assert (alert.counted_by, alert.count, alert.window_seconds, alert.severity) == ("principal", 5, 60, "warning")
     assert alert.first_seq < alert.last_seq and alert.last_correlation_id in probes
 
@@ -175,6 +178,25 @@ def test_a_caller_denied_again_and_again_raises_a_signed_security_alert(bank: Ba
     assert result.returncode == 0, result.stdout + result.stderr
     [line] = [line for line in result.stdout.splitlines() if alert.last_correlation_id in line]
     assert "permission-probing" in line and "'alice'" in line and "5 times" in line, line
+
+    # The auditors of infra/alert-recipients.yaml are told, on their own notification stream; alice is not.
+
+    def told(user: str) -> list[Any]:
+        found, after = [], 0
+        while True:
+            page = bank.notifications.ListNotifications(
+                notifications_pb2.ListNotificationsRequest(after_sequence=after, limit=500),
+                metadata=bank.as_user(user), timeout=10).notifications
+            found += [n for n in page if n.event_id == entry.event_id]
+            if len(page) < 500:
+                return found
+            after = page[-1].sequence
+
+    [notification] = eventually(lambda: told("ada"), bool)
+    assert notification.kind == "security_alert"
+    assert "permission-probing" in notification.text and "'alice'" in notification.text
+    assert f"audit log entries {alert.first_seq} to {alert.last_seq} " in notification.text
+    assert told("alice") == []
 
 
 def test_only_auditors_read_the_log_and_bad_queries_are_invalid(bank: Bank, audit: Any) -> None:

@@ -19,10 +19,20 @@ def policy(**topics: Any) -> dict[str, Any]:
 
 def test_the_shipped_policy_is_consistent() -> None:
     loaded = load_policy(INFRA / "event-access.yaml", SERVICES)
-    assert {"accounts.events.v1", "payments.events.v1", "access.decisions.v1", "audit.checkpoints.v1"} <= set(
-        loaded.topics
-    )
+    assert {"accounts.events.v1", "payments.events.v1", "access.decisions.v1", "audit.checkpoints.v1",
+            "security.alerts.v1"} <= set(loaded.topics)
     assert loaded.principals <= SERVICES
+
+
+def test_each_consuming_service_subscribes_to_exactly_the_topics_it_may_read() -> None:
+    from services.audit.server import TOPICS as AUDIT_TOPICS
+    from services.notifications.server import TOPICS as NOTIFICATIONS_TOPICS
+
+    loaded = load_policy(INFRA / "event-access.yaml", SERVICES)
+    for service, subscribed in (("audit", AUDIT_TOPICS), ("notifications", NOTIFICATIONS_TOPICS)):
+        readable = {name for name, topic in loaded.topics.items()
+                    if service in topic.consumers and not name.endswith(".dlq")}
+        assert set(subscribed) == readable, service
 
 
 def test_only_declared_producers_may_write_domain_topics() -> None:

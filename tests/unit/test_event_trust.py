@@ -48,11 +48,15 @@ def test_unknown_topic_is_a_contradiction() -> None:
         parse_trust_policy(data, ACCESS)
 
 
-def test_only_the_audit_service_may_publish_a_security_alert() -> None:
+def test_only_the_audit_service_may_publish_a_security_alert_and_only_on_its_topic() -> None:
     policy = load_trust_policy(INFRA / "event-trust.yaml", ACCESS)
     alert = "bastion.access.v1.SecurityAlert"
-    policy.check("access.decisions.v1", "audit", alert)
-    for service in ("accounts", "payments", "notifications"):
+    policy.check("security.alerts.v1", "audit", alert)
+    refusals = [("security.alerts.v1", service) for service in ("accounts", "payments", "notifications")]
+    refusals += [("access.decisions.v1", service) for service in ("accounts", "payments", "notifications", "audit")]
+    for topic, service in refusals:
         with pytest.raises(VerificationError) as refused:
-            policy.check("access.decisions.v1", service, alert)
-        assert refused.value.reason is RejectReason.NOT_AUTHORISED
+            policy.check(topic, service, alert)
+        assert refused.value.reason is RejectReason.NOT_AUTHORISED, (topic, service)
+    with pytest.raises(VerificationError):
+        policy.check("security.alerts.v1", "audit", "bastion.access.v1.AccessDecision")

@@ -11,7 +11,7 @@ from sqlalchemy import BigInteger, Column, Connection, DateTime, Engine, MetaDat
 from sqlalchemy.dialects.postgresql import insert as upsert
 
 from bastion.access.v1.decision_pb2 import EventRejected
-from bastion.audit.alerts import OUT_OF_ORDER, Alert, AlertDetector, longest_window
+from bastion.audit.alerts import ALERTS_TOPIC, OUT_OF_ORDER, Alert, AlertDetector, longest_window
 from bastion.audit.chain import Appended, LogEntry
 from bastion.audit.checkpoints import Checkpoint
 from bastion.audit.errors import CheckpointError
@@ -25,7 +25,9 @@ from services.audit.domain import EventQuery
 
 CHECKPOINT_TOPIC = "audit.checkpoints.v1"
 SECURITY_NAMESPACE = uuid.UUID("0c8f1c35-2f8e-4c55-9c0e-5b8f0b1d7a21")
-ALERTS_AGGREGATE = f"alerts:{domain.CONSUMER}"
+# Each alert is an aggregate of its own (sequence 1): alerts need no order among themselves, and so one alert a
+# reader sets aside, or one lost, never holds every later one back behind a sequence gap.
+ALERT_AGGREGATE = "security-alert:{}"
 # A restarted detector counts again at most this many of the newest refusals.
 PRIMING_ROWS = 100_000
 
@@ -100,7 +102,7 @@ class OutboxSecurityRecords:
 
 class PostgresAlerts:
     """The alert detector of the audit service, fed in the transaction that appends each batch: the alerts a batch
-    raises are written to the outbox (signed, relayed to access.decisions.v1) with the mark of where each rule last
+    raises are written to the outbox (signed, relayed to security.alerts.v1) with the mark of where each rule last
     raised one per key, in that same transaction. A crash before the commit loses neither: the batch is read again
     and raises them again. Alert ids come from what raised them, and the outbox stores an id once.
 
@@ -138,7 +140,8 @@ class PostgresAlerts:
         return [alert for alert in raised if self._raise(conn, alert)]
 
     def _raise(self, conn: Connection, alert: Alert) -> bool:
-        stored = self.outbox.append(conn, SECURITY_TOPIC, domain.security_alert(alert), aggregate_id=ALERTS_AGGREGATE,
+        stored = self.outbox.append(conn, ALERTS_TOPIC, domain.security_alert(alert),
+                                    aggregate_id=ALERT_AGGREGATE.format(alert.alert_id),
                                     correlation_id=alert.alert_id, event_id=alert.alert_id)
         mark = {"rule": alert.rule.name, "key": alert.key, "last_seq": alert.last_seq, "last_at": alert.last_at}
         conn.execute(upsert(alert_marks).values(**mark).on_conflict_do_update(

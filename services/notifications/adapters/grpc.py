@@ -21,7 +21,7 @@ MAX_STREAMS_PER_CALLER = 5
 
 def _caller() -> tuple[Caller, dt.datetime]:
     principal = current_call.get().principal
-    if principal is None or not principal.username:  # the policy admits end users (customers) only
+    if principal is None or not principal.username:  # the policy admits end users (customers, auditors) only
         raise UnauthenticatedError("no authenticated end user")
     return Caller(principal.username, principal.roles), dt.datetime.fromtimestamp(principal.expires_at, dt.UTC)
 

@@ -262,7 +262,8 @@ def test_the_shipped_rules_catch_what_they_are_for_and_nothing_else() -> None:
 
 def test_an_alert_reads_back_from_the_envelope_the_log_keeps_and_nothing_else_does() -> None:
     [alert] = AlertDetector([rule()]).observe([denial(seq, seq) for seq in range(1, 6)])
-    envelope = seal(AUDIT_KEY, "access.decisions.v1", security_alert(alert), "alerts:audit", 1, alert.alert_id)
+    envelope = seal(AUDIT_KEY, "security.alerts.v1", security_alert(alert), f"security-alert:{alert.alert_id}", 1,
+                    alert.alert_id)
     relayed = bundles_of_one(bundle([envelope.SerializeToString()], AUDIT_KEY))[0].SerializeToString()
     for kept in (envelope.SerializeToString(), relayed):  # sent alone, or in a bundle by the outbox relay
         read = alert_in(kept)

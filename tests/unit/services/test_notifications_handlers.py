@@ -11,6 +11,7 @@ import pytest
 from google.protobuf.message import Message
 from structlog.testing import capture_logs
 
+from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1.events_pb2 import AccountFrozen, AccountOpened, MoneyDeposited, TransferApplied
 from bastion.events.field_crypto import DataKeyRing, FieldIntegrityError, encrypt_field, field_context
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -39,10 +40,10 @@ class World:
     accounts_keys: DataKeyRing
     cipher: AtRestCipher
 
-    def apply(self, payload: Message, aggregate_id: str = "agg") -> list[Notification]:
+    def apply(self, payload: Message, aggregate_id: str = "agg", producer: str = "accounts") -> list[Notification]:
         """As the verifying consumer does: the effect inside one transaction."""
         envelope = Envelope(event_id=str(uuid.uuid4()), event_type=payload.DESCRIPTOR.full_name,
-                            aggregate_id=aggregate_id, sequence=1, correlation_id="test")
+                            aggregate_id=aggregate_id, sequence=1, correlation_id="test", producer=producer)
         with self.uow() as tx:
             return self.handlers.on_event(tx, VerifiedEvent(envelope, payload))
 
@@ -239,3 +240,18 @@ def test_a_tampered_event_field_fails_the_event_and_changes_nothing(world: World
     with pytest.raises(FieldIntegrityError):
         world.apply(AccountOpened(account_id="acc-1", owner="alice", currency="EUR", owner_email=field), "acc-1")
     assert world.uow.notifications.owners == {} and world.uow.notifications.rows == []
+
+
+def test_a_security_alert_is_told_to_each_recipient_once_and_to_nobody_else(world: World) -> None:
+    world.handlers.alert_recipients = ("ada", "zoe")
+    alert = SecurityAlert(rule="permission-probing", severity="warning", counted_by="principal", key="alice", count=5)
+    notifications = world.apply(alert, producer="audit")
+    assert told(notifications) == [("ada", "security_alert"), ("zoe", "security_alert")]
+    assert len({n.event_id for n in notifications}) == 1 and notifications[0].event_id, "traced to the alert"
+    assert notifications[0].text.startswith("Security alert (warning) permission-probing: principal 'alice' refused 5")
+    assert world.handlers.list_notifications(ALICE) == [], "alice, the caller the alert names, is not told"
+    with capture_logs() as logs:
+        assert world.apply(alert, producer="payments") == [], "an alert of another producer is nobody's news"
+    assert [line["event"] for line in logs] == ["security_alert_ignored"]
+    world.handlers.alert_recipients = ()
+    assert world.apply(alert, producer="audit") == []

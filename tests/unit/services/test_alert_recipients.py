@@ -1,0 +1,67 @@
+"""Security alerts told to people: the recipients file (checked at start-up), the notification an alert becomes,
+and who gets it (the recipients only, each once, on their own stream)."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.access.v1.decision_pb2 import SecurityAlert
+from bastion.audit.alert_recipients import load_alert_recipients, parse_alert_recipients
+from bastion.devstack.errors import DevstackError
+from bastion.devstack.identities import load_identities
+from services.notifications.domain import alert_drafts
+
+INFRA = Path(__file__).resolve().parents[3] / "infra"
+SERVICES = {"accounts", "payments", "notifications", "audit"}
+
+
+def alert(**changes: Any) -> SecurityAlert:
+    fields: dict[str, Any] = {
+        "rule": "permission-probing", "severity": "warning", "description": "one caller denied again and again",
+        "counted_by": "principal", "key": "alice", "count": 5, "window_seconds": 60, "first_seq": 10,
+        "last_seq": 14, "last_correlation_id": "corr-14"}
+    return SecurityAlert(**{**fields, **changes})
+
+
+def test_the_shipped_recipients_are_auditors_of_the_dev_realm() -> None:
+    recipients = load_alert_recipients(INFRA / "alert-recipients.yaml")
+    users = {user.username: set(user.roles) for user in load_identities(INFRA / "keycloak" / "identities.yaml",
+                                                                        SERVICES).users}
+    assert recipients and all("auditor" in users.get(name, set()) for name in recipients), recipients
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (None, "expected a mapping with one key"),
+    ({"recipients": "ada"}, "expected a mapping with one key"),
+    ({"recipients": ["ada"], "extra": 1}, "expected a mapping with one key"),
+    ({"recipients": []}, "0 recipients; expected 1 to 50"),
+    ({"recipients": ["ada", "ada"]}, "listed twice"),
+    ({"recipients": ["Ada Lovelace"]}, "not a username: 'Ada Lovelace'"),
+    ({"recipients": [7]}, "not a username: 7"),
+    ({"recipients": [f"user{n}" for n in range(51)]}, "51 recipients"),
+])
+def test_a_wrong_recipients_file_is_refused_with_a_message_that_names_it(raw: object, message: str) -> None:
+    with pytest.raises(DevstackError, match=message):
+        parse_alert_recipients(raw)
+
+
+def test_an_unreadable_recipients_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DevstackError, match="cannot read the alert recipients"):
+        load_alert_recipients(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("recipients: [ada")
+    with pytest.raises(DevstackError, match="cannot read the alert recipients"):
+        load_alert_recipients(tmp_path / "bad.yaml")
+
+
+def test_an_alert_tells_what_was_refused_and_where_to_look() -> None:
+    [draft] = alert_drafts(alert(), ("ada",))
+    assert (draft.recipient, draft.kind) == ("ada", "security_alert")
+    assert draft.text == ("Security alert (warning) permission-probing: principal 'alice' refused 5 time(s) within "
+                          "60s, audit log entries 10 to 14 (`bastion audit alerts`). one caller denied again and again")
+
+
+def test_what_a_refused_event_claimed_is_bounded_and_printable_in_the_text() -> None:
+    [draft] = alert_drafts(alert(counted_by="producer", key="evil\n\x1b[2Jproducer" + "x" * 500), ("ada",))
+    assert "\n" not in draft.text and "\x1b" not in draft.text
+    assert "x" * 200 not in draft.text
