@@ -15,6 +15,7 @@ from rich.table import Table
 from bastion.audit import install_tools, refusals
 from bastion.audit.v1 import audit_pb2
 from bastion.demo import Scenario
+from bastion.devstack import backups
 from bastion.devstack.catalog import load_services
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
@@ -211,6 +212,58 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup_create(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    folder = backups.create(_stack(quiet=True).context(), args.database or None)
+    verified = backups.verify(_stack(quiet=True).context(), folder, decrypt=False)
+    total = sum(entry["bytes"] for entry in verified.databases.values())
+    console.print(f"backup {folder.name}: {', '.join(sorted(verified.databases))} ({total:,} bytes encrypted, "
+                  f"manifest signed) in {time.monotonic() - started:.1f}s\n  {folder}")
+    return 0
+
+
+def cmd_backup_list(args: argparse.Namespace) -> int:
+    ctx = _stack(quiet=True).context()
+    table = Table("backup", "databases", "bytes", "signed manifest")
+    for folder in backups.listed(ctx):
+        try:
+            verified = backups.verify(ctx, folder, decrypt=False)
+        except backups.BackupError as error:
+            table.add_row(folder.name, "-", "-", f"[red]NOT verified[/red]: {error.problem}")
+            continue
+        table.add_row(folder.name, ", ".join(sorted(verified.databases)),
+                      f"{sum(entry['bytes'] for entry in verified.databases.values()):,}", "verified")
+    console.print(table)
+    return 0
+
+
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    ctx = _stack(quiet=True).context()
+    folders = [backups.find(ctx, args.name)] if args.name else backups.listed(ctx)
+    if not folders:
+        raise DevstackError("no backups yet", "make one with `bastion backup create`")
+    failed = 0
+    for folder in folders:
+        try:
+            verified = backups.verify(ctx, folder, decrypt=not args.no_decrypt)
+        except backups.BackupError as error:
+            errors.print(f"backup {folder.name} NOT verified: {error.problem}\n  -> {error.remedy}")
+            failed += 1
+            continue
+        checked = "signature, digests" + ("" if args.no_decrypt else " and decryption")
+        console.print(f"[green]backup {folder.name} verified[/green] ({checked}): "
+                      f"{', '.join(sorted(verified.databases))}")
+    return 1 if failed else 0
+
+
+def cmd_backup_restore(args: argparse.Namespace) -> int:
+    ctx = _stack(quiet=True).context()
+    target = backups.restore(ctx, backups.find(ctx, args.name), args.database)
+    console.print(f"backup {args.name} verified, and {args.database} restored into the new database {target} "
+                  "(the live database is untouched)")
+    return 0
+
+
 def cmd_lab_list(args: argparse.Namespace) -> int:
     table = Table("lab", "attack", "concerns of docs/security.md it proves")
     for lab in LABS:
@@ -316,6 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("name", nargs="?", help="a lab of `bastion lab list`")
     run.add_argument("--all", action="store_true", help="every lab, then one scorecard line per concern")
     run.set_defaults(func=cmd_lab_run)
+    backup = sub.add_parser("backup", help="encrypted, signed backups of the databases: create, list, verify, "
+                            "restore").add_subparsers(dest="backup_command", required=True)
+    create = backup.add_parser("create", help="dump every database (or --database NAME), encrypted to the "
+                               "install's backup key, with a signed manifest")
+    create.add_argument("--database", action="append", help="only this database (repeatable)")
+    create.set_defaults(func=cmd_backup_create)
+    backup.add_parser("list", help="the backups and whether their manifests verify").set_defaults(
+        func=cmd_backup_list)
+    check = backup.add_parser("verify", help="check NAME (or every backup): signature, digests, decryption; exit 1 "
+                              "if one does not verify")
+    check.add_argument("name", nargs="?")
+    check.add_argument("--no-decrypt", action="store_true", help="signature and digests only (no identity needed)")
+    check.set_defaults(func=cmd_backup_verify)
+    restore = backup.add_parser("restore", help="verify backup NAME, then restore DATABASE into a new database")
+    restore.add_argument("name")
+    restore.add_argument("database")
+    restore.set_defaults(func=cmd_backup_restore)
     keys = sub.add_parser("keys", help="event signing keys: list, rotate, retire").add_subparsers(
         dest="keys_command", required=True)
     keys.add_parser("list", help="every producer's keys and their state").set_defaults(func=cmd_keys_list)

@@ -9,6 +9,7 @@ import grpc
 from keycloak import KeycloakOpenID
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.audit.alerts import load_alert_rules
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
@@ -19,6 +20,7 @@ from bastion.payments.v1 import payments_pb2, payments_pb2_grpc
 
 NOTIFICATION_WAIT_SECONDS = 60
 AUDIT_WAIT_SECONDS = 60
+PROBING_RULE = "permission-probing"
 
 
 class Scenario:
@@ -90,24 +92,62 @@ class Scenario:
                     else "no checkpoint signed yet: the first comes within seconds of the first records")
         say(f"7. ada (auditor) found the payment in the audit log ({recorded}) and verified the whole chain: "
             f"{verdict.length} records, head {verdict.head_hash.hex()[:16]}…; {anchored}")
+        say(f"8. {self._probe(alice.account_id)}")
         say(f"every call carried the correlation id {self.correlation_id}; every access decision and state change "
-            "became a signed event on Kafka (access.decisions.v1, accounts.events.v1, payments.events.v1)")
+            "became a signed event on Kafka (access.decisions.v1, accounts.events.v1, payments.events.v1), and the "
+            "alert too (security.alerts.v1)")
 
-    def _bobs_notification(self, account_id: str) -> str:
-        """The notification of the transfer into ACCOUNT_ID, from bob's stream (his backlog first)."""
-        stream = self.notifications.StreamNotifications(notifications_pb2.StreamNotificationsRequest(),
-                                                        metadata=self._as("bob"), timeout=NOTIFICATION_WAIT_SECONDS)
+    def _probe(self, account_id: str) -> str:
+        """bob tries a teller's method as often as the permission-probing rule allows; ada is told."""
+        rules = {rule.name: rule for rule in load_alert_rules(self.ctx.settings.infra_dir / "alert-rules.yaml")}
+        rule = rules.get(PROBING_RULE)
+        if rule is None:
+            return f"(skipped: infra/alert-rules.yaml has no {PROBING_RULE} rule)"
+        seen = self._last_notification("ada")
+        codes = set()
+        for _ in range(rule.threshold):
+            try:
+                self.accounts.Deposit(accounts_pb2.DepositRequest(account_id=account_id, amount_minor=10**6,
+                                                                  idempotency_key=f"demo-probe-{uuid.uuid4()}"),
+                                      metadata=self._as("bob"), timeout=20)
+                raise DevstackError("bob, a customer, could deposit money", "this is a security bug: report it")
+            except grpc.RpcError as error:
+                codes.add(error.code().name)
+        told = self._notified("ada", seen, lambda n: n.kind == "security_alert" and "'bob'" in n.text)
+        return (f"bob tried a teller's method (Deposit) {rule.threshold} times: {', '.join(sorted(codes))}; the audit "
+                f"service raised a signed {PROBING_RULE} alert and ada (auditor) was told: \"{told}\"")
+
+    def _last_notification(self, user: str) -> int:
+        after = 0
+        while True:
+            page = self.notifications.ListNotifications(
+                notifications_pb2.ListNotificationsRequest(after_sequence=after, limit=500),
+                metadata=self._as(user), timeout=20).notifications
+            if page:
+                after = page[-1].sequence
+            if len(page) < 500:
+                return after
+
+    def _notified(self, user: str, after: int, wanted: Callable[[Any], bool]) -> str:
+        """The text of USER's first notification after AFTER that is WANTED, from their stream."""
+        stream = self.notifications.StreamNotifications(
+            notifications_pb2.StreamNotificationsRequest(after_sequence=after), metadata=self._as(user),
+            timeout=NOTIFICATION_WAIT_SECONDS)
         try:
             for reply in stream:
-                if reply.notification.kind == "transfer_received" and account_id in reply.notification.text:
+                if wanted(reply.notification):
                     return str(reply.notification.text)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
         finally:
             stream.cancel()
-        raise DevstackError(f"bob's notification did not arrive within {NOTIFICATION_WAIT_SECONDS}s",
-                            "see the notifications service log in the state folder")
+        raise DevstackError(f"{user}'s notification did not arrive within {NOTIFICATION_WAIT_SECONDS}s",
+                            "see the audit and notifications service logs in the state folder")
+
+    def _bobs_notification(self, account_id: str) -> str:
+        """The notification of the transfer into ACCOUNT_ID, from bob's stream (his backlog first)."""
+        return self._notified("bob", 0, lambda n: n.kind == "transfer_received" and account_id in n.text)
 
     def _audited(self, payment_id: str) -> str:
         """The payment's event as the audit service recorded it (it consumes asynchronously: wait a little)."""

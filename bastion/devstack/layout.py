@@ -36,6 +36,15 @@ class StateLayout:
         return self.root / "keys" / "at-rest" / f"{service}.key"
 
     @property
+    def backup_keys_dir(self) -> Path:
+        """The age identity and recipient, and the Ed25519 key, of encrypted backups (bastion.devstack.backups)."""
+        return self.root / "keys" / "backup"
+
+    @property
+    def backups_dir(self) -> Path:
+        return self.root / "backups"
+
+    @property
     def audit_checkpoints_file(self) -> Path:
         """The audit service's signed checkpoints, one JSON line each: kept outside the database on purpose."""
         return self.root / "audit" / "checkpoints.jsonl"

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bastion.devstack.backups import BackupKeys
 from bastion.devstack.catalog import load_services
 from bastion.devstack.components.base import Component
 from bastion.devstack.components.kafka import Kafka
@@ -83,6 +84,8 @@ class Stack:
         KeyRing(self.layout.event_keys_dir).ensure(self.service_names)
         self._distribute_data_keys(policy)
         self._ensure_at_rest_keys()
+        if BackupKeys(self.layout.backup_keys_dir).ensure():
+            self.progress("backup keys generated (age identity and recipient, Ed25519 manifest key)")
         issued = self.pki.ensure(self.certificate_names())
         if issued:
             self.progress(f"certificates issued: {', '.join(issued)}")
