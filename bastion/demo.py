@@ -1,5 +1,6 @@
 """The demo scenario: the bank at work on the running platform, each step narrated and checked."""
 
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from bastion.payments.v1 import payments_pb2, payments_pb2_grpc
 NOTIFICATION_WAIT_SECONDS = 60
 AUDIT_WAIT_SECONDS = 60
 PROBING_RULE = "permission-probing"
+COUNTED_ENTRIES = re.compile(r"audit log entries (\d+) to (\d+)")  # in an alert's notification text
 
 
 class Scenario:
@@ -92,19 +94,19 @@ class Scenario:
                     else "no checkpoint signed yet: the first comes within seconds of the first records")
         say(f"7. ada (auditor) found the payment in the audit log ({recorded}) and verified the whole chain: "
             f"{verdict.length} records, head {verdict.head_hash.hex()[:16]}…; {anchored}")
-        say(f"8. {self._probe(alice.account_id)}")
+        say(f"8. {self._probe(alice.account_id, verdict.length)}")
         say(f"every call carried the correlation id {self.correlation_id}; every access decision and state change "
             "became a signed event on Kafka (access.decisions.v1, accounts.events.v1, payments.events.v1), and the "
             "alert too (security.alerts.v1)")
 
-    def _probe(self, account_id: str) -> str:
-        """bob tries a teller's method as often as the permission-probing rule allows; ada is told."""
+    def _probe(self, account_id: str, log_length: int) -> str:
+        """bob tries a teller's method as often as the permission-probing rule allows; ada is told of an alert
+        raised by a refusal after LOG_LENGTH (so by this run's probes, not an earlier one)."""
         rules = {rule.name: rule for rule in load_alert_rules(self.ctx.settings.infra_dir / "alert-rules.yaml")}
         rule = rules.get(PROBING_RULE)
         if rule is None:
             return f"(skipped: infra/alert-rules.yaml has no {PROBING_RULE} rule)"
         seen = self._last_notification("ada")
-        codes = set()
         for _ in range(rule.threshold):
             try:
                 self.accounts.Deposit(accounts_pb2.DepositRequest(account_id=account_id, amount_minor=10**6,
@@ -112,9 +114,16 @@ class Scenario:
                                       metadata=self._as("bob"), timeout=20)
                 raise DevstackError("bob, a customer, could deposit money", "this is a security bug: report it")
             except grpc.RpcError as error:
-                codes.add(error.code().name)
-        told = self._notified("ada", seen, lambda n: n.kind == "security_alert" and "'bob'" in n.text)
-        return (f"bob tried a teller's method (Deposit) {rule.threshold} times: {', '.join(sorted(codes))}; the audit "
+                if error.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+
+        def about_this_run(notification: Any) -> bool:
+            counted = COUNTED_ENTRIES.search(notification.text)
+            return (notification.kind == "security_alert" and f"{PROBING_RULE}: principal 'bob'" in notification.text
+                    and counted is not None and int(counted.group(2)) > log_length)  # raised by this run's probes
+
+        told = self._notified("ada", seen, about_this_run)
+        return (f"bob tried a teller's method (Deposit) {rule.threshold} times: PERMISSION_DENIED; the audit "
                 f"service raised a signed {PROBING_RULE} alert and ada (auditor) was told: \"{told}\"")
 
     def _last_notification(self, user: str) -> int:

@@ -1,7 +1,7 @@
-"""`bastion backup` against the test install's real PostgreSQL: a backup holds every database, encrypted (a marker
-written before it is nowhere in clear) and private; it verifies, and restores into a new database with the marker
-back; an altered, extended, shortened or re-signed backup is refused by `verify` and by `restore`, which then
-creates nothing."""
+"""`bastion backup` against the test install's real PostgreSQL: a backup holds every database, encrypted (age
+archives, a marker written before it nowhere in clear) and private; it verifies, and restores into a new database
+with the marker back; an altered, extended, shortened, re-signed, linked or renamed backup is refused by `verify`
+and by `restore`, which then creates nothing."""
 
 import base64
 import os
@@ -58,12 +58,6 @@ def test_a_backup_of_a_database_that_does_not_exist_fails_and_leaves_nothing(ctx
     assert set(backups.listed(ctx)) == before
 
 
-def copy_of(made: Path, stamp: str) -> Path:
-    copy = made.parent / stamp
-    shutil.copytree(made, copy)
-    return copy
-
-
 def test_a_backup_holds_every_database_encrypted_signed_and_private(ctx: StackContext, made: Path,
                                                                    marker: str) -> None:
     verified = backups.verify(ctx, made)
@@ -72,6 +66,9 @@ def test_a_backup_holds_every_database_encrypted_signed_and_private(ctx: StackCo
     for path in made.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         assert marker.encode() not in path.read_bytes(), f"{path.name} holds the marker in clear"
+    for path in made.glob(f"*{backups.SUFFIX}"):  # pg_dump compresses: the marker alone would not prove encryption
+        assert path.read_bytes().startswith(b"age-encryption.org/v1\n"), path
+        assert b"PGDMP" not in path.read_bytes()[:4096], path
     result = bastion("backup", "verify", made.name)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"backup {made.name} verified" in " ".join(result.stdout.split())
@@ -93,6 +90,20 @@ def test_a_restore_brings_the_data_back_into_a_new_database_and_leaves_the_live_
     finally:
         with admin(ctx) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(target)))
+
+
+def test_a_restore_that_fails_part_way_leaves_no_database(ctx: StackContext, small: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def load_then_fail(*args: Any) -> None:
+        raise backups.BackupError("pg_restore into the new database failed (exit 1): simulated", "test")
+
+    monkeypatch.setattr(backups, "_load", load_then_fail)
+    with pytest.raises(backups.BackupError, match="simulated"):
+        backups.restore(ctx, small, "accounts")
+    with admin(ctx) as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname = %s",
+                            [f"restore_accounts_{small.name.lower()}"]).fetchall()
+    assert left == [], "the half-restored database is dropped"
 
 
 def flip_a_byte(folder: Path) -> None:
@@ -118,28 +129,54 @@ def swap_in_another_archive(folder: Path) -> None:
     shutil.copy(folder / "accounts.dump.age", folder / "payments.dump.age")
 
 
-@pytest.mark.parametrize(("stamp", "damage", "reason"), [
-    ("20000101T000001Z", flip_a_byte, "accounts.dump.age does not match its digest"),
-    ("20000101T000002Z", grow_the_manifest, "signature does not verify"),
-    ("20000101T000003Z", resign, "signature does not verify"),
-    ("20000101T000004Z", swap_in_another_archive, "accounts.dump.age does not match its digest"),
-    ("20000101T000005Z", lambda folder: (folder / "notes.txt").write_text("x"), "not in the manifest ['notes.txt']"),
-    ("20000101T000006Z", lambda folder: (folder / "audit.dump.age").unlink(), "missing ['audit.dump.age']"),
-])
-def test_an_altered_backup_is_refused_and_restores_nothing(ctx: StackContext, made: Path, stamp: str,
-                                                            damage: Any, reason: str) -> None:
-    copy = copy_of(made, stamp)
+def link_an_archive(folder: Path) -> None:
+    (folder / "payments.dump.age").unlink()
+    (folder / "payments.dump.age").symlink_to(folder / "accounts.dump.age")
+
+
+@pytest.fixture()
+def small(ctx: StackContext) -> Iterator[Path]:
+    """A backup of two small databases, to damage."""
+    before = set(backups.listed(ctx))
+    result = bastion("backup", "create", "--database", "accounts", "--database", "payments")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [folder] = set(backups.listed(ctx)) - before
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (flip_a_byte, "accounts.dump.age does not match its digest"),
+    (grow_the_manifest, "signature does not verify"),
+    (resign, "signature does not verify"),
+    (swap_in_another_archive, "accounts.dump.age does not match its digest"),
+    (lambda folder: (folder / "notes.txt").write_text("x"), "not in the manifest ['notes.txt']"),
+    (lambda folder: (folder / "payments.dump.age").unlink(), "missing ['payments.dump.age']"),
+    (link_an_archive, "payments.dump.age does not match its digest"),
+], ids=["flipped-byte", "edited-manifest", "re-signed", "swapped-archive", "added-file", "missing-file", "symlink"])
+def test_an_altered_backup_is_refused_and_restores_nothing(ctx: StackContext, small: Path, damage: Any,
+                                                            reason: str) -> None:
+    damage(small)
+    assert_refused(ctx, small.name, reason)
+
+
+def test_an_older_backup_renamed_to_pass_for_a_newer_one_is_refused(ctx: StackContext, small: Path) -> None:
+    newer = small.parent / "29991231T235959000000Z"
+    small.rename(newer)
     try:
-        damage(copy)
-        checked = bastion("backup", "verify", stamp)
-        assert checked.returncode == 1 and reason in " ".join(checked.stderr.split()), checked.stderr
-        restored = bastion("backup", "restore", stamp, "accounts")
-        assert restored.returncode == 2 and reason in " ".join(restored.stderr.split()), restored.stderr
-        with admin(ctx) as conn:
-            created = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
-                                   [f"restore_accounts_{stamp.lower()}%"]).fetchall()
-        assert created == [], "nothing restored from a backup that does not verify"
-        listed = bastion("backup", "list")
-        assert "NOT verified" in listed.stdout
+        assert_refused(ctx, newer.name, "not at the time its folder is named after")
     finally:
-        shutil.rmtree(copy)
+        newer.rename(small)
+
+
+def assert_refused(ctx: StackContext, name: str, reason: str) -> None:
+    checked = bastion("backup", "verify", name)
+    assert checked.returncode == 1 and reason in " ".join(checked.stderr.split()), checked.stderr
+    restored = bastion("backup", "restore", name, "accounts")
+    assert restored.returncode == 2 and reason in " ".join(restored.stderr.split()), restored.stderr
+    with admin(ctx) as conn:
+        created = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                               [f"restore_accounts_{name.lower()}%"]).fetchall()
+    assert created == [], "nothing restored from a backup that does not verify"
+    listed = bastion("backup", "list")
+    assert "NOT verified" in listed.stdout

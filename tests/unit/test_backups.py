@@ -24,6 +24,19 @@ def test_keys_are_generated_once_private_and_never_replaced(tmp_path: Path) -> N
     keys.verifier().verify(keys.signer().sign(b"manifest"), b"manifest")
 
 
+@pytest.mark.parametrize("lost", ["identity_file", "signing_file"])
+def test_a_lost_key_is_made_again_alone_and_the_other_kept(tmp_path: Path, lost: str) -> None:
+    keys = BackupKeys(tmp_path / "backup")
+    keys.ensure()
+    kept = "signing_file" if lost == "identity_file" else "identity_file"
+    before = getattr(keys, kept).read_bytes()
+    getattr(keys, lost).unlink()
+    assert keys.ensure() is True
+    assert getattr(keys, kept).read_bytes() == before, "an existing key is never replaced"
+    assert str(keys.identity().to_public()) == str(keys.recipient())
+    keys.verifier().verify(keys.signer().sign(b"m"), b"m")
+
+
 def test_missing_keys_name_the_file_and_the_remedy(tmp_path: Path) -> None:
     with pytest.raises(BackupError, match=r"identity\.age cannot be read") as raised:
         BackupKeys(tmp_path / "none").identity()
