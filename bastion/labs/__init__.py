@@ -4,7 +4,7 @@
 the concerns of the security guide to these labs. `bastion lab list`, `bastion lab run NAME|--all`.
 """
 
-from bastion.labs import access, audit, detection, edge, events, money, tokens, transport
+from bastion.labs import access, audit, backup, detection, edge, events, money, tokens, transport
 from bastion.labs.base import Lab
 
 LABS: tuple[Lab, ...] = (
@@ -160,6 +160,15 @@ LABS: tuple[Lab, ...] = (
         where="bastion/events/inbox.py (admit, open_gaps), bastion/events/consumer.py (report_open_gaps), "
               "infra/alert-rules.yaml",
         expect="sequence-gaps", probe=detection.suppressed_event),
+    Lab("stolen-backup", "A thief with a copy of a backup",
+        attack="Back up the notifications database, then, as a thief with a copy: read the archive, decrypt it "
+               "with an age identity of one's own, and put an archive of one's own, encrypted to the install's "
+               "public recipient, in place of the genuine one.",
+        defence="Backups are age archives to the install's recipient (only its identity decrypts) under a manifest "
+                "of SHA-256 digests signed with the install's Ed25519 backup key: `verify` and `restore` refuse "
+                "any file the manifest does not vouch for.",
+        where="bastion/devstack/backups.py (create, verify, restore), docs/devstack.md",
+        expect="does not match its digest", probe=backup.stolen_backup),
 )
 
 

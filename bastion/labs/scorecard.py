@@ -88,9 +88,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
         Concern("Secure key management",
                 not_covered="no lab: rotation and retirement change the install's keys (`bastion keys`, unit tests)"),
         Concern("Service mesh, WAF", not_covered="no mesh or HTTP edge"),
-        Concern("Data backup security",
-                not_covered="no lab of its own: encrypted, signed backups (`bastion backup`) are shown failing "
-                            "closed by test_backups.py"),
+        Concern("Data backup security", ("stolen-backup",)),
         Concern("Session management", ("revoked-session",)),
         Concern("Output encoding",
                 not_covered="no lab: answers are protobuf; test_grpc_kit.py shows a crash's text never answered"),
