@@ -11,16 +11,21 @@ from typing import TypeVar
 import grpc
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import create_engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from bastion.audit import install_tools, refusals
 from bastion.audit.v1 import audit_pb2
 from bastion.demo import Scenario
 from bastion.devstack import backups
 from bastion.devstack.catalog import load_services
+from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
+from bastion.events import inbox
 from bastion.events.errors import KeyNotFoundError
 from bastion.events.keys import KeyRing
 from bastion.grpc.server import TlsFiles
@@ -171,6 +176,42 @@ def cmd_audit_alerts(args: argparse.Namespace) -> int:
                       f"{alert.key!r} refused {alert.count} times within {alert.window_seconds}s (log entries "
                       f"{alert.first_seq} to {alert.last_seq}; last correlation id {alert.last_correlation_id})",
                       soft_wrap=True, markup=False, highlight=False)
+    return 0
+
+
+def _page_limit(text: str) -> int:
+    """An argparse type: a whole number from 1 to 500 (a usage error otherwise, exit 2)."""
+    if not text.isdecimal() or not 1 <= int(text) <= 500:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 500")
+    return int(text)
+
+
+def cmd_events_held(args: argparse.Namespace) -> int:
+    """Each service's events held behind a sequence gap: what it waits for, since when, whether it was reported."""
+    ctx = _stack(quiet=True).context()
+    postgres = Postgres(ctx)
+    total = 0
+    for service in ctx.service_names:
+        engine = create_engine(postgres.sqlalchemy_url(service, ctx.credentials.postgres[service], service),
+                               poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                found = inbox.held_aggregates(conn, args.limit)
+        except SQLAlchemyError as error:
+            raise DevstackError(f"cannot read {service}'s held events: {type(error).__name__}",
+                                "is the stack running (`bastion status`)?") from None
+        finally:
+            engine.dispose()
+        for aggregate in found:
+            reported = (f"reported behind {aggregate.reported_gap}" if aggregate.reported_gap is not None
+                        else "not reported yet")
+            console.print(f"  {service}: {aggregate.producer} {aggregate.aggregate_id} on {aggregate.topic}: waits "
+                          f"for {aggregate.waiting_for}; {aggregate.held} event(s) held since "
+                          f"{aggregate.held_since.isoformat(timespec='seconds')}; {reported}",
+                          soft_wrap=True, markup=False, highlight=False)
+        total += len(found)
+    console.print(f"{total} aggregate(s) with events held behind a sequence gap (docs/events.md, "
+                  "\"A gap that stays open\")")
     return 0
 
 
@@ -386,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("name")
     restore.add_argument("database")
     restore.set_defaults(func=cmd_backup_restore)
+    events = sub.add_parser("events", help="the verifying consumers' state").add_subparsers(
+        dest="events_command", required=True)
+    held = events.add_parser("held", help="events held behind a gap in their aggregate's sequence, per service")
+    held.add_argument("--limit", type=_page_limit, default=200, help="aggregates per service, at most (1 to 500)")
+    held.set_defaults(func=cmd_events_held)
     keys = sub.add_parser("keys", help="event signing keys: list, rotate, retire").add_subparsers(
         dest="keys_command", required=True)
     keys.add_parser("list", help="every producer's keys and their state").set_defaults(func=cmd_keys_list)

@@ -162,3 +162,36 @@ def open_gaps(conn: Connection, topics: list[str], held_for: dt.timedelta,
         gaps.append(OpenGap(producer, aggregate_id, missing, first.sequence, first.source, bytes(form), first.topic,
                             first.held_at, len(behind), any(row.reported_gap == missing for row in behind)))
     return gaps
+
+
+@dataclass(frozen=True)
+class HeldAggregate:
+    """What an operator reads about one aggregate with events held (`bastion events held`)."""
+
+    producer: str
+    aggregate_id: str
+    topic: str
+    last_applied: int
+    first_held: int
+    held: int
+    held_since: dt.datetime
+    reported_gap: int | None  # the missing sequence it was last reported behind, if it was
+
+    @property
+    def waiting_for(self) -> str:
+        first, last = self.last_applied + 1, self.first_held - 1
+        return f"sequence {first}" if last <= first else f"sequences {first} to {last}"
+
+
+def held_aggregates(conn: Connection, limit: int = 200) -> list[HeldAggregate]:
+    """The aggregates with events held, those held longest first."""
+    rows = conn.execute(
+        select(held.c.producer, held.c.aggregate_id, func.min(held.c.topic), consumer_sequence.c.last_sequence,
+               func.min(held.c.sequence), func.count(), func.min(held.c.held_at), func.max(held.c.reported_gap))
+        .join(consumer_sequence, and_(consumer_sequence.c.producer == held.c.producer,
+                                      consumer_sequence.c.aggregate_id == held.c.aggregate_id))
+        .group_by(held.c.producer, held.c.aggregate_id, consumer_sequence.c.last_sequence)
+        .order_by(func.min(held.c.held_at))
+        .limit(limit)
+    ).all()
+    return [HeldAggregate(*row) for row in rows]

@@ -33,6 +33,7 @@ from bastion.events.trust import TrustPolicy
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifier, VerifiedEvent
 from bastion.payments.v1.events_pb2 import PaymentCompleted
+from tests.integration.conftest import bastion
 
 CONSUMER = "notifications"
 TEST_TABLES = MetaData()
@@ -366,6 +367,11 @@ def test_a_gap_that_stays_open_is_reported_once_and_its_events_stay_held(lane: L
     assert (line["missing"], line["held"], line["correlation_id"]) == ("sequence 2", 3, events[2].correlation_id)
     assert counter("bastion_events_sequence_gaps_total", lane.topic) - gaps_before == 1
     assert reported_behind() == {3: 2, 4: 2, 7: 2}
+    shown = bastion("events", "held")  # what an operator who got the alert reads
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    [line] = [line for line in shown.stdout.splitlines() if aggregate in line]
+    assert f"notifications: accounts {aggregate} on {lane.topic}: waits for sequence 2; 3 event(s) held" in line
+    assert line.endswith("reported behind 2"), line
 
     publish(5)
     time.sleep(1.5)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from bastion.events.consumer import MAX_GAP_CHECK_SECONDS, ConsumerSettings, place_in, source_of
-from bastion.events.inbox import HELD_BUNDLE, OpenGap, unwrap_held
+from bastion.events.inbox import HELD_BUNDLE, HeldAggregate, OpenGap, unwrap_held
 from bastion.settings import DevstackSettings
 
 
@@ -61,3 +61,12 @@ def test_a_gap_names_every_sequence_missing_before_the_first_held_event() -> Non
 
     assert gap(2, 3).missing_range == "sequence 2"
     assert gap(2, 5).missing_range == "sequences 2 to 4"
+
+
+def test_an_operator_reads_which_sequences_an_aggregate_waits_for() -> None:
+    def waiting(last_applied: int, first_held: int) -> str:
+        return HeldAggregate("accounts", "a", "t", last_applied, first_held, 1, dt.datetime.now(dt.UTC),
+                             None).waiting_for
+
+    assert waiting(1, 3) == "sequence 2"
+    assert waiting(1, 6) == "sequences 2 to 5"
