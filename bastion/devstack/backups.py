@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import psycopg
 import pyrage
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -372,21 +371,17 @@ def restore(ctx: StackContext, folder: Path, database: str) -> str:
         if _digest(copy) != entry["sha256"]:
             raise BackupError(f"{folder.name}: {entry['file']} changed after it was verified",
                               "someone is writing to the backups: find out who before restoring")
-        with _admin(ctx) as conn:
+        with Postgres(ctx).admin() as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [target]).fetchone():
                 raise BackupError(f"database {target} already exists", "drop it first, or restore another backup")
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target)))
         try:
             _load(ctx, copy, target, database)
         except BaseException:
-            with _admin(ctx) as conn:
+            with Postgres(ctx).admin() as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(target)))
             raise
     return target
-
-
-def _admin(ctx: StackContext) -> psycopg.Connection[Any]:
-    return psycopg.connect(Postgres(ctx).conninfo(ADMIN_ROLE, ctx.credentials.postgres[ADMIN_ROLE]), autocommit=True)
 
 
 def _load(ctx: StackContext, archive: Path, target: str, database: str) -> None:

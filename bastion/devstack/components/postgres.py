@@ -151,21 +151,22 @@ class Postgres(Component):
             query={"sslmode": "verify-full", "sslrootcert": str(self.ctx.ca_file), "connect_timeout": "5"},
         )
 
-    def _admin(self) -> psycopg.Connection[tuple[object, ...]]:
+    def admin(self) -> psycopg.Connection[tuple[object, ...]]:
+        """An autocommit connection to the `postgres` database as the admin role, over verified TLS."""
         return psycopg.connect(
             self.conninfo(ADMIN_ROLE, self.ctx.credentials.postgres[ADMIN_ROLE]), autocommit=True
         )
 
     def probe(self) -> bool:
         try:
-            with self._admin() as conn:
+            with self.admin() as conn:
                 conn.execute("SELECT 1")
             return True
         except psycopg.Error:
             return False
 
     def bootstrap(self) -> None:
-        with self._admin() as conn:
+        with self.admin() as conn:
             for name in self.databases:
                 password = self.ctx.credentials.postgres[name]
                 exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
