@@ -27,7 +27,7 @@ from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
 from bastion.events import inbox
 from bastion.events.errors import KeyNotFoundError
-from bastion.events.keys import KeyRing
+from bastion.events.keys import FOLLOW_CHECK_SECONDS, KeyRing
 from bastion.grpc.server import TlsFiles
 from bastion.labs import LABS, find
 from bastion.labs.base import exit_status, run_labs
@@ -236,7 +236,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     if args.producer not in {s.name for s in load_services(DevstackSettings().infra_dir / "services.yaml")}:
         raise DevstackError(f"{args.producer!r} is not a service", "name one of infra/services.yaml")
     key_id = _event_keys().rotate(args.producer)
-    console.print(f"{args.producer} now signs with {key_id}; the previous key still verifies until retired")
+    console.print(f"{args.producer} signs with {key_id} within {FOLLOW_CHECK_SECONDS:g} s (running services follow the "
+                  "key ring); the previous key still verifies until retired")
     return 0
 
 
@@ -249,7 +250,8 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
     except KeyNotFoundError as error:
         errors.print(f"bastion keys retire: {error}")
         return 2
-    console.print(f"{args.key_id} retired: events signed with it no longer verify")
+    console.print(f"{args.key_id} retired: running consumers refuse events signed with it within "
+                  f"{FOLLOW_CHECK_SECONDS:g} s")
     return 0
 
 

@@ -26,7 +26,7 @@ from bastion.devstack.event_access import load_policy
 from bastion.devstack.stack import Stack
 from bastion.events.consumer import ConsumerSettings, Handler, VerifyingConsumer
 from bastion.events.field_crypto import DataKeyRing
-from bastion.events.keys import KeyRing, SigningKey
+from bastion.events.keys import Followed, FollowedSigningKey, KeyRing, TrustStore
 from bastion.events.outbox import Outbox, OutboxRelay
 from bastion.events.trust import load_trust_policy
 from bastion.events.verify import EnvelopeVerifier
@@ -57,7 +57,7 @@ class ServiceRuntime:
     name: str
     ctx: StackContext
     engine: Engine
-    key: SigningKey
+    key: FollowedSigningKey  # the service's signing key as the key ring says now (rotations need no restart)
     kafka_config: dict[str, Any]
     workers: WorkerHealth = field(default_factory=WorkerHealth)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -72,7 +72,7 @@ class ServiceRuntime:
         postgres = Postgres(ctx)
         engine = create_engine(postgres.sqlalchemy_url(name, ctx.credentials.postgres[name], name),
                                pool_size=10, max_overflow=10, pool_pre_ping=True)
-        key = KeyRing(ctx.layout.event_keys_dir).signing_key(name)
+        key = KeyRing(ctx.layout.event_keys_dir).followed_signing_key(name)
         kafka_config = Kafka(ctx).client_config(name, ctx.credentials.kafka[name])
         return cls(name, ctx, engine, key, kafka_config)
 
@@ -96,13 +96,15 @@ class ServiceRuntime:
         return DataKeyRing(self.ctx.layout.data_keys_dir / self.name)
 
     def verifier(self) -> EnvelopeVerifier:
-        """The consumer pipeline's checks, from the trust store and infra/event-trust.yaml; a producer's rotated
-        key is picked up by reloading the trust store."""
+        """The consumer pipeline's checks, from the trust store and infra/event-trust.yaml; the trust store is
+        followed, so a producer's rotated key is believed and a retired one refused without a restart."""
         infra = self.ctx.settings.infra_dir
         access = load_policy(infra / "event-access.yaml", set(self.ctx.service_names))
-        ring = KeyRing(self.ctx.layout.event_keys_dir)
-        return EnvelopeVerifier(ring.trust_store(), load_trust_policy(infra / "event-trust.yaml", access),
-                                reload_trust=ring.trust_store)
+        return EnvelopeVerifier(self.trust(), load_trust_policy(infra / "event-trust.yaml", access))
+
+    def trust(self) -> Followed[TrustStore]:
+        """The producers' public keys as the key ring says now."""
+        return KeyRing(self.ctx.layout.event_keys_dir).followed_trust_store()
 
     def start_consumer(self, topics: list[str], handler: Handler, stop: threading.Event) -> threading.Thread:
         """Consume TOPICS through the verifying consumer (group = the service's name) until STOP is set."""

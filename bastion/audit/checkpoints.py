@@ -47,7 +47,7 @@ from bastion.audit.errors import (
 )
 from bastion.devstack.layout import PRIVATE_FILE_MODE
 from bastion.events.errors import VerificationError
-from bastion.events.keys import SigningKey, TrustStore
+from bastion.events.keys import KeySource, SigningKey, TrustSource, TrustStore
 
 CHECKPOINT_TAG = b"bastion.audit.v1.checkpoint\x00"
 AUDIT_PRODUCER = "audit"
@@ -198,9 +198,9 @@ class CheckpointFile:
     on Kafka is the second witness if the file itself is lost or truncated.
     """
 
-    def __init__(self, path: Path, trust_store: TrustStore, origin: str) -> None:
+    def __init__(self, path: Path, trust: TrustSource, origin: str) -> None:
         self.path = path
-        self.trust_store = trust_store
+        self.trust = trust
         self.origin = origin
         self._last: Checkpoint | None = None
         self._loaded = False
@@ -215,7 +215,7 @@ class CheckpointFile:
                     raise MalformedCheckpointError(f"{self.path}:{number}: incomplete line")
                 try:
                     checkpoint = Checkpoint.from_json(line)
-                    verify_checkpoint(checkpoint, self.trust_store, self.origin, accepted[-1] if accepted else None)
+                    verify_checkpoint(checkpoint, self.trust.current(), self.origin, accepted[-1] if accepted else None)
                 except CheckpointError as error:
                     raise type(error)(f"{self.path}:{number}: {error}") from None
                 accepted.append(checkpoint)
@@ -232,7 +232,7 @@ class CheckpointFile:
 
     def append(self, checkpoint: Checkpoint) -> None:
         """Verify CHECKPOINT against the last accepted one, then add it to the file and fsync it."""
-        verify_checkpoint(checkpoint, self.trust_store, self.origin, self.last)
+        verify_checkpoint(checkpoint, self.trust.current(), self.origin, self.last)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
         try:
@@ -253,7 +253,7 @@ class Checkpointer:
     restored from an old backup) raises CheckpointRollbackError instead of signing the shorter log.
     """
 
-    def __init__(self, key: SigningKey, file: CheckpointFile, every_records: int = 1000,
+    def __init__(self, key: KeySource, file: CheckpointFile, every_records: int = 1000,
                  every_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         if every_records < 1 or every_seconds <= 0:
             raise ValueError("every_records must be at least 1 and every_seconds positive")
@@ -277,7 +277,7 @@ class Checkpointer:
 
     def checkpoint(self, head: Head) -> Checkpoint:
         """Sign HEAD now (at shutdown, say), write it to the file, and return it."""
-        checkpoint = sign_checkpoint(self.key, self.file.origin, head)
+        checkpoint = sign_checkpoint(self.key.current(), self.file.origin, head)
         self.file.append(checkpoint)
         self._signed_at = self.clock()
         return checkpoint

@@ -43,3 +43,7 @@ class EventTooLargeError(EventsError, InvalidArgumentError):
 
 class KeyNotFoundError(EventsError):
     """A producer has no usable signing key in the state folder."""
+
+
+class TrustStoreUnavailableError(EventsError):
+    """The trust store cannot be read: no event can be verified until it can (never a verdict on an event)."""

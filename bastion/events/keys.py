@@ -5,23 +5,33 @@ Layout in the state folder (`keys/events/`):
   private/PRODUCER/KEY.pem    the private keys (0600); a service reads only its own
 Rotation: `rotate` makes a new active key and turns the previous one `verify-only`, so events already in
 flight still verify; `retire` removes a key from verification for good.
+
+Running services follow the folder (`KeyRing.followed_trust_store`, `KeyRing.followed_signing_key`): they look
+at the trust store's file every few seconds and read it again when it changed, so a rotation is picked up by
+every producer and a retirement refused by every consumer within seconds, without a restart. The file is
+replaced whole (`os.replace`), so a reader sees the old store or the new one, never half of each.
 """
 
 import base64
 import datetime as dt
 import json
+import os
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from bastion.devstack.layout import write_private
-from bastion.events.errors import KeyNotFoundError, RejectReason, VerificationError
+from bastion.events.errors import KeyNotFoundError, RejectReason, TrustStoreUnavailableError, VerificationError
 
 KeyState = Literal["active", "verify-only", "retired"]
+# How often a running service looks at the trust store's file for a rotation or a retirement (one stat call).
+FOLLOW_CHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,20 @@ class SigningKey:
     producer: str
     key_id: str
     private_key: Ed25519PrivateKey
+
+    def current(self) -> "SigningKey":
+        """A fixed key is its own current key (see `KeySource`)."""
+        return self
+
+
+class KeySource(Protocol):
+    """Where a signer takes the key to sign with: a fixed `SigningKey`, or the producer's key as the key ring
+    says now (`KeyRing.followed_signing_key`). Take it once per signed batch, so its id and key go together."""
+
+    @property
+    def producer(self) -> str: ...
+
+    def current(self) -> SigningKey: ...
 
 
 class TrustStore:
@@ -52,6 +76,13 @@ class TrustStore:
     def producers(self) -> set[str]:
         return set(self._entries)
 
+    def current(self) -> "TrustStore":
+        """A fixed store is its own current store (see `TrustSource`)."""
+        return self
+
+    def reload(self) -> "TrustStore":
+        return self
+
     def public_key(self, producer: str, key_id: str) -> Ed25519PublicKey:
         """The key that verifies PRODUCER's events signed under KEY_ID; raises if unknown or retired."""
         keys = self._entries.get(producer)
@@ -64,6 +95,68 @@ class TrustStore:
         if state not in ("active", "verify-only"):  # retired, or anything this code does not know: refuse
             raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} of {producer!r} is {state}")
         return key
+
+
+class TrustSource(Protocol):
+    """Where a verifier takes the public keys from: a fixed `TrustStore`, or the key ring's trust store as its
+    file says now (`KeyRing.followed_trust_store`)."""
+
+    def current(self) -> TrustStore: ...
+
+    def reload(self) -> TrustStore: ...
+
+
+T = TypeVar("T")
+
+
+class Followed(Generic[T]):
+    """What LOAD makes of a file, made again when the file changed: its identity, size and modification time are
+    looked at on `current()`, at most every CHECK_SECONDS. A load that fails raises, and the next look tries again:
+    a caller never goes on with what it knows to be out of date."""
+
+    def __init__(self, path: Path, load: Callable[[], T], check_seconds: float = FOLLOW_CHECK_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._load = load
+        self.check_seconds = check_seconds
+        self._clock = clock
+        self._stamp = _stamp(path)
+        self._value = load()
+        self._next_look = clock() + check_seconds
+
+    def current(self) -> T:
+        now = self._clock()
+        if now >= self._next_look:
+            self._next_look = now + self.check_seconds
+            stamp = _stamp(self.path)
+            if stamp != self._stamp:
+                self._value = self._load()  # raises: the stamp stays old, so the next look loads again
+                self._stamp = stamp
+        return self._value
+
+    def reload(self) -> T:
+        """Load now, whatever the file's stamp says."""
+        stamp = _stamp(self.path)
+        self._value = self._load()
+        self._stamp = stamp
+        return self._value
+
+
+class FollowedSigningKey(Followed[SigningKey]):
+    """A producer's active key as the key ring says now (a `KeySource`)."""
+
+    def __init__(self, ring: "KeyRing", producer: str, check_seconds: float = FOLLOW_CHECK_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.producer = producer
+        super().__init__(ring.trust_store_file, lambda: ring.signing_key(producer), check_seconds, clock)
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 class KeyRing:
@@ -83,14 +176,34 @@ class KeyRing:
         return raw
 
     def _save_raw(self, raw: dict[str, dict[str, dict[str, dict[str, str]]]]) -> None:
+        """Replace the trust store's file whole: a service reading it meanwhile gets the old one or the new one."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.trust_store_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        partial = self.trust_store_file.with_name(f".{self.trust_store_file.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        os.replace(partial, self.trust_store_file)
 
     def _private_file(self, producer: str, key_id: str) -> Path:
         return self.folder / "private" / producer / f"{key_id.replace('/', '_')}.pem"
 
     def trust_store(self) -> TrustStore:
-        return TrustStore.from_json(json.dumps(self._load_raw()))
+        """The public keys as the file holds them now; a file that cannot be read or understood raises
+        TrustStoreUnavailableError (a verifier must then refuse to go on, not go on with nothing)."""
+        try:
+            return TrustStore.from_json(json.dumps(self._load_raw()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise TrustStoreUnavailableError(
+                f"the trust store {self.trust_store_file} cannot be read: {type(error).__name__}") from error
+
+    def followed_trust_store(self, check_seconds: float = FOLLOW_CHECK_SECONDS,
+                             clock: Callable[[], float] = time.monotonic) -> Followed[TrustStore]:
+        """The trust store as its file says now (a `TrustSource`): a retired key stops verifying within
+        CHECK_SECONDS in the process holding it."""
+        return Followed(self.trust_store_file, self.trust_store, check_seconds, clock)
+
+    def followed_signing_key(self, producer: str, check_seconds: float = FOLLOW_CHECK_SECONDS,
+                             clock: Callable[[], float] = time.monotonic) -> FollowedSigningKey:
+        """PRODUCER's active key as the ring says now: a rotation is signed with within CHECK_SECONDS."""
+        return FollowedSigningKey(self, producer, check_seconds, clock)
 
     def ensure(self, producers: list[str]) -> None:
         """Give every producer that has no active key a first one (idempotent)."""

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from bastion.events.envelopes import bundle, envelope_for
 from bastion.events.errors import EventTooLargeError
-from bastion.events.keys import SigningKey
+from bastion.events.keys import KeySource
 from bastion.events.partitions import partition_for
 from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
@@ -35,8 +35,12 @@ class Outbox:
     each batch it publishes with the producer's current key (`envelopes.bundle`), so signing here as well
     would only add an Ed25519 operation to every state change's transaction."""
 
-    def __init__(self, key: SigningKey) -> None:
+    def __init__(self, key: KeySource) -> None:
         self.key = key
+
+    @property
+    def producer(self) -> str:
+        return self.key.producer
 
     def append(
         self,
@@ -63,8 +67,8 @@ class Outbox:
             )
             .returning(producer_sequence.c.last_sequence)
         ).scalar_one()
-        envelope = envelope_for(self.key, topic, payload, aggregate_id, sequence, correlation_id, causation_id,
-                                event_id=event_id)
+        envelope = envelope_for(self.key.current(), topic, payload, aggregate_id, sequence, correlation_id,
+                                causation_id, event_id=event_id)
         stored = envelope.SerializeToString()
         if len(stored) + STAMP_BYTES > MAX_ENVELOPE_BYTES:
             # Give the sequence number back, so that a caller who catches this and commits leaves no gap (every
@@ -92,7 +96,7 @@ class OutboxEventSink:
 
     def emit(self, payload: Message, aggregate_id: str) -> None:
         call = current_call.get(None)
-        correlation_id = call.correlation_id if call else f"{self.outbox.key.producer}:{aggregate_id}"
+        correlation_id = call.correlation_id if call else f"{self.outbox.producer}:{aggregate_id}"
         self.outbox.append(self.conn, self.topic, payload, aggregate_id, correlation_id)
 
 
@@ -135,7 +139,7 @@ class OutboxRelay:
     """Publishes unsent outbox rows in id order, as bundles, and marks them sent once the broker acknowledged
     them."""
 
-    def __init__(self, engine: Engine, producer_config: dict[str, Any], key: SigningKey, batch_size: int = 500,
+    def __init__(self, engine: Engine, producer_config: dict[str, Any], key: KeySource, batch_size: int = 500,
                  flush_timeout: float = 30.0, metadata_timeout: float = 5.0) -> None:
         self.engine = engine
         self.key = key
@@ -166,6 +170,7 @@ class OutboxRelay:
                 log.warning("outbox relay: %d events wait, Kafka's metadata is unavailable (%s)", len(rows),
                             away.args[0].str() if away.args and isinstance(away.args[0], KafkaError) else away)
                 return RelayResult(0, len(rows))
+            key = self.key.current()  # one key for the whole batch: a rotation applies from the next one
             delivered: list[int] = []
             errors: list[KafkaError] = []
 
@@ -178,7 +183,7 @@ class OutboxRelay:
                 return report
 
             for topic, partition, group in bundles:
-                value = bundle([row.envelope for row in group], self.key).SerializeToString()
+                value = bundle([row.envelope for row in group], key).SerializeToString()
                 try:
                     self.producer.produce(topic, value=value, partition=partition, headers=BUNDLE_HEADERS,
                                           on_delivery=on_delivery([row.id for row in group]))

@@ -21,7 +21,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from bastion.events.catalog import SCHEMAS
 from bastion.events.errors import RejectReason, VerificationError
-from bastion.events.keys import TrustStore
+from bastion.events.keys import TrustSource, TrustStore
 from bastion.events.signing import SignatureChecker, bundles_of_one
 from bastion.events.trust import TrustPolicy
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
@@ -227,38 +227,46 @@ class EnvelopeVerifier:
 
     def __init__(
         self,
-        trust_store: TrustStore,
+        trust: TrustSource,
         policy: TrustPolicy,
         window: FreshnessWindow = FreshnessWindow(),
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         max_bytes: int = MAX_ENVELOPE_BYTES,
-        reload_trust: Callable[[], TrustStore] | None = None,
         min_reload_seconds: float = 30.0,
     ) -> None:
-        self.reload_trust = reload_trust
+        self.trust = trust
         self.min_reload_seconds = min_reload_seconds
         self._last_reload = float("-inf")
-        self.trust_store = trust_store
+        self._believed = trust.current()
         self.policy = policy
         self.window = window
         self.clock = clock
         self.max_bytes = max_bytes
         self.signatures = SignatureChecker()
 
+    @property
+    def trust_store(self) -> TrustStore:
+        """The public keys as the trust source says now (a followed trust store reads its file again when it
+        changed): a retired key is refused from the next event on."""
+        store = self.trust.current()
+        if store is not self._believed:
+            self._believed = store
+            self.signatures.forget()
+        return store
+
     def _public_key(self, envelope: Envelope) -> Ed25519PublicKey:
-        """The producer's key; an unknown one reloads the trust store (at most once per MIN_RELOAD_SECONDS),
-        so a producer that rotated its key is believed without restarting every consumer."""
+        """The producer's key; an unknown one also reads the trust store again at once (at most once per
+        MIN_RELOAD_SECONDS), so a producer that rotated its key is believed before the next look at the file."""
         try:
             return self.trust_store.public_key(envelope.producer, envelope.key_id)
         except VerificationError as error:
             now = time.monotonic()
-            if self.reload_trust is None or now - self._last_reload < self.min_reload_seconds:
+            if now - self._last_reload < self.min_reload_seconds:
                 raise
             if error.reason not in (RejectReason.UNKNOWN_KEY, RejectReason.UNKNOWN_PRODUCER):
                 raise
             self._last_reload = now
-            self.trust_store = self.reload_trust()
-            self.signatures.forget()
+            self.trust.reload()
             return self.trust_store.public_key(envelope.producer, envelope.key_id)
 
     def verify(

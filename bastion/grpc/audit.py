@@ -20,7 +20,7 @@ from prometheus_client import Counter
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
 from bastion.events.catalog import SCHEMAS
 from bastion.events.envelopes import new_event_ids
-from bastion.events.keys import SigningKey
+from bastion.events.keys import KeySource, SigningKey
 from bastion.events.signing import sign_bundle
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
@@ -75,7 +75,7 @@ class DecisionSealer:
     """Numbers access decisions in this process's aggregate and seals them into signed bundles: one Ed25519
     signature per bundle, over the Merkle root of its envelopes (`signing.sign_bundle`). No I/O."""
 
-    def __init__(self, key: SigningKey, topic: str = TOPIC) -> None:
+    def __init__(self, key: KeySource, topic: str = TOPIC) -> None:
         self.key = key
         self.topic = topic
         self.new_aggregate()
@@ -91,22 +91,23 @@ class DecisionSealer:
         with the range [start, end) of DECISIONS it holds. A batch of long decisions is several bundles, so none
         is ever too large for Kafka (a refused bundle would lose every decision in it, the legitimate ones with
         the others)."""
-        members = self._members(decisions)
+        key = self.key.current()  # one key for the batch: a rotation applies from the next one
+        members = self._members(decisions, key)
         sealed, start = [], 0
         for end in bundle_cuts([len(member) for member in members], MAX_BUNDLE_BYTES):
             signed = EnvelopeBundle(envelopes=members[start:end])
-            sign_bundle(signed, self.key.private_key)
+            sign_bundle(signed, key.private_key)
             sealed.append((signed.SerializeToString(), start, end))
             start = end
         return sealed
 
-    def _members(self, decisions: list[tuple[AccessDecision, int]]) -> list[bytes]:
+    def _members(self, decisions: list[tuple[AccessDecision, int]], key: SigningKey) -> list[bytes]:
         """Unsigned envelopes for DECISIONS, numbered on in this aggregate, each occurring when it was recorded
         and published now (freshness is judged on `published_at`: a decision that waited is stamped when it
         leaves). Copied from one template of the fields they share (what `envelope_for` builds, at a third of
         its cost: this runs for every call the service answers)."""
         template = Envelope(event_type=DECISION_TYPE, schema_version=SCHEMAS[DECISION_TYPE].current_version,
-                            producer=self.key.producer, key_id=self.key.key_id, aggregate_id=self.aggregate_id,
+                            producer=key.producer, key_id=key.key_id, aggregate_id=self.aggregate_id,
                             topic=self.topic)
         published_seconds, published_nanos = divmod(time.time_ns(), 1_000_000_000)
         members = []
@@ -130,7 +131,7 @@ class KafkaAccessAudit:
     busy), so auditing costs it no signing and no I/O. The worker signs what queued up as one batch, so signing costs
     one Ed25519 operation per batch, not per call."""
 
-    def __init__(self, key: SigningKey, kafka_config: dict[str, Any], max_queued: int = 100_000,
+    def __init__(self, key: KeySource, kafka_config: dict[str, Any], max_queued: int = 100_000,
                  max_batch: int = 500, linger: float = 0.02, topic: str = TOPIC) -> None:
         self.key = key
         self.topic = topic

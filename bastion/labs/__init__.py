@@ -4,7 +4,7 @@
 the concerns of the security guide to these labs. `bastion lab list`, `bastion lab run NAME|--all`.
 """
 
-from bastion.labs import access, audit, backup, detection, edge, events, money, tokens, transport
+from bastion.labs import access, audit, backup, detection, edge, events, keys, money, tokens, transport
 from bastion.labs.base import Lab
 
 LABS: tuple[Lab, ...] = (
@@ -114,6 +114,14 @@ LABS: tuple[Lab, ...] = (
                 "refused as stale); bob is told once.",
         where="bastion/events/inbox.py, bastion/events/verify.py (freshness), bastion/events/consumer.py",
         expect="reason=duplicate", probe=events.replayed_event),
+    Lab("leaked-signing-key", "A producer's signing key leaks: rotate, retire, and the thief's events are refused",
+        attack="With a copy of accounts' signing key and Kafka credentials, publish a deposit of 1,000,000.00 EUR "
+               "after the operator rotated the key and retired the leaked one, with every service still running.",
+        defence="Running services follow the key ring: accounts signs with its new key, and every consumer refuses "
+                "the retired one, within seconds and without a restart: reason unknown_key.",
+        where="bastion/events/keys.py (rotate, retire, Followed), bastion/events/verify.py (EnvelopeVerifier), "
+              "bastion/labs/keys.py",
+        expect="unknown_key", probe=keys.leaked_signing_key),
     Lab("double-spend", "A double-spend race",
         attack="From an account holding 10.00 EUR, send 8 transfers of 3.00 EUR at once with one idempotency "
                "key, then 12 at once, each with its own key.",

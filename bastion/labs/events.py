@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from bastion.accounts.v1.events_pb2 import MoneyDeposited
 from bastion.events.envelopes import seal
+from bastion.events.keys import SigningKey
 from bastion.events.signing import sign
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import is_bundle
@@ -40,18 +41,18 @@ DEPOSITED = str(MoneyDeposited.DESCRIPTOR.full_name)
 
 
 def forged_deposit(session: Session, producer: str, platform_topic: str, amount: int, correlation_id: str,
-                   sequence: int = 1) -> Envelope:
-    """A MoneyDeposited as PRODUCER's relay would hand it to Kafka, for the target's route of PLATFORM_TOPIC,
-    into an account nobody has (its aggregate's event SEQUENCE): even an accepted forgery would touch nobody's
-    data."""
+                   sequence: int = 1, key: SigningKey | None = None) -> Envelope:
+    """A MoneyDeposited as PRODUCER's relay would hand it to Kafka (signed with KEY, by default PRODUCER's active
+    key), for the target's route of PLATFORM_TOPIC, into an account nobody has (its aggregate's event SEQUENCE):
+    even an accepted forgery would touch nobody's data."""
     account = str(uuid.uuid4())
     payload = MoneyDeposited(account_id=account, amount_minor=amount, currency="EUR", balance_minor=amount,
                              idempotency_key=f"lab-{uuid.uuid4()}")
     route = session.target.event_routes[platform_topic]
-    return seal(session.signing_key(producer), route.topic, payload, account, sequence, correlation_id)
+    return seal(key or session.signing_key(producer), route.topic, payload, account, sequence, correlation_id)
 
 
-def _inject(session: Session, platform_topic: str, principal: str, record: bytes, expected: str,
+def inject(session: Session, platform_topic: str, principal: str, record: bytes, expected: str,
             correlation_id: str) -> Iterator[Evidence]:
     """Write RECORD to the route of PLATFORM_TOPIC as Kafka PRINCIPAL; each verifying consumer of the route must
     dead-letter it with reason EXPECTED."""
@@ -99,7 +100,7 @@ def tampered_event(session: Session) -> Iterator[Evidence]:
     tampered.payload = changed.SerializeToString(deterministic=True)
     yield Evidence("the tampered copy", f"MoneyDeposited of {euros(100)} rewritten to {euros(100_000_000)}, "
                    "accounts' signature over the original left in place")
-    yield from _inject(session, ACCOUNTS_TOPIC, "accounts", tampered.SerializeToString(), "bad_signature",
+    yield from inject(session, ACCOUNTS_TOPIC, "accounts", tampered.SerializeToString(), "bad_signature",
                        correlation_id)
 
 
@@ -108,7 +109,7 @@ def foreign_event_type(session: Session) -> Iterator[Evidence]:
     envelope = forged_deposit(session, "payments", PAYMENTS_TOPIC, 100_000_000, correlation_id)
     yield Evidence("the event", f"{envelope.event_type} of {euros(100_000_000)}, validly signed with payments' key "
                    f"{envelope.key_id[:12]}…, on payments' own topic")
-    yield from _inject(session, PAYMENTS_TOPIC, "payments", envelope.SerializeToString(), "not_authorised",
+    yield from inject(session, PAYMENTS_TOPIC, "payments", envelope.SerializeToString(), "not_authorised",
                        correlation_id)
 
 
@@ -119,7 +120,7 @@ def unknown_schema(session: Session) -> Iterator[Evidence]:
     sign(envelope, session.signing_key("accounts").private_key)
     yield Evidence("the event", "a MoneyDeposited whose payload carries a field its schema does not know, "
                    "signed by accounts over those very bytes")
-    yield from _inject(session, ACCOUNTS_TOPIC, "accounts", envelope.SerializeToString(), "unknown_fields",
+    yield from inject(session, ACCOUNTS_TOPIC, "accounts", envelope.SerializeToString(), "unknown_fields",
                        correlation_id)
 
 
@@ -143,17 +144,17 @@ def replayed_event(session: Session) -> Iterator[Evidence]:
     account = bank.open_account("bob")
     route = session.target.event_routes[ACCOUNTS_TOPIC]
     inbox = notifications_pb2_grpc.NotificationsStub(session.channel("notifications"))  # type: ignore[no-untyped-call]
-    last_seen = _last_sequence(session, inbox)
+    last_seen = last_notification(session, inbox)
     capture = TopicTail(session, route.topic)
     watch_from_start = session.watch()
     try:
         bank.deposit(account, 100, correlation_id)
-        raw, headers, envelope = _first_deposit(capture, account, session.target.verdict_wait_seconds)
+        raw, headers, envelope = first_deposit(capture, account, session.target.verdict_wait_seconds)
     finally:
         capture.close()
     yield Evidence("captured", f"the genuine {envelope.event_type} of {euros(100)} into bob's account, event "
                    f"{envelope.event_id}, as the accounts service published it")
-    told = _told(session, inbox, envelope.event_id, last_seen, wait=True)
+    told = times_told(session, inbox, envelope.event_id, last_seen, wait=True)
     if told != 1:
         raise LabSetupError(f"bob's notification of the genuine deposit did not arrive ({told} found)")
     yield Evidence("bob's notifications (calibration)", "told once of the genuine deposit")
@@ -168,7 +169,7 @@ def replayed_event(session: Session) -> Iterator[Evidence]:
     yield Evidence("notifications.log", dropped[0] if dropped else
                    f"no event_dropped line for the replay within {session.target.verdict_wait_seconds:.0f}s",
                    bool(dropped))
-    told = _told(session, inbox, envelope.event_id, last_seen, wait=False)
+    told = times_told(session, inbox, envelope.event_id, last_seen, wait=False)
     yield Evidence("bob's notifications after the replay", f"told {told} time(s) of that deposit", told == 1)
     kept = watch_from_start.audit_entries(correlation_id, count=2, kind="event")
     if len(kept) >= 2:
@@ -176,12 +177,14 @@ def replayed_event(session: Session) -> Iterator[Evidence]:
                        "evidence; the audit log records what was seen and applies nothing")
 
 
-def _last_sequence(session: Session, inbox: notifications_pb2_grpc.NotificationsStub) -> int:
+def last_notification(session: Session, inbox: notifications_pb2_grpc.NotificationsStub,
+                      lab: str = "replayed-event") -> int:
+    """The sequence of bob's newest notification (0 if none)."""
     last = 0
     while True:
         page = inbox.ListNotifications(
             notifications_pb2.ListNotificationsRequest(after_sequence=last, limit=NOTIFICATIONS_PAGE),
-            metadata=session.as_user("bob", new_correlation_id("replayed-event")), timeout=TIMEOUT).notifications
+            metadata=session.as_user("bob", new_correlation_id(lab)), timeout=TIMEOUT).notifications
         if not page:
             return last
         last = page[-1].sequence
@@ -189,21 +192,21 @@ def _last_sequence(session: Session, inbox: notifications_pb2_grpc.Notifications
             return int(last)
 
 
-def _told(session: Session, inbox: notifications_pb2_grpc.NotificationsStub, event_id: str, after: int,
-          wait: bool) -> int:
+def times_told(session: Session, inbox: notifications_pb2_grpc.NotificationsStub, event_id: str, after: int,
+               wait: bool, lab: str = "replayed-event") -> int:
     """How many of bob's notifications after AFTER came from EVENT_ID (waiting for the first if WAIT)."""
     deadline = time.monotonic() + (session.target.verdict_wait_seconds if wait else 0)
     while True:
         page = inbox.ListNotifications(
             notifications_pb2.ListNotificationsRequest(after_sequence=after, limit=NOTIFICATIONS_PAGE),
-            metadata=session.as_user("bob", new_correlation_id("replayed-event")), timeout=TIMEOUT).notifications
+            metadata=session.as_user("bob", new_correlation_id(lab)), timeout=TIMEOUT).notifications
         count = sum(1 for notification in page if notification.event_id == event_id)
         if count or time.monotonic() >= deadline:
             return count
         time.sleep(0.3)
 
 
-def _first_deposit(tail: TopicTail, account_id: str, wait_seconds: float
+def first_deposit(tail: TopicTail, account_id: str, wait_seconds: float
                    ) -> tuple[bytes, list[tuple[str, bytes]], Envelope]:
     """The first MoneyDeposited of ACCOUNT_ID on TAIL's topic: the record that carried it (its bytes and headers;
     the relay sends bundles of envelopes) and the envelope."""

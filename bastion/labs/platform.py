@@ -6,13 +6,14 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from keycloak import KeycloakOpenID
 from sqlalchemy import Engine, func, select
 
@@ -202,7 +203,11 @@ class Session:
 
     def signing_key(self, producer: str) -> SigningKey:
         """PRODUCER's event signing key from the install's key ring (the lab plays the producer's relay)."""
-        return KeyRing(self.ctx.layout.event_keys_dir).signing_key(producer)
+        return self.key_ring().signing_key(producer)
+
+    def key_ring(self) -> KeyRing:
+        """The install's event key ring, as `bastion keys` works on it."""
+        return KeyRing(self.ctx.layout.event_keys_dir)
 
     # --- gRPC ---
 
@@ -235,6 +240,38 @@ class Session:
         if not outcome:
             raise LabSetupError(f"Kafka gave no answer for a record to {topic} within 20s")
         return outcome[0]
+
+    def behind(self, groups_by_topic: Mapping[str, Iterable[str]], wait_seconds: float) -> list[str]:
+        """Wait until each consumer group of GROUPS_BY_TOPIC (topic -> groups) has committed, on every partition
+        of its topic, an offset at or past where that partition ends now; the groups still behind (as
+        `group on topic/partition`) when WAIT_SECONDS are over, none once all have read that far."""
+        reader = Consumer({**self.kafka_config("admin"), "group.id": f"lab-{uuid.uuid4()}",
+                           "enable.auto.commit": False})
+        try:
+            ends = {}
+            for topic in groups_by_topic:
+                for partition in reader.list_topics(topic, timeout=10).topics[topic].partitions:
+                    low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                    if high > low:  # a partition with nothing left to read cannot be behind
+                        ends[(topic, partition)] = high
+        finally:
+            reader.close()
+        admin = AdminClient(self.kafka_config("admin"))
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            lagging = []
+            for group in sorted({group for groups in groups_by_topic.values() for group in groups}):
+                mine = [TopicPartition(topic, partition) for (topic, partition) in ends
+                        if group in groups_by_topic[topic]]
+                if not mine:
+                    continue
+                request = ConsumerGroupTopicPartitions(group, mine)
+                committed = admin.list_consumer_group_offsets([request])[group].result(timeout=10)
+                lagging += [f"{group} on {place.topic}/{place.partition}" for place in committed.topic_partitions
+                            if place.offset < ends[(place.topic, place.partition)]]
+            if not lagging or time.monotonic() >= deadline:
+                return lagging
+            time.sleep(0.5)
 
     # --- evidence ---
 

@@ -13,7 +13,6 @@ from bastion.audit.checkpoints import Checkpointer, CheckpointFile
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.errors import DevstackError
-from bastion.events.keys import KeyRing
 from bastion.grpc.server import start_server
 from bastion.migrations import upgrade
 from bastion.runtime import ServiceRuntime
@@ -29,8 +28,7 @@ TOPICS = ["accounts.events.v1", "payments.events.v1", "access.decisions.v1", ALE
 
 
 def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings) -> CheckpointFile:
-    trust = KeyRing(runtime.ctx.layout.event_keys_dir).trust_store()
-    return CheckpointFile(runtime.ctx.layout.audit_checkpoints_file, trust, own.origin)
+    return CheckpointFile(runtime.ctx.layout.audit_checkpoints_file, runtime.trust(), own.origin)
 
 
 async def serve(settings: DevstackSettings, own: AuditSettings) -> None:

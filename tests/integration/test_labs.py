@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -264,32 +265,57 @@ def own_route(ctx: StackContext) -> Iterator[tuple[str, str]]:
     admin.client.delete_topics([topic, f"{topic}.dlq"])
 
 
-@pytest.mark.parametrize("verifier", [EnvelopeVerifier, SignatureNotChecked], ids=["intact", "signature-not-checked"])
-def test_the_tampering_lab_fails_against_a_verifier_that_skips_signatures(
-    stack: Any, ctx: StackContext, own_route: tuple[str, str], verifier: type[EnvelopeVerifier],
-) -> None:
+@contextmanager
+def consumer_on(ctx: StackContext, own_route: tuple[str, str], verifier: EnvelopeVerifier) -> Iterator[dict[str, Any]]:
+    """A verifying consumer of notifications on the test's own topic, judging with VERIFIER; yields the event
+    routes of the running stack with accounts' events sent to that topic instead."""
     topic, group = own_route
     engine = create_engine(Postgres(ctx).sqlalchemy_url("notifications", ctx.credentials.postgres["notifications"],
                                                         "notifications"))
     EVENTS_METADATA.create_all(engine)
-    trust = TrustPolicy({topic: {"accounts": frozenset({"bastion.accounts.v1.MoneyDeposited"})}})
     consumer = VerifyingConsumer(
         ConsumerSettings("notifications", group, [topic], poll_seconds=0.2),
         Kafka(ctx).client_config("notifications", ctx.credentials.kafka["notifications"]),
-        verifier(KeyRing(ctx.layout.event_keys_dir).trust_store(), trust), engine, lambda conn, event: None)
+        verifier, engine, lambda conn, event: None)
     stop = threading.Event()
     worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
     worker.start()
     try:
-        routes = {**Target.running_stack(ctx).event_routes,
-                  "accounts.events.v1": EventRoute(topic, ("notifications",))}
-        result = run(ctx, "tampered-event", event_routes=routes, service_logs={}, verdict_wait_seconds=15)
+        yield {**Target.running_stack(ctx).event_routes, "accounts.events.v1": EventRoute(topic, ("notifications",))}
     finally:
         stop.set()
         worker.join(10)
         consumer.close()
         engine.dispose()
+
+
+def deposits_on(topic: str) -> TrustPolicy:
+    return TrustPolicy({topic: {"accounts": frozenset({"bastion.accounts.v1.MoneyDeposited"})}})
+
+
+@pytest.mark.parametrize("verifier", [EnvelopeVerifier, SignatureNotChecked], ids=["intact", "signature-not-checked"])
+def test_the_tampering_lab_fails_against_a_verifier_that_skips_signatures(
+    stack: Any, ctx: StackContext, own_route: tuple[str, str], verifier: type[EnvelopeVerifier],
+) -> None:
+    trust = KeyRing(ctx.layout.event_keys_dir).trust_store()
+    with consumer_on(ctx, own_route, verifier(trust, deposits_on(own_route[0]))) as routes:
+        result = run(ctx, "tampered-event", event_routes=routes, service_logs={}, verdict_wait_seconds=15)
     if verifier is EnvelopeVerifier:
+        assert result.outcome is Outcome.HELD, result
+        return
+    assert attack_got_through(result) == ["verdict of notifications: no dead letter within 15s: the event was not "
+                                          "refused"]
+
+
+@pytest.mark.parametrize("follows", [True, False], ids=["follows-the-key-ring", "keeps-its-first-trust-store"])
+def test_the_leaked_key_lab_fails_against_a_consumer_that_never_reads_the_key_ring_again(
+    stack: Any, ctx: StackContext, own_route: tuple[str, str], follows: bool,
+) -> None:
+    ring = KeyRing(ctx.layout.event_keys_dir)
+    trust = ring.followed_trust_store() if follows else ring.trust_store()
+    with consumer_on(ctx, own_route, EnvelopeVerifier(trust, deposits_on(own_route[0]))) as routes:
+        result = run(ctx, "leaked-signing-key", event_routes=routes, service_logs={}, verdict_wait_seconds=15)
+    if follows:
         assert result.outcome is Outcome.HELD, result
         return
     assert attack_got_through(result) == ["verdict of notifications: no dead letter within 15s: the event was not "

@@ -1,0 +1,44 @@
+"""`bastion keys`: rotate, list and retire on an install's key ring, and the mistakes an operator can make named
+with exit status 2 (a key that is not there, the active key, a producer that is not a service)."""
+
+from pathlib import Path
+
+import pytest
+
+from bastion.cli import main
+from bastion.devstack.layout import StateLayout
+from bastion.events.keys import KeyRing
+
+
+@pytest.fixture()
+def ring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeyRing:
+    monkeypatch.setenv("BASTION_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("COLUMNS", "200")
+    ring = KeyRing(StateLayout(tmp_path / "state").event_keys_dir)
+    ring.ensure(["accounts", "payments"])
+    return ring
+
+
+def test_rotate_then_retire_the_previous_key(ring: KeyRing, capsys: pytest.CaptureFixture[str]) -> None:
+    old = ring.signing_key("accounts").key_id
+    assert main(["keys", "rotate", "accounts"]) == 0
+    new = ring.signing_key("accounts").key_id
+    assert new != old and f"accounts signs with {new} within 2 s" in capsys.readouterr().out
+    assert main(["keys", "retire", "accounts", old]) == 0
+    assert f"{old} retired: running consumers refuse events signed with it within 2 s" in capsys.readouterr().out
+    assert main(["keys", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "retired" in listed and "active" in listed and old in listed and new in listed
+
+
+def test_the_active_key_an_unknown_key_and_a_stranger_are_refused(
+    ring: KeyRing, capsys: pytest.CaptureFixture[str]
+) -> None:
+    active = ring.signing_key("accounts").key_id
+    assert main(["keys", "retire", "accounts", active]) == 2
+    assert "rotate before retiring it" in capsys.readouterr().err
+    assert main(["keys", "retire", "accounts", "accounts/19700101-00000000"]) == 2
+    assert "accounts has no key accounts/19700101-00000000" in capsys.readouterr().err
+    assert main(["keys", "rotate", "mallory"]) == 2
+    assert "'mallory' is not a service" in capsys.readouterr().err
+    assert ring.signing_key("accounts").key_id == active, "nothing changed"
