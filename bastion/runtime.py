@@ -152,7 +152,7 @@ class ServiceRuntime:
         """Log where the service listens, then serve until SIGTERM or SIGINT; stop the workers last. Meanwhile the
         health check says NOT_SERVING while a background worker keeps failing (see bastion.worker_health)."""
         metrics = serve_metrics(self.ctx.settings.bind_host, self.metrics_port, self.tls())
-        print(f"{self.name} serving on {self.ctx.settings.bind_host}:{port}, metrics at {metrics.url}", flush=True)
+        log.info("service_serving", address=f"{self.ctx.settings.bind_host}:{port}", metrics=metrics.url)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,7 +4,7 @@
 the concerns of the security guide to these labs. `bastion lab list`, `bastion lab run NAME|--all`.
 """
 
-from bastion.labs import access, audit, backup, detection, edge, events, keys, money, tokens, transport
+from bastion.labs import access, audit, backup, detection, edge, events, keys, logs, money, tokens, transport
 from bastion.labs.base import Lab
 
 LABS: tuple[Lab, ...] = (
@@ -68,6 +68,14 @@ LABS: tuple[Lab, ...] = (
                 "INVALID_ARGUMENT and RESOURCE_EXHAUSTED; nothing moves.",
         where="services/payments/domain.py (validate), bastion/grpc/server.py (max message size)",
         expect="INVALID_ARGUMENT", probe=edge.hostile_input),
+    Lab("forged-log-line", "Text that tries to forge a log line or repaint the operator's terminal",
+        attack="Send a correlation id carrying forged fields with a refused call, and an event whose ids are a line "
+               "break, a whole forged JSON log line, a clear-screen escape sequence and a right-to-left override.",
+        defence="Ids that are not well formed are never echoed nor logged (a fresh correlation id, claims logged as "
+                "(malformed)), and every service writes JSON lines in which any such character is escaped.",
+        where="bastion/grpc/context.py (correlation_id_from), bastion/events/consumer.py (safe_claim), "
+              "bastion/service_logs.py",
+        expect="no raw control character", probe=logs.forged_log_line),
     Lab("plaintext-broker", "Talking to Kafka without TLS",
         attack="Send a Kafka request in the clear to the client listener, and connect to the controller listener "
                "without a client certificate.",

@@ -2,6 +2,7 @@
 elsewhere by a test), the demo users' and services' credentials, mTLS channels and Kafka clients, and where
 evidence is read: the services' log files, the audit log, the dead-letter topics."""
 
+import json
 import re
 import threading
 import time
@@ -305,13 +306,20 @@ class Watch:
         wait = self.session.target.context_wait_seconds if wait_seconds is None else wait_seconds
         deadline = time.monotonic() + wait
         while True:
-            with path.open("rb") as stream:
-                stream.seek(self.log_offsets.get(service, 0))
-                text = stream.read().decode(errors="replace")
+            text = self.new_text(service)
             found = [_excerpt(line) for line in text.splitlines() if all(needle in line for needle in needles)]
             if found or time.monotonic() >= deadline:
                 return found
             time.sleep(0.2)
+
+    def new_text(self, service: str) -> str:
+        """Everything SERVICE's log gained since the watch began, as written (bytes that are no UTF-8 replaced)."""
+        path = self.session.target.service_logs.get(service)
+        if path is None or not path.exists():
+            return ""
+        with path.open("rb") as stream:
+            stream.seek(self.log_offsets.get(service, 0))
+            return stream.read().decode(errors="replace")
 
     def audit_entries(self, correlation_id: str, count: int = 1, kind: str | None = None) -> list[AuditEntry]:
         """New audit log records (of KIND) carrying CORRELATION_ID, once there are COUNT (or the wait is over)."""
@@ -331,12 +339,31 @@ class Watch:
 
 
 def _excerpt(line: str) -> str:
-    """A structlog console line without its timestamp and padding (`warning: call_refused code=...`), cut to a
+    """A service's JSON log line as `warning: call_refused code=... reason=...` (level, event, then the fields but
+    the timestamp and the service), or another component's line without its timestamp and padding; cut to a
     readable length."""
-    text = " ".join(line.split())
-    text = TIMESTAMP.sub("", text)
-    text = LEVEL.sub(r"\1: ", text)
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if isinstance(record, dict):
+        fields = " ".join(f"{key}={_field(value)}" for key, value in record.items()
+                          if key not in ("timestamp", "level", "service", "event"))
+        text = f"{record.get('level', '?')}: {record.get('event', '?')} {fields}".strip()
+    else:
+        text = " ".join(line.split())
+        text = TIMESTAMP.sub("", text)
+        text = LEVEL.sub(r"\1: ", text)
     return text if len(text) <= LOG_EXCERPT_CHARS else text[: LOG_EXCERPT_CHARS - 1] + "…"
+
+
+def _field(value: Any) -> str:
+    """A field as the reader expects it: a plain word as it is, anything else (spaces, quotes, control or
+    non-ASCII characters, numbers, null) as JSON, escaped."""
+    if isinstance(value, str) and value and value.isascii() and value.isprintable() and not any(
+            char in value for char in " \"'="):
+        return value
+    return json.dumps(value, ensure_ascii=True)
 
 
 class TopicTail:

@@ -6,6 +6,7 @@ Run by the devstack as `python -m services.accounts.server`; settings come from 
 import asyncio
 import threading
 
+from bastion import service_logs
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.grpc.server import start_server
 from bastion.runtime import ServiceRuntime
@@ -35,6 +36,7 @@ async def serve(settings: DevstackSettings) -> None:
 
 
 def main() -> None:
+    service_logs.configure(NAME)
     asyncio.run(serve(DevstackSettings()))
 
 

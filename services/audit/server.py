@@ -8,6 +8,7 @@ import threading
 
 from sqlalchemy import inspect
 
+from bastion import service_logs
 from bastion.audit.alerts import ALERTS_TOPIC, AlertDetector, load_alert_rules
 from bastion.audit.checkpoints import Checkpointer, CheckpointFile
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog
@@ -60,6 +61,7 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
 
 
 def main() -> None:
+    service_logs.configure(NAME)
     asyncio.run(serve(DevstackSettings(), AuditSettings()))
 
 

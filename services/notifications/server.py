@@ -6,6 +6,7 @@ Run by the devstack as `python -m services.notifications.server`; settings come 
 import asyncio
 import threading
 
+from bastion import service_logs
 from bastion.audit.alert_recipients import load_alert_recipients
 from bastion.audit.alerts import ALERTS_TOPIC
 from bastion.grpc.server import start_server
@@ -43,6 +44,7 @@ async def serve(settings: DevstackSettings, own: NotificationsSettings) -> None:
 
 
 def main() -> None:
+    service_logs.configure(NAME)
     asyncio.run(serve(DevstackSettings(), NotificationsSettings()))
 
 

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 import structlog
 from keycloak import KeycloakOpenID
 
+from bastion import service_logs
 from bastion.grpc.channels import secure_channel
 from bastion.grpc.client import Downstream, ServiceTokens, is_unhealthy
 from bastion.grpc.server import start_server
@@ -88,6 +89,7 @@ async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
 
 
 def main() -> None:
+    service_logs.configure(NAME)
     asyncio.run(serve(DevstackSettings(), PaymentsSettings()))
 
 

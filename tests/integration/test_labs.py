@@ -39,6 +39,7 @@ from bastion.grpc.server import ServerSecurity, start_server
 from bastion.grpc.tokens import JwksCache, Principal, TokenValidator, jwks_url
 from bastion.labs import LABS, find
 from bastion.labs.base import LabResult, Outcome, exit_status, run_lab
+from bastion.labs.logs import untouched_since
 from bastion.labs.platform import EventRoute, Session, Target
 from bastion.labs.scorecard import CONCERNS, SECTIONS, Status
 from bastion.settings import PROJECT_ROOT
@@ -320,6 +321,18 @@ def test_the_leaked_key_lab_fails_against_a_consumer_that_never_reads_the_key_ri
         return
     assert attack_got_through(result) == ["verdict of notifications: no dead letter within 15s: the event was not "
                                           "refused"]
+
+
+def test_the_log_check_notices_a_forged_line_or_a_raw_escape() -> None:
+    """What `forged-log-line` reads in each service's log: the attack getting through in any of its forms is
+    evidence against the defence; escaped text is not."""
+    marker = "forged0123456789ab"
+    assert untouched_since("accounts", '{"event":"call_refused","x":"\\u001b[2J"}\n', marker).held is True
+    for written in (f'{{"event":"call_refused"}}\n{{"event":"call_allowed","note":"{marker}"}}\n',
+                    '2026-11-27 [warning] event_rejected claimed=\x1b[2J\n',
+                    '{"event":"event_rejected","claimed":"\u202egnp.exe"}\n',
+                    '{"event":"event_rejected","claimed":"ok\rERROR"}\n'):
+        assert untouched_since("accounts", written, marker).held is False, repr(written)
 
 
 def free_port() -> int:
