@@ -61,9 +61,11 @@ class Scenario:
         say = self.say
         alice = self.accounts.OpenAccount(accounts_pb2.OpenAccountRequest(currency="EUR"),
                                           metadata=self._as("alice"), timeout=20).account
-        bob = self.accounts.OpenAccount(accounts_pb2.OpenAccountRequest(currency="EUR"),
+        bob = self.accounts.OpenAccount(accounts_pb2.OpenAccountRequest(currency="EUR",
+                                                                        notification_email="bob@example.com"),
                                         metadata=self._as("bob"), timeout=20).account
-        say(f"1. alice and bob each opened a EUR account ({alice.account_id[:8]}…, {bob.account_id[:8]}…)")
+        say(f"1. alice and bob each opened a EUR account ({alice.account_id[:8]}…, {bob.account_id[:8]}…); bob's "
+            "address for notifications left accounts sealed for the notifications service alone")
         self.accounts.Deposit(accounts_pb2.DepositRequest(account_id=alice.account_id, amount_minor=100_000,
                                                           idempotency_key=f"demo-deposit-{uuid.uuid4()}"),
                               metadata=self._as("tina"), timeout=20)

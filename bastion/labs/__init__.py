@@ -4,7 +4,20 @@
 the concerns of the security guide to these labs. `bastion lab list`, `bastion lab run NAME|--all`.
 """
 
-from bastion.labs import access, audit, backup, detection, edge, events, keys, logs, money, tokens, transport
+from bastion.labs import (
+    access,
+    audit,
+    backup,
+    detection,
+    edge,
+    events,
+    keys,
+    logs,
+    money,
+    personal,
+    tokens,
+    transport,
+)
 from bastion.labs.base import Lab
 
 LABS: tuple[Lab, ...] = (
@@ -94,6 +107,14 @@ LABS: tuple[Lab, ...] = (
                 "TOPIC_AUTHORIZATION_FAILED.",
         where="infra/event-access.yaml, bastion/devstack/event_access.py, bastion/devstack/kafka_admin.py",
         expect="TOPIC_AUTHORIZATION_FAILED", probe=events.topic_without_acl),
+    Lab("insider-reads-personal-data", "An insider reads the personal data in topics and databases",
+        attack="Bob opens an account giving an e-mail address; read it back as the Kafka admin from the topic, as "
+               "the audit role from the audit log, and with notifications' database credentials.",
+        defence="Field encryption: accounts seals the address with the topic's data key that only notifications "
+                "holds (AES-256-GCM); notifications keeps it sealed under an at-rest key outside its database.",
+        where="infra/personal-data.yaml, bastion/events/field_crypto.py, services/accounts/adapters/personal_data.py, "
+              "services/notifications/adapters/at_rest.py",
+        expect="not in clear", probe=personal.insider_reads_personal_data),
     Lab("tampered-event", "A signed event altered in transit",
         attack="Rewrite the amount of a MoneyDeposited signed by accounts from 1.00 to 1,000,000.00 EUR, keep the "
                "signature, and publish it to accounts.events.v1.",

@@ -27,11 +27,12 @@ class Bank:
         except grpc.RpcError as error:
             raise LabSetupError(f"{step} failed: {error.code().name}: {error.details()}") from None
 
-    def open_account(self, owner: str, amount: int = 0, correlation_id: str = "") -> str:
-        """A new EUR account of OWNER, funded with AMOUNT minor units by tina the teller."""
+    def open_account(self, owner: str, amount: int = 0, correlation_id: str = "", notification_email: str = "") -> str:
+        """A new EUR account of OWNER (told at NOTIFICATION_EMAIL, if given), funded with AMOUNT minor units by tina
+        the teller."""
+        request = accounts_pb2.OpenAccountRequest(currency="EUR", notification_email=notification_email)
         reply = self._setup(f"{owner} opening an account", lambda: self.accounts.OpenAccount(
-            accounts_pb2.OpenAccountRequest(currency="EUR"), metadata=self.metadata(owner, correlation_id),
-            timeout=TIMEOUT))
+            request, metadata=self.metadata(owner, correlation_id), timeout=TIMEOUT))
         account_id = str(reply.account.account_id)
         if amount:
             self.deposit(account_id, amount, correlation_id)

@@ -149,7 +149,7 @@ def replayed_event(session: Session) -> Iterator[Evidence]:
     watch_from_start = session.watch()
     try:
         bank.deposit(account, 100, correlation_id)
-        raw, headers, envelope = first_deposit(capture, account, session.target.verdict_wait_seconds)
+        raw, headers, envelope = first_event(capture, account, DEPOSITED, session.target.verdict_wait_seconds)
     finally:
         capture.close()
     yield Evidence("captured", f"the genuine {envelope.event_type} of {euros(100)} into bob's account, event "
@@ -206,9 +206,9 @@ def times_told(session: Session, inbox: notifications_pb2_grpc.NotificationsStub
         time.sleep(0.3)
 
 
-def first_deposit(tail: TopicTail, account_id: str, wait_seconds: float
-                   ) -> tuple[bytes, list[tuple[str, bytes]], Envelope]:
-    """The first MoneyDeposited of ACCOUNT_ID on TAIL's topic: the record that carried it (its bytes and headers;
+def first_event(tail: TopicTail, aggregate_id: str, event_type: str, wait_seconds: float
+                ) -> tuple[bytes, list[tuple[str, bytes]], Envelope]:
+    """The first EVENT_TYPE of AGGREGATE_ID on TAIL's topic: the record that carried it (its bytes and headers;
     the relay sends bundles of envelopes) and the envelope."""
     for message in tail.records(wait_seconds):
         headers = [(name, value) for name, value in message.headers() or [] if value is not None]
@@ -218,6 +218,6 @@ def first_deposit(tail: TopicTail, account_id: str, wait_seconds: float
         except DecodeError:  # not an envelope (another lab's junk, say): not the record we wait for
             continue
         for envelope in envelopes:
-            if envelope.aggregate_id == account_id and envelope.event_type == DEPOSITED:
+            if envelope.aggregate_id == aggregate_id and envelope.event_type == event_type:
                 return bytes(message.value()), headers, envelope
-    raise LabSetupError(f"no {DEPOSITED} of account {account_id} appeared within {wait_seconds:.0f}s")
+    raise LabSetupError(f"no {event_type} of {aggregate_id} appeared within {wait_seconds:.0f}s")

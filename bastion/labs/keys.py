@@ -16,7 +16,7 @@ from bastion.labs.base import Evidence
 from bastion.labs.events import (
     ACCOUNTS_TOPIC,
     DEPOSITED,
-    first_deposit,
+    first_event,
     forged_deposit,
     inject,
     last_notification,
@@ -48,7 +48,7 @@ def leaked_signing_key(session: Session) -> Iterator[Evidence]:
     tail = TopicTail(session, ACCOUNTS_TOPIC)  # where the producer itself publishes (a route may be a stand-in's)
     try:
         bank.deposit(account, 100, new_correlation_id(LAB))
-        _, _, genuine = first_deposit(tail, account, wait)
+        _, _, genuine = first_event(tail, account, DEPOSITED, wait)
     finally:
         tail.close()
     yield Evidence(f"{PRODUCER}' next event, no service restarted",

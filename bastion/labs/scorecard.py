@@ -36,9 +36,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
     ("Message broker and event bus", (
         Concern("Unauthorized access to message brokers", ("topic-without-acl",)),
         Concern("Lack of encryption in transit for event data", ("plaintext-broker",)),
-        Concern("Lack of encryption at rest for event data",
-                not_covered="no lab yet: ciphertext for non-readers is shown by test_signed_events.py and the "
-                            "notifications tests; the devstack does not encrypt disks"),
+        Concern("Lack of encryption at rest for event data", ("insider-reads-personal-data",)),
         Concern("Lack of audit trails/logging", ("audit-tampering",)),
     )),
     ("Eventual consistency", (

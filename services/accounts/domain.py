@@ -4,6 +4,8 @@ an ISO 4217 currency; a balance never goes below zero; a frozen account neither 
 import re
 from dataclasses import dataclass, replace
 
+from email_validator import EmailNotValidError, validate_email
+
 from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 
 MAX_MINOR = 2**63 - 1  # the largest amount PostgreSQL's bigint and protobuf's int64 both hold
@@ -73,6 +75,18 @@ def check_amount(amount_minor: int) -> None:
 def check_currency(currency: str) -> None:
     if currency not in CURRENCIES:
         raise UnknownCurrencyError(f"currency {currency!r} is not one of {', '.join(sorted(CURRENCIES))}")
+
+
+def notification_email(text: str) -> str | None:
+    """The owner's notification address in its normalised form, or None when none was given. Syntax only (no DNS:
+    the services reach nothing outside the platform); the text itself is never put in the message."""
+    if not text:
+        return None
+    try:
+        return validate_email(text, check_deliverability=False, allow_smtputf8=False).normalized
+    except EmailNotValidError:
+        raise InvalidRequestError("notification_email is not an e-mail address (name@domain, at most 254 "
+                                  "characters of ASCII)") from None
 
 
 def check_idempotency_key(key: str) -> None:

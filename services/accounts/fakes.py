@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
+from bastion.events.v1.envelope_pb2 import EncryptedField
 from services.accounts.domain import Account
 
 
@@ -64,3 +65,19 @@ class MemoryUnitOfWork:
         except BaseException:
             self.accounts.rows, self.accounts.keys, self.events.emitted = rows, keys, emitted
             raise
+
+
+@dataclass
+class MemoryPersonalData:
+    """Seals a field as an opaque token and keeps the plaintext here, so a test can tell what was sealed without
+    the field ever holding it."""
+
+    sealed: dict[bytes, tuple[str, str, str]] = field(default_factory=dict)
+
+    def seal(self, field_name: str, aggregate_id: str, plaintext: str) -> EncryptedField:
+        token = f"sealed-{len(self.sealed) + 1}".encode()
+        self.sealed[token] = (field_name, aggregate_id, plaintext)
+        return EncryptedField(key_id="memory/1", nonce=b"\0" * 12, ciphertext=token)
+
+    def reveal(self, sealed: EncryptedField) -> tuple[str, str, str]:
+        return self.sealed[sealed.ciphertext]

@@ -11,6 +11,7 @@ from typing import Protocol
 from google.protobuf.message import Message
 
 from bastion.accounts.v1 import events_pb2
+from bastion.events.v1.envelope_pb2 import EncryptedField
 from services.accounts import domain
 from services.accounts.domain import Account, AccountNotFoundError, IdempotencyConflictError
 
@@ -65,18 +66,34 @@ def _visible(account: Account | None, caller: Caller) -> Account:
     return account
 
 
+class PersonalData(Protocol):
+    """Seals a personal field of an event for the readers entitled to it (infra/personal-data.yaml)."""
+
+    def seal(self, field_name: str, aggregate_id: str, plaintext: str) -> EncryptedField: ...
+
+
+OWNER_EMAIL = "bastion.accounts.v1.AccountOpened.owner_email"
+
+
 class AccountsHandlers:
-    def __init__(self, unit_of_work: UnitOfWorkFactory, new_id: Callable[[], str] = lambda: str(uuid.uuid4())
-                 ) -> None:
+    def __init__(self, unit_of_work: UnitOfWorkFactory, personal_data: PersonalData,
+                 new_id: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
         self.unit_of_work = unit_of_work
+        self.personal_data = personal_data
         self.new_id = new_id
 
-    def open_account(self, caller: Caller, currency: str) -> Account:
+    def open_account(self, caller: Caller, currency: str, notification_email: str = "") -> Account:
+        """A new account of the caller. The notification address is not kept here: it leaves only sealed, in the
+        AccountOpened event, for the services entitled to read it (notifications)."""
+        email = domain.notification_email(notification_email)
         account = domain.open_account(self.new_id(), caller.username, currency)
+        opened = events_pb2.AccountOpened(account_id=account.account_id, owner=account.owner,
+                                          currency=account.currency)
+        if email is not None:
+            opened.owner_email.CopyFrom(self.personal_data.seal(OWNER_EMAIL, account.account_id, email))
         with self.unit_of_work() as uow:
             uow.accounts.add(account)
-            uow.events.emit(events_pb2.AccountOpened(account_id=account.account_id, owner=account.owner,
-                                                     currency=account.currency), account.account_id)
+            uow.events.emit(opened, account.account_id)
         return account
 
     def get_account(self, caller: Caller, account_id: str) -> Account:

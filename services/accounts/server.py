@@ -12,6 +12,7 @@ from bastion.grpc.server import start_server
 from bastion.runtime import ServiceRuntime
 from bastion.settings import DevstackSettings
 from services.accounts.adapters.grpc import AccountsServicer
+from services.accounts.adapters.personal_data import SealedForReaders
 from services.accounts.adapters.postgres import PostgresUnitOfWork, create_schema
 from services.accounts.handlers import AccountsHandlers
 
@@ -21,7 +22,8 @@ NAME = "accounts"
 async def serve(settings: DevstackSettings) -> None:
     runtime = ServiceRuntime.load(NAME, settings)
     create_schema(runtime.engine)
-    handlers = AccountsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()))
+    handlers = AccountsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()),
+                                SealedForReaders(runtime.data_keys()))
     stop = threading.Event()
     runtime.start_relay(stop)
     server, port = await start_server(

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from bastion.grpc.errors import NotFoundError, UnavailableError
 from bastion.resilience.locks import LockUnavailableError
+from services.accounts.fakes import MemoryPersonalData
 from services.accounts.fakes import MemoryUnitOfWork as MemoryAccountsUnitOfWork
 from services.accounts.handlers import AccountsHandlers, Caller
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus, utc_day
@@ -116,7 +117,8 @@ class MemoryAccountsGateway:
     calls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.bank = AccountsHandlers(self.store, new_id=lambda: f"acc-{len(self.store.accounts.rows) + 1}")
+        self.bank = AccountsHandlers(self.store, MemoryPersonalData(),
+                                     new_id=lambda: f"acc-{len(self.store.accounts.rows) + 1}")
 
     def open_account(self, owner: str, balance_minor: int = 0, currency: str = "EUR") -> str:
         account_id = self.bank.open_account(Caller(owner, frozenset({"customer"})), currency).account_id

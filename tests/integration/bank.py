@@ -55,8 +55,10 @@ class Bank:
     def as_user(self, user: str, correlation_id: str = "") -> tuple[tuple[str, str], ...]:
         return call_metadata(self.token(user), correlation_id or f"it-{uuid.uuid4()}")
 
-    def open_account(self, owner: str, amount: int = 0, currency: str = "EUR", correlation_id: str = "") -> str:
-        account_id = str(self.accounts.OpenAccount(accounts_pb2.OpenAccountRequest(currency=currency),
+    def open_account(self, owner: str, amount: int = 0, currency: str = "EUR", correlation_id: str = "",
+                     notification_email: str = "") -> str:
+        request = accounts_pb2.OpenAccountRequest(currency=currency, notification_email=notification_email)
+        account_id = str(self.accounts.OpenAccount(request,
                                                    metadata=self.as_user(owner, correlation_id),
                                                    timeout=10).account.account_id)
         if amount:

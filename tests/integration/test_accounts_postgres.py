@@ -18,6 +18,7 @@ from bastion.events.outbox import Outbox
 from bastion.events.storage import outbox
 from services.accounts.adapters.postgres import PostgresUnitOfWork, accounts, create_schema
 from services.accounts.domain import AccountsError, StaleFencingTokenError
+from services.accounts.fakes import MemoryPersonalData
 from services.accounts.handlers import AccountsHandlers, Caller
 
 TELLER = Caller("tina", frozenset({"teller"}))
@@ -43,7 +44,7 @@ def engine(postgres: Postgres, ctx: StackContext, unique: str) -> Iterator[Engin
 def bank(engine: Engine, tmp_path: object) -> AccountsHandlers:
     ring = KeyRing(tmp_path / "keys")  # type: ignore[operator]
     ring.ensure(["accounts"])
-    return AccountsHandlers(PostgresUnitOfWork(engine, Outbox(ring.signing_key("accounts"))))
+    return AccountsHandlers(PostgresUnitOfWork(engine, Outbox(ring.signing_key("accounts"))), MemoryPersonalData())
 
 
 def test_concurrent_opposite_transfers_conserve_money_and_never_go_negative(bank: AccountsHandlers,

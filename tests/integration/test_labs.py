@@ -40,12 +40,13 @@ from bastion.grpc.tokens import JwksCache, Principal, TokenValidator, jwks_url
 from bastion.labs import LABS, find
 from bastion.labs.base import LabResult, Outcome, exit_status, run_lab
 from bastion.labs.logs import untouched_since
+from bastion.labs.personal import in_clear_or_sealed
 from bastion.labs.platform import EventRoute, Session, Target
 from bastion.labs.scorecard import CONCERNS, SECTIONS, Status
 from bastion.settings import PROJECT_ROOT
 from services.accounts.adapters.grpc import AccountsServicer
 from services.accounts.domain import Account, AccountNotFoundError
-from services.accounts.fakes import MemoryUnitOfWork
+from services.accounts.fakes import MemoryPersonalData, MemoryUnitOfWork
 from services.accounts.handlers import AccountsHandlers, Caller
 from tests.integration.conftest import bastion
 from tests.integration.grpc_harness import ProbeServer, tls_of
@@ -209,7 +210,7 @@ def test_the_forged_token_lab_fails_against_a_validator_that_accepts_anything(
     stack: Any, ctx: StackContext, switched_off: bool,
 ) -> None:
     validator = AcceptsAnyToken() if switched_off else realm_validator(ctx)
-    server = start_accounts(ctx, validator, AccountsHandlers(MemoryUnitOfWork()))
+    server = start_accounts(ctx, validator, AccountsHandlers(MemoryUnitOfWork(), MemoryPersonalData()))
     try:
         result = run(ctx, "forged-token", addresses={**Target.running_stack(ctx).addresses,
                                                      "accounts": f"localhost:{server.port}"})
@@ -226,7 +227,7 @@ def test_the_forged_token_lab_fails_against_a_validator_that_accepts_anything(
 def test_the_other_customer_lab_fails_against_a_handler_without_the_object_level_check(
     stack: Any, ctx: StackContext, handlers: type[AccountsHandlers],
 ) -> None:
-    server = start_accounts(ctx, realm_validator(ctx), handlers(MemoryUnitOfWork()))
+    server = start_accounts(ctx, realm_validator(ctx), handlers(MemoryUnitOfWork(), MemoryPersonalData()))
     try:
         result = run(ctx, "other-customer-account", addresses={**Target.running_stack(ctx).addresses,
                                                                "accounts": f"localhost:{server.port}"})
@@ -333,6 +334,16 @@ def test_the_log_check_notices_a_forged_line_or_a_raw_escape() -> None:
                     '{"event":"event_rejected","claimed":"\u202egnp.exe"}\n',
                     '{"event":"event_rejected","claimed":"ok\rERROR"}\n'):
         assert untouched_since("accounts", written, marker).held is False, repr(written)
+
+
+def test_the_personal_data_check_notices_an_address_in_clear() -> None:
+    """What `insider-reads-personal-data` reads from the topic and the databases: the address in any of the forms
+    a careless store would keep it in is evidence against the defence; ciphertext is not."""
+    secret = b"bob.0123456789@example.com"
+    assert in_clear_or_sealed("x", b"\x12\x2a" + bytes(range(40)), secret, "sealed").held is True
+    for leaked in (b"...owner_email: " + secret + b"...", b"BOB.0123456789@EXAMPLE.COM", secret.hex().encode(),
+                   secret.decode().encode("utf-16-le")):
+        assert in_clear_or_sealed("x", leaked, secret, "sealed").held is False, leaked
 
 
 def free_port() -> int:

@@ -56,15 +56,21 @@ class OpenAccountRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CURRENCY_FIELD_NUMBER: _builtins.int
+    NOTIFICATION_EMAIL_FIELD_NUMBER: _builtins.int
     currency: _builtins.str
+    notification_email: _builtins.str
+    """Optional: where the owner wants to be told of the account (personal data). Never stored by accounts nor
+    answered back; it leaves only inside AccountOpened.owner_email, encrypted for the entitled readers.
+    """
     def __init__(
         self,
         *,
         currency: _builtins.str = ...,
+        notification_email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "notification_email", b"notification_email"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -32,7 +32,8 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
 
     async def OpenAccount(self, request: accounts_pb2.OpenAccountRequest, context: grpc.aio.ServicerContext
                           ) -> accounts_pb2.OpenAccountResponse:
-        account = await asyncio.to_thread(self.handlers.open_account, _caller(), request.currency)
+        account = await asyncio.to_thread(self.handlers.open_account, _caller(), request.currency,
+                                          request.notification_email)
         return accounts_pb2.OpenAccountResponse(account=_account(account))
 
     async def GetAccount(self, request: accounts_pb2.GetAccountRequest, context: grpc.aio.ServicerContext

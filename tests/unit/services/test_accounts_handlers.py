@@ -16,8 +16,8 @@ from services.accounts.domain import (
     UnknownCurrencyError,
     check_idempotency_key,
 )
-from services.accounts.fakes import MemoryUnitOfWork
-from services.accounts.handlers import AccountsHandlers, Caller
+from services.accounts.fakes import MemoryPersonalData, MemoryUnitOfWork
+from services.accounts.handlers import OWNER_EMAIL, AccountsHandlers, Caller
 
 ALICE = Caller("alice", frozenset({"customer"}))
 BOB = Caller("bob", frozenset({"customer"}))
@@ -31,9 +31,14 @@ def uow() -> MemoryUnitOfWork:
 
 
 @pytest.fixture()
-def bank(uow: MemoryUnitOfWork) -> AccountsHandlers:
+def personal() -> MemoryPersonalData:
+    return MemoryPersonalData()
+
+
+@pytest.fixture()
+def bank(uow: MemoryUnitOfWork, personal: MemoryPersonalData) -> AccountsHandlers:
     ids = iter(f"acc-{n}" for n in range(100))
-    return AccountsHandlers(uow, new_id=lambda: next(ids))
+    return AccountsHandlers(uow, personal, new_id=lambda: next(ids))
 
 
 def funded(bank: AccountsHandlers, caller: Caller, amount: int, currency: str = "EUR") -> str:
@@ -48,6 +53,37 @@ def test_open_account_is_the_callers_and_emits_an_event(bank: AccountsHandlers, 
     assert (account.owner, account.currency, account.balance_minor) == ("alice", "EUR", 0)
     [(event, aggregate)] = uow.events.emitted
     assert isinstance(event, events_pb2.AccountOpened) and aggregate == account.account_id
+
+
+def test_a_notification_address_leaves_only_sealed_in_the_event(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork, personal: MemoryPersonalData
+) -> None:
+    account = bank.open_account(ALICE, "EUR", "Alice@Example.COM")
+    [(event, _)] = uow.events.emitted
+    assert isinstance(event, events_pb2.AccountOpened) and event.HasField("owner_email")
+    assert b"example.com" not in event.SerializeToString().lower(), "the address is nowhere in the event in clear"
+    sealed_for = personal.reveal(event.owner_email)
+    assert sealed_for == (OWNER_EMAIL, account.account_id, "Alice@example.com"), "normalised, bound to the account"
+    assert "example.com" not in repr(uow.accounts.rows).lower(), "accounts keeps no copy"
+
+
+def test_no_address_no_field(bank: AccountsHandlers, uow: MemoryUnitOfWork, personal: MemoryPersonalData) -> None:
+    bank.open_account(ALICE, "EUR")
+    [(event, _)] = uow.events.emitted
+    assert not event.HasField("owner_email") and personal.sealed == {}
+
+
+@pytest.mark.parametrize("address", [
+    "alice", "alice@", "@example.com", "a b@example.com", "alice@example.com\n", "ålice@example.com",
+    "a" * 250 + "@example.com", "alice@@example.com", "alice@localhost", "Alice <alice@example.com>",
+])
+def test_a_notification_address_that_is_not_one_is_refused_and_nothing_is_opened(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork, personal: MemoryPersonalData, address: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match="notification_email is not an e-mail address") as refusal:
+        bank.open_account(ALICE, "EUR", address)
+    assert address.strip() not in str(refusal.value) or not address.strip(), "the text is not echoed"
+    assert uow.accounts.rows == {} and uow.events.emitted == [] and personal.sealed == {}
 
 
 def test_unknown_currency_is_refused(bank: AccountsHandlers) -> None:
