@@ -24,6 +24,7 @@ from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
+from bastion.devstack.retirement import unread_by_consumers
 from bastion.devstack.stack import Stack
 from bastion.events import inbox
 from bastion.events.errors import KeyNotFoundError
@@ -242,6 +243,20 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_retire(args: argparse.Namespace) -> int:
+    state = _event_keys().state(args.producer, args.key_id)
+    if state is None:
+        errors.print(f"bastion keys retire: {args.producer} has no key {args.key_id}")
+        return 2
+    if state == "active":
+        errors.print(f"bastion keys retire: {args.key_id} is {args.producer}'s active key: rotate before retiring it")
+        return 2
+    if not args.force and state != "retired":
+        unread = unread_by_consumers(_stack(quiet=True), args.producer)
+        if unread:
+            errors.print(f"bastion keys retire: not retired: consumers have not read everything {args.producer} wrote "
+                         f"so far ({', '.join(unread)}); events signed with {args.key_id} may be among them and "
+                         "would be refused\n  -> retire once they have caught up, or add --force")
+            return 2
     try:
         _event_keys().retire(args.producer, args.key_id)
     except KeyError:
@@ -443,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     retire = keys.add_parser("retire", help="stop verifying KEY_ID of PRODUCER")
     retire.add_argument("producer")
     retire.add_argument("key_id")
+    retire.add_argument("--force", action="store_true",
+                        help="retire without waiting for the consumers to read what the producer wrote so far")
     retire.set_defaults(func=cmd_keys_retire)
     return parser
 

@@ -59,6 +59,11 @@ class EventAccessPolicy:
             names.update(topic.consumers)
         return names
 
+    def readers_of(self, producer: str) -> dict[str, tuple[str, ...]]:
+        """The topics PRODUCER writes to, each with the consumer groups that read it (topics nobody reads left out)."""
+        return {name: tuple(sorted(topic.consumers.values())) for name, topic in self.topics.items()
+                if producer in topic.producers and topic.consumers}
+
     def grants(self) -> set[AclGrant]:
         grants: set[AclGrant] = set()
         for topic in self.topics.values():

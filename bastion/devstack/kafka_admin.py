@@ -1,9 +1,11 @@
 """Applies the event-access policy to a running broker: SCRAM principals, topics and exactly its ACLs."""
 
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AclBinding,
     AclBindingFilter,
@@ -14,6 +16,7 @@ from confluent_kafka.admin import (
     ConfigEntry,
     ConfigResource,
     NewTopic,
+    OffsetSpec,
     ResourcePatternType,
     ResourceType,
     ScramCredentialInfo,
@@ -147,3 +150,36 @@ class KafkaAdmin:
         ]
         for future in self.client.delete_acls(filters, request_timeout=TIMEOUT).values():
             future.result()
+
+    def ends(self, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+        """Where each partition of TOPICS ends now (the offset the next record will get)."""
+        metadata = self.client.list_topics(timeout=TIMEOUT).topics
+        places = [TopicPartition(topic, partition) for topic in topics for partition in metadata[topic].partitions]
+        futures = self.client.list_offsets({place: OffsetSpec.latest() for place in places},
+                                           request_timeout=TIMEOUT)
+        return {(place.topic, place.partition): int(future.result().offset) for place, future in futures.items()}
+
+    def unread(self, groups_by_topic: Mapping[str, Iterable[str]], ends: Mapping[tuple[str, int], int]) -> list[str]:
+        """The places (`group on topic/partition`) where a consumer group of GROUPS_BY_TOPIC has not yet committed
+        an offset at or past ENDS (see `ends`); none when every group has read all that was written up to them."""
+        behind = []
+        for group in sorted({group for groups in groups_by_topic.values() for group in groups}):
+            mine = [TopicPartition(topic, partition) for (topic, partition), end in ends.items()
+                    if end > 0 and group in groups_by_topic.get(topic, ())]
+            if not mine:
+                continue
+            request = ConsumerGroupTopicPartitions(group, mine)
+            committed = self.client.list_consumer_group_offsets([request])[group].result(timeout=TIMEOUT)
+            behind += [f"{group} on {place.topic}/{place.partition}" for place in committed.topic_partitions
+                       if place.offset < ends[(place.topic, place.partition)]]
+        return behind
+
+    def wait_until_read(self, groups_by_topic: Mapping[str, Iterable[str]], wait_seconds: float) -> list[str]:
+        """Wait until each consumer group of GROUPS_BY_TOPIC (topic -> groups) has read all that its topics held
+        when the wait began; what is still unread (see `unread`) when WAIT_SECONDS are over, none once all is."""
+        ends = self.ends(groups_by_topic)
+        deadline = time.monotonic() + wait_seconds
+        while (unread := self.unread(groups_by_topic, ends)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return unread
+

@@ -233,6 +233,11 @@ class KeyRing:
         self._save_raw(raw)
         return key_id
 
+    def state(self, producer: str, key_id: str) -> KeyState | None:
+        """KEY_ID's state among PRODUCER's keys, or None if the ring has no such key."""
+        entry = self._load_raw()["producers"].get(producer, {}).get(key_id)
+        return None if entry is None else entry["state"]  # type: ignore[return-value]
+
     def retire(self, producer: str, key_id: str) -> None:
         """Stop verifying KEY_ID for good and delete its private key."""
         raw = self._load_raw()

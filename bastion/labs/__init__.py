@@ -15,6 +15,7 @@ from bastion.labs import (
     logs,
     money,
     personal,
+    supply,
     tokens,
     transport,
 )
@@ -101,6 +102,13 @@ LABS: tuple[Lab, ...] = (
         defence="Every listener binds loopback only (bind_host), on non-default ports: connection refused.",
         where="bastion/settings.py (bind_host), bastion/devstack/components/, bastion/runtime.py",
         expect="connection refused on every port", probe=transport.network_exposure),
+    Lab("tampered-download", "A tampered jar, and an extra one, in the download Kafka runs from",
+        attack="In a scratch copy of the download cache, flip one byte of kafka-clients, then slip an extra jar "
+               "into the folder Kafka's classpath is built from.",
+        defence="Every file of a pinned distribution is checked against its SHA-256 in infra/distributions.yaml by "
+                "`bastion setup` and by every `bastion up`, and no file may be missing or added: refused.",
+        where="infra/distributions.yaml, bastion/devstack/distributions.py (fetch, verify)",
+        expect="is pinned", probe=supply.tampered_download),
     Lab("topic-without-acl", "Writing to a topic without the ACL",
         attack="Produce a record to payments.events.v1 with notifications' genuine SCRAM credentials.",
         defence="Kafka's StandardAuthorizer, default deny, with ACLs generated only from infra/event-access.yaml: "

@@ -75,8 +75,7 @@ def _read_past_the_rotation(session: Session, wait: float) -> Iterator[Evidence]
     that nothing the producer signed with the old key is left unread when it is retired (what an operator
     checks before `bastion keys retire`)."""
     policy = load_policy(session.ctx.settings.infra_dir / "event-access.yaml", set(session.ctx.service_names))
-    groups = {name: tuple(topic.consumers.values()) for name, topic in policy.topics.items()
-              if PRODUCER in topic.producers and topic.consumers}
+    groups = policy.readers_of(PRODUCER)
     behind = session.behind(groups, wait)
     if behind:
         raise LabSetupError(f"the consumers did not read past the rotation within {wait:.0f}s "

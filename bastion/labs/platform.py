@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from keycloak import KeycloakOpenID
 from sqlalchemy import Engine, func, select
 
@@ -243,36 +242,9 @@ class Session:
         return outcome[0]
 
     def behind(self, groups_by_topic: Mapping[str, Iterable[str]], wait_seconds: float) -> list[str]:
-        """Wait until each consumer group of GROUPS_BY_TOPIC (topic -> groups) has committed, on every partition
-        of its topic, an offset at or past where that partition ends now; the groups still behind (as
-        `group on topic/partition`) when WAIT_SECONDS are over, none once all have read that far."""
-        reader = Consumer({**self.kafka_config("admin"), "group.id": f"lab-{uuid.uuid4()}",
-                           "enable.auto.commit": False})
-        try:
-            ends = {}
-            for topic in groups_by_topic:
-                for partition in reader.list_topics(topic, timeout=10).topics[topic].partitions:
-                    low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-                    if high > low:  # a partition with nothing left to read cannot be behind
-                        ends[(topic, partition)] = high
-        finally:
-            reader.close()
-        admin = AdminClient(self.kafka_config("admin"))
-        deadline = time.monotonic() + wait_seconds
-        while True:
-            lagging = []
-            for group in sorted({group for groups in groups_by_topic.values() for group in groups}):
-                mine = [TopicPartition(topic, partition) for (topic, partition) in ends
-                        if group in groups_by_topic[topic]]
-                if not mine:
-                    continue
-                request = ConsumerGroupTopicPartitions(group, mine)
-                committed = admin.list_consumer_group_offsets([request])[group].result(timeout=10)
-                lagging += [f"{group} on {place.topic}/{place.partition}" for place in committed.topic_partitions
-                            if place.offset < ends[(place.topic, place.partition)]]
-            if not lagging or time.monotonic() >= deadline:
-                return lagging
-            time.sleep(0.5)
+        """What the consumer groups of GROUPS_BY_TOPIC have still not read of what their topics held now, after
+        waiting up to WAIT_SECONDS (`KafkaAdmin.wait_until_read`)."""
+        return Kafka(self.ctx).admin().wait_until_read(groups_by_topic, wait_seconds)
 
     # --- evidence ---
 

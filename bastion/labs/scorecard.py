@@ -54,9 +54,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
         Concern("Improper CORS configuration", not_covered="no HTTP or browser-facing API"),
     )),
     ("CI/CD and supply chain", (
-        Concern("Unverified dependencies",
-                not_covered="a tampered download is refused at `bastion setup`, not on a running stack: "
-                            "test_setup_and_reset.py"),
+        Concern("Unverified dependencies", ("tampered-download",)),
         Concern("Unverified event schemas", ("unknown-schema",)),
         Concern("Unsecured CI/CD pipelines", not_covered="pipeline hardening is outside this repository"),
     )),

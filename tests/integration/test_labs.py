@@ -22,6 +22,7 @@ from rich.console import Console
 from sqlalchemy import create_engine
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.devstack import distributions
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.components.postgres import Postgres
@@ -344,6 +345,15 @@ def test_the_personal_data_check_notices_an_address_in_clear() -> None:
     for leaked in (b"...owner_email: " + secret + b"...", b"BOB.0123456789@EXAMPLE.COM", secret.hex().encode(),
                    secret.decode().encode("utf-16-le")):
         assert in_clear_or_sealed("x", leaked, secret, "sealed").held is False, leaked
+
+
+def test_the_download_lab_fails_when_the_pins_are_not_checked(
+    stack: Any, ctx: StackContext, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(distributions, "verify", lambda dist, folder: None)
+    got_through = attack_got_through(run(ctx, "tampered-download"))
+    assert got_through == ["set-up's check of the tampered copy: accepted: Kafka would start from it",
+                           "set-up's check of the copy with an extra jar: accepted: Kafka would start from it"]
 
 
 def free_port() -> int:

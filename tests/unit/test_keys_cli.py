@@ -1,5 +1,7 @@
 """`bastion keys`: rotate, list and retire on an install's key ring, and the mistakes an operator can make named
-with exit status 2 (a key that is not there, the active key, a producer that is not a service)."""
+with exit status 2 (a key that is not there, the active key, a producer that is not a service, a retirement
+nobody can tell is safe). Retiring after the consumers caught up is tested on a running stack
+(tests/integration/test_key_retirement.py)."""
 
 from pathlib import Path
 
@@ -24,7 +26,7 @@ def test_rotate_then_retire_the_previous_key(ring: KeyRing, capsys: pytest.Captu
     assert main(["keys", "rotate", "accounts"]) == 0
     new = ring.signing_key("accounts").key_id
     assert new != old and f"accounts signs with {new} within 2 s" in capsys.readouterr().out
-    assert main(["keys", "retire", "accounts", old]) == 0
+    assert main(["keys", "retire", "accounts", old, "--force"]) == 0
     assert f"{old} retired: running consumers refuse events signed with it within 2 s" in capsys.readouterr().out
     assert main(["keys", "list"]) == 0
     listed = capsys.readouterr().out
@@ -42,3 +44,17 @@ def test_the_active_key_an_unknown_key_and_a_stranger_are_refused(
     assert main(["keys", "rotate", "mallory"]) == 2
     assert "'mallory' is not a service" in capsys.readouterr().err
     assert ring.signing_key("accounts").key_id == active, "nothing changed"
+
+
+def test_retiring_without_a_running_kafka_is_refused_unless_forced(
+    ring: KeyRing, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = ring.signing_key("accounts").key_id
+    ring.rotate("accounts")
+    assert main(["keys", "retire", "accounts", old]) == 2
+    refusal = " ".join(capsys.readouterr().err.split())
+    assert "cannot tell whether every consumer has read what accounts signed: Kafka is not running" in refusal
+    assert "or add --force" in refusal
+    assert ring.state("accounts", old) == "verify-only", "nothing retired"
+    assert main(["keys", "retire", "accounts", old, "--force"]) == 0
+    assert ring.state("accounts", old) == "retired"
