@@ -36,7 +36,13 @@ from sqlalchemy.exc import OperationalError
 from bastion.access.v1.decision_pb2 import EventRejected
 from bastion.devstack.event_access import dead_letter_topic
 from bastion.events import inbox
-from bastion.events.errors import EventsError, RejectReason, VerificationError
+from bastion.events.errors import (
+    EventsError,
+    KeyNotFoundError,
+    RejectReason,
+    TrustStoreUnavailableError,
+    VerificationError,
+)
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_DROPPED, EVENTS_GAPS_OPEN, EVENTS_HELD, EVENTS_REJECTED
 from bastion.events.outbox import Outbox
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
@@ -227,9 +233,10 @@ class VerifyingConsumer:
             try:
                 with self.engine.begin() as conn:
                     return self._apply_in_order(conn, message, event, item)
-            except (OperationalError, HeldEventNotSetAsideError):
-                # The database is away, or a held event could not be set aside (`_release`): stop here; the record
-                # is read again after the restart. Never the current event's fault, so never set aside for it.
+            except (OperationalError, HeldEventNotSetAsideError, TrustStoreUnavailableError, KeyNotFoundError):
+                # The database is away, a held event could not be set aside (`_release`), or the keys cannot be read
+                # (a held event verified again, a security record signed): stop here; the record is read again after
+                # the restart. Never the current event's fault, so never set aside for it.
                 raise
             except Exception as error:
                 # One poison event must not stop its partition for ever: after a few tries it is set aside.

@@ -18,7 +18,7 @@ from bastion.events.consumer import (
     safe_claim,
     source_of,
 )
-from bastion.events.errors import RejectReason, VerificationError
+from bastion.events.errors import KeyNotFoundError, RejectReason, TrustStoreUnavailableError, VerificationError
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
 
@@ -285,3 +285,22 @@ def test_a_released_held_event_is_dead_lettered_before_the_transaction_that_sets
     assert producer.flushes == 1 and len(producer.sent) == 1
     assert outbox.appended[0][0] == "the caller's transaction"
     assert producer.sent[0][2]["bastion-source"] == b"accounts.events.v1/2/77/0/released/4"
+
+
+@pytest.mark.parametrize("failure", [TrustStoreUnavailableError("the trust store cannot be read: JSONDecodeError"),
+                                     KeyNotFoundError("private key of 'accounts/20261127-0a0b0c0d' is missing")])
+def test_keys_that_cannot_be_read_stop_the_consumer_and_never_set_the_event_aside(failure: Exception) -> None:
+    """Not the event's fault: no handler retries, no dead letter; the record is read again after the restart."""
+    consumer = VerifyingConsumer.__new__(VerifyingConsumer)
+    producer = CountingFlushes()
+    consumer.settings = ConsumerSettings("notifications", "notifications", ["accounts.events.v1"])
+    consumer.engine, consumer.security_outbox = CountingEngine(), RecordingOutbox()  # type: ignore[assignment]
+    consumer.letters = DeadLetters(producer, "notifications")  # type: ignore[arg-type]
+
+    def keys_unreadable(*_args: Any) -> str:
+        raise failure
+
+    consumer._apply_in_order = keys_unreadable  # type: ignore[method-assign]
+    with pytest.raises(type(failure)):
+        consumer._settle(BundleRecord(), None, b"raw")  # type: ignore[arg-type]
+    assert producer.sent == [] and consumer.engine.transactions == 1  # type: ignore[attr-defined]

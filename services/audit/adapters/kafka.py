@@ -23,7 +23,7 @@ from bastion.audit.errors import CheckpointError
 from bastion.audit.postgres import AuditLog
 from bastion.audit.records import AuditRecord
 from bastion.events.consumer import DeadLetters, broker_time, claimed_envelope, safe_claim
-from bastion.events.errors import RejectReason, VerificationError
+from bastion.events.errors import RejectReason, TrustStoreUnavailableError, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
 from bastion.events.verify import EnvelopeVerifier, is_bundle
 from services.audit import domain
@@ -102,6 +102,8 @@ class AuditRecords:
             record = domain.accepted(delivery, event, self.clock())
         except VerificationError as error:
             return self._refuse(message, delivery, error)
+        except TrustStoreUnavailableError:
+            raise  # no verdict on the record: the consumer stops and reads it again once the keys can be read
         except Exception as error:
             # A record the checks let through but no audit record can hold is kept as refused: one bad record must
             # never stop the whole trail.

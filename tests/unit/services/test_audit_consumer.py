@@ -6,8 +6,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from bastion.events.consumer import DeadLetters
-from bastion.events.errors import RejectReason, VerificationError
+from bastion.events.errors import RejectReason, TrustStoreUnavailableError, VerificationError
 from services.audit.adapters.kafka import AuditConsumer, AuditRecords
 
 
@@ -104,3 +106,15 @@ def test_a_batchs_refused_records_are_acknowledged_as_dead_letters_before_anythi
     assert steps == ["dead letter accounts.events.v1/0/7", "dead letter accounts.events.v1/0/8", "acknowledged",
                      "appended 2", "alerts of 2 entries in the connection's transaction", "transaction committed",
                      "commit"]
+
+
+class KeysUnreadable:
+    def verify(self, *_args: Any) -> None:
+        raise TrustStoreUnavailableError("the trust store cannot be read: JSONDecodeError")
+
+
+def test_a_record_is_never_judged_while_the_trust_store_cannot_be_read() -> None:
+    """No verdict, not even "not recordable": the consumer stops before committing and reads it again later."""
+    letters = DeadLetters(Kafka([]), "audit")  # type: ignore[arg-type]
+    with pytest.raises(TrustStoreUnavailableError):
+        AuditRecords(KeysUnreadable(), letters).record(Forged(9))  # type: ignore[arg-type]
