@@ -201,7 +201,8 @@ def test_each_decision_occurs_when_it_was_recorded_on_the_topic_it_was_given(rin
     assert {envelope.topic for envelope in envelopes} == {"bench.audit.v1"}  # signed for it, not only sent there
     first = envelopes[0].occurred_at.seconds * 1_000_000_000 + envelopes[0].occurred_at.nanos
     published = envelopes[0].published_at.seconds * 1_000_000_000 + envelopes[0].published_at.nanos
-    assert before <= first <= recorded < published  # published when its batch left, after the 20 ms linger
+    assert before <= first <= recorded  # occurred when recorded...
+    assert first <= published  # ...published when its batch left (whenever the worker woke: not a timing claim)
     assert len({envelope.event_id for envelope in envelopes}) == 2
 
 
