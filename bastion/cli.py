@@ -36,6 +36,7 @@ from bastion.labs.platform import LabSetupError, Session
 from bastion.labs.scorecard import concerns_of, print_scorecard
 from bastion.metrics_endpoint import scrape
 from bastion.settings import DevstackSettings
+from bastion.trail import trail
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -218,6 +219,20 @@ def cmd_events_held(args: argparse.Namespace) -> int:
 
 def _event_keys() -> KeyRing:
     return KeyRing(StateLayout(DevstackSettings().state_dir).event_keys_dir)
+
+
+def cmd_trail(args: argparse.Namespace) -> int:
+    steps = trail(_stack(quiet=True).context(), args.correlation_id, args.minutes, args.limit)
+    if not steps:
+        errors.print(f"nothing carries correlation id {args.correlation_id!r}: no service logged it and no audit "
+                     f"record of the last {args.minutes:g} minutes has it")
+        return 1
+    table = Table("time (UTC)", "where")
+    table.add_column("what", overflow="fold")
+    for step in steps:
+        table.add_row(step.at.strftime("%H:%M:%S.%f")[:-3], step.source, step.text)
+    console.print(table)
+    return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
@@ -449,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     held = events.add_parser("held", help="events held behind a gap in their aggregate's sequence, per service")
     held.add_argument("--limit", type=_page_limit, default=200, help="aggregates per service, at most (1 to 500)")
     held.set_defaults(func=cmd_events_held)
+    follow = sub.add_parser("trail", help="one request through the platform: every service log line and audit record "
+                            "with its correlation id, in time order")
+    follow.add_argument("correlation_id")
+    follow.add_argument("--minutes", type=float, default=60.0, help="how far back the audit log is read (default 60)")
+    follow.add_argument("--limit", type=int, default=500, help="at most this many audit records (default 500)")
+    follow.set_defaults(func=cmd_trail)
     keys = sub.add_parser("keys", help="event signing keys: list, rotate, retire").add_subparsers(
         dest="keys_command", required=True)
     keys.add_parser("list", help="every producer's keys and their state").set_defaults(func=cmd_keys_list)

@@ -1,7 +1,8 @@
 """`bastion audit refusals` and `bastion audit alerts`: what a security review reads first, the calls an interceptor
-denied and the events a consumer refused, and the alerts the audit service raised over them; asked of the audit
-service like any client: mutual TLS with the cli certificate and a token of the realm's auditor (a demo user of this
-install), through the same method policy as everyone else."""
+denied and the events a consumer refused, and the alerts the audit service raised over them; for `bastion trail`,
+every record that carries one correlation id. Asked of the audit service like any client: mutual TLS with the cli
+certificate and a token of the realm's auditor (a demo user of this install), through the same method policy as
+everyone else."""
 
 import datetime as dt
 from collections import deque
@@ -44,6 +45,12 @@ def recent_alerts(ctx: StackContext, minutes: float, limit: int
     that cannot be read back (it verified on its way in: never seen) comes as the reason instead."""
     request = audit_pb2.ListEventsRequest(event_type=SecurityAlert.DESCRIPTOR.full_name, page_size=PAGE)
     return [(event, _read(event)) for event in _recent(ctx, minutes, limit, request, _raised)]
+
+
+def carrying(ctx: StackContext, correlation_id: str, minutes: float, limit: int) -> list[audit_pb2.AuditEvent]:
+    """The LIMIT newest records of the last MINUTES that carry CORRELATION_ID, oldest first."""
+    return _recent(ctx, minutes, limit, audit_pb2.ListEventsRequest(page_size=PAGE),
+                   lambda event: event.correlation_id == correlation_id)
 
 
 def _read(event: audit_pb2.AuditEvent) -> SecurityAlert | str:

@@ -26,6 +26,7 @@ from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing, SigningKey
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.server import TlsFiles
+from bastion.service_logs import render
 from bastion.settings import DevstackSettings
 
 # One sign-in per user and minute: Keycloak's brute-force detection counts quick repeated logins as failures.
@@ -311,31 +312,19 @@ class Watch:
 
 
 def _excerpt(line: str) -> str:
-    """A service's JSON log line as `warning: call_refused code=... reason=...` (level, event, then the fields but
-    the timestamp and the service), or another component's line without its timestamp and padding; cut to a
-    readable length."""
+    """A service's JSON log line as `service_logs.render` shows it, or another component's line without its
+    timestamp and padding; cut to a readable length."""
     try:
         record = json.loads(line)
     except ValueError:
         record = None
     if isinstance(record, dict):
-        fields = " ".join(f"{key}={_field(value)}" for key, value in record.items()
-                          if key not in ("timestamp", "level", "service", "event"))
-        text = f"{record.get('level', '?')}: {record.get('event', '?')} {fields}".strip()
+        text = render(record)
     else:
         text = " ".join(line.split())
         text = TIMESTAMP.sub("", text)
         text = LEVEL.sub(r"\1: ", text)
     return text if len(text) <= LOG_EXCERPT_CHARS else text[: LOG_EXCERPT_CHARS - 1] + "…"
-
-
-def _field(value: Any) -> str:
-    """A field as the reader expects it: a plain word as it is, anything else (spaces, quotes, control or
-    non-ASCII characters, numbers, null) as JSON, escaped."""
-    if isinstance(value, str) and value and value.isascii() and value.isprintable() and not any(
-            char in value for char in " \"'="):
-        return value
-    return json.dumps(value, ensure_ascii=True)
 
 
 class TopicTail:

@@ -61,7 +61,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
     ("Monitoring, logging and incident response", (
         Concern("Distributed logs lacking correlation",
                 not_covered="no lab of its own: every lab prints the log line and audit record of its attempts, "
-                            "found by their correlation id; W3C trace context is carried, spans are not recorded"),
+                            "found by their correlation id, as `bastion trail` does; spans are not recorded"),
         Concern("Lack of anomaly detection", ("permission-probing", "suppressed-event")),
         Concern("Silent failures: event losses or retries without alerting", ("suppressed-event",)),
     )),

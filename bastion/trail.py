@@ -1,0 +1,55 @@
+"""`bastion trail CORRELATION_ID`: one request followed through the platform, in time order: every line a service
+logged with its correlation id (the JSON lines of `bastion.service_logs`) and every audit record that carries it
+(access decisions, events, rejections, read from the audit service as its auditor)."""
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+from bastion.audit.refusals import carrying
+from bastion.audit.v1 import audit_pb2
+from bastion.devstack.context import StackContext
+from bastion.service_logs import render
+
+
+@dataclass(frozen=True, order=True)
+class Step:
+    at: dt.datetime
+    source: str
+    text: str
+
+
+def trail(ctx: StackContext, correlation_id: str, minutes: float, limit: int) -> list[Step]:
+    return sorted([*logged(ctx, correlation_id), *(audited(record) for record in
+                                                    carrying(ctx, correlation_id, minutes, limit))])
+
+
+def logged(ctx: StackContext, correlation_id: str) -> list[Step]:
+    """The lines of every service's log whose `correlation_id` is CORRELATION_ID (other lines, and lines that are
+    not JSON, are passed over)."""
+    steps = []
+    for service in ctx.service_names:
+        path = ctx.layout.log_file(service)
+        if not path.exists():
+            continue
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if correlation_id not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                    at = dt.datetime.fromisoformat(str(record["timestamp"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if isinstance(record, dict) and record.get("correlation_id") == correlation_id:
+                    steps.append(Step(at, f"{service}.log", render(record)))
+    return steps
+
+
+def audited(record: audit_pb2.AuditEvent) -> Step:
+    what = {
+        "access": f"{record.principal} {record.action}: {record.decision} ({record.reason})",
+        "event": f"{record.producer} {record.event_type} of {record.aggregate_id}",
+        "rejection": f"{record.producer or '?'} {record.event_type or '?'} refused: {record.reason} {record.detail}",
+    }.get(record.kind, record.kind)
+    return Step(record.occurred_at.ToDatetime(dt.UTC), f"audit seq {record.seq}", f"{record.kind}: {what}")
