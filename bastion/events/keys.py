@@ -127,11 +127,12 @@ class Followed(Generic[T]):
     def current(self) -> T:
         now = self._clock()
         if now >= self._next_look:
-            self._next_look = now + self.check_seconds
             stamp = _stamp(self.path)
             if stamp != self._stamp:
-                self._value = self._load()  # raises: the stamp stays old, so the next look loads again
+                # A load that raises schedules no next look: every call looks (and raises) until the file loads.
+                self._value = self._load()
                 self._stamp = stamp
+            self._next_look = now + self.check_seconds
         return self._value
 
     def reload(self) -> T:
