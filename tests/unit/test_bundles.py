@@ -35,7 +35,7 @@ from bastion.events.verify import (
     is_bundle,
 )
 from bastion.payments.v1.events_pb2 import PaymentCompleted
-from tests.unit.test_event_verification import NOW, TOPIC, ring, verifier  # noqa: F401  (fixtures)
+from tests.unit.test_event_verification import NOW, TOPIC, verifier  # noqa: F401  (fixture; `ring` is in conftest.py)
 from tests.unit.test_signing import KEY, SIGNED_FIELDS, _tamper, envelopes
 
 VECTOR = json.loads((Path(__file__).resolve().parents[1] / "vectors" / "envelope-bundle-v1.json").read_text())

@@ -25,13 +25,6 @@ TOPIC = "accounts.events.v1"
 
 
 @pytest.fixture()
-def ring(tmp_path: Path) -> KeyRing:
-    ring = KeyRing(tmp_path / "keys")
-    ring.ensure(sorted(SERVICES))
-    return ring
-
-
-@pytest.fixture()
 def verifier(ring: KeyRing) -> EnvelopeVerifier:
     access = load_policy(INFRA / "event-access.yaml", SERVICES)
     return EnvelopeVerifier(ring.trust_store(), load_trust_policy(INFRA / "event-trust.yaml", access),

@@ -35,13 +35,6 @@ class Clock:
 
 
 @pytest.fixture()
-def ring(tmp_path: Path) -> KeyRing:
-    ring = KeyRing(tmp_path / "keys")
-    ring.ensure(sorted(SERVICES))
-    return ring
-
-
-@pytest.fixture()
 def clock() -> Clock:
     return Clock()
 
