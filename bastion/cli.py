@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from bastion.audit import install_tools, refusals
+from bastion.audit.checkpoints import AUDIT_PRODUCER
 from bastion.audit.v1 import audit_pb2
 from bastion.demo import Scenario
 from bastion.devstack import backups
@@ -24,7 +25,7 @@ from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
-from bastion.devstack.retirement import unread_by_consumers
+from bastion.devstack.retirement import unanchored_if_retired, unread_by_consumers
 from bastion.devstack.stack import Stack
 from bastion.events import inbox
 from bastion.events.errors import KeyNotFoundError
@@ -116,7 +117,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if report.ok:
         console.print(f"[green]audit chain verified[/green]: {report.length} records, head {head}; "
                       f"{result.checkpoints} signed checkpoints, the newest covers {result.checkpoint_length} "
-                      f"records ({report.length - report.anchored_length} newer ones are chained, not yet signed)")
+                      f"records ({report.length - report.anchored_length} newer ones are chained, not yet signed)"
+                      + (f"; {result.superseded} checkpoints of retired audit keys superseded by a later one"
+                         if result.superseded else ""))
         return 0
     where = f" at seq {report.first_bad_seq}" if report.first_bad_seq else ""
     errors.print(f"audit chain NOT verified{where}: {report.reason}\n"
@@ -265,6 +268,14 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
     if state == "active":
         errors.print(f"bastion keys retire: {args.key_id} is {args.producer}'s active key: rotate before retiring it")
         return 2
+    if args.producer == AUDIT_PRODUCER and state != "retired":
+        unanchored = unanchored_if_retired(_stack(quiet=True).layout, args.key_id)
+        if unanchored:  # --force does not skip this: the log's checkpoints would stop verifying for good
+            errors.print(f"bastion keys retire: not retired: the audit service has not signed a checkpoint with its "
+                         f"new key yet, so {args.key_id}'s checkpoints would be all that vouches for the log "
+                         f"({unanchored})\n  -> start the audit service (`bastion up`): it signs with its new key "
+                         "within seconds of a rotation; then retire again")
+            return 2
     if not args.force and state != "retired":
         unread = unread_by_consumers(_stack(quiet=True), args.producer)
         if unread:
@@ -281,7 +292,8 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
         errors.print(f"bastion keys retire: {error}")
         return 2
     console.print(f"{args.key_id} retired: running consumers refuse events signed with it within "
-                  f"{FOLLOW_CHECK_SECONDS:g} s")
+                  f"{FOLLOW_CHECK_SECONDS:g} s" + ("; the checkpoints it signed are superseded by the newer key's"
+                                                   if args.producer == AUDIT_PRODUCER else ""))
     return 0
 
 

@@ -14,8 +14,11 @@ message the audit key signs (the events it publishes are signed over another tag
 The head hash is a hash-chain head, not a Merkle tree root.
 
 Keys: the audit service's key is the `audit` producer key of `bastion.events.keys.KeyRing`; checkpoints are
-verified with the trust store, so rotation works as for events. Retiring an audit key makes every
-checkpoint it signed unverifiable: keep old audit keys `verify-only` for as long as the log is kept.
+verified with the trust store, so rotation works as for events. When its key changes, the service signs the
+head it has at once with the new key (the log unchanged since the last checkpoint, checked first), so the new
+key vouches for everything the old one signed. A retired audit key may have leaked, so nothing it signed is
+believed: a checkpoint of it is set aside as superseded when a later checkpoint of a trusted key covers its
+length (that one's head hash pins every record before it), and refused when none does.
 
 The service issues checkpoints with `Checkpointer.maybe_checkpoint(head)` after each committed append,
 which signs when due, writes the file and returns the checkpoint to publish (`Checkpoint.to_bytes`).
@@ -175,12 +178,7 @@ def verify_checkpoint(checkpoint: Checkpoint, trust_store: TrustStore, origin: s
         public_key = trust_store.public_key(AUDIT_PRODUCER, checkpoint.key_id)
     except VerificationError as error:
         raise BadCheckpointSignatureError(f"key {checkpoint.key_id!r}: {error.detail}") from None
-    if checkpoint.key_hash != key_hash(checkpoint.key_id, public_key):
-        raise BadCheckpointSignatureError(f"key hash does not match key {checkpoint.key_id!r}")
-    try:
-        public_key.verify(checkpoint.signature, checkpoint.signed_bytes())
-    except InvalidSignature:
-        raise BadCheckpointSignatureError(f"checkpoint at length {checkpoint.length} does not verify") from None
+    _check_signature(checkpoint, public_key)
     if previous is None:
         return
     if checkpoint.length < previous.length:
@@ -188,6 +186,15 @@ def verify_checkpoint(checkpoint: Checkpoint, trust_store: TrustStore, origin: s
             f"checkpoint at length {checkpoint.length} is below the accepted length {previous.length}")
     if checkpoint.length == previous.length and checkpoint.head_hash != previous.head_hash:
         raise CheckpointForkError(f"two different head hashes were signed for length {checkpoint.length}")
+
+
+def _check_signature(checkpoint: Checkpoint, public_key: Ed25519PublicKey) -> None:
+    if checkpoint.key_hash != key_hash(checkpoint.key_id, public_key):
+        raise BadCheckpointSignatureError(f"key hash does not match key {checkpoint.key_id!r}")
+    try:
+        public_key.verify(checkpoint.signature, checkpoint.signed_bytes())
+    except InvalidSignature:
+        raise BadCheckpointSignatureError(f"checkpoint at length {checkpoint.length} does not verify") from None
 
 
 class CheckpointFile:
@@ -202,12 +209,18 @@ class CheckpointFile:
         self.path = path
         self.trust = trust
         self.origin = origin
+        self.superseded: list[Checkpoint] = []
         self._last: Checkpoint | None = None
         self._loaded = False
 
     def load(self) -> list[Checkpoint]:
-        """Every checkpoint in the file, each verified (signature, origin, length never going backwards)."""
+        """Every checkpoint in the file signed by a trusted audit key, each verified (signature, origin, length
+        never going backwards). Those of retired audit keys are kept apart in `superseded` when a later trusted
+        checkpoint covers their length, and refused when none does (then the old key's word is all there is)."""
         accepted: list[Checkpoint] = []
+        superseded: list[Checkpoint] = []
+        waiting: list[tuple[int, Checkpoint]] = []  # of retired keys, until a trusted checkpoint covers them
+        trust = self.trust.current()
         if self.path.exists():
             text = self.path.read_text(encoding="utf-8")
             for number, line in enumerate(text.splitlines(keepends=True), start=1):
@@ -215,10 +228,24 @@ class CheckpointFile:
                     raise MalformedCheckpointError(f"{self.path}:{number}: incomplete line")
                 try:
                     checkpoint = Checkpoint.from_json(line)
-                    verify_checkpoint(checkpoint, self.trust.current(), self.origin, accepted[-1] if accepted else None)
+                    retired = trust.retired_key(AUDIT_PRODUCER, checkpoint.key_id)
+                    if retired is not None and checkpoint.origin == self.origin:
+                        _check_signature(checkpoint, retired)  # not believed, but not noise either
+                        waiting.append((number, checkpoint))
+                        continue
+                    verify_checkpoint(checkpoint, trust, self.origin, accepted[-1] if accepted else None)
+                    _cover(waiting, checkpoint)
                 except CheckpointError as error:
                     raise type(error)(f"{self.path}:{number}: {error}") from None
+                superseded.extend(old for _, old in waiting)
+                waiting.clear()
                 accepted.append(checkpoint)
+        if waiting:
+            number, checkpoint = waiting[0]
+            raise BadCheckpointSignatureError(
+                f"{self.path}:{number}: checkpoint at length {checkpoint.length} is signed by the retired key "
+                f"{checkpoint.key_id!r} and no later checkpoint of a trusted audit key covers it")
+        self.superseded = superseded
         self._last = accepted[-1] if accepted else None
         self._loaded = True
         return accepted
@@ -231,8 +258,12 @@ class CheckpointFile:
         return self._last
 
     def append(self, checkpoint: Checkpoint) -> None:
-        """Verify CHECKPOINT against the last accepted one, then add it to the file and fsync it."""
-        verify_checkpoint(checkpoint, self.trust.current(), self.origin, self.last)
+        """Verify CHECKPOINT against the last accepted one, then add it to the file and fsync it. A key the trust
+        store does not know yet makes it read the store again once: the signer may have seen a rotation first."""
+        try:
+            verify_checkpoint(checkpoint, self.trust.current(), self.origin, self.last)
+        except BadCheckpointSignatureError:
+            verify_checkpoint(checkpoint, self.trust.reload(), self.origin, self.last)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
         try:
@@ -244,9 +275,20 @@ class CheckpointFile:
         self._last = checkpoint
 
 
+def _cover(waiting: list[tuple[int, Checkpoint]], trusted: Checkpoint) -> None:
+    """TRUSTED supersedes the WAITING checkpoints of retired keys only if none claims a longer log."""
+    for number, checkpoint in waiting:
+        if checkpoint.length > trusted.length:
+            raise CheckpointRollbackError(
+                f"the checkpoint of line {number}, signed by the retired key {checkpoint.key_id!r}, claims "
+                f"{checkpoint.length} records, more than the trusted one after it ({trusted.length})")
+
+
 class Checkpointer:
     """Decides when to sign: once EVERY_RECORDS records were added since the last checkpoint, or EVERY_SECONDS
-    passed with at least one record added (an unchanged log is not signed again).
+    passed with at least one record added (an unchanged log is not signed again), and at once when the audit
+    key changed since the last checkpoint (a rotation: the new key then vouches for what the old one signed,
+    so the old one can be retired without leaving its checkpoints unverifiable).
 
     Call `maybe_checkpoint` with the head of a committed transaction only: a checkpoint of rows that are then
     rolled back would later read as a truncated log. A head below the file's last checkpoint (a database
@@ -266,6 +308,8 @@ class Checkpointer:
 
     def due(self, head: Head) -> bool:
         last = self.file.last
+        if last is not None and last.key_id != self.key.current().key_id:
+            return head.length >= last.length
         signed = last.length if last else 0
         if head.length <= signed:
             return False

@@ -24,6 +24,7 @@ class Verification:
     report: ChainReport
     checkpoints: int
     checkpoint_length: int
+    superseded: int = 0  # checkpoints of retired audit keys, covered by a later trusted one
 
 
 def audit_engine(ctx: StackContext) -> Engine:
@@ -37,8 +38,9 @@ def checkpoint_file(ctx: StackContext, origin: str = ORIGIN) -> CheckpointFile:
 
 def verify(ctx: StackContext, origin: str = ORIGIN) -> Verification:
     """The whole chain, recomputed in one read-only snapshot, against every signed checkpoint of the file."""
+    file = checkpoint_file(ctx, origin)
     try:
-        checkpoints = checkpoint_file(ctx, origin).load()
+        checkpoints = file.load()
     except CheckpointError as error:
         return Verification(ChainReport(False, 0, b"", None, f"checkpoint refused: {error}", 0), 0, 0)
     engine = audit_engine(ctx)
@@ -48,7 +50,7 @@ def verify(ctx: StackContext, origin: str = ORIGIN) -> Verification:
             report = AuditLog().check_chain(conn, checkpoints)
     finally:
         engine.dispose()
-    return Verification(report, len(checkpoints), checkpoints[-1].length if checkpoints else 0)
+    return Verification(report, len(checkpoints), checkpoints[-1].length if checkpoints else 0, len(file.superseded))
 
 
 def rebuild_projections(ctx: StackContext) -> Rebuilt:

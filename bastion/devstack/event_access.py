@@ -60,9 +60,11 @@ class EventAccessPolicy:
         return names
 
     def readers_of(self, producer: str) -> dict[str, tuple[str, ...]]:
-        """The topics PRODUCER writes to, each with the consumer groups that read it (topics nobody reads left out)."""
+        """The topics PRODUCER signs events for, each with the consumer groups that read it (topics nobody reads
+        left out). Dead-letter topics are left out too: what PRODUCER writes there is another producer's refused
+        record, as it came, never signed by PRODUCER."""
         return {name: tuple(sorted(topic.consumers.values())) for name, topic in self.topics.items()
-                if producer in topic.producers and topic.consumers}
+                if producer in topic.producers and topic.consumers and not name.endswith(DLQ_SUFFIX)}
 
     def grants(self) -> set[AclGrant]:
         grants: set[AclGrant] = set()

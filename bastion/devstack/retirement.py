@@ -3,12 +3,23 @@
 A retired key is refused by every running consumer within seconds (`bastion.events.keys.Followed`), so events
 the producer signed with it and that some consumer has not read yet would be dead-lettered instead of applied.
 `bastion keys retire` therefore waits for the consumer groups of the producer's topics (infra/event-access.yaml)
-to read all that was written before it was asked, and refuses when they do not (or when it cannot tell)."""
+to read all that was written before it was asked, and refuses when they do not (or when it cannot tell).
 
+The audit service's key also signs the log's checkpoints. Once retired, what it signed is no longer believed, so
+its checkpoints count only when a later one of a trusted key covers them: the audit service signs one with its
+new key within seconds of a rotation, and `bastion keys retire audit` waits for it (`unanchored_if_retired`)."""
+
+import time
+
+from bastion.audit.checkpoints import AUDIT_PRODUCER, CheckpointFile
+from bastion.audit.errors import CheckpointError
+from bastion.audit.install_tools import ORIGIN
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.event_access import load_policy
+from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
+from bastion.events.keys import KeyRing
 
 UNREAD_WAIT_SECONDS = 15.0
 
@@ -24,3 +35,20 @@ def unread_by_consumers(stack: Stack, producer: str, wait_seconds: float = UNREA
     ctx = stack.context()
     policy = load_policy(ctx.settings.infra_dir / "event-access.yaml", set(ctx.service_names))
     return Kafka(ctx).admin().wait_until_read(policy.readers_of(producer), wait_seconds)
+
+
+def unanchored_if_retired(layout: StateLayout, key_id: str, wait_seconds: float | None = None,
+                          poll_seconds: float = 0.5) -> str | None:
+    """Why retiring the audit key KEY_ID would leave checkpoints that no trusted key vouches for (`bastion audit
+    verify` would then fail), after waiting up to WAIT_SECONDS (default UNREAD_WAIT_SECONDS) for the audit service
+    to sign with its new key; None when retiring it leaves every checkpoint covered."""
+    deadline = time.monotonic() + (UNREAD_WAIT_SECONDS if wait_seconds is None else wait_seconds)
+    while True:
+        trust = KeyRing(layout.event_keys_dir).trust_store().retiring(AUDIT_PRODUCER, key_id)
+        try:
+            CheckpointFile(layout.audit_checkpoints_file, trust, ORIGIN).load()
+            return None
+        except CheckpointError as error:
+            if time.monotonic() >= deadline:
+                return str(error)
+        time.sleep(poll_seconds)

@@ -96,6 +96,19 @@ class TrustStore:
             raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} of {producer!r} is {state}")
         return key
 
+    def retired_key(self, producer: str, key_id: str) -> Ed25519PublicKey | None:
+        """The public half of KEY_ID if PRODUCER had it and retired it, else None. Nothing it verifies is to be
+        believed (a key is retired because it may have leaked); it only tells a line signed with it from noise."""
+        entry = self._entries.get(producer, {}).get(key_id)
+        return entry[0] if entry is not None and entry[1] == "retired" else None
+
+    def retiring(self, producer: str, key_id: str) -> "TrustStore":
+        """This store as it would be once PRODUCER's KEY_ID is retired (to check beforehand what that breaks)."""
+        entries = {name: dict(keys) for name, keys in self._entries.items()}
+        key, _ = entries[producer][key_id]
+        entries[producer][key_id] = (key, "retired")
+        return TrustStore(entries)
+
 
 class TrustSource(Protocol):
     """Where a verifier takes the public keys from: a fixed `TrustStore`, or the key ring's trust store as its

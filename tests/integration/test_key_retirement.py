@@ -1,7 +1,10 @@
 """Retiring a signing key on a running stack: `bastion keys retire` waits for every consumer group of the
 producer's topics to read what was written before it (`KafkaAdmin.wait_until_read`), then retires, and the
-platform goes on under the new key without a restart."""
+platform goes on under the new key without a restart. The audit key too: the audit service signs its log's head
+with the new key at once, so the old key's checkpoints are superseded, the log still verifies, and the service
+goes on signing, also after a restart."""
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -9,9 +12,12 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from bastion.audit.checkpoints import CheckpointFile
+from bastion.audit.install_tools import ORIGIN
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
+from bastion.devstack.process import ProcessSupervisor
 from bastion.events.keys import KeyRing
 from bastion.payments.v1 import payments_pb2
 from tests.integration.bank import Bank, signed_events
@@ -77,3 +83,43 @@ def test_retire_waits_for_the_consumers_then_the_platform_goes_on_under_the_new_
     [event] = signed_events(ctx, ["payments.events.v1"], lambda e: getattr(e.payload, "payment_id", "")
                             == payment.payment_id, count=1)
     assert event.envelope.key_id == new, "payments signs with its new key without a restart"
+
+
+def checkpoints(ctx: StackContext) -> CheckpointFile:
+    file = CheckpointFile(ctx.layout.audit_checkpoints_file, KeyRing(ctx.layout.event_keys_dir).trust_store(), ORIGIN)
+    file.load()
+    return file
+
+
+def test_the_audit_key_retires_its_checkpoints_are_superseded_and_the_log_still_verifies(ctx: StackContext) -> None:
+    ring = KeyRing(ctx.layout.event_keys_dir)
+    bank = Bank.connect(ctx)
+    bank.open_account("alice")  # records for the log, so that the old key has signed something
+    old = ring.signing_key("audit").key_id
+    deadline = time.monotonic() + 60
+    while not any(checkpoint.key_id == old for checkpoint in checkpoints(ctx).load()):
+        assert time.monotonic() < deadline, "the audit service never signed a checkpoint"
+        time.sleep(1)
+    assert bastion("keys", "rotate", "audit").returncode == 0
+    new = ring.signing_key("audit").key_id
+    retired = bastion("keys", "retire", "audit", old, env={"COLUMNS": "300"})
+    assert retired.returncode == 0, retired.stdout + retired.stderr
+    after = checkpoints(ctx)
+    assert after.superseded and {checkpoint.key_id for checkpoint in after.superseded} == {old}
+    assert after.last is not None and after.last.key_id == new, "the new key vouches for the whole log"
+    verified = bastion("audit", "verify", env={"COLUMNS": "300"})
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"{len(after.superseded)} checkpoints of retired audit keys superseded" in verified.stdout
+
+    # The service goes on signing with its new key, also once restarted (it reads the file afresh then).
+    assert ProcessSupervisor(ctx.layout).stop("audit")
+    result = bastion("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    signed = after.last.length
+    bank.open_account("bob")
+    deadline = time.monotonic() + 60
+    while (last := checkpoints(ctx).last) is None or last.length <= signed:
+        assert time.monotonic() < deadline, "the restarted audit service signed nothing new"
+        time.sleep(1)
+    assert last.key_id == new
+    assert bastion("audit", "verify").returncode == 0

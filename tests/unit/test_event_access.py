@@ -35,6 +35,16 @@ def test_each_consuming_service_subscribes_to_exactly_the_topics_it_may_read() -
         assert set(subscribed) == readable, service
 
 
+def test_a_producers_readers_are_the_groups_of_the_topics_it_signs_for_never_of_dead_letters() -> None:
+    """What `bastion keys retire` waits for: the audit service also writes dead letters (other producers' refused
+    records, not signed by it), and no service consumes a dead-letter topic, so waiting for one would never end."""
+    loaded = load_policy(INFRA / "event-access.yaml", SERVICES)
+    decisions = {"access.decisions.v1": ("audit",)}
+    assert loaded.readers_of("payments") == {"payments.events.v1": ("audit", "notifications"), **decisions}
+    assert loaded.readers_of("notifications") == decisions, "its dead letters of accounts and payments left out"
+    assert loaded.readers_of("audit") == {"security.alerts.v1": ("audit", "notifications"), **decisions}
+
+
 def test_only_declared_producers_may_write_domain_topics() -> None:
     grants = load_policy(INFRA / "event-access.yaml", SERVICES).grants()
     writers = {g.principal for g in grants if g.resource_name == "accounts.events.v1" and g.operation == "WRITE"}

@@ -1,12 +1,15 @@
 """`bastion keys`: rotate, list and retire on an install's key ring, and the mistakes an operator can make named
 with exit status 2 (a key that is not there, the active key, a producer that is not a service, a retirement
-nobody can tell is safe). Retiring after the consumers caught up is tested on a running stack
-(tests/integration/test_key_retirement.py)."""
+nobody can tell is safe, an audit key whose checkpoints no newer key vouches for yet). Retiring after the
+consumers caught up is tested on a running stack (tests/integration/test_key_retirement.py)."""
 
 from pathlib import Path
 
 import pytest
 
+from bastion.audit.chain import Head
+from bastion.audit.checkpoints import sign_checkpoint
+from bastion.audit.install_tools import ORIGIN
 from bastion.cli import main
 from bastion.devstack.layout import StateLayout
 from bastion.events.keys import KeyRing
@@ -58,3 +61,26 @@ def test_retiring_without_a_running_kafka_is_refused_unless_forced(
     assert ring.state("accounts", old) == "verify-only", "nothing retired"
     assert main(["keys", "retire", "accounts", old, "--force"]) == 0
     assert ring.state("accounts", old) == "retired"
+
+
+def test_an_audit_key_is_retired_only_once_a_newer_key_vouches_for_its_checkpoints(
+    ring: KeyRing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("bastion.devstack.retirement.UNREAD_WAIT_SECONDS", 0.0)
+    layout = StateLayout(tmp_path / "state")
+    ring.ensure(["audit"])
+    old = ring.signing_key("audit")
+    layout.audit_checkpoints_file.parent.mkdir(parents=True, exist_ok=True)
+    with layout.audit_checkpoints_file.open("a") as file:
+        file.write(sign_checkpoint(old, ORIGIN, Head(4, b"\x04" * 32)).to_json() + "\n")
+    ring.rotate("audit")
+    assert main(["keys", "retire", "audit", old.key_id, "--force"]) == 2, "--force does not skip this check"
+    refusal = " ".join(capsys.readouterr().err.split())
+    assert "the audit service has not signed a checkpoint with its new key yet" in refusal
+    assert "no later checkpoint of a trusted audit key covers it" in refusal
+    assert ring.state("audit", old.key_id) == "verify-only", "nothing retired"
+    with layout.audit_checkpoints_file.open("a") as file:  # what the audit service does within seconds
+        file.write(sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(4, b"\x04" * 32)).to_json() + "\n")
+    assert main(["keys", "retire", "audit", old.key_id, "--force"]) == 0
+    assert "the checkpoints it signed are superseded by the newer key's" in " ".join(capsys.readouterr().out.split())
+    assert ring.state("audit", old.key_id) == "retired"

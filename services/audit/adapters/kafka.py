@@ -179,14 +179,15 @@ class AuditConsumer:
 
     def _checkpoint_if_due(self) -> None:
         """Sign the committed head when due. A head below the last signed checkpoint (a database restored from
-        an old copy, or rows removed) is never signed: signing stops, and a security record says why."""
+        an old copy, or rows removed), or a checkpoint file that does not verify, is never signed over: signing
+        stops, and a security record says why. The log itself goes on taking records."""
         if self.signing_refused:
             return
-        last = self.checkpointer.file.last
-        with self.engine.connect() as conn:
-            head = self.store.head(conn)
-            signed_hash = self.store.hash_at(conn, last.length) if last is not None else None
         try:
+            last = self.checkpointer.file.last  # the file read at the first call: it may refuse a line
+            with self.engine.connect() as conn:
+                head = self.store.head(conn)
+                signed_hash = self.store.hash_at(conn, last.length) if last is not None else None
             domain.check_continuity(last, head, signed_hash)
             checkpoint = self.checkpointer.maybe_checkpoint(head)
         except CheckpointError as error:

@@ -202,3 +202,86 @@ def test_the_checkpointer_signs_every_n_records_or_t_seconds_of_growth(tmp_path:
     assert [c.length for c in CheckpointFile(file.path, TRUST, ORIGIN).load()] == [3, 4]
     with pytest.raises(CheckpointRollbackError):
         checkpointer.checkpoint(Head(2, b"\x02" * 32))
+
+
+class SwitchableKey:
+    """The audit service's key as a running service sees it: whatever the key ring says now."""
+
+    def __init__(self, key: SigningKey) -> None:
+        self.key = key
+        self.producer = key.producer
+
+    def current(self) -> SigningKey:
+        return self.key
+
+
+def test_a_new_audit_key_signs_the_unchanged_head_at_once_and_only_once(tmp_path: Path) -> None:
+    ring = KeyRing(tmp_path / "keys")
+    ring.ensure(["audit"])
+    key = SwitchableKey(ring.signing_key("audit"))
+    # The trust store looked at long after the key: the checkpoint makes the file read again when it needs to.
+    file = CheckpointFile(tmp_path / "checkpoints.jsonl", ring.followed_trust_store(check_seconds=3600), ORIGIN)
+    checkpointer = Checkpointer(key, file, every_records=100, every_seconds=3600, clock=Clock())
+    assert checkpointer.maybe_checkpoint(EMPTY) is None, "nothing to vouch for yet"
+    first = checkpointer.checkpoint(Head(3, b"\x03" * 32))
+    assert checkpointer.maybe_checkpoint(Head(3, b"\x03" * 32)) is None
+    ring.rotate("audit")
+    key.key = ring.signing_key("audit")
+    anchored = checkpointer.maybe_checkpoint(Head(3, b"\x03" * 32))
+    assert anchored is not None and anchored.key_id == key.key.key_id != first.key_id
+    assert anchored.head == first.head, "the same log, now vouched for by the new key"
+    assert checkpointer.maybe_checkpoint(Head(3, b"\x03" * 32)) is None, "signed once, not on every poll"
+
+
+def file_of(path: Path, checkpoints: list[Checkpoint]) -> Path:
+    path.write_text("".join(checkpoint.to_json() + "\n" for checkpoint in checkpoints))
+    return path
+
+
+def rotated_and_retired(ring: KeyRing) -> tuple[SigningKey, SigningKey]:
+    """The audit key before and after a rotation; the old one retired (its private half deleted)."""
+    old = ring.signing_key("audit")
+    ring.rotate("audit")
+    new = ring.signing_key("audit")
+    ring.retire("audit", old.key_id)
+    return old, new
+
+
+def test_a_retired_keys_checkpoints_count_only_when_a_trusted_one_covers_them(ring: KeyRing, tmp_path: Path) -> None:
+    old, new = rotated_and_retired(ring)
+    anchored = [sign_checkpoint(key, ORIGIN, Head(length, bytes([length]) * 32))
+                for key, length in ((old, 3), (old, 5), (new, 5), (new, 8))]
+    file = CheckpointFile(file_of(tmp_path / "anchored.jsonl", anchored), ring.trust_store(), ORIGIN)
+    assert file.load() == anchored[2:], "only a trusted key's word is believed"
+    assert file.superseded == anchored[:2] and file.last == anchored[3]
+
+    unanchored = CheckpointFile(file_of(tmp_path / "unanchored.jsonl", anchored[:2]), ring.trust_store(), ORIGIN)
+    with pytest.raises(BadCheckpointSignatureError, match=r":1: .* retired key .* no later checkpoint of a trusted"):
+        unanchored.load()
+    with pytest.raises(BadCheckpointSignatureError):
+        _ = unanchored.last  # so the audit service refuses to sign over it (services/audit/adapters/kafka.py)
+
+
+@pytest.mark.parametrize("case", ["after the anchor", "longer than the anchor", "not even signed by it"])
+def test_what_a_leaked_retired_key_signs_is_refused(ring: KeyRing, tmp_path: Path, case: str) -> None:
+    old, new = rotated_and_retired(ring)
+    before = sign_checkpoint(old, ORIGIN, Head(3, b"\x03" * 32))
+    anchor = sign_checkpoint(new, ORIGIN, Head(3, b"\x03" * 32))
+    lines, error, where = {
+        "after the anchor": ([before, anchor, sign_checkpoint(old, ORIGIN, Head(9, b"\x09" * 32))],
+                             BadCheckpointSignatureError, ":3: .* no later checkpoint of a trusted"),
+        "longer than the anchor": ([sign_checkpoint(old, ORIGIN, Head(9, b"\x09" * 32)), anchor],
+                                   CheckpointRollbackError, ":2: .* claims 9 records, more than the trusted one"),
+        "not even signed by it": ([replace(before, head_hash=b"\x04" * 32), anchor],
+                                  BadCheckpointSignatureError, ":1: checkpoint at length 3 does not verify"),
+    }[case]
+    with pytest.raises(error, match=where):
+        CheckpointFile(file_of(tmp_path / "checkpoints.jsonl", lines), ring.trust_store(), ORIGIN).load()
+
+
+def test_retiring_is_checked_beforehand_on_a_copy_of_the_trust_store(ring: KeyRing) -> None:
+    old = ring.signing_key("audit").key_id
+    ring.rotate("audit")
+    trust = ring.trust_store()
+    assert trust.retiring("audit", old).retired_key("audit", old) is not None
+    assert trust.retired_key("audit", old) is None and ring.state("audit", old) == "verify-only", "nothing changed"

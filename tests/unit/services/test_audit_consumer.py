@@ -1,15 +1,21 @@
 """The audit service's consumer loop: a consumed batch's refused records are dead-lettered and acknowledged
 before the batch is appended and its offsets committed, so a refused record is never lost to a crash; the alerts
-the batch raises are written in the transaction that appends it."""
+the batch raises are written in the transaction that appends it; a checkpoint file it cannot believe stops the
+signing, never the log."""
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bastion.audit.chain import Head
+from bastion.audit.checkpoints import Checkpointer, CheckpointFile, sign_checkpoint
+from bastion.audit.errors import CheckpointError
 from bastion.events.consumer import DeadLetters
 from bastion.events.errors import RejectReason, TrustStoreUnavailableError, VerificationError
+from bastion.events.keys import KeyRing
 from services.audit.adapters.kafka import AuditConsumer, AuditRecords
 
 
@@ -118,3 +124,32 @@ def test_a_record_is_never_judged_while_the_trust_store_cannot_be_read() -> None
     letters = DeadLetters(Kafka([]), "audit")  # type: ignore[arg-type]
     with pytest.raises(TrustStoreUnavailableError):
         AuditRecords(KeysUnreadable(), letters).record(Forged(9))  # type: ignore[arg-type]
+
+
+class SecurityRecords:
+    def __init__(self) -> None:
+        self.refused: list[tuple[str, str]] = []
+
+    def checkpoint_refused(self, error: CheckpointError, where: str) -> None:
+        self.refused.append((type(error).__name__, where))
+
+
+def test_a_checkpoint_file_it_cannot_believe_stops_the_signing_with_a_security_record(
+    ring: KeyRing, tmp_path: Path
+) -> None:
+    """The audit key retired before the service signed with its new one: the file's checkpoints are the retired
+    key's word only. The service signs nothing over them and says so; it does not crash its consumer loop."""
+    old = ring.signing_key("audit")
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_text(sign_checkpoint(old, "origin", Head(3, b"\x03" * 32)).to_json() + "\n")
+    ring.rotate("audit")
+    ring.retire("audit", old.key_id)
+    consumer = AuditConsumer.__new__(AuditConsumer)  # only the checkpointing part is needed here
+    consumer.checkpointer = Checkpointer(ring.followed_signing_key("audit"),
+                                         CheckpointFile(path, ring.trust_store(), "origin"))
+    consumer.security = security = SecurityRecords()  # type: ignore[assignment]
+    consumer.signing_refused = False
+    consumer._checkpoint_if_due()
+    consumer._checkpoint_if_due()
+    assert consumer.signing_refused and security.refused == [("BadCheckpointSignatureError", "checkpointer")]
+    assert len(path.read_text().splitlines()) == 1, "nothing signed over the unbelieved checkpoints"
