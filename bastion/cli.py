@@ -227,8 +227,9 @@ def _event_keys() -> KeyRing:
 def cmd_trail(args: argparse.Namespace) -> int:
     steps = trail(_stack(quiet=True).context(), args.correlation_id, args.minutes, args.limit)
     if not steps:
+        window = "in the audit log" if args.minutes is None else f"of the last {args.minutes:g} minutes"
         errors.print(f"nothing carries correlation id {args.correlation_id!r}: no service logged it and no audit "
-                     f"record of the last {args.minutes:g} minutes has it")
+                     f"record {window} has it")
         return 1
     table = Table("time (UTC)", "where")
     table.add_column("what", overflow="fold")
@@ -479,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     follow = sub.add_parser("trail", help="one request through the platform: every service log line and audit record "
                             "with its correlation id, in time order")
     follow.add_argument("correlation_id")
-    follow.add_argument("--minutes", type=float, default=60.0, help="how far back the audit log is read (default 60)")
+    follow.add_argument("--minutes", type=float, default=None,
+                        help="only audit records of the last MINUTES (default: the whole log, looked up by its index)")
     follow.add_argument("--limit", type=int, default=500, help="at most this many audit records (default 500)")
     follow.set_defaults(func=cmd_trail)
     keys = sub.add_parser("keys", help="event signing keys: list, rotate, retire").add_subparsers(

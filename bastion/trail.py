@@ -19,7 +19,7 @@ class Step:
     text: str
 
 
-def trail(ctx: StackContext, correlation_id: str, minutes: float, limit: int) -> list[Step]:
+def trail(ctx: StackContext, correlation_id: str, minutes: float | None, limit: int) -> list[Step]:
     return sorted([*logged(ctx, correlation_id), *(audited(record) for record in
                                                     carrying(ctx, correlation_id, minutes, limit))])
 

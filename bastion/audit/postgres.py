@@ -214,6 +214,8 @@ def install(admin_conn: Connection, service_role: str, schema: str = AUDIT_SCHEM
         admin_conn.exec_driver_sql(
             f"ALTER TABLE {name}.log ADD CONSTRAINT log_one_entry_per_kafka_record_item "
             'UNIQUE NULLS NOT DISTINCT (topic, "partition", "offset", item)')
+    # ListEvents by correlation id (`bastion trail`): one request's few records found without reading the log.
+    admin_conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS log_by_correlation_id ON {name}.log (correlation_id, seq)")
     admin_conn.exec_driver_sql(f"""
         CREATE OR REPLACE FUNCTION {name}.refuse_log_change() RETURNS trigger
         LANGUAGE plpgsql SET search_path = pg_catalog AS $$

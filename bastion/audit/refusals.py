@@ -47,10 +47,11 @@ def recent_alerts(ctx: StackContext, minutes: float, limit: int
     return [(event, _read(event)) for event in _recent(ctx, minutes, limit, request, _raised)]
 
 
-def carrying(ctx: StackContext, correlation_id: str, minutes: float, limit: int) -> list[audit_pb2.AuditEvent]:
-    """The LIMIT newest records of the last MINUTES that carry CORRELATION_ID, oldest first."""
-    return _recent(ctx, minutes, limit, audit_pb2.ListEventsRequest(page_size=PAGE),
-                   lambda event: event.correlation_id == correlation_id)
+def carrying(ctx: StackContext, correlation_id: str, minutes: float | None, limit: int
+             ) -> list[audit_pb2.AuditEvent]:
+    """The LIMIT newest records that carry CORRELATION_ID (of the last MINUTES, or of the whole log when None),
+    oldest first: the audit service looks them up in its index of correlation ids."""
+    return _recent(ctx, minutes, limit, audit_pb2.ListEventsRequest(correlation_id=correlation_id, page_size=PAGE))
 
 
 def _read(event: audit_pb2.AuditEvent) -> SecurityAlert | str:
@@ -66,9 +67,9 @@ def _raised(event: audit_pb2.AuditEvent) -> bool:
     return event.kind == RecordKind.EVENT.value and event.producer == ALERTING_SERVICE
 
 
-def _recent(ctx: StackContext, minutes: float, limit: int, request: audit_pb2.ListEventsRequest,
+def _recent(ctx: StackContext, minutes: float | None, limit: int, request: audit_pb2.ListEventsRequest,
             wanted: Callable[[audit_pb2.AuditEvent], bool] = lambda _event: True) -> list[audit_pb2.AuditEvent]:
-    if minutes <= 0 or limit < 1:
+    if (minutes is not None and minutes <= 0) or limit < 1:
         raise DevstackError("--minutes must be positive and --limit at least 1", "for example: --minutes 60")
     host, settings = ctx.settings.public_host, ctx.settings
     identities = load_identities(settings.infra_dir / "keycloak" / "identities.yaml", set(ctx.service_names))
@@ -77,12 +78,12 @@ def _recent(ctx: StackContext, minutes: float, limit: int, request: audit_pb2.Li
                               client_id=identities.cli_client, verify=str(ctx.ca_file))
     token = str(keycloak.token(auditor, ctx.credentials.users[auditor])["access_token"])
     cli = ctx.pki.paths("cli")
-    since = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes)
     newest: deque[audit_pb2.AuditEvent] = deque(maxlen=limit)
     credentials = channel_credentials(TlsFiles(cli.cert, cli.key, ctx.ca_file))
     with grpc.secure_channel(ctx.grpc_address("audit"), credentials) as ch:
         audit = audit_pb2_grpc.AuditStub(ch)  # type: ignore[no-untyped-call]
-        request.since.FromDatetime(since)
+        if minutes is not None:
+            request.since.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes))
         while True:
             page = audit.ListEvents(request, metadata=call_metadata(token), timeout=30)
             newest.extend(event for event in page.events if wanted(event))

@@ -138,6 +138,7 @@ class EventQuery:
     after_seq: int = 0
     # Only denied access decisions and rejected events.
     refusals_only: bool = False
+    correlation_id: str = ""
 
 
 def page_token(last_seq: int) -> str:
@@ -158,14 +159,16 @@ def after_seq_of(token: str) -> int:
 
 
 def query(aggregate_id: str = "", principal: str = "", event_type: str = "", since: dt.datetime | None = None,
-          until: dt.datetime | None = None, page_size: int = 0, token: str = "", refusals_only: bool = False
-          ) -> EventQuery:
+          until: dt.datetime | None = None, page_size: int = 0, token: str = "", refusals_only: bool = False,
+          correlation_id: str = "") -> EventQuery:
     size = page_size or DEFAULT_PAGE
     if not 1 <= size <= MAX_PAGE:
         raise InvalidQueryError(f"page_size must be between 1 and {MAX_PAGE}, got {page_size}")
     if since is not None and until is not None and since > until:
         raise InvalidQueryError("since must not be later than until")
-    for name, value in (("aggregate_id", aggregate_id), ("principal", principal), ("event_type", event_type)):
+    for name, value in (("aggregate_id", aggregate_id), ("principal", principal), ("event_type", event_type),
+                        ("correlation_id", correlation_id)):
         if len(value) > MAX_TEXT:
             raise InvalidQueryError(f"{name} is longer than {MAX_TEXT} characters")
-    return EventQuery(aggregate_id, principal, event_type, since, until, size, after_seq_of(token), refusals_only)
+    return EventQuery(aggregate_id, principal, event_type, since, until, size, after_seq_of(token), refusals_only,
+                      correlation_id)

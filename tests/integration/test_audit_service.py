@@ -97,6 +97,11 @@ def test_the_log_holds_every_event_and_access_decision_of_a_flow_and_verifies(ba
     assert sorted(e.action.rsplit("/", 1)[-1] for e in decided) == [
         "ApplyTransfer", "Deposit", "GetAccount", "OpenAccount", "OpenAccount", "Transfer"]
 
+    # The same records asked for by the correlation id alone: every one of them, and nothing else.
+    carrying = list_all(bank, audit, correlation_id=correlation)
+    assert {e.seq for e in [*events, *decided]} <= {e.seq for e in carrying}
+    assert {e.correlation_id for e in carrying} == {correlation}
+
     verified = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
     assert verified.ok and verified.first_bad_seq == 0 and verified.length >= max(e.seq for e in events)
     assert len(verified.head_hash) == 32

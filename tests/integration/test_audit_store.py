@@ -23,6 +23,8 @@ from bastion.audit.projections import Projections
 from bastion.audit.verify import ChainReport
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
+from services.audit import domain
+from services.audit.adapters.postgres import PostgresAuditReader
 from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, mixed_records, sample_record, trust_store
 
 SERVICE_ROLE = "audit"
@@ -228,6 +230,19 @@ def test_install_is_idempotent(store: Store) -> None:
     with store.admin.begin() as conn:
         install(conn, SERVICE_ROLE, schema=store.schema)
     assert verify(store, []).head_hash == head.hash
+
+
+def test_one_requests_records_are_found_through_the_correlation_id_index(store: Store) -> None:
+    """`bastion trail` asks ListEvents for one correlation id over the whole log: an index lookup, not a scan."""
+    append(store, 3000)
+    with store.service.begin() as conn:
+        conn.exec_driver_sql(f"ANALYZE {store.schema}.log")
+        found = PostgresAuditReader(conn, AuditLog()).find(domain.query(correlation_id="corr-2345"))
+        conn.exec_driver_sql("SET search_path = " + store.schema)  # an identifier (Store.__post_init__)
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(
+            "EXPLAIN SELECT * FROM log WHERE seq > 0 AND correlation_id = 'corr-2345' ORDER BY seq LIMIT 100"))
+    assert [entry.record.correlation_id for entry in found] == ["corr-2345"]
+    assert "log_by_correlation_id" in plan, plan
 
 
 # --- tampering found ---

@@ -53,3 +53,5 @@ def test_an_id_nothing_carries_is_exit_status_one(stack: Any) -> None:
     result = bastion("trail", f"it-nobody-{uuid.uuid4().hex[:12]}", "--minutes", "5", env=WIDE)
     assert result.returncode == 1
     assert "no service logged it and no audit record of the last 5 minutes has it" in result.stderr
+    whole = bastion("trail", f"it-nobody-{uuid.uuid4().hex[:12]}", env=WIDE)
+    assert whole.returncode == 1 and "no audit record in the audit log has it" in whole.stderr

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61stion/audit/v1/audit.proto\x12\x10\x62\x61stion.audit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\nAuditEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x12\n\nevent_type\x18\x05 \x01(\t\x12\x10\n\x08producer\x18\x06 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x07 \x01(\t\x12\x11\n\tprincipal\x18\x08 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x0b \x01(\t\x12/\n\x0boccurred_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brecorded_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04hash\x18\x0e \x01(\x0c\x12\x10\n\x08\x65nvelope\x18\x0f \x01(\x0c\x12\x0e\n\x06\x61\x63tion\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x11 \x01(\t\"\xe4\x01\n\x11ListEventsRequest\x12\x14\n\x0c\x61ggregate_id\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x15\n\rrefusals_only\x18\x08 \x01(\x08\"[\n\x12ListEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.bastion.audit.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x14\n\x12VerifyChainRequest\"\x86\x01\n\x13VerifyChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\x0c\x12\x15\n\rfirst_bad_seq\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x19\n\x11\x63heckpoint_length\x18\x06 \x01(\x03\x32\xbc\x01\n\x05\x41udit\x12W\n\nListEvents\x12#.bastion.audit.v1.ListEventsRequest\x1a$.bastion.audit.v1.ListEventsResponse\x12Z\n\x0bVerifyChain\x12$.bastion.audit.v1.VerifyChainRequest\x1a%.bastion.audit.v1.VerifyChainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61stion/audit/v1/audit.proto\x12\x10\x62\x61stion.audit.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x02\n\nAuditEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x12\n\nevent_type\x18\x05 \x01(\t\x12\x10\n\x08producer\x18\x06 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x07 \x01(\t\x12\x11\n\tprincipal\x18\x08 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x0b \x01(\t\x12/\n\x0boccurred_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brecorded_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04hash\x18\x0e \x01(\x0c\x12\x10\n\x08\x65nvelope\x18\x0f \x01(\x0c\x12\x0e\n\x06\x61\x63tion\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x11 \x01(\t\"\xfc\x01\n\x11ListEventsRequest\x12\x14\n\x0c\x61ggregate_id\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12)\n\x05since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x15\n\rrefusals_only\x18\x08 \x01(\x08\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\"[\n\x12ListEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.bastion.audit.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x14\n\x12VerifyChainRequest\"\x86\x01\n\x13VerifyChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\x11\n\thead_hash\x18\x03 \x01(\x0c\x12\x15\n\rfirst_bad_seq\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x19\n\x11\x63heckpoint_length\x18\x06 \x01(\x03\x32\xbc\x01\n\x05\x41udit\x12W\n\nListEvents\x12#.bastion.audit.v1.ListEventsRequest\x1a$.bastion.audit.v1.ListEventsResponse\x12Z\n\x0bVerifyChain\x12$.bastion.audit.v1.VerifyChainRequest\x1a%.bastion.audit.v1.VerifyChainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITEVENT']._serialized_start=84
   _globals['_AUDITEVENT']._serialized_end=455
   _globals['_LISTEVENTSREQUEST']._serialized_start=458
-  _globals['_LISTEVENTSREQUEST']._serialized_end=686
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=688
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=779
-  _globals['_VERIFYCHAINREQUEST']._serialized_start=781
-  _globals['_VERIFYCHAINREQUEST']._serialized_end=801
-  _globals['_VERIFYCHAINRESPONSE']._serialized_start=804
-  _globals['_VERIFYCHAINRESPONSE']._serialized_end=938
-  _globals['_AUDIT']._serialized_start=941
-  _globals['_AUDIT']._serialized_end=1129
+  _globals['_LISTEVENTSREQUEST']._serialized_end=710
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=712
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=803
+  _globals['_VERIFYCHAINREQUEST']._serialized_start=805
+  _globals['_VERIFYCHAINREQUEST']._serialized_end=825
+  _globals['_VERIFYCHAINRESPONSE']._serialized_start=828
+  _globals['_VERIFYCHAINRESPONSE']._serialized_end=962
+  _globals['_AUDIT']._serialized_start=965
+  _globals['_AUDIT']._serialized_end=1153
 # @@protoc_insertion_point(module_scope)

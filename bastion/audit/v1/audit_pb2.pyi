@@ -108,6 +108,7 @@ class ListEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     REFUSALS_ONLY_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
     aggregate_id: _builtins.str
     """Each filter applies when set; they combine with AND."""
     principal: _builtins.str
@@ -119,6 +120,10 @@ class ListEventsRequest(_message.Message):
     refusals_only: _builtins.bool
     """Only refusals, what a security review reads first: access decisions that denied a call, and events a
     verifying consumer refused.
+    """
+    correlation_id: _builtins.str
+    """Only the records of one request: access decisions, events and rejections that carry this correlation id
+    (indexed: the whole log is searched in one lookup).
     """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp: ...
@@ -135,10 +140,11 @@ class ListEventsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         refusals_only: _builtins.bool = ...,
+        correlation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "event_type", b"event_type", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "refusals_only", b"refusals_only", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "correlation_id", b"correlation_id", "event_type", b"event_type", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "refusals_only", b"refusals_only", "since", b"since", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

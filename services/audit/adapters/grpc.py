@@ -44,7 +44,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                          ) -> audit_pb2.ListEventsResponse:
         since, until = _window(request)
         query = domain.query(request.aggregate_id, request.principal, request.event_type, since, until,
-                             request.page_size, request.page_token, request.refusals_only)
+                             request.page_size, request.page_token, request.refusals_only, request.correlation_id)
         entries, next_token = await asyncio.to_thread(self.handlers.list_events, query)
         return audit_pb2.ListEventsResponse(events=[_event(e) for e in entries], next_page_token=next_token)
 

@@ -55,6 +55,8 @@ class PostgresAuditReader:
             statement = statement.where(audit_log.c.principal == query.principal)
         if query.event_type:
             statement = statement.where(audit_log.c.event_type == query.event_type)
+        if query.correlation_id:  # index log_by_correlation_id (bastion/audit/postgres.py)
+            statement = statement.where(audit_log.c.correlation_id == query.correlation_id)
         if query.since is not None:
             statement = statement.where(audit_log.c.occurred_at >= query.since)
         if query.until is not None:

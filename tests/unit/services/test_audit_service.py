@@ -87,6 +87,7 @@ def test_an_envelope_of_a_bundle_is_its_own_record_at_its_place() -> None:
     ({"token": "%%%"}, "page_token"),
     ({"since": NOW, "until": NOW - dt.timedelta(seconds=1)}, "since"),
     ({"aggregate_id": "x" * 1001}, "aggregate_id"),
+    ({"correlation_id": "x" * 1001}, "correlation_id"),
 ])
 def test_bad_queries_are_invalid_and_say_why(kwargs: dict[str, object], words: str) -> None:
     with pytest.raises(InvalidQueryError, match=words):
