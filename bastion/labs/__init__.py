@@ -14,6 +14,7 @@ from bastion.labs import (
     keys,
     logs,
     money,
+    ordering,
     personal,
     supply,
     tokens,
@@ -151,6 +152,14 @@ LABS: tuple[Lab, ...] = (
                 "refused as stale); bob is told once.",
         where="bastion/events/inbox.py, bastion/events/verify.py (freshness), bastion/events/consumer.py",
         expect="reason=duplicate", probe=events.replayed_event),
+    Lab("reordered-events", "Two events of an account delivered in the wrong order",
+        attack="Publish event 2 of an account's sequence before event 1 (a record delayed on the way, a producer "
+               "retrying out of order, someone in the middle reordering), both genuinely signed by accounts.",
+        defence="Per-aggregate sequences: each verifying consumer that applies events holds event 2 back until "
+                "event 1 comes, then applies 1 and 2 in their order, once each (its inbox and last applied "
+                "sequence show it).",
+        where="bastion/events/inbox.py (admit, take_held), bastion/events/consumer.py",
+        expect="applies 1, then 2", probe=ordering.reordered_events),
     Lab("leaked-signing-key", "A producer's signing key leaks: rotate, retire, and the thief's events are refused",
         attack="With a copy of accounts' signing key and Kafka credentials, publish a deposit of 1,000,000.00 EUR "
                "after the operator rotated the key and retired the leaked one, with every service still running.",

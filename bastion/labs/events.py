@@ -41,11 +41,11 @@ DEPOSITED = str(MoneyDeposited.DESCRIPTOR.full_name)
 
 
 def forged_deposit(session: Session, producer: str, platform_topic: str, amount: int, correlation_id: str,
-                   sequence: int = 1, key: SigningKey | None = None) -> Envelope:
+                   sequence: int = 1, key: SigningKey | None = None, account: str | None = None) -> Envelope:
     """A MoneyDeposited as PRODUCER's relay would hand it to Kafka (signed with KEY, by default PRODUCER's active
-    key), for the target's route of PLATFORM_TOPIC, into an account nobody has (its aggregate's event SEQUENCE):
-    even an accepted forgery would touch nobody's data."""
-    account = str(uuid.uuid4())
+    key), for the target's route of PLATFORM_TOPIC, into ACCOUNT, by default a new one nobody has (its aggregate's
+    event SEQUENCE): even an accepted forgery would touch nobody's data."""
+    account = account or str(uuid.uuid4())
     payload = MoneyDeposited(account_id=account, amount_minor=amount, currency="EUR", balance_minor=amount,
                              idempotency_key=f"lab-{uuid.uuid4()}")
     route = session.target.event_routes[platform_topic]

@@ -24,9 +24,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
     ("Data integrity and consistency", (
         Concern("Event tampering or spoofing", ("tampered-event", "foreign-event-type")),
         Concern("Replay attacks", ("replayed-event",)),
-        Concern("Out-of-order processing",
-                not_covered="a gap injected into a platform topic would hold real events back; shown on a topic of "
-                            "its own by test_signed_events.py"),
+        Concern("Out-of-order processing", ("reordered-events",)),
     )),
     ("Authentication and authorization", (
         Concern("Inadequate service-to-service authentication", ("no-client-certificate", "service-impersonation")),

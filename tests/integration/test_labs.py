@@ -19,7 +19,7 @@ from typing import Any
 import jwt
 import pytest
 from rich.console import Console
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine, select
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.devstack import distributions
@@ -31,7 +31,7 @@ from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.events.catalog import SCHEMAS
 from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
 from bastion.events.keys import KeyRing
-from bastion.events.storage import EVENTS_METADATA
+from bastion.events.storage import EVENTS_METADATA, inbox
 from bastion.events.trust import TrustPolicy
 from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, parse_envelope
 from bastion.grpc.audit import MemoryAccessAudit
@@ -269,14 +269,15 @@ def own_route(ctx: StackContext) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def consumer_on(ctx: StackContext, own_route: tuple[str, str], verifier: EnvelopeVerifier) -> Iterator[dict[str, Any]]:
-    """A verifying consumer of notifications on the test's own topic, judging with VERIFIER; yields the event
-    routes of the running stack with accounts' events sent to that topic instead."""
+def consumer_on(ctx: StackContext, own_route: tuple[str, str], verifier: EnvelopeVerifier,
+                kind: type[VerifyingConsumer] = VerifyingConsumer) -> Iterator[dict[str, Any]]:
+    """A verifying consumer (of KIND) of notifications on the test's own topic, judging with VERIFIER; yields the
+    event routes of the running stack with accounts' events sent to that topic instead."""
     topic, group = own_route
     engine = create_engine(Postgres(ctx).sqlalchemy_url("notifications", ctx.credentials.postgres["notifications"],
                                                         "notifications"))
     EVENTS_METADATA.create_all(engine)
-    consumer = VerifyingConsumer(
+    consumer = kind(
         ConsumerSettings("notifications", group, [topic], poll_seconds=0.2),
         Kafka(ctx).client_config("notifications", ctx.credentials.kafka["notifications"]),
         verifier, engine, lambda conn, event: None)
@@ -323,6 +324,32 @@ def test_the_leaked_key_lab_fails_against_a_consumer_that_never_reads_the_key_ri
         return
     assert attack_got_through(result) == ["verdict of notifications: no dead letter within 15s: the event was not "
                                           "refused"]
+
+
+class AppliesAsItComes(VerifyingConsumer):
+    """The ordering control switched off: each new event applied as it arrives, whatever its sequence (only an
+    event id seen before is dropped)."""
+
+    def _apply_in_order(self, conn: Connection, message: Any, event: VerifiedEvent, item: int | None) -> str:
+        if conn.execute(select(inbox.c.event_id).where(inbox.c.event_id == event.envelope.event_id)).first():
+            return "duplicate"
+        self._apply(conn, event)
+        return "applied"
+
+
+@pytest.mark.parametrize("kind", [VerifyingConsumer, AppliesAsItComes], ids=["intact", "applies-as-it-comes"])
+def test_the_ordering_lab_fails_against_a_consumer_that_applies_events_as_they_come(
+    stack: Any, ctx: StackContext, own_route: tuple[str, str], kind: type[VerifyingConsumer],
+) -> None:
+    trust = KeyRing(ctx.layout.event_keys_dir).trust_store()
+    with consumer_on(ctx, own_route, EnvelopeVerifier(trust, deposits_on(own_route[0])), kind) as routes:
+        result = run(ctx, "reordered-events", event_routes=routes, service_logs={}, verdict_wait_seconds=15)
+    if kind is VerifyingConsumer:
+        assert result.outcome is Outcome.HELD, result
+        return
+    assert attack_got_through(result) == [
+        "notifications holds event 2 back: inbox holds sequences [2], last applied sequence 2, 0 held",
+        "notifications applies 1, then 2, once each: inbox holds sequences [1, 2], last applied sequence 1, 0 held"]
 
 
 def test_the_log_check_notices_a_forged_line_or_a_raw_escape() -> None:
