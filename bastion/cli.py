@@ -269,13 +269,15 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
     if state == "active":
         errors.print(f"bastion keys retire: {args.key_id} is {args.producer}'s active key: rotate before retiring it")
         return 2
+    unanchored = None
     if args.producer == AUDIT_PRODUCER and state != "retired":
-        unanchored = unanchored_if_retired(_stack(quiet=True).layout, args.key_id)
-        if unanchored:  # --force does not skip this: the log's checkpoints would stop verifying for good
-            errors.print(f"bastion keys retire: not retired: the audit service has not signed a checkpoint with its "
-                         f"new key yet, so {args.key_id}'s checkpoints would be all that vouches for the log "
-                         f"({unanchored})\n  -> start the audit service (`bastion up`): it signs with its new key "
-                         "within seconds of a rotation; then retire again")
+        unanchored = unanchored_if_retired(_stack(quiet=True).layout, args.key_id, 0 if args.force else None)
+        if unanchored and not args.force:
+            errors.print(f"bastion keys retire: not retired: {args.key_id}'s checkpoints would be all that vouches "
+                         f"for the audit log ({unanchored})\n  -> start the audit service (`bastion up`): it signs "
+                         "with its new key within seconds of a rotation; then retire again. Or add --force to retire "
+                         "it now (a leaked audit key also signs security alerts): `bastion audit verify` then fails "
+                         "until the audit service has signed with its new key")
             return 2
     if not args.force and state != "retired":
         unread = unread_by_consumers(_stack(quiet=True), args.producer)
@@ -294,7 +296,10 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
         return 2
     console.print(f"{args.key_id} retired: running consumers refuse events signed with it within "
                   f"{FOLLOW_CHECK_SECONDS:g} s" + ("; the checkpoints it signed are superseded by the newer key's"
-                                                   if args.producer == AUDIT_PRODUCER else ""))
+                                                   if args.producer == AUDIT_PRODUCER and not unanchored else ""))
+    if unanchored:
+        errors.print("bastion keys retire: warning: the audit service has not signed with its new key yet: "
+                     "`bastion audit verify` fails until it has (it does within seconds once running)")
     return 0
 
 

@@ -15,10 +15,12 @@ The head hash is a hash-chain head, not a Merkle tree root.
 
 Keys: the audit service's key is the `audit` producer key of `bastion.events.keys.KeyRing`; checkpoints are
 verified with the trust store, so rotation works as for events. When its key changes, the service signs the
-head it has at once with the new key (the log unchanged since the last checkpoint, checked first), so the new
-key vouches for everything the old one signed. A retired audit key may have leaked, so nothing it signed is
-believed: a checkpoint of it is set aside as superseded when a later checkpoint of a trusted key covers its
-length (that one's head hash pins every record before it), and refused when none does.
+head it has at once with the new key (after checking that the log still extends the newest trusted
+checkpoint), so the new key vouches for everything the old one signed. A retired audit key may have leaked, so
+nothing it signed is believed: a checkpoint of it is set aside as superseded when a later checkpoint of a
+trusted key covers its length (that one's head hash pins every record before it), and refused when none does.
+Keys sign in runs: once the file moved on from a key to another, a line of that key again is refused, trusted
+or not (a genuine service never signs with a key it rotated away from; a thief with the old key would).
 
 The service issues checkpoints with `Checkpointer.maybe_checkpoint(head)` after each committed append,
 which signs when due, writes the file and returns the checkpoint to publish (`Checkpoint.to_bytes`).
@@ -47,6 +49,7 @@ from bastion.audit.errors import (
     CheckpointForkError,
     CheckpointRollbackError,
     MalformedCheckpointError,
+    UntrustedSigningKeyError,
 )
 from bastion.devstack.layout import PRIVATE_FILE_MODE
 from bastion.events.errors import VerificationError
@@ -179,6 +182,10 @@ def verify_checkpoint(checkpoint: Checkpoint, trust_store: TrustStore, origin: s
     except VerificationError as error:
         raise BadCheckpointSignatureError(f"key {checkpoint.key_id!r}: {error.detail}") from None
     _check_signature(checkpoint, public_key)
+    _check_order(checkpoint, previous)
+
+
+def _check_order(checkpoint: Checkpoint, previous: Checkpoint | None) -> None:
     if previous is None:
         return
     if checkpoint.length < previous.length:
@@ -186,6 +193,15 @@ def verify_checkpoint(checkpoint: Checkpoint, trust_store: TrustStore, origin: s
             f"checkpoint at length {checkpoint.length} is below the accepted length {previous.length}")
     if checkpoint.length == previous.length and checkpoint.head_hash != previous.head_hash:
         raise CheckpointForkError(f"two different head hashes were signed for length {checkpoint.length}")
+
+
+def _check_run(checkpoint: Checkpoint, previous: Checkpoint | None, ended: set[str]) -> None:
+    """Keys sign in runs: ENDED (updated here) holds the keys the file moved on from, which never sign again."""
+    if previous is not None and previous.key_id != checkpoint.key_id:
+        ended.add(previous.key_id)
+    if checkpoint.key_id in ended:
+        raise BadCheckpointSignatureError(
+            f"signed with {checkpoint.key_id!r} after the log moved on to another key: a rotated key signs no more")
 
 
 def _check_signature(checkpoint: Checkpoint, public_key: Ed25519PublicKey) -> None:
@@ -203,67 +219,107 @@ class CheckpointFile:
     A line that does not end with a newline (a write cut short) is refused like any other bad line rather
     than skipped: dropping the newest checkpoint is exactly what a tamperer would want. The published copy
     on Kafka is the second witness if the file itself is lost or truncated.
+
+    UNANCHORED_OK is the signer's view (the audit service's own checkpointer), never a verifier's: checkpoints of
+    retired keys at the end of the file, which no trusted checkpoint covers yet (the key was retired before the
+    service signed with its new one), are kept in `unanchored` instead of refused, so that the service can cover
+    them. It does so only over a log that still extends the newest trusted checkpoint (`last`), and never with a
+    length below theirs.
     """
 
-    def __init__(self, path: Path, trust: TrustSource, origin: str) -> None:
+    def __init__(self, path: Path, trust: TrustSource, origin: str, unanchored_ok: bool = False) -> None:
         self.path = path
         self.trust = trust
         self.origin = origin
+        self.unanchored_ok = unanchored_ok
         self.superseded: list[Checkpoint] = []
+        self.unanchored: list[Checkpoint] = []
         self._last: Checkpoint | None = None
+        self._last_line: Checkpoint | None = None
+        self._ended: set[str] = set()
         self._loaded = False
 
-    def load(self) -> list[Checkpoint]:
-        """Every checkpoint in the file signed by a trusted audit key, each verified (signature, origin, length
-        never going backwards). Those of retired audit keys are kept apart in `superseded` when a later trusted
-        checkpoint covers their length, and refused when none does (then the old key's word is all there is)."""
-        accepted: list[Checkpoint] = []
-        superseded: list[Checkpoint] = []
-        waiting: list[tuple[int, Checkpoint]] = []  # of retired keys, until a trusted checkpoint covers them
-        trust = self.trust.current()
+    def _lines(self) -> list[tuple[int, Checkpoint]]:
+        lines = []
         if self.path.exists():
             text = self.path.read_text(encoding="utf-8")
             for number, line in enumerate(text.splitlines(keepends=True), start=1):
                 if not line.endswith("\n"):
                     raise MalformedCheckpointError(f"{self.path}:{number}: incomplete line")
                 try:
-                    checkpoint = Checkpoint.from_json(line)
-                    retired = trust.retired_key(AUDIT_PRODUCER, checkpoint.key_id)
-                    if retired is not None and checkpoint.origin == self.origin:
-                        _check_signature(checkpoint, retired)  # not believed, but not noise either
-                        waiting.append((number, checkpoint))
-                        continue
-                    verify_checkpoint(checkpoint, trust, self.origin, accepted[-1] if accepted else None)
-                    _cover(waiting, checkpoint)
+                    lines.append((number, Checkpoint.from_json(line)))
                 except CheckpointError as error:
                     raise type(error)(f"{self.path}:{number}: {error}") from None
-                superseded.extend(old for _, old in waiting)
-                waiting.clear()
-                accepted.append(checkpoint)
-        if waiting:
+        return lines
+
+    def load(self) -> list[Checkpoint]:
+        """Every checkpoint in the file signed by a trusted audit key, each verified (signature, origin, length
+        never going backwards, keys in runs). Those of retired audit keys are kept apart in `superseded` when a
+        later trusted checkpoint covers their length, and refused when none does (then the old key's word is all
+        there is), unless UNANCHORED_OK. A key the trust store does not know makes it read the store again once
+        (a rotation newer than its last look)."""
+        lines = self._lines()
+        trust = self.trust.current()
+        if any(not trust.knows(AUDIT_PRODUCER, checkpoint.key_id) for _, checkpoint in lines):
+            trust = self.trust.reload()
+        accepted: list[Checkpoint] = []
+        superseded: list[Checkpoint] = []
+        waiting: list[tuple[int, Checkpoint]] = []  # of retired keys, until a trusted checkpoint covers them
+        ended: set[str] = set()
+        previous: Checkpoint | None = None
+        for number, checkpoint in lines:
+            try:
+                _check_run(checkpoint, previous, ended)
+                retired = trust.retired_key(AUDIT_PRODUCER, checkpoint.key_id)
+                if retired is not None and checkpoint.origin == self.origin:
+                    _check_signature(checkpoint, retired)  # not believed, but not noise either
+                    _check_order(checkpoint, previous)
+                    waiting.append((number, checkpoint))
+                else:
+                    verify_checkpoint(checkpoint, trust, self.origin, previous)
+                    superseded.extend(old for _, old in waiting)
+                    waiting.clear()
+                    accepted.append(checkpoint)
+            except CheckpointError as error:
+                raise type(error)(f"{self.path}:{number}: {error}") from None
+            previous = checkpoint
+        if waiting and not self.unanchored_ok:
             number, checkpoint = waiting[0]
             raise BadCheckpointSignatureError(
                 f"{self.path}:{number}: checkpoint at length {checkpoint.length} is signed by the retired key "
                 f"{checkpoint.key_id!r} and no later checkpoint of a trusted audit key covers it")
         self.superseded = superseded
+        self.unanchored = [checkpoint for _, checkpoint in waiting]
         self._last = accepted[-1] if accepted else None
+        self._last_line = previous
+        self._ended = ended
         self._loaded = True
         return accepted
 
     @property
     def last(self) -> Checkpoint | None:
-        """The newest accepted checkpoint (reads the file the first time)."""
+        """The newest accepted (trusted) checkpoint (reads the file the first time)."""
         if not self._loaded:
             self.load()
         return self._last
 
+    @property
+    def last_line(self) -> Checkpoint | None:
+        """The file's newest checkpoint, trusted or not (an unanchored one, say)."""
+        if not self._loaded:
+            self.load()
+        return self._last_line
+
     def append(self, checkpoint: Checkpoint) -> None:
-        """Verify CHECKPOINT against the last accepted one, then add it to the file and fsync it. A key the trust
+        """Verify CHECKPOINT against the file's last line, then add it to the file and fsync it. A key the trust
         store does not know yet makes it read the store again once: the signer may have seen a rotation first."""
+        previous = self.last_line
+        ended = set(self._ended)
+        _check_run(checkpoint, previous, ended)
         try:
-            verify_checkpoint(checkpoint, self.trust.current(), self.origin, self.last)
+            verify_checkpoint(checkpoint, self.trust.current(), self.origin, previous)
         except BadCheckpointSignatureError:
-            verify_checkpoint(checkpoint, self.trust.reload(), self.origin, self.last)
+            verify_checkpoint(checkpoint, self.trust.reload(), self.origin, previous)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
         try:
@@ -272,16 +328,10 @@ class CheckpointFile:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._last = checkpoint
-
-
-def _cover(waiting: list[tuple[int, Checkpoint]], trusted: Checkpoint) -> None:
-    """TRUSTED supersedes the WAITING checkpoints of retired keys only if none claims a longer log."""
-    for number, checkpoint in waiting:
-        if checkpoint.length > trusted.length:
-            raise CheckpointRollbackError(
-                f"the checkpoint of line {number}, signed by the retired key {checkpoint.key_id!r}, claims "
-                f"{checkpoint.length} records, more than the trusted one after it ({trusted.length})")
+        self.superseded += self.unanchored
+        self.unanchored = []
+        self._last = self._last_line = checkpoint
+        self._ended = ended
 
 
 class Checkpointer:
@@ -308,8 +358,9 @@ class Checkpointer:
 
     def due(self, head: Head) -> bool:
         last = self.file.last
-        if last is not None and last.key_id != self.key.current().key_id:
-            return head.length >= last.length
+        if self.file.unanchored or (last is not None and last.key_id != self.key.current().key_id):
+            newest = self.file.last_line
+            return head.length >= (newest.length if newest is not None else 0)
         signed = last.length if last else 0
         if head.length <= signed:
             return False
@@ -320,8 +371,13 @@ class Checkpointer:
         return self.checkpoint(head) if self.due(head) else None
 
     def checkpoint(self, head: Head) -> Checkpoint:
-        """Sign HEAD now (at shutdown, say), write it to the file, and return it."""
-        checkpoint = sign_checkpoint(self.key.current(), self.file.origin, head)
-        self.file.append(checkpoint)
+        """Sign HEAD now (at shutdown, say), write it to the file, and return it. UntrustedSigningKeyError when the
+        key the ring gave is not (or no longer) trusted for checkpoints: the key ring is changing, try later."""
+        key = self.key.current()
+        checkpoint = sign_checkpoint(key, self.file.origin, head)
+        try:
+            self.file.append(checkpoint)
+        except BadCheckpointSignatureError as error:
+            raise UntrustedSigningKeyError(f"checkpoint signed with {key.key_id!r} refused: {error}") from None
         self._signed_at = self.clock()
         return checkpoint

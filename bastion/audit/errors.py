@@ -30,6 +30,11 @@ class BadCheckpointSignatureError(CheckpointError):
     """The signature does not verify, or its key is unknown, retired, or not one of the audit service's."""
 
 
+class UntrustedSigningKeyError(CheckpointError):
+    """The audit service's own new checkpoint was refused: the key it signed with is not (or no longer) trusted,
+    as for the moment between a retirement and the service's next look at the key ring. Transient."""
+
+
 class CheckpointRollbackError(CheckpointError):
     """The checkpoint's length is below the last accepted one: somebody is replaying an older log state."""
 

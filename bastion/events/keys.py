@@ -96,6 +96,10 @@ class TrustStore:
             raise VerificationError(RejectReason.UNKNOWN_KEY, f"key {key_id!r} of {producer!r} is {state}")
         return key
 
+    def knows(self, producer: str, key_id: str) -> bool:
+        """Whether PRODUCER has (or had) a key KEY_ID, in whatever state."""
+        return key_id in self._entries.get(producer, {})
+
     def retired_key(self, producer: str, key_id: str) -> Ed25519PublicKey | None:
         """The public half of KEY_ID if PRODUCER had it and retired it, else None. Nothing it verifies is to be
         believed (a key is retired because it may have leaked); it only tells a line signed with it from noise."""

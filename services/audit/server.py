@@ -28,8 +28,8 @@ NAME = "audit"
 TOPICS = ["accounts.events.v1", "payments.events.v1", "access.decisions.v1", ALERTS_TOPIC]
 
 
-def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings) -> CheckpointFile:
-    return CheckpointFile(runtime.ctx.layout.audit_checkpoints_file, runtime.trust(), own.origin)
+def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings, unanchored_ok: bool = False) -> CheckpointFile:
+    return CheckpointFile(runtime.ctx.layout.audit_checkpoints_file, runtime.trust(), own.origin, unanchored_ok)
 
 
 async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
@@ -43,8 +43,9 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
                              OutboxSecurityRecords(runtime.engine, runtime.outbox()))
     stop = threading.Event()
     runtime.start_relay(stop)
-    checkpointer = Checkpointer(runtime.key, checkpoint_file(runtime, own), own.checkpoint_every_records,
-                                own.checkpoint_every_seconds)
+    # The signer's view of the file: it may cover checkpoints of a key retired before it signed with its new one.
+    checkpointer = Checkpointer(runtime.key, checkpoint_file(runtime, own, unanchored_ok=True),
+                                own.checkpoint_every_records, own.checkpoint_every_seconds)
     publisher = CheckpointPublisher(runtime.kafka_config)
     rules = load_alert_rules(settings.infra_dir / "alert-rules.yaml")  # refused at start-up when wrong
     runtime.start_worker("consumer", lambda: AuditConsumer(

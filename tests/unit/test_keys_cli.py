@@ -3,6 +3,7 @@ with exit status 2 (a key that is not there, the active key, a producer that is 
 nobody can tell is safe, an audit key whose checkpoints no newer key vouches for yet). Retiring after the
 consumers caught up is tested on a running stack (tests/integration/test_key_retirement.py)."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from bastion.audit.checkpoints import sign_checkpoint
 from bastion.audit.install_tools import ORIGIN
 from bastion.cli import main
 from bastion.devstack.layout import StateLayout
-from bastion.events.keys import KeyRing
+from bastion.events.keys import KeyRing, SigningKey
 
 
 @pytest.fixture()
@@ -63,24 +64,49 @@ def test_retiring_without_a_running_kafka_is_refused_unless_forced(
     assert ring.state("accounts", old) == "retired"
 
 
-def test_an_audit_key_is_retired_only_once_a_newer_key_vouches_for_its_checkpoints(
+def test_an_audit_key_is_retired_only_once_a_newer_key_vouches_for_its_checkpoints_or_when_forced(
     ring: KeyRing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr("bastion.devstack.retirement.UNREAD_WAIT_SECONDS", 0.0)
+    monkeypatch.setattr("bastion.cli.unread_by_consumers", lambda *_args: [])  # no Kafka in a unit test
     layout = StateLayout(tmp_path / "state")
     ring.ensure(["audit"])
     old = ring.signing_key("audit")
     layout.audit_checkpoints_file.parent.mkdir(parents=True, exist_ok=True)
-    with layout.audit_checkpoints_file.open("a") as file:
-        file.write(sign_checkpoint(old, ORIGIN, Head(4, b"\x04" * 32)).to_json() + "\n")
+
+    def signed(key: SigningKey) -> None:
+        with layout.audit_checkpoints_file.open("a") as file:
+            file.write(sign_checkpoint(key, ORIGIN, Head(4, b"\x04" * 32)).to_json() + "\n")
+
+    signed(old)
     ring.rotate("audit")
-    assert main(["keys", "retire", "audit", old.key_id, "--force"]) == 2, "--force does not skip this check"
+    assert main(["keys", "retire", "audit", old.key_id]) == 2
     refusal = " ".join(capsys.readouterr().err.split())
-    assert "the audit service has not signed a checkpoint with its new key yet" in refusal
-    assert "no later checkpoint of a trusted audit key covers it" in refusal
+    assert f"{old.key_id}'s checkpoints would be all that vouches for the audit log" in refusal
+    assert "no later checkpoint of a trusted audit key covers it" in refusal and "Or add --force" in refusal
     assert ring.state("audit", old.key_id) == "verify-only", "nothing retired"
-    with layout.audit_checkpoints_file.open("a") as file:  # what the audit service does within seconds
-        file.write(sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(4, b"\x04" * 32)).to_json() + "\n")
-    assert main(["keys", "retire", "audit", old.key_id, "--force"]) == 0
+    signed(ring.signing_key("audit"))  # what the audit service does within seconds
+    assert main(["keys", "retire", "audit", old.key_id]) == 0
     assert "the checkpoints it signed are superseded by the newer key's" in " ".join(capsys.readouterr().out.split())
     assert ring.state("audit", old.key_id) == "retired"
+
+    second = ring.signing_key("audit")
+    ring.rotate("audit")  # and this time the key leaked with the audit service down: retire it at once
+    assert main(["keys", "retire", "audit", second.key_id, "--force"]) == 0
+    assert "`bastion audit verify` fails until it has" in " ".join(capsys.readouterr().err.split())
+    assert ring.state("audit", second.key_id) == "retired"
+
+
+def test_an_audit_checkpoint_file_that_does_not_verify_is_said_at_once(
+    ring: KeyRing, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layout = StateLayout(tmp_path / "state")
+    ring.ensure(["audit"])
+    old = ring.signing_key("audit")
+    layout.audit_checkpoints_file.parent.mkdir(parents=True, exist_ok=True)
+    layout.audit_checkpoints_file.write_text("not a checkpoint\n")
+    ring.rotate("audit")
+    started = time.monotonic()
+    assert main(["keys", "retire", "audit", old.key_id]) == 2
+    assert time.monotonic() - started < 5, "no waiting for what waiting cannot mend"
+    assert "the checkpoint file does not verify even now" in " ".join(capsys.readouterr().err.split())

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from sqlalchemy import Engine
 
 from bastion.audit.checkpoints import Checkpoint, Checkpointer
-from bastion.audit.errors import CheckpointError
+from bastion.audit.errors import CheckpointError, UntrustedSigningKeyError
 from bastion.audit.postgres import AuditLog
 from bastion.audit.records import AuditRecord
 from bastion.events.consumer import DeadLetters, broker_time, claimed_envelope, safe_claim
@@ -140,6 +140,7 @@ class AuditConsumer:
         self.publisher = publisher
         self.security = security
         self.signing_refused = False
+        self.key_in_flux = False
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.consumer = Consumer({**kafka_config, "group.id": domain.CONSUMER, "enable.auto.commit": False,
@@ -190,11 +191,17 @@ class AuditConsumer:
                 signed_hash = self.store.hash_at(conn, last.length) if last is not None else None
             domain.check_continuity(last, head, signed_hash)
             checkpoint = self.checkpointer.maybe_checkpoint(head)
+        except UntrustedSigningKeyError as error:  # the key ring is changing: the next poll signs with the new key
+            if not self.key_in_flux:
+                log.warning("checkpoint_key_not_trusted", detail=str(error))
+            self.key_in_flux = True
+            return
         except CheckpointError as error:
             self.signing_refused = True
             log.error("checkpoint_signing_refused", error=type(error).__name__, detail=str(error))
             self.security.checkpoint_refused(error, "checkpointer")
             return
+        self.key_in_flux = False
         if checkpoint is not None:
             self.publisher.publish(checkpoint)
 

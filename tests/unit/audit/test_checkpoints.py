@@ -24,6 +24,7 @@ from bastion.audit.errors import (
     CheckpointForkError,
     CheckpointRollbackError,
     MalformedCheckpointError,
+    UntrustedSigningKeyError,
 )
 from bastion.events.keys import KeyRing, SigningKey, TrustStore
 from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, trust_store
@@ -262,21 +263,80 @@ def test_a_retired_keys_checkpoints_count_only_when_a_trusted_one_covers_them(ri
         _ = unanchored.last  # so the audit service refuses to sign over it (services/audit/adapters/kafka.py)
 
 
-@pytest.mark.parametrize("case", ["after the anchor", "longer than the anchor", "not even signed by it"])
+CASES = ["after the anchor", "after the anchor, a genuine one after it", "longer than the anchor",
+         "a fork before the anchor", "not even signed by it"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_what_a_leaked_retired_key_signs_is_refused(ring: KeyRing, tmp_path: Path, case: str) -> None:
     old, new = rotated_and_retired(ring)
     before = sign_checkpoint(old, ORIGIN, Head(3, b"\x03" * 32))
     anchor = sign_checkpoint(new, ORIGIN, Head(3, b"\x03" * 32))
+    forged = sign_checkpoint(old, ORIGIN, Head(9, b"\x09" * 32))
     lines, error, where = {
-        "after the anchor": ([before, anchor, sign_checkpoint(old, ORIGIN, Head(9, b"\x09" * 32))],
-                             BadCheckpointSignatureError, ":3: .* no later checkpoint of a trusted"),
-        "longer than the anchor": ([sign_checkpoint(old, ORIGIN, Head(9, b"\x09" * 32)), anchor],
-                                   CheckpointRollbackError, ":2: .* claims 9 records, more than the trusted one"),
+        "after the anchor": ([before, anchor, forged], BadCheckpointSignatureError, ":3: .* moved on to another key"),
+        "after the anchor, a genuine one after it": ([before, anchor, forged, sign_checkpoint(
+            new, ORIGIN, Head(12, b"\x0c" * 32))], BadCheckpointSignatureError, ":3: .* moved on to another key"),
+        "longer than the anchor": ([forged, anchor], CheckpointRollbackError, ":2: .* below the accepted length 9"),
+        "a fork before the anchor": ([before, sign_checkpoint(old, ORIGIN, Head(3, b"\x04" * 32)), anchor],
+                                     CheckpointForkError, ":2: two different head hashes"),
         "not even signed by it": ([replace(before, head_hash=b"\x04" * 32), anchor],
                                   BadCheckpointSignatureError, ":1: checkpoint at length 3 does not verify"),
     }[case]
     with pytest.raises(error, match=where):
         CheckpointFile(file_of(tmp_path / "checkpoints.jsonl", lines), ring.trust_store(), ORIGIN).load()
+
+
+def test_a_key_the_log_moved_on_from_never_signs_again_even_while_still_trusted(ring: KeyRing, tmp_path: Path
+                                                                               ) -> None:
+    """A leaked key still verify-only (rotated, not yet retired): its forgery after the new key's checkpoint."""
+    old = ring.signing_key("audit")
+    ring.rotate("audit")
+    new = ring.signing_key("audit")
+    lines = [sign_checkpoint(old, ORIGIN, Head(3, b"\x03" * 32)), sign_checkpoint(new, ORIGIN, Head(3, b"\x03" * 32)),
+             sign_checkpoint(old, ORIGIN, Head(9, b"\x09" * 32))]
+    path = file_of(tmp_path / "checkpoints.jsonl", lines[:2])
+    file = CheckpointFile(path, ring.trust_store(), ORIGIN)
+    assert file.load() == lines[:2], "verify-only: still believed"
+    with pytest.raises(BadCheckpointSignatureError, match="moved on to another key"):
+        file.append(lines[2])
+    with pytest.raises(BadCheckpointSignatureError, match=r":3: .* moved on to another key"):
+        CheckpointFile(file_of(path, lines), ring.trust_store(), ORIGIN).load()
+
+
+def test_the_signer_covers_what_a_key_retired_too_early_left_unanchored(ring: KeyRing, tmp_path: Path) -> None:
+    """Retired (with --force) before the service signed with its new key: a verifier refuses the file, the
+    service's own view keeps the lines apart, signs over them with its new key, and the file verifies again."""
+    old = ring.signing_key("audit")
+    path = file_of(tmp_path / "checkpoints.jsonl", [sign_checkpoint(old, ORIGIN, Head(3, b"\x03" * 32)),
+                                                     sign_checkpoint(old, ORIGIN, Head(5, b"\x05" * 32))])
+    ring.rotate("audit")
+    ring.retire("audit", old.key_id)
+    with pytest.raises(BadCheckpointSignatureError, match="no later checkpoint of a trusted"):
+        CheckpointFile(path, ring.trust_store(), ORIGIN).load()
+    signer = CheckpointFile(path, ring.followed_trust_store(), ORIGIN, unanchored_ok=True)
+    checkpointer = Checkpointer(ring.followed_signing_key("audit"), signer, every_records=100, every_seconds=3600)
+    assert signer.last is None and [c.length for c in signer.unanchored] == [3, 5]
+    assert checkpointer.maybe_checkpoint(Head(4, b"\x04" * 32)) is None, "never below what it covers"
+    with pytest.raises(CheckpointRollbackError):
+        checkpointer.checkpoint(Head(4, b"\x04" * 32))
+    anchored = checkpointer.maybe_checkpoint(Head(6, b"\x06" * 32))
+    assert anchored is not None and anchored.key_id != old.key_id and signer.unanchored == []
+    verifier = CheckpointFile(path, ring.trust_store(), ORIGIN)
+    assert verifier.load() == [anchored] and [c.length for c in verifier.superseded] == [3, 5]
+
+
+def test_a_checkpoint_signed_with_a_key_no_longer_trusted_is_a_transient_refusal(ring: KeyRing, tmp_path: Path
+                                                                                 ) -> None:
+    """The moment between a retirement and the service's next look at the key ring: it still signs with the
+    old key; the file refuses the checkpoint and the service is told to try again, not to stop signing."""
+    old = ring.signing_key("audit")
+    ring.rotate("audit")
+    ring.retire("audit", old.key_id)
+    checkpointer = Checkpointer(old, CheckpointFile(tmp_path / "checkpoints.jsonl", ring.trust_store(), ORIGIN))
+    with pytest.raises(UntrustedSigningKeyError, match="retired"):
+        checkpointer.checkpoint(Head(3, b"\x03" * 32))
+    assert not (tmp_path / "checkpoints.jsonl").exists()
 
 
 def test_retiring_is_checked_beforehand_on_a_copy_of_the_trust_store(ring: KeyRing) -> None:
@@ -285,3 +345,16 @@ def test_retiring_is_checked_beforehand_on_a_copy_of_the_trust_store(ring: KeyRi
     trust = ring.trust_store()
     assert trust.retiring("audit", old).retired_key("audit", old) is not None
     assert trust.retired_key("audit", old) is None and ring.state("audit", old) == "verify-only", "nothing changed"
+
+
+def test_a_verifier_that_looked_at_the_trust_store_before_a_rotation_reads_it_again(ring: KeyRing, tmp_path: Path
+                                                                                     ) -> None:
+    """VerifyChain right after a rotation: the new key's checkpoint is in the file before the verifier's next
+    scheduled look at the key ring; it reads the ring again rather than refusing the file."""
+    old = ring.signing_key("audit")
+    verifier = CheckpointFile(tmp_path / "checkpoints.jsonl", ring.followed_trust_store(check_seconds=3600), ORIGIN)
+    ring.rotate("audit")
+    lines = [sign_checkpoint(old, ORIGIN, Head(3, b"\x03" * 32)),
+             sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(3, b"\x03" * 32))]
+    file_of(verifier.path, lines)
+    assert verifier.load() == lines

@@ -1,10 +1,12 @@
 """The audit service's consumer loop: a consumed batch's refused records are dead-lettered and acknowledged
 before the batch is appended and its offsets committed, so a refused record is never lost to a crash; the alerts
 the batch raises are written in the transaction that appends it; a checkpoint file it cannot believe stops the
-signing, never the log."""
+signing, never the log; checkpoints a key retired too early left unanchored are covered by the new key; a key
+retired a moment ago is waited out, not a reason to stop signing."""
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -134,22 +136,88 @@ class SecurityRecords:
         self.refused.append((type(error).__name__, where))
 
 
+class Engine:
+    """The audit database as the checkpointing part of the consumer reads it: the log's head."""
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[str]:
+        yield "connection"
+
+
+class Log:
+    def __init__(self, head: Head) -> None:
+        self.at = head
+
+    def head(self, _conn: str) -> Head:
+        return self.at
+
+    def hash_at(self, _conn: str, length: int) -> bytes:
+        assert length == self.at.length, "this log only knows its head"
+        return self.at.hash
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.published: list[Any] = []
+
+    def publish(self, checkpoint: Any) -> None:
+        self.published.append(checkpoint)
+
+
+def checkpointing(checkpointer: Checkpointer, head: Head) -> AuditConsumer:
+    consumer = AuditConsumer.__new__(AuditConsumer)  # only the checkpointing part is needed here
+    consumer.checkpointer, consumer.engine, consumer.store = checkpointer, Engine(), Log(head)  # type: ignore[assignment]
+    consumer.security, consumer.publisher = SecurityRecords(), Publisher()  # type: ignore[assignment]
+    consumer.signing_refused = consumer.key_in_flux = False
+    return consumer
+
+
 def test_a_checkpoint_file_it_cannot_believe_stops_the_signing_with_a_security_record(
     ring: KeyRing, tmp_path: Path
 ) -> None:
-    """The audit key retired before the service signed with its new one: the file's checkpoints are the retired
-    key's word only. The service signs nothing over them and says so; it does not crash its consumer loop."""
+    """A forged line in the file: the service signs nothing over it and says so; it does not crash its consumer
+    loop, and the log goes on taking records."""
+    genuine = sign_checkpoint(ring.signing_key("audit"), "origin", Head(3, b"\x03" * 32))
+    forged = replace(genuine, head_hash=b"\x04" * 32)
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_text(forged.to_json() + "\n")
+    consumer = checkpointing(Checkpointer(ring.followed_signing_key("audit"),
+                                          CheckpointFile(path, ring.trust_store(), "origin", unanchored_ok=True)),
+                             Head(4, b"\x04" * 32))
+    consumer._checkpoint_if_due()
+    consumer._checkpoint_if_due()
+    assert consumer.signing_refused
+    assert consumer.security.refused == [("BadCheckpointSignatureError", "checkpointer")]  # type: ignore[attr-defined]
+    assert len(path.read_text().splitlines()) == 1, "nothing signed over the unbelieved checkpoint"
+
+
+def test_what_a_key_retired_too_early_left_unanchored_is_covered_by_the_new_key(ring: KeyRing, tmp_path: Path
+                                                                               ) -> None:
     old = ring.signing_key("audit")
     path = tmp_path / "checkpoints.jsonl"
     path.write_text(sign_checkpoint(old, "origin", Head(3, b"\x03" * 32)).to_json() + "\n")
     ring.rotate("audit")
+    ring.retire("audit", old.key_id)  # with --force, the service not yet signed with its new key
+    consumer = checkpointing(Checkpointer(ring.followed_signing_key("audit"),
+                                          CheckpointFile(path, ring.trust_store(), "origin", unanchored_ok=True),
+                                          every_records=1000, every_seconds=3600), Head(5, b"\x05" * 32))
+    consumer._checkpoint_if_due()
+    [anchor] = consumer.publisher.published  # type: ignore[attr-defined]
+    assert anchor.key_id == ring.signing_key("audit").key_id and anchor.length == 5 and not consumer.signing_refused
+    assert CheckpointFile(path, ring.trust_store(), "origin").load() == [anchor], "the log verifies again"
+
+
+def test_signing_with_a_key_just_retired_waits_for_the_new_key_instead_of_stopping(ring: KeyRing, tmp_path: Path
+                                                                                  ) -> None:
+    old = ring.signing_key("audit")
+    ring.rotate("audit")
     ring.retire("audit", old.key_id)
-    consumer = AuditConsumer.__new__(AuditConsumer)  # only the checkpointing part is needed here
-    consumer.checkpointer = Checkpointer(ring.followed_signing_key("audit"),
-                                         CheckpointFile(path, ring.trust_store(), "origin"))
-    consumer.security = security = SecurityRecords()  # type: ignore[assignment]
-    consumer.signing_refused = False
+    consumer = checkpointing(Checkpointer(old, CheckpointFile(tmp_path / "checkpoints.jsonl", ring.trust_store(),
+                                                              "origin", unanchored_ok=True), every_records=1),
+                             Head(2, b"\x02" * 32))
     consumer._checkpoint_if_due()
+    assert consumer.key_in_flux and not consumer.signing_refused
+    assert consumer.security.refused == [] and consumer.publisher.published == []  # type: ignore[attr-defined]
+    consumer.checkpointer.key = ring.followed_signing_key("audit")  # its next look at the key ring
     consumer._checkpoint_if_due()
-    assert consumer.signing_refused and security.refused == [("BadCheckpointSignatureError", "checkpointer")]
-    assert len(path.read_text().splitlines()) == 1, "nothing signed over the unbelieved checkpoints"
+    assert not consumer.key_in_flux and len(consumer.publisher.published) == 1  # type: ignore[attr-defined]
