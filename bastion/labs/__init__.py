@@ -168,6 +168,16 @@ LABS: tuple[Lab, ...] = (
         where="bastion/events/keys.py (rotate, retire, Followed), bastion/events/verify.py (EnvelopeVerifier), "
               "bastion/labs/keys.py",
         expect="unknown_key", probe=keys.leaked_signing_key),
+    Lab("leaked-audit-key", "The audit service's key leaks: a forged checkpoint for a rewritten log",
+        attack="With a copy of the audit service's signing key, taken before the operator rotated and retired it, "
+               "sign a checkpoint of a rewritten log (one record more, another head hash) and add it to a copy of "
+               "the checkpoint file, right after the new key's first checkpoint and before it.",
+        defence="The audit service signs its log's head with its new key within seconds of the rotation, and "
+                "retiring waits for it; a retired key's checkpoints count only when a trusted one covers them, and "
+                "a key signs no more once the file moved on to another, so the verifier refuses the forgery "
+                "wherever it stands.",
+        where="bastion/audit/checkpoints.py (Checkpointer.due, CheckpointFile.load), bastion/devstack/retirement.py",
+        expect="checkpoint refused", probe=keys.leaked_audit_key),
     Lab("double-spend", "A double-spend race",
         attack="From an account holding 10.00 EUR, send 8 transfers of 3.00 EUR at once with one idempotency "
                "key, then 12 at once, each with its own key.",

@@ -1,16 +1,28 @@
-"""Key-compromise lab: a producer's signing key leaks. The operator rotates it and retires the leaked key while
+"""Key-compromise labs. A producer's signing key leaks: the operator rotates it and retires the leaked key while
 the platform runs, as `bastion keys` does; the thief's events are then refused by every consumer, and no service
 was restarted for it (running services follow the key ring: `KeyRing.followed_trust_store`,
-`KeyRing.followed_signing_key`).
+`KeyRing.followed_signing_key`). The audit service's key leaks: its new key vouches for the log at once, and a
+checkpoint the thief signs with the retired key is refused by the verifier.
 
-This lab changes the install for real, as the drill it is: the producer gets a new signing key and the leaked
-one stays retired (`bastion keys list` shows both)."""
+These labs change the install for real, as the drills they are: the producer (accounts, the audit service) gets a
+new signing key and the leaked one stays retired (`bastion keys list` shows both). The forged checkpoint goes into
+a scratch copy of the checkpoint file only, never into the install's own."""
 
+import os
+import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+from bastion.audit.chain import HASH_BYTES, Head
+from bastion.audit.checkpoints import AUDIT_PRODUCER, Checkpoint, CheckpointFile, sign_checkpoint
+from bastion.audit.errors import CheckpointError
+from bastion.audit.install_tools import ORIGIN
 from bastion.devstack.event_access import load_policy
-from bastion.events.keys import FOLLOW_CHECK_SECONDS
+from bastion.devstack.retirement import unanchored_if_retired
+from bastion.events.keys import FOLLOW_CHECK_SECONDS, TrustStore
 from bastion.labs.bank import Bank, euros
 from bastion.labs.base import Evidence
 from bastion.labs.events import (
@@ -55,7 +67,7 @@ def leaked_signing_key(session: Session) -> Iterator[Evidence]:
                    f"{DEPOSITED} {genuine.event_id} signed with {genuine.key_id}", genuine.key_id == new_key)
     if genuine.key_id != new_key:
         return  # retiring now would refuse the producer's own events: the drill stops with the old key verify-only
-    yield from _read_past_the_rotation(session, wait)
+    yield from _read_past_the_rotation(session, PRODUCER, wait)
     told = times_told(session, inbox, genuine.event_id, last_seen, wait=True, lab=LAB)
     yield Evidence("bob's notifications", f"told {told} time(s) of that deposit: the new key is believed",
                    told == 1)
@@ -70,15 +82,86 @@ def leaked_signing_key(session: Session) -> Iterator[Evidence]:
     yield from inject(session, ACCOUNTS_TOPIC, PRODUCER, forged.SerializeToString(), "unknown_key", correlation_id)
 
 
-def _read_past_the_rotation(session: Session, wait: float) -> Iterator[Evidence]:
-    """Wait until every consumer group of the producer's topics has read all that was written before now, so
-    that nothing the producer signed with the old key is left unread when it is retired (what an operator
-    checks before `bastion keys retire`)."""
+def _read_past_the_rotation(session: Session, producer: str, wait: float) -> Iterator[Evidence]:
+    """Wait until every consumer group of PRODUCER's topics has read all that was written before now, so that
+    nothing the producer signed with the old key is left unread when it is retired (what an operator checks
+    before `bastion keys retire`)."""
     policy = load_policy(session.ctx.settings.infra_dir / "event-access.yaml", set(session.ctx.service_names))
-    groups = policy.readers_of(PRODUCER)
+    groups = policy.readers_of(producer)
     behind = session.behind(groups, wait)
     if behind:
         raise LabSetupError(f"the consumers did not read past the rotation within {wait:.0f}s "
                             f"({', '.join(behind)}): the old key was left verify-only")
     yield Evidence("before retiring", f"every consumer group of {', '.join(sorted(groups))} has read past the "
                    "rotation: nothing signed with the old key is left unread")
+
+
+AUDIT_LAB = "leaked-audit-key"
+
+
+def leaked_audit_key(session: Session) -> Iterator[Evidence]:
+    ring = session.key_ring()
+    layout = session.ctx.layout
+    leaked = ring.signing_key(AUDIT_PRODUCER)
+    yield Evidence("the leak", f"a copy of the audit service's signing key {leaked.key_id}, which signs the audit "
+                   "log's checkpoints, as anyone who read the state folder of a compromised host holds it")
+    new_key = ring.rotate(AUDIT_PRODUCER)
+    yield Evidence("the response, step 1: `bastion keys rotate audit`", f"new active key {new_key}")
+    unanchored = unanchored_if_retired(layout, leaked.key_id)
+    anchor = next((checkpoint for checkpoint in _lines(layout.audit_checkpoints_file)
+                   if checkpoint.key_id == new_key), None)
+    yield Evidence("the audit service signs its log's head with the new key, no restart",
+                   f"checkpoint at length {anchor.length} signed with {new_key}" if anchor and not unanchored else
+                   f"none yet: {unanchored}", anchor is not None and unanchored is None)
+    if anchor is None or unanchored is not None:
+        return  # retiring now would leave the log with nothing trusted vouching for it: the old key stays
+    wait = session.target.verdict_wait_seconds
+    yield from _read_past_the_rotation(session, AUDIT_PRODUCER, wait)
+    ring.retire(AUDIT_PRODUCER, leaked.key_id)
+    yield Evidence(f"step 2: `bastion keys retire audit {leaked.key_id}`",
+                   "retired in the trust store, its private key deleted from the key ring")
+    trust = ring.trust_store()
+    genuine = CheckpointFile(layout.audit_checkpoints_file, trust, ORIGIN)
+    try:
+        genuine.load()
+    except CheckpointError as error:
+        raise LabSetupError(f"the install's own checkpoint file does not verify: {error}") from None
+    yield Evidence("the install's checkpoints (calibration)",
+                   f"{len(genuine.superseded)} checkpoints of retired keys (the leaked one's among them) "
+                   f"superseded by the new key's, which vouches for {genuine.last.length if genuine.last else 0} "
+                   "records")
+    forged = sign_checkpoint(leaked, ORIGIN, Head(anchor.length + 1, secrets.token_bytes(HASH_BYTES)))
+    yield Evidence("the attack", f"a checkpoint of a rewritten log ({forged.length} records, another head hash) "
+                   f"signed with the leaked key, added to a scratch copy of the checkpoint file")
+    yield verdict_on_copy(layout.audit_checkpoints_file, trust, "right after the new key's first", forged, anchor,
+                          after=True)
+    yield verdict_on_copy(layout.audit_checkpoints_file, trust, "before the new key's first", forged, anchor)
+
+
+def _lines(path: Path) -> list[Checkpoint]:
+    """The checkpoints of the file as written, none verified."""
+    return [Checkpoint.from_json(line) for line in path.read_text(encoding="utf-8").splitlines()] \
+        if path.exists() else []
+
+
+def verdict_on_copy(path: Path, trust: TrustStore, where: str, forged: Checkpoint, beside: Checkpoint,
+                    after: bool = False) -> Evidence:
+    """What the verifier says of a scratch copy of PATH with FORGED added just before (or AFTER) its line BESIDE:
+    refused is the defence firing; believed is the attack getting through."""
+    what = f"`bastion audit verify` on the copy, the forgery {where}"
+    with tempfile.TemporaryDirectory(prefix="lab-audit-key-") as scratch:
+        copy = Path(scratch) / path.name
+        shutil.copyfile(path, copy)
+        os.chmod(copy, 0o600)
+        lines = copy.read_text(encoding="utf-8").splitlines(keepends=True)
+        at = lines.index(beside.to_json() + "\n") + (1 if after else 0)
+        lines.insert(at, forged.to_json() + "\n")
+        copy.write_text("".join(lines), encoding="utf-8")
+        try:
+            accepted = CheckpointFile(copy, trust, ORIGIN).load()
+        except CheckpointError as error:
+            return Evidence(what, f"checkpoint refused: {type(error).__name__}: {error}".replace(scratch, "SCRATCH"),
+                            True)
+    believed = forged in accepted
+    return Evidence(what, "the forged checkpoint is believed" if believed else "loaded, the forgery set aside",
+                    not believed)

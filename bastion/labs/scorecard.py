@@ -79,7 +79,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
         Concern("Centralized authentication (Keycloak), short-lived tokens", ("forged-token", "foreign-audience")),
         Concern("Redis traffic encryption", ("datastore-access",)),
         Concern("Input validation and secure error handling", ("hostile-input",)),
-        Concern("Secure key management", ("leaked-signing-key",)),
+        Concern("Secure key management", ("leaked-signing-key", "leaked-audit-key")),
         Concern("Service mesh, WAF", not_covered="no mesh or HTTP edge"),
         Concern("Data backup security", ("stolen-backup",)),
         Concern("Session management", ("revoked-session",)),

@@ -14,7 +14,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import jwt
 import pytest
@@ -22,6 +24,9 @@ from rich.console import Console
 from sqlalchemy import Connection, create_engine, select
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.audit.chain import Head
+from bastion.audit.checkpoints import Checkpoint, CheckpointFile, sign_checkpoint
+from bastion.audit.install_tools import ORIGIN
 from bastion.devstack import distributions
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.keycloak import Keycloak
@@ -30,7 +35,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.events.catalog import SCHEMAS
 from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
-from bastion.events.keys import KeyRing
+from bastion.events.keys import KeyRing, TrustStore
 from bastion.events.storage import EVENTS_METADATA, inbox
 from bastion.events.trust import TrustPolicy
 from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, parse_envelope
@@ -40,6 +45,7 @@ from bastion.grpc.server import ServerSecurity, start_server
 from bastion.grpc.tokens import JwksCache, Principal, TokenValidator, jwks_url
 from bastion.labs import LABS, find
 from bastion.labs.base import LabResult, Outcome, exit_status, run_lab
+from bastion.labs.keys import verdict_on_copy
 from bastion.labs.logs import untouched_since
 from bastion.labs.personal import in_clear_or_sealed
 from bastion.labs.platform import EventRoute, Session, Target
@@ -372,6 +378,42 @@ def test_the_personal_data_check_notices_an_address_in_clear() -> None:
     for leaked in (b"...owner_email: " + secret + b"...", b"BOB.0123456789@EXAMPLE.COM", secret.hex().encode(),
                    secret.decode().encode("utf-16-le")):
         assert in_clear_or_sealed("x", leaked, secret, "sealed").held is False, leaked
+
+
+def test_the_audit_key_verdict_notices_a_verifier_that_still_believes_the_leaked_key(tmp_path: Path) -> None:
+    """What `leaked-audit-key` reads from the verifier: with the leaked key retired, its forgery is refused right
+    after the new key's checkpoint (a genuine one after it) and before it; a verifier that believes any key the
+    trust store ever held (the key never retired, and no rule that keys sign in runs) believes the same forgery."""
+    ring = KeyRing(tmp_path / "keys")
+    ring.ensure(["audit"])
+    leaked = ring.signing_key("audit")
+    path = tmp_path / "checkpoints.jsonl"
+    old = sign_checkpoint(leaked, ORIGIN, Head(5, b"\x05" * 32))
+    ring.rotate("audit")
+    anchor = sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(5, b"\x05" * 32))
+    later = sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(8, b"\x08" * 32))
+    path.write_text("".join(c.to_json() + "\n" for c in (old, anchor, later)))
+    forged = sign_checkpoint(leaked, ORIGIN, Head(6, b"\x06" * 32))
+    ring.retire("audit", leaked.key_id)
+    assert verdict_on_copy(path, ring.trust_store(), "after", forged, anchor, after=True).held is True
+    assert verdict_on_copy(path, ring.trust_store(), "before", forged, anchor).held is True
+    assert path.read_text() == "".join(c.to_json() + "\n" for c in (old, anchor, later)), "only a copy is forged"
+    with patch("bastion.labs.keys.CheckpointFile", BelievesEveryKeyItEverHeld):
+        assert verdict_on_copy(path, ring.trust_store(), "after", forged, anchor, after=True).held is False
+
+
+class BelievesEveryKeyItEverHeld(CheckpointFile):
+    """The control switched off: a checkpoint verifies if any key the trust store ever held signed it."""
+
+    def load(self) -> list[Checkpoint]:
+        store = self.trust.current()
+        return [checkpoint for line in self.path.read_text().splitlines()
+                if _signed_by_some_key(store, checkpoint := Checkpoint.from_json(line))]
+
+
+def _signed_by_some_key(store: TrustStore, checkpoint: Checkpoint) -> bool:
+    key = store.retired_key("audit", checkpoint.key_id) or store.public_key("audit", checkpoint.key_id)
+    return key.verify(checkpoint.signature, checkpoint.signed_bytes()) is None
 
 
 def test_the_download_lab_fails_when_the_pins_are_not_checked(
