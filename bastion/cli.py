@@ -298,8 +298,9 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
                   f"{FOLLOW_CHECK_SECONDS:g} s" + ("; the checkpoints it signed are superseded by the newer key's"
                                                    if args.producer == AUDIT_PRODUCER and not unanchored else ""))
     if unanchored:
-        errors.print("bastion keys retire: warning: the audit service has not signed with its new key yet: "
-                     "`bastion audit verify` fails until it has (it does within seconds once running)")
+        errors.print(f"bastion keys retire: warning: `bastion audit verify` fails until the audit service has signed "
+                     f"with its new key (it does within seconds once running, over a log that still matches the "
+                     f"checkpoints it found): {unanchored}")
     return 0
 
 

@@ -190,7 +190,8 @@ def _check_order(checkpoint: Checkpoint, previous: Checkpoint | None) -> None:
         return
     if checkpoint.length < previous.length:
         raise CheckpointRollbackError(
-            f"checkpoint at length {checkpoint.length} is below the accepted length {previous.length}")
+            f"checkpoint at length {checkpoint.length} is below the accepted length {previous.length} of the "
+            "checkpoint before it")
     if checkpoint.length == previous.length and checkpoint.head_hash != previous.head_hash:
         raise CheckpointForkError(f"two different head hashes were signed for length {checkpoint.length}")
 
@@ -357,6 +358,8 @@ class Checkpointer:
         self._signed_at = clock()
 
     def due(self, head: Head) -> bool:
+        if head.length == 0:
+            return False  # an empty log: nothing to vouch for
         last = self.file.last
         if self.file.unanchored or (last is not None and last.key_id != self.key.current().key_id):
             newest = self.file.last_line
@@ -378,6 +381,9 @@ class Checkpointer:
         try:
             self.file.append(checkpoint)
         except BadCheckpointSignatureError as error:
+            store = self.file.trust.reload()
+            if store.knows(AUDIT_PRODUCER, key.key_id) and store.retired_key(AUDIT_PRODUCER, key.key_id) is None:
+                raise  # a key the store trusts and the file still refuses (signing again after moving on): no wait
             raise UntrustedSigningKeyError(f"checkpoint signed with {key.key_id!r} refused: {error}") from None
         self._signed_at = self.clock()
         return checkpoint

@@ -42,14 +42,14 @@ def unanchored_if_retired(layout: StateLayout, key_id: str, wait_seconds: float 
     """Why retiring the audit key KEY_ID would leave checkpoints that no trusted key vouches for (`bastion audit
     verify` would then fail), after waiting up to WAIT_SECONDS (default UNREAD_WAIT_SECONDS) for the audit service
     to sign with its new key; None when retiring it leaves every checkpoint covered. A checkpoint file that does
-    not verify even now is said at once: no waiting mends it."""
+    not verify now, before this retirement, is said at once (what is wrong with it is not this key's anchor)."""
     deadline = time.monotonic() + (UNREAD_WAIT_SECONDS if wait_seconds is None else wait_seconds)
     while True:
         trust = KeyRing(layout.event_keys_dir).trust_store()
         try:
             CheckpointFile(layout.audit_checkpoints_file, trust, ORIGIN).load()
         except CheckpointError as error:
-            return f"the checkpoint file does not verify even now: {error}"
+            return f"the checkpoint file does not verify now: {error}"
         try:
             CheckpointFile(layout.audit_checkpoints_file, trust.retiring(AUDIT_PRODUCER, key_id), ORIGIN).load()
             return None

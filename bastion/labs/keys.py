@@ -22,7 +22,7 @@ from bastion.audit.errors import CheckpointError
 from bastion.audit.install_tools import ORIGIN
 from bastion.devstack.event_access import load_policy
 from bastion.devstack.retirement import unanchored_if_retired
-from bastion.events.keys import FOLLOW_CHECK_SECONDS, TrustStore
+from bastion.events.keys import FOLLOW_CHECK_SECONDS, SigningKey, TrustStore
 from bastion.labs.bank import Bank, euros
 from bastion.labs.base import Evidence
 from bastion.labs.events import (
@@ -136,6 +136,17 @@ def leaked_audit_key(session: Session) -> Iterator[Evidence]:
     yield verdict_on_copy(layout.audit_checkpoints_file, trust, "right after the new key's first", forged, anchor,
                           after=True)
     yield verdict_on_copy(layout.audit_checkpoints_file, trust, "before the new key's first", forged, anchor)
+    yield from _among_the_leaked_keys_own(layout.audit_checkpoints_file, trust, leaked)
+
+
+def _among_the_leaked_keys_own(path: Path, trust: TrustStore, leaked: SigningKey) -> Iterator[Evidence]:
+    """A forgery only the retirement stops: in order, in the leaked key's own run, before its first genuine line
+    (a shorter log, another head hash). A verifier that ignored the retirement would believe it."""
+    first = next((line for line in _lines(path) if line.key_id == leaked.key_id), None)
+    if first is None or first.length < 2:
+        return  # the leaked key signed no log of two records or more: no place in order before its first line
+    forged = sign_checkpoint(leaked, ORIGIN, Head(first.length - 1, secrets.token_bytes(HASH_BYTES)))
+    yield verdict_on_copy(path, trust, "among the leaked key's own, in order", forged, first)
 
 
 def _lines(path: Path) -> list[Checkpoint]:

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from unittest.mock import patch
 
 import jwt
 import pytest
@@ -25,7 +24,7 @@ from sqlalchemy import Connection, create_engine, select
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.audit.chain import Head
-from bastion.audit.checkpoints import Checkpoint, CheckpointFile, sign_checkpoint
+from bastion.audit.checkpoints import sign_checkpoint
 from bastion.audit.install_tools import ORIGIN
 from bastion.devstack import distributions
 from bastion.devstack.components.kafka import Kafka
@@ -35,7 +34,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
 from bastion.events.catalog import SCHEMAS
 from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
-from bastion.events.keys import KeyRing, TrustStore
+from bastion.events.keys import KeyRing
 from bastion.events.storage import EVENTS_METADATA, inbox
 from bastion.events.trust import TrustPolicy
 from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, parse_envelope
@@ -381,9 +380,9 @@ def test_the_personal_data_check_notices_an_address_in_clear() -> None:
 
 
 def test_the_audit_key_verdict_notices_a_verifier_that_still_believes_the_leaked_key(tmp_path: Path) -> None:
-    """What `leaked-audit-key` reads from the verifier: with the leaked key retired, its forgery is refused right
-    after the new key's checkpoint (a genuine one after it) and before it; a verifier that believes any key the
-    trust store ever held (the key never retired, and no rule that keys sign in runs) believes the same forgery."""
+    """What `leaked-audit-key` reads from the verifier: with the leaked key retired, each forgery is refused or set
+    aside (right after the new key's checkpoint with a genuine one after it, before it, and in order among the
+    leaked key's own); a verifier that never heard of the retirement believes the last one."""
     ring = KeyRing(tmp_path / "keys")
     ring.ensure(["audit"])
     leaked = ring.signing_key("audit")
@@ -392,28 +391,17 @@ def test_the_audit_key_verdict_notices_a_verifier_that_still_believes_the_leaked
     ring.rotate("audit")
     anchor = sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(5, b"\x05" * 32))
     later = sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(8, b"\x08" * 32))
-    path.write_text("".join(c.to_json() + "\n" for c in (old, anchor, later)))
-    forged = sign_checkpoint(leaked, ORIGIN, Head(6, b"\x06" * 32))
+    genuine = "".join(c.to_json() + "\n" for c in (old, anchor, later))
+    path.write_text(genuine)
+    never_told = ring.trust_store()  # the leaked key still verify-only
     ring.retire("audit", leaked.key_id)
+    forged = sign_checkpoint(leaked, ORIGIN, Head(6, b"\x06" * 32))
     assert verdict_on_copy(path, ring.trust_store(), "after", forged, anchor, after=True).held is True
     assert verdict_on_copy(path, ring.trust_store(), "before", forged, anchor).held is True
-    assert path.read_text() == "".join(c.to_json() + "\n" for c in (old, anchor, later)), "only a copy is forged"
-    with patch("bastion.labs.keys.CheckpointFile", BelievesEveryKeyItEverHeld):
-        assert verdict_on_copy(path, ring.trust_store(), "after", forged, anchor, after=True).held is False
-
-
-class BelievesEveryKeyItEverHeld(CheckpointFile):
-    """The control switched off: a checkpoint verifies if any key the trust store ever held signed it."""
-
-    def load(self) -> list[Checkpoint]:
-        store = self.trust.current()
-        return [checkpoint for line in self.path.read_text().splitlines()
-                if _signed_by_some_key(store, checkpoint := Checkpoint.from_json(line))]
-
-
-def _signed_by_some_key(store: TrustStore, checkpoint: Checkpoint) -> bool:
-    key = store.retired_key("audit", checkpoint.key_id) or store.public_key("audit", checkpoint.key_id)
-    return key.verify(checkpoint.signature, checkpoint.signed_bytes()) is None
+    in_order = sign_checkpoint(leaked, ORIGIN, Head(4, b"\x04" * 32))
+    assert verdict_on_copy(path, ring.trust_store(), "in order", in_order, old).held is True
+    assert verdict_on_copy(path, never_told, "in order", in_order, old).held is False
+    assert path.read_text() == genuine, "only a scratch copy is forged"
 
 
 def test_the_download_lab_fails_when_the_pins_are_not_checked(

@@ -179,17 +179,23 @@ class AuditConsumer:
         return len(records)
 
     def _checkpoint_if_due(self) -> None:
-        """Sign the committed head when due. A head below the last signed checkpoint (a database restored from
-        an old copy, or rows removed), or a checkpoint file that does not verify, is never signed over: signing
-        stops, and a security record says why. The log itself goes on taking records."""
+        """Sign the committed head when due. A head below the last signed checkpoint or the file's newest line (a
+        database restored from an old copy, or rows removed), another hash at their length (rewritten), or a
+        checkpoint file that does not verify, is never signed over: signing stops, and a security record says why.
+        The log itself goes on taking records."""
         if self.signing_refused:
             return
         try:
-            last = self.checkpointer.file.last  # the file read at the first call: it may refuse a line
+            # The file is read at the first call (it may refuse a line). The log must still extend the newest trusted
+            # checkpoint and the file's newest line, even one of a retired key the service is about to cover: it
+            # believes no such line, but will not sign over a log that no longer matches it either.
+            file = self.checkpointer.file
+            signed = list(dict.fromkeys(line for line in (file.last, file.last_line) if line is not None))
             with self.engine.connect() as conn:
                 head = self.store.head(conn)
-                signed_hash = self.store.hash_at(conn, last.length) if last is not None else None
-            domain.check_continuity(last, head, signed_hash)
+                hashes = [self.store.hash_at(conn, line.length) for line in signed]
+            for line, signed_hash in zip(signed, hashes, strict=True):
+                domain.check_continuity(line, head, signed_hash)
             checkpoint = self.checkpointer.maybe_checkpoint(head)
         except UntrustedSigningKeyError as error:  # the key ring is changing: the next poll signs with the new key
             if not self.key_in_flux:

@@ -358,3 +358,19 @@ def test_a_verifier_that_looked_at_the_trust_store_before_a_rotation_reads_it_ag
              sign_checkpoint(ring.signing_key("audit"), ORIGIN, Head(3, b"\x03" * 32))]
     file_of(verifier.path, lines)
     assert verifier.load() == lines
+
+
+def test_a_trusted_key_refused_for_signing_again_after_the_file_moved_on_is_no_transient_matter(
+    ring: KeyRing, tmp_path: Path
+) -> None:
+    """A key ring restored from an old backup under a running service: it signs with a key the file moved on
+    from, still trusted. Waiting would not mend it, so it is not reported as a key ring in flux."""
+    old = ring.signing_key("audit")
+    ring.rotate("audit")
+    path = file_of(tmp_path / "checkpoints.jsonl", [sign_checkpoint(old, ORIGIN, Head(3, b"\x03" * 32)),
+                                                     sign_checkpoint(ring.signing_key("audit"), ORIGIN,
+                                                                     Head(3, b"\x03" * 32))])
+    checkpointer = Checkpointer(old, CheckpointFile(path, ring.trust_store(), ORIGIN))
+    with pytest.raises(BadCheckpointSignatureError, match="moved on to another key") as refused:
+        checkpointer.checkpoint(Head(4, b"\x04" * 32))
+    assert not isinstance(refused.value, UntrustedSigningKeyError)
