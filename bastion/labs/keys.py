@@ -8,6 +8,7 @@ These labs change the install for real, as the drills they are: the producer (ac
 new signing key and the leaked one stays retired (`bastion keys list` shows both). The forged checkpoint goes into
 a scratch copy of the checkpoint file only, never into the install's own."""
 
+import itertools
 import os
 import secrets
 import shutil
@@ -140,13 +141,22 @@ def leaked_audit_key(session: Session) -> Iterator[Evidence]:
 
 
 def _among_the_leaked_keys_own(path: Path, trust: TrustStore, leaked: SigningKey) -> Iterator[Evidence]:
-    """A forgery only the retirement stops: in order, in the leaked key's own run, before its first genuine line
-    (a shorter log, another head hash). A verifier that ignored the retirement would believe it."""
-    first = next((line for line in _lines(path) if line.key_id == leaked.key_id), None)
-    if first is None or first.length < 2:
-        return  # the leaked key signed no log of two records or more: no place in order before its first line
-    forged = sign_checkpoint(leaked, ORIGIN, Head(first.length - 1, secrets.token_bytes(HASH_BYTES)))
-    yield verdict_on_copy(path, trust, "among the leaked key's own, in order", forged, first)
+    """A forgery only the retirement stops: in order inside the leaked key's own run of lines, between two of them
+    whose lengths leave room (a log one record longer than the first, another head hash). A verifier that ignored
+    the retirement would believe it."""
+    lines = [None, *_lines(path)]  # None: the start of the file, before every line
+    room = next(((after, before) for after, before in itertools.pairwise(lines)
+                 if before is not None and before.key_id == leaked.key_id
+                 and (after is None or after.key_id == leaked.key_id)
+                 and before.length - (after.length if after is not None else 0) >= 2), None)
+    if room is None:
+        yield Evidence("a forgery in order among the leaked key's own", "not tried: its lines leave no room between "
+                       "them (it signed little before the rotation)")
+        return
+    after, before = room
+    forged = sign_checkpoint(leaked, ORIGIN, Head((after.length if after is not None else 0) + 1,
+                                                  secrets.token_bytes(HASH_BYTES)))
+    yield verdict_on_copy(path, trust, "among the leaked key's own, in order", forged, before)
 
 
 def _lines(path: Path) -> list[Checkpoint]:
