@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from bastion.audit.chain import Head
 from bastion.audit.checkpoints import Checkpointer, CheckpointFile, sign_checkpoint
@@ -242,8 +243,11 @@ def test_signing_with_a_key_just_retired_waits_for_the_new_key_instead_of_stoppi
     consumer = checkpointing(Checkpointer(old, CheckpointFile(tmp_path / "checkpoints.jsonl", ring.trust_store(),
                                                               "origin", unanchored_ok=True), every_records=1),
                              Head(2, b"\x02" * 32))
-    consumer._checkpoint_if_due()
+    with capture_logs() as logs:
+        for _ in range(3):  # polls until the service's next look at the key ring
+            consumer._checkpoint_if_due()
     assert consumer.key_in_flux and not consumer.signing_refused
+    assert [line["event"] for line in logs] == ["checkpoint_key_not_trusted"], "said once, not on every poll"
     assert consumer.security.refused == [] and consumer.publisher.published == []  # type: ignore[attr-defined]
     consumer.checkpointer.key = ring.followed_signing_key("audit")  # its next look at the key ring
     consumer._checkpoint_if_due()
