@@ -224,8 +224,8 @@ class CheckpointFile:
     UNANCHORED_OK is the signer's view (the audit service's own checkpointer), never a verifier's: checkpoints of
     retired keys at the end of the file, which no trusted checkpoint covers yet (the key was retired before the
     service signed with its new one), are kept in `unanchored` instead of refused, so that the service can cover
-    them. It does so only over a log that still extends the newest trusted checkpoint (`last`), and never with a
-    length below theirs.
+    them. It does so only over a log that still extends both the newest trusted checkpoint (`last`) and the file's
+    newest line (`last_line`), and never with a length below theirs (services/audit/adapters/kafka.py).
     """
 
     def __init__(self, path: Path, trust: TrustSource, origin: str, unanchored_ok: bool = False) -> None:
