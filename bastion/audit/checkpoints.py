@@ -240,7 +240,8 @@ class CheckpointFile:
         self._ended: set[str] = set()
         self._loaded = False
 
-    def _lines(self) -> list[tuple[int, Checkpoint]]:
+    def lines(self) -> list[tuple[int, Checkpoint]]:
+        """Each line of the file as (line number, checkpoint), parsed, none verified."""
         lines = []
         if self.path.exists():
             text = self.path.read_text(encoding="utf-8")
@@ -259,7 +260,7 @@ class CheckpointFile:
         later trusted checkpoint covers their length, and refused when none does (then the old key's word is all
         there is), unless UNANCHORED_OK. A key the trust store does not know makes it read the store again once
         (a rotation newer than its last look)."""
-        lines = self._lines()
+        lines = self.lines()
         trust = self.trust.current()
         if any(not trust.knows(AUDIT_PRODUCER, checkpoint.key_id) for _, checkpoint in lines):
             trust = self.trust.reload()

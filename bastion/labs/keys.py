@@ -109,8 +109,8 @@ def leaked_audit_key(session: Session) -> Iterator[Evidence]:
     new_key = ring.rotate(AUDIT_PRODUCER)
     yield Evidence("the response, step 1: `bastion keys rotate audit`", f"new active key {new_key}")
     unanchored = unanchored_if_retired(layout, leaked.key_id)
-    anchor = next((checkpoint for checkpoint in _lines(layout.audit_checkpoints_file)
-                   if checkpoint.key_id == new_key), None)
+    written = CheckpointFile(layout.audit_checkpoints_file, ring.trust_store(), ORIGIN).lines()
+    anchor = next((checkpoint for _, checkpoint in written if checkpoint.key_id == new_key), None)
     yield Evidence("the audit service signs its log's head with the new key, no restart",
                    f"checkpoint at length {anchor.length} signed with {new_key}" if anchor and not unanchored else
                    f"none yet: {unanchored}", anchor is not None and unanchored is None)
@@ -144,7 +144,8 @@ def _among_the_leaked_keys_own(path: Path, trust: TrustStore, leaked: SigningKey
     """A forgery only the retirement stops: in order inside the leaked key's own run of lines, between two of them
     whose lengths leave room (a log one record longer than the first, another head hash). A verifier that ignored
     the retirement would believe it."""
-    lines = [None, *_lines(path)]  # None: the start of the file, before every line
+    written = [checkpoint for _, checkpoint in CheckpointFile(path, trust, ORIGIN).lines()]
+    lines = [None, *written]  # None: the start of the file, before every line
     room = next(((after, before) for after, before in itertools.pairwise(lines)
                  if before is not None and before.key_id == leaked.key_id
                  and (after is None or after.key_id == leaked.key_id)
@@ -157,12 +158,6 @@ def _among_the_leaked_keys_own(path: Path, trust: TrustStore, leaked: SigningKey
     forged = sign_checkpoint(leaked, ORIGIN, Head((after.length if after is not None else 0) + 1,
                                                   secrets.token_bytes(HASH_BYTES)))
     yield verdict_on_copy(path, trust, "among the leaked key's own, in order", forged, before)
-
-
-def _lines(path: Path) -> list[Checkpoint]:
-    """The checkpoints of the file as written, none verified."""
-    return [Checkpoint.from_json(line) for line in path.read_text(encoding="utf-8").splitlines()] \
-        if path.exists() else []
 
 
 def verdict_on_copy(path: Path, trust: TrustStore, where: str, forged: Checkpoint, beside: Checkpoint,
