@@ -9,13 +9,23 @@ BUF := node_modules/.bin/buf
 # `buf breaking` compares protos/ with the last released contracts, a buf image committed with the code.
 RELEASED_PROTOS := protos/released.binpb
 
-.PHONY: setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc bench-audit bench-audit-service
+.PHONY: lock setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc bench-audit bench-audit-service
 
-$(STAMP): pyproject.toml
+# Python packages come only from requirements.lock, every file checked against its SHA-256 (docs/dependencies.md).
+LOCK := requirements.lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet -e '.[dev]'
+	scripts/install_locked_deps.sh $(VENV) $(LOCK)
+	@# The project itself, with no build isolation: its build backend (setuptools) comes from the lock as well.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# After changing a pin in pyproject.toml; the versions already locked are kept where they still fit.
+# Move one package on: `make lock LOCK_ARGS='--upgrade-package NAME'`; everything: `LOCK_ARGS=--upgrade`.
+lock: $(STAMP)             ## re-resolve requirements.lock (every package, with hashes) from pyproject.toml
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes \
+	  --quiet --custom-compile-command 'make lock' -o $(LOCK) $(LOCK_ARGS)
 
 $(NPM_STAMP): package.json package-lock.json
 	npm ci --silent --no-audit --no-fund

@@ -1,0 +1,226 @@
+"""The Python packages are hash-locked: requirements.lock is complete, every entry is pinned and hashed, and the
+install refuses a package that does not match its hash (docs/dependencies.md)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata
+import io
+import os
+import subprocess
+import tarfile
+import tomllib
+import venv
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCK = ROOT / "requirements.lock"
+INSTALL = ROOT / "scripts" / "install_locked_deps.sh"
+
+
+@dataclass(frozen=True)
+class Locked:
+    name: str
+    version: str
+    marker: Marker | None
+    hashes: tuple[str, ...]
+
+
+def read_lock(text: str) -> list[Locked]:
+    """The lock's entries: one logical line per package (continuations joined), comments dropped."""
+    entries = []
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        words = line.split(" --hash=")
+        requirement = Requirement(words[0].strip())
+        pins = [spec for spec in requirement.specifier if spec.operator == "=="]
+        assert len(pins) == 1 and len(requirement.specifier) == 1, f"not pinned to one version: {line}"
+        entries.append(Locked(canonicalize_name(requirement.name), pins[0].version, requirement.marker,
+                              tuple(word.strip() for word in words[1:])))
+    return entries
+
+
+def pyproject_pins() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["dev"],
+                *project["build-system"]["requires"]]
+    pins = {}
+    for text in declared:
+        requirement = Requirement(text)
+        (spec,) = requirement.specifier
+        assert spec.operator == "==", f"pyproject.toml pins every package to one version: {text}"
+        pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+def applies(entry: Locked) -> bool:
+    return entry.marker is None or entry.marker.evaluate()
+
+
+def test_every_pin_of_pyproject_is_locked_at_the_same_version():
+    locked = {entry.name: entry.version for entry in read_lock(LOCK.read_text())}
+    stale = {name: (version, locked.get(name)) for name, version in pyproject_pins().items()
+             if locked.get(name) != version}
+    assert not stale, f"pyproject.toml and requirements.lock disagree (run `make lock`): {stale}"
+
+
+def test_every_locked_package_is_pinned_and_carries_sha256_hashes():
+    entries = read_lock(LOCK.read_text())
+    assert len(entries) > 50
+    assert len({entry.name for entry in entries}) == len(entries), "a package locked twice"
+    for entry in entries:
+        assert entry.hashes, f"{entry.name} has no hash"
+        for value in entry.hashes:
+            algorithm, _, digest = value.partition(":")
+            assert algorithm == "sha256" and len(digest) == 64 and int(digest, 16) >= 0, f"{entry.name}: {value}"
+
+
+def test_the_lock_names_no_other_source_and_no_local_or_url_package():
+    for line in LOCK.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-") and not stripped.startswith("--hash="):
+            pytest.fail(f"an option in the lock (another index, a link, an editable?): {stripped}")
+        assert "://" not in stripped.split("#", 1)[0], f"a URL in the lock: {stripped}"
+
+
+def test_the_lock_is_closed_every_dependency_of_a_locked_package_is_locked_too():
+    """The install takes no dependency the lock does not name (--no-deps), so a package left out would be missing."""
+    entries = [entry for entry in read_lock(LOCK.read_text()) if applies(entry)]
+    locked = {entry.name for entry in entries}
+    missing = set()
+    for entry in entries:
+        for text in importlib.metadata.requires(entry.name) or []:
+            requirement = Requirement(text)
+            needed = requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+            if needed and canonicalize_name(requirement.name) not in locked:
+                missing.add((entry.name, requirement.name))
+    assert not missing
+
+
+def test_what_is_installed_here_is_what_the_lock_says():
+    for entry in read_lock(LOCK.read_text()):
+        if applies(entry):
+            assert importlib.metadata.version(entry.name) == entry.version, entry.name
+
+
+def test_reading_the_lock_refuses_an_entry_that_is_not_pinned():
+    with pytest.raises(AssertionError, match="not pinned"):
+        read_lock("requests>=2 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    (entry,) = read_lock("six==1.17.0 ; python_version >= '3' \\\n    --hash=sha256:" + "a" * 64 + "\n    # via x\n")
+    assert (entry.name, entry.version, entry.hashes) == ("six", "1.17.0", ("sha256:" + "a" * 64,))
+
+
+# The install itself, offline: a made-up package served from a folder in place of the index.
+
+PACKAGE = "bastion-lock-probe"
+MODULE = "bastion_lock_probe"
+
+
+def wheel(folder: Path, payload: str, name: str = PACKAGE, version: str = "1.0") -> Path:
+    module = name.replace("-", "_")
+    info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": payload.encode(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: bastion-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for path, data in files.items()) + f"{info}/RECORD,,\n"
+    path = folder / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name_in_archive, data in files.items():
+            archive.writestr(name_in_archive, data)
+        archive.writestr(f"{info}/RECORD", record)
+    return path
+
+
+def sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def scratch_venv(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("venv")
+    venv.EnvBuilder(with_pip=True).create(folder)
+    return folder
+
+
+@pytest.fixture
+def index(tmp_path) -> Path:
+    folder = tmp_path / "index"
+    folder.mkdir()
+    return folder
+
+
+def install(scratch_venv: Path, index: Path, lock_text: str) -> subprocess.CompletedProcess[str]:
+    lock = index.parent / "test.lock"
+    lock.write_text(lock_text)
+    subprocess.run([scratch_venv / "bin" / "pip", "uninstall", "--quiet", "--yes", PACKAGE, "bastion-lock-other"],
+                   check=True, capture_output=True)
+    environment = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index), "PIP_NO_CACHE_DIR": "1"}
+    return subprocess.run(["bash", INSTALL, scratch_venv, lock], env=environment, capture_output=True, text=True,
+                          timeout=120)
+
+
+def installed(scratch_venv: Path, name: str) -> bool:
+    result = subprocess.run([scratch_venv / "bin" / "python", "-c", f"import {name}"], capture_output=True)
+    return result.returncode == 0
+
+
+def test_the_install_takes_a_package_that_matches_its_hash(scratch_venv, index):
+    genuine = wheel(index, "GENUINE = True\n")
+    result = install(scratch_venv, index, f"{PACKAGE}==1.0 --hash={sha256(genuine)}\n")
+    assert result.returncode == 0, result.stderr
+    assert installed(scratch_venv, MODULE)
+
+
+def test_the_install_refuses_a_package_altered_after_it_was_locked_and_installs_nothing(scratch_venv, index):
+    other = wheel(index, "", name="bastion-lock-other")
+    locked_hash = sha256(wheel(index, "GENUINE = True\n"))
+    wheel(index, "import os  # the attacker's code\n")  # the index now serves another file under the same name
+    result = install(scratch_venv, index, f"bastion-lock-other==1.0 --hash={sha256(other)}\n"
+                                          f"{PACKAGE}==1.0 --hash={locked_hash}\n")
+    assert result.returncode != 0
+    assert "DO NOT MATCH THE HASHES" in result.stderr and PACKAGE.replace("-", "_") in result.stderr
+    assert not installed(scratch_venv, MODULE)
+    assert not installed(scratch_venv, "bastion_lock_other"), "a package of the lock was installed all the same"
+
+
+def test_the_install_refuses_a_lock_entry_without_a_hash(scratch_venv, index):
+    wheel(index, "GENUINE = True\n")
+    result = install(scratch_venv, index, f"{PACKAGE}==1.0\n")
+    assert result.returncode != 0
+    assert "hash" in result.stderr.lower()
+    assert not installed(scratch_venv, MODULE)
+
+
+def test_the_install_refuses_a_source_distribution_even_when_its_hash_matches(scratch_venv, index):
+    """A source distribution would run its own build code here; its backend needs nothing from an index."""
+    ran = index.parent / "build-code-ran"
+    files = {
+        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        "backend.py": f"open({str(ran)!r}, 'w').close()\nraise SystemExit('build code ran')\n",
+        "PKG-INFO": f"Metadata-Version: 2.1\nName: {PACKAGE}\nVersion: 1.0\n",
+    }
+    source = index / f"{MODULE}-1.0.tar.gz"
+    with tarfile.open(source, "w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            member = tarfile.TarInfo(f"{MODULE}-1.0/{name}")
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    result = install(scratch_venv, index, f"{PACKAGE}==1.0 --hash={sha256(source)}\n")
+    assert result.returncode != 0
+    assert not ran.exists(), "the package's build code ran during the install"
+    assert not installed(scratch_venv, MODULE)
