@@ -214,8 +214,10 @@ def install(admin_conn: Connection, service_role: str, schema: str = AUDIT_SCHEM
         admin_conn.exec_driver_sql(
             f"ALTER TABLE {name}.log ADD CONSTRAINT log_one_entry_per_kafka_record_item "
             'UNIQUE NULLS NOT DISTINCT (topic, "partition", "offset", item)')
-    # ListEvents by correlation id (`bastion trail`): one request's few records found without reading the log.
+    # ListEvents by correlation id (`bastion trail`) and by aggregate (one account's history): a request's or an
+    # aggregate's few records found without reading the log, in seq order as pages are.
     admin_conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS log_by_correlation_id ON {name}.log (correlation_id, seq)")
+    admin_conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS log_by_aggregate_id ON {name}.log (aggregate_id, seq)")
     admin_conn.exec_driver_sql(f"""
         CREATE OR REPLACE FUNCTION {name}.refuse_log_change() RETURNS trigger
         LANGUAGE plpgsql SET search_path = pg_catalog AS $$

@@ -232,17 +232,37 @@ def test_install_is_idempotent(store: Store) -> None:
     assert verify(store, []).head_hash == head.hash
 
 
+def found_and_plan(store: Store, column: str, value: str) -> tuple[list[LogEntry], str]:
+    """What ListEvents finds with the filter COLUMN = VALUE, and PostgreSQL's plan for that page's query."""
+    assert column in ("correlation_id", "aggregate_id"), "the column is interpolated into the EXPLAIN below"
+    with store.service.begin() as conn:
+        conn.exec_driver_sql(f"ANALYZE {store.schema}.log")
+        found = PostgresAuditReader(conn, AuditLog()).find(domain.query(**{column: value}))
+        conn.exec_driver_sql("SET search_path = " + store.schema)  # an identifier (Store.__post_init__)
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(
+            f"EXPLAIN SELECT * FROM log WHERE seq > 0 AND {column} = %(value)s ORDER BY seq LIMIT 100",  # noqa: S608
+            {"value": value}))
+    return found, plan
+
+
 def test_one_requests_records_are_found_through_the_correlation_id_index(store: Store) -> None:
     """`bastion trail` asks ListEvents for one correlation id over the whole log: an index lookup, not a scan."""
     append(store, 3000)
-    with store.service.begin() as conn:
-        conn.exec_driver_sql(f"ANALYZE {store.schema}.log")
-        found = PostgresAuditReader(conn, AuditLog()).find(domain.query(correlation_id="corr-2345"))
-        conn.exec_driver_sql("SET search_path = " + store.schema)  # an identifier (Store.__post_init__)
-        plan = "\n".join(row[0] for row in conn.exec_driver_sql(
-            "EXPLAIN SELECT * FROM log WHERE seq > 0 AND correlation_id = 'corr-2345' ORDER BY seq LIMIT 100"))
+    found, plan = found_and_plan(store, "correlation_id", "corr-2345")
     assert [entry.record.correlation_id for entry in found] == ["corr-2345"]
     assert "log_by_correlation_id" in plan, plan
+
+
+def test_one_aggregates_records_are_found_through_the_aggregate_index(store: Store) -> None:
+    """ListEvents by aggregate (one account's history) on a big log: an index lookup, in seq order, not a scan."""
+    append(store, 3000)
+    with store.service.begin() as conn:
+        AuditLog().append(conn, [sample_record(number, aggregate="acc-rare") for number in (3001, 3002)])
+    append(store, 1000, start=3003)
+    found, plan = found_and_plan(store, "aggregate_id", "acc-rare")
+    assert [(entry.record.aggregate_id, entry.record.offset) for entry in found] == [("acc-rare", 3001),
+                                                                                    ("acc-rare", 3002)]
+    assert "log_by_aggregate_id" in plan, plan
 
 
 # --- tampering found ---
