@@ -110,6 +110,14 @@ LABS: tuple[Lab, ...] = (
                 "`bastion setup` and by every `bastion up`, and no file may be missing or added: refused.",
         where="infra/distributions.yaml, bastion/devstack/distributions.py (fetch, verify)",
         expect="is pinned", probe=supply.tampered_download),
+    Lab("tampered-package", "A backdoored Python package served at the version the lock pins",
+        attack="Serve, from a stand-in for the package index, a tenacity wheel of the version requirements.lock "
+               "pins with code that runs on import, and install it as `make setup` installs every package.",
+        defence="Every Python package is installed from requirements.lock with the SHA-256 of each of its files "
+                "(pip --require-hashes, wheels only, nothing resolved afresh): refused before anything installs.",
+        where="requirements.lock, scripts/install_locked_deps.sh, bastion/devstack/python_lock.py, "
+              "docs/dependencies.md",
+        expect=supply.HASH_REFUSAL, probe=supply.tampered_package),
     Lab("topic-without-acl", "Writing to a topic without the ACL",
         attack="Produce a record to payments.events.v1 with notifications' genuine SCRAM credentials.",
         defence="Kafka's StandardAuthorizer, default deny, with ACLs generated only from infra/event-access.yaml: "

@@ -52,7 +52,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
         Concern("Improper CORS configuration", not_covered="no HTTP or browser-facing API"),
     )),
     ("CI/CD and supply chain", (
-        Concern("Unverified dependencies", ("tampered-download",)),
+        Concern("Unverified dependencies", ("tampered-download", "tampered-package")),
         Concern("Unverified event schemas", ("unknown-schema",)),
         Concern("Unsecured CI/CD pipelines", not_covered="pipeline hardening is outside this repository"),
     )),

@@ -26,7 +26,7 @@ from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.audit.chain import Head
 from bastion.audit.checkpoints import sign_checkpoint
 from bastion.audit.install_tools import ORIGIN
-from bastion.devstack import distributions
+from bastion.devstack import distributions, python_lock
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.components.postgres import Postgres
@@ -411,6 +411,20 @@ def test_the_download_lab_fails_when_the_pins_are_not_checked(
     got_through = attack_got_through(run(ctx, "tampered-download"))
     assert got_through == ["set-up's check of the tampered copy: accepted: Kafka would start from it",
                            "set-up's check of the copy with an extra jar: accepted: Kafka would start from it"]
+
+
+def test_the_package_lab_fails_when_the_install_does_not_check_hashes(
+    stack: Any, ctx: StackContext, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """An install that drops the lock's hashes (as `pip install -r` of a plain requirements file would) takes the
+    backdoored wheel, and importing it runs the attacker's code: the lab must say so."""
+    weakened = tmp_path / "install-without-hashes.sh"
+    weakened.write_text('sed "s/ --hash=[^ ]*//g" "$2" > "$2.plain"\n'
+                        '"$1/bin/pip" install --quiet --no-deps -r "$2.plain"\n')
+    monkeypatch.setattr(python_lock, "INSTALL_SCRIPT", weakened)
+    got_through = attack_got_through(run(ctx, "tampered-package"))
+    assert got_through == ["the install with requirements.lock's entry for tenacity: accepted: the backdoored "
+                           "tenacity installed; importing it ran the attacker's code"]
 
 
 def free_port() -> int:

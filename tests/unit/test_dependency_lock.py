@@ -3,55 +3,25 @@ install refuses a package that does not match its hash (docs/dependencies.md).""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import importlib.metadata
 import io
-import os
 import subprocess
 import tarfile
 import tomllib
 import venv
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[2]
-LOCK = ROOT / "requirements.lock"
-INSTALL = ROOT / "scripts" / "install_locked_deps.sh"
-
-
-@dataclass(frozen=True)
-class Locked:
-    name: str
-    version: str
-    marker: Marker | None
-    hashes: tuple[str, ...]
-
-
-def read_lock(text: str) -> list[Locked]:
-    """The lock's entries: one logical line per package (continuations joined), comments dropped."""
-    entries = []
-    for line in text.replace("\\\n", " ").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        words = line.split(" --hash=")
-        requirement = Requirement(words[0].strip())
-        pins = [spec for spec in requirement.specifier if spec.operator == "=="]
-        assert len(pins) == 1 and len(requirement.specifier) == 1, f"not pinned to one version: {line}"
-        entries.append(Locked(canonicalize_name(requirement.name), pins[0].version, requirement.marker,
-                              tuple(word.strip() for word in words[1:])))
-    return entries
+from bastion.devstack.python_lock import LOCK_FILE, LockError, install_offline, read_lock
+from bastion.settings import PROJECT_ROOT
+from bastion.testing.wheels import build_wheel, sha256_of
 
 
 def pyproject_pins() -> dict[str, str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
     declared = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["dev"],
                 *project["build-system"]["requires"]]
     pins = {}
@@ -63,19 +33,15 @@ def pyproject_pins() -> dict[str, str]:
     return pins
 
 
-def applies(entry: Locked) -> bool:
-    return entry.marker is None or entry.marker.evaluate()
-
-
 def test_every_pin_of_pyproject_is_locked_at_the_same_version():
-    locked = {entry.name: entry.version for entry in read_lock(LOCK.read_text())}
+    locked = {entry.name: entry.version for entry in read_lock(LOCK_FILE.read_text())}
     stale = {name: (version, locked.get(name)) for name, version in pyproject_pins().items()
              if locked.get(name) != version}
     assert not stale, f"pyproject.toml and requirements.lock disagree (run `make lock`): {stale}"
 
 
 def test_every_locked_package_is_pinned_and_carries_sha256_hashes():
-    entries = read_lock(LOCK.read_text())
+    entries = read_lock(LOCK_FILE.read_text())
     assert len(entries) > 50
     assert len({entry.name for entry in entries}) == len(entries), "a package locked twice"
     for entry in entries:
@@ -86,7 +52,7 @@ def test_every_locked_package_is_pinned_and_carries_sha256_hashes():
 
 
 def test_the_lock_names_no_other_source_and_no_local_or_url_package():
-    for line in LOCK.read_text().splitlines():
+    for line in LOCK_FILE.read_text().splitlines():
         stripped = line.strip()
         if stripped.startswith("-") and not stripped.startswith("--hash="):
             pytest.fail(f"an option in the lock (another index, a link, an editable?): {stripped}")
@@ -95,7 +61,7 @@ def test_the_lock_names_no_other_source_and_no_local_or_url_package():
 
 def test_the_lock_is_closed_every_dependency_of_a_locked_package_is_locked_too():
     """The install takes no dependency the lock does not name (--no-deps), so a package left out would be missing."""
-    entries = [entry for entry in read_lock(LOCK.read_text()) if applies(entry)]
+    entries = [entry for entry in read_lock(LOCK_FILE.read_text()) if entry.applies()]
     locked = {entry.name for entry in entries}
     missing = set()
     for entry in entries:
@@ -108,16 +74,19 @@ def test_the_lock_is_closed_every_dependency_of_a_locked_package_is_locked_too()
 
 
 def test_what_is_installed_here_is_what_the_lock_says():
-    for entry in read_lock(LOCK.read_text()):
-        if applies(entry):
+    for entry in read_lock(LOCK_FILE.read_text()):
+        if entry.applies():
             assert importlib.metadata.version(entry.name) == entry.version, entry.name
 
 
 def test_reading_the_lock_refuses_an_entry_that_is_not_pinned():
-    with pytest.raises(AssertionError, match="not pinned"):
+    with pytest.raises(LockError, match="not pinned"):
         read_lock("requests>=2 \\\n    --hash=sha256:" + "0" * 64 + "\n")
+    with pytest.raises(LockError, match="not pinned"):
+        read_lock("requests\n")
     (entry,) = read_lock("six==1.17.0 ; python_version >= '3' \\\n    --hash=sha256:" + "a" * 64 + "\n    # via x\n")
     assert (entry.name, entry.version, entry.hashes) == ("six", "1.17.0", ("sha256:" + "a" * 64,))
+    assert entry.text == "six==1.17.0 ; python_version >= '3' --hash=sha256:" + "a" * 64
 
 
 # The install itself, offline: a made-up package served from a folder in place of the index.
@@ -126,27 +95,8 @@ PACKAGE = "bastion-lock-probe"
 MODULE = "bastion_lock_probe"
 
 
-def wheel(folder: Path, payload: str, name: str = PACKAGE, version: str = "1.0") -> Path:
-    module = name.replace("-", "_")
-    info = f"{module}-{version}.dist-info"
-    files = {
-        f"{module}/__init__.py": payload.encode(),
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: bastion-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = "".join(
-        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
-        for path, data in files.items()) + f"{info}/RECORD,,\n"
-    path = folder / f"{module}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as archive:
-        for name_in_archive, data in files.items():
-            archive.writestr(name_in_archive, data)
-        archive.writestr(f"{info}/RECORD", record)
-    return path
-
-
-def sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+def wheel(folder: Path, payload: str, name: str = PACKAGE) -> Path:
+    return build_wheel(folder, name, "1.0", {f"{name.replace('-', '_')}/__init__.py": payload.encode()})
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +118,7 @@ def install(scratch_venv: Path, index: Path, lock_text: str) -> subprocess.Compl
     lock.write_text(lock_text)
     subprocess.run([scratch_venv / "bin" / "pip", "uninstall", "--quiet", "--yes", PACKAGE, "bastion-lock-other"],
                    check=True, capture_output=True)
-    environment = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index), "PIP_NO_CACHE_DIR": "1"}
-    return subprocess.run(["bash", INSTALL, scratch_venv, lock], env=environment, capture_output=True, text=True,
-                          timeout=120)
+    return install_offline(scratch_venv, lock, index)
 
 
 def installed(scratch_venv: Path, name: str) -> bool:
@@ -180,16 +128,16 @@ def installed(scratch_venv: Path, name: str) -> bool:
 
 def test_the_install_takes_a_package_that_matches_its_hash(scratch_venv, index):
     genuine = wheel(index, "GENUINE = True\n")
-    result = install(scratch_venv, index, f"{PACKAGE}==1.0 --hash={sha256(genuine)}\n")
+    result = install(scratch_venv, index, f"{PACKAGE}==1.0 --hash={sha256_of(genuine)}\n")
     assert result.returncode == 0, result.stderr
     assert installed(scratch_venv, MODULE)
 
 
 def test_the_install_refuses_a_package_altered_after_it_was_locked_and_installs_nothing(scratch_venv, index):
     other = wheel(index, "", name="bastion-lock-other")
-    locked_hash = sha256(wheel(index, "GENUINE = True\n"))
+    locked_hash = sha256_of(wheel(index, "GENUINE = True\n"))
     wheel(index, "import os  # the attacker's code\n")  # the index now serves another file under the same name
-    result = install(scratch_venv, index, f"bastion-lock-other==1.0 --hash={sha256(other)}\n"
+    result = install(scratch_venv, index, f"bastion-lock-other==1.0 --hash={sha256_of(other)}\n"
                                           f"{PACKAGE}==1.0 --hash={locked_hash}\n")
     assert result.returncode != 0
     assert "DO NOT MATCH THE HASHES" in result.stderr and PACKAGE.replace("-", "_") in result.stderr
@@ -220,7 +168,7 @@ def test_the_install_refuses_a_source_distribution_even_when_its_hash_matches(sc
             member = tarfile.TarInfo(f"{MODULE}-1.0/{name}")
             member.size = len(data)
             archive.addfile(member, io.BytesIO(data))
-    result = install(scratch_venv, index, f"{PACKAGE}==1.0 --hash={sha256(source)}\n")
+    result = install(scratch_venv, index, f"{PACKAGE}==1.0 --hash={sha256_of(source)}\n")
     assert result.returncode != 0
     assert not ran.exists(), "the package's build code ran during the install"
     assert not installed(scratch_venv, MODULE)
