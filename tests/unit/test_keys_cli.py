@@ -92,6 +92,12 @@ def test_an_audit_key_is_retired_only_once_a_newer_key_vouches_for_its_checkpoin
 
     second = ring.signing_key("audit")
     ring.rotate("audit")  # and this time the key leaked with the audit service down: retire it at once
+    monkeypatch.setattr("bastion.devstack.retirement.UNREAD_WAIT_SECONDS", 3600.0)
+
+    def no_waiting(_seconds: float) -> None:
+        raise AssertionError("--force waited for the audit service's new checkpoint")
+
+    monkeypatch.setattr("bastion.devstack.retirement.time.sleep", no_waiting)
     assert main(["keys", "retire", "audit", second.key_id, "--force"]) == 0
     warning = " ".join(capsys.readouterr().err.split())
     assert "`bastion audit verify` fails until the audit service has signed with its new key" in warning
