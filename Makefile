@@ -28,7 +28,7 @@ lock: $(STAMP)             ## re-resolve requirements.lock (every package, with 
 	  --quiet --custom-compile-command 'make lock' -o $(LOCK) $(LOCK_ARGS)
 
 $(NPM_STAMP): package.json package-lock.json
-	npm ci --silent --no-audit --no-fund
+	scripts/install_locked_node_tools.sh
 	@touch $(NPM_STAMP)
 
 protos: $(STAMP)           ## regenerate Python code and typed stubs from protos/

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import os
 import subprocess
 import tarfile
 import tomllib
@@ -172,3 +173,33 @@ def test_the_install_refuses_a_source_distribution_even_when_its_hash_matches(sc
     assert result.returncode != 0
     assert not ran.exists(), "the package's build code ran during the install"
     assert not installed(scratch_venv, MODULE)
+
+
+# The node tools (buf): npm's lock, and no package's install script.
+
+NODE_INSTALL = PROJECT_ROOT / "scripts" / "install_locked_node_tools.sh"
+
+
+def test_the_node_tools_install_runs_no_package_install_script(tmp_path):
+    """A package with a postinstall script, as a hijacked npm package would ship: installed, its script never run."""
+    package, project, ran = tmp_path / "package", tmp_path / "project", tmp_path / "install-script-ran"
+    package.mkdir()
+    project.mkdir()
+    (package / "index.js").write_text("module.exports = 1;\n")
+    (package / "package.json").write_text(
+        '{"name": "lab-dep", "version": "1.0.0", "scripts": {"postinstall": '
+        '"node -e \\"require(\'fs\').writeFileSync(process.env.BASTION_TEST_MARKER, \'ran\')\\""}}')
+    subprocess.run(["npm", "pack", "--silent", "--pack-destination", project], cwd=package, check=True,
+                   capture_output=True, timeout=120)
+    (project / "package.json").write_text(
+        '{"name": "p", "private": true, "devDependencies": {"lab-dep": "file:lab-dep-1.0.0.tgz"}}')
+    offline = {**os.environ, "npm_config_offline": "true", "BASTION_TEST_MARKER": str(ran)}
+    subprocess.run(["npm", "install", "--package-lock-only", "--ignore-scripts", "--silent"], cwd=project,
+                   env=offline, check=True, capture_output=True, timeout=120)
+    assert '"hasInstallScript": true' in (project / "package-lock.json").read_text()
+
+    result = subprocess.run(["bash", NODE_INSTALL, project], env=offline, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (project / "node_modules" / "lab-dep" / "index.js").exists()
+    assert not ran.exists(), "a package's install script ran"
