@@ -16,9 +16,7 @@ LOCK := requirements.lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	scripts/install_locked_deps.sh $(VENV) $(LOCK)
-	@# The project itself, with no build isolation: its build backend (setuptools) comes from the lock as well.
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	scripts/install_locked_deps.sh $(VENV) $(LOCK) .
 	@touch $(STAMP)
 
 # After changing a pin in pyproject.toml; the versions already locked are kept where they still fit.

@@ -83,12 +83,15 @@ def tampered_package(session: Session) -> Iterator[Evidence]:
         folder = Path(scratch)
         index, target = folder / "index", folder / "venv"
         index.mkdir()
-        venv.EnvBuilder(with_pip=True).create(target)
+        try:
+            venv.EnvBuilder(with_pip=True).create(target)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise LabSetupError(f"cannot make a scratch virtualenv: {error}") from None
 
         genuine = build_wheel(index, GENUINE, "1.0", {"bastion_lab_genuine/__init__.py": b"GENUINE = True\n"})
         lock = folder / "genuine.lock"
         lock.write_text(f"{GENUINE}==1.0 --hash={sha256_of(genuine)}\n")
-        result = python_lock.install_offline(target, lock, index, script=python_lock.INSTALL_SCRIPT)
+        result = _install(target, lock, index)
         if result.returncode != 0 or not _imports(target, "bastion_lab_genuine"):
             raise LabSetupError(f"the install refused a wheel that matches its locked hash: {_pip_says(result)}")
         yield Evidence("a made-up wheel installed with its own hash (calibration)", "installed")
@@ -100,10 +103,11 @@ def tampered_package(session: Session) -> Iterator[Evidence]:
                                         f"version requirements.lock pins) with code that runs on import")
         lock = folder / "project.lock"
         lock.write_text(victim.text + "\n")
-        result = python_lock.install_offline(target, lock, index, script=python_lock.INSTALL_SCRIPT)
+        result = _install(target, lock, index)
         what = f"the install with requirements.lock's entry for {victim.name}"
         if result.returncode == 0:
-            _imports(target, victim.name)
+            if not _imports(target, victim.name):
+                raise LabSetupError(f"the install took the lock entry for {victim.name} but installed nothing")
             ran_on_import = "; importing it ran the attacker's code" if ran.exists() else ""
             yield Evidence(what, f"accepted: the backdoored {victim.name} installed{ran_on_import}", False)
         elif HASH_REFUSAL in result.stderr:
@@ -115,7 +119,8 @@ def tampered_package(session: Session) -> Iterator[Evidence]:
 
 def _locked(name: str) -> python_lock.LockEntry:
     try:
-        entries = {entry.name: entry for entry in python_lock.read_lock(python_lock.LOCK_FILE.read_text())}
+        entries = {entry.name: entry for entry in python_lock.read_lock(python_lock.LOCK_FILE.read_text())
+                   if entry.applies()}
     except (OSError, python_lock.LockError) as error:
         raise LabSetupError(f"cannot read {python_lock.LOCK_FILE}: {error}") from None
     if name not in entries or not entries[name].hashes:
@@ -123,9 +128,17 @@ def _locked(name: str) -> python_lock.LockEntry:
     return entries[name]
 
 
+def _install(target: Path, lock: Path, index: Path) -> subprocess.CompletedProcess[str]:
+    try:
+        return python_lock.install_offline(target, lock, index, script=python_lock.INSTALL_SCRIPT)
+    except subprocess.TimeoutExpired:
+        raise LabSetupError("the install did not finish within two minutes") from None
+
+
 def _imports(target: Path, module: str) -> bool:
-    probe = subprocess.run([str(target / "bin" / "python"), "-c", f"import {module}"], capture_output=True,
-                           timeout=60, check=False)
+    """Whether the scratch virtualenv imports MODULE, isolated from this process's paths and folder (-I)."""
+    probe = subprocess.run([str(target / "bin" / "python"), "-I", "-c", f"import {module}"], capture_output=True,
+                           timeout=60, check=False, cwd=target)
     return probe.returncode == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import os
+import re
 import subprocess
 import tarfile
 import tomllib
@@ -20,18 +21,25 @@ from bastion.devstack.python_lock import LOCK_FILE, LockError, install_offline, 
 from bastion.settings import PROJECT_ROOT
 from bastion.testing.wheels import build_wheel, sha256_of
 
+INSTALL = PROJECT_ROOT / "scripts" / "install_locked_deps.sh"
+PROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+DECLARED = [*PROJECT["project"]["dependencies"], *PROJECT["project"]["optional-dependencies"]["dev"]]
+
 
 def pyproject_pins() -> dict[str, str]:
-    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
-    declared = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["dev"],
-                *project["build-system"]["requires"]]
     pins = {}
-    for text in declared:
+    for text in DECLARED:
         requirement = Requirement(text)
         (spec,) = requirement.specifier
         assert spec.operator == "==", f"pyproject.toml pins every package to one version: {text}"
         pins[canonicalize_name(requirement.name)] = spec.version
     return pins
+
+
+def test_the_build_backend_is_pinned_as_a_dev_dependency_so_the_lock_holds_the_same_version():
+    """`make lock` reads the project's dependencies, not [build-system]: the dev pin is what keeps them equal."""
+    (backend,) = PROJECT["build-system"]["requires"]
+    assert backend in PROJECT["project"]["optional-dependencies"]["dev"]
 
 
 def test_every_pin_of_pyproject_is_locked_at_the_same_version():
@@ -44,7 +52,7 @@ def test_every_pin_of_pyproject_is_locked_at_the_same_version():
 def test_every_locked_package_is_pinned_and_carries_sha256_hashes():
     entries = read_lock(LOCK_FILE.read_text())
     assert len(entries) > 50
-    assert len({entry.name for entry in entries}) == len(entries), "a package locked twice"
+    assert len({(entry.name, str(entry.marker)) for entry in entries}) == len(entries), "a package locked twice"
     for entry in entries:
         assert entry.hashes, f"{entry.name} has no hash"
         for value in entry.hashes:
@@ -60,24 +68,52 @@ def test_the_lock_names_no_other_source_and_no_local_or_url_package():
         assert "://" not in stripped.split("#", 1)[0], f"a URL in the lock: {stripped}"
 
 
-def test_the_lock_is_closed_every_dependency_of_a_locked_package_is_locked_too():
-    """The install takes no dependency the lock does not name (--no-deps), so a package left out would be missing."""
-    entries = [entry for entry in read_lock(LOCK_FILE.read_text()) if entry.applies()]
-    locked = {entry.name for entry in entries}
+def test_the_lock_is_closed_every_package_pyproject_needs_here_is_locked_with_all_it_needs():
+    """The install takes nothing the lock does not name (--no-deps): walk pyproject's requirements, extras and all,
+    through the installed packages' own, and every one that applies here must be locked."""
+    locked = {entry.name for entry in read_lock(LOCK_FILE.read_text()) if entry.applies()}
+    wanted = [Requirement(text) for text in DECLARED]
+    seen: set[tuple[str, frozenset[str]]] = set()
     missing = set()
-    for entry in entries:
-        for text in importlib.metadata.requires(entry.name) or []:
-            requirement = Requirement(text)
-            needed = requirement.marker is None or requirement.marker.evaluate({"extra": ""})
-            if needed and canonicalize_name(requirement.name) not in locked:
-                missing.add((entry.name, requirement.name))
-    assert not missing
+    while wanted:
+        requirement = wanted.pop()
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        if name not in locked:
+            missing.add(name)
+            continue
+        for text in importlib.metadata.requires(name) or []:
+            needed = Requirement(text)
+            environments = [{"extra": extra} for extra in requirement.extras] or [{"extra": ""}]
+            if needed.marker is None or any(needed.marker.evaluate(env) for env in environments):
+                wanted.append(needed)
+    assert not missing, f"needed but not in requirements.lock: {sorted(missing)}"
+    assert {"psycopg-binary", "grpcio", "uv"} <= {name for name, _extras in seen}
 
 
 def test_what_is_installed_here_is_what_the_lock_says():
-    for entry in read_lock(LOCK_FILE.read_text()):
-        if entry.applies():
-            assert importlib.metadata.version(entry.name) == entry.version, entry.name
+    applying = {entry.name: entry.version for entry in read_lock(LOCK_FILE.read_text()) if entry.applies()}
+    installed = {canonicalize_name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
+    installed.pop("bastion", None)  # the project itself, editable
+    assert {name: version for name, version in installed.items() if applying.get(name) != version} == {}, \
+        "installed here, but not as the lock says (a package left from before? `pip uninstall` it, or `make lock`)"
+    assert applying.keys() <= installed.keys()
+
+
+INSTALLER = re.compile(r"\b(pip3?|uv|npm|npx|easy_install)\b|-m pip|install_locked")
+
+
+@pytest.mark.parametrize("target", ["test", "demo"])
+def test_the_make_targets_install_python_packages_only_through_the_locked_install(target: str):
+    """What `make test` (and so .ci/run) and `make demo` run, printed by `make -n`: every Python package comes from
+    the hash-locked install script, and the node tools from theirs."""
+    commands = subprocess.run(["make", "-n", "-B", target], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              check=True, timeout=60).stdout.splitlines()
+    installs = [line for line in commands if INSTALLER.search(line)]
+    python = "scripts/install_locked_deps.sh .venv requirements.lock ."
+    assert installs == ([python, "scripts/install_locked_node_tools.sh"] if target == "test" else [python])
 
 
 def test_reading_the_lock_refuses_an_entry_that_is_not_pinned():
@@ -88,6 +124,13 @@ def test_reading_the_lock_refuses_an_entry_that_is_not_pinned():
     (entry,) = read_lock("six==1.17.0 ; python_version >= '3' \\\n    --hash=sha256:" + "a" * 64 + "\n    # via x\n")
     assert (entry.name, entry.version, entry.hashes) == ("six", "1.17.0", ("sha256:" + "a" * 64,))
     assert entry.text == "six==1.17.0 ; python_version >= '3' --hash=sha256:" + "a" * 64
+    with pytest.raises(LockError, match="not pinned"):
+        read_lock("six==1.* --hash=sha256:" + "a" * 64 + "\n")
+    # A comment line is never continued (pip's rule), so the hash line after it is a line of its own, no package.
+    with pytest.raises(LockError, match="not a requirement"):
+        read_lock("six==1.17.0\n# a comment ending in a backslash \\\n--hash=sha256:" + "a" * 64 + "\n")
+    (entry,) = read_lock("six==1.17.0 --hash=sha256:" + "a" * 64 + "  # via #1\n")
+    assert entry.hashes == ("sha256:" + "a" * 64,)
 
 
 # The install itself, offline: a made-up package served from a folder in place of the index.
@@ -152,6 +195,31 @@ def test_the_install_refuses_a_lock_entry_without_a_hash(scratch_venv, index):
     assert result.returncode != 0
     assert "hash" in result.stderr.lower()
     assert not installed(scratch_venv, MODULE)
+
+
+def test_the_project_is_built_with_the_virtualenvs_own_packages_never_a_build_requirement_fetched_unchecked(
+    scratch_venv, index,
+):
+    """The project's editable install: a build requirement that only the index has (no hash checks there) is
+    never fetched into a build environment; the backend sees only what the locked install put in the venv."""
+    wheel(index, "", name="bastion-lock-other")
+    project, fetched = index.parent / "project", index.parent / "build-requirement-fetched"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["bastion-lock-other==1.0"]\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+        '[project]\nname = "bastion-lock-project"\nversion = "1.0"\n')
+    (project / "backend.py").write_text(
+        "import importlib.util\n"
+        f"if importlib.util.find_spec('bastion_lock_other'):\n    open({str(fetched)!r}, 'w').close()\n"
+        "raise SystemExit('this test backend builds nothing')\n")
+    lock = index.parent / "empty.lock"
+    lock.write_text("")
+    environment = {**os.environ, "PIP_FIND_LINKS": str(index), "PIP_NO_CACHE_DIR": "1"}
+    subprocess.run([scratch_venv / "bin" / "pip", "uninstall", "--quiet", "--yes", "bastion-lock-other"],
+                   check=True, capture_output=True)
+    subprocess.run(["bash", INSTALL, scratch_venv, lock, project], env=environment, capture_output=True,
+                   text=True, timeout=120)
+    assert not fetched.exists(), "the build requirement was fetched, unchecked, into a build environment"
 
 
 def test_the_install_refuses_a_source_distribution_even_when_its_hash_matches(scratch_venv, index):
