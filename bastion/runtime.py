@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import grpc
@@ -34,6 +35,7 @@ from bastion.grpc.audit import KafkaAccessAudit
 from bastion.grpc.policy import load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import ServerSecurity, TlsFiles
+from bastion.grpc.spans import SpanRecorder, jsonl_exporter
 from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
 from bastion.metrics_endpoint import serve_metrics
 from bastion.settings import DevstackSettings
@@ -83,6 +85,12 @@ class ServiceRuntime:
     @property
     def metrics_port(self) -> int:
         return self.ctx.metrics_port(self.name)
+
+    @cached_property
+    def spans(self) -> SpanRecorder:
+        """The recorder of this service's sampled calls, writing logs/NAME.spans.jsonl (bastion/grpc/spans.py)."""
+        path = self.ctx.layout.log_dir / f"{self.name}.spans.jsonl"
+        return SpanRecorder(self.name, jsonl_exporter(path), self.ctx.settings.trace_sample_ratio)
 
     def tls(self) -> TlsFiles:
         paths = self.ctx.pki.paths(self.name)
@@ -167,6 +175,7 @@ class ServiceRuntime:
         deadline = time.monotonic() + WORKER_STOP_SECONDS
         for thread in self.threads:
             await asyncio.to_thread(thread.join, max(deadline - time.monotonic(), 0.1))
+        await asyncio.to_thread(self.spans.shutdown)  # the spans still batched
         await asyncio.to_thread(metrics.close)  # last: counters stay readable while the workers wind down
 
     async def _report_workers(self) -> None:
@@ -193,4 +202,5 @@ class ServiceRuntime:
             policy=load_method_policy(self.ctx.settings.infra_dir / "policies" / f"{self.name}.yaml"),
             audit=KafkaAccessAudit(self.key, self.kafka_config),
             limiter=RedisRateLimiter(redis, self.name, rate_limit, SERVICE_ACCOUNT_RATE_LIMIT),
+            spans=self.spans,
         )

@@ -43,3 +43,6 @@ class DevstackSettings(BaseSettings):
     start_timeout_seconds: float = 180.0
     # A verifying consumer reports a sequence gap still open after this long (bastion/events/consumer.py).
     sequence_gap_alert_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    # The share of new traces (calls that arrive without a caller's trace) whose spans the services record; a
+    # caller's sampled trace is always recorded (bastion/grpc/spans.py).
+    trace_sample_ratio: float = Field(default=0.0, ge=0, le=1)

@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bastion.grpc.tokens import Principal
 from bastion.grpc.trace import TraceContext
@@ -31,6 +32,8 @@ class CallContext:
     bearer: str | None = field(default=None, repr=False)
     # This call's span of the caller's trace (W3C trace context), passed on to the calls made on its behalf.
     trace: TraceContext | None = None
+    # The recorded span of this call (bastion/grpc/spans.py), when its trace is sampled; None otherwise.
+    span: Any = field(default=None, repr=False, compare=False)
 
 
 current_call: contextvars.ContextVar[CallContext] = contextvars.ContextVar("bastion_current_call")

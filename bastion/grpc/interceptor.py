@@ -21,6 +21,7 @@ from bastion.grpc.errors import (
 )
 from bastion.grpc.policy import MethodPolicy
 from bastion.grpc.ratelimit import RedisRateLimiter
+from bastion.grpc.spans import SpanRecorder
 from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal, TokenValidator
 from bastion.grpc.trace import trace_context_from
 
@@ -41,12 +42,13 @@ _call_metadata: contextvars.ContextVar[Sequence[tuple[str, str | bytes]]] = cont
 
 class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, service: str, validator: TokenValidator, policy: MethodPolicy, audit: AccessAudit,
-                 limiter: RedisRateLimiter | None = None) -> None:
+                 limiter: RedisRateLimiter | None = None, spans: SpanRecorder | None = None) -> None:
         self.service = service
         self.validator = validator
         self.policy = policy
         self.audit = audit
         self.limiter = limiter
+        self.spans = spans
         # The wrapped handler of each method, built once: it holds no per-call state, and building it on every
         # call was a measurable share of the chain's cost. Kept with the handler it wraps, in case that changes.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
@@ -80,11 +82,14 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 call = await self._admit(method, context)
                 token = current_call.set(call)
                 try:
-                    return await inner(request, context)
+                    reply = await inner(request, context)
+                    _end_span(call, grpc.StatusCode.OK)
+                    return reply
                 except Exception as error:
                     await self._fail(context, call, error)
                 finally:
                     current_call.reset(token)
+                    _end_span(call, grpc.StatusCode.CANCELLED)  # a no-op unless the call ended some other way
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                        else grpc.stream_unary_rpc_method_handler)
@@ -98,10 +103,12 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 async for item in inner_stream(request, context):
                     yield item
+                _end_span(call, grpc.StatusCode.OK)
             except Exception as error:
                 await self._fail(context, call, error)
             finally:
                 current_call.reset(token)
+                _end_span(call, grpc.StatusCode.CANCELLED)  # a no-op unless the call ended some other way
 
         factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                    else grpc.stream_stream_rpc_method_handler)
@@ -115,6 +122,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metadata = {key: value for key, value in received if isinstance(value, str)}
         correlation_id = correlation_id_from(metadata)
         trace = trace_context_from(received)
+        span = None
+        if self.spans is not None:
+            span, trace = self.spans.start(method, trace)
         context.set_trailing_metadata((("x-correlation-id", correlation_id),))
         peer = peer_identity_from(context.peer_identity_key(), context.peer_identities())
         header = metadata.get("authorization", "")
@@ -123,8 +133,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise UnauthenticatedError("client certificate has no Bastion identity")
             principal = self._authenticate(header)
         except RequestError as error:
-            await self._refuse(context, CallContext(correlation_id, peer, None, method, trace=trace), error)
-        call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2], trace=trace)
+            await self._refuse(context, CallContext(correlation_id, peer, None, method, trace=trace, span=span), error)
+        call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2], trace=trace,
+                           span=span)
         verdict = self.policy.decide(method, principal, peer)
         if not verdict.allowed:
             await self._refuse(context, call, PermissionDeniedError(f"permission denied: {verdict.reason}"))
@@ -159,6 +170,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         log.warning("call_refused", service=self.service, method=call.method[:MAX_METHOD], code=code.name,
                     reason=message, peer=call.peer_identity, principal=_who(call.principal),
                     correlation_id=call.correlation_id, trace_id=_trace_id(call))
+        _end_span(call, code)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
@@ -166,6 +178,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """A handler's error, answered from the error table; anything unexpected is logged here with its
         stack and answered INTERNAL with only the correlation id, so no detail reaches the caller."""
         if isinstance(error, grpc.aio.AbortError):
+            _end_span(call, _aborted_with(context))
             raise error
         code, message = status_for(error, call.correlation_id)
         CALLS_REFUSED.labels(self.service, call.method, code.name).inc()
@@ -175,7 +188,19 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         else:
             log.exception("call_crashed", service=self.service, method=call.method,
                           correlation_id=call.correlation_id, trace_id=_trace_id(call))
+        _end_span(call, code)
         await context.abort(code, message)
+
+
+def _end_span(call: CallContext, code: grpc.StatusCode) -> None:
+    if call.span is not None:
+        SpanRecorder.end(call.span, code, call.correlation_id, call.peer_identity)
+
+
+def _aborted_with(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code a handler aborted its call with (grpc.aio keeps it on the context)."""
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _trace_id(call: CallContext) -> str | None:

@@ -13,6 +13,7 @@ from bastion.grpc.audit import AccessAudit
 from bastion.grpc.interceptor import SecurityInterceptor
 from bastion.grpc.policy import MethodPolicy
 from bastion.grpc.ratelimit import RedisRateLimiter
+from bastion.grpc.spans import SpanRecorder
 from bastion.grpc.tokens import TokenValidator
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -33,6 +34,7 @@ class ServerSecurity:
     policy: MethodPolicy
     audit: AccessAudit
     limiter: RedisRateLimiter | None = None
+    spans: SpanRecorder | None = None  # recorded spans of sampled calls (bastion/grpc/spans.py)
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
@@ -59,7 +61,7 @@ async def start_server(
         security.policy.check_complete(descriptor)
     server = grpc.aio.server(
         interceptors=[SecurityInterceptor(security.service, security.validator, security.policy, security.audit,
-                                          security.limiter)],
+                                          security.limiter, security.spans)],
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes)],
     )

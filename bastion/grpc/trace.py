@@ -9,9 +9,8 @@ The call gets a span id of its own, which downstream calls name as their parent.
 every refusal (`trace_id`), so the log lines of one request can be joined across services with any tracing
 tool's ids, beside the correlation id.
 
-Spans are not recorded or exported here: nothing in the dev stack collects them, and recording one per call in
-Python costs the call path more than the rest of the chain's checks (docs/decisions.md). A deployment that wants
-them adds OpenTelemetry's gRPC instrumentation, which reads and writes the same two headers.
+The spans of sampled traces are recorded with OpenTelemetry's SDK (bastion/grpc/spans.py); a trace that is not
+sampled costs only what this module does.
 """
 
 import os

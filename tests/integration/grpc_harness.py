@@ -18,6 +18,7 @@ from bastion.grpc.audit import AccessAudit, KafkaAccessAudit
 from bastion.grpc.policy import MethodPolicy, load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import ServerSecurity, TlsFiles, start_server
+from bastion.grpc.spans import SpanRecorder
 from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
 from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
 from bastion.settings import PROJECT_ROOT
@@ -50,7 +51,8 @@ class ProbeServer:
 
 
 def start_probe(ctx: StackContext, audit: AccessAudit, rate_limit: RateLimit | None = None,
-                clock_skew: float = 0.0, servicer: ProbeServicer | None = None, port: int = 0) -> ProbeServer:
+                clock_skew: float = 0.0, servicer: ProbeServicer | None = None, port: int = 0,
+                spans: SpanRecorder | None = None) -> ProbeServer:
     keycloak = Keycloak(ctx)
     jwks = JwksCache.from_url(jwks_url(keycloak.issuer), ssl.create_default_context(cafile=str(ctx.ca_file)))
     jwks.start_background_refresh()
@@ -63,7 +65,7 @@ def start_probe(ctx: StackContext, audit: AccessAudit, rate_limit: RateLimit | N
         if rate_limit is not None:
             client = aioredis.Redis(**ctx.redis_options(SERVICE, ctx.credentials.redis[SERVICE]))
             limiter = RedisRateLimiter(client, SERVICE, rate_limit)
-        security = ServerSecurity(SERVICE, tls_of(ctx, SERVICE), validator, probe_policy(), audit, limiter)
+        security = ServerSecurity(SERVICE, tls_of(ctx, SERVICE), validator, probe_policy(), audit, limiter, spans)
         server, bound = await start_server(
             security, lambda s: probe_pb2_grpc.add_ProbeServicer_to_server(servicer or ProbeServicer(), s),
             [probe_pb2.DESCRIPTOR.services_by_name["Probe"]], port=port, dev_profile=True,

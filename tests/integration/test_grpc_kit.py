@@ -16,6 +16,8 @@ import structlog
 from confluent_kafka import Consumer
 from cryptography import x509
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
@@ -31,10 +33,12 @@ from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.interceptor import UNKNOWN_METHOD
 from bastion.grpc.ratelimit import RateLimit
 from bastion.grpc.server import MAX_MESSAGE_BYTES, TlsFiles
+from bastion.grpc.spans import SpanRecorder
 from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
 from bastion.testing.probe import ProbeServicer
 from tests.integration.forgeries import code_of, forged_tokens, generic_call
 from tests.integration.grpc_harness import (
+    SERVICE,
     ProbeServer,
     kafka_audit,
     service_token,
@@ -133,6 +137,57 @@ def test_a_call_continues_its_callers_trace_in_a_span_of_its_own(ctx: StackConte
         *call_metadata(token), ("traceparent", f"00-{trace}-{parent}-01")), timeout=10)
     assert (reply.trace_id, reply.parent_span_id) == (trace, parent)
     assert len(reply.span_id) == 16 and reply.span_id != parent
+
+
+class CrashingProbe(ProbeServicer):
+    async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
+                     ) -> probe_pb2.WhoamiResponse:
+        raise RuntimeError("a bug in the handler")
+
+
+@pytest.mark.parametrize("servicer", [ProbeServicer, CrashingProbe])
+def test_a_sampled_call_leaves_a_server_span_whose_id_its_handler_hands_on(
+    ctx: StackContext, keys: KeyRing, servicer: type[ProbeServicer],
+) -> None:
+    """Spans of sampled calls (bastion/grpc/spans.py): allowed, refused, crashed and streamed calls each leave one
+    span with their status; a call the caller did not sample, or with no trace of its own, leaves none."""
+    exported = InMemorySpanExporter()
+    spans = SpanRecorder(SERVICE, processor=SimpleSpanProcessor(exported))
+    server = start_probe(ctx, MemoryAccessAudit(), servicer=servicer(), spans=spans)
+    try:
+        client = stub(ctx, server.port, tls_of(ctx, "cli"))
+        token = user_token(ctx, "alice")["access_token"]
+        trace, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+
+        def sampled(flags: str = "01") -> tuple[tuple[str, str], ...]:
+            return (*call_metadata(token, f"it-{uuid.uuid4()}"), ("traceparent", f"00-{trace}-{parent}-{flags}"))
+
+        crashing = servicer is CrashingProbe
+        if crashing:
+            assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=sampled(), timeout=10)) == \
+                grpc.StatusCode.INTERNAL
+        else:
+            reply = client.Whoami(probe_pb2.WhoamiRequest(), metadata=sampled(), timeout=10)
+        assert code_of(lambda: client.TellerOnly(probe_pb2.TellerOnlyRequest(), metadata=sampled(), timeout=10)) \
+            == grpc.StatusCode.PERMISSION_DENIED
+        assert [item.value for item in client.Countdown(probe_pb2.CountdownRequest(start=2), metadata=sampled(),
+                                                        timeout=10)] == [2, 1]
+        client.Countdown(probe_pb2.CountdownRequest(start=1), metadata=sampled("00"), timeout=10).next()
+        client.Countdown(probe_pb2.CountdownRequest(start=1), metadata=call_metadata(token), timeout=10).next()
+    finally:
+        server.stop()
+        spans.shutdown()
+    recorded = {span.name.rsplit("/", 1)[1]: span for span in exported.get_finished_spans()}
+    assert len(exported.get_finished_spans()) == 3, "one span per sampled call, none for the others"
+    assert all(f"{span.context.trace_id:032x}" == trace and span.parent is not None
+               and f"{span.parent.span_id:016x}" == parent for span in recorded.values())
+    status = {name: (dict(span.attributes or {})["rpc.grpc.status_code"], span.status.status_code.name)
+              for name, span in recorded.items()}
+    assert status == {"Whoami": (13, "ERROR") if crashing else (0, "UNSET"), "TellerOnly": (7, "UNSET"),
+                      "Countdown": (0, "UNSET")}
+    if not crashing:
+        assert reply.span_id == f"{recorded['Whoami'].context.span_id:016x}", "the handler hands on the span's id"
+        assert dict(recorded["Whoami"].attributes or {})["bastion.peer_service"] == "cli"
 
 
 def test_a_malformed_traceparent_starts_a_new_trace_and_is_never_echoed(ctx: StackContext, probe: ProbeServer) -> None:
