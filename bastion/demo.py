@@ -1,5 +1,6 @@
 """The demo scenario: the bank at work on the running platform, each step narrated and checked."""
 
+import datetime as dt
 import re
 import time
 import uuid
@@ -16,10 +17,13 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.server import TlsFiles
+from bastion.grpc.spans import recorded_spans
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from bastion.payments.v1 import payments_pb2, payments_pb2_grpc
 
 NOTIFICATION_WAIT_SECONDS = 60
+SPANS_WAIT_SECONDS = 15
+TRANSFER_SPAN, APPLY_SPAN = "bastion.payments.v1.Payments/Transfer", "bastion.accounts.v1.Accounts/ApplyTransfer"
 AUDIT_WAIT_SECONDS = 60
 PROBING_RULE = "permission-probing"
 COUNTED_ENTRIES = re.compile(r"audit log entries (\d+) to (\d+)")  # in an alert's notification text
@@ -73,7 +77,10 @@ class Scenario:
         request = payments_pb2.TransferRequest(idempotency_key=f"demo-transfer-{uuid.uuid4()}",
                                                from_account_id=alice.account_id, to_account_id=bob.account_id,
                                                amount_minor=25_000, currency="EUR")
-        payment = self.payments.Transfer(request, metadata=self._as("alice"), timeout=30).payment
+        # The scenario starts this call's trace and samples it, so payments and accounts record their spans.
+        trace_id = uuid.uuid4().hex
+        traceparent = ("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")
+        payment = self.payments.Transfer(request, metadata=(*self._as("alice"), traceparent), timeout=30).payment
         again = self.payments.Transfer(request, metadata=self._as("alice"), timeout=30).payment
         say(f"3. alice sent 250.00 EUR to bob: payment {payment.status}; sent again with the same idempotency "
             f"key, the answer is the same payment ({again.payment_id == payment.payment_id}) and no second debit")
@@ -97,9 +104,28 @@ class Scenario:
         say(f"7. ada (auditor) found the payment in the audit log ({recorded}) and verified the whole chain: "
             f"{verdict.length} records, head {verdict.head_hash.hex()[:16]}…; {anchored}")
         say(f"8. {self._probe(alice.account_id, verdict.length)}")
+        say(f"9. {self._traced(trace_id)}")
         say(f"every call carried the correlation id {self.correlation_id}; every access decision and state change "
             "became a signed event on Kafka (access.decisions.v1, accounts.events.v1, payments.events.v1), and the "
             "alert too (security.alerts.v1)")
+
+    def _traced(self, trace_id: str) -> str:
+        """The transfer's trace as payments and accounts recorded it: one span each, accounts' the child."""
+        deadline = time.monotonic() + SPANS_WAIT_SECONDS
+        while True:
+            spans = {span["name"]: span for span in
+                     recorded_spans(self.ctx.layout.log_dir, ("payments", "accounts"), trace_id)}
+            if {TRANSFER_SPAN, APPLY_SPAN} <= spans.keys() or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        transfer, applied = spans.get(TRANSFER_SPAN), spans.get(APPLY_SPAN)
+        if transfer is None or applied is None or applied["parent_id"] != transfer["context"]["span_id"]:
+            raise DevstackError(f"the transfer's trace {trace_id} was not recorded as one tree in "
+                                f"{self.ctx.layout.log_dir}/payments.spans.jsonl and accounts.spans.jsonl",
+                                "see the services' logs; spans are written about a second after a call ends")
+        return (f"the transfer's trace {trace_id[:8]}… was recorded as one tree of spans: payments Transfer "
+                f"({_milliseconds(transfer):.1f} ms) → accounts ApplyTransfer ({_milliseconds(applied):.1f} ms), in "
+                "logs/payments.spans.jsonl and logs/accounts.spans.jsonl of the state folder")
 
     def _probe(self, account_id: str, log_length: int) -> str:
         """bob tries a teller's method as often as the permission-probing rule allows; ada is told of an alert
@@ -176,3 +202,9 @@ class Scenario:
         reply: Any = self.accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id),
                                               metadata=self._as("sam"), timeout=20)
         return int(reply.account.balance_minor)
+
+
+def _milliseconds(span: dict[str, Any]) -> float:
+    start, end = (dt.datetime.fromisoformat(span[key]) for key in ("start_time", "end_time"))
+    return (end - start) / dt.timedelta(milliseconds=1)
+

@@ -90,7 +90,8 @@ class ServiceRuntime:
     def spans(self) -> SpanRecorder:
         """The recorder of this service's sampled calls, writing logs/NAME.spans.jsonl (bastion/grpc/spans.py)."""
         path = self.ctx.layout.log_dir / f"{self.name}.spans.jsonl"
-        return SpanRecorder(self.name, jsonl_exporter(path), self.ctx.settings.trace_sample_ratio)
+        return SpanRecorder(self.name, jsonl_exporter(path), self.ctx.settings.trace_sample_ratio,
+                            per_second=self.ctx.settings.trace_spans_per_second)
 
     def tls(self) -> TlsFiles:
         paths = self.ctx.pki.paths(self.name)

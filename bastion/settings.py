@@ -46,3 +46,5 @@ class DevstackSettings(BaseSettings):
     # The share of new traces (calls that arrive without a caller's trace) whose spans the services record; a
     # caller's sampled trace is always recorded (bastion/grpc/spans.py).
     trace_sample_ratio: float = Field(default=0.0, ge=0, le=1)
+    # The most spans a service records in a second, whatever its callers ask (bastion/grpc/spans.py).
+    trace_spans_per_second: float = Field(default=100.0, gt=0, le=100_000)

@@ -2,8 +2,11 @@
 client certificate, JWT authentication, per-method authorisation, rate limit, access audit. A refused call ends
 with the status of the error table; the handler never runs. Health checks and reflection need only mTLS."""
 
+import contextlib
 import contextvars
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import grpc
@@ -88,8 +91,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except Exception as error:
                     await self._fail(context, call, error)
                 finally:
-                    current_call.reset(token)
                     _end_span(call, grpc.StatusCode.CANCELLED)  # a no-op unless the call ended some other way
+                    current_call.reset(token)
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                        else grpc.stream_unary_rpc_method_handler)
@@ -107,8 +110,11 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except Exception as error:
                 await self._fail(context, call, error)
             finally:
-                current_call.reset(token)
                 _end_span(call, grpc.StatusCode.CANCELLED)  # a no-op unless the call ended some other way
+                # A stream cancelled while blocked writing is closed later, in another context: the variable is
+                # then not this context's to reset, and that context is being discarded anyway.
+                with contextlib.suppress(ValueError):
+                    current_call.reset(token)
 
         factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                    else grpc.stream_stream_rpc_method_handler)
@@ -122,9 +128,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metadata = {key: value for key, value in received if isinstance(value, str)}
         correlation_id = correlation_id_from(metadata)
         trace = trace_context_from(received)
-        span = None
-        if self.spans is not None:
-            span, trace = self.spans.start(method, trace)
+        # Whether to record this call is asked now (and its arrival noted), but a span is started only once the
+        # call is admitted: a caller's sampled flag alone never makes the service record anything.
+        traced = self.spans is not None and self.spans.wanted(trace)
+        arrived = time.time_ns() if traced else 0
         context.set_trailing_metadata((("x-correlation-id", correlation_id),))
         peer = peer_identity_from(context.peer_identity_key(), context.peer_identities())
         header = metadata.get("authorization", "")
@@ -133,9 +140,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise UnauthenticatedError("client certificate has no Bastion identity")
             principal = self._authenticate(header)
         except RequestError as error:
-            await self._refuse(context, CallContext(correlation_id, peer, None, method, trace=trace, span=span), error)
-        call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2], trace=trace,
-                           span=span)
+            await self._refuse(context, CallContext(correlation_id, peer, None, method, trace=trace), error)
+        call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2], trace=trace)
         verdict = self.policy.decide(method, principal, peer)
         if not verdict.allowed:
             await self._refuse(context, call, PermissionDeniedError(f"permission denied: {verdict.reason}"))
@@ -147,6 +153,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except RequestError as error:
                 await self._refuse(context, call, error)
         self.audit.record(decision(_who(principal), peer or "", method, True, verdict.reason, correlation_id))
+        if traced and self.spans is not None:
+            span, trace = self.spans.start(method, trace, arrived)
+            if span is not None:
+                return replace(call, trace=trace, span=span)
         return call
 
     def _authenticate(self, header: str) -> Principal:
@@ -170,7 +180,6 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         log.warning("call_refused", service=self.service, method=call.method[:MAX_METHOD], code=code.name,
                     reason=message, peer=call.peer_identity, principal=_who(call.principal),
                     correlation_id=call.correlation_id, trace_id=_trace_id(call))
-        _end_span(call, code)
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 

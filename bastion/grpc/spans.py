@@ -2,27 +2,39 @@
 
 The kit carries W3C trace context on every call (bastion/grpc/trace.py). A span is recorded only for a call whose
 trace is sampled: its caller's `traceparent` says so (flag 01), or the call starts a trace and falls in the share
-of new traces set by BASTION_TRACE_SAMPLE_RATIO (0 by default, so that recording is the caller's choice). Any
-other call costs a flag test. A recorded span is a SERVER span named by the method, a child of the caller's span,
-with the RPC attributes of OpenTelemetry's semantic conventions, the gRPC status, the correlation id and the
-caller's service identity. Its id is the span id the handler's downstream calls name as their parent, so the
-spans one request leaves in several services form one tree.
+of new traces set by BASTION_TRACE_SAMPLE_RATIO (0 by default). Other calls cost well under a microsecond.
+
+A caller's flag is a request, not an order (the recommendation warns that obeying it blindly lets any caller make
+a service record, and write, as much as it likes): only an admitted call is recorded, one that passed the token,
+the policy and the caller's rate limit, its span starting when the call arrived; and a service records at most
+BASTION_TRACE_SPANS_PER_SECOND spans (100 by default; the sampled calls beyond it are counted, not recorded, and
+still pass the flag on). A recorded span is a SERVER span named by the method, a child of the caller's span, with
+the RPC attributes of OpenTelemetry's semantic conventions, the gRPC status, the correlation id and the caller's
+service identity. Its id is the span id the handler's downstream calls name as their parent, so the spans one
+request leaves in several services form one tree.
 
 The SDK batches finished spans to an exporter on a thread of its own: the services of the dev stack write one
-JSON object per line to `logs/SERVICE.spans.jsonl` in the state folder (`jsonl_exporter`); any other
-`SpanExporter` (OTLP to a collector) plugs in instead.
+JSON object per line to `logs/SERVICE.spans.jsonl` in the state folder, rotated at 64 MiB with three older files
+kept (`jsonl_exporter`); any other `SpanExporter` (OTLP to a collector) plugs in instead.
 """
 
+import io
+import json
+import logging.handlers
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from random import Random
-from typing import Any
+from typing import IO, Any, cast
 
 import grpc
 from opentelemetry import trace as otel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from prometheus_client import Counter
 
 from bastion.grpc.trace import TraceContext
 
@@ -31,44 +43,79 @@ from bastion.grpc.trace import TraceContext
 SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
                            grpc.StatusCode.DATA_LOSS})
-MAX_SPAN_NAME = 256  # an unknown method's path is the caller's own text
+MAX_SPAN_NAME = 256
+EXPORT_EVERY_MS = 1000  # how long a finished span may wait in the batch before it is written
+SPAN_FILE_BYTES = 64 * 1024 * 1024  # a span file is rotated at this size ...
+SPAN_FILES_KEPT = 3  # ... keeping this many older ones
+SPANS_NOT_RECORDED = Counter("bastion_spans_not_recorded_total",
+                             "Sampled calls whose span was not recorded: the service's span budget was spent",
+                             ["service"])
 
 
 class SpanRecorder:
     """Starts and ends the spans of one service's sampled calls; `shutdown` flushes what is still batched."""
 
     def __init__(self, service: str, exporter: SpanExporter | None = None, root_ratio: float = 0.0,
-                 processor: SpanProcessor | None = None) -> None:
+                 processor: SpanProcessor | None = None, per_second: float = 100.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not 0.0 <= root_ratio <= 1.0:
             raise ValueError(f"the share of new traces to record must be between 0 and 1, not {root_ratio}")
+        if per_second <= 0:
+            raise ValueError(f"the span budget must be more than 0 spans a second, not {per_second}")
         if (exporter is None) == (processor is None):
             raise ValueError("give an exporter (batched) or a span processor, not both")
-        self._provider = TracerProvider(resource=Resource.create({"service.name": service}))
-        self._provider.add_span_processor(processor or BatchSpanProcessor(exporter))  # type: ignore[arg-type]
+        self.service = service
+        # Every span the kit starts is one it decided to record: the SDK's own sampling (and its OTEL_* variables)
+        # must not make it a span that records nothing while the call hands on a span id of its own.
+        self._provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=ALWAYS_ON)
+        self._provider.add_span_processor(
+            processor or BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_EVERY_MS))  # type: ignore[arg-type]
         self._tracer = self._provider.get_tracer("bastion.grpc")
         self._root_ratio = root_ratio
         self._random = Random()  # noqa: S311 - which traces to record, not a secret
+        self._per_second = per_second
+        self._clock = clock
+        self._tokens, self._refilled = per_second, clock()
 
-    def start(self, method: str, trace: TraceContext) -> tuple[Any, TraceContext]:
-        """The span of a call to METHOD in TRACE, or None when the trace is not recorded; and the call's trace
-        context, whose span id is the recorded span's (a new trace takes the span's trace id too)."""
+    def wanted(self, trace: TraceContext) -> bool:
+        """Whether a call of TRACE should be recorded: its caller sampled it, or it starts a trace that falls in
+        the share of new traces. Ask when the call arrives (a new trace is drawn once)."""
         if trace.parent_id is None:
-            if not self._root_ratio or self._random.random() >= self._root_ratio:
-                return None, trace
-            parent = None
-        elif not trace.sampled:
+            return bool(self._root_ratio) and self._random.random() < self._root_ratio
+        return trace.sampled
+
+    def start(self, method: str, trace: TraceContext, started_ns: int) -> tuple[Any, TraceContext]:
+        """The span of an admitted call to METHOD in TRACE that `wanted` it, begun at STARTED_NS (time.time_ns()
+        when the call arrived), or None over the span budget; and the call's trace context, whose span id is the
+        recorded span's (a new trace takes the span's trace id too)."""
+        if not self._spend():
+            SPANS_NOT_RECORDED.labels(self.service).inc()
             return None, trace
+        if trace.parent_id is None:
+            parent = None
         else:
             caller = otel.SpanContext(int(trace.trace_id, 16), int(trace.parent_id, 16), is_remote=True,
                                       trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED))
             parent = otel.set_span_in_context(otel.NonRecordingSpan(caller))
         service, _, name = method.lstrip("/").partition("/")
-        span = self._tracer.start_span(method.lstrip("/")[:MAX_SPAN_NAME] or "unknown", context=parent,
-                                       kind=otel.SpanKind.SERVER,
+        span = self._tracer.start_span(method.lstrip("/")[:MAX_SPAN_NAME], context=parent, kind=otel.SpanKind.SERVER,
+                                       start_time=started_ns,
                                        attributes={"rpc.system": "grpc", "rpc.service": service[:MAX_SPAN_NAME],
                                                    "rpc.method": name[:MAX_SPAN_NAME]})
+        if not span.is_recording():  # the SDK switched off (OTEL_SDK_DISABLED): record nothing, hand on nothing new
+            return None, trace
         ids = span.get_span_context()
         return span, replace(trace, trace_id=f"{ids.trace_id:032x}", span_id=f"{ids.span_id:016x}", sampled=True)
+
+    def _spend(self) -> bool:
+        """One span from the budget (a token bucket of PER_SECOND a second, as many at most in store)."""
+        now = self._clock()
+        self._tokens = min(self._per_second, self._tokens + (now - self._refilled) * self._per_second)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     @staticmethod
     def end(span: Any, code: grpc.StatusCode, correlation_id: str, peer_identity: str | None) -> None:
@@ -87,11 +134,48 @@ class SpanRecorder:
         self._provider.shutdown()
 
 
-def jsonl_exporter(path: Path) -> SpanExporter:
-    """An exporter that appends each span to PATH as one line of JSON (OpenTelemetry's own span encoding)."""
+def jsonl_exporter(path: Path, max_bytes: int = SPAN_FILE_BYTES, kept: int = SPAN_FILES_KEPT) -> SpanExporter:
+    """An exporter that appends each span to PATH as one line of JSON (OpenTelemetry's own span encoding), the file
+    rotated at MAX_BYTES with KEPT older ones (PATH.1 the newest of them; the standard library's rotation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    stream = path.open("a", encoding="utf-8")
-    return ConsoleSpanExporter(out=stream, formatter=_one_line)
+    lines = cast(IO[str], _RotatingLines(path, max_bytes, kept))  # a text stream, as the exporter needs
+    return ConsoleSpanExporter(out=lines, formatter=_one_line)
+
+
+def recorded_spans(log_dir: Path, services: Iterable[str], trace_id: str) -> list[dict[str, Any]]:
+    """The spans of TRACE_ID (32 hex digits) that SERVICES wrote to their span files in LOG_DIR, as the SDK encodes
+    them; a line not (yet) complete JSON is skipped."""
+    found = []
+    for service in services:
+        path = log_dir / f"{service}.spans.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                span = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(span, dict) and span.get("context", {}).get("trace_id") == f"0x{trace_id}":
+                found.append(span)
+    return found
+
+
+class _RotatingLines(io.TextIOBase):
+    """A text stream that hands each line to a RotatingFileHandler, for an exporter that writes to a stream."""
+
+    def __init__(self, path: Path, max_bytes: int, kept: int) -> None:
+        super().__init__()
+        self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=kept,
+                                                             encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            self._handler.emit(logging.makeLogRecord({"msg": line}))
+        return len(text)
+
+    def flush(self) -> None:
+        self._handler.flush()
 
 
 def _one_line(span: ReadableSpan) -> str:

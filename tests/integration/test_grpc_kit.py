@@ -3,6 +3,7 @@
 The negative tests are generated from the service descriptors: every RPC of every service registered in
 SERVICES is refused without a token, with a forged token and without a client certificate."""
 
+import asyncio
 import contextlib
 import functools
 import time
@@ -145,12 +146,33 @@ class CrashingProbe(ProbeServicer):
         raise RuntimeError("a bug in the handler")
 
 
-@pytest.mark.parametrize("servicer", [ProbeServicer, CrashingProbe])
+class AbortingProbe(ProbeServicer):
+    async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
+                     ) -> probe_pb2.WhoamiResponse:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        raise AssertionError("unreachable: abort raises")
+
+
+class SlowProbe(ProbeServicer):
+    async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
+                     ) -> probe_pb2.WhoamiResponse:
+        await asyncio.sleep(5)
+        return await super().Whoami(request, context)
+
+
+# Each probe's Whoami as the caller sees it, and as its span records it (code, status).
+WHOAMI = {ProbeServicer: (grpc.StatusCode.OK, (0, "UNSET")), CrashingProbe: (grpc.StatusCode.INTERNAL, (13, "ERROR")),
+          AbortingProbe: (grpc.StatusCode.NOT_FOUND, (5, "UNSET")),
+          SlowProbe: (grpc.StatusCode.DEADLINE_EXCEEDED, (1, "UNSET"))}  # the server sees the deadline as a cancel
+
+
+@pytest.mark.parametrize("servicer", list(WHOAMI))
 def test_a_sampled_call_leaves_a_server_span_whose_id_its_handler_hands_on(
     ctx: StackContext, keys: KeyRing, servicer: type[ProbeServicer],
 ) -> None:
-    """Spans of sampled calls (bastion/grpc/spans.py): allowed, refused, crashed and streamed calls each leave one
-    span with their status; a call the caller did not sample, or with no trace of its own, leaves none."""
+    """Spans of sampled calls (bastion/grpc/spans.py): an admitted call, unary or streamed, leaves one span with its
+    status however it ends (answered, crashed, aborted by its handler, cancelled at its deadline); a refused call,
+    a call the caller did not sample and a call with no trace of its own leave none."""
     exported = InMemorySpanExporter()
     spans = SpanRecorder(SERVICE, processor=SimpleSpanProcessor(exported))
     server = start_probe(ctx, MemoryAccessAudit(), servicer=servicer(), spans=spans)
@@ -162,30 +184,33 @@ def test_a_sampled_call_leaves_a_server_span_whose_id_its_handler_hands_on(
         def sampled(flags: str = "01") -> tuple[tuple[str, str], ...]:
             return (*call_metadata(token, f"it-{uuid.uuid4()}"), ("traceparent", f"00-{trace}-{parent}-{flags}"))
 
-        crashing = servicer is CrashingProbe
-        if crashing:
-            assert code_of(lambda: client.Whoami(probe_pb2.WhoamiRequest(), metadata=sampled(), timeout=10)) == \
-                grpc.StatusCode.INTERNAL
-        else:
-            reply = client.Whoami(probe_pb2.WhoamiRequest(), metadata=sampled(), timeout=10)
+        expected_code, _recorded = WHOAMI[servicer]
+        try:
+            reply = client.Whoami(probe_pb2.WhoamiRequest(), metadata=sampled(), timeout=1)
+            assert expected_code is grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            assert error.code() is expected_code
         assert code_of(lambda: client.TellerOnly(probe_pb2.TellerOnlyRequest(), metadata=sampled(), timeout=10)) \
             == grpc.StatusCode.PERMISSION_DENIED
         assert [item.value for item in client.Countdown(probe_pb2.CountdownRequest(start=2), metadata=sampled(),
                                                         timeout=10)] == [2, 1]
         client.Countdown(probe_pb2.CountdownRequest(start=1), metadata=sampled("00"), timeout=10).next()
         client.Countdown(probe_pb2.CountdownRequest(start=1), metadata=call_metadata(token), timeout=10).next()
+        deadline = time.monotonic() + 5  # a cancelled handler ends its span as its task unwinds
+        while len(exported.get_finished_spans()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         server.stop()
         spans.shutdown()
     recorded = {span.name.rsplit("/", 1)[1]: span for span in exported.get_finished_spans()}
-    assert len(exported.get_finished_spans()) == 3, "one span per sampled call, none for the others"
+    assert sorted(recorded) == ["Countdown", "Whoami"], "one span per admitted sampled call, none for the others"
+    assert len(exported.get_finished_spans()) == 2
     assert all(f"{span.context.trace_id:032x}" == trace and span.parent is not None
                and f"{span.parent.span_id:016x}" == parent for span in recorded.values())
     status = {name: (dict(span.attributes or {})["rpc.grpc.status_code"], span.status.status_code.name)
               for name, span in recorded.items()}
-    assert status == {"Whoami": (13, "ERROR") if crashing else (0, "UNSET"), "TellerOnly": (7, "UNSET"),
-                      "Countdown": (0, "UNSET")}
-    if not crashing:
+    assert status == {"Whoami": WHOAMI[servicer][1], "Countdown": (0, "UNSET")}
+    if servicer is ProbeServicer:
         assert reply.span_id == f"{recorded['Whoami'].context.span_id:016x}", "the handler hands on the span's id"
         assert dict(recorded["Whoami"].attributes or {})["bastion.peer_service"] == "cli"
 

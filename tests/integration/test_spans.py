@@ -2,12 +2,12 @@
 one tree of spans across payments and accounts, in each service's `logs/SERVICE.spans.jsonl`; a transfer its
 caller did not sample leaves none."""
 
-import json
 import time
 import uuid
 from typing import Any
 
 from bastion.devstack.context import StackContext
+from bastion.grpc.spans import recorded_spans
 from bastion.payments.v1 import payments_pb2
 from tests.integration.bank import Bank
 
@@ -15,11 +15,7 @@ TRANSFER, APPLY = "bastion.payments.v1.Payments/Transfer", "bastion.accounts.v1.
 
 
 def spans_of(ctx: StackContext, service: str, trace_id: str) -> list[dict[str, Any]]:
-    path = ctx.layout.log_dir / f"{service}.spans.jsonl"
-    if not path.exists():
-        return []
-    found = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [span for span in found if span["context"]["trace_id"] == f"0x{trace_id}"]
+    return recorded_spans(ctx.layout.log_dir, [service], trace_id)
 
 
 def transfer(bank: Bank, source: str, target: str, trace_id: str, parent: str, flags: str, correlation: str) -> None:

@@ -1,6 +1,8 @@
-"""Recorded spans (bastion/grpc/spans.py): only sampled traces, children of the caller's span, the id handed on."""
+"""Recorded spans (bastion/grpc/spans.py): only sampled traces, children of the caller's span, the id handed on,
+within the service's span budget, written as rotated JSON lines."""
 
 import json
+import time
 
 import grpc
 import pytest
@@ -9,20 +11,40 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from bastion.grpc.spans import SpanRecorder, jsonl_exporter
-from bastion.grpc.trace import trace_context_from
+from bastion.grpc.spans import SPANS_NOT_RECORDED, SpanRecorder, jsonl_exporter, recorded_spans
+from bastion.grpc.trace import TraceContext, trace_context_from
 
 METHOD = "/bastion.accounts.v1.Accounts/GetAccount"
 TRACE, CALLER_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
 
-def recorder(root_ratio: float = 0.0) -> tuple[SpanRecorder, InMemorySpanExporter]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def recorder(root_ratio: float = 0.0, per_second: float = 100.0, clock: Clock | None = None
+             ) -> tuple[SpanRecorder, InMemorySpanExporter]:
     exported = InMemorySpanExporter()
-    return SpanRecorder("accounts", processor=SimpleSpanProcessor(exported), root_ratio=root_ratio), exported
+    return SpanRecorder("accounts", processor=SimpleSpanProcessor(exported), root_ratio=root_ratio,
+                        per_second=per_second, clock=clock or Clock()), exported
 
 
 def traceparent(flags: str = "01") -> list[tuple[str, str]]:
     return [("traceparent", f"00-{TRACE}-{CALLER_SPAN}-{flags}")]
+
+
+def record(spans: SpanRecorder, trace: TraceContext, code: grpc.StatusCode = grpc.StatusCode.OK,
+           method: str = METHOD) -> TraceContext:
+    """What the interceptor does for an admitted call: ask, start, end."""
+    if not spans.wanted(trace):
+        return trace
+    span, trace = spans.start(method, trace, time.time_ns())
+    SpanRecorder.end(span, code, "corr-1", "payments")
+    return trace
 
 
 def only(exported: InMemorySpanExporter) -> ReadableSpan:
@@ -32,18 +54,21 @@ def only(exported: InMemorySpanExporter) -> ReadableSpan:
 
 def test_a_call_the_caller_sampled_is_recorded_as_a_child_of_the_callers_span_with_the_id_it_hands_on():
     spans, exported = recorder()
-    span, trace = spans.start(METHOD, trace_context_from(traceparent("01")))
-    SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", "spiffe://bastion.local/service/payments")
+    arrived = time.time_ns() - 5_000_000
+    before = trace_context_from(traceparent("01"))
+    assert spans.wanted(before)
+    span, trace = spans.start(METHOD, before, arrived)
+    SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", "payments")
     recorded = only(exported)
     assert recorded.name == "bastion.accounts.v1.Accounts/GetAccount" and recorded.kind is SpanKind.SERVER
+    assert recorded.start_time == arrived, "the span starts when the call arrived, not when it was admitted"
     assert f"{recorded.context.trace_id:032x}" == TRACE == trace.trace_id
     assert recorded.parent is not None and f"{recorded.parent.span_id:016x}" == CALLER_SPAN
-    assert f"{recorded.context.span_id:016x}" == trace.span_id, "downstream calls name the recorded span"
+    assert f"{recorded.context.span_id:016x}" == trace.span_id != before.span_id, "downstream names the span"
     assert trace.child_headers()[0][1] == f"00-{TRACE}-{trace.span_id}-01"
     assert dict(recorded.attributes or {}) == {
         "rpc.system": "grpc", "rpc.service": "bastion.accounts.v1.Accounts", "rpc.method": "GetAccount",
-        "rpc.grpc.status_code": 0, "bastion.correlation_id": "corr-1",
-        "bastion.peer_service": "spiffe://bastion.local/service/payments"}
+        "rpc.grpc.status_code": 0, "bastion.correlation_id": "corr-1", "bastion.peer_service": "payments"}
     assert recorded.status.status_code is StatusCode.UNSET
     assert recorded.resource.attributes["service.name"] == "accounts"
 
@@ -51,73 +76,78 @@ def test_a_call_the_caller_sampled_is_recorded_as_a_child_of_the_callers_span_wi
 def test_a_trace_the_caller_did_not_sample_is_not_recorded():
     spans, exported = recorder(root_ratio=1.0)
     before = trace_context_from(traceparent("00"))
-    span, trace = spans.start(METHOD, before)
-    SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", None)
-    assert span is None and trace == before and not exported.get_finished_spans()
+    assert not spans.wanted(before)
+    assert record(spans, before) == before and not exported.get_finished_spans()
 
 
 def test_a_new_trace_is_recorded_only_in_the_share_set_for_new_traces():
     never, exported = recorder(root_ratio=0.0)
-    for _ in range(50):
-        span, _trace = never.start(METHOD, trace_context_from([]))
-        assert span is None
-    assert not exported.get_finished_spans()
+    assert not any(never.wanted(trace_context_from([])) for _ in range(50))
 
     always, exported = recorder(root_ratio=1.0)
-    root = trace_context_from([])
-    span, trace = always.start(METHOD, root)
-    SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", None)
+    trace = record(always, trace_context_from([]))
     recorded = only(exported)
     assert recorded.parent is None and trace.sampled and trace.parent_id is None
     assert (trace.trace_id, trace.span_id) == (f"{recorded.context.trace_id:032x}", f"{recorded.context.span_id:016x}")
 
-    half, exported = recorder(root_ratio=0.5)
-    for _ in range(400):
-        span, _trace = half.start(METHOD, trace_context_from([]))
-        SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", None)
-    assert 120 < len(exported.get_finished_spans()) < 280
+    half, exported = recorder(root_ratio=0.5, per_second=1000)
+    assert 120 < sum(half.wanted(trace_context_from([])) for _ in range(400)) < 280
+
+
+def test_a_service_records_no_more_spans_a_second_than_its_budget_whatever_its_callers_ask():
+    clock = Clock()
+    spans, exported = recorder(per_second=3, clock=clock)
+    before = SPANS_NOT_RECORDED.labels("accounts")._value.get()
+    sampled = trace_context_from(traceparent("01"))
+    handed_on = [record(spans, sampled) for _ in range(5)]
+    assert len(exported.get_finished_spans()) == 3
+    assert SPANS_NOT_RECORDED.labels("accounts")._value.get() - before == 2
+    assert handed_on[4] == sampled and handed_on[4].sampled, "not recorded here, the flag still passed on"
+    clock.now += 0.34  # a third of a second: one more span's worth
+    record(spans, sampled)
+    record(spans, sampled)
+    assert len(exported.get_finished_spans()) == 4
+    clock.now += 60  # the budget refills, never beyond a second's worth
+    for _ in range(10):
+        record(spans, sampled)
+    assert len(exported.get_finished_spans()) == 7
+
+
+def test_with_the_sdk_switched_off_nothing_is_recorded_and_the_trace_is_handed_on_unchanged(monkeypatch):
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    spans, exported = recorder()
+    before = trace_context_from(traceparent("01"))
+    span, trace = spans.start(METHOD, before, time.time_ns())
+    assert span is None and trace == before and not exported.get_finished_spans()
 
 
 @pytest.mark.parametrize(("code", "error"), [
     (grpc.StatusCode.INTERNAL, True), (grpc.StatusCode.UNAVAILABLE, True), (grpc.StatusCode.UNKNOWN, True),
-    (grpc.StatusCode.PERMISSION_DENIED, False), (grpc.StatusCode.UNAUTHENTICATED, False),
-    (grpc.StatusCode.INVALID_ARGUMENT, False), (grpc.StatusCode.NOT_FOUND, False),
+    (grpc.StatusCode.PERMISSION_DENIED, False), (grpc.StatusCode.NOT_FOUND, False),
+    (grpc.StatusCode.INVALID_ARGUMENT, False), (grpc.StatusCode.CANCELLED, False),
 ])
 def test_a_server_span_is_an_error_only_for_a_failure_of_the_server(code: grpc.StatusCode, error: bool):
     spans, exported = recorder()
-    span, _trace = spans.start(METHOD, trace_context_from(traceparent()))
-    SpanRecorder.end(span, code, "corr-1", None)
+    record(spans, trace_context_from(traceparent()), code)
     recorded = only(exported)
     assert (recorded.attributes or {})["rpc.grpc.status_code"] == code.value[0]
     assert recorded.status.status_code is (StatusCode.ERROR if error else StatusCode.UNSET)
 
 
-def test_a_span_is_ended_once_whatever_ends_it_later():
-    spans, exported = recorder()
-    span, _trace = spans.start(METHOD, trace_context_from(traceparent()))
-    SpanRecorder.end(span, grpc.StatusCode.NOT_FOUND, "corr-1", None)
-    SpanRecorder.end(span, grpc.StatusCode.CANCELLED, "corr-1", None)
-    assert (only(exported).attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
-
-
-def test_a_callers_long_method_path_is_cut_in_the_span_name():
-    spans, exported = recorder()
-    span, _trace = spans.start("/" + "x" * 5000, trace_context_from(traceparent()))
-    SpanRecorder.end(span, grpc.StatusCode.UNIMPLEMENTED, "corr-1", None)
-    assert len(only(exported).name) == 256
-
-
-def test_the_share_of_new_traces_must_be_a_share():
+def test_the_share_of_new_traces_and_the_budget_must_make_sense():
     for ratio in (-0.1, 1.5):
         with pytest.raises(ValueError, match="between 0 and 1"):
             SpanRecorder("accounts", InMemorySpanExporter(), root_ratio=ratio)
+    with pytest.raises(ValueError, match="more than 0 spans a second"):
+        SpanRecorder("accounts", InMemorySpanExporter(), per_second=0)
 
 
 def test_the_file_exporter_writes_one_json_object_per_span(tmp_path):
     path = tmp_path / "logs" / "accounts.spans.jsonl"
     spans = SpanRecorder("accounts", jsonl_exporter(path))
     for number in range(3):
-        span, _trace = spans.start(METHOD, trace_context_from(traceparent()))
+        trace = trace_context_from(traceparent())
+        span, _trace = spans.start(METHOD, trace, time.time_ns())
         SpanRecorder.end(span, grpc.StatusCode.OK, f"corr-{number}", None)
     spans.shutdown()  # flushes the batch
     lines = path.read_text().splitlines()
@@ -126,3 +156,22 @@ def test_the_file_exporter_writes_one_json_object_per_span(tmp_path):
     assert {entry["attributes"]["bastion.correlation_id"] for entry in recorded} == {"corr-0", "corr-1", "corr-2"}
     assert all(entry["context"]["trace_id"] == "0x" + TRACE and entry["parent_id"] == "0x" + CALLER_SPAN
                for entry in recorded)
+
+    with path.open("a") as file:
+        file.write('{"context": {"trace_id": "0x' + TRACE + '"}, "name": "cut sh')  # a line still being written
+    assert len(recorded_spans(path.parent, ["accounts", "payments"], TRACE)) == 3
+    assert recorded_spans(path.parent, ["accounts"], "0" * 31 + "1") == []
+
+
+def test_the_span_file_is_rotated_and_only_so_many_older_files_are_kept(tmp_path):
+    path = tmp_path / "accounts.spans.jsonl"
+    spans = SpanRecorder("accounts", jsonl_exporter(path, max_bytes=3000, kept=2), per_second=1000)
+    for _ in range(20):
+        span, _trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+        SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", None)
+    spans.shutdown()
+    files = sorted(file.name for file in tmp_path.iterdir())
+    assert files == ["accounts.spans.jsonl", "accounts.spans.jsonl.1", "accounts.spans.jsonl.2"]
+    for file in tmp_path.iterdir():
+        assert file.stat().st_size <= 3000
+        assert all(json.loads(line)["name"] for line in file.read_text().splitlines())
