@@ -1,6 +1,5 @@
 """The demo scenario: the bank at work on the running platform, each step narrated and checked."""
 
-import datetime as dt
 import re
 import time
 import uuid
@@ -17,7 +16,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.server import TlsFiles
-from bastion.grpc.spans import recorded_spans
+from bastion.grpc.spans import milliseconds, recorded_spans
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from bastion.payments.v1 import payments_pb2, payments_pb2_grpc
 
@@ -124,7 +123,7 @@ class Scenario:
                                 f"{self.ctx.layout.log_dir}/payments.spans.jsonl and accounts.spans.jsonl",
                                 "see the services' logs; spans are written about a second after a call ends")
         return (f"the transfer's trace {trace_id[:8]}… was recorded as one tree of spans: payments Transfer "
-                f"({_milliseconds(transfer):.1f} ms) → accounts ApplyTransfer ({_milliseconds(applied):.1f} ms), in "
+                f"({milliseconds(transfer):.1f} ms) → accounts ApplyTransfer ({milliseconds(applied):.1f} ms), in "
                 "logs/payments.spans.jsonl and logs/accounts.spans.jsonl of the state folder")
 
     def _probe(self, account_id: str, log_length: int) -> str:
@@ -202,9 +201,3 @@ class Scenario:
         reply: Any = self.accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id),
                                               metadata=self._as("sam"), timeout=20)
         return int(reply.account.balance_minor)
-
-
-def _milliseconds(span: dict[str, Any]) -> float:
-    start, end = (dt.datetime.fromisoformat(span[key]) for key in ("start_time", "end_time"))
-    return (end - start) / dt.timedelta(milliseconds=1)
-

@@ -1,6 +1,7 @@
 """`bastion trail CORRELATION_ID`: one request followed through the platform, in time order: every line a service
-logged with its correlation id (the JSON lines of `bastion.service_logs`) and every audit record that carries it
-(access decisions, events, rejections, read from the audit service as its auditor)."""
+logged with its correlation id (the JSON lines of `bastion.service_logs`), every span a service recorded for it
+(when its trace was sampled: `bastion.grpc.spans`) and every audit record that carries it (access decisions,
+events, rejections, read from the audit service as its auditor)."""
 
 import datetime as dt
 import json
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from bastion.audit.refusals import carrying
 from bastion.audit.v1 import audit_pb2
 from bastion.devstack.context import StackContext
+from bastion.grpc.spans import milliseconds, started_at, written_spans
 from bastion.service_logs import render
 
 
@@ -20,8 +22,8 @@ class Step:
 
 
 def trail(ctx: StackContext, correlation_id: str, minutes: float | None, limit: int) -> list[Step]:
-    return sorted([*logged(ctx, correlation_id), *(audited(record) for record in
-                                                    carrying(ctx, correlation_id, minutes, limit))])
+    return sorted([*logged(ctx, correlation_id), *spanned(ctx, correlation_id),
+                   *(audited(record) for record in carrying(ctx, correlation_id, minutes, limit))])
 
 
 def logged(ctx: StackContext, correlation_id: str) -> list[Step]:
@@ -43,6 +45,25 @@ def logged(ctx: StackContext, correlation_id: str) -> list[Step]:
                     continue
                 if isinstance(record, dict) and record.get("correlation_id") == correlation_id:
                     steps.append(Step(at, f"{service}.log", render(record)))
+    return steps
+
+
+def spanned(ctx: StackContext, correlation_id: str) -> list[Step]:
+    """The spans the services recorded for calls carrying CORRELATION_ID, at their start."""
+    steps = []
+    for service, span in written_spans(ctx.layout.log_dir, ctx.service_names):
+        attributes = span.get("attributes") or {}
+        if attributes.get("bastion.correlation_id") != correlation_id:
+            continue
+        try:
+            at, lasted = started_at(span), milliseconds(span)
+        except (KeyError, TypeError, ValueError):
+            continue
+        steps.append(Step(at, f"{service}.spans", (
+            f"span {span.get('name')} {lasted:.1f} ms, code {attributes.get('rpc.grpc.status_code')}, trace "
+            f"{str(span['context'].get('trace_id', '')).removeprefix('0x')} span "
+            f"{str(span['context'].get('span_id', '')).removeprefix('0x')} parent "
+            f"{str(span.get('parent_id') or '-').removeprefix('0x')}")))
     return steps
 
 

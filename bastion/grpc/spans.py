@@ -18,11 +18,12 @@ JSON object per line to `logs/SERVICE.spans.jsonl` in the state folder, rotated 
 kept (`jsonl_exporter`); any other `SpanExporter` (OTLP to a collector) plugs in instead.
 """
 
+import datetime as dt
 import io
 import json
 import logging.handlers
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from random import Random
@@ -142,22 +143,35 @@ def jsonl_exporter(path: Path, max_bytes: int = SPAN_FILE_BYTES, kept: int = SPA
     return ConsoleSpanExporter(out=lines, formatter=_one_line)
 
 
-def recorded_spans(log_dir: Path, services: Iterable[str], trace_id: str) -> list[dict[str, Any]]:
-    """The spans of TRACE_ID (32 hex digits) that SERVICES wrote to their span files in LOG_DIR, as the SDK encodes
+def written_spans(log_dir: Path, services: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(service, span) for every span SERVICES wrote to their current span files in LOG_DIR, as the SDK encodes
     them; a line not (yet) complete JSON is skipped."""
-    found = []
     for service in services:
         path = log_dir / f"{service}.spans.jsonl"
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 span = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(span, dict) and span.get("context", {}).get("trace_id") == f"0x{trace_id}":
-                found.append(span)
-    return found
+            if isinstance(span, dict) and isinstance(span.get("context"), dict):
+                yield service, span
+
+
+def recorded_spans(log_dir: Path, services: Iterable[str], trace_id: str) -> list[dict[str, Any]]:
+    """The spans of TRACE_ID (32 hex digits) that SERVICES wrote (`written_spans`)."""
+    return [span for _service, span in written_spans(log_dir, services)
+            if span["context"].get("trace_id") == f"0x{trace_id}"]
+
+
+def started_at(span: dict[str, Any]) -> dt.datetime:
+    return dt.datetime.fromisoformat(span["start_time"])
+
+
+def milliseconds(span: dict[str, Any]) -> float:
+    """How long the span of a written span lasted."""
+    return (dt.datetime.fromisoformat(span["end_time"]) - started_at(span)) / dt.timedelta(milliseconds=1)
 
 
 class _RotatingLines(io.TextIOBase):

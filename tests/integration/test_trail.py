@@ -26,14 +26,17 @@ def test_a_transfer_and_a_refusal_are_followed_across_services_and_the_audit_log
     target = bank.open_account("bob", correlation_id=correlation_id)
     request = payments_pb2.TransferRequest(idempotency_key=f"trail-{uuid.uuid4()}", from_account_id=source,
                                            to_account_id=target, amount_minor=100, currency="EUR")
-    bank.payments.Transfer(request, metadata=bank.as_user("alice", correlation_id), timeout=30)
+    trace_id = uuid.uuid4().hex  # sampled: payments and accounts record their spans, which the trail shows too
+    sampled = ("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")
+    bank.payments.Transfer(request, metadata=(*bank.as_user("alice", correlation_id), sampled), timeout=30)
     with pytest.raises(grpc.RpcError):
         bank.accounts.Deposit(accounts_pb2.DepositRequest(account_id=target, amount_minor=1,
                                                           idempotency_key=f"trail-{uuid.uuid4()}"),
                               metadata=bank.as_user("bob", correlation_id), timeout=10)
     expected = ["/bastion.payments.v1.Payments/Transfer: allow", "/bastion.accounts.v1.Accounts/ApplyTransfer: allow",
                 "bastion.payments.v1.PaymentCompleted", "bastion.accounts.v1.TransferApplied",
-                "/bastion.accounts.v1.Accounts/Deposit: deny", "call_refused"]
+                "/bastion.accounts.v1.Accounts/Deposit: deny", "call_refused",
+                "span bastion.payments.v1.Payments/Transfer", "span bastion.accounts.v1.Accounts/ApplyTransfer"]
     deadline = time.monotonic() + 30
     while True:
         result = bastion("trail", correlation_id, env=WIDE, timeout=120)
@@ -47,6 +50,9 @@ def test_a_transfer_and_a_refusal_are_followed_across_services_and_the_audit_log
     assert "accounts.log" in refused_line and correlation_id in refused_line
     position = {text: next(i for i, line in enumerate(lines) if text in line) for text in expected}
     assert position["/bastion.payments.v1.Payments/Transfer: allow"] < position["bastion.payments.v1.PaymentCompleted"]
+    assert position["span bastion.payments.v1.Payments/Transfer"] < \
+        position["span bastion.accounts.v1.Accounts/ApplyTransfer"], "a span is placed at its start"
+    assert f"trace {trace_id}" in lines[position["span bastion.accounts.v1.Accounts/ApplyTransfer"]]
 
 
 def test_an_id_nothing_carries_is_exit_status_one(stack: Any) -> None:
