@@ -120,7 +120,8 @@ class ServiceRuntime:
         settings = ConsumerSettings(self.name, self.name, topics,
                                     gap_alert_seconds=self.ctx.settings.sequence_gap_alert_seconds)
         return self.start_worker("consumer", lambda: VerifyingConsumer(
-            settings, self.kafka_config, self.verifier(), self.engine, handler, security_outbox=self.outbox()), stop)
+            settings, self.kafka_config, self.verifier(), self.engine, handler, security_outbox=self.outbox(),
+            spans=self.spans), stop)
 
     def start_worker(self, role: str, build: Callable[[], Worker], stop: threading.Event) -> threading.Thread:
         """Run a worker built by BUILD in a thread until STOP is set. After a failure (database or Kafka away) a

@@ -47,6 +47,7 @@ from bastion.events.metrics import EVENTS_APPLIED, EVENTS_DROPPED, EVENTS_GAPS_O
 from bastion.events.outbox import Outbox
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, EnvelopeVerifier, VerifiedEvent, is_bundle
+from bastion.grpc.spans import SpanRecorder
 
 log = structlog.get_logger(__name__)
 SECURITY_TOPIC = "access.decisions.v1"
@@ -148,8 +149,10 @@ class VerifyingConsumer:
         engine: Engine,
         handler: Handler,
         security_outbox: Outbox | None = None,
+        spans: SpanRecorder | None = None,
     ) -> None:
         self.settings = settings
+        self.spans = spans
         self.verifier = verifier
         self.engine = engine
         self.handler = handler
@@ -367,7 +370,12 @@ class VerifyingConsumer:
         return stored is not None
 
     def _apply(self, conn: Connection, event: VerifiedEvent) -> None:
-        self.handler(conn, event)
+        env = event.envelope
+        if self.spans is not None and env.traceparent:
+            with self.spans.processing(env.topic, env.event_type, env.event_id, env.correlation_id, env.traceparent):
+                self.handler(conn, event)
+        else:
+            self.handler(conn, event)
         inbox.record(conn, event)
         EVENTS_APPLIED.labels(self.settings.name, event.envelope.topic).inc()
 

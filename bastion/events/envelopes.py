@@ -37,6 +37,7 @@ def envelope_for(
     causation_id: str = "",
     occurred_at: dt.datetime | None = None,
     event_id: str | None = None,
+    traceparent: str = "",
 ) -> Envelope:
     """An envelope for PAYLOAD at the current schema version of its type, not signed yet (see `seal`, or
     `signing.sign_batch` for several at once)."""
@@ -53,6 +54,7 @@ def envelope_for(
         causation_id=causation_id,
         topic=topic,
         payload=payload.SerializeToString(deterministic=True),
+        traceparent=traceparent,
     )
     envelope.occurred_at.FromDatetime(occurred_at or dt.datetime.now(dt.UTC))
     envelope.published_at.CopyFrom(envelope.occurred_at)

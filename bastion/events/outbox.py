@@ -25,7 +25,7 @@ from bastion.events.partitions import partition_for
 from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, MAX_BUNDLE_BYTES, MAX_ENVELOPE_BYTES
-from bastion.grpc.context import current_call
+from bastion.grpc.context import CallContext, current_call
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Outbox:
         correlation_id: str,
         causation_id: str = "",
         event_id: str | None = None,
+        traceparent: str = "",
     ) -> Envelope | None:
         """Store one event; the next sequence of its aggregate is taken in the same transaction.
 
@@ -68,7 +69,7 @@ class Outbox:
             .returning(producer_sequence.c.last_sequence)
         ).scalar_one()
         envelope = envelope_for(self.key.current(), topic, payload, aggregate_id, sequence, correlation_id,
-                                causation_id, event_id=event_id)
+                                causation_id, event_id=event_id, traceparent=traceparent)
         stored = envelope.SerializeToString()
         if len(stored) + STAMP_BYTES > MAX_ENVELOPE_BYTES:
             # Give the sequence number back, so that a caller who catches this and commits leaves no gap (every
@@ -97,7 +98,16 @@ class OutboxEventSink:
     def emit(self, payload: Message, aggregate_id: str) -> None:
         call = current_call.get(None)
         correlation_id = call.correlation_id if call else f"{self.outbox.producer}:{aggregate_id}"
-        self.outbox.append(self.conn, self.topic, payload, aggregate_id, correlation_id)
+        self.outbox.append(self.conn, self.topic, payload, aggregate_id, correlation_id,
+                           traceparent=traceparent_of(call))
+
+
+def traceparent_of(call: CallContext | None) -> str:
+    """The trace context an event caused by CALL carries: the call's span as the parent, when that span was
+    recorded (a consumer's span then joins the call's trace); "" otherwise."""
+    if call is None or call.span is None or call.trace is None:
+        return ""
+    return call.trace.child_headers()[0][1]
 
 
 @dataclass(frozen=True)

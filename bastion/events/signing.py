@@ -47,7 +47,8 @@ _count = struct.Struct(">I").pack
 
 def signed_bytes(envelope: Envelope) -> bytes:
     """Every field but the signature (13) and the batch proof (15), each as (field number, big-endian length
-    or fixed width, value), in field-number order. Strings are UTF-8; lengths are 4 bytes."""
+    or fixed width, value), in field-number order. Strings are UTF-8; lengths are 4 bytes. The trace context (16)
+    is there only when set, so an envelope without one has the signed bytes it always had."""
     event_id = envelope.event_id.encode()
     event_type = envelope.event_type.encode()
     producer = envelope.producer.encode()
@@ -73,6 +74,7 @@ def signed_bytes(envelope: Envelope) -> bytes:
         _length(11, len(topic)), topic,
         _length(12, len(payload)), payload,
         _instant(14, published.seconds, published.nanos),
+        *((_length(16, len(traceparent)), traceparent) if (traceparent := envelope.traceparent.encode()) else ()),
     ))
 
 

@@ -18,6 +18,7 @@ JSON object per line to `logs/SERVICE.spans.jsonl` in the state folder, rotated 
 kept (`jsonl_exporter`); any other `SpanExporter` (OTLP to a collector) plugs in instead.
 """
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -37,7 +38,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from prometheus_client import Counter
 
-from bastion.grpc.trace import TraceContext
+from bastion.grpc.trace import TraceContext, parse_traceparent
 
 # A server span's status is an error only for these codes (OpenTelemetry's semantic conventions for gRPC): the
 # others are answers to the caller's request, not failures of the server.
@@ -107,6 +108,34 @@ class SpanRecorder:
             return None, trace
         ids = span.get_span_context()
         return span, replace(trace, trace_id=f"{ids.trace_id:032x}", span_id=f"{ids.span_id:016x}", sampled=True)
+
+    @contextlib.contextmanager
+    def processing(self, topic: str, event_type: str, event_id: str, correlation_id: str,
+                   traceparent: str) -> Iterator[None]:
+        """A CONSUMER span around a verified event's processing, a child of the span of the call that caused the
+        event (its signed TRACEPARENT), when that trace was sampled and the budget allows; nothing otherwise."""
+        parent = parse_traceparent(traceparent) if traceparent else None
+        if parent is None or not parent[2] or not self._spend():
+            if parent is not None and parent[2]:
+                SPANS_NOT_RECORDED.labels(self.service).inc()
+            yield
+            return
+        caller = otel.SpanContext(int(parent[0], 16), int(parent[1], 16), is_remote=True,
+                                  trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED))
+        span = self._tracer.start_span(f"process {topic[:MAX_SPAN_NAME]}", kind=otel.SpanKind.CONSUMER,
+                                       context=otel.set_span_in_context(otel.NonRecordingSpan(caller)),
+                                       attributes={"messaging.system": "kafka", "messaging.operation.type": "process",
+                                                   "messaging.destination.name": topic[:MAX_SPAN_NAME],
+                                                   "bastion.event_type": event_type[:MAX_SPAN_NAME],
+                                                   "bastion.event_id": event_id[:MAX_SPAN_NAME],
+                                                   "bastion.correlation_id": correlation_id[:MAX_SPAN_NAME]})
+        try:
+            yield
+        except BaseException as error:
+            span.set_status(otel.Status(otel.StatusCode.ERROR, type(error).__name__))
+            raise
+        finally:
+            span.end()
 
     def _spend(self) -> bool:
         """One span from the budget (a token bucket of PER_SECOND a second, as many at most in store)."""

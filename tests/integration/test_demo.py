@@ -16,5 +16,6 @@ def test_demo_runs_the_scenario_end_to_end(stack: Any) -> None:
                  "8. bob tried a teller's method (Deposit) 5 times: PERMISSION_DENIED",
                  "permission-probing alert and ada (auditor) was told", "Security alert (warning) permission-probing: "
                  "principal 'bob' refused 5 time(s)", "9. the transfer's trace",
-                 "was recorded as one tree of spans: payments Transfer"):
+                 "was recorded as one tree of spans: payments Transfer",
+                 "and notifications processing the 2 events they caused, each a child of its cause"):
         assert step in output, step

@@ -1,6 +1,7 @@
 """Recorded spans on the running platform (bastion/grpc/spans.py): a transfer whose caller sampled its trace leaves
-one tree of spans across payments and accounts, in each service's `logs/SERVICE.spans.jsonl`; a transfer its
-caller did not sample leaves none."""
+one tree of spans across payments and accounts, and notifications' processing of the events it caused joins it
+(the events carry, signed, the span that caused them), in each service's `logs/SERVICE.spans.jsonl`; a transfer
+its caller did not sample leaves none."""
 
 import time
 import uuid
@@ -37,7 +38,9 @@ def test_a_sampled_transfer_leaves_one_tree_of_spans_across_payments_and_account
     deadline = time.monotonic() + 30  # the SDK exports in batches, every few seconds
     while True:
         payments, accounts = spans_of(ctx, "payments", sampled), spans_of(ctx, "accounts", sampled)
-        if (payments and accounts) or time.monotonic() > deadline:
+        processed = spans_of(ctx, "notifications", sampled)
+        topics = {span["attributes"].get("messaging.destination.name") for span in processed}
+        if (payments and accounts and len(topics) == 2) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     [served] = payments
@@ -50,5 +53,11 @@ def test_a_sampled_transfer_leaves_one_tree_of_spans_across_payments_and_account
     assert served["attributes"]["rpc.grpc.status_code"] == applied["attributes"]["rpc.grpc.status_code"] == 0
     assert applied["attributes"]["bastion.peer_service"] == "payments"
     assert served["resource"]["attributes"]["service.name"] == "payments"
+    # notifications consumes both topics: each event's processing is a child of the span of the call that caused it
+    causes = {span["attributes"]["messaging.destination.name"]: span["parent_id"] for span in processed}
+    assert all(span["kind"] == "SpanKind.CONSUMER" for span in processed)
+    assert causes == {"payments.events.v1": served["context"]["span_id"],
+                      "accounts.events.v1": applied["context"]["span_id"]}, processed
     # The SDK exports spans in the order they ended: the unsampled transfer, made first, would be there by now.
     assert spans_of(ctx, "payments", unsampled) == [] and spans_of(ctx, "accounts", unsampled) == []
+    assert spans_of(ctx, "notifications", unsampled) == []

@@ -42,7 +42,7 @@ envelopes = st.builds(
     Envelope,
     event_id=text, event_type=text, schema_version=st.integers(0, 2**32 - 1), producer=text, key_id=text,
     aggregate_id=text, sequence=st.integers(0, 2**64 - 1), correlation_id=text, causation_id=text, topic=text,
-    payload=st.binary(max_size=200),
+    payload=st.binary(max_size=200), traceparent=st.sampled_from(["", f"00-{'a' * 32}-{'b' * 16}-01"]) | text,
 )
 
 
@@ -56,7 +56,7 @@ def test_encode_decode_round_trip_keeps_the_signature_valid(envelope: Envelope, 
 
 
 SIGNED_FIELDS = ["event_id", "event_type", "schema_version", "producer", "key_id", "aggregate_id", "sequence",
-                 "occurred_at", "correlation_id", "causation_id", "topic", "payload", "published_at"]
+                 "occurred_at", "correlation_id", "causation_id", "topic", "payload", "published_at", "traceparent"]
 
 
 def _tamper(envelope: Envelope, field: str, data: st.DataObject) -> None:
@@ -107,6 +107,23 @@ def test_another_key_does_not_verify() -> None:
     sign(envelope, Ed25519PrivateKey.generate())
     with pytest.raises(VerificationError, match="does not verify"):
         verify_signature(envelope, KEY.public_key())
+
+
+def test_trace_context_is_signed_when_set_and_absent_from_the_signed_bytes_otherwise() -> None:
+    """Field 16 joined the envelope later: without it the signed bytes are the pinned vector's, so every envelope
+    signed before still verifies; with it, adding, changing or removing it breaks the signature."""
+    envelope = vector_envelope()
+    assert signed_bytes(envelope) == bytes.fromhex(VECTORS["signed_bytes_hex"])
+    traced = vector_envelope()
+    traced.traceparent = f"00-{'a' * 32}-{'b' * 16}-01"
+    assert signed_bytes(traced).startswith(signed_bytes(envelope)) and signed_bytes(traced) != signed_bytes(envelope)
+    for before, after in ((envelope, traced.traceparent), (traced, ""), (traced, f"00-{'a' * 32}-{'c' * 16}-01")):
+        copy = Envelope()
+        copy.CopyFrom(before)
+        sign(copy, KEY)
+        copy.traceparent = after
+        with pytest.raises(VerificationError, match="does not verify"):
+            verify_signature(copy, KEY.public_key())
 
 
 def test_length_prefixes_make_field_boundaries_unambiguous() -> None:

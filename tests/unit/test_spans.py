@@ -11,6 +11,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from bastion.events.outbox import traceparent_of
+from bastion.grpc.context import CallContext
 from bastion.grpc.spans import SPANS_NOT_RECORDED, SpanRecorder, jsonl_exporter, recorded_spans
 from bastion.grpc.trace import TraceContext, trace_context_from
 
@@ -175,3 +177,56 @@ def test_the_span_file_is_rotated_and_only_so_many_older_files_are_kept(tmp_path
     for file in tmp_path.iterdir():
         assert file.stat().st_size <= 3000
         assert all(json.loads(line)["name"] for line in file.read_text().splitlines())
+
+
+# Events: the span of the call that caused an event is named in it (signed), and the consumer's span is its child.
+
+def test_an_event_carries_the_trace_context_of_the_call_that_caused_it_only_when_that_span_was_recorded():
+    spans, _exported = recorder()
+    span, trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+    recorded = CallContext("corr-1", "payments", None, METHOD, trace=trace, span=span)
+    assert traceparent_of(recorded) == f"00-{TRACE}-{trace.span_id}-01"
+    unrecorded = CallContext("corr-1", "payments", None, METHOD, trace=trace_context_from(traceparent()))
+    assert traceparent_of(unrecorded) == "" and traceparent_of(None) == ""
+
+
+def test_processing_a_sampled_event_is_a_consumer_span_child_of_the_span_that_caused_it():
+    spans, exported = recorder()
+    with spans.processing("accounts.events.v1", "bastion.accounts.v1.TransferApplied", "ev-1", "corr-1",
+                          f"00-{TRACE}-{CALLER_SPAN}-01"):
+        pass
+    recorded = only(exported)
+    assert recorded.name == "process accounts.events.v1" and recorded.kind is SpanKind.CONSUMER
+    assert f"{recorded.context.trace_id:032x}" == TRACE
+    assert recorded.parent is not None and f"{recorded.parent.span_id:016x}" == CALLER_SPAN
+    assert dict(recorded.attributes or {}) == {
+        "messaging.system": "kafka", "messaging.operation.type": "process",
+        "messaging.destination.name": "accounts.events.v1", "bastion.event_type": "bastion.accounts.v1.TransferApplied",
+        "bastion.event_id": "ev-1", "bastion.correlation_id": "corr-1"}
+    assert recorded.status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.parametrize("header", ["", f"00-{TRACE}-{CALLER_SPAN}-00", f"00-{TRACE.upper()}-{CALLER_SPAN}-01",
+                                    "not a traceparent"])
+def test_an_event_without_a_sampled_well_formed_trace_context_is_processed_without_a_span(header: str):
+    spans, exported = recorder()
+    ran = []
+    with spans.processing("accounts.events.v1", "t", "ev-1", "corr-1", header):
+        ran.append(True)
+    assert ran == [True] and not exported.get_finished_spans()
+
+
+def test_a_handler_that_fails_ends_its_span_as_an_error_and_the_failure_goes_on():
+    spans, exported = recorder()
+    with pytest.raises(RuntimeError), spans.processing("accounts.events.v1", "t", "ev-1", "corr-1",
+                                                        f"00-{TRACE}-{CALLER_SPAN}-01"):
+        raise RuntimeError("poison")
+    assert only(exported).status.status_code is StatusCode.ERROR
+
+
+def test_event_spans_share_the_services_budget():
+    spans, exported = recorder(per_second=2)
+    for _ in range(4):
+        with spans.processing("accounts.events.v1", "t", "ev-1", "corr-1", f"00-{TRACE}-{CALLER_SPAN}-01"):
+            pass
+    assert len(exported.get_finished_spans()) == 2

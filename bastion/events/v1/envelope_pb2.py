@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bastion/events/v1/envelope.proto\x12\x11\x62\x61stion.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x03\n\x08\x45nvelope\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x16\n\x0eschema_version\x18\x03 \x01(\r\x12\x10\n\x08producer\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\n \x01(\t\x12\r\n\x05topic\x18\x0b \x01(\t\x12\x0f\n\x07payload\x18\x0c \x01(\x0c\x12\x11\n\tsignature\x18\r \x01(\x0c\x12\x30\n\x0cpublished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05\x62\x61tch\x18\x0f \x01(\x0b\x32\x1d.bastion.events.v1.BatchProof\"B\n\nBatchProof\x12\x12\n\nleaf_index\x18\x01 \x01(\r\x12\x12\n\nleaf_count\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x03(\x0c\"d\n\x0e\x45nvelopeBundle\x12\x11\n\tenvelopes\x18\x01 \x03(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12,\n\x05proof\x18\x03 \x01(\x0b\x32\x1d.bastion.events.v1.BatchProof\"C\n\x0e\x45ncryptedField\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n bastion/events/v1/envelope.proto\x12\x11\x62\x61stion.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x99\x03\n\x08\x45nvelope\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x16\n\x0eschema_version\x18\x03 \x01(\r\x12\x10\n\x08producer\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x06 \x01(\t\x12\x10\n\x08sequence\x18\x07 \x01(\x04\x12/\n\x0boccurred_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\n \x01(\t\x12\r\n\x05topic\x18\x0b \x01(\t\x12\x0f\n\x07payload\x18\x0c \x01(\x0c\x12\x11\n\tsignature\x18\r \x01(\x0c\x12\x30\n\x0cpublished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05\x62\x61tch\x18\x0f \x01(\x0b\x32\x1d.bastion.events.v1.BatchProof\x12\x13\n\x0btraceparent\x18\x10 \x01(\t\"B\n\nBatchProof\x12\x12\n\nleaf_index\x18\x01 \x01(\r\x12\x12\n\nleaf_count\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x03(\x0c\"d\n\x0e\x45nvelopeBundle\x12\x11\n\tenvelopes\x18\x01 \x03(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12,\n\x05proof\x18\x03 \x01(\x0b\x32\x1d.bastion.events.v1.BatchProof\"C\n\x0e\x45ncryptedField\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bastion.events.v1.envelope_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE']._serialized_start=89
-  _globals['_ENVELOPE']._serialized_end=477
-  _globals['_BATCHPROOF']._serialized_start=479
-  _globals['_BATCHPROOF']._serialized_end=545
-  _globals['_ENVELOPEBUNDLE']._serialized_start=547
-  _globals['_ENVELOPEBUNDLE']._serialized_end=647
-  _globals['_ENCRYPTEDFIELD']._serialized_start=649
-  _globals['_ENCRYPTEDFIELD']._serialized_end=716
+  _globals['_ENVELOPE']._serialized_end=498
+  _globals['_BATCHPROOF']._serialized_start=500
+  _globals['_BATCHPROOF']._serialized_end=566
+  _globals['_ENVELOPEBUNDLE']._serialized_start=568
+  _globals['_ENVELOPEBUNDLE']._serialized_end=668
+  _globals['_ENCRYPTEDFIELD']._serialized_start=670
+  _globals['_ENCRYPTEDFIELD']._serialized_end=737
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,7 @@ class Envelope(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     PUBLISHED_AT_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """A UUID, unique per event: the inbox key that makes redelivery and replay harmless."""
     event_type: _builtins.str
@@ -62,6 +63,11 @@ class Envelope(_message.Message):
     """The serialised payload message (personal fields inside it are encrypted field by field)."""
     signature: _builtins.bytes
     """Ed25519 over the canonical signed bytes or, when `batch` is set, over the Merkle root of the relay's batch."""
+    traceparent: _builtins.str
+    """The W3C `traceparent` of the call that caused the event, when that call's span was recorded (its trace
+    sampled): a consumer records its processing as a child span. Empty otherwise, and then not part of the
+    signed bytes; when set, signed like every field.
+    """
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -96,10 +102,11 @@ class Envelope(_message.Message):
         signature: _builtins.bytes = ...,
         published_at: _timestamp_pb2.Timestamp | None = ...,
         batch: Global___BatchProof | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "occurred_at", b"occurred_at", "published_at", b"published_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "batch", b"batch", "causation_id", b"causation_id", "correlation_id", b"correlation_id", "event_id", b"event_id", "event_type", b"event_type", "key_id", b"key_id", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "published_at", b"published_at", "schema_version", b"schema_version", "sequence", b"sequence", "signature", b"signature", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregate_id", b"aggregate_id", "batch", b"batch", "causation_id", b"causation_id", "correlation_id", b"correlation_id", "event_id", b"event_id", "event_type", b"event_type", "key_id", b"key_id", "occurred_at", b"occurred_at", "payload", b"payload", "producer", b"producer", "published_at", b"published_at", "schema_version", b"schema_version", "sequence", b"sequence", "signature", b"signature", "topic", b"topic", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
