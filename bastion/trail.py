@@ -59,8 +59,10 @@ def spanned(ctx: StackContext, correlation_id: str) -> list[Step]:
             at, lasted = started_at(span), milliseconds(span)
         except (KeyError, TypeError, ValueError):
             continue
+        outcome = (f"code {attributes['rpc.grpc.status_code']}" if "rpc.grpc.status_code" in attributes
+                   else f"{attributes.get('bastion.event_type', '?')} {(span.get('status') or {}).get('status_code')}")
         steps.append(Step(at, f"{service}.spans", (
-            f"span {span.get('name')} {lasted:.1f} ms, code {attributes.get('rpc.grpc.status_code')}, trace "
+            f"span {span.get('name')} {lasted:.1f} ms, {outcome}, trace "
             f"{str(span['context'].get('trace_id', '')).removeprefix('0x')} span "
             f"{str(span['context'].get('span_id', '')).removeprefix('0x')} parent "
             f"{str(span.get('parent_id') or '-').removeprefix('0x')}")))

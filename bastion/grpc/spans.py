@@ -23,6 +23,7 @@ import datetime as dt
 import io
 import json
 import logging.handlers
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -50,7 +51,8 @@ EXPORT_EVERY_MS = 1000  # how long a finished span may wait in the batch before 
 SPAN_FILE_BYTES = 64 * 1024 * 1024  # a span file is rotated at this size ...
 SPAN_FILES_KEPT = 3  # ... keeping this many older ones
 SPANS_NOT_RECORDED = Counter("bastion_spans_not_recorded_total",
-                             "Sampled calls whose span was not recorded: the service's span budget was spent",
+                             "Sampled calls and events whose span was not recorded: the service's span budget was "
+                             "spent",
                              ["service"])
 
 
@@ -78,6 +80,7 @@ class SpanRecorder:
         self._per_second = per_second
         self._clock = clock
         self._tokens, self._refilled = per_second, clock()
+        self._budget_lock = threading.Lock()  # the event loop and the consumer's thread both spend from it
 
     def wanted(self, trace: TraceContext) -> bool:
         """Whether a call of TRACE should be recorded: its caller sampled it, or it starts a trace that falls in
@@ -112,8 +115,9 @@ class SpanRecorder:
     @contextlib.contextmanager
     def processing(self, topic: str, event_type: str, event_id: str, correlation_id: str,
                    traceparent: str) -> Iterator[None]:
-        """A CONSUMER span around a verified event's processing, a child of the span of the call that caused the
-        event (its signed TRACEPARENT), when that trace was sampled and the budget allows; nothing otherwise."""
+        """A CONSUMER span around a verified event's processing (the handler's work, one span per attempt), a child
+        of the span of the call that caused the event (its signed TRACEPARENT), when that trace was sampled and the
+        budget allows; nothing otherwise. Only the parsed ids of TRACEPARENT are used, never its text."""
         parent = parse_traceparent(traceparent) if traceparent else None
         if parent is None or not parent[2] or not self._spend():
             if parent is not None and parent[2]:
@@ -139,13 +143,14 @@ class SpanRecorder:
 
     def _spend(self) -> bool:
         """One span from the budget (a token bucket of PER_SECOND a second, as many at most in store)."""
-        now = self._clock()
-        self._tokens = min(self._per_second, self._tokens + (now - self._refilled) * self._per_second)
-        self._refilled = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+        with self._budget_lock:
+            now = self._clock()
+            self._tokens = min(self._per_second, self._tokens + (now - self._refilled) * self._per_second)
+            self._refilled = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
 
     @staticmethod
     def end(span: Any, code: grpc.StatusCode, correlation_id: str, peer_identity: str | None) -> None:

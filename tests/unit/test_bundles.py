@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bastion.accounts.v1.events_pb2 import AccountOpened
 from bastion.events import merkle
-from bastion.events.envelopes import bundle, envelope_for
+from bastion.events.envelopes import bundle, envelope_for, republish
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.keys import KeyRing
 from bastion.events.signing import (
@@ -300,3 +300,24 @@ def test_a_bundle_under_an_unknown_key_or_tampered_is_refused_whole(
     assert refusal.value.reason == RejectReason.BAD_SIGNATURE
     with pytest.raises(ValueError, match="cannot be published by"):
         bundle([opened_event(ring, 1).SerializeToString()], ring.signing_key("payments"))
+
+
+TRACED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_trace_context_travels_signed_through_a_bundle_and_a_republished_batch(
+    verifier: EnvelopeVerifier, ring: KeyRing  # noqa: F811
+) -> None:
+    traced = envelope_for(ring.signing_key("accounts"), TOPIC, AccountOpened(account_id="a1", owner="alice",
+                                                                             currency="EUR"),
+                          "a1", 1, "c1", occurred_at=NOW, traceparent=TRACED)
+    assert traced.traceparent == TRACED
+    [bundled] = verifier.verify_bundle(relay_bundle(ring, [traced]), TOPIC).outcomes
+    assert isinstance(bundled, VerifiedEvent) and bundled.envelope.traceparent == TRACED
+    [relayed] = republish([traced.SerializeToString()], ring.signing_key("accounts"), now=NOW)
+    assert verifier.verify(relayed, TOPIC).envelope.traceparent == TRACED
+    grafted = Envelope.FromString(relayed)
+    grafted.traceparent = TRACED.replace("00f067aa0ba902b7", "1111111111111111")  # onto another parent span
+    with pytest.raises(VerificationError) as refused:
+        verifier.verify(grafted.SerializeToString(), TOPIC)
+    assert refused.value.reason == RejectReason.BAD_SIGNATURE

@@ -109,6 +109,15 @@ def test_another_key_does_not_verify() -> None:
         verify_signature(envelope, KEY.public_key())
 
 
+def test_the_traced_vector_pins_where_the_trace_context_goes_in_the_signed_bytes() -> None:
+    traced = vector_envelope()
+    traced.traceparent = VECTORS["traced"]["traceparent"]
+    assert signed_bytes(traced).hex() == VECTORS["traced"]["signed_bytes_hex"]
+    sign(traced, KEY)
+    assert traced.signature.hex() == VECTORS["traced"]["signature_hex"]
+    verify_signature(traced, KEY.public_key())
+
+
 def test_trace_context_is_signed_when_set_and_absent_from_the_signed_bytes_otherwise() -> None:
     """Field 16 joined the envelope later: without it the signed bytes are the pinned vector's, so every envelope
     signed before still verifies; with it, adding, changing or removing it breaks the signature."""

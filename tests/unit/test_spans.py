@@ -11,8 +11,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from bastion.events.outbox import traceparent_of
-from bastion.grpc.context import CallContext
+from bastion.accounts.v1.events_pb2 import AccountOpened
+from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
+from bastion.events.outbox import OutboxEventSink, traceparent_of
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import VerifiedEvent
+from bastion.grpc.context import CallContext, current_call
 from bastion.grpc.spans import SPANS_NOT_RECORDED, SpanRecorder, jsonl_exporter, recorded_spans
 from bastion.grpc.trace import TraceContext, trace_context_from
 
@@ -230,3 +234,47 @@ def test_event_spans_share_the_services_budget():
         with spans.processing("accounts.events.v1", "t", "ev-1", "corr-1", f"00-{TRACE}-{CALLER_SPAN}-01"):
             pass
     assert len(exported.get_finished_spans()) == 2
+
+
+class CapturingOutbox:
+    producer = "accounts"
+
+    def __init__(self) -> None:
+        self.appended: list[dict[str, object]] = []
+
+    def append(self, conn: object, topic: str, payload: object, aggregate_id: str, correlation_id: str,
+               traceparent: str = "") -> None:
+        self.appended.append({"correlation_id": correlation_id, "traceparent": traceparent})
+
+
+def test_an_event_emitted_during_a_recorded_call_names_its_span_and_one_emitted_otherwise_nothing():
+    spans, _exported = recorder()
+    span, trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+    outbox = CapturingOutbox()
+    sink = OutboxEventSink(None, outbox, "accounts.events.v1")  # type: ignore[arg-type]
+    token = current_call.set(CallContext("corr-1", "payments", None, METHOD, trace=trace, span=span))
+    try:
+        sink.emit(AccountOpened(account_id="a1"), "a1")
+    finally:
+        current_call.reset(token)
+    sink.emit(AccountOpened(account_id="a2"), "a2")  # no call: a background job's event
+    assert outbox.appended == [{"correlation_id": "corr-1", "traceparent": f"00-{TRACE}-{trace.span_id}-01"},
+                               {"correlation_id": "accounts:a2", "traceparent": ""}]
+
+
+def test_the_verifying_consumer_records_the_processing_of_a_traced_event_around_its_handler(monkeypatch):
+    spans, exported = recorder()
+    monkeypatch.setattr("bastion.events.consumer.inbox.record", lambda conn, event: None)
+    handled = []
+    consumer = VerifyingConsumer.__new__(VerifyingConsumer)  # no Kafka: only the apply step runs
+    consumer.settings = ConsumerSettings("notifications", "notifications", ["accounts.events.v1"])
+    consumer.handler = lambda conn, event: handled.append(len(exported.get_finished_spans()))
+    consumer.spans = spans
+    envelope = Envelope(event_id="ev-1", event_type="bastion.accounts.v1.AccountOpened", topic="accounts.events.v1",
+                        correlation_id="corr-1", traceparent=f"00-{TRACE}-{CALLER_SPAN}-01")
+    consumer._apply(None, VerifiedEvent(envelope, AccountOpened()))  # type: ignore[arg-type]
+    envelope.traceparent = ""
+    consumer._apply(None, VerifiedEvent(envelope, AccountOpened()))  # type: ignore[arg-type]
+    assert handled == [0, 1], "the span ends after the handler"
+    recorded = only(exported)
+    assert recorded.kind is SpanKind.CONSUMER and f"{recorded.parent.span_id:016x}" == CALLER_SPAN  # type: ignore[union-attr]
