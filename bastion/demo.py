@@ -114,16 +114,16 @@ class Scenario:
         deadline = time.monotonic() + SPANS_WAIT_SECONDS
         while True:
             spans = recorded_spans(self.ctx.layout.log_dir, ("payments", "accounts", "notifications"), trace_id)
-            named = {span["name"]: span for span in spans}
-            processed = [span for span in spans if span["kind"] == "SpanKind.CONSUMER"]
-            events = {span["attributes"].get("bastion.event_id") for span in processed}  # a retried handler: 2 spans
+            named = {span.get("name"): span for span in spans}
+            processed = [span for span in spans if span.get("kind") == "SpanKind.CONSUMER"]
+            events = {(span.get("attributes") or {}).get("bastion.event_id") for span in processed}  # retried: 2 spans
             if ({TRANSFER_SPAN, APPLY_SPAN} <= named.keys() and len(events) >= 2) or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
         transfer, applied = named.get(TRANSFER_SPAN), named.get(APPLY_SPAN)
-        callers = {span["context"]["span_id"] for span in (transfer, applied) if span is not None}
-        if (transfer is None or applied is None or applied["parent_id"] != transfer["context"]["span_id"]
-                or len(events) < 2 or any(span["parent_id"] not in callers for span in processed)):
+        callers = {span["context"].get("span_id") for span in (transfer, applied) if span is not None}
+        if (transfer is None or applied is None or applied.get("parent_id") != transfer["context"].get("span_id")
+                or len(events) < 2 or any(span.get("parent_id") not in callers for span in processed)):
             raise DevstackError(f"the transfer's trace {trace_id} was not recorded as one tree in the services' "
                                 f"span files ({self.ctx.layout.log_dir}/*.spans.jsonl)",
                                 "see the services' logs; spans are written about a second after they end")

@@ -57,7 +57,8 @@ SPANS_NOT_RECORDED = Counter("bastion_spans_not_recorded_total",
 
 
 class SpanRecorder:
-    """Starts and ends the spans of one service's sampled calls; `shutdown` flushes what is still batched."""
+    """Starts and ends the spans of one service's sampled calls and of its processing of traced events (the span of
+    an event's cause travels in the event: bastion/events/outbox.py); `shutdown` flushes what is still batched."""
 
     def __init__(self, service: str, exporter: SpanExporter | None = None, root_ratio: float = 0.0,
                  processor: SpanProcessor | None = None, per_second: float = 100.0,
@@ -204,7 +205,7 @@ def started_at(span: dict[str, Any]) -> dt.datetime:
 
 
 def milliseconds(span: dict[str, Any]) -> float:
-    """How long the span of a written span lasted."""
+    """How long a written span lasted, in milliseconds."""
     return (dt.datetime.fromisoformat(span["end_time"]) - started_at(span)) / dt.timedelta(milliseconds=1)
 
 
