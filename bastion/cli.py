@@ -9,7 +9,9 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import grpc
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import create_engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -515,6 +517,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print(f"bastion {args.command}: interrupted")
         return 130
+    except ValidationError as error:
+        if error.title != DevstackSettings.__name__:
+            raise
+        for problem in error.errors():
+            name = f"BASTION_{str(problem['loc'][0]).upper()}" if problem["loc"] else "BASTION_*"
+            errors.print(f"[red]bastion {args.command}: invalid setting {escape(name)}="
+                         f"{escape(repr(problem.get('input'))[:80])}: {escape(problem['msg'])}[/red]")
+        errors.print("  -> fix or unset it (docs/configuration.md lists every setting)")
+        return 2
     except Exception as error:  # a failure we did not foresee still ends with one line, not a stack trace
         errors.print(f"[red]bastion {args.command}: unexpected {type(error).__name__}: {error}[/red]\n"
                      "  -> the component logs are in the state folder's logs/; please report this")
