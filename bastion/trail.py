@@ -52,8 +52,8 @@ def spanned(ctx: StackContext, correlation_id: str) -> list[Step]:
     """The spans the services recorded for calls carrying CORRELATION_ID, at their start."""
     steps = []
     for service, span in written_spans(ctx.layout.log_dir, ctx.service_names):
-        attributes = span.get("attributes") or {}
-        if attributes.get("bastion.correlation_id") != correlation_id:
+        attributes = span.get("attributes")
+        if not isinstance(attributes, dict) or attributes.get("bastion.correlation_id") != correlation_id:
             continue
         try:
             at, lasted = started_at(span), milliseconds(span)
