@@ -88,7 +88,8 @@ class ServiceRuntime:
 
     @cached_property
     def spans(self) -> SpanRecorder:
-        """The recorder of this service's sampled calls, writing logs/NAME.spans.jsonl (bastion/grpc/spans.py)."""
+        """The recorder of this service's sampled calls and of its relaying and processing of the events they
+        cause, writing logs/NAME.spans.jsonl (bastion/grpc/spans.py)."""
         path = self.ctx.layout.log_dir / f"{self.name}.spans.jsonl"
         return SpanRecorder(self.name, jsonl_exporter(path), self.ctx.settings.trace_sample_ratio,
                             per_second=self.ctx.settings.trace_spans_per_second)
@@ -155,8 +156,9 @@ class ServiceRuntime:
 
     def start_relay(self, stop: threading.Event) -> threading.Thread:
         """Publish the outbox until STOP is set, restarted after a failure like any worker (and reported by
-        the health check if it keeps failing)."""
-        return self.start_worker("outbox-relay", lambda: OutboxRelay(self.engine, self.kafka_config, self.key), stop)
+        the health check if it keeps failing). The events of recorded calls leave their span of publishing."""
+        return self.start_worker("outbox-relay", lambda: OutboxRelay(self.engine, self.kafka_config, self.key,
+                                                                     spans=self.spans), stop)
 
     async def serve_until_stopped(self, server: grpc.aio.Server, port: int, stop: threading.Event) -> None:
         """Log where the service listens, then serve until SIGTERM or SIGINT; stop the workers last. Meanwhile the

@@ -90,16 +90,20 @@ def bundle(stored: Sequence[bytes], key: SigningKey, now: dt.datetime | None = N
     """The stored envelopes, in this order, as the relay hands them to Kafka in one record: one bundle, published
     now and signed by their producer's current key (`signing.sign_bundle`), as `republish` does for envelopes
     sent one by one."""
+    return bundle_of([Envelope.FromString(raw) for raw in stored], key, now)
+
+
+def bundle_of(members: Sequence[Envelope], key: SigningKey, now: dt.datetime | None = None) -> EnvelopeBundle:
+    """`bundle` of envelopes already parsed from their stored bytes (each is stamped in place)."""
     published = Timestamp()
     published.FromDatetime(now or dt.datetime.now(dt.UTC))
-    members = []
-    for raw in stored:
-        member = Envelope.FromString(raw)
+    serialized = []
+    for member in members:
         member.ClearField("signature")
         member.ClearField("batch")
         _stamped(member, key, published)
-        members.append(member.SerializeToString())
-    signed = EnvelopeBundle(envelopes=members)
+        serialized.append(member.SerializeToString())
+    signed = EnvelopeBundle(envelopes=serialized)
     sign_bundle(signed, key.private_key)
     return signed
 

@@ -9,6 +9,7 @@ once. A bundle stays under Kafka's largest record; a larger group is cut into se
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from google.protobuf.message import Message
 from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from bastion.events.envelopes import bundle, envelope_for
+from bastion.events.envelopes import bundle_of, envelope_for
 from bastion.events.errors import EventTooLargeError
 from bastion.events.keys import KeySource
 from bastion.events.partitions import partition_for
@@ -26,6 +27,7 @@ from bastion.events.storage import outbox, producer_sequence
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER, MAX_BUNDLE_BYTES, MAX_ENVELOPE_BYTES
 from bastion.grpc.context import CallContext, current_call
+from bastion.grpc.spans import SpanRecorder, TracedEvent
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +147,29 @@ def in_bundles(rows: Sequence[Any], partitions: Mapping[str, int]) -> list[tuple
 BUNDLE_HEADERS = [(BUNDLE_HEADER, BUNDLE_CONTENT)]
 
 
+@dataclass
+class _SentBundle:
+    """One bundle the relay handed to the producer: its rows, its traced events, and the broker's answer."""
+
+    topic: str
+    partition: int
+    row_ids: list[int]
+    traced: list[TracedEvent]
+    acknowledged_ns: int = 0
+    error: str | None = None
+
+
 class OutboxRelay:
     """Publishes unsent outbox rows in id order, as bundles, and marks them sent once the broker acknowledged
-    them."""
+    them. With SPANS, an event whose trace was sampled (the call that caused it was recorded) leaves a PRODUCER
+    span from the batch's start to the broker's acknowledgement: in a trace, the gap between the call's span and
+    this one is the time the event waited in the outbox."""
 
     def __init__(self, engine: Engine, producer_config: dict[str, Any], key: KeySource, batch_size: int = 500,
-                 flush_timeout: float = 30.0, metadata_timeout: float = 5.0) -> None:
+                 flush_timeout: float = 30.0, metadata_timeout: float = 5.0,
+                 spans: SpanRecorder | None = None) -> None:
         self.engine = engine
+        self.spans = spans
         self.key = key
         self.batch_size = batch_size
         self.flush_timeout = flush_timeout
@@ -174,6 +192,7 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return RelayResult(0, 0)
+            started = time.time_ns()
             try:
                 bundles = in_bundles(rows, {topic: self._partitions(topic) for topic in {row.topic for row in rows}})
             except KafkaException as away:
@@ -183,25 +202,32 @@ class OutboxRelay:
             key = self.key.current()  # one key for the whole batch: a rotation applies from the next one
             delivered: list[int] = []
             errors: list[KafkaError] = []
+            sent: list[_SentBundle] = []
 
-            def on_delivery(row_ids: list[int]) -> Any:
+            def on_delivery(outcome: _SentBundle) -> Any:
                 def report(error: KafkaError | None, _message: Any) -> None:
+                    outcome.acknowledged_ns = time.time_ns()
                     if error is None:
-                        delivered.extend(row_ids)
+                        delivered.extend(outcome.row_ids)
                     else:
+                        outcome.error = error.str()
                         errors.append(error)
                 return report
 
             for topic, partition, group in bundles:
-                value = bundle([row.envelope for row in group], key).SerializeToString()
+                members = [Envelope.FromString(row.envelope) for row in group]
+                outcome = _SentBundle(topic, partition, [row.id for row in group],
+                                      [TracedEvent.of(member) for member in members if member.traceparent])
+                value = bundle_of(members, key).SerializeToString()
                 try:
                     self.producer.produce(topic, value=value, partition=partition, headers=BUNDLE_HEADERS,
-                                          on_delivery=on_delivery([row.id for row in group]))
+                                          on_delivery=on_delivery(outcome))
                 except (KafkaException, BufferError) as refused:
                     # Stop here: the rows after this bundle wait too, so each partition keeps its order.
                     errors.append(refused.args[0] if refused.args and isinstance(refused.args[0], KafkaError)
                                   else KafkaError(KafkaError._FAIL, str(refused)))
                     break
+                sent.append(outcome)
                 self.producer.poll(0)
             self.producer.flush(self.flush_timeout)
             if delivered:
@@ -209,7 +235,19 @@ class OutboxRelay:
             if errors:
                 log.warning("outbox relay: %d of %d events not delivered yet (%s); they stay queued",
                             len(rows) - len(delivered), len(rows), errors[0].str())
-            return RelayResult(len(delivered), len(rows) - len(delivered))
+        self._record_spans(sent, started)
+        return RelayResult(len(delivered), len(rows) - len(delivered))
+
+    def _record_spans(self, sent: list[_SentBundle], started: int) -> None:
+        """The PRODUCER spans of the traced events of the bundles SENT, once their rows' fate is committed."""
+        if self.spans is None:
+            return
+        for outcome in sent:
+            if outcome.traced:
+                failure = outcome.error or (None if outcome.acknowledged_ns else "not acknowledged in time")
+                self.spans.events_handled("send", outcome.traced, started, outcome.acknowledged_ns or time.time_ns(),
+                                          failure, {"messaging.destination.partition.id": str(outcome.partition),
+                                                    "messaging.batch.message_count": len(outcome.row_ids)})
 
     def _partitions(self, topic: str) -> int:
         """How many partitions TOPIC has, asked once per relay (a topic's partitions only grow, and growing them

@@ -86,7 +86,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 token = current_call.set(call)
                 try:
                     reply = await inner(request, context)
-                    _end_span(call, grpc.StatusCode.OK)
+                    if call.span is not None:
+                        _end_span(call, _answered_with(context))
                     return reply
                 except Exception as error:
                     await self._fail(context, call, error)
@@ -106,7 +107,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 async for item in inner_stream(request, context):
                     yield item
-                _end_span(call, grpc.StatusCode.OK)
+                if call.span is not None:
+                    _end_span(call, _answered_with(context))
             except Exception as error:
                 await self._fail(context, call, error)
             finally:
@@ -210,6 +212,12 @@ def _aborted_with(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """The code a handler aborted its call with (grpc.aio keeps it on the context)."""
     code = context.code()
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _answered_with(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The code of a call its handler returned from: OK, unless the handler set another (`context.set_code`)."""
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
 
 def _trace_id(call: CallContext) -> str | None:

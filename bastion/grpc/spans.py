@@ -13,6 +13,12 @@ the RPC attributes of OpenTelemetry's semantic conventions, the gRPC status, the
 service identity. Its id is the span id the handler's downstream calls name as their parent, so the spans one
 request leaves in several services form one tree.
 
+Events carry the trace context of the recorded call that caused them (signed, envelope field 16), and the spans of
+their way join the call's trace as its children: a PRODUCER span `send TOPIC` from the producer's outbox relay (from
+its batch's start to the broker's acknowledgement; the gap after the call's span is the time the event waited in the
+outbox), and a CONSUMER span `process TOPIC` from each consumer that takes it in (notifications' handlers, the audit
+service's append to its log), within the same budget.
+
 The SDK batches finished spans to an exporter on a thread of its own: the services of the dev stack write one
 JSON object per line to `logs/SERVICE.spans.jsonl` in the state folder, rotated at 64 MiB with three older files
 kept (`jsonl_exporter`); any other `SpanExporter` (OTLP to a collector) plugs in instead.
@@ -25,11 +31,11 @@ import json
 import logging.handlers
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from random import Random
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 import grpc
 from opentelemetry import trace as otel
@@ -54,6 +60,31 @@ SPANS_NOT_RECORDED = Counter("bastion_spans_not_recorded_total",
                              "Sampled calls and events whose span was not recorded: the service's span budget was "
                              "spent",
                              ["service"])
+
+
+class _Envelope(Protocol):
+    topic: str
+    event_type: str
+    event_id: str
+    correlation_id: str
+    traceparent: str
+
+
+@dataclass(frozen=True)
+class TracedEvent:
+    """An event as its spans name it, with the trace context it carries (signed, in its envelope): the span of
+    the call that caused it, or "" when that call was not recorded."""
+
+    topic: str
+    event_type: str
+    event_id: str
+    correlation_id: str
+    traceparent: str
+
+    @classmethod
+    def of(cls, envelope: _Envelope) -> "TracedEvent":
+        return cls(envelope.topic, envelope.event_type, envelope.event_id, envelope.correlation_id,
+                   envelope.traceparent)
 
 
 class SpanRecorder:
@@ -119,21 +150,11 @@ class SpanRecorder:
         """A CONSUMER span around a verified event's processing (the handler's work, one span per attempt), a child
         of the span of the call that caused the event (its signed TRACEPARENT), when that trace was sampled and the
         budget allows; nothing otherwise. Only the parsed ids of TRACEPARENT are used, never its text."""
-        parent = parse_traceparent(traceparent) if traceparent else None
-        if parent is None or not parent[2] or not self._spend():
-            if parent is not None and parent[2]:
-                SPANS_NOT_RECORDED.labels(self.service).inc()
+        event = TracedEvent(topic, event_type, event_id, correlation_id, traceparent)
+        span = self._event_span("process", event, None, {})
+        if span is None:
             yield
             return
-        caller = otel.SpanContext(int(parent[0], 16), int(parent[1], 16), is_remote=True,
-                                  trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED))
-        span = self._tracer.start_span(f"process {topic[:MAX_SPAN_NAME]}", kind=otel.SpanKind.CONSUMER,
-                                       context=otel.set_span_in_context(otel.NonRecordingSpan(caller)),
-                                       attributes={"messaging.system": "kafka", "messaging.operation.type": "process",
-                                                   "messaging.destination.name": topic[:MAX_SPAN_NAME],
-                                                   "bastion.event_type": event_type[:MAX_SPAN_NAME],
-                                                   "bastion.event_id": event_id[:MAX_SPAN_NAME],
-                                                   "bastion.correlation_id": correlation_id[:MAX_SPAN_NAME]})
         try:
             yield
         except BaseException as error:
@@ -141,6 +162,45 @@ class SpanRecorder:
             raise
         finally:
             span.end()
+
+    def events_handled(self, operation: str, events: Iterable[TracedEvent], started_ns: int, ended_ns: int,
+                       failure: str | None = None, attributes: Mapping[str, str | int] | None = None) -> int:
+        """One finished span, from STARTED_NS to ENDED_NS (time.time_ns()), for each of EVENTS whose trace was
+        sampled, within the budget: OPERATION "send" is a PRODUCER span (the outbox relay publishing the event),
+        "process" a CONSUMER span (a consumer taking it in). Each is a child of the span of the call that caused the
+        event, named by its signed trace context; an error with FAILURE when it is given. Returns how many."""
+        recorded = 0
+        for event in events:
+            span = self._event_span(operation, event, started_ns, attributes or {})
+            if span is None:
+                continue
+            if failure is not None:
+                span.set_status(otel.Status(otel.StatusCode.ERROR, failure[:MAX_SPAN_NAME]))
+            span.end(end_time=ended_ns)
+            recorded += 1
+        return recorded
+
+    def _event_span(self, operation: str, event: TracedEvent, started_ns: int | None,
+                    attributes: Mapping[str, str | int]) -> Any:
+        """A started span of OPERATION ("send" or "process") on EVENT, a child of the span its trace context names,
+        or None: the event's trace is not sampled (or its context malformed), or the budget is spent (counted)."""
+        parent = parse_traceparent(event.traceparent) if event.traceparent else None
+        if parent is None or not parent[2]:
+            return None
+        if not self._spend():
+            SPANS_NOT_RECORDED.labels(self.service).inc()
+            return None
+        caller = otel.SpanContext(int(parent[0], 16), int(parent[1], 16), is_remote=True,
+                                  trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED))
+        kind = otel.SpanKind.PRODUCER if operation == "send" else otel.SpanKind.CONSUMER
+        return self._tracer.start_span(
+            f"{operation} {event.topic[:MAX_SPAN_NAME]}", kind=kind, start_time=started_ns,
+            context=otel.set_span_in_context(otel.NonRecordingSpan(caller)),
+            attributes={"messaging.system": "kafka", "messaging.operation.type": operation,
+                        "messaging.destination.name": event.topic[:MAX_SPAN_NAME],
+                        "bastion.event_type": event.event_type[:MAX_SPAN_NAME],
+                        "bastion.event_id": event.event_id[:MAX_SPAN_NAME],
+                        "bastion.correlation_id": event.correlation_id[:MAX_SPAN_NAME], **attributes})
 
     def _spend(self) -> bool:
         """One span from the budget (a token bucket of PER_SECOND a second, as many at most in store)."""
@@ -179,19 +239,24 @@ def jsonl_exporter(path: Path, max_bytes: int = SPAN_FILE_BYTES, kept: int = SPA
 
 
 def written_spans(log_dir: Path, services: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(service, span) for every span SERVICES wrote to their current span files in LOG_DIR, as the SDK encodes
-    them; a line not (yet) complete JSON is skipped."""
+    """(service, span) for every span SERVICES wrote to their span files in LOG_DIR, the rotated ones first (oldest
+    to newest), as the SDK encodes them; a line not (yet) complete JSON is skipped."""
     for service in services:
-        path = log_dir / f"{service}.spans.jsonl"
-        if not path.exists():
-            continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        current = log_dir / f"{service}.spans.jsonl"
+        rotated = sorted((path for path in log_dir.glob(f"{service}.spans.jsonl.*") if path.suffix[1:].isdigit()),
+                         key=lambda path: int(path.suffix[1:]), reverse=True)
+        for path in [*rotated, current]:
             try:
-                span = json.loads(line)
-            except ValueError:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:  # not written yet, or rotated away meanwhile
                 continue
-            if isinstance(span, dict) and isinstance(span.get("context"), dict):
-                yield service, span
+            for line in text.splitlines():
+                try:
+                    span = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(span, dict) and isinstance(span.get("context"), dict):
+                    yield service, span
 
 
 def recorded_spans(log_dir: Path, services: Iterable[str], trace_id: str) -> list[dict[str, Any]]:

@@ -50,7 +50,8 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
     rules = load_alert_rules(settings.infra_dir / "alert-rules.yaml")  # refused at start-up when wrong
     runtime.start_worker("consumer", lambda: AuditConsumer(
         runtime.kafka_config, TOPICS, runtime.verifier(), runtime.engine, store, checkpointer, publisher,
-        security=handlers.security, alerts=PostgresAlerts(runtime.outbox(), AlertDetector(rules))), stop)
+        security=handlers.security, alerts=PostgresAlerts(runtime.outbox(), AlertDetector(rules)),
+        spans=runtime.spans), stop)
     server, port = await start_server(
         runtime.security(),
         lambda s: audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(handlers), s),  # type: ignore[no-untyped-call]

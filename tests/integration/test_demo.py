@@ -17,5 +17,6 @@ def test_demo_runs_the_scenario_end_to_end(stack: Any) -> None:
                  "permission-probing alert and ada (auditor) was told", "Security alert (warning) permission-probing: "
                  "principal 'bob' refused 5 time(s)", "9. the transfer's trace",
                  "was recorded as one tree of spans: payments Transfer",
-                 "and notifications processing the 2 events they caused, each a child of its cause"):
+                 "events they caused, each a child of its cause (the events carry it, signed): published by their "
+                 "outbox relays", "processed by notifications, all", "logged by the audit service"):
         assert step in output, step

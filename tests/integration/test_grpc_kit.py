@@ -153,6 +153,16 @@ class AbortingProbe(ProbeServicer):
         raise AssertionError("unreachable: abort raises")
 
 
+class CodeSettingProbe(ProbeServicer):
+    """Answers with a status of its own without aborting (set_code, then returns)."""
+
+    async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
+                     ) -> probe_pb2.WhoamiResponse:
+        context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+        context.set_details("not now")
+        return probe_pb2.WhoamiResponse()
+
+
 class SlowProbe(ProbeServicer):
     async def Whoami(self, request: probe_pb2.WhoamiRequest, context: grpc.aio.ServicerContext
                      ) -> probe_pb2.WhoamiResponse:
@@ -163,6 +173,7 @@ class SlowProbe(ProbeServicer):
 # Each probe's Whoami as the caller sees it, and as its span records it (code, status).
 WHOAMI = {ProbeServicer: (grpc.StatusCode.OK, (0, "UNSET")), CrashingProbe: (grpc.StatusCode.INTERNAL, (13, "ERROR")),
           AbortingProbe: (grpc.StatusCode.NOT_FOUND, (5, "UNSET")),
+          CodeSettingProbe: (grpc.StatusCode.FAILED_PRECONDITION, (9, "UNSET")),
           SlowProbe: (grpc.StatusCode.DEADLINE_EXCEEDED, (1, "UNSET"))}  # the server sees the deadline as a cancel
 
 
@@ -171,7 +182,8 @@ def test_a_sampled_call_leaves_a_server_span_whose_id_its_handler_hands_on(
     ctx: StackContext, keys: KeyRing, servicer: type[ProbeServicer],
 ) -> None:
     """Spans of sampled calls (bastion/grpc/spans.py): an admitted call, unary or streamed, leaves one span with its
-    status however it ends (answered, crashed, aborted by its handler, cancelled at its deadline); a refused call,
+    status however it ends (answered, crashed, aborted by its handler, answered with a status its handler set,
+    cancelled at its deadline); a refused call,
     a call the caller did not sample and a call with no trace of its own leave none."""
     exported = InMemorySpanExporter()
     spans = SpanRecorder(SERVICE, processor=SimpleSpanProcessor(exported))

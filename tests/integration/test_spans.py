@@ -1,7 +1,8 @@
 """Recorded spans on the running platform (bastion/grpc/spans.py): a transfer whose caller sampled its trace leaves
-one tree of spans across payments and accounts, and notifications' processing of the events it caused joins it
-(the events carry, signed, the span that caused them), in each service's `logs/SERVICE.spans.jsonl`; a transfer
-its caller did not sample leaves none."""
+one tree of spans across payments and accounts, and the way of the events it caused joins it (the events carry,
+signed, the span that caused them): each producer's outbox relay publishing them, notifications' processing and
+the audit service's recording, in each service's `logs/SERVICE.spans.jsonl`; a transfer its caller did not sample
+leaves none."""
 
 import time
 import uuid
@@ -38,14 +39,18 @@ def test_a_sampled_transfer_leaves_one_tree_of_spans_across_payments_and_account
     deadline = time.monotonic() + 30  # the SDK exports in batches, every few seconds
     while True:
         payments, accounts = spans_of(ctx, "payments", sampled), spans_of(ctx, "accounts", sampled)
-        processed = spans_of(ctx, "notifications", sampled)
-        topics = {span["attributes"].get("messaging.destination.name") for span in processed}
-        if (payments and accounts and len(topics) == 2) or time.monotonic() > deadline:
+        processed, recorded = spans_of(ctx, "notifications", sampled), spans_of(ctx, "audit", sampled)
+        expected = [(payments, "SERVER"), (accounts, "SERVER"), (payments, "PRODUCER"), (accounts, "PRODUCER"),
+                    (processed, "CONSUMER"), (recorded, "CONSUMER")]
+        topics = [{span["attributes"].get("messaging.destination.name") for span in processed},
+                  {span["attributes"].get("messaging.destination.name") for span in recorded}]
+        if (all(of_kind(spans, kind) for spans, kind in expected) and all(len(seen) == 2 for seen in topics)) \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    [served] = payments
-    [applied] = [span for span in accounts if span["name"] == APPLY]
-    assert served["name"] == TRANSFER and served["kind"] == "SpanKind.SERVER"
+    [served] = of_kind(payments, "SERVER")
+    [applied] = [span for span in of_kind(accounts, "SERVER") if span["name"] == APPLY]
+    assert served["name"] == TRANSFER
     assert served["parent_id"] == f"0x{caller}", "a child of the caller's span"
     assert applied["parent_id"] == served["context"]["span_id"], "accounts' span is a child of payments' span"
     assert served["attributes"]["bastion.correlation_id"] == applied["attributes"]["bastion.correlation_id"] == \
@@ -53,11 +58,27 @@ def test_a_sampled_transfer_leaves_one_tree_of_spans_across_payments_and_account
     assert served["attributes"]["rpc.grpc.status_code"] == applied["attributes"]["rpc.grpc.status_code"] == 0
     assert applied["attributes"]["bastion.peer_service"] == "payments"
     assert served["resource"]["attributes"]["service.name"] == "payments"
-    # notifications consumes both topics: each event's processing is a child of the span of the call that caused it
-    causes = {span["attributes"]["messaging.destination.name"]: span["parent_id"] for span in processed}
-    assert all(span["kind"] == "SpanKind.CONSUMER" for span in processed)
-    assert causes == {"payments.events.v1": served["context"]["span_id"],
-                      "accounts.events.v1": applied["context"]["span_id"]}, processed
+    cause = {"payments.events.v1": served["context"]["span_id"], "accounts.events.v1": applied["context"]["span_id"]}
+    # each producer's relay publishing the events its call caused: children of that call's span
+    for producer, topic in ((payments, "payments.events.v1"), (accounts, "accounts.events.v1")):
+        published = of_kind(producer, "PRODUCER")
+        assert published and all(span["name"] == f"send {topic}" and span["parent_id"] == cause[topic]
+                                 and span["attributes"]["bastion.correlation_id"] == correlation
+                                 and span["status"]["status_code"] == "UNSET" for span in published), published
+    # notifications and the audit service consume both topics: each event's processing (notifications' handler,
+    # the log's append) is a child of the span of the call that caused it
+    for consumer in (processed, recorded):
+        assert of_kind(consumer, "CONSUMER") == consumer, consumer
+        assert {span["attributes"]["messaging.destination.name"]: span["parent_id"] for span in consumer} == cause
+    assert {span["attributes"]["bastion.event_id"] for span in recorded} == \
+        {span["attributes"]["bastion.event_id"] for span in [*payments, *accounts] if span["kind"] == KIND["PRODUCER"]}
     # The SDK exports spans in the order they ended: the unsampled transfer, made first, would be there by now.
-    assert spans_of(ctx, "payments", unsampled) == [] and spans_of(ctx, "accounts", unsampled) == []
-    assert spans_of(ctx, "notifications", unsampled) == []
+    for service in ("payments", "accounts", "notifications", "audit"):
+        assert spans_of(ctx, service, unsampled) == []
+
+
+KIND = {kind: f"SpanKind.{kind}" for kind in ("SERVER", "PRODUCER", "CONSUMER")}
+
+
+def of_kind(spans: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [span for span in spans if span["kind"] == KIND[kind]]

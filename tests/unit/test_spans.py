@@ -17,7 +17,7 @@ from bastion.events.outbox import OutboxEventSink, traceparent_of
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import VerifiedEvent
 from bastion.grpc.context import CallContext, current_call
-from bastion.grpc.spans import SPANS_NOT_RECORDED, SpanRecorder, jsonl_exporter, recorded_spans
+from bastion.grpc.spans import SPANS_NOT_RECORDED, SpanRecorder, TracedEvent, jsonl_exporter, recorded_spans
 from bastion.grpc.trace import TraceContext, trace_context_from
 
 METHOD = "/bastion.accounts.v1.Accounts/GetAccount"
@@ -181,6 +181,13 @@ def test_the_span_file_is_rotated_and_only_so_many_older_files_are_kept(tmp_path
     for file in tmp_path.iterdir():
         assert file.stat().st_size <= 3000
         assert all(json.loads(line)["name"] for line in file.read_text().splitlines())
+    # Readers see the rotated files too, oldest first, so a trace is whole across a rotation.
+    read = [span["start_time"] for span in recorded_spans(tmp_path, ["accounts"], TRACE)]
+    lines = sum(len(file.read_text().splitlines()) for file in tmp_path.iterdir())
+    assert len(read) == lines > len((tmp_path / "accounts.spans.jsonl").read_text().splitlines())
+    assert read == sorted(read)
+    (tmp_path / "accounts.spans.jsonl.backup").write_text((tmp_path / "accounts.spans.jsonl.1").read_text())
+    assert len(recorded_spans(tmp_path, ["accounts"], TRACE)) == lines, "only the rotation's numbered files"
 
 
 # Events: the span of the call that caused an event is named in it (signed), and the consumer's span is its child.
@@ -234,6 +241,59 @@ def test_event_spans_share_the_services_budget():
         with spans.processing("accounts.events.v1", "t", "ev-1", "corr-1", f"00-{TRACE}-{CALLER_SPAN}-01"):
             pass
     assert len(exported.get_finished_spans()) == 2
+
+
+def traced_event(header: str = f"00-{TRACE}-{CALLER_SPAN}-01", number: int = 1) -> TracedEvent:
+    return TracedEvent("payments.events.v1", "bastion.payments.v1.TransferCompleted", f"ev-{number}", "corr-1",
+                       header)
+
+
+def test_relaying_sampled_events_leaves_a_producer_span_for_each_child_of_the_span_that_caused_it():
+    spans, exported = recorder()
+    events = [traced_event(number=1), traced_event(f"00-{TRACE}-{CALLER_SPAN}-00", 2), traced_event("", 3),
+              traced_event("00-junk-01", 4), traced_event(number=5)]
+    recorded = spans.events_handled("send", events, 1_000_000_000, 1_250_000_000, None,
+                                    {"messaging.destination.partition.id": "2", "messaging.batch.message_count": 5})
+    assert recorded == 2
+    sent = exported.get_finished_spans()
+    assert [dict(span.attributes or {})["bastion.event_id"] for span in sent] == ["ev-1", "ev-5"]
+    for span, event_id in zip(sent, ["ev-1", "ev-5"], strict=True):
+        assert span.name == "send payments.events.v1" and span.kind is SpanKind.PRODUCER
+        assert (span.start_time, span.end_time) == (1_000_000_000, 1_250_000_000)
+        assert f"{span.context.trace_id:032x}" == TRACE and f"{span.parent.span_id:016x}" == CALLER_SPAN  # type: ignore[union-attr]
+        assert dict(span.attributes or {}) == {
+            "messaging.system": "kafka", "messaging.operation.type": "send",
+            "messaging.destination.name": "payments.events.v1",
+            "bastion.event_type": "bastion.payments.v1.TransferCompleted", "bastion.event_id": event_id,
+            "bastion.correlation_id": "corr-1", "messaging.destination.partition.id": "2",
+            "messaging.batch.message_count": 5}
+        assert span.status.status_code is StatusCode.UNSET
+
+
+def test_an_event_not_delivered_leaves_an_error_span_and_a_consumers_span_is_a_consumer_span():
+    spans, exported = recorder()
+    spans.events_handled("send", [traced_event()], 1, 2, "Local: Message timed out")
+    spans.events_handled("process", [traced_event()], 3, 4)
+    failed, processed = exported.get_finished_spans()
+    assert failed.status.status_code is StatusCode.ERROR and failed.status.description == "Local: Message timed out"
+    assert processed.kind is SpanKind.CONSUMER and processed.name == "process payments.events.v1"
+    assert processed.status.status_code is StatusCode.UNSET
+
+
+def test_spans_of_relayed_and_recorded_events_share_the_services_budget_and_the_rest_are_counted():
+    spans, exported = recorder(per_second=3)
+    before = SPANS_NOT_RECORDED.labels("accounts")._value.get()
+    assert spans.events_handled("send", [traced_event(number=n) for n in range(2)], 1, 2) == 2
+    assert spans.events_handled("process", [traced_event(number=n) for n in range(2)], 1, 2) == 1
+    assert len(exported.get_finished_spans()) == 3
+    assert SPANS_NOT_RECORDED.labels("accounts")._value.get() - before == 1
+
+
+def test_a_traced_event_is_named_by_its_envelope():
+    envelope = Envelope(event_id="ev-9", event_type="t", topic="accounts.events.v1", correlation_id="c",
+                        traceparent=f"00-{TRACE}-{CALLER_SPAN}-01")
+    assert TracedEvent.of(envelope) == TracedEvent("accounts.events.v1", "t", "ev-9", "c",
+                                                   f"00-{TRACE}-{CALLER_SPAN}-01")
 
 
 class CapturingOutbox:

@@ -11,6 +11,7 @@ the log is keyed by (topic, partition, offset). See docs/decisions.md.
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,8 @@ from bastion.audit.records import AuditRecord
 from bastion.events.consumer import DeadLetters, broker_time, claimed_envelope, safe_claim
 from bastion.events.errors import RejectReason, TrustStoreUnavailableError, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
-from bastion.events.verify import EnvelopeVerifier, is_bundle
+from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, is_bundle
+from bastion.grpc.spans import SpanRecorder, TracedEvent
 from services.audit import domain
 from services.audit.domain import Delivery
 from services.audit.handlers import Alerting, SecurityRecords, announce
@@ -55,13 +57,15 @@ class CheckpointPublisher:
 class AuditRecords:
     """What the audit log keeps of each consumed Kafka record: it passes the verification pipeline and becomes
     one audit record, or one per envelope of a bundle. Refused ones are counted, logged and handed to LETTERS;
-    whoever commits the offsets settles them first. No Kafka client of its own."""
+    whoever commits the offsets settles them first. Accepted events that carry a trace context are noted in
+    `traced`, for their spans once the log holds them. No Kafka client of its own."""
 
     def __init__(self, verifier: EnvelopeVerifier, letters: DeadLetters,
                  clock: Clock = lambda: dt.datetime.now(dt.UTC)) -> None:
         self.verifier = verifier
         self.letters = letters
         self.clock = clock
+        self.traced: list[TracedEvent] = []
 
     def of(self, message: Message) -> list[AuditRecord]:
         """The log records of one Kafka record: one, or one per envelope of a bundle."""
@@ -88,6 +92,7 @@ class AuditRecords:
                 records.append(self._refuse(message, alone, VerificationError(
                     RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]), bundled=True))
                 continue
+            self._note_trace(event)
             applied += 1
         if applied:
             EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc(applied)
@@ -109,8 +114,13 @@ class AuditRecords:
             # never stop the whole trail.
             return self._refuse(message, delivery, VerificationError(
                 RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]))
+        self._note_trace(event)
         EVENTS_APPLIED.labels(domain.CONSUMER, delivery.topic).inc()
         return record
+
+    def _note_trace(self, event: VerifiedEvent) -> None:
+        if event.envelope.traceparent:
+            self.traced.append(TracedEvent.of(event.envelope))
 
     def _refuse(self, message: Message, delivery: Delivery, error: VerificationError,
                 bundled: bool = False) -> AuditRecord:
@@ -128,8 +138,10 @@ class AuditConsumer:
     def __init__(self, kafka_config: dict[str, Any], topics: list[str], verifier: EnvelopeVerifier, engine: Engine,
                  store: AuditLog, checkpointer: Checkpointer, publisher: CheckpointPublisher,
                  security: SecurityRecords, alerts: Alerting | None = None, batch_size: int = 500,
-                 poll_seconds: float = 0.5, clock: Clock = lambda: dt.datetime.now(dt.UTC)) -> None:
+                 poll_seconds: float = 0.5, clock: Clock = lambda: dt.datetime.now(dt.UTC),
+                 spans: SpanRecorder | None = None) -> None:
         self.engine = engine
+        self.spans = spans
         self.alerts = alerts
         if alerts is not None:
             with engine.begin() as conn:
@@ -162,9 +174,12 @@ class AuditConsumer:
         """Read up to a batch, append it in one transaction with the alerts it raises, sign a checkpoint if one is
         due, then commit the offsets: a crash anywhere before the commit reads the batch again, and the log keeps
         each record once.
-        The batch's refused records are dead-lettered together, and acknowledged before anything is committed."""
-        records = [record for message in self.consumer.consume(self.batch_size, self.poll_seconds)
-                   if self._readable(message) for record in self.records.of(message)]
+        The batch's refused records are dead-lettered together, and acknowledged before anything is committed.
+        Each accepted event of a recorded call leaves a CONSUMER span from the batch's arrival to its append."""
+        messages = self.consumer.consume(self.batch_size, self.poll_seconds)
+        arrived = time.time_ns()
+        self.records.traced.clear()  # what a failed batch noted: it is read again
+        records = [record for message in messages if self._readable(message) for record in self.records.of(message)]
         self.letters.settle()
         raised = []
         if records:
@@ -172,10 +187,13 @@ class AuditConsumer:
                 placed = self.store.append(conn, records)
                 if self.alerts is not None:
                     raised = self.alerts.observe(conn, placed)
+            appended = time.time_ns()
             announce(raised)
         self._checkpoint_if_due()
         if records:
             self.consumer.commit(asynchronous=False)
+            if self.spans is not None and self.records.traced:
+                self.spans.events_handled("process", self.records.traced, arrived, appended)
         return len(records)
 
     def _checkpoint_if_due(self) -> None:

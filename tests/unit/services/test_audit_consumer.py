@@ -5,20 +5,28 @@ signing, never the log; checkpoints a key retired too early left unanchored are 
 retired a moment ago is waited out, not a reason to stop signing."""
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from structlog.testing import capture_logs
 
+from bastion.accounts.v1.events_pb2 import AccountOpened
 from bastion.audit.chain import Head
 from bastion.audit.checkpoints import Checkpointer, CheckpointFile, sign_checkpoint
 from bastion.audit.errors import CheckpointError
 from bastion.events.consumer import DeadLetters
 from bastion.events.errors import RejectReason, TrustStoreUnavailableError, VerificationError
 from bastion.events.keys import KeyRing
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import VerifiedEvent
+from bastion.grpc.spans import SpanRecorder
 from services.audit.adapters.kafka import AuditConsumer, AuditRecords
 
 
@@ -110,11 +118,55 @@ def test_a_batchs_refused_records_are_acknowledged_as_dead_letters_before_anythi
     consumer.records = AuditRecords(Refusing(), consumer.letters)  # type: ignore[arg-type]
     consumer.alerts = Alerts(steps)  # type: ignore[assignment]
     consumer.signing_refused = True  # no checkpoint in this test
-    consumer.batch_size, consumer.poll_seconds = 500, 0.1
+    consumer.batch_size, consumer.poll_seconds, consumer.spans = 500, 0.1, None
     assert consumer.poll_batch() == 2
     assert steps == ["dead letter accounts.events.v1/0/7", "dead letter accounts.events.v1/0/8", "acknowledged",
                      "appended 2", "alerts of 2 entries in the connection's transaction", "transaction committed",
                      "commit"]
+
+
+TRACE, CALLER_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+class Accepting:
+    """Verifies every record as an event (ev-7, ev-8, ...); every second one carries a sampled trace context."""
+
+    def verify(self, _raw: bytes, topic: str, _received: Any) -> VerifiedEvent:
+        self.count = getattr(self, "count", 6) + 1
+        envelope = Envelope(event_id=f"ev-{self.count}", event_type="bastion.accounts.v1.AccountOpened", topic=topic,
+                            producer="accounts", aggregate_id="a1", correlation_id="corr-1")
+        if self.count % 2 == 0:
+            envelope.traceparent = f"00-{TRACE}-{CALLER_SPAN}-01"
+        return VerifiedEvent(envelope, AccountOpened(account_id="a1"))
+
+
+class FailingStore(Store):
+    def append(self, _conn: str, records: list[Any]) -> list[str]:
+        raise OSError("the database went away")
+
+
+def test_each_traced_event_the_log_takes_leaves_a_consumer_span_once_its_batch_is_appended() -> None:
+    steps: list[str] = []
+    exported = InMemorySpanExporter()
+    kafka, store = Kafka(steps), FailingStore(steps)
+    consumer = AuditConsumer.__new__(AuditConsumer)  # the Kafka clients and the checkpointer are not needed here
+    consumer.consumer, consumer.engine, consumer.store = kafka, store, store  # type: ignore[assignment]
+    consumer.letters = DeadLetters(kafka, "audit")  # type: ignore[arg-type]
+    consumer.records = AuditRecords(Accepting(), consumer.letters)  # type: ignore[arg-type]
+    consumer.alerts, consumer.signing_refused = None, True
+    consumer.batch_size, consumer.poll_seconds = 500, 0.1
+    consumer.spans = SpanRecorder("audit", processor=SimpleSpanProcessor(exported))
+    with pytest.raises(OSError):
+        consumer.poll_batch()
+    assert exported.get_finished_spans() == (), "a batch the log did not take leaves no span"
+    consumer.store = Store(steps)  # type: ignore[assignment]
+    before = time.time_ns()
+    assert consumer.poll_batch() == 2
+    [span] = exported.get_finished_spans()  # the failed batch's traced event (ev-8) is not carried over
+    assert span.name == "process accounts.events.v1" and span.kind is SpanKind.CONSUMER
+    assert dict(span.attributes or {})["bastion.event_id"] == "ev-10"
+    assert f"{span.parent.span_id:016x}" == CALLER_SPAN and f"{span.context.trace_id:032x}" == TRACE  # type: ignore[union-attr]
+    assert before <= span.start_time <= span.end_time <= time.time_ns()  # type: ignore[operator]
 
 
 class KeysUnreadable:
