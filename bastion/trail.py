@@ -51,7 +51,7 @@ def logged(ctx: StackContext, correlation_id: str) -> list[Step]:
 def spanned(ctx: StackContext, correlation_id: str) -> list[Step]:
     """The spans the services recorded for calls carrying CORRELATION_ID, at their start."""
     steps = []
-    for service, span in written_spans(ctx.layout.log_dir, ctx.service_names):
+    for service, span in written_spans(ctx.layout.log_dir, ctx.service_names, correlation_id):
         attributes = span.get("attributes")
         if not isinstance(attributes, dict) or attributes.get("bastion.correlation_id") != correlation_id:
             continue

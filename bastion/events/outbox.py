@@ -244,7 +244,8 @@ class OutboxRelay:
             return
         for outcome in sent:
             if outcome.traced:
-                failure = outcome.error or (None if outcome.acknowledged_ns else "not acknowledged in time")
+                failure = outcome.error if outcome.error is not None else \
+                    None if outcome.acknowledged_ns else "not acknowledged in time"
                 self.spans.events_handled("send", outcome.traced, started, outcome.acknowledged_ns or time.time_ns(),
                                           failure, {"messaging.destination.partition.id": str(outcome.partition),
                                                     "messaging.batch.message_count": len(outcome.row_ids)})

@@ -29,6 +29,7 @@ import datetime as dt
 import io
 import json
 import logging.handlers
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -38,6 +39,7 @@ from random import Random
 from typing import IO, Any, Protocol, cast
 
 import grpc
+import structlog
 from opentelemetry import trace as otel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -56,6 +58,8 @@ MAX_SPAN_NAME = 256
 EXPORT_EVERY_MS = 1000  # how long a finished span may wait in the batch before it is written
 SPAN_FILE_BYTES = 64 * 1024 * 1024  # a span file is rotated at this size ...
 SPAN_FILES_KEPT = 3  # ... keeping this many older ones
+log = structlog.get_logger(__name__)
+ROTATED = re.compile(r"\.[0-9]{1,3}")  # the suffix of a rotated span file
 SPANS_NOT_RECORDED = Counter("bastion_spans_not_recorded_total",
                              "Sampled calls and events whose span was not recorded: the service's span budget was "
                              "spent",
@@ -152,7 +156,7 @@ class SpanRecorder:
         budget allows; nothing otherwise. Only the parsed ids of TRACEPARENT are used, never its text."""
         event = TracedEvent(topic, event_type, event_id, correlation_id, traceparent)
         span = self._event_span("process", event, None, {})
-        if span is None:
+        if span is None or not span.is_recording():
             yield
             return
         try:
@@ -161,29 +165,32 @@ class SpanRecorder:
             span.set_status(otel.Status(otel.StatusCode.ERROR, type(error).__name__))
             raise
         finally:
-            span.end()
+            _finish(span)
 
     def events_handled(self, operation: str, events: Iterable[TracedEvent], started_ns: int, ended_ns: int,
                        failure: str | None = None, attributes: Mapping[str, str | int] | None = None) -> int:
         """One finished span, from STARTED_NS to ENDED_NS (time.time_ns()), for each of EVENTS whose trace was
         sampled, within the budget: OPERATION "send" is a PRODUCER span (the outbox relay publishing the event),
         "process" a CONSUMER span (a consumer taking it in). Each is a child of the span of the call that caused the
-        event, named by its signed trace context; an error with FAILURE when it is given. Returns how many."""
+        event, named by its signed trace context; an error with FAILURE when it is given. Returns how many.
+        Called once the events' fate is settled: a span that cannot be recorded is logged, never raised, so that
+        tracing can never stop a relay or a consumer."""
         recorded = 0
         for event in events:
             span = self._event_span(operation, event, started_ns, attributes or {})
-            if span is None:
+            if span is None or not span.is_recording():
                 continue
             if failure is not None:
                 span.set_status(otel.Status(otel.StatusCode.ERROR, failure[:MAX_SPAN_NAME]))
-            span.end(end_time=ended_ns)
-            recorded += 1
+            recorded += _finish(span, ended_ns)
         return recorded
+
 
     def _event_span(self, operation: str, event: TracedEvent, started_ns: int | None,
                     attributes: Mapping[str, str | int]) -> Any:
         """A started span of OPERATION ("send" or "process") on EVENT, a child of the span its trace context names,
-        or None: the event's trace is not sampled (or its context malformed), or the budget is spent (counted)."""
+        or None: the event's trace is not sampled (or its context malformed), or the budget is spent (counted), or
+        the SDK failed to start it (logged: an event is handled whether or not its span is recorded)."""
         parent = parse_traceparent(event.traceparent) if event.traceparent else None
         if parent is None or not parent[2]:
             return None
@@ -193,6 +200,14 @@ class SpanRecorder:
         caller = otel.SpanContext(int(parent[0], 16), int(parent[1], 16), is_remote=True,
                                   trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED))
         kind = otel.SpanKind.PRODUCER if operation == "send" else otel.SpanKind.CONSUMER
+        try:
+            return self._start_event_span(operation, event, started_ns, attributes, kind, caller)
+        except Exception as error:
+            log.warning("span_not_recorded", service=self.service, operation=operation, error=type(error).__name__)
+            return None
+
+    def _start_event_span(self, operation: str, event: TracedEvent, started_ns: int | None,
+                          attributes: Mapping[str, str | int], kind: otel.SpanKind, caller: otel.SpanContext) -> Any:
         return self._tracer.start_span(
             f"{operation} {event.topic[:MAX_SPAN_NAME]}", kind=kind, start_time=started_ns,
             context=otel.set_span_in_context(otel.NonRecordingSpan(caller)),
@@ -224,10 +239,21 @@ class SpanRecorder:
             span.set_attribute("bastion.peer_service", peer_identity)
         if code in SERVER_ERRORS:
             span.set_status(otel.Status(otel.StatusCode.ERROR, code.name))
-        span.end()
+        _finish(span)
 
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+
+def _finish(span: Any, ended_ns: int | None = None) -> bool:
+    """End SPAN; whether it was handed to the exporter. A failure of the SDK or the exporter is logged, never
+    raised: a call or an event is handled whether or not its span is recorded."""
+    try:
+        span.end(end_time=ended_ns)
+    except Exception as error:
+        log.warning("span_not_recorded", span=str(span.name)[:MAX_SPAN_NAME], error=type(error).__name__)
+        return False
+    return True
 
 
 def jsonl_exporter(path: Path, max_bytes: int = SPAN_FILE_BYTES, kept: int = SPAN_FILES_KEPT) -> SpanExporter:
@@ -238,30 +264,40 @@ def jsonl_exporter(path: Path, max_bytes: int = SPAN_FILE_BYTES, kept: int = SPA
     return ConsoleSpanExporter(out=lines, formatter=_one_line)
 
 
-def written_spans(log_dir: Path, services: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+def written_spans(log_dir: Path, services: Iterable[str], containing: str = ""
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(service, span) for every span SERVICES wrote to their span files in LOG_DIR, the rotated ones first (oldest
-    to newest), as the SDK encodes them; a line not (yet) complete JSON is skipped."""
+    to newest), as the SDK encodes them, once each (a rotation while they are read may show a span twice); only
+    lines CONTAINING the given text are parsed (a trace or correlation id: the files can be large); a line not
+    (yet) complete JSON is skipped."""
     for service in services:
         current = log_dir / f"{service}.spans.jsonl"
-        rotated = sorted((path for path in log_dir.glob(f"{service}.spans.jsonl.*") if path.suffix[1:].isdigit()),
+        rotated = sorted((path for path in log_dir.glob(f"{service}.spans.jsonl.*") if ROTATED.fullmatch(path.suffix)),
                          key=lambda path: int(path.suffix[1:]), reverse=True)
+        seen: set[object] = set()
         for path in [*rotated, current]:
             try:
                 text = path.read_text(encoding="utf-8", errors="replace")
             except FileNotFoundError:  # not written yet, or rotated away meanwhile
                 continue
             for line in text.splitlines():
+                if containing not in line:
+                    continue
                 try:
                     span = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(span, dict) and isinstance(span.get("context"), dict):
+                if not isinstance(span, dict) or not isinstance(span.get("context"), dict):
+                    continue
+                span_id = span["context"].get("span_id")
+                if span_id not in seen:
+                    seen.add(span_id)
                     yield service, span
 
 
 def recorded_spans(log_dir: Path, services: Iterable[str], trace_id: str) -> list[dict[str, Any]]:
     """The spans of TRACE_ID (32 hex digits) that SERVICES wrote (`written_spans`)."""
-    return [span for _service, span in written_spans(log_dir, services)
+    return [span for _service, span in written_spans(log_dir, services, trace_id)
             if span["context"].get("trace_id") == f"0x{trace_id}"]
 
 

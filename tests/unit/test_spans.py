@@ -1,11 +1,16 @@
 """Recorded spans (bastion/grpc/spans.py): only sampled traces, children of the caller's span, the id handed on,
 within the service's span budget, written as rotated JSON lines."""
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
+import structlog
+from confluent_kafka import KafkaError
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -13,7 +18,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from bastion.accounts.v1.events_pb2 import AccountOpened
 from bastion.events.consumer import ConsumerSettings, VerifyingConsumer
-from bastion.events.outbox import OutboxEventSink, traceparent_of
+from bastion.events.envelopes import envelope_for
+from bastion.events.outbox import OutboxEventSink, OutboxRelay, RelayResult, traceparent_of
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import VerifiedEvent
 from bastion.grpc.context import CallContext, current_call
@@ -22,6 +28,7 @@ from bastion.grpc.trace import TraceContext, trace_context_from
 
 METHOD = "/bastion.accounts.v1.Accounts/GetAccount"
 TRACE, CALLER_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+SAMPLED = f"00-{TRACE}-{CALLER_SPAN}-01"
 
 
 class Clock:
@@ -188,6 +195,10 @@ def test_the_span_file_is_rotated_and_only_so_many_older_files_are_kept(tmp_path
     assert read == sorted(read)
     (tmp_path / "accounts.spans.jsonl.backup").write_text((tmp_path / "accounts.spans.jsonl.1").read_text())
     assert len(recorded_spans(tmp_path, ["accounts"], TRACE)) == lines, "only the rotation's numbered files"
+    # a rotation while the files are read: a span seen in two files is read once
+    with (tmp_path / "accounts.spans.jsonl").open("a") as current:
+        current.write((tmp_path / "accounts.spans.jsonl.2").read_text())
+    assert len(recorded_spans(tmp_path, ["accounts"], TRACE)) == lines
 
 
 # Events: the span of the call that caused an event is named in it (signed), and the consumer's span is its child.
@@ -294,6 +305,104 @@ def test_a_traced_event_is_named_by_its_envelope():
                         traceparent=f"00-{TRACE}-{CALLER_SPAN}-01")
     assert TracedEvent.of(envelope) == TracedEvent("accounts.events.v1", "t", "ev-9", "c",
                                                    f"00-{TRACE}-{CALLER_SPAN}-01")
+
+
+# The outbox relay: a PRODUCER span per traced event it published, from its batch's start to the broker's answer.
+
+class Rows:
+    """A connection of the fake engine: the outbox rows to select, and the ids the relay marks sent."""
+
+    def __init__(self, rows: list[SimpleNamespace]) -> None:
+        self.rows, self.marked = rows, []
+
+    def execute(self, statement: object) -> SimpleNamespace:
+        if str(statement).startswith("UPDATE"):
+            self.marked.extend(statement.compile().params["id_1"])  # type: ignore[attr-defined]
+        return SimpleNamespace(all=lambda: self.rows)
+
+
+class Engine:
+    def __init__(self, conn: Rows) -> None:
+        self.conn = conn
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Rows]:
+        yield self.conn
+
+
+class Broker:
+    """A producer whose answer depends on the topic: acknowledged, refused by the broker, or refused at once."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[object, KafkaError | None]] = []
+
+    def produce(self, topic: str, value: bytes, partition: int, headers: object, on_delivery: object) -> None:
+        if topic == "refused.at.once":
+            raise BufferError("Local: Queue full")
+        failed = KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out") if topic == "timed.out" else None
+        if topic != "never.answered":  # flush gave up before the broker answered
+            self.reports.append((on_delivery, failed))
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def flush(self, _timeout: float) -> int:
+        for report, error in self.reports:
+            report(error, None)  # type: ignore[operator]
+        self.reports = []
+        return 0
+
+
+def test_the_relay_leaves_a_producer_span_for_each_traced_event_it_published_and_an_error_for_one_not_delivered(
+        ring):
+    spans, exported = recorder()
+    key = ring.signing_key("accounts")
+    rows = []
+    for number, (topic, header) in enumerate([
+            ("delivered", SAMPLED), ("delivered", ""), ("delivered", f"00-{TRACE}-{CALLER_SPAN}-00"),
+            ("timed.out", SAMPLED), ("never.answered", SAMPLED), ("refused.at.once", SAMPLED)]):
+        envelope = envelope_for(key, topic, AccountOpened(account_id=f"a{number}"), f"a{number}", 1, "corr-1",
+                                event_id=f"ev-{number}", traceparent=header)
+        rows.append(SimpleNamespace(id=number, topic=topic, partition_key=f"a{number}",
+                                    envelope=envelope.SerializeToString()))
+    conn = Rows(rows)
+    relay = OutboxRelay.__new__(OutboxRelay)  # no Kafka, no database: the fakes above
+    relay.engine, relay.key, relay.batch_size, relay.flush_timeout = Engine(conn), key, 500, 1.0  # type: ignore[assignment]
+    relay.producer, relay.spans = Broker(), spans  # type: ignore[assignment]
+    relay._partition_counts = {"delivered": 1, "timed.out": 1, "never.answered": 1, "refused.at.once": 1}
+    before = time.time_ns()
+    assert relay.run_once() == RelayResult(published=3, failed=3)
+    assert sorted(conn.marked) == [0, 1, 2]
+    sent, failed, unanswered = exported.get_finished_spans()  # none for the untraced, the unsampled, the one never
+    # handed over
+    assert [dict(span.attributes or {})["bastion.event_id"] for span in (sent, failed, unanswered)] == \
+        ["ev-0", "ev-3", "ev-4"]
+    assert sent.kind is SpanKind.PRODUCER and sent.name == "send delivered"
+    assert sent.status.status_code is StatusCode.UNSET
+    assert (failed.status.status_code, failed.status.description) == (StatusCode.ERROR, "Local: Message timed out")
+    assert (unanswered.status.status_code, unanswered.status.description) == \
+        (StatusCode.ERROR, "not acknowledged in time")
+    assert dict(sent.attributes or {})["messaging.batch.message_count"] == 3
+    assert f"{sent.parent.span_id:016x}" == CALLER_SPAN  # type: ignore[union-attr]
+    assert before <= sent.start_time <= sent.end_time <= time.time_ns()  # type: ignore[operator]
+
+
+class BrokenProcessor(SimpleSpanProcessor):
+    def on_end(self, span: ReadableSpan) -> None:
+        raise RuntimeError("the exporter's queue broke")
+
+
+def test_a_span_that_cannot_be_recorded_never_stops_the_call_or_the_events_it_follows():
+    spans = SpanRecorder("accounts", processor=BrokenProcessor(InMemorySpanExporter()))
+    with structlog.testing.capture_logs() as logs:
+        assert spans.events_handled("send", [traced_event()], 1, 2) == 0
+        handled = []
+        with spans.processing("accounts.events.v1", "t", "ev-1", "corr-1", SAMPLED):
+            handled.append(True)
+        assert handled == [True]
+        span, _trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+        SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", None)
+    assert [entry["event"] for entry in logs] == ["span_not_recorded"] * 3
 
 
 class CapturingOutbox:

@@ -145,6 +145,11 @@ class FailingStore(Store):
         raise OSError("the database went away")
 
 
+class CommitFailing(Kafka):
+    def commit(self, asynchronous: bool) -> None:
+        raise OSError("the group coordinator went away")
+
+
 def test_each_traced_event_the_log_takes_leaves_a_consumer_span_once_its_batch_is_appended() -> None:
     steps: list[str] = []
     exported = InMemorySpanExporter()
@@ -159,12 +164,16 @@ def test_each_traced_event_the_log_takes_leaves_a_consumer_span_once_its_batch_i
     with pytest.raises(OSError):
         consumer.poll_batch()
     assert exported.get_finished_spans() == (), "a batch the log did not take leaves no span"
-    consumer.store = Store(steps)  # type: ignore[assignment]
+    consumer.store, consumer.consumer = Store(steps), CommitFailing(steps)  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        consumer.poll_batch()
+    assert exported.get_finished_spans() == (), "nor one whose offsets were not committed: it is read again"
+    consumer.consumer = kafka  # type: ignore[assignment]
     before = time.time_ns()
     assert consumer.poll_batch() == 2
-    [span] = exported.get_finished_spans()  # the failed batch's traced event (ev-8) is not carried over
+    [span] = exported.get_finished_spans()  # the failed batches' traced events (ev-8, ev-10) are not carried over
     assert span.name == "process accounts.events.v1" and span.kind is SpanKind.CONSUMER
-    assert dict(span.attributes or {})["bastion.event_id"] == "ev-10"
+    assert dict(span.attributes or {})["bastion.event_id"] == "ev-12"
     assert f"{span.parent.span_id:016x}" == CALLER_SPAN and f"{span.context.trace_id:032x}" == TRACE  # type: ignore[union-attr]
     assert before <= span.start_time <= span.end_time <= time.time_ns()  # type: ignore[operator]
 
