@@ -210,3 +210,67 @@ def test_only_unavailable_and_deadline_exceeded_are_retried_by_the_client(code: 
     error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="from a test")
     assert is_transient(error) == (code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED))
     assert not is_transient(RuntimeError("not a gRPC error"))
+
+
+def test_the_kits_own_refusal_is_never_retried_whatever_the_predicate_says() -> None:
+    """An open breaker ends the retries at once: no budget spent, no backoff slept, even with a caller whose
+    predicate calls every error transient."""
+    refused = Flaky(failures=10, error=BreakerOpenError("payments->accounts", "open"))
+    budget = big_budget()
+    with pytest.raises(BreakerOpenError):
+        asyncio.run(call_with_retries(refused, is_transient=lambda error: True, deadline_seconds=5, budget=budget,
+                                      initial_backoff=TINY, max_backoff=TINY))
+    assert refused.attempts == 1 and budget.tokens == 1000.0
+
+
+def test_a_cancelled_attempt_is_not_retried() -> None:
+    cancelled = Flaky(failures=1, error=asyncio.CancelledError())  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call_with_retries(cancelled, is_transient=lambda error: True, deadline_seconds=5,
+                                      budget=big_budget(), initial_backoff=TINY, max_backoff=TINY))
+    assert cancelled.attempts == 1
+
+
+def test_every_call_earns_its_ratio_for_the_budget() -> None:
+    budget = RetryBudget(ratio=0.5, cap=2.0)
+    assert budget.withdraw() and budget.withdraw() and budget.tokens == 0
+    assert retry(Flaky(failures=0), budget=budget) == "ok"
+    assert budget.tokens == 0.5
+    flaky = Flaky(failures=1)
+    assert retry(flaky, budget=budget) == "ok", "two calls earned the retry the third one needs"
+    assert flaky.attempts == 2 and budget.tokens == 0
+
+
+def test_a_timeout_error_of_the_call_itself_is_not_mistaken_for_the_deadline() -> None:
+    error = TimeoutError("read timed out")  # the downstream's own, long before the deadline
+    flaky = Flaky(failures=10, error=error)
+    with pytest.raises(TimeoutError) as raised:
+        retry(flaky, deadline=5)
+    assert raised.value is error and not isinstance(raised.value, DeadlineExceededError)
+
+
+def test_resilient_call_honours_max_attempts() -> None:
+    async def scenario() -> None:
+        breaker = memory_breaker("test", is_failure=transient, fail_max=100)
+        flaky = Flaky(failures=100)
+        with pytest.raises(ConnectionError):
+            await resilient_call(flaky, breaker=breaker, budget=big_budget(), is_transient=transient,
+                                 deadline_seconds=5, max_attempts=2, initial_backoff=TINY, max_backoff=TINY)
+        assert flaky.attempts == 2
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("options", [{"deadline_seconds": 0}, {"deadline_seconds": -1}, {"max_attempts": 0}])
+def test_a_call_that_could_never_be_made_is_refused_up_front(options: dict[str, float]) -> None:
+    flaky = Flaky(failures=0)
+    arguments: dict[str, float] = {"deadline_seconds": 5, "max_attempts": 4, **options}
+    with pytest.raises(ValueError, match="deadline_seconds"):
+        asyncio.run(call_with_retries(flaky, is_transient=transient, budget=big_budget(), **arguments))  # type: ignore[arg-type]
+    assert flaky.attempts == 0
+
+
+@pytest.mark.parametrize("options", [{"ratio": -0.1}, {"cap": -1.0}])
+def test_a_budget_with_negative_tokens_is_refused(options: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="ratio and cap"):
+        RetryBudget(**options)

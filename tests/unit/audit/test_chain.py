@@ -178,3 +178,46 @@ def test_a_broken_report_raises_when_asked() -> None:
     with pytest.raises(ChainBrokenError, match="seq 1") as caught:
         report.raise_if_broken()
     assert caught.value.first_bad_seq == 1
+
+
+def test_the_same_head_signed_twice_verifies_as_one_anchor() -> None:
+    """A key rotation signs the unchanged head again with the new key: two checkpoints of one length."""
+    entries = extend(EMPTY, mixed_records(5))
+    report = check_chain(entries, signed(entries, 3, 3, 5))
+    assert report.ok and report.anchored_length == 5
+
+
+def test_checkpoints_verify_in_any_order_they_are_given() -> None:
+    entries = extend(EMPTY, mixed_records(6))
+    report = check_chain(entries, list(reversed(signed(entries, 2, 4, 6))))
+    assert report.ok and report.anchored_length == 6
+
+
+def test_a_broken_link_right_after_a_checkpoint_blames_the_link_not_the_signed_record() -> None:
+    """Record 3 is vouched for by a checkpoint, so a record 4 that does not link to it is the bad one."""
+    entries = extend(EMPTY, mixed_records(5))
+    entry = entries[3]
+    forged_prev = b"\x44" * 32
+    entries[3] = replace(entry, prev_hash=forged_prev, hash=record_hash(entry.seq, forged_prev, entry.record))
+    report = check_chain(entries, signed(entries[:3], 3))
+    assert not report.ok and report.first_bad_seq == 4 and "does not link" in report.reason
+    assert (report.length, report.anchored_length) == (3, 3)
+
+
+def test_a_report_never_counts_the_first_bad_seq_as_verified() -> None:
+    """A seq stored again below a checkpoint's length: what verified is what lies below the first bad seq."""
+    entries = extend(EMPTY, mixed_records(5))
+    report = check_chain([*entries, entries[2]], signed(entries, 3))
+    assert not report.ok and report.first_bad_seq == 3
+    assert report.anchored_length <= report.length < report.first_bad_seq
+
+
+def test_a_corrupt_row_after_a_gap_is_reported_at_the_first_missing_seq() -> None:
+    entries = extend(EMPTY, mixed_records(5))
+
+    def rows() -> Iterator[LogEntry]:
+        yield from entries[:2]  # records 3 and 4 are gone; the row stored for 5 does not parse
+        raise CorruptRowError(5, "kind 'evnet' is not a RecordKind")
+
+    report = check_chain(rows(), [])
+    assert not report.ok and report.first_bad_seq == 3 and report.length == 2

@@ -374,3 +374,79 @@ def test_a_trusted_key_refused_for_signing_again_after_the_file_moved_on_is_no_t
     with pytest.raises(BadCheckpointSignatureError, match="moved on to another key") as refused:
         checkpointer.checkpoint(Head(4, b"\x04" * 32))
     assert not isinstance(refused.value, UntrustedSigningKeyError)
+
+
+@pytest.mark.parametrize("change", [{"origin": ""}, {"origin": "bastion.test/audit\n7"}, {"key_id": ""},
+                                    {"key_id": "audit key"}, {"key_id": "audit+1"}, {"length": -1},
+                                    {"key_hash": b"\x01" * 3}, {"signature": b"\x01" * 63}])
+def test_a_checkpoint_that_could_not_be_written_as_a_note_is_refused_when_built(change: dict[str, object]) -> None:
+    with pytest.raises(MalformedCheckpointError):
+        replace(sign_checkpoint(AUDIT_KEY, ORIGIN, HEAD), **change)  # type: ignore[arg-type]
+
+
+def test_a_head_hash_in_non_canonical_base64_is_refused() -> None:
+    """'Smgl=' decodes to the same bytes as 'Smgk=' (the unused low bits differ): one checkpoint, one encoding."""
+    assert NOTE.count("Smgk=") == 1
+    with pytest.raises(MalformedCheckpointError, match="canonical"):
+        Checkpoint.from_bytes(NOTE.replace("Smgk=", "Smgl=").encode())
+
+
+def test_a_retired_keys_line_of_another_log_is_refused_even_when_covered(ring: KeyRing, tmp_path: Path) -> None:
+    old, new = rotated_and_retired(ring)
+    lines = [sign_checkpoint(old, "elsewhere/audit", Head(3, b"\x03" * 32)),
+             sign_checkpoint(new, ORIGIN, Head(3, b"\x03" * 32))]
+    with pytest.raises(MalformedCheckpointError, match=r":1: .*expected"):
+        CheckpointFile(file_of(tmp_path / "checkpoints.jsonl", lines), ring.trust_store(), ORIGIN).load()
+
+
+def test_an_old_key_signs_no_more_after_this_file_appended_the_new_keys_checkpoint(ring: KeyRing,
+                                                                                    tmp_path: Path) -> None:
+    """The same rule as on load, for the running service's own file: after it appended the new key's
+    checkpoint, the old key (still verify-only, so trusted) is refused without reading the file again."""
+    old = ring.signing_key("audit")
+    ring.rotate("audit")
+    new = ring.signing_key("audit")
+    file = CheckpointFile(tmp_path / "checkpoints.jsonl", ring.trust_store(), ORIGIN)
+    file.append(sign_checkpoint(old, ORIGIN, Head(3, b"\x03" * 32)))
+    file.append(sign_checkpoint(new, ORIGIN, Head(3, b"\x03" * 32)))
+    with pytest.raises(BadCheckpointSignatureError, match="moved on to another key"):
+        file.append(sign_checkpoint(old, ORIGIN, Head(4, b"\x04" * 32)))
+    assert len(file.path.read_text().splitlines()) == 2
+
+
+def test_appending_makes_an_existing_file_private_again(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_text(at(1).to_json() + "\n")
+    path.chmod(0o644)  # restored from a backup, say
+    CheckpointFile(path, TRUST, ORIGIN).append(at(2))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_the_time_based_schedule_starts_again_after_each_checkpoint(tmp_path: Path) -> None:
+    clock = Clock()
+    file = CheckpointFile(tmp_path / "checkpoints.jsonl", TRUST, ORIGIN)
+    checkpointer = Checkpointer(AUDIT_KEY, file, every_records=100, every_seconds=60, clock=clock)
+    clock.now += 61
+    assert checkpointer.maybe_checkpoint(Head(1, b"\x01" * 32)) is not None
+    clock.now += 1
+    assert checkpointer.maybe_checkpoint(Head(2, b"\x02" * 32)) is None, "not one checkpoint per record"
+    clock.now += 60
+    assert checkpointer.maybe_checkpoint(Head(2, b"\x02" * 32)) is not None
+
+
+@pytest.mark.parametrize(("every_records", "every_seconds"), [(0, 60.0), (10, 0.0), (10, -1.0)])
+def test_a_checkpointer_that_would_sign_on_every_record_is_refused(tmp_path: Path, every_records: int,
+                                                                   every_seconds: float) -> None:
+    with pytest.raises(ValueError, match="every_records"):
+        Checkpointer(AUDIT_KEY, CheckpointFile(tmp_path / "c.jsonl", TRUST, ORIGIN), every_records=every_records,
+                     every_seconds=every_seconds)
+
+
+def test_a_new_key_does_not_sign_an_empty_log(ring: KeyRing, tmp_path: Path) -> None:
+    key = SwitchableKey(ring.signing_key("audit"))
+    file = CheckpointFile(tmp_path / "checkpoints.jsonl", ring.followed_trust_store(check_seconds=3600), ORIGIN)
+    checkpointer = Checkpointer(key, file, every_records=100, every_seconds=3600, clock=Clock())
+    checkpointer.checkpoint(EMPTY)  # signed at shutdown with nothing in the log
+    ring.rotate("audit")
+    key.key = ring.signing_key("audit")
+    assert checkpointer.maybe_checkpoint(EMPTY) is None, "an empty log: nothing to vouch for, whatever the key"

@@ -105,3 +105,29 @@ def test_item_is_written_only_for_an_envelope_of_a_bundle() -> None:
     first, second = replace(alone, item=0), replace(alone, item=1)
     assert json.loads(canonical_bytes(first))["item"] == 0
     assert len({canonical_bytes(alone), canonical_bytes(first), canonical_bytes(second)}) == 3
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), [
+    ("event", {"envelope": "signed envelope bytes"}, "envelope must be bytes"),
+    ("event", {"topic": 5}, "topic must be text"),
+    ("event", {"event_id": b"id"}, "event_id must be text"),
+    ("access", {"detail": "spiffe://x\x00"}, "detail contains a NUL"),
+    ("access", {"reason": "\ud800"}, "reason is not valid Unicode"),
+    ("rejection", {"action": "accounts.events.v1/0/1\x00"}, "action contains a NUL"),
+    ("access", {"principal": None}, "principal, action and decision"),
+    ("access", {"action": None}, "principal, action and decision"),
+])
+def test_every_field_a_record_stores_is_checked_when_built(kind: str, change: dict[str, object],
+                                                           message: str) -> None:
+    """Optional text fields (principal, action, reason, detail) follow the same rules as the others: PostgreSQL
+    text cannot hold NUL, and a value that is not text would hash differently from what is read back."""
+    with pytest.raises(InvalidRecordError, match=message):
+        replace(sample_record(1, kind), **change)  # type: ignore[arg-type]
+
+
+def test_the_envelope_is_standard_base64_with_padding() -> None:
+    """A verifier in another language decodes with standard base64: '+' and '/', never '-' and '_'."""
+    record = replace(sample_record(1), envelope=b"\xfb\xff\xbf")
+    assert json.loads(canonical_bytes(record))["envelope"] == "+/+/"
+    record = replace(sample_record(1), envelope=b"\xfb\xff")
+    assert json.loads(canonical_bytes(record))["envelope"] == "+/8="

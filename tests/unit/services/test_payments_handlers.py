@@ -3,15 +3,18 @@ the fenced lock, accounts' refusals recorded as FAILED, and the step-up check of
 
 import asyncio
 import datetime as dt
-from collections.abc import Coroutine
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 
-from bastion.grpc.errors import NotFoundError, UnavailableError
+from bastion.grpc.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from bastion.payments.v1 import events_pb2
+from bastion.resilience.locks import LockBusyError
 from services.accounts.domain import MAX_MINOR
 from services.accounts.handlers import Caller as AccountsCaller
 from services.payments.domain import (
@@ -21,6 +24,7 @@ from services.payments.domain import (
     InvalidTransferError,
     Limits,
     Payment,
+    PaymentPendingError,
     PaymentRefusedError,
     PaymentStatus,
     SourceAccountNotFoundError,
@@ -248,3 +252,224 @@ def test_a_pending_payment_that_accounts_refuses_is_settled_as_failed(world: Wor
     [settled] = run(world.payments.settle_pending(dt.timedelta(minutes=1)))
     assert settled.status is PaymentStatus.FAILED and world.events() == [events_pb2.PaymentFailed]
     assert world.accounts.balance(world.alice) == 20_000
+
+
+def test_the_velocity_limit_counts_transfers_spread_over_the_window(world: World) -> None:
+    start = world.clock.now
+    for n in range(5):
+        world.clock.now = start + dt.timedelta(seconds=10 * n)
+        world.transfer(1, f"key-spread-{n:04}")
+    world.clock.now = start + dt.timedelta(seconds=50)
+    with pytest.raises(VelocityLimitExceededError):
+        world.transfer(1, "key-spread-0005")
+    world.clock.now = start + dt.timedelta(seconds=61)  # the first one left the window
+    assert world.transfer(1, "key-spread-0006").status is PaymentStatus.COMPLETED
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (("bob", 300, "EUR"), ("carol", 300, "EUR")),     # another destination
+    (("bob", 300, "EUR"), ("bob", 300, "USD")),       # another currency
+    (("bob", 13, "EUR"), ("acc-21", 3, "EUR")),       # fields that run together: "acc-2"+"13" == "acc-21"+"3"
+])
+def test_a_reused_key_with_any_field_of_the_request_changed_conflicts(
+        world: World, first: tuple[str, int, str], second: tuple[str, int, str]) -> None:
+    accounts = {"bob": world.bob, "carol": world.accounts.open_account("carol")}
+    assert world.bob == "acc-2"
+    target, amount, currency = first
+    run(world.payments.transfer(ALICE, Transfer(world.alice, accounts[target], amount, currency, "key-reused-01")))
+    target, amount, currency = second
+    with pytest.raises(IdempotencyConflictError):
+        run(world.payments.transfer(ALICE, Transfer(world.alice, accounts.get(target, target), amount, currency,
+                                                    "key-reused-01")))
+    assert len(world.accounts.calls) == 1
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_account_ids_longer_than_a_uuid_are_refused_before_anything_happens(world: World, side: str) -> None:
+    too_long = "a" * 37
+    with pytest.raises(InvalidTransferError):
+        world.transfer(300, **{side: too_long})  # type: ignore[arg-type]
+    assert world.locks.taken == [] and world.uow.payments.rows == {} and world.accounts.calls == []
+
+
+def test_account_ids_as_long_as_a_uuid_are_accepted(world: World) -> None:
+    world.accounts.bank.new_id = lambda: str(uuid.uuid4())  # what the accounts service really hands out
+    carol = world.accounts.open_account("carol")
+    assert len(carol) == 36
+    assert world.transfer(300, target=carol).status is PaymentStatus.COMPLETED
+
+
+def busy_lock(resource: str) -> AbstractAsyncContextManager[int]:
+    @asynccontextmanager
+    async def hold() -> AsyncIterator[int]:
+        raise LockBusyError(f"{resource} is locked by another operation")
+        yield 0  # pragma: no cover
+
+    return hold()
+
+
+def test_a_source_account_locked_too_long_by_another_operation_is_unavailable(world: World) -> None:
+    payments = PaymentsHandlers(world.uow, world.accounts, busy_lock, world.introspection, LIMITS, world.clock)
+    with pytest.raises(AccountLockUnavailableError) as error:
+        run(payments.transfer(ALICE, Transfer(world.alice, world.bob, 300, "EUR", "key-busy-0001")))
+    assert error.value.status == grpc.StatusCode.UNAVAILABLE
+    assert world.accounts.calls == [] and world.uow.payments.rows == {}
+
+
+class BothAskFirst:
+    """World's locks, granted only once two operations asked for one: both have read the payments first."""
+
+    def __init__(self, world: World) -> None:
+        self.world, self.asked, self.both = world, 0, asyncio.Event()
+
+    def __call__(self, resource: str) -> AbstractAsyncContextManager[int]:
+        @asynccontextmanager
+        async def hold() -> AsyncIterator[int]:
+            self.asked += 1
+            if self.asked == 2:
+                self.both.set()
+            await asyncio.wait_for(self.both.wait(), timeout=5)
+            async with self.world.locks(resource) as token:
+                yield token
+
+        return hold()
+
+
+def test_the_same_request_twice_at_once_calls_accounts_once(world: World) -> None:
+    payments = PaymentsHandlers(world.uow, world.accounts, BothAskFirst(world), world.introspection, LIMITS,
+                                world.clock)
+    command = Transfer(world.alice, world.bob, 300, "EUR", "key-concurrent-2")
+
+    async def both() -> tuple[Payment, Payment]:
+        return await asyncio.gather(payments.transfer(ALICE, command), payments.transfer(ALICE, command))
+
+    first, second = run(both())
+    assert first == second and first.status is PaymentStatus.COMPLETED
+    assert world.accounts.calls == [first.payment_id], "the second found it completed under the lock"
+
+
+def test_two_different_requests_with_one_key_at_once_conflict(world: World) -> None:
+    payments = PaymentsHandlers(world.uow, world.accounts, BothAskFirst(world), world.introspection, LIMITS,
+                                world.clock)
+
+    async def both() -> tuple[Payment | BaseException, Payment | BaseException]:
+        return await asyncio.gather(
+            payments.transfer(ALICE, Transfer(world.alice, world.bob, 300, "EUR", "key-concurrent-3")),
+            payments.transfer(ALICE, Transfer(world.alice, world.bob, 301, "EUR", "key-concurrent-3")),
+            return_exceptions=True)
+
+    outcomes = run(both())
+    assert sorted(type(outcome).__name__ for outcome in outcomes) == ["IdempotencyConflictError", "Payment"]
+    assert world.accounts.balance(world.alice) + world.accounts.balance(world.bob) == 20_000
+    assert len(world.accounts.calls) == 1
+
+
+def test_an_unknown_outcome_tells_the_caller_to_retry_with_the_same_key(world: World) -> None:
+    world.accounts.unavailable = True
+    with pytest.raises(PaymentPendingError, match="same idempotency key") as error:
+        world.transfer(300)
+    assert error.value.status == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("refusal", ["no such destination", "destination full"])
+def test_accounts_refusing_the_destination_is_recorded_as_failed(world: World, refusal: str) -> None:
+    target = "acc-does-not-exist"
+    if refusal == "destination full":  # crediting would take it beyond the largest amount (INVALID_ARGUMENT)
+        target = world.accounts.open_account("carol", MAX_MINOR)
+    with pytest.raises(PaymentRefusedError):
+        world.transfer(300, target=target)
+    [payment] = world.uow.payments.rows.values()
+    assert payment.status is PaymentStatus.FAILED and world.events() == [events_pb2.PaymentFailed]
+    assert run(world.payments.settle_pending(dt.timedelta(0))) == [], "nothing left for the reconciler"
+
+
+def test_a_long_refusal_is_recorded_cut_to_what_the_store_keeps(world: World) -> None:
+    async def refuse(*args: object) -> None:
+        raise FailedPreconditionError("refused: " + "x" * 2_000)
+
+    world.accounts.apply_transfer = refuse  # type: ignore[method-assign,assignment]
+    with pytest.raises(PaymentRefusedError):
+        world.transfer(300)
+    [payment] = world.uow.payments.rows.values()
+    assert payment.status is PaymentStatus.FAILED
+    assert len(payment.reason) == 500, "payments.reason is String(500) in PostgreSQL"
+
+
+def test_the_reconciler_leaves_alone_a_payment_the_customer_settled_meanwhile(world: World) -> None:
+    world.accounts.unavailable = True
+    with pytest.raises(UnavailableError):
+        world.transfer(4_000)
+    world.accounts.unavailable = False
+    world.clock.now += dt.timedelta(minutes=2)
+    command = Transfer(world.alice, world.bob, 4_000, "EUR", "key-0001-abcd")
+
+    def customer_retries_first(resource: str) -> AbstractAsyncContextManager[int]:
+        @asynccontextmanager
+        async def hold() -> AsyncIterator[int]:
+            await world.payments.transfer(ALICE, command)  # the customer's retry, just before the reconciler
+            async with world.locks(resource) as token:
+                yield token
+
+        return hold()
+
+    reconciler = PaymentsHandlers(world.uow, world.accounts, customer_retries_first, world.introspection, LIMITS,
+                                  world.clock)
+    assert run(reconciler.settle_pending(dt.timedelta(minutes=1))) == []
+    assert len(world.accounts.calls) == 2, "the first (unavailable) attempt and the customer's retry only"
+    assert world.events() == [events_pb2.PaymentCompleted]
+
+
+class BothReachAccounts:
+    """The accounts gateway, letting apply_transfer through only once two attempts are at it."""
+
+    def __init__(self, world: World) -> None:
+        self.accounts, self.arrived, self.both = world.accounts, 0, asyncio.Event()
+
+    async def owner_of(self, account_id: str) -> str:
+        return await self.accounts.owner_of(account_id)
+
+    async def apply_transfer(self, *args: Any) -> None:
+        self.arrived += 1
+        if self.arrived == 2:
+            self.both.set()
+        await asyncio.wait_for(self.both.wait(), timeout=5)
+        await self.accounts.apply_transfer(*args)
+
+
+def test_two_attempts_that_both_reach_an_outcome_emit_one_event(world: World) -> None:
+    """The lease was lost (the lock no longer excludes): the customer's retry and the reconciler both apply
+    the pending payment; accounts applies its key once, and the outcome and its event are recorded once."""
+    world.accounts.unavailable = True
+    with pytest.raises(UnavailableError):
+        world.transfer(4_000)
+    world.accounts.unavailable = False
+    world.clock.now += dt.timedelta(minutes=2)
+    tokens = iter(range(100, 200))
+
+    def lost_lock(resource: str) -> AbstractAsyncContextManager[int]:
+        @asynccontextmanager
+        async def hold() -> AsyncIterator[int]:
+            yield next(tokens)
+
+        return hold()
+
+    payments = PaymentsHandlers(world.uow, BothReachAccounts(world), lost_lock, world.introspection, LIMITS,
+                                world.clock)
+    command = Transfer(world.alice, world.bob, 4_000, "EUR", "key-0001-abcd")
+
+    async def both() -> tuple[Payment, list[Payment]]:
+        return await asyncio.gather(payments.transfer(ALICE, command),
+                                    payments.settle_pending(dt.timedelta(minutes=1)))
+
+    paid, _ = run(both())
+    assert paid.status is PaymentStatus.COMPLETED and world.accounts.balance(world.alice) == 16_000
+    assert world.events() == [events_pb2.PaymentCompleted]
+
+
+def test_customers_see_only_their_own_payments(world: World) -> None:
+    payment = world.transfer(300)
+    assert run(world.payments.get_payment(ALICE, payment.payment_id)) == payment
+    with pytest.raises(NotFoundError):
+        run(world.payments.get_payment(BOB, payment.payment_id))
+    assert run(world.payments.list_payments(ALICE)) == [payment]
+    assert run(world.payments.list_payments(BOB)) == []
