@@ -247,3 +247,10 @@ def test_a_path_entry_that_is_not_a_hash_is_refused(length: int) -> None:
     bent = [paths[1][0][:length] if length <= 32 else paths[1][0] + b"\x00", paths[1][1]]
     with pytest.raises(merkle.ProofError, match="not a SHA-256 hash"):
         merkle.root_from_proof(leaves[1], 1, 4, bent)
+
+
+def test_a_batch_of_exactly_the_size_limit_is_signed_and_verifies() -> None:
+    batch = [Envelope(event_id=str(n), producer="accounts", key_id="accounts/k") for n in range(2**16)]
+    sign_batch(batch, KEY)
+    assert batch[-1].batch.leaf_count == 2**16 and len(batch[-1].batch.path) == 16
+    verify_signature(batch[-1], KEY.public_key())

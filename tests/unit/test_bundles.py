@@ -321,3 +321,64 @@ def test_the_trace_context_travels_signed_through_a_bundle_and_a_republished_bat
     with pytest.raises(VerificationError) as refused:
         verifier.verify(grafted.SerializeToString(), TOPIC)
     assert refused.value.reason == RejectReason.BAD_SIGNATURE
+
+
+def test_a_bundle_over_the_kafka_record_limit_is_too_large_by_default(verifier: EnvelopeVerifier) -> None:  # noqa: F811
+    """The default cap is Kafka's largest record (1 MB): a bigger bundle is refused before it is parsed."""
+    with pytest.raises(VerificationError) as refusal:
+        decode_bundle(b"\x00" * 1_000_001)
+    assert refusal.value.reason == RejectReason.TOO_LARGE
+    with pytest.raises(VerificationError) as refusal:
+        verifier.verify_bundle(b"\x00" * 1_000_001, TOPIC)
+    assert refusal.value.reason == RejectReason.TOO_LARGE
+    with pytest.raises(VerificationError) as refusal:
+        decode_bundle(b"\x00" * 1_000_000)
+    assert refusal.value.reason == RejectReason.MALFORMED  # at the limit: parsed, not cut off
+
+
+def test_the_freshness_of_a_bundle_is_measured_against_the_broker_append_time(
+    verifier: EnvelopeVerifier, ring: KeyRing  # noqa: F811
+) -> None:
+    """As for a lone envelope: a backlog read late is fresh when the broker appended it in time."""
+    appended = NOW - dt.timedelta(hours=2)
+    raw = relay_bundle(ring, [opened_event(ring, 1), opened_event(ring, 2)], now=appended)
+    outcomes = verifier.verify_bundle(raw, TOPIC, broker_time=appended + dt.timedelta(seconds=1)).outcomes
+    assert all(isinstance(outcome, VerifiedEvent) for outcome in outcomes), outcomes
+    stale = verifier.verify_bundle(raw, TOPIC, broker_time=NOW).outcomes
+    assert [o.reason for o in stale if isinstance(o, VerificationError)] == [RejectReason.STALE] * 2
+
+
+def test_an_envelope_of_a_bundle_cannot_claim_another_producer_under_the_signers_key_id(
+    verifier: EnvelopeVerifier, ring: KeyRing  # noqa: F811
+) -> None:
+    """accounts signs a bundle on payments' topic whose second envelope claims to come from payments (with
+    accounts' own key id, so the key ids agree): the bundle is refused whole, not read as payments' event."""
+    key = ring.signing_key("accounts")
+    topic = "payments.events.v1"
+    genuine = envelope_for(key, topic, AccountOpened(account_id="a1", owner="alice", currency="EUR"), "a1", 1, "c1",
+                           occurred_at=NOW)
+    forged = envelope_for(key, topic, PaymentCompleted(payment_id="p1"), "p1", 1, "c2", occurred_at=NOW)
+    forged.producer = "payments"
+    signed = EnvelopeBundle(envelopes=[genuine.SerializeToString(), forged.SerializeToString()])
+    sign_bundle(signed, key.private_key)
+    with pytest.raises(VerificationError, match="one producer's") as refusal:
+        verifier.verify_bundle(signed.SerializeToString(), topic)
+    assert refusal.value.reason == RejectReason.BAD_SIGNATURE
+
+
+def test_signing_a_bundle_of_one_again_drops_its_stale_proof() -> None:
+    one = bundles_of_one(bundle_of(_vector_batch()))[1]
+    sign_bundle(one, KEY)
+    assert not one.HasField("proof")
+    check(one)
+
+
+@pytest.mark.parametrize("size, signed", [(0, False), (2**16, True), (2**16 + 1, False)])
+def test_a_bundle_has_the_size_limit_of_a_batch(size: int, signed: bool) -> None:
+    members = EnvelopeBundle(envelopes=[b"\x0a\x01" + bytes([n % 256]) for n in range(size)])
+    if signed:
+        sign_bundle(members, KEY)
+        assert len(members.signature) == 64
+    else:
+        with pytest.raises(ValueError, match="1 to 65536"):
+            sign_bundle(members, KEY)

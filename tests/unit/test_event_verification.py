@@ -9,13 +9,14 @@ from google.protobuf.message import Message
 
 from bastion.accounts.v1.events_pb2 import AccountOpened, MoneyDeposited
 from bastion.devstack.event_access import load_policy
+from bastion.events.catalog import SCHEMAS
 from bastion.events.envelopes import republish, seal
 from bastion.events.errors import KeyNotFoundError, RejectReason, VerificationError
 from bastion.events.keys import Followed, KeyRing, TrustStore
 from bastion.events.signing import sign
-from bastion.events.trust import load_trust_policy
+from bastion.events.trust import TrustPolicy, load_trust_policy
 from bastion.events.v1.envelope_pb2 import Envelope
-from bastion.events.verify import EnvelopeVerifier, FreshnessWindow
+from bastion.events.verify import EnvelopeVerifier, FreshnessWindow, parse_payload
 from bastion.payments.v1.events_pb2 import PaymentCompleted
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
@@ -244,3 +245,76 @@ def test_a_timestamp_with_nanoseconds_out_of_range_is_malformed(
     with pytest.raises(VerificationError, match="occurred_at is out of range") as error:
         verifier.verify(envelope.SerializeToString(), TOPIC)
     assert error.value.reason == RejectReason.MALFORMED
+
+
+def _resigned(ring: KeyRing, envelope: Envelope) -> bytes:
+    sign(envelope, ring.signing_key("accounts").private_key)
+    return envelope.SerializeToString()
+
+
+@pytest.mark.parametrize("field", ["signature", "key_id", "aggregate_id", "topic", "occurred_at", "published_at",
+                                   "sequence"])
+def test_each_mandatory_field_missing_is_malformed_at_step_one(verifier: EnvelopeVerifier, ring: KeyRing,
+                                                               field: str) -> None:
+    """Signed by a genuine producer or not, an envelope lacking a mandatory field is refused at step 1 as
+    malformed: never verified further, and never dropped later as a replay (sequence 0)."""
+    envelope = opened(ring)
+    envelope.ClearField(field)  # type: ignore[arg-type]
+    raw = envelope.SerializeToString() if field == "signature" else _resigned(ring, envelope)
+    with pytest.raises(VerificationError, match="missing fields") as error:
+        verifier.verify(raw, TOPIC)
+    assert error.value.reason == RejectReason.MALFORMED
+
+
+def test_the_freshness_window_is_five_minutes_back_and_thirty_seconds_ahead_to_the_microsecond(
+    verifier: EnvelopeVerifier, ring: KeyRing
+) -> None:
+    published = NOW + dt.timedelta(milliseconds=500)  # a fraction of a second: nanoseconds count too
+    raw = opened(ring, occurred_at=published).SerializeToString()
+    micro = dt.timedelta(microseconds=1)
+    verifier.verify(raw, TOPIC, broker_time=published + dt.timedelta(minutes=5))
+    assert refused_at(verifier, raw, published + dt.timedelta(minutes=5) + micro) == RejectReason.STALE
+    verifier.verify(raw, TOPIC, broker_time=published - dt.timedelta(seconds=30))
+    assert refused_at(verifier, raw, published - dt.timedelta(seconds=30) - micro) == RejectReason.FROM_THE_FUTURE
+
+
+@pytest.mark.parametrize("event_type, version", [
+    ("bastion.accounts.v1.MoneyDeposited", 0), ("bastion.accounts.v1.MoneyDeposited", 3),
+    ("bastion.accounts.v1.AccountOpened", 0), ("bastion.accounts.v1.AccountOpened", 2),
+])
+def test_a_schema_version_the_catalog_does_not_have_is_an_unknown_type(verifier: EnvelopeVerifier, ring: KeyRing,
+                                                                       event_type: str, version: int) -> None:
+    """Neither read as the current version nor a crash: refused, whatever key signed it."""
+    envelope = opened(ring)
+    envelope.event_type, envelope.schema_version = event_type, version
+    assert refused(verifier, _resigned(ring, envelope)) == RejectReason.UNKNOWN_TYPE
+
+
+def test_a_signed_payload_that_does_not_parse_as_its_type_is_malformed(verifier: EnvelopeVerifier,
+                                                                        ring: KeyRing) -> None:
+    envelope = opened(ring)
+    envelope.payload = b"\x0a\xff"  # field 1, 255 bytes announced, none there
+    with pytest.raises(VerificationError, match="payload is not a") as error:
+        verifier.verify(_resigned(ring, envelope), TOPIC)
+    assert error.value.reason == RejectReason.MALFORMED
+
+
+def test_a_type_the_policy_allows_but_the_catalog_does_not_know_is_refused_not_a_crash(ring: KeyRing) -> None:
+    unknown = "bastion.accounts.v1.AccountRenamed"
+    lax = EnvelopeVerifier(ring.trust_store(), TrustPolicy({TOPIC: {"accounts": frozenset({unknown})}}),
+                           clock=lambda: NOW)
+    envelope = opened(ring)
+    envelope.event_type = unknown
+    assert refused(lax, _resigned(ring, envelope)) == RejectReason.UNKNOWN_TYPE
+
+
+def test_every_schema_version_the_catalog_accepts_reads_as_the_current_message() -> None:
+    """A version bump without its upcaster would make every older event of the type crash the consumer."""
+    for event_type, schema in SCHEMAS.items():
+        for version in range(1, schema.current_version + 1):
+            payload = parse_payload(Envelope(event_type=event_type, schema_version=version, payload=b""))
+            assert isinstance(payload, schema.message), (event_type, version)
+
+
+def test_an_envelope_of_exactly_the_size_limit_is_not_too_large(verifier: EnvelopeVerifier) -> None:
+    assert refused(verifier, b"\x00" * (64 * 1024)) == RejectReason.MALFORMED  # at the limit: parsed, not cut off

@@ -5,9 +5,14 @@ import datetime as dt
 from dataclasses import dataclass
 
 import pytest
+from sqlalchemy import create_engine, select
 
+from bastion.accounts.v1.events_pb2 import AccountOpened
 from bastion.events.consumer import MAX_GAP_CHECK_SECONDS, ConsumerSettings, place_in, source_of
-from bastion.events.inbox import HELD_BUNDLE, HeldAggregate, OpenGap, unwrap_held
+from bastion.events.inbox import HELD_BUNDLE, Admission, HeldAggregate, OpenGap, admit, record, unwrap_held
+from bastion.events.storage import EVENTS_METADATA, held
+from bastion.events.v1.envelope_pb2 import Envelope
+from bastion.events.verify import VerifiedEvent
 from bastion.settings import DevstackSettings
 
 
@@ -70,3 +75,40 @@ def test_an_operator_reads_which_sequences_an_aggregate_waits_for() -> None:
 
     assert waiting(1, 3) == "sequence 2"
     assert waiting(1, 6) == "sequences 2 to 5"
+
+
+def _verified(producer: str, sequence: int, event_id: str, aggregate_id: str = "a1") -> VerifiedEvent:
+    return VerifiedEvent(Envelope(event_id=event_id, producer=producer, aggregate_id=aggregate_id,
+                                  sequence=sequence, topic="accounts.events.v1"), AccountOpened())
+
+
+def test_each_producer_keeps_its_own_sequence_for_an_aggregate_id() -> None:
+    """Two producers may name the same aggregate id: neither one's events read as a replay of, or block, the
+    other's (the sequence row is per producer and aggregate)."""
+    engine = create_engine("sqlite://")
+    EVENTS_METADATA.create_all(engine)
+    with engine.begin() as conn:
+        for event in (_verified("accounts", 1, "e1"), _verified("payments", 1, "e2"), _verified("accounts", 2, "e3")):
+            assert admit(conn, event) is Admission.APPLY, event.envelope
+            record(conn, event)
+        assert admit(conn, _verified("payments", 1, "e4")) is Admission.REPLAY
+
+
+def test_an_id_seen_is_a_duplicate_a_sequence_not_above_the_last_a_replay_and_a_gap_holds() -> None:
+    """(Also covered, end to end, by tests/integration/test_signed_events.py; this runs without a database server.)"""
+    engine = create_engine("sqlite://")
+    EVENTS_METADATA.create_all(engine)
+    with engine.begin() as conn:
+        first, second = _verified("accounts", 1, "e1"), _verified("accounts", 2, "e2")
+        assert admit(conn, first) is Admission.APPLY
+        record(conn, first)
+        assert admit(conn, first) is Admission.DUPLICATE
+        assert admit(conn, _verified("accounts", 1, "e1-again")) is Admission.REPLAY  # same sequence, new id
+        early = _verified("accounts", 3, "e3")
+        assert admit(conn, early, source="accounts.events.v1/0/9") is Admission.HELD
+        [(form, source)] = conn.execute(select(held.c.envelope, held.c.source)).all()
+        assert (bytes(form), source) == (early.envelope.SerializeToString(), "accounts.events.v1/0/9")
+        assert admit(conn, second) is Admission.APPLY
+        record(conn, second)
+        assert admit(conn, _verified("accounts", 2, "e2-again")) is Admission.REPLAY
+        assert admit(conn, _verified("accounts", 0, "e0")) is Admission.REPLAY
