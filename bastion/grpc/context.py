@@ -77,7 +77,8 @@ def peer_identity_from(identity_key: str | None, identities: Iterable[bytes] | N
     `context.auth_context()`, which copies the whole certificate into Python on every call (10 µs, not 1.4)."""
     if identity_key != SAN_PROPERTY:
         return None
-    spiffe = [value for value in identities or () if value.startswith(b"spiffe://")]
+    # URI schemes are case-insensitive: a second name in another case is a second identity, refused with the first.
+    spiffe = [value for value in identities or () if value[:9].lower() == b"spiffe://"]
     if len(spiffe) != 1:
         return None
     text = spiffe[0].decode(errors="replace")

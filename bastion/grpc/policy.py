@@ -66,8 +66,11 @@ class MethodPolicy:
         return verdict
 
     def _decide(self, full_method: str, principal: Principal | None, peer_identity: str | None) -> Decision:
-        """The verdict from the rules; reads only the principal's client id, roles and kind."""
-        service, _, method = full_method.strip("/").rpartition("/")
+        """The verdict from the rules; reads only the principal's client id, roles and kind. Only the canonical
+        path `/SERVICE/METHOD` names a method: `/SERVICE/METHOD/` or `//SERVICE/METHOD` is no method of this
+        service (gRPC serves no such path), so it has no rule."""
+        parts = full_method.split("/")
+        service, method = (parts[1], parts[2]) if len(parts) == 3 and not parts[0] else ("", "")
         rule = self.rules.get(method) if service == self.service else None
         if rule is None:
             return Decision(False, f"no rule for {full_method[:MAX_METHOD]}: denied by default")

@@ -91,3 +91,16 @@ def test_a_reservation_that_fails_refuses_every_call_waiting_for_it(stack: Any, 
     outcomes = asyncio.run(run())
     assert all(isinstance(outcome, UnavailableError) for outcome in outcomes), outcomes
     assert limiter._reserving == {}
+
+
+def test_a_window_key_expires_after_two_windows(stack: Any, ctx: StackContext) -> None:
+    limit = RateLimit(calls=100, window_seconds=3600)
+    principal = f"it-ratelimit:{uuid.uuid4()}"
+    limiter = replica(ctx, limit)
+
+    async def run() -> list[int]:
+        await limiter.admit(principal)  # one reservation: the window's first, which sets the expiry
+        return [await limiter.client.ttl(key) for key in limiter.reserved]  # SCAN is not the service's to run
+
+    ttls = asyncio.run(run())
+    assert len(ttls) == 1 and 0 < ttls[0] <= 2 * limit.window_seconds

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,18 @@ def test_default_deny_for_unknown_methods_and_services() -> None:
     assert not policy.decide("/bastion.probe.v1.Probe/Transfer", user("admin"), "cli").allowed
     assert not policy.decide("/bastion.other.v1.Other/Whoami", user("customer"), "cli").allowed
     assert not policy.decide("/bastion.probe.v1.Probe/Whoami", None, "cli").allowed
+
+
+@pytest.mark.parametrize("path", ["/bastion.probe.v1.Probe/Whoami/", "//bastion.probe.v1.Probe/Whoami",
+                                  "bastion.probe.v1.Probe/Whoami", "/bastion.probe.v1.Probe/Whoami/x",
+                                  "/x/bastion.probe.v1.Probe/Whoami"])
+def test_only_the_canonical_path_of_a_method_names_it(path: str) -> None:
+    """gRPC serves a method at `/SERVICE/METHOD` only: any other spelling reaches the server as an unserved path,
+    and an allowed verdict for it would put an ALLOW for a call nobody served into the audit trail."""
+    policy = load_method_policy(POLICY)
+    assert policy.decide("/bastion.probe.v1.Probe/Whoami", user("customer"), "cli").allowed
+    verdict = policy.decide(path, user("customer"), "cli")
+    assert not verdict.allowed and "denied by default" in verdict.reason
 
 
 def test_roles_allow_users_only() -> None:
@@ -122,3 +135,44 @@ def test_paths_to_unknown_methods_are_never_remembered_and_cut_in_the_verdict() 
     for number in range(MAX_REMEMBERED + 10):  # served methods: at most MAX_REMEMBERED questions are kept
         policy.decide("/bastion.probe.v1.Probe/Whoami", user("customer", name="u"), f"peer-{number}")
     assert 0 < len(policy._verdicts) <= MAX_REMEMBERED
+
+
+def raw_probe_policy() -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load(POLICY.read_text())
+    return raw
+
+
+def test_a_policy_written_for_another_service_stops_the_server_from_starting() -> None:
+    raw = raw_probe_policy()
+    raw["service"] = "bastion.other.v1.Probe"
+    with pytest.raises(DevstackError, match=r"policy is for bastion\.other\.v1\.Probe"):
+        parse_method_policy(raw).check_complete(PROBE)
+
+
+def test_a_rule_for_a_method_the_service_lacks_stops_the_server_from_starting() -> None:
+    raw = raw_probe_policy()
+    raw["methods"]["Transfer"] = {"roles": ["admin"]}
+    with pytest.raises(DevstackError, match="rule for unknown method Transfer"):
+        parse_method_policy(raw).check_complete(PROBE)
+
+
+def test_rules_apply_to_the_exact_service_name_only() -> None:
+    """A service of another package with the same short name is another service: default deny."""
+    policy = load_method_policy(POLICY)
+    for path in ["/bastion.other.v1.Probe/Whoami", "/evil.Probe/Whoami", "/bastion.probe.v1.Probe2/Whoami"]:
+        assert not policy.decide(path, user("customer"), "cli").allowed, path
+
+
+def test_a_service_the_rule_does_not_name_is_denied_even_with_its_own_certificate_and_token() -> None:
+    policy = load_method_policy(POLICY)
+    method = "/bastion.probe.v1.Probe/PaymentsOnly"
+    for name in ["notifications", "accounts", "audit", "cli"]:
+        assert not policy.decide(method, service(name), name).allowed, name
+
+
+def test_a_role_the_rule_does_not_name_allows_nothing_not_even_admin() -> None:
+    policy = load_method_policy(POLICY)
+    assert not policy.decide("/bastion.probe.v1.Probe/TellerOnly", user("admin"), "cli").allowed
+    assert not policy.decide("/bastion.probe.v1.Probe/TellerOnly", user("customer", "support", "auditor", "admin"),
+                             "cli").allowed
+    assert not policy.decide("/bastion.probe.v1.Probe/Countdown", user("admin"), "cli").allowed

@@ -11,11 +11,14 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+from jwt.warnings import InsecureKeyLengthWarning
 from structlog.testing import capture_logs
 
 from bastion.devstack.pki import DevPki
 from bastion.grpc.tokens import (
+    SUPPORTED_ALGORITHMS,
     AuthenticationError,
     AuthReason,
     JwksCache,
@@ -364,3 +367,154 @@ def test_a_certs_endpoint_with_an_untrusted_certificate_yields_no_keys(certs_ser
     cache = JwksCache.from_url(url, ssl.create_default_context())
     validator = TokenValidator(REALM_ISSUER, SERVICE, cache, clock=clock)
     assert refused(validator, minter.mint()) == AuthReason.KEYS_UNAVAILABLE
+
+
+def test_a_key_published_for_encryption_is_dropped_whatever_algorithm_it_names(minter: TokenMinter) -> None:
+    """`use: enc` alone keeps a key from verifying: Keycloak's encryption keys need not name RSA-OAEP."""
+    document = minter.jwks()
+    public = RSAAlgorithm.to_jwk(minter.private_key.public_key(), as_dict=True)
+    document["keys"] += [{**public, "kid": "enc-rs256", "use": "enc", "alg": "RS256"},
+                         {**public, "kid": "enc-no-alg", "use": "enc"}]
+    assert set(signing_keys(document)) == {minter.kid}
+
+
+def test_the_cache_refuses_limits_that_contradict_each_other(endpoint: FakeJwksEndpoint) -> None:
+    with pytest.raises(ValueError, match="refresh_interval"):
+        JwksCache(endpoint, refresh_interval=7200, max_staleness=3600)
+    with pytest.raises(ValueError, match="refresh_interval"):
+        JwksCache(endpoint, refresh_interval=0)
+    with pytest.raises(ValueError, match="min_refresh_gap"):
+        JwksCache(endpoint, min_refresh_gap=-1)
+
+
+def test_keys_exactly_the_refresh_interval_old_are_refreshed(validator: TokenValidator, minter: TokenMinter,
+                                                              endpoint: FakeJwksEndpoint, clock: ManualClock) -> None:
+    validator.validate(minter.mint())
+    clock.advance(300)
+    validator.validate(minter.mint())
+    assert endpoint.fetches == 2
+
+
+def test_keys_exactly_max_staleness_old_still_verify_and_older_ones_fail_closed(
+    validator: TokenValidator, minter: TokenMinter, endpoint: FakeJwksEndpoint, clock: ManualClock
+) -> None:
+    validator.validate(minter.mint())
+    endpoint.failing = True
+    clock.advance(3600)
+    assert validator.validate(minter.mint()).username == "alice"
+    clock.advance(1)
+    assert refused(validator, minter.mint()) == AuthReason.KEYS_UNAVAILABLE
+
+
+def test_a_refresh_is_allowed_again_exactly_min_refresh_gap_after_the_last(
+    validator: TokenValidator, minter: TokenMinter, endpoint: FakeJwksEndpoint, clock: ManualClock
+) -> None:
+    validator.validate(minter.mint())
+    clock.advance(30)
+    assert refused(validator, minter.mint(headers={"kid": "never-published"})) == AuthReason.UNKNOWN_KEY
+    assert endpoint.fetches == 2
+
+
+class _RecordedWaits:
+    """Stands in for the refresh loop's stop event: records how long the loop would wait, then stops it."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        return True
+
+
+def test_a_failing_background_refresh_waits_at_least_a_second_before_retrying(
+    endpoint: FakeJwksEndpoint, clock: ManualClock
+) -> None:
+    """Keycloak down: the refresh thread never retries in a tight loop, even with no gap between refreshes."""
+    endpoint.failing = True
+    cache = JwksCache(endpoint, refresh_interval=0.02, min_refresh_gap=0, clock=clock)
+    stop = _RecordedWaits()
+    cache._stopping = stop  # type: ignore[assignment]
+    cache._refresh_loop()
+    assert endpoint.fetches == 1 and stop.waits == [1.0]
+
+
+def test_the_verdict_cache_holds_exactly_its_capacity(jwks: JwksCache, minter: TokenMinter,
+                                                      clock: ManualClock) -> None:
+    validator = TokenValidator(REALM_ISSUER, SERVICE, jwks, clock=clock, cache_size=2)
+    tokens = [minter.mint() for _ in range(2)]
+    for token in tokens + tokens:
+        validator.validate(token)
+    assert validator.verifications == 2
+
+
+def test_the_validator_needs_an_issuer_and_an_audience(jwks: JwksCache) -> None:
+    for issuer, audience in [("", SERVICE), (REALM_ISSUER, ""), (None, SERVICE), (REALM_ISSUER, None)]:
+        with pytest.raises(ValueError, match="issuer and the audience"):
+            TokenValidator(issuer, audience, jwks)  # type: ignore[arg-type]
+
+
+def test_a_token_of_exactly_the_size_cap_is_accepted_and_one_byte_over_refused(
+    jwks: JwksCache, minter: TokenMinter, clock: ManualClock
+) -> None:
+    token = minter.mint()
+    at_cap = TokenValidator(REALM_ISSUER, SERVICE, jwks, clock=clock, max_token_bytes=len(token))
+    assert at_cap.validate(token).username == "alice"
+    below = TokenValidator(REALM_ISSUER, SERVICE, jwks, clock=clock, max_token_bytes=len(token) - 1)
+    assert refused(below, token) == AuthReason.TOO_LARGE
+
+
+def test_a_token_expired_exactly_the_leeway_ago_is_refused(validator: TokenValidator, minter: TokenMinter,
+                                                           clock: ManualClock) -> None:
+    assert refused(validator, minter.mint(exp=int(clock()) - 30)) == AuthReason.EXPIRED
+
+
+def test_a_cached_token_expires_at_exactly_the_leeway_like_a_fresh_one(validator: TokenValidator,
+                                                                       minter: TokenMinter,
+                                                                       clock: ManualClock) -> None:
+    token = minter.mint()
+    validator.validate(token)
+    clock.advance(300 + 30)
+    assert refused(validator, token) == AuthReason.EXPIRED
+    assert validator.verifications == 1
+
+
+@pytest.mark.parametrize("algorithm", sorted(SUPPORTED_ALGORITHMS - {"RS256"} - {"ES256", "ES384", "ES512"}))
+def test_a_supported_algorithm_the_server_did_not_configure_is_refused_before_any_key_lookup(
+    validator: TokenValidator, minter: TokenMinter, endpoint: FakeJwksEndpoint, algorithm: str
+) -> None:
+    """The configured allowlist, not the library's, decides; an unwanted algorithm costs no JWKS fetch."""
+    assert refused(validator, minter.mint(algorithm=algorithm)) == AuthReason.BAD_ALGORITHM
+    assert refused(validator, minter.hs256_with_public_key()) == AuthReason.BAD_ALGORITHM
+    assert endpoint.fetches == 0 and validator.verifications == 0
+
+
+@pytest.mark.parametrize("kid", [None, ""])
+def test_a_token_without_a_key_id_is_malformed_before_any_key_lookup(validator: TokenValidator,
+                                                                     minter: TokenMinter,
+                                                                     endpoint: FakeJwksEndpoint,
+                                                                     kid: str | None) -> None:
+    assert refused(validator, minter.mint(headers={"kid": kid})) == AuthReason.MALFORMED
+    assert endpoint.fetches == 0
+
+
+def test_a_realm_key_too_short_to_trust_never_verifies(minter: TokenMinter, clock: ManualClock) -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the weak key under test
+    published = {**RSAAlgorithm.to_jwk(weak.public_key(), as_dict=True), "kid": "weak", "use": "sig", "alg": "RS256"}
+    validator = TokenValidator(REALM_ISSUER, SERVICE, JwksCache(lambda: {"keys": [published]}, clock=clock),
+                               clock=clock)
+    with pytest.warns(InsecureKeyLengthWarning):  # PyJWT signs with it, warning as it does
+        token = minter.mint(headers={"kid": "weak"}, key=weak)
+    assert refused(validator, token) == AuthReason.UNKNOWN_KEY
+
+
+@pytest.mark.parametrize("claims", [{"iat": True}, {"nbf": True}, {"realm_access": "admin"},
+                                    {"realm_access": {"roles": ["customer", 7]}}])
+def test_dates_and_roles_of_the_wrong_type_are_malformed(validator: TokenValidator, minter: TokenMinter,
+                                                         claims: dict[str, Any]) -> None:
+    assert refused(validator, minter.mint(**claims)) == AuthReason.MALFORMED
+
+
+def test_only_the_service_account_prefix_with_its_dash_makes_a_service_account() -> None:
+    person = Principal(subject="s", username="service-accountant", client_id="bastion-cli", roles=frozenset(),
+                       token_id=None, expires_at=0)
+    assert not person.is_service_account

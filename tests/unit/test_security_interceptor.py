@@ -1,0 +1,180 @@
+"""The security interceptor without a network: a call's metadata and peer certificate in, the refusal (status and
+audited decision) or the handler's reply out. (Proposed new file tests/unit/test_security_interceptor.py: no unit
+test exercised bastion/grpc/interceptor.py; the integration tests in tests/integration/test_grpc_kit.py do.)"""
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY
+from bastion.grpc.audit import MemoryAccessAudit
+from bastion.grpc.context import SAN_PROPERTY
+from bastion.grpc.errors import ResourceExhaustedError
+from bastion.grpc.interceptor import SecurityInterceptor
+from bastion.grpc.policy import Decision, load_method_policy
+from bastion.grpc.tokens import JwksCache, TokenValidator
+from bastion.testing.tokens import REALM_ISSUER, FakeJwksEndpoint, ManualClock, TokenMinter
+
+SERVICE = "accounts"
+POLICY = Path(__file__).resolve().parents[2] / "infra" / "policies" / "probe.yaml"
+WHOAMI = "/bastion.probe.v1.Probe/Whoami"
+
+
+class Refused(Exception):
+    """What the fake context's `abort` raises, as grpc.aio's raises AbortError."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    """A ServicerContext for a peer whose certificate carries IDENTITIES (SANs)."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], identities: list[bytes]) -> None:
+        self.metadata = metadata
+        self.identities = identities
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def set_trailing_metadata(self, _metadata: Any) -> None:
+        pass
+
+    def peer_identity_key(self) -> str | None:
+        return SAN_PROPERTY if self.identities else None
+
+    def peer_identities(self) -> list[bytes] | None:
+        return self.identities or None
+
+    def code(self) -> None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Refused(code, details)
+
+
+@dataclass
+class Details:
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Kit:
+    minter: TokenMinter
+    endpoint: FakeJwksEndpoint
+    audit: MemoryAccessAudit
+    interceptor: SecurityInterceptor
+    handled: list[str]
+
+    def call(self, method: str, authorization: str | None, peer: str = "cli", served: bool = True) -> Any:
+        """Call METHOD through the interceptor; the handler's reply, or Refused."""
+        metadata = (("authorization", authorization),) if authorization is not None else ()
+        identities = [b"localhost", f"spiffe://bastion.local/service/{peer}".encode()]
+
+        async def handler(_request: Any, _context: Any) -> str:
+            self.handled.append(method)
+            return "reply"
+
+        async def continuation(_details: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(handler) if served else None
+
+        async def run() -> Any:
+            wrapped = await self.interceptor.intercept_service(continuation, Details(method, metadata))
+            assert wrapped is not None, "the interceptor answers every path it does not leave to the transport"
+            return await wrapped.unary_unary(b"", FakeContext(metadata, identities))
+
+        return asyncio.run(run())
+
+    def refused(self, method: str, authorization: str | None, **kwargs: Any) -> Refused:
+        with pytest.raises(Refused) as caught:
+            self.call(method, authorization, **kwargs)
+        assert method not in self.handled, "a refused call never reaches its handler"
+        return caught.value
+
+
+@pytest.fixture()
+def kit() -> Kit:
+    clock = ManualClock()
+    minter = TokenMinter(audience=SERVICE, clock=clock)
+    endpoint = FakeJwksEndpoint(minter)
+    validator = TokenValidator(REALM_ISSUER, SERVICE, JwksCache(endpoint, clock=clock), clock=clock)
+    audit = MemoryAccessAudit()
+    interceptor = SecurityInterceptor(SERVICE, validator, load_method_policy(POLICY), audit)
+    return Kit(minter, endpoint, audit, interceptor, [])
+
+
+def test_a_valid_bearer_token_over_a_bastion_certificate_reaches_the_handler(kit: Kit) -> None:
+    assert kit.call(WHOAMI, f"Bearer {kit.minter.mint()}") == "reply"
+    assert kit.call(WHOAMI, f"bearer {kit.minter.mint()}") == "reply"  # the scheme is case-insensitive
+    assert [decision.decision for decision in kit.audit.decisions] == [DECISION_ALLOW, DECISION_ALLOW]
+
+
+@pytest.mark.parametrize("scheme", ["Basic", "Token", "DPoP", ""])
+def test_a_valid_token_under_another_scheme_is_unauthenticated(kit: Kit, scheme: str) -> None:
+    refusal = kit.refused(WHOAMI, f"{scheme} {kit.minter.mint()}".strip())
+    assert refusal.code == grpc.StatusCode.UNAUTHENTICATED and "missing bearer token" in refusal.details
+    assert [(d.decision, d.method) for d in kit.audit.decisions] == [(DECISION_DENY, WHOAMI)]
+
+
+def test_token_keys_that_cannot_be_fetched_answer_unavailable_not_unauthenticated(kit: Kit) -> None:
+    """Keycloak unreachable says nothing about the caller's token: the caller may retry, and must not drop it."""
+    kit.endpoint.failing = True
+    refusal = kit.refused(WHOAMI, f"Bearer {kit.minter.mint()}")
+    assert refusal.code == grpc.StatusCode.UNAVAILABLE and "token keys unavailable" in refusal.details
+
+
+@pytest.mark.parametrize("path", ["/evil.Service/grpc.health.v1.Health/Check", "/x/grpc.reflection.v1/Info"])
+def test_an_unserved_path_merely_containing_a_transport_prefix_is_refused_and_audited(kit: Kit, path: str) -> None:
+    refusal = kit.refused(path, f"Bearer {kit.minter.mint()}", served=False)
+    assert refusal.code == grpc.StatusCode.PERMISSION_DENIED
+    assert [(d.decision, d.method) for d in kit.audit.decisions] == [(DECISION_DENY, path)]
+
+
+def test_a_certificate_without_a_bastion_identity_is_unauthenticated_whatever_the_token(kit: Kit) -> None:
+    refusal = kit.refused(WHOAMI, f"Bearer {kit.minter.mint()}", peer="Not A Name")
+    assert refusal.code == grpc.StatusCode.UNAUTHENTICATED and "no Bastion identity" in refusal.details
+
+
+def test_a_forged_token_is_unauthenticated_not_treated_as_anonymous(kit: Kit) -> None:
+    forged = kit.minter.edited_payload(kit.minter.mint(), realm_access={"roles": ["teller"]})
+    refusal = kit.refused("/bastion.probe.v1.Probe/TellerOnly", f"Bearer {forged}")
+    assert refusal.code == grpc.StatusCode.UNAUTHENTICATED and forged not in refusal.details
+
+
+def test_the_policy_verdict_refuses_a_valid_caller_without_the_role(kit: Kit) -> None:
+    refusal = kit.refused("/bastion.probe.v1.Probe/TellerOnly", f"Bearer {kit.minter.mint()}")
+    assert refusal.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+class ExhaustedLimiter:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, bool]] = []
+
+    async def admit(self, principal_key: str, service_account: bool = False) -> None:
+        self.asked.append((principal_key, service_account))
+        raise ResourceExhaustedError("rate limit of 1 calls per 60s exceeded")
+
+
+def test_a_limiter_refusal_refuses_the_call_for_that_user(kit: Kit) -> None:
+    limiter = ExhaustedLimiter()
+    kit.interceptor.limiter = limiter  # type: ignore[assignment]
+    refusal = kit.refused(WHOAMI, f"Bearer {kit.minter.mint()}")
+    assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert limiter.asked == [(f"bastion-cli:{kit.minter.claims()['sub']}", False)]
+
+
+def test_an_unserved_path_is_refused_even_if_the_policy_were_to_allow_it(kit: Kit) -> None:
+    """Fail closed: a path gRPC routes to no handler ends refused, whatever the policy says of it."""
+    class AllowsAnything:
+        def decide(self, *_args: Any) -> Decision:
+            return Decision(True, "allowed by a broken policy")
+
+    kit.interceptor.policy = AllowsAnything()  # type: ignore[assignment]
+    refusal = kit.refused(WHOAMI + "/", f"Bearer {kit.minter.mint()}", served=False)
+    assert refusal.code is grpc.StatusCode.UNIMPLEMENTED and "no method" in refusal.details
