@@ -109,37 +109,43 @@ class Scenario:
             "alert too (security.alerts.v1)")
 
     def _traced(self, trace_id: str) -> str:
-        """The transfer's trace as the services recorded it: payments' call, accounts' call its child, and the way
-        of the events each caused, children of the calls that caused them: their producers' relays publishing
-        them, notifications processing them, the audit service logging them."""
+        """The transfer's trace as the services recorded it: payments' call, its call to accounts (a client span)
+        and accounts' call, its child, and the way of the events each caused, children of the calls that caused
+        them: their producers' relays publishing them, notifications processing them, the audit service logging
+        them."""
         deadline = time.monotonic() + SPANS_WAIT_SECONDS
         while True:
             spans = recorded_spans(self.ctx.layout.log_dir, ("payments", "accounts", "notifications", "audit"),
                                    trace_id)
-            named = {span.get("name"): span for span in spans}
+            transfer, calling, applied = (span_named(spans, name, kind) for name, kind in (
+                (TRANSFER_SPAN, "SpanKind.SERVER"), (APPLY_SPAN, "SpanKind.CLIENT"), (APPLY_SPAN, "SpanKind.SERVER")))
             sent, processed, logged = (events_of([span for span in spans if span.get("kind") == kind
                                                   and service_of(span) in services])
                                        for kind, services in (("SpanKind.PRODUCER", ("payments", "accounts")),
                                                               ("SpanKind.CONSUMER", ("notifications",)),
                                                               ("SpanKind.CONSUMER", ("audit",))))
-            if ({TRANSFER_SPAN, APPLY_SPAN} <= named.keys() and len(processed) >= 2 and len(sent) >= 2
+            if (None not in (transfer, calling, applied) and len(processed) >= 2 and len(sent) >= 2
                     and logged == sent) or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
-        transfer, applied = named.get(TRANSFER_SPAN), named.get(APPLY_SPAN)
         callers = {span["context"].get("span_id") for span in (transfer, applied) if span is not None}
         followers = [span for span in spans if span.get("kind") in ("SpanKind.PRODUCER", "SpanKind.CONSUMER")]
-        if (transfer is None or applied is None or applied.get("parent_id") != transfer["context"].get("span_id")
+        if (transfer is None or calling is None or applied is None
+                or calling.get("parent_id") != transfer["context"].get("span_id")
+                or applied.get("parent_id") != calling["context"].get("span_id")
                 or len(processed) < 2 or len(sent) < 2 or logged != sent
                 or any(span.get("parent_id") not in callers for span in followers)):
             raise DevstackError(f"the transfer's trace {trace_id} was not recorded as one tree in the services' "
                                 f"span files ({self.ctx.layout.log_dir}/*.spans.jsonl)",
                                 "see the services' logs; spans are written about a second after they end")
+        attempts = (calling.get("attributes") or {}).get("bastion.attempts")
         return (f"the transfer's trace {trace_id[:8]}… was recorded as one tree of spans: payments Transfer "
-                f"({milliseconds(transfer):.1f} ms) → accounts ApplyTransfer ({milliseconds(applied):.1f} ms); the "
-                f"{len(sent)} events they caused, each a child of its cause (the events carry it, signed): published "
-                f"by their outbox relays, {len(processed)} processed by notifications, all {len(logged)} logged by the "
-                "audit service; in logs/*.spans.jsonl of the state folder")
+                f"({milliseconds(transfer):.1f} ms) → its call to accounts ({milliseconds(calling):.1f} ms, "
+                f"{attempts} attempt{'' if attempts == 1 else 's'}) → accounts ApplyTransfer "
+                f"({milliseconds(applied):.1f} ms); the {len(sent)} events they caused, each a child of its cause "
+                f"(the events carry it, signed): published by their outbox relays, {len(processed)} processed by "
+                f"notifications, all {len(logged)} logged by the audit service; in logs/*.spans.jsonl of the state "
+                "folder")
 
     def _probe(self, account_id: str, log_length: int) -> str:
         """bob tries a teller's method as often as the permission-probing rule allows; ada is told of an alert
@@ -225,3 +231,9 @@ def service_of(span: dict[str, Any]) -> object:
 def events_of(spans: list[dict[str, Any]]) -> set[object]:
     """The events SPANS are about (a retried one may have several spans)."""
     return {(span.get("attributes") or {}).get("bastion.event_id") for span in spans}
+
+
+def span_named(spans: list[dict[str, Any]], name: str, kind: str) -> dict[str, Any] | None:
+    """The first of SPANS with NAME and KIND (`SpanKind.SERVER`, ...): a call and the client span of the call made
+    to it share a name."""
+    return next((span for span in spans if span.get("name") == name and span.get("kind") == kind), None)

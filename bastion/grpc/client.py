@@ -1,6 +1,10 @@
 """The client factory: calls to another service over mutual TLS, with a client-credentials token, the end
 user's token, the correlation id and the trace context passed on, retries on transient failures within a
-deadline and a budget, and a circuit breaker per downstream. An open breaker answers UNAVAILABLE at once."""
+deadline and a budget, and a circuit breaker per downstream. An open breaker answers UNAVAILABLE at once.
+
+A call made on behalf of a recorded call (its trace sampled: bastion/grpc/spans.py) is recorded too, as a CLIENT
+span from its start to its outcome, retries, backoff and an open breaker included; the downstream's own span is
+that span's child."""
 
 import asyncio
 import time
@@ -21,6 +25,8 @@ from bastion.grpc.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from bastion.grpc.spans import SpanRecorder
+from bastion.grpc.trace import TraceContext
 from bastion.resilience.breaker import AsyncCircuitBreaker, BreakerOpenError
 from bastion.resilience.retry import DeadlineExceededError, RetryBudget, resilient_call
 
@@ -48,6 +54,13 @@ def is_transient(error: Exception) -> bool:
 
 def is_unhealthy(error: Exception) -> bool:
     return _code(error) in UNHEALTHY
+
+
+def path_of(method: Any) -> str:
+    """The `/SERVICE/METHOD` path of a grpc.aio stub method, which keeps the path it was made for (as bytes); ""
+    for anything else."""
+    path = getattr(method, "_method", b"")
+    return path.decode("ascii", errors="replace") if isinstance(path, bytes) else ""
 
 
 class ServiceTokens:
@@ -86,6 +99,13 @@ class ServiceTokens:
 
 
 @dataclass
+class _Attempts:
+    """How many attempts one call made (retries included), for its span."""
+
+    made: int = 0
+
+
+@dataclass
 class Downstream:
     """One downstream service as seen by a caller: its breaker, retry budget and deadline."""
 
@@ -95,27 +115,53 @@ class Downstream:
     breaker: AsyncCircuitBreaker
     budget: RetryBudget
     deadline_seconds: float = 5.0
+    spans: SpanRecorder | None = None  # records the calls made on behalf of recorded calls
 
-    def metadata(self, service_token: str) -> tuple[tuple[str, str], ...]:
+    def metadata(self, service_token: str, trace: TraceContext | None = None) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call made on behalf of the call being served, if any: this service's token, the
+        correlation id, the trace context (TRACE, or else the served call's span as the parent) and the end user's
+        token."""
         metadata = [("authorization", f"Bearer {service_token}")]
         call = current_call.get(None)
         if call is not None:
             metadata.append((CORRELATION_HEADER, call.correlation_id))
-            if call.trace is not None:
-                metadata += call.trace.child_headers()
+            trace = trace or call.trace
+            if trace is not None:
+                metadata += trace.child_headers()
             if call.bearer and call.principal is not None and not call.principal.is_service_account:
                 metadata.append((END_USER_TOKEN_HEADER, call.bearer))
         return tuple(metadata)
 
     async def call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         """Call METHOD (a stub method of this downstream) with REQUEST; errors arrive as the error table's."""
-        metadata = self.metadata(await self.tokens.token())
+        served = current_call.get(None)
+        if self.spans is None or served is None or served.span is None or served.trace is None:
+            return await self._call(method, request, None, _Attempts())
+        span, trace = self.spans.calling(path_of(method) or f"/{self.name}/?", self.name, served.span, served.trace)
+        attempts = _Attempts()
+        try:
+            reply = await self._call(method, request, trace, attempts)
+        except RequestError as error:
+            SpanRecorder.call_ended(span, error.status, attempts.made, str(error))
+            raise
+        except asyncio.CancelledError:
+            SpanRecorder.call_ended(span, grpc.StatusCode.CANCELLED, attempts.made, "cancelled")
+            raise
+        except Exception as error:
+            SpanRecorder.call_ended(span, grpc.StatusCode.UNKNOWN, attempts.made, type(error).__name__)
+            raise
+        SpanRecorder.call_ended(span, grpc.StatusCode.OK, attempts.made)
+        return reply
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, trace: TraceContext | None,
+                    attempts: "_Attempts") -> T:
+        metadata = self.metadata(await self.tokens.token(), trace)
         deadline = time.monotonic() + self.deadline_seconds
 
         async def attempt() -> T:
+            attempts.made += 1
             remaining = max(deadline - time.monotonic(), 0.001)
             return await method(request, metadata=metadata, timeout=remaining)
-
         try:
             return await resilient_call(attempt, breaker=self.breaker, budget=self.budget, is_transient=is_transient,
                                         deadline_seconds=self.deadline_seconds)

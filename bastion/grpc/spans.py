@@ -17,7 +17,9 @@ Events carry the trace context of the recorded call that caused them (signed, en
 their way join the call's trace as its children: a PRODUCER span `send TOPIC` from the producer's outbox relay (from
 its batch's start to the broker's acknowledgement; the gap after the call's span is the time the event waited in the
 outbox), and a CONSUMER span `process TOPIC` from each consumer that takes it in (notifications' handlers, the audit
-service's append to its log), within the same budget.
+service's append to its log), within the same budget. The calls a recorded call makes to other services are
+CLIENT spans of the caller (bastion/grpc/client.py: retries and an open breaker included), whose children are the
+downstream's SERVER spans.
 
 The SDK batches finished spans to an exporter on a thread of its own: the services of the dev stack write one
 JSON object per line to `logs/SERVICE.spans.jsonl` in the state folder, rotated at 64 MiB with three older files
@@ -147,6 +149,39 @@ class SpanRecorder:
             return None, trace
         ids = span.get_span_context()
         return span, replace(trace, trace_id=f"{ids.trace_id:032x}", span_id=f"{ids.span_id:016x}", sampled=True)
+
+    def calling(self, path: str, downstream: str, parent: Any, trace: TraceContext) -> tuple[Any, TraceContext]:
+        """A CLIENT span, begun now, of a call to PATH (`/SERVICE/METHOD`) of DOWNSTREAM made on behalf of the
+        recorded call whose span is PARENT and trace context TRACE, or None over the span budget; and the trace
+        context to send with it, whose span id is the client span's (the downstream's span becomes its child)."""
+        if not self._spend():
+            SPANS_NOT_RECORDED.labels(self.service).inc()
+            return None, trace
+        service, _, name = path.lstrip("/").partition("/")
+        try:
+            span = self._tracer.start_span(
+                path.lstrip("/")[:MAX_SPAN_NAME], context=otel.set_span_in_context(parent), kind=otel.SpanKind.CLIENT,
+                attributes={"rpc.system": "grpc", "rpc.service": service[:MAX_SPAN_NAME],
+                            "rpc.method": name[:MAX_SPAN_NAME], "server.address": downstream[:MAX_SPAN_NAME]})
+        except Exception as error:
+            log.warning("span_not_recorded", service=self.service, operation="call", error=type(error).__name__)
+            return None, trace
+        if not span.is_recording():
+            return None, trace
+        return span, replace(trace, span_id=f"{span.get_span_context().span_id:016x}")
+
+    @staticmethod
+    def call_ended(span: Any, code: grpc.StatusCode, attempts: int, failure: str | None = None) -> None:
+        """End the CLIENT span SPAN (a no-op for None) of a call that ended with CODE after ATTEMPTS attempts
+        (none when an open breaker or a missing service token stopped it); an error with FAILURE, the message the
+        caller got, for any code but OK."""
+        if span is None or not span.is_recording():
+            return
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_attribute("bastion.attempts", attempts)
+        if code != grpc.StatusCode.OK:
+            span.set_status(otel.Status(otel.StatusCode.ERROR, (failure or code.name)[:MAX_SPAN_NAME]))
+        _finish(span)
 
     @contextlib.contextmanager
     def processing(self, topic: str, event_type: str, event_id: str, correlation_id: str,

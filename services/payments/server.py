@@ -41,7 +41,8 @@ def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downs
     breaker = redis_breaker(NAME, "accounts", breaker_redis, is_failure=is_unhealthy,
                             fail_max=own.breaker_fail_max, reset_timeout=own.breaker_reset_seconds)
     channel = secure_channel(ctx.grpc_address("accounts"), runtime.tls())
-    return Downstream("accounts", channel, tokens, breaker, RetryBudget(), own.accounts_deadline_seconds)
+    return Downstream("accounts", channel, tokens, breaker, RetryBudget(), own.accounts_deadline_seconds,
+                      spans=runtime.spans)
 
 
 def build_handlers(runtime: ServiceRuntime, own: PaymentsSettings, accounts: AccountsGateway) -> PaymentsHandlers:

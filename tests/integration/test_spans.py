@@ -1,8 +1,8 @@
 """Recorded spans on the running platform (bastion/grpc/spans.py): a transfer whose caller sampled its trace leaves
-one tree of spans across payments and accounts, and the way of the events it caused joins it (the events carry,
-signed, the span that caused them): each producer's outbox relay publishing them, notifications' processing and
-the audit service's recording, in each service's `logs/SERVICE.spans.jsonl`; a transfer its caller did not sample
-leaves none."""
+one tree of spans across payments and accounts (payments' call, its calls to accounts, accounts' calls), and the way
+of the events it caused joins it (the events carry, signed, the span that caused them): each producer's outbox relay
+publishing them, notifications' processing and the audit service's recording, in each service's
+`logs/SERVICE.spans.jsonl`; a transfer its caller did not sample leaves none."""
 
 import time
 import uuid
@@ -14,6 +14,7 @@ from bastion.payments.v1 import payments_pb2
 from tests.integration.bank import Bank
 
 TRANSFER, APPLY = "bastion.payments.v1.Payments/Transfer", "bastion.accounts.v1.Accounts/ApplyTransfer"
+GET_ACCOUNT = "bastion.accounts.v1.Accounts/GetAccount"
 
 
 def spans_of(ctx: StackContext, service: str, trace_id: str) -> list[dict[str, Any]]:
@@ -40,8 +41,8 @@ def test_a_sampled_transfer_leaves_one_tree_of_spans_across_payments_and_account
     while True:
         payments, accounts = spans_of(ctx, "payments", sampled), spans_of(ctx, "accounts", sampled)
         processed, recorded = spans_of(ctx, "notifications", sampled), spans_of(ctx, "audit", sampled)
-        expected = [(payments, "SERVER"), (accounts, "SERVER"), (payments, "PRODUCER"), (accounts, "PRODUCER"),
-                    (processed, "CONSUMER"), (recorded, "CONSUMER")]
+        expected = [(payments, "SERVER"), (payments, "CLIENT"), (accounts, "SERVER"), (payments, "PRODUCER"),
+                    (accounts, "PRODUCER"), (processed, "CONSUMER"), (recorded, "CONSUMER")]
         topics = [{span["attributes"].get("messaging.destination.name") for span in processed},
                   {span["attributes"].get("messaging.destination.name") for span in recorded}]
         if (all(of_kind(spans, kind) for spans, kind in expected) and all(len(seen) == 2 for seen in topics)) \
@@ -52,7 +53,14 @@ def test_a_sampled_transfer_leaves_one_tree_of_spans_across_payments_and_account
     [applied] = [span for span in of_kind(accounts, "SERVER") if span["name"] == APPLY]
     assert served["name"] == TRANSFER
     assert served["parent_id"] == f"0x{caller}", "a child of the caller's span"
-    assert applied["parent_id"] == served["context"]["span_id"], "accounts' span is a child of payments' span"
+    # payments' calls to accounts are CLIENT spans of its call, and accounts' spans their children
+    calls = {span["name"]: span for span in of_kind(payments, "CLIENT")}
+    assert set(calls) == {GET_ACCOUNT, APPLY}, calls
+    assert all(call["parent_id"] == served["context"]["span_id"] and call["status"]["status_code"] == "UNSET"
+               and {"bastion.attempts": 1, "rpc.grpc.status_code": 0, "server.address": "accounts"}.items()
+               <= call["attributes"].items() for call in calls.values()), calls
+    assert applied["parent_id"] == calls[APPLY]["context"]["span_id"], "accounts' span is a child of payments' call"
+    assert calls[APPLY]["start_time"] <= applied["start_time"]
     assert served["attributes"]["bastion.correlation_id"] == applied["attributes"]["bastion.correlation_id"] == \
         correlation
     assert served["attributes"]["rpc.grpc.status_code"] == applied["attributes"]["rpc.grpc.status_code"] == 0
@@ -77,7 +85,7 @@ def test_a_sampled_transfer_leaves_one_tree_of_spans_across_payments_and_account
         assert spans_of(ctx, service, unsampled) == []
 
 
-KIND = {kind: f"SpanKind.{kind}" for kind in ("SERVER", "PRODUCER", "CONSUMER")}
+KIND = {kind: f"SpanKind.{kind}" for kind in ("SERVER", "CLIENT", "PRODUCER", "CONSUMER")}
 
 
 def of_kind(spans: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
