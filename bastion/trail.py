@@ -61,8 +61,12 @@ def spanned(ctx: StackContext, correlation_id: str) -> list[Step]:
             continue
         outcome = (f"code {attributes['rpc.grpc.status_code']}" if "rpc.grpc.status_code" in attributes
                    else f"{attributes.get('bastion.event_type', '?')} {(span.get('status') or {}).get('status_code')}")
+        kind = "span"
+        if span.get("kind") == "SpanKind.CLIENT":  # a call this service made downstream, retries included
+            kind, outcome = f"call to {attributes.get('server.address', '?')}", (
+                f"{outcome}, {attributes.get('bastion.attempts', '?')} attempt(s)")
         steps.append(Step(at, f"{service}.spans", (
-            f"span {span.get('name')} {lasted:.1f} ms, {outcome}, trace "
+            f"{kind} {span.get('name')} {lasted:.1f} ms, {outcome}, trace "
             f"{str(span['context'].get('trace_id', '')).removeprefix('0x')} span "
             f"{str(span['context'].get('span_id', '')).removeprefix('0x')} parent "
             f"{str(span.get('parent_id') or '-').removeprefix('0x')}")))

@@ -137,7 +137,8 @@ class Downstream:
         served = current_call.get(None)
         if self.spans is None or served is None or served.span is None or served.trace is None:
             return await self._call(method, request, None, _Attempts())
-        span, trace = self.spans.calling(path_of(method) or f"/{self.name}/?", self.name, served.span, served.trace)
+        span, trace = self.spans.calling(path_of(method) or f"/{self.name}/?", self.name, served.span, served.trace,
+                                         served.correlation_id)
         attempts = _Attempts()
         try:
             reply = await self._call(method, request, trace, attempts)

@@ -150,10 +150,12 @@ class SpanRecorder:
         ids = span.get_span_context()
         return span, replace(trace, trace_id=f"{ids.trace_id:032x}", span_id=f"{ids.span_id:016x}", sampled=True)
 
-    def calling(self, path: str, downstream: str, parent: Any, trace: TraceContext) -> tuple[Any, TraceContext]:
+    def calling(self, path: str, downstream: str, parent: Any, trace: TraceContext,
+                correlation_id: str) -> tuple[Any, TraceContext]:
         """A CLIENT span, begun now, of a call to PATH (`/SERVICE/METHOD`) of DOWNSTREAM made on behalf of the
-        recorded call whose span is PARENT and trace context TRACE, or None over the span budget; and the trace
-        context to send with it, whose span id is the client span's (the downstream's span becomes its child)."""
+        recorded call whose span is PARENT, trace context TRACE and correlation id CORRELATION_ID, or None over the
+        span budget; and the trace context to send with it, whose span id is the client span's (the downstream's
+        span becomes its child)."""
         if not self._spend():
             SPANS_NOT_RECORDED.labels(self.service).inc()
             return None, trace
@@ -162,7 +164,8 @@ class SpanRecorder:
             span = self._tracer.start_span(
                 path.lstrip("/")[:MAX_SPAN_NAME], context=otel.set_span_in_context(parent), kind=otel.SpanKind.CLIENT,
                 attributes={"rpc.system": "grpc", "rpc.service": service[:MAX_SPAN_NAME],
-                            "rpc.method": name[:MAX_SPAN_NAME], "server.address": downstream[:MAX_SPAN_NAME]})
+                            "rpc.method": name[:MAX_SPAN_NAME], "server.address": downstream[:MAX_SPAN_NAME],
+                            "bastion.correlation_id": correlation_id[:MAX_SPAN_NAME]})
         except Exception as error:
             log.warning("span_not_recorded", service=self.service, operation="call", error=type(error).__name__)
             return None, trace

@@ -36,7 +36,8 @@ def test_a_transfer_and_a_refusal_are_followed_across_services_and_the_audit_log
     expected = ["/bastion.payments.v1.Payments/Transfer: allow", "/bastion.accounts.v1.Accounts/ApplyTransfer: allow",
                 "bastion.payments.v1.PaymentCompleted", "bastion.accounts.v1.TransferApplied",
                 "/bastion.accounts.v1.Accounts/Deposit: deny", "call_refused",
-                "span bastion.payments.v1.Payments/Transfer", "span bastion.accounts.v1.Accounts/ApplyTransfer"]
+                "span bastion.payments.v1.Payments/Transfer", "span bastion.accounts.v1.Accounts/ApplyTransfer",
+                "call to accounts bastion.accounts.v1.Accounts/ApplyTransfer"]
     deadline = time.monotonic() + 30
     while True:
         result = bastion("trail", correlation_id, env=WIDE, timeout=120)
@@ -51,6 +52,7 @@ def test_a_transfer_and_a_refusal_are_followed_across_services_and_the_audit_log
     position = {text: next(i for i, line in enumerate(lines) if text in line) for text in expected}
     assert position["/bastion.payments.v1.Payments/Transfer: allow"] < position["bastion.payments.v1.PaymentCompleted"]
     assert position["span bastion.payments.v1.Payments/Transfer"] < \
+        position["call to accounts bastion.accounts.v1.Accounts/ApplyTransfer"] < \
         position["span bastion.accounts.v1.Accounts/ApplyTransfer"], "a span is placed at its start"
     assert f"trace {trace_id}" in lines[position["span bastion.accounts.v1.Accounts/ApplyTransfer"]]
 

@@ -101,7 +101,8 @@ def test_a_call_made_for_a_recorded_call_is_a_client_span_whose_id_the_downstrea
     assert client.context.trace_id == int(TRACE, 16)
     assert dict(client.attributes or {}) == {
         "rpc.system": "grpc", "rpc.service": "bastion.accounts.v1.Accounts", "rpc.method": "GetAccount",
-        "server.address": "accounts", "rpc.grpc.status_code": 0, "bastion.attempts": 1}
+        "server.address": "accounts", "bastion.correlation_id": "corr-client-spans", "rpc.grpc.status_code": 0,
+        "bastion.attempts": 1}
     assert client.status.status_code == StatusCode.UNSET
     [sent] = accounts.sent
     assert sent[TRACEPARENT] == f"00-{TRACE}-{client.context.span_id:016x}-01", "the downstream's span is its child"

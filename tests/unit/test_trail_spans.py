@@ -1,5 +1,5 @@
-"""`bastion trail` and the span files: a request's server and consumer spans, each one line at its start; spans of
-other requests and lines that are not spans passed over."""
+"""`bastion trail` and the span files: a request's server, client and consumer spans, each one line at its start;
+spans of other requests and lines that are not spans passed over."""
 
 import time
 from pathlib import Path
@@ -41,3 +41,18 @@ def test_a_requests_spans_are_in_its_trail_and_nothing_else(tmp_path: Path) -> N
     assert processed.text.startswith("span process accounts.events.v1 ")
     assert f", bastion.accounts.v1.TransferApplied UNSET, trace {TRACE} span " in processed.text
     assert processed.text.endswith(f" parent {server_span}") and served.at <= processed.at
+
+
+def test_a_call_made_downstream_is_in_the_trail_as_a_call_with_its_attempts(tmp_path: Path) -> None:
+    spans = SpanRecorder("payments", jsonl_exporter(tmp_path / "payments.spans.jsonl"))
+    served, trace = spans.start("/bastion.payments.v1.Payments/Transfer",
+                                trace_context_from([("traceparent", f"00-{TRACE}-{CALLER}-01")]), time.time_ns())
+    call, sent = spans.calling("/bastion.accounts.v1.Accounts/ApplyTransfer", "accounts", served, trace, "corr-1")
+    SpanRecorder.call_ended(call, grpc.StatusCode.UNAVAILABLE, 3, "accounts did not answer within 2.0s")
+    SpanRecorder.end(served, grpc.StatusCode.UNAVAILABLE, "corr-1", "web")
+    spans.shutdown()
+    ctx = SimpleNamespace(layout=SimpleNamespace(log_dir=tmp_path), service_names=["payments"])
+    transfer, applied = sorted(spanned(ctx, "corr-1"))  # type: ignore[arg-type]
+    assert transfer.text.startswith("span bastion.payments.v1.Payments/Transfer ")
+    assert applied.text.startswith("call to accounts bastion.accounts.v1.Accounts/ApplyTransfer ")
+    assert f", code 14, 3 attempt(s), trace {TRACE} span {sent.span_id} parent {trace.span_id}" in applied.text
