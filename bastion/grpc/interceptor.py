@@ -175,6 +175,12 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if error.reason == AuthReason.KEYS_UNAVAILABLE:
                 raise UnavailableError("token keys unavailable: request refused") from error
             raise UnauthenticatedError(f"invalid token: {error}") from error
+        except Exception as error:
+            # A fault of the check itself (a token no rule foresaw): the token is not authenticated. The call is
+            # refused and audited like any other, the fault logged with its stack for the operator; neither the
+            # caller nor gRPC's default answer gets the exception's text.
+            log.exception("token_check_failed", service=self.service, error=type(error).__name__)
+            raise UnauthenticatedError("invalid token: it could not be checked") from error
 
     async def _refuse(self, context: grpc.aio.ServicerContext, call: CallContext, error: RequestError) -> NoReturn:
         code, message = status_for(error, call.correlation_id)

@@ -3,6 +3,7 @@ whose every refusal carries a short machine reason and a message that never repe
 """
 
 import hashlib
+import math
 import ssl
 import threading
 import time
@@ -387,7 +388,15 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AuthenticationError(AuthReason.MALFORMED, f"the `{name}` claim is not a number")
-    return float(value)
+    # JSON as Python reads it also has Infinity and NaN (NaN compares false with everything: an `exp` of NaN would
+    # never be past), and integers of any size. A time is a finite number of seconds, or the token is malformed.
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise AuthenticationError(AuthReason.MALFORMED, f"the `{name}` claim is not a finite number")
+    return seconds
 
 
 def _principal(claims: Mapping[str, Any]) -> Principal:

@@ -1,6 +1,5 @@
 """The security interceptor without a network: a call's metadata and peer certificate in, the refusal (status and
-audited decision) or the handler's reply out. (Proposed new file tests/unit/test_security_interceptor.py: no unit
-test exercised bastion/grpc/interceptor.py; the integration tests in tests/integration/test_grpc_kit.py do.)"""
+audited decision) or the handler's reply out (tests/integration/test_grpc_kit.py runs it on a real server)."""
 
 import asyncio
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY
 from bastion.grpc.audit import MemoryAccessAudit
@@ -127,6 +127,24 @@ def test_token_keys_that_cannot_be_fetched_answer_unavailable_not_unauthenticate
     kit.endpoint.failing = True
     refusal = kit.refused(WHOAMI, f"Bearer {kit.minter.mint()}")
     assert refusal.code == grpc.StatusCode.UNAVAILABLE and "token keys unavailable" in refusal.details
+
+
+class FaultyValidator:
+    """A validator with a fault: a token no rule foresaw makes it raise something else than AuthenticationError."""
+
+    def validate(self, token: str) -> Any:
+        raise OverflowError("cannot convert float infinity to integer")
+
+
+def test_a_fault_in_the_token_check_refuses_the_call_unauthenticated_audited_and_logged(kit: Kit) -> None:
+    kit.interceptor.validator = FaultyValidator()  # type: ignore[assignment]
+    with capture_logs() as logs:
+        refusal = kit.refused(WHOAMI, f"Bearer {kit.minter.mint()}")
+    assert refusal.code == grpc.StatusCode.UNAUTHENTICATED
+    assert refusal.details == "invalid token: it could not be checked", "the exception's text is not the caller's"
+    assert [(d.decision, d.method) for d in kit.audit.decisions] == [(DECISION_DENY, WHOAMI)]
+    assert {"token_check_failed", "call_refused"} <= {line["event"] for line in logs}
+    assert next(line for line in logs if line["event"] == "token_check_failed")["error"] == "OverflowError"
 
 
 @pytest.mark.parametrize("path", ["/evil.Service/grpc.health.v1.Health/Check", "/x/grpc.reflection.v1/Info"])
