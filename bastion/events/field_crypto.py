@@ -66,9 +66,9 @@ class DataKeyRing:
     """Per-topic AES-256 data keys in a folder: the producer's master copy, or a consumer's exported copy.
 
     Layout: FOLDER/TOPIC/keys.json (each key id's state and creation time) and FOLDER/TOPIC/YYYYMMDD-HEX.key
-    (32 raw bytes, 0600). Rotation mirrors the signing keys: `rotate` makes a new active key and turns the
-    previous one decrypt-only, so fields already published still decrypt; `retire` deletes a key's material,
-    which crypto-shreds whatever was encrypted under it.
+    (32 raw bytes, 0600), FOLDER/TOPIC itself 0700. Rotation mirrors the signing keys: `rotate` makes a new
+    active key and turns the previous one decrypt-only, so fields already published still decrypt; `retire`
+    deletes a key's material, which crypto-shreds whatever was encrypted under it.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -79,6 +79,14 @@ class DataKeyRing:
         if not TOPIC_NAME.fullmatch(topic):
             raise DataKeyError(f"{topic!r} is not a valid topic name")
         return self.folder / topic
+
+    def _private_topic_dir(self, topic: str) -> Path:
+        # Made owner-only before a key is written into it (write_private would create it 0755), and tightened
+        # again if an older version left it open.
+        folder = self._topic_dir(topic)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(folder, 0o700)
+        return folder
 
     def _key_file(self, topic: str, key_id: str) -> Path:
         suffix = key_id.removeprefix(f"{topic}/")
@@ -94,8 +102,7 @@ class DataKeyRing:
         return keys
 
     def _save_index(self, topic: str, keys: dict[str, dict[str, str]]) -> None:
-        folder = self._topic_dir(topic)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder = self._private_topic_dir(topic)
         # Written aside then renamed: a crash mid-write must not lose the states of keys that still exist.
         temporary = folder / f".{INDEX_FILE}.tmp"
         write_private(temporary, json.dumps({"keys": keys}, indent=2, sort_keys=True) + "\n")
@@ -119,6 +126,7 @@ class DataKeyRing:
         while key_id in keys:
             key_id = f"{topic}/{now:%Y%m%d}-{secrets.token_hex(4)}"
         # Key material first: an index naming an active key that has no file would stop every producer.
+        self._private_topic_dir(topic)
         write_private(self._key_file(topic, key_id), AESGCM.generate_key(bit_length=KEY_BYTES * 8))
         for entry in keys.values():
             if entry["state"] == "active":
@@ -147,6 +155,7 @@ class DataKeyRing:
         """
         other = DataKeyRing(other_folder)
         keys = self._load_index(topic)
+        other._private_topic_dir(topic)
         exported: list[str] = []
         for key_id, entry in sorted(keys.items()):
             if entry["state"] == "retired":

@@ -24,6 +24,16 @@ def test_the_shipped_policy_is_consistent() -> None:
     assert loaded.principals <= SERVICES
 
 
+def test_the_principals_are_every_producer_and_every_consumer() -> None:
+    """Each needs a Kafka SCRAM secret: a principal left out could not connect. Here payments only reads."""
+    loaded = parse_policy(
+        policy(**{"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit-g"}},
+                  "t.v1.dlq": {"producers": ["audit"], "consumers": {"payments": "payments-g"}}}),
+        SERVICES,
+    )
+    assert loaded.principals == {"accounts", "audit", "payments"}
+
+
 def test_each_consuming_service_subscribes_to_exactly_the_topics_it_may_read() -> None:
     from services.audit.server import TOPICS as AUDIT_TOPICS
     from services.notifications.server import TOPICS as NOTIFICATIONS_TOPICS
@@ -80,7 +90,20 @@ def test_consumers_get_read_on_topic_and_own_group_only() -> None:
              "t.v1.dlq": {"producers": ["payments"]}},
             "must equal the consumers",
         ),
+        (
+            {"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit"}},
+             "t.v1.dlq": {"producers": ["audit", "payments"]}},
+            "must equal the consumers",
+        ),
+        (
+            {"t.v1": {"producers": ["accounts"], "consumers": {"audit": "audit", "payments": "payments"}},
+             "t.v1.dlq": {"producers": ["audit"]}},
+            "must equal the consumers",
+        ),
+        ({"t.v1.dlq": {"producers": ["audit"]}}, "dead-letter topic of an undeclared topic"),
         ({"t.v1": {"producers": ["accounts"], "writers": ["audit"]}}, "unknown keys"),
+        ({"..": {"producers": ["accounts"]}}, "not a valid topic name"),
+        ({"t..v1": {"producers": ["accounts"]}}, "not a valid topic name"),
     ],
 )
 def test_inconsistent_policies_are_refused(topics: dict[str, Any], problem: str) -> None:

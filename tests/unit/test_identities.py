@@ -37,6 +37,7 @@ def raw() -> dict[str, Any]:
         (lambda d: d["service_clients"]["payments"].update(calls=["bank"]), "unknown service 'bank'"),
         (lambda d: d["cli_client"].update(audiences=["account"]), "unknown audience 'account'"),
         (lambda d: d["service_clients"].pop("audit"), "differ from infra/services.yaml"),
+        (lambda d: d["service_clients"].update(ghost={"calls": []}), "differ from infra/services.yaml"),
     ],
 )
 def test_bad_declarations_are_refused(edit: Any, problem: str) -> None:

@@ -27,16 +27,26 @@ def test_the_shipped_policy_loads() -> None:
     assert policy.topics[TOPIC].encrypted_fields == (EMAIL,)
     assert policy.is_reader("notifications", TOPIC)
     assert not policy.is_reader("audit", TOPIC)
+    assert not policy.is_reader("notifications", "payments.events.v1"), "a topic the policy does not list"
     assert policy.key_topics("accounts") == [TOPIC]
     assert policy.key_topics("notifications") == [TOPIC]
     assert policy.key_topics("audit") == []
 
 
-def test_a_reader_that_does_not_consume_the_topic_is_refused() -> None:
+@pytest.mark.parametrize("reader", ["payments", "accounts"], ids=["another-service", "the-producer"])
+def test_a_reader_that_does_not_consume_the_topic_is_refused(reader: str) -> None:
     data = raw()
-    data["topics"][TOPIC]["readers"].append("payments")
-    with pytest.raises(DevstackError, match="reader 'payments' is not a consumer of the topic"):
+    data["topics"][TOPIC]["readers"].append(reader)
+    with pytest.raises(DevstackError, match=f"reader '{reader}' is not a consumer of the topic"):
         parse_personal_data(data, ACCESS)
+
+
+def test_a_topic_listed_without_fields_or_readers_has_no_readers() -> None:
+    data = raw()
+    data["topics"]["payments.events.v1"] = None
+    policy = parse_personal_data(data, ACCESS)
+    assert policy.topics["payments.events.v1"].readers == ()
+    assert not policy.is_reader("notifications", "payments.events.v1")
 
 
 def test_a_field_that_is_not_an_encrypted_field_is_refused() -> None:

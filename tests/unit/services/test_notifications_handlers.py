@@ -8,16 +8,23 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import Message
 from structlog.testing import capture_logs
 
 from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1.events_pb2 import AccountFrozen, AccountOpened, MoneyDeposited, TransferApplied
+from bastion.devstack.layout import write_private
 from bastion.events.field_crypto import DataKeyRing, FieldIntegrityError, encrypt_field, field_context
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import VerifiedEvent
 from bastion.payments.v1.events_pb2 import PaymentCompleted, PaymentFailed
-from services.notifications.adapters.at_rest import AtRestCipher, AtRestIntegrityError, AtRestKeyError
+from services.notifications.adapters.at_rest import (
+    AtRestCipher,
+    AtRestIntegrityError,
+    AtRestKeyError,
+    associated_data,
+)
 from services.notifications.domain import InvalidRequestError, Notification, SealedEmail
 from services.notifications.fakes import MemoryUnitOfWork
 from services.notifications.handlers import (
@@ -197,7 +204,7 @@ def test_a_different_key_cannot_open_the_email(world: World, tmp_path: Path) -> 
         other.decrypt(SealedEmail(other.key_id, sealed.blob), "alice")
 
 
-@pytest.mark.parametrize("tamper", ["flip", "truncate", "other_row"])
+@pytest.mark.parametrize("tamper", ["flip", "truncate", "truncate_into_the_nonce", "other_row"])
 def test_a_tampered_or_moved_ciphertext_is_refused(world: World, tamper: str) -> None:
     world.open("acc-1", "alice", ALICE_EMAIL)
     sealed = world.uow.notifications.emails["alice"]
@@ -206,6 +213,8 @@ def test_a_tampered_or_moved_ciphertext_is_refused(world: World, tamper: str) ->
         blob = blob[:-1] + bytes([blob[-1] ^ 1])
     elif tamper == "truncate":
         blob = blob[:20]
+    elif tamper == "truncate_into_the_nonce":
+        blob = blob[:4]
     else:
         recipient = "bob"  # alice's sealed address copied into bob's row
     with pytest.raises(AtRestIntegrityError):
@@ -218,11 +227,64 @@ def test_the_at_rest_key_is_private_never_replaced_and_a_missing_one_is_named(tm
         AtRestCipher(key_file)
     AtRestCipher.generate(key_file)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(key_file.read_bytes()) == 32, "AES-256"
     with pytest.raises(AtRestKeyError, match="refusing"):
         AtRestCipher.generate(key_file)
     key_file.chmod(0o644)
     with pytest.raises(AtRestKeyError, match="0600"):
         AtRestCipher(key_file)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o610, 0o604, 0o602], ids=oct)
+def test_an_at_rest_key_that_group_or_others_can_reach_is_refused(tmp_path: Path, mode: int) -> None:
+    """Writable is as bad as readable: whoever can replace the key can make the service seal under theirs."""
+    key_file = tmp_path / "at-rest.key"
+    AtRestCipher.generate(key_file)
+    key_file.chmod(mode)
+    with pytest.raises(AtRestKeyError, match="0600"):
+        AtRestCipher(key_file)
+
+
+@pytest.mark.parametrize("length", [0, 16, 31, 33])
+def test_an_at_rest_key_of_another_length_is_refused(tmp_path: Path, length: int) -> None:
+    """16 or 24 bytes would pass for an AES key and quietly weaken it to AES-128 or AES-192."""
+    key_file = tmp_path / "at-rest.key"
+    write_private(key_file, bytes(length))
+    with pytest.raises(AtRestKeyError, match="is not a 32-byte AES key"):
+        AtRestCipher(key_file)
+
+
+def test_a_sealed_address_is_a_nonce_then_aes_gcm_under_the_documented_aad(tmp_path: Path) -> None:
+    """Every row already written was sealed this way: a change of layout would make them all unreadable."""
+    key_file = tmp_path / "at-rest.key"
+    cipher = AtRestCipher.generate(key_file)
+    sealed = cipher.encrypt(ALICE_EMAIL, "alice")
+    aad = b"bastion.notifications.recipients.email\x00" + b"\x00\x00\x00\x05alice" + b"\x00\x00\x00\x18"
+    aad += cipher.key_id.encode()  # "at-rest/" and 16 hex digits: 24 bytes
+    assert associated_data("alice", cipher.key_id) == aad
+    assert len(sealed.blob) == 12 + len(ALICE_EMAIL) + 16
+    nonce, ciphertext = sealed.blob[:12], sealed.blob[12:]
+    assert AESGCM(key_file.read_bytes()).decrypt(nonce, ciphertext, aad) == ALICE_EMAIL.encode()
+
+
+def test_the_key_id_is_derived_from_the_key_and_stable(tmp_path: Path) -> None:
+    """Rows name their key by this id: a new derivation would strand them all; it must not reveal the key."""
+    key_file = tmp_path / "at-rest.key"
+    write_private(key_file, bytes(range(32)))
+    assert AtRestCipher(key_file).key_id == "at-rest/2ff28e54e0d1fe2c"
+
+
+def test_sealing_the_same_address_twice_uses_a_fresh_nonce(tmp_path: Path) -> None:
+    """A GCM nonce repeated under one key gives away the XOR of the plaintexts and lets tags be forged."""
+    cipher = AtRestCipher.generate(tmp_path / "at-rest.key")
+    first, second = cipher.encrypt(ALICE_EMAIL, "alice"), cipher.encrypt(ALICE_EMAIL, "alice")
+    assert first.blob[:12] != second.blob[:12] and first.blob != second.blob
+
+
+@pytest.mark.parametrize("text", ["", "a", ALICE_EMAIL, "zoë@exämple.org"])
+def test_any_text_opens_as_it_was_sealed(tmp_path: Path, text: str) -> None:
+    cipher = AtRestCipher.generate(tmp_path / "at-rest.key")
+    assert cipher.decrypt(cipher.encrypt(text, "alice"), "alice") == text
 
 
 def test_without_the_data_key_the_notification_is_made_but_no_email_kept(world: World) -> None:
