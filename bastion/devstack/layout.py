@@ -22,23 +22,28 @@ class StateLayout:
         return self.root / "pki"
 
     @property
+    def keys_dir(self) -> Path:
+        """Every key of the install: signing, data, at-rest and backup keys, each kind in a folder of its own."""
+        return self.root / "keys"
+
+    @property
     def event_keys_dir(self) -> Path:
         """Producers' Ed25519 signing keys and the trust store (see bastion.events.keys)."""
-        return self.root / "keys" / "events"
+        return self.keys_dir / "events"
 
     @property
     def data_keys_dir(self) -> Path:
         """Per-topic AES data keys: `issuer/` holds them all, `SERVICE/` the copies SERVICE is entitled to."""
-        return self.root / "keys" / "data"
+        return self.keys_dir / "data"
 
     def at_rest_key(self, service: str) -> Path:
         """SERVICE's AES key for personal data it stores in its database, kept outside that database."""
-        return self.root / "keys" / "at-rest" / f"{service}.key"
+        return self.keys_dir / "at-rest" / f"{service}.key"
 
     @property
     def backup_keys_dir(self) -> Path:
         """The age identity and recipient, and the Ed25519 key, of encrypted backups (bastion.devstack.backups)."""
-        return self.root / "keys" / "backup"
+        return self.keys_dir / "backup"
 
     @property
     def backups_dir(self) -> Path:
@@ -86,8 +91,8 @@ class StateLayout:
         its data folder, but nothing in it can be listed or read by others."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o711)  # noqa: S103 - traverse only, see docstring
-        for folder in (self.pki_dir, self.run_dir, self.log_dir, self.conf_dir, self.dist_dir,
-                       self.audit_checkpoints_file.parent):
+        for folder in (self.pki_dir, self.keys_dir, self.event_keys_dir, self.data_keys_dir, self.run_dir,
+                       self.log_dir, self.conf_dir, self.dist_dir, self.audit_checkpoints_file.parent):
             folder.mkdir(exist_ok=True)
             os.chmod(folder, 0o700)
         self.data_dir.mkdir(exist_ok=True)

@@ -1,0 +1,38 @@
+"""The state folder's modes: the root and the data folder traversable only (a dropped-privilege PostgreSQL reaches
+its data through them), every other folder the install makes owner-only, keys above all."""
+
+import stat
+from pathlib import Path
+
+from bastion.devstack.layout import StateLayout
+from bastion.events.field_crypto import DataKeyRing
+from bastion.events.keys import KeyRing
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_every_folder_of_a_new_install_but_the_traversable_two_is_owner_only(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path / "state")
+    layout.ensure()
+    KeyRing(layout.event_keys_dir).ensure(["accounts"])
+    DataKeyRing(layout.data_keys_dir / "issuer").rotate("accounts.events.v1")
+    assert mode(layout.root) == mode(layout.data_dir) == 0o711
+    folders = [path for path in layout.root.rglob("*") if path.is_dir() and path != layout.data_dir]
+    assert {layout.keys_dir, layout.event_keys_dir, layout.data_keys_dir} <= set(folders)
+    # Another user can reach a folder only through folders it may traverse: one owner-only folder on the way
+    # closes everything below it.
+    reachable = [path for path in folders
+                 if all(mode(folder) & 0o011 for folder in [path, *path.parents] if layout.root in folder.parents)]
+    assert reachable == []
+    assert mode(layout.keys_dir) == 0o700
+
+
+def test_a_keys_folder_an_older_install_left_open_is_closed_again(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path / "state")
+    layout.ensure()
+    for folder in (layout.keys_dir, layout.event_keys_dir, layout.data_keys_dir):
+        folder.chmod(0o755)
+    layout.ensure()
+    assert mode(layout.keys_dir) == mode(layout.event_keys_dir) == mode(layout.data_keys_dir) == 0o700
