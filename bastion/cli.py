@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from pydantic import ValidationError
@@ -44,6 +44,8 @@ from bastion.trail import trail
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
 
+
+Command = Callable[[argparse.Namespace], int]
 
 def _stack(quiet: bool = False) -> Stack:
     def progress(message: str) -> None:
@@ -306,6 +308,50 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_keys_list(args: argparse.Namespace) -> int:
+    listed = _stack(quiet=True).data_keys().listing()
+    if not listed:
+        raise DevstackError("no data keys yet", "run `make setup` (or `bastion setup`) first")
+    table = Table("topic", "state", "created", "held by")
+    table.add_column("key id", overflow="fold")
+    for key in listed:
+        table.add_row(key.topic, key.state, key.created_at[:19], ", ".join(key.holders) or "-", key.key_id)
+    console.print(table)
+    return 0
+
+
+def cmd_data_keys_rotate(args: argparse.Namespace) -> int:
+    key_id = _stack(quiet=True).data_keys().rotate(args.topic)
+    console.print(f"personal fields of {args.topic} are sealed under {key_id} from now on (running services read "
+                  "their keys on every use); fields sealed before still open with the previous key until it is retired")
+    return 0
+
+
+def cmd_data_keys_retire(args: argparse.Namespace) -> int:
+    stack = _stack(quiet=True)
+    keys = stack.data_keys()
+    state = keys.issuer.states(args.topic).get(args.key_id) if args.topic in keys.personal.topics else None
+    if state is None:
+        errors.print(f"bastion keys data retire: {args.topic} has no data key {args.key_id}")
+        return 2
+    if state == "active":
+        errors.print(f"bastion keys data retire: {args.key_id} is the active key of {args.topic}: rotate before "
+                     "retiring it")
+        return 2
+    if not args.force and state != "retired":
+        unread = [where for producer in keys.personal.topics[args.topic].producers
+                  for where in unread_by_consumers(stack, producer)]
+        if unread:
+            errors.print(f"bastion keys data retire: not retired: consumers have not read everything of "
+                         f"{args.topic} so far ({', '.join(unread)}); fields sealed under {args.key_id} may be among "
+                         "them and could no longer be opened\n  -> retire once they have caught up, or add --force")
+            return 2
+    keys.retire(args.topic, args.key_id)
+    console.print(f"{args.key_id} retired: deleted from the issuer and from every service's copy; the fields sealed "
+                  "under it, in Kafka and in the audit log, can no longer be read by anyone (crypto-shredding)")
+    return 0
+
+
 def cmd_backup_create(args: argparse.Namespace) -> int:
     started = time.monotonic()
     folder = backups.create(_stack(quiet=True).context(), args.database or None)
@@ -492,19 +538,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only audit records of the last MINUTES (default: the whole log, looked up by its index)")
     follow.add_argument("--limit", type=int, default=500, help="at most this many audit records (default 500)")
     follow.set_defaults(func=cmd_trail)
-    keys = sub.add_parser("keys", help="event signing keys: list, rotate, retire").add_subparsers(
-        dest="keys_command", required=True)
-    keys.add_parser("list", help="every producer's keys and their state").set_defaults(func=cmd_keys_list)
-    rotate = keys.add_parser("rotate", help="give PRODUCER a new signing key")
-    rotate.add_argument("producer")
-    rotate.set_defaults(func=cmd_keys_rotate)
-    retire = keys.add_parser("retire", help="stop verifying KEY_ID of PRODUCER")
-    retire.add_argument("producer")
-    retire.add_argument("key_id")
-    retire.add_argument("--force", action="store_true",
-                        help="retire without waiting for the consumers to read what the producer wrote so far")
-    retire.set_defaults(func=cmd_keys_retire)
+    keys = sub.add_parser("keys", help="event signing keys (and `keys data`: data keys): list, rotate, retire"
+                          ).add_subparsers(dest="keys_command", required=True)
+    _key_commands(keys, "producer", cmd_keys_list, cmd_keys_rotate, cmd_keys_retire, (
+        "every producer's keys and their state", "give PRODUCER a new signing key",
+        "stop verifying KEY_ID of PRODUCER",
+        "retire without waiting for the consumers to read what the producer wrote so far"))
+    data = keys.add_parser("data", help="data keys of personal fields: list, rotate, retire").add_subparsers(
+        dest="data_keys_command", required=True)
+    _key_commands(data, "topic", cmd_data_keys_list, cmd_data_keys_rotate, cmd_data_keys_retire, (
+        "every topic's data keys, their state and who holds them",
+        "seal TOPIC's personal fields under a new data key",
+        "delete KEY_ID of TOPIC everywhere: crypto-shreds what it sealed",
+        "retire without waiting for the consumers to read what was sealed so far"))
     return parser
+
+
+def _key_commands(parsers: Any, owner: str, listing: Command, rotating: Command, retiring: Command,
+                  helps: tuple[str, str, str, str]) -> None:
+    """`list`, `rotate OWNER` and `retire OWNER KEY_ID [--force]` under PARSERS, with their HELPS in that order (the
+    last for --force)."""
+    parsers.add_parser("list", help=helps[0]).set_defaults(func=listing)
+    rotate = parsers.add_parser("rotate", help=helps[1])
+    rotate.add_argument(owner)
+    rotate.set_defaults(func=rotating)
+    retire = parsers.add_parser("retire", help=helps[2])
+    retire.add_argument(owner)
+    retire.add_argument("key_id")
+    retire.add_argument("--force", action="store_true", help=helps[3])
+    retire.set_defaults(func=retiring)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

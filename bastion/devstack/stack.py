@@ -16,6 +16,7 @@ from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.components.redis import ADMIN_USER, Redis
 from bastion.devstack.components.service import built_services, service_component
 from bastion.devstack.context import StackContext
+from bastion.devstack.data_keys import DataKeys
 from bastion.devstack.distributions import fetch, load_distributions, relocked
 from bastion.devstack.errors import ComponentStartError
 from bastion.devstack.event_access import EventAccessPolicy, load_policy
@@ -31,7 +32,6 @@ from bastion.devstack.prerequisites import (
 )
 from bastion.devstack.process import ProcessSupervisor, wait_until
 from bastion.devstack.secrets import SecretNeeds, ensure_credentials, load_credentials
-from bastion.events.field_crypto import DataKeyRing
 from bastion.events.keys import KeyRing
 from bastion.events.personal_data import load_personal_data
 from bastion.events.trust import load_trust_policy
@@ -104,17 +104,13 @@ class Stack:
 
     def _distribute_data_keys(self, policy: EventAccessPolicy) -> None:
         """Give each service a copy of exactly the data keys of infra/personal-data.yaml it is entitled to."""
-        personal = load_personal_data(self.settings.infra_dir / "personal-data.yaml", policy)
-        issuer = DataKeyRing(self.layout.data_keys_dir / "issuer")
-        issuer.ensure(sorted(personal.topics))
-        for service in self.service_names:
-            entitled = personal.key_topics(service)
-            for topic in entitled:
-                issuer.export_to(self.layout.data_keys_dir / service, topic)
-            held = self.layout.data_keys_dir / service
-            for folder in held.iterdir() if held.exists() else []:
-                if folder.name not in entitled:  # no longer entitled: the copy goes
-                    shutil.rmtree(folder)
+        self.data_keys(policy).ensure()
+
+    def data_keys(self, policy: EventAccessPolicy | None = None) -> DataKeys:
+        """The install's data keys of personal fields (bastion/devstack/data_keys.py)."""
+        access = policy or load_policy(self.settings.infra_dir / "event-access.yaml", set(self.service_names))
+        personal = load_personal_data(self.settings.infra_dir / "personal-data.yaml", access)
+        return DataKeys(self.layout, personal, self.service_names)
 
     def _ensure_at_rest_keys(self) -> None:
         """One AES-256 key per service for the personal data it keeps at rest; never replaced once made,

@@ -112,6 +112,10 @@ class DataKeyRing:
         """Every key id this ring has recorded for TOPIC, with its state."""
         return {key_id: _state(entry) for key_id, entry in self._load_index(topic).items()}
 
+    def created(self, topic: str) -> dict[str, str]:
+        """Every key id this ring has recorded for TOPIC, with when it was made (ISO 8601, UTC)."""
+        return {key_id: str(entry.get("created_at", "")) for key_id, entry in self._load_index(topic).items()}
+
     def ensure(self, topics: list[str]) -> None:
         """Give every topic that has no active key a first one (idempotent)."""
         for topic in topics:

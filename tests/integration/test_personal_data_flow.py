@@ -1,6 +1,7 @@
 """The address a customer gives when opening an account, through the running services: accounts seals it for
 the topic's entitled reader, notifications alone reads it and keeps it sealed at rest, and neither the Kafka record
-nor the audit log ever holds it in clear. A malformed address is refused and opens nothing."""
+nor the audit log ever holds it in clear. A malformed address is refused and opens nothing. The topic's data key
+rotated and retired on the running platform (`bastion keys data`)."""
 
 import time
 import uuid
@@ -21,8 +22,10 @@ from services.accounts.handlers import OWNER_EMAIL
 from services.notifications.adapters.at_rest import AtRestCipher
 from services.notifications.domain import SealedEmail
 from tests.integration.bank import Bank, signed_events
+from tests.integration.conftest import bastion
 
 TOPIC = "accounts.events.v1"
+WIDE = {"COLUMNS": "400"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,40 @@ def test_the_address_travels_sealed_and_only_notifications_reads_it(bank: Bank, 
     for row in rows:
         assert all(address.encode() not in (value if isinstance(value, bytes) else str(value).encode())
                    for value in row if value is not None), f"seq {row.seq} holds the address"
+
+
+def test_a_rotated_data_key_seals_the_next_address_and_retiring_the_old_one_shreds_what_it_sealed(
+        bank: Bank, ctx: StackContext) -> None:
+    """`bastion keys data` on the running platform: no service restarts, notifications reads the address sealed
+    under the new key, and once the old key is retired nobody can open what it sealed (crypto-shredding)."""
+    reader = DataKeyRing(ctx.layout.data_keys_dir / "notifications")
+    before = f"dora.{uuid.uuid4().hex[:10]}@example.com"
+    first = bank.open_account("bob", notification_email=before)
+    [opened] = signed_events(ctx, [TOPIC], lambda e: e.envelope.aggregate_id == first
+                             and isinstance(e.payload, account_events.AccountOpened), count=1)
+    old = opened.payload.owner_email.key_id
+    rotated = bastion("keys", "data", "rotate", TOPIC, env=WIDE)
+    assert rotated.returncode == 0, rotated.stderr
+
+    after = f"erin.{uuid.uuid4().hex[:10]}@example.com"
+    second = bank.open_account("bob", notification_email=after)
+    [reopened] = signed_events(ctx, [TOPIC], lambda e: e.envelope.aggregate_id == second
+                               and isinstance(e.payload, account_events.AccountOpened), count=1)
+    new = reopened.payload.owner_email.key_id
+    assert new != old and new in rotated.stdout
+    cipher = AtRestCipher(ctx.layout.at_rest_key("notifications"))
+    deadline = time.monotonic() + 30
+    while (row := sealed_row(ctx, "bob")) is None or cipher.decrypt(row, "bob") != after:
+        assert time.monotonic() < deadline, "notifications never read the address sealed under the new key"
+        time.sleep(0.3)
+
+    retired = bastion("keys", "data", "retire", TOPIC, old, env=WIDE)
+    assert retired.returncode == 0, retired.stderr
+    context = field_context(OWNER_EMAIL, first)
+    for holder in ("issuer", "accounts", "notifications"):
+        with pytest.raises(NotEntitledError):
+            decrypt_field(DataKeyRing(ctx.layout.data_keys_dir / holder), TOPIC, context, opened.payload.owner_email)
+    assert decrypt_field(reader, TOPIC, field_context(OWNER_EMAIL, second), reopened.payload.owner_email) == after
 
 
 @pytest.mark.parametrize("address", ["bob", "bob@@example.com", "bob@localhost", "b\u00f6b@example.com"])
