@@ -155,7 +155,7 @@ class Downstream:
         return reply
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, trace: TraceContext | None,
-                    attempts: "_Attempts") -> T:
+                    attempts: _Attempts) -> T:
         metadata = self.metadata(await self.tokens.token(), trace)
         deadline = time.monotonic() + self.deadline_seconds
 
