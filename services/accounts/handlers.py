@@ -16,18 +16,23 @@ from services.accounts import domain
 from services.accounts.domain import Account, AccountNotFoundError, IdempotencyConflictError
 
 TOPIC = "accounts.events.v1"
-# A calling service the method policy admitted (payments reads who owns a source account).
-SERVICE_ROLE = "service"
-# Roles that may see every account (support investigates, auditors audit, admitted services).
-SEES_ALL = frozenset({"support", "auditor", SERVICE_ROLE})
+# Realm roles that may see every account (support investigates, auditors audit).
+SEES_ALL = frozenset({"support", "auditor"})
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who asks: an end user (username and realm roles) or a calling service."""
+    """Who asks: an end user (username and realm roles) or a calling service the method policy admitted by its
+    certificate and service-account token (payments reads who owns a source account). Being a service is a fact
+    about the caller, never a role: no realm role, whatever its name, makes a user one."""
 
     username: str
     roles: frozenset[str]
+    is_service: bool = False
+
+    @property
+    def sees_all(self) -> bool:
+        return self.is_service or bool(self.roles & SEES_ALL)
 
 
 class AccountsRepository(Protocol):
@@ -61,7 +66,7 @@ def _fingerprint(*parts: object) -> str:
 
 def _visible(account: Account | None, caller: Caller) -> Account:
     """The account if the caller may see it; otherwise NOT_FOUND, so nobody learns which ids exist."""
-    if account is None or (account.owner != caller.username and not caller.roles & SEES_ALL):
+    if account is None or (account.owner != caller.username and not caller.sees_all):
         raise AccountNotFoundError("account not found")
     return account
 
@@ -102,17 +107,19 @@ class AccountsHandlers:
 
     def list_accounts(self, caller: Caller) -> list[Account]:
         with self.unit_of_work() as uow:
-            return uow.accounts.all() if caller.roles & SEES_ALL else uow.accounts.owned_by(caller.username)
+            return uow.accounts.all() if caller.sees_all else uow.accounts.owned_by(caller.username)
 
     def deposit(self, caller: Caller, account_id: str, amount_minor: int, idempotency_key: str) -> Account:
         domain.check_idempotency_key(idempotency_key)
         domain.check_amount(amount_minor)
         fingerprint = _fingerprint("deposit", account_id, amount_minor)
         with self.unit_of_work() as uow:
+            # The row lock first, then the key: the same deposit sent again while the first is running waits for
+            # the lock, and by then the first's key is committed and read as the same request, never inserted twice.
+            account = uow.accounts.lock_in_order([account_id]).get(account_id)
             earlier = uow.accounts.remembered(idempotency_key)
             if earlier is not None:
                 return self._same_request(earlier, fingerprint, uow, account_id)
-            account = uow.accounts.lock_in_order([account_id]).get(account_id)
             if account is None:
                 raise AccountNotFoundError("account not found")
             updated = domain.deposit(account, amount_minor)
@@ -151,6 +158,7 @@ class AccountsHandlers:
         domain.check_idempotency_key(idempotency_key)
         fingerprint = _fingerprint("transfer", from_account_id, to_account_id, amount_minor, currency)
         with self.unit_of_work() as uow:
+            locked = uow.accounts.lock_in_order(sorted({from_account_id, to_account_id}))  # then the key, as deposit
             earlier = uow.accounts.remembered(idempotency_key)
             if earlier is not None:
                 self._same_request(earlier, fingerprint, uow, from_account_id)
@@ -158,7 +166,6 @@ class AccountsHandlers:
                 if source is None or target is None:
                     raise AccountNotFoundError("account not found")
                 return source, target
-            locked = uow.accounts.lock_in_order(sorted({from_account_id, to_account_id}))
             source, target = locked.get(from_account_id), locked.get(to_account_id)
             if source is None or target is None:
                 raise AccountNotFoundError("account not found")

@@ -102,3 +102,58 @@ def test_a_stale_fencing_token_moves_nothing(bank: AccountsHandlers) -> None:
         bank.apply_transfer("paused", source, target, 100, "EUR", 7, "key-paused-holder")
     assert bank.get_account(SUPPORT, source).balance_minor == 400
     assert bank.get_account(SUPPORT, target).balance_minor == 100
+
+
+def test_the_same_deposit_sent_twice_at_once_is_applied_once_and_both_get_its_answer(bank: AccountsHandlers,
+                                                                                     engine: Engine) -> None:
+    """A teller's client retrying while the first attempt is still running: the row lock orders the two, and the
+    second sees the first's idempotency key once it holds the lock (never a unique violation, INTERNAL)."""
+    for round_ in range(5):
+        account_id = bank.open_account(Caller("alice", frozenset({"customer"})), "EUR").account_id
+        key = f"twice-{uuid.uuid4().hex[:12]}"
+        start = threading.Barrier(2)
+        outcomes: list[object] = []
+
+        def deposit(account_id: str = account_id, key: str = key, start: threading.Barrier = start,
+                    outcomes: list[object] = outcomes) -> None:
+            start.wait()
+            try:
+                outcomes.append(bank.deposit(TELLER, account_id, 250, key).balance_minor)
+            except Exception as error:  # the outcome under test, whatever it is
+                outcomes.append(error)
+
+        threads = [threading.Thread(target=deposit) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert outcomes == [250, 250], f"round {round_}: {outcomes}"
+        assert bank.get_account(SUPPORT, account_id).balance_minor == 250
+
+
+def test_one_key_sent_at_once_for_two_accounts_is_a_conflict_for_one_of_them(bank: AccountsHandlers) -> None:
+    """Different rows, so no lock orders them: the key's primary key does, and the loser is told the key was used
+    for another request (FAILED_PRECONDITION), not an internal error; its account is untouched."""
+    for round_ in range(5):
+        accounts_ = [bank.open_account(Caller(name, frozenset({"customer"})), "EUR").account_id
+                     for name in ("alice", "bob")]
+        key = f"shared-{uuid.uuid4().hex[:12]}"
+        start = threading.Barrier(2)
+        outcomes: dict[str, object] = {}
+
+        def deposit(account_id: str, key: str = key, start: threading.Barrier = start,
+                    outcomes: dict[str, object] = outcomes) -> None:
+            start.wait()
+            try:
+                outcomes[account_id] = bank.deposit(TELLER, account_id, 100, key).balance_minor
+            except Exception as error:  # the outcome under test, whatever it is
+                outcomes[account_id] = error
+
+        threads = [threading.Thread(target=deposit, args=(account_id,)) for account_id in accounts_]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(type(outcome).__name__ for outcome in outcomes.values()) == \
+            ["IdempotencyConflictError", "int"], f"round {round_}: {outcomes}"
+        assert sorted(bank.get_account(SUPPORT, account_id).balance_minor for account_id in accounts_) == [0, 100]

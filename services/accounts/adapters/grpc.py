@@ -9,7 +9,7 @@ from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.grpc.context import current_call
 from bastion.grpc.errors import UnauthenticatedError
 from services.accounts.domain import Account
-from services.accounts.handlers import SERVICE_ROLE, AccountsHandlers, Caller
+from services.accounts.handlers import AccountsHandlers, Caller
 
 
 def _caller() -> Caller:
@@ -17,7 +17,7 @@ def _caller() -> Caller:
     if principal is None:  # the interceptor admits no call without one
         raise UnauthenticatedError("no authenticated caller")
     if principal.is_service_account:  # admitted by a `services:` rule of the method policy
-        return Caller(principal.client_id, frozenset({SERVICE_ROLE}))
+        return Caller(principal.client_id, frozenset(), is_service=True)
     return Caller(principal.username or principal.client_id, principal.roles)
 
 

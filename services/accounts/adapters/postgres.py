@@ -22,11 +22,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 
 from bastion.events.outbox import Outbox, OutboxEventSink
 from bastion.migrations import upgrade
-from services.accounts.domain import Account
+from services.accounts.domain import Account, IdempotencyConflictError
 from services.accounts.handlers import TOPIC
+
+UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE for a duplicate key
 
 METADATA = MetaData()
 accounts = Table(
@@ -100,8 +103,14 @@ class PostgresAccounts:
         return (row.fingerprint, bytes(row.response)) if row else None
 
     def remember(self, idempotency_key: str, fingerprint: str, response: bytes) -> None:
-        self.conn.execute(insert(idempotency).values(idempotency_key=idempotency_key, fingerprint=fingerprint,
-                                                     response=response))
+        try:
+            self.conn.execute(insert(idempotency).values(idempotency_key=idempotency_key, fingerprint=fingerprint,
+                                                         response=response))
+        except IntegrityError as error:
+            # Taken meanwhile by a request on other rows (the same rows' lock would have shown it): another request.
+            if getattr(error.orig, "sqlstate", None) == UNIQUE_VIOLATION:
+                raise IdempotencyConflictError("this idempotency key was used for a different request") from None
+            raise
 
 
 @dataclass

@@ -1,10 +1,14 @@
 """The accounts use cases on in-memory adapters: ownership, idempotency, freezing, and fenced transfers."""
 
+from typing import Any
+
 import pytest
 
 from bastion.accounts.v1 import events_pb2
+from services.accounts import domain
 from services.accounts.domain import (
     MAX_MINOR,
+    Account,
     AccountFrozenError,
     AccountNotFoundError,
     CurrencyMismatchError,
@@ -22,6 +26,7 @@ from services.accounts.handlers import OWNER_EMAIL, AccountsHandlers, Caller
 ALICE = Caller("alice", frozenset({"customer"}))
 BOB = Caller("bob", frozenset({"customer"}))
 SAM = Caller("sam", frozenset({"support"}))
+TINA = Caller("tina", frozenset({"teller"}))
 KEY = "key-0001-abcd"
 
 
@@ -44,7 +49,7 @@ def bank(uow: MemoryUnitOfWork, personal: MemoryPersonalData) -> AccountsHandler
 def funded(bank: AccountsHandlers, caller: Caller, amount: int, currency: str = "EUR") -> str:
     account = bank.open_account(caller, currency)
     if amount:
-        bank.deposit(Caller("tina", frozenset({"teller"})), account.account_id, amount, f"fund-{account.account_id}")
+        bank.deposit(TINA, account.account_id, amount, f"fund-{account.account_id}")
     return account.account_id
 
 
@@ -53,6 +58,7 @@ def test_open_account_is_the_callers_and_emits_an_event(bank: AccountsHandlers, 
     assert (account.owner, account.currency, account.balance_minor) == ("alice", "EUR", 0)
     [(event, aggregate)] = uow.events.emitted
     assert isinstance(event, events_pb2.AccountOpened) and aggregate == account.account_id
+    assert (event.account_id, event.owner, event.currency) == (account.account_id, "alice", "EUR")
 
 
 def test_a_notification_address_leaves_only_sealed_in_the_event(
@@ -87,7 +93,7 @@ def test_a_notification_address_that_is_not_one_is_refused_and_nothing_is_opened
 
 
 def test_unknown_currency_is_refused(bank: AccountsHandlers) -> None:
-    with pytest.raises(UnknownCurrencyError, match="'XXX'"):
+    with pytest.raises(UnknownCurrencyError, match="currency 'XXX' is not one of"):
         bank.open_account(ALICE, "XXX")
 
 
@@ -122,7 +128,17 @@ def test_transfer_locks_in_sorted_order_and_moves_money(bank: AccountsHandlers, 
     debited, credited = bank.apply_transfer("t1", source, target, 300, "EUR", fencing_token=1, idempotency_key=KEY)
     assert (debited.balance_minor, credited.balance_minor) == (700, 300)
     assert uow.accounts.lock_orders[-1] == sorted([source, target])
-    assert isinstance(uow.events.emitted[-1][0], events_pb2.TransferApplied)
+    event, aggregate = uow.events.emitted[-1]
+    assert isinstance(event, events_pb2.TransferApplied) and aggregate == source, "keyed by the debited account"
+    assert (
+        event.transfer_id,
+        event.from_account_id,
+        event.to_account_id,
+        event.amount_minor,
+        event.currency,
+        event.fencing_token,
+        event.idempotency_key,
+    ) == ("t1", source, target, 300, "EUR", 1, KEY)
 
 
 def test_the_same_transfer_twice_moves_money_once(bank: AccountsHandlers) -> None:
@@ -134,11 +150,12 @@ def test_the_same_transfer_twice_moves_money_once(bank: AccountsHandlers) -> Non
         bank.apply_transfer("t1", source, target, 999, "EUR", 3, KEY)
 
 
-def test_a_stale_fencing_token_is_rejected_and_nothing_moves(bank: AccountsHandlers) -> None:
+@pytest.mark.parametrize("stale", [6, 7])
+def test_a_stale_fencing_token_is_rejected_and_nothing_moves(bank: AccountsHandlers, stale: int) -> None:
     source, target = funded(bank, ALICE, 1000), funded(bank, BOB, 0)
     bank.apply_transfer("t2", source, target, 100, "EUR", fencing_token=7, idempotency_key="key-second-holder")
-    with pytest.raises(StaleFencingTokenError):
-        bank.apply_transfer("t1", source, target, 100, "EUR", fencing_token=6, idempotency_key="key-paused-holder")
+    with pytest.raises(StaleFencingTokenError, match="not newer than 7"):
+        bank.apply_transfer("t1", source, target, 100, "EUR", fencing_token=stale, idempotency_key="key-paused-holder")
     assert bank.get_account(SAM, source).balance_minor == 900
 
 
@@ -160,8 +177,222 @@ def test_transfers_that_break_a_rule_change_nothing(bank: AccountsHandlers, uow:
     assert uow.accounts.rows == before
 
 
-@pytest.mark.parametrize("key", ["short", "x" * 101, "has space", "deposit-0001\n", "dépôt-0001", ""])
+@pytest.mark.parametrize("key", ["short", "x" * 7, "x" * 101, "has space", "deposit-0001\n", "dépôt-0001", ""])
 def test_an_idempotency_key_is_refused_unless_it_is_8_to_100_safe_characters(key: str) -> None:
     with pytest.raises(InvalidRequestError, match="idempotency_key must be 8 to 100 characters"):
         check_idempotency_key(key)
-    check_idempotency_key("deposit-0001:a.b_c")
+    for good in ("deposit-0001:a.b_c", "x" * 8, "x" * 100):
+        check_idempotency_key(good)
+
+
+def test_a_customer_sees_and_lists_exactly_their_own_accounts(bank: AccountsHandlers) -> None:
+    mine, theirs, also_mine = funded(bank, ALICE, 0), funded(bank, BOB, 0), funded(bank, ALICE, 0)
+    assert bank.get_account(ALICE, mine).account_id == mine
+    assert [a.account_id for a in bank.list_accounts(ALICE)] == [mine, also_mine]
+    with pytest.raises(AccountNotFoundError):
+        bank.get_account(ALICE, theirs)
+
+
+@pytest.mark.parametrize("name", ["ALICE", "malice", "alice2"])
+def test_a_name_that_only_resembles_the_owners_is_another_customer(bank: AccountsHandlers, name: str) -> None:
+    lookalike = Caller(name, frozenset({"customer"}))
+    alices, theirs = funded(bank, ALICE, 0), funded(bank, lookalike, 0)
+    with pytest.raises(AccountNotFoundError):
+        bank.get_account(lookalike, alices)
+    with pytest.raises(AccountNotFoundError):
+        bank.get_account(ALICE, theirs)
+    assert bank.get_account(lookalike, theirs).owner == name, "owned under the exact name the caller has"
+
+
+@pytest.mark.parametrize(
+    ("roles", "is_service", "sees_all"),
+    [
+        ({"support"}, False, True),
+        ({"auditor"}, False, True),
+        (set(), True, True),
+        ({"customer"}, False, False),
+        ({"customer", "teller"}, False, False),
+        ({"customer", "admin"}, False, False),
+        ({"service"}, False, False),  # a realm role that merely bears the name: the user is no service
+        ({"customer", "service", "services"}, False, False),
+    ],
+)
+def test_only_support_auditors_and_calling_services_see_every_account(
+    bank: AccountsHandlers, roles: set[str], is_service: bool, sees_all: bool
+) -> None:
+    account_id = funded(bank, ALICE, 0)
+    caller = Caller("someone", frozenset(roles), is_service=is_service)
+    if sees_all:
+        assert bank.get_account(caller, account_id).owner == "alice"
+        assert [a.account_id for a in bank.list_accounts(caller)] == [account_id]
+    else:
+        with pytest.raises(AccountNotFoundError):
+            bank.get_account(caller, account_id)
+        assert bank.list_accounts(caller) == []
+
+
+def test_a_deposit_adds_to_the_balance_and_announces_the_new_one_once(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork
+) -> None:
+    account_id = funded(bank, ALICE, 1000)
+    assert bank.deposit(TINA, account_id, 250, KEY).balance_minor == 1250
+    assert uow.accounts.lock_orders[-1] == [account_id], "the row is locked: concurrent writes to it wait"
+    assert bank.get_account(ALICE, account_id).balance_minor == 1250
+    event, aggregate = uow.events.emitted[-1]
+    assert isinstance(event, events_pb2.MoneyDeposited) and aggregate == account_id
+    assert (event.account_id, event.amount_minor, event.currency, event.balance_minor, event.idempotency_key) == (
+        account_id,
+        250,
+        "EUR",
+        1250,
+        KEY,
+    )
+    announced = len(uow.events.emitted)
+    bank.deposit(TINA, account_id, 250, KEY)
+    assert len(uow.events.emitted) == announced, "a repeated request is not announced again"
+
+
+def test_a_frozen_account_takes_no_deposit(bank: AccountsHandlers, uow: MemoryUnitOfWork) -> None:
+    account_id = funded(bank, ALICE, 100)
+    bank.freeze_account(SAM, account_id, "investigation")
+    with pytest.raises(AccountFrozenError):
+        bank.deposit(TINA, account_id, 50, KEY)
+    assert uow.accounts.rows[account_id].balance_minor == 100 and KEY not in uow.accounts.keys
+
+
+def test_a_balance_may_reach_the_largest_amount_and_no_deposit_takes_it_beyond(bank: AccountsHandlers) -> None:
+    account_id = funded(bank, ALICE, MAX_MINOR - 10)
+    assert bank.deposit(TINA, account_id, 10, "key-to-the-top").balance_minor == MAX_MINOR
+    with pytest.raises(InvalidAmountError, match="beyond the largest amount"):
+        bank.deposit(TINA, account_id, 1, KEY)
+    assert bank.get_account(SAM, account_id).balance_minor == MAX_MINOR
+
+
+def test_a_deposit_into_an_unknown_account_is_not_found_and_leaves_no_trace(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork
+) -> None:
+    with pytest.raises(AccountNotFoundError):
+        bank.deposit(TINA, "acc-does-not-exist", 100, KEY)
+    assert uow.accounts.keys == {} and uow.events.emitted == []
+
+
+def test_a_bad_amount_is_invalid_before_the_key_or_the_account_is_looked_at(bank: AccountsHandlers) -> None:
+    account_id = funded(bank, ALICE, 0)
+    bank.deposit(TINA, account_id, 500, KEY)
+    with pytest.raises(InvalidAmountError, match="amount_minor"):
+        bank.deposit(TINA, account_id, 0, KEY)  # not an idempotency conflict: the request itself is wrong
+    with pytest.raises(InvalidAmountError, match="amount_minor"):
+        bank.deposit(TINA, "acc-does-not-exist", -1, "key-unknown-account")
+
+
+@pytest.mark.parametrize("amount", [0, -1])
+def test_the_deposit_rule_itself_refuses_an_amount_that_is_not_positive(amount: int) -> None:
+    with pytest.raises(InvalidAmountError, match="amount_minor must be positive"):
+        domain.deposit(Account("acc-1", "alice", "EUR", 100), amount)
+
+
+def test_a_malformed_idempotency_key_is_refused_before_any_money_moves(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork
+) -> None:
+    source, target = funded(bank, ALICE, 1000), funded(bank, BOB, 0)
+    before, keys = dict(uow.accounts.rows), dict(uow.accounts.keys)
+    with pytest.raises(InvalidRequestError, match="idempotency_key"):
+        bank.deposit(TINA, source, 100, "short")
+    with pytest.raises(InvalidRequestError, match="idempotency_key"):
+        bank.apply_transfer("t1", source, target, 100, "EUR", 1, "short")
+    assert uow.accounts.rows == before and uow.accounts.keys == keys
+
+
+def test_a_deposit_key_reused_for_another_account_conflicts(bank: AccountsHandlers) -> None:
+    first, second = funded(bank, ALICE, 0), funded(bank, BOB, 0)
+    bank.deposit(TINA, first, 500, KEY)
+    with pytest.raises(IdempotencyConflictError):
+        bank.deposit(TINA, second, 500, KEY)
+    assert bank.get_account(SAM, second).balance_minor == 0
+
+
+@pytest.mark.parametrize("change", ["source", "target", "amount", "currency"])
+def test_a_transfer_key_reused_for_another_transfer_conflicts_and_moves_nothing(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork, change: str
+) -> None:
+    source, target, other = funded(bank, ALICE, 1000), funded(bank, BOB, 0), funded(bank, ALICE, 1000)
+    bank.apply_transfer("t1", source, target, 300, "EUR", 1, KEY)
+    changed: dict[str, dict[str, Any]] = {
+        "source": {"from_account_id": other},
+        "target": {"to_account_id": other},
+        "amount": {"amount_minor": 301},
+        "currency": {"currency": "USD"},
+    }
+    same: dict[str, Any] = {"from_account_id": source, "to_account_id": target, "amount_minor": 300, "currency": "EUR"}
+    before = dict(uow.accounts.rows)
+    with pytest.raises(IdempotencyConflictError):
+        bank.apply_transfer("t2", fencing_token=2, idempotency_key=KEY, **(same | changed[change]))
+    assert uow.accounts.rows == before
+
+
+@pytest.mark.parametrize("reason", ["", "   ", "\n\t"])
+def test_freezing_needs_a_reason(bank: AccountsHandlers, uow: MemoryUnitOfWork, reason: str) -> None:
+    account_id = funded(bank, ALICE, 0)
+    with pytest.raises(InvalidRequestError, match="reason"):
+        bank.freeze_account(SAM, account_id, reason)
+    assert not uow.accounts.rows[account_id].frozen
+    assert not any(isinstance(event, events_pb2.AccountFrozen) for event, _ in uow.events.emitted)
+
+
+def test_freezing_an_unknown_account_is_not_found(bank: AccountsHandlers, uow: MemoryUnitOfWork) -> None:
+    with pytest.raises(AccountNotFoundError):
+        bank.freeze_account(SAM, "acc-does-not-exist", "investigation")
+    assert uow.events.emitted == []
+
+
+def test_a_freeze_is_recorded_in_an_event_with_its_reason_bounded(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork
+) -> None:
+    account_id = funded(bank, ALICE, 0)
+    assert bank.freeze_account(SAM, account_id, "r" * 600).frozen
+    assert uow.accounts.lock_orders[-1] == [account_id], "the row is locked: a transfer from it waits"
+    event, aggregate = uow.events.emitted[-1]
+    assert isinstance(event, events_pb2.AccountFrozen) and aggregate == account_id
+    assert (event.account_id, event.reason) == (account_id, "r" * 500)
+
+
+@pytest.mark.parametrize("amount", [0, -50, MAX_MINOR + 1])
+def test_a_transfer_of_an_amount_that_is_not_positive_or_too_large_is_invalid(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork, amount: int
+) -> None:
+    source, target = funded(bank, ALICE, 100), funded(bank, BOB, 100)
+    before = dict(uow.accounts.rows)
+    with pytest.raises(InvalidAmountError, match="amount_minor"):
+        bank.apply_transfer("t", source, target, amount, "EUR", 1, KEY)
+    assert uow.accounts.rows == before
+
+
+def test_a_transfer_in_an_unknown_currency_is_invalid_and_names_it(bank: AccountsHandlers) -> None:
+    source, target = funded(bank, ALICE, 100), funded(bank, BOB, 0)
+    with pytest.raises(UnknownCurrencyError, match="'XXX'"):
+        bank.apply_transfer("t", source, target, 50, "XXX", 1, KEY)
+
+
+def test_a_transfer_from_an_account_in_another_currency_is_refused(
+    bank: AccountsHandlers, uow: MemoryUnitOfWork
+) -> None:
+    source, target = funded(bank, ALICE, 100, currency="USD"), funded(bank, BOB, 0)
+    before = dict(uow.accounts.rows)
+    with pytest.raises(CurrencyMismatchError, match=f"account {source} is in USD"):
+        bank.apply_transfer("t", source, target, 50, "EUR", 1, KEY)
+    assert uow.accounts.rows == before
+
+
+def test_the_whole_balance_may_be_sent_and_the_destination_may_reach_the_largest_amount(
+    bank: AccountsHandlers,
+) -> None:
+    source, target = funded(bank, ALICE, 1000), funded(bank, BOB, MAX_MINOR - 1000)
+    debited, credited = bank.apply_transfer("t", source, target, 1000, "EUR", 1, KEY)
+    assert (debited.balance_minor, credited.balance_minor) == (0, MAX_MINOR)
+
+
+def test_opposite_transfers_lock_the_same_rows_in_the_same_order(bank: AccountsHandlers, uow: MemoryUnitOfWork) -> None:
+    first, second = funded(bank, ALICE, 1000), funded(bank, BOB, 1000)
+    bank.apply_transfer("t1", first, second, 100, "EUR", 1, "key-forward-1")
+    bank.apply_transfer("t2", second, first, 100, "EUR", 1, "key-backward-1")
+    assert uow.accounts.lock_orders[-2:] == [sorted([first, second])] * 2

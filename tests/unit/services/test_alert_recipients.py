@@ -65,3 +65,18 @@ def test_what_a_refused_event_claimed_is_bounded_and_printable_in_the_text() -> 
     [draft] = alert_drafts(alert(counted_by="producer", key="evil\n\x1b[2Jproducer" + "x" * 500), ("ada",))
     assert "\n" not in draft.text and "\x1b" not in draft.text
     assert "x" * 200 not in draft.text
+
+
+def test_every_text_an_alert_carries_is_printable_in_the_notification() -> None:
+    [draft] = alert_drafts(
+        alert(
+            severity="warning\n",
+            rule="permission-probing\x1b[2J",
+            counted_by="principal\r",
+            description="one caller denied\x07 again",
+        ),
+        ("ada",),
+    )
+    assert draft.text.isprintable(), draft.text
+    assert draft.text.startswith("Security alert (warning\ufffd) permission-probing\ufffd[2J: principal\ufffd 'alice'")
+    assert draft.text.endswith("one caller denied\ufffd again")

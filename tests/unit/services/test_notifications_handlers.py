@@ -3,6 +3,7 @@ stream, and the owner's e-mail kept only as ciphertext under a key outside the s
 
 import asyncio
 import dataclasses
+import datetime as dt
 import stat
 import uuid
 from pathlib import Path
@@ -25,8 +26,8 @@ from services.notifications.adapters.at_rest import (
     AtRestKeyError,
     associated_data,
 )
-from services.notifications.domain import InvalidRequestError, Notification, SealedEmail
-from services.notifications.fakes import MemoryUnitOfWork
+from services.notifications.domain import Draft, InvalidRequestError, Notification, SealedEmail, StreamExpiredError
+from services.notifications.fakes import MemoryNotifications, MemoryUnitOfWork
 from services.notifications.handlers import (
     ACCOUNTS_TOPIC,
     OWNER_EMAIL,
@@ -47,10 +48,18 @@ class World:
     accounts_keys: DataKeyRing
     cipher: AtRestCipher
 
-    def apply(self, payload: Message, aggregate_id: str = "agg", producer: str = "accounts") -> list[Notification]:
+    def apply(
+        self, payload: Message, aggregate_id: str = "agg", producer: str = "accounts", event_id: str = ""
+    ) -> list[Notification]:
         """As the verifying consumer does: the effect inside one transaction."""
-        envelope = Envelope(event_id=str(uuid.uuid4()), event_type=payload.DESCRIPTOR.full_name,
-                            aggregate_id=aggregate_id, sequence=1, correlation_id="test", producer=producer)
+        envelope = Envelope(
+            event_id=event_id or str(uuid.uuid4()),
+            event_type=payload.DESCRIPTOR.full_name,
+            aggregate_id=aggregate_id,
+            sequence=1,
+            correlation_id="test",
+            producer=producer,
+        )
         with self.uow() as tx:
             return self.handlers.on_event(tx, VerifiedEvent(envelope, payload))
 
@@ -79,16 +88,18 @@ def told(notifications: list[Notification]) -> list[tuple[str, str]]:
 
 
 def test_account_opened_tells_its_owner(world: World) -> None:
+    world.handlers.clock = lambda: dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     [notice] = world.open("acc-1", "alice")
+    assert notice.created_at == dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC), "the handler's clock, not the wall's"
     assert (notice.recipient, notice.kind, notice.sequence) == ("alice", "account_opened", 1)
     assert notice.text == "Your account acc-1 in EUR is open."
 
 
 def test_a_deposit_tells_the_owner_of_the_account(world: World) -> None:
     world.open("acc-1", "alice")
-    [notice] = world.apply(MoneyDeposited(account_id="acc-1", amount_minor=1050, currency="EUR", balance_minor=1050))
-    assert told([notice]) == [("alice", "money_deposited")]
-    assert "10.50 EUR" in notice.text and notice.sequence == 2
+    [notice] = world.apply(MoneyDeposited(account_id="acc-1", amount_minor=1005, currency="EUR", balance_minor=2010))
+    assert told([notice]) == [("alice", "money_deposited")] and notice.sequence == 2
+    assert notice.text == "10.05 EUR was deposited into your account acc-1; the balance is 20.10 EUR."
 
 
 def test_a_transfer_tells_both_owners(world: World) -> None:
@@ -97,6 +108,11 @@ def test_a_transfer_tells_both_owners(world: World) -> None:
     notices = world.apply(TransferApplied(transfer_id="t1", from_account_id="acc-1", to_account_id="acc-2",
                                           amount_minor=300, currency="EUR"))
     assert told(notices) == [("alice", "transfer_sent"), ("bob", "transfer_received")]
+    assert len({n.notification_id for n in notices}) == 2, "each notification has its own id"
+    assert [n.text for n in notices] == [
+        "3.00 EUR left your account acc-1 for account acc-2.",
+        "3.00 EUR arrived in your account acc-2 from account acc-1.",
+    ]
 
 
 def test_payments_tell_the_initiator(world: World) -> None:
@@ -106,7 +122,8 @@ def test_payments_tell_the_initiator(world: World) -> None:
                                              amount_minor=5, currency="JPY", initiated_by="alice"))
     failed = world.apply(PaymentFailed(payment_id="p2", from_account_id="acc-1", to_account_id="acc-2",
                                        amount_minor=5, currency="EUR", reason="daily limit exceeded"))
-    assert told(completed) == [("alice", "payment_completed")] and "5 JPY" in completed[0].text
+    assert told(completed) == [("alice", "payment_completed")]
+    assert completed[0].text == "Your payment p1 of 5 JPY to account acc-2 is complete.", "the yen has no minor unit"
     assert told(failed) == [("alice", "payment_failed")] and failed[0].text.endswith("daily limit exceeded")
 
 
@@ -141,9 +158,9 @@ def test_listing_is_own_only_and_pages_by_sequence(world: World) -> None:
     assert [n.sequence for n in world.handlers.list_notifications(ALICE, after_sequence=1, limit=2)] == [2, 3]
 
 
-@pytest.mark.parametrize(("after", "limit"), [(-1, 10), (0, 0), (0, 501)])
-def test_bad_pages_are_invalid(world: World, after: int, limit: int) -> None:
-    with pytest.raises(InvalidRequestError):
+@pytest.mark.parametrize(("after", "limit", "field"), [(-1, 10, "after_sequence"), (0, 0, "limit"), (0, 501, "limit")])
+def test_bad_pages_are_invalid(world: World, after: int, limit: int, field: str) -> None:
+    with pytest.raises(InvalidRequestError, match=f"^{field} must"):
         world.handlers.list_notifications(ALICE, after, limit)
 
 
@@ -307,9 +324,9 @@ def test_a_tampered_event_field_fails_the_event_and_changes_nothing(world: World
 def test_a_security_alert_is_told_to_each_recipient_once_and_to_nobody_else(world: World) -> None:
     world.handlers.alert_recipients = ("ada", "zoe")
     alert = SecurityAlert(rule="permission-probing", severity="warning", counted_by="principal", key="alice", count=5)
-    notifications = world.apply(alert, producer="audit")
+    notifications = world.apply(alert, producer="audit", event_id="alert-event-1")
     assert told(notifications) == [("ada", "security_alert"), ("zoe", "security_alert")]
-    assert len({n.event_id for n in notifications}) == 1 and notifications[0].event_id, "traced to the alert"
+    assert {n.event_id for n in notifications} == {"alert-event-1"}, "traced to the alert"
     assert notifications[0].text.startswith("Security alert (warning) permission-probing: principal 'alice' refused 5")
     assert world.handlers.list_notifications(ALICE) == [], "alice, the caller the alert names, is not told"
     with capture_logs() as logs:
@@ -317,3 +334,138 @@ def test_a_security_alert_is_told_to_each_recipient_once_and_to_nobody_else(worl
     assert [line["event"] for line in logs] == ["security_alert_ignored"]
     world.handlers.alert_recipients = ()
     assert world.apply(alert, producer="audit") == []
+
+
+def test_a_transfer_between_two_owners_is_stored_in_name_order_whichever_way_it_goes(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.open("acc-2", "bob")
+    notices = world.apply(
+        TransferApplied(
+            transfer_id="t1", from_account_id="acc-2", to_account_id="acc-1", amount_minor=300, currency="EUR"
+        )
+    )
+    # Each append locks its recipient's row: the same order for every consumer, so two cannot deadlock.
+    assert told(notices) == [("alice", "transfer_received"), ("bob", "transfer_sent")]
+    assert told(world.uow.notifications.rows[-2:]) == told(notices)
+
+
+def test_a_completed_payment_tells_whoever_initiated_it_or_else_the_owner_of_the_source(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.open("acc-2", "bob")
+    named = world.apply(
+        PaymentCompleted(
+            payment_id="p1",
+            from_account_id="acc-1",
+            to_account_id="acc-2",
+            amount_minor=5,
+            currency="EUR",
+            initiated_by="carol",
+        )
+    )
+    unnamed = world.apply(
+        PaymentCompleted(
+            payment_id="p2", from_account_id="acc-1", to_account_id="acc-2", amount_minor=5, currency="EUR"
+        )
+    )
+    assert (told(named), told(unnamed)) == ([("carol", "payment_completed")], [("alice", "payment_completed")])
+
+
+def test_the_reason_a_payment_failed_is_told_bounded(world: World) -> None:
+    world.open("acc-1", "alice")
+    [failed] = world.apply(
+        PaymentFailed(
+            payment_id="p1",
+            from_account_id="acc-1",
+            to_account_id="acc-2",
+            amount_minor=5,
+            currency="EUR",
+            reason="r" * 300,
+        )
+    )
+    assert failed.text.endswith("failed: " + "r" * 200)
+
+
+def test_an_account_opened_for_nobody_tells_nobody_and_claims_the_account_for_nobody(world: World) -> None:
+    assert world.apply(AccountOpened(account_id="acc-1", owner="", currency="EUR"), "acc-1") == []
+    assert world.uow.notifications.owners == {} and world.uow.notifications.deferred == []
+    world.open("acc-1", "alice")
+    assert told(world.apply(MoneyDeposited(account_id="acc-1", amount_minor=1, currency="EUR"))) == [
+        ("alice", "money_deposited")
+    ]
+
+
+@dataclasses.dataclass
+class OpenedMeanwhile(MemoryNotifications):
+    """Another consumer commits an AccountOpened of LATE_OWNERS between this consumer's owner lookup and its defer."""
+
+    late_owners: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def defer(self, draft: Draft, event_id: str, created_at: dt.datetime) -> str | None:
+        self.owners.update(self.late_owners)
+        return super().defer(draft, event_id, created_at)
+
+
+def test_an_owner_who_became_known_while_deferring_is_told_at_once(world: World) -> None:
+    world.uow.notifications = OpenedMeanwhile(late_owners={"acc-2": "bob"})
+    world.open("acc-1", "alice")
+    with capture_logs() as logs:
+        notices = world.apply(
+            TransferApplied(
+                transfer_id="t1", from_account_id="acc-1", to_account_id="acc-2", amount_minor=300, currency="EUR"
+            )
+        )
+    assert told(notices) == [("alice", "transfer_sent"), ("bob", "transfer_received")]
+    assert world.uow.notifications.deferred == [] and logs == []
+
+
+def test_pages_of_one_and_of_the_largest_size_are_valid(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.apply(MoneyDeposited(account_id="acc-1", amount_minor=1, currency="EUR"))
+    assert [n.sequence for n in world.handlers.list_notifications(ALICE, 0, 1)] == [1]
+    assert [n.sequence for n in world.handlers.list_notifications(ALICE, 0, 500)] == [1, 2]
+
+
+def test_a_stream_that_outlives_its_token_ends_and_says_where_to_resume(world: World) -> None:
+    world.open("acc-1", "alice")
+    world.apply(MoneyDeposited(account_id="acc-1", amount_minor=1, currency="EUR"))
+    expires_at = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    now = [expires_at - dt.timedelta(seconds=1)]
+    world.handlers.clock = lambda: now[0]
+
+    async def scenario() -> list[int]:
+        stream = aiter(NotificationStream(world.handlers, ALICE, poll_seconds=0.01, expires_at=expires_at))
+        seen = [(await anext(stream)).sequence, (await anext(stream)).sequence]
+        now[0] = expires_at  # the token's last instant is already past its lifetime
+        with pytest.raises(StreamExpiredError, match="after_sequence=2 "):
+            await asyncio.wait_for(anext(stream), 2)
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 2]
+
+
+def test_a_backlog_comes_page_after_page_at_once_and_an_idle_stream_polls_once_per_interval(world: World) -> None:
+    world.open("acc-1", "alice")
+    for n in range(4):
+        world.apply(MoneyDeposited(account_id="acc-1", amount_minor=n + 1, currency="EUR"))
+    polls: list[dt.datetime] = []
+
+    def clock() -> dt.datetime:  # the stream reads the clock once per poll, to check the token's expiry
+        polls.append(dt.datetime.now(dt.UTC))
+        return polls[-1]
+
+    world.handlers.clock = clock
+
+    async def scenario() -> list[int]:
+        stream = aiter(
+            NotificationStream(
+                world.handlers, ALICE, poll_seconds=30, page=2, expires_at=dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
+            )
+        )
+        backlog = [(await asyncio.wait_for(anext(stream), 2)).sequence for _ in range(5)]
+        idle = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)
+        idle.cancel()
+        return backlog
+
+    assert asyncio.run(scenario()) == [1, 2, 3, 4, 5]
+    assert len(polls) == 3, "pages of 2, 2 and 1, then a wait of poll_seconds before the next poll"
