@@ -87,6 +87,16 @@ def test_a_record_too_large_to_dead_letter_whole_keeps_a_prefix_its_size_and_dig
     assert headers["bastion-sha256"] == hashlib.sha256(huge).hexdigest().encode()
 
 
+def test_a_record_of_exactly_the_largest_size_is_dead_lettered_whole() -> None:
+    producer = Acknowledging()
+    letters = DeadLetters(producer, "audit")  # type: ignore[arg-type]
+    largest = bytes(DEAD_LETTER_MAX_BYTES)
+    letters.write(Record(), largest, REFUSED)  # type: ignore[arg-type]
+    letters.settle()
+    [(_, value, headers)] = producer.sent
+    assert value == largest and "bastion-truncated-from" not in headers
+
+
 def test_each_place_names_one_record_envelope_or_released_held_event() -> None:
     places = {source_of(Record(), item, released)  # type: ignore[arg-type]
               for item in (None, 0, 2) for released in (None, 0, 2)}
@@ -240,6 +250,16 @@ def test_thousands_of_refused_envelopes_are_settled_on_the_way_so_the_producer_q
     assert producer.flushes == 2, "waited after the first and the second thousand"
     letters.settle()
     assert producer.flushes == 3 and len(producer.sent) == 2500
+
+
+def test_no_more_than_the_most_letters_wait_unsettled_in_the_producer() -> None:
+    producer = CountingFlushes()
+    letters = DeadLetters(producer, "audit", max_unsettled=2)  # type: ignore[arg-type]
+    for item in range(2):
+        letters.write(Record(), b"forged", REFUSED, item=item)  # type: ignore[arg-type]
+    assert producer.flushes == 0
+    letters.write(Record(), b"forged", REFUSED, item=2)  # type: ignore[arg-type]
+    assert producer.flushes == 1 and len(producer.sent) == 3
 
 
 class FullQueue(Acknowledging):

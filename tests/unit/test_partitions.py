@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from bastion.events.outbox import BUNDLE_BUDGET, STAMP_BYTES, in_bundles
 from bastion.events.partitions import by_partition, partition_for
+from bastion.events.verify import MAX_ENVELOPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,18 @@ def test_a_group_over_the_budget_is_cut_into_several_bundles() -> None:
 
 
 def test_a_row_too_large_for_a_consumer_goes_alone_so_only_it_is_refused() -> None:
-    from bastion.events.verify import MAX_ENVELOPE_BYTES
     rows = [Row(0, "t", "k", bytes(100)), Row(1, "t", "k", bytes(MAX_ENVELOPE_BYTES)), Row(2, "t", "k", bytes(100)),
             Row(3, "t", "k", bytes(100))]
     assert [[row.id for row in group] for _, _, group in in_bundles(rows, {"t": 1})] == [[0], [1], [2, 3]]
+
+
+def test_a_row_of_exactly_the_size_consumers_accept_is_bundled_and_rows_of_exactly_the_budget_make_one_bundle() -> None:
+    at_limit = [
+        Row(0, "t", "k", bytes(100)),
+        Row(1, "t", "k", bytes(MAX_ENVELOPE_BYTES - STAMP_BYTES)),
+        Row(2, "t", "k", bytes(100)),
+    ]
+    assert [[row.id for row in group] for _, _, group in in_bundles(at_limit, {"t": 1})] == [[0, 1, 2]]
+    assert BUNDLE_BUDGET % 12 == 0 and BUNDLE_BUDGET // 12 <= MAX_ENVELOPE_BYTES
+    full = [Row(number, "t", "k", bytes(BUNDLE_BUDGET // 12 - STAMP_BYTES)) for number in range(13)]
+    assert [[row.id for row in group] for _, _, group in in_bundles(full, {"t": 1})] == [list(range(12)), [12]]

@@ -36,7 +36,9 @@ def test_the_place_of_a_held_event_reads_back_from_its_source() -> None:
     assert place_in(source_of(Record(0, 0), item=7)) == (0, 0, 7)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("source", [None, "", "accounts.events.v1", "t/x/1", "t/1/2/3/released/4", "t/-1/2"])
+@pytest.mark.parametrize(
+    "source", [None, "", "accounts.events.v1", "t/x/1", "t/1/2/3/released/4", "t/-1/2", "t/\u0661/2"]
+)
 def test_an_unknown_or_odd_source_gives_no_place(source: str | None) -> None:
     assert place_in(source) == (-1, -1, None)
 
@@ -58,6 +60,10 @@ def test_the_consumer_looks_for_open_gaps_a_quarter_of_its_wait_apart_at_most() 
 def test_a_wait_that_would_never_or_always_report_is_refused(seconds: float) -> None:
     with pytest.raises(ValueError, match="gap_alert_seconds"):
         ConsumerSettings("notifications", "g", ["t"], gap_alert_seconds=seconds)
+
+
+def test_the_longest_wait_is_a_day() -> None:
+    assert ConsumerSettings("notifications", "g", ["t"], gap_alert_seconds=86_400).gap_alert_seconds == 86_400
 
 
 def test_a_gap_names_every_sequence_missing_before_the_first_held_event() -> None:
