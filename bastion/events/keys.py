@@ -204,10 +204,11 @@ class KeyRing:
         return self.folder / "private" / producer / f"{key_id.replace('/', '_')}.pem"
 
     def trust_store(self) -> TrustStore:
-        """The public keys as the file holds them now; a file that cannot be read or understood raises
-        TrustStoreUnavailableError (a verifier must then refuse to go on, not go on with nothing)."""
+        """The public keys as the file holds them now; a file that is missing, or cannot be read or understood,
+        raises TrustStoreUnavailableError (a verifier must then refuse to go on, not go on with nothing: a missing
+        file is not a store that trusts nobody)."""
         try:
-            return TrustStore.from_json(json.dumps(self._load_raw()))
+            return TrustStore.from_json(self.trust_store_file.read_text())
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise TrustStoreUnavailableError(
                 f"the trust store {self.trust_store_file} cannot be read: {type(error).__name__}") from error

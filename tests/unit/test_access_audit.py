@@ -11,13 +11,13 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import REGISTRY
 
-from bastion.access.v1.decision_pb2 import AccessDecision
+from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
 from bastion.events.keys import KeyRing
 from bastion.events.signing import SignatureChecker, bundles_of_one, sign_bundle
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
 from bastion.events.verify import BUNDLE_CONTENT, BUNDLE_HEADER
 from bastion.grpc import audit as audit_module
-from bastion.grpc.audit import TOPIC, KafkaAccessAudit, decision
+from bastion.grpc.audit import DECISION_TYPE, TOPIC, KafkaAccessAudit, decision
 
 SERVICE = "accounts"
 
@@ -72,7 +72,7 @@ def a_decision(number: int) -> AccessDecision:
 
 def test_what_queued_while_the_publisher_was_busy_is_signed_as_batches_and_all_of_it_leaves(ring: KeyRing) -> None:
     producer = HeldProducer()
-    audit = audit_with(ring, producer, max_batch=500)
+    audit = audit_with(ring, producer)  # batches of at most 500, the default
     audit.record(a_decision(0))
     assert producer.holding.wait(10)  # the publisher is busy with decision 0: the next 600 queue up
     for number in range(1, 601):
@@ -150,7 +150,7 @@ def test_after_a_lost_batch_the_next_one_moves_to_a_fresh_aggregate(ring: KeyRin
     producer = FailingProducer(fail_at=1)
     audit = audit_with(ring, producer, linger=0.2)  # each burst of records below is one batch
     before = lost()
-    for burst in ((0, 1, 2), (3, 4), (5, 6)):
+    for burst in ((0, 1, 2), (3, 4), (5, 6), (7, 8)):
         for number in burst:
             audit.record(a_decision(number))
         assert audit.flush() == 0
@@ -160,7 +160,8 @@ def test_after_a_lost_batch_the_next_one_moves_to_a_fresh_aggregate(ring: KeyRin
     first, second = published[0][1], published[3][1]
     assert first != second
     assert published == [("corr-0", first, 1), ("corr-1", first, 2), ("corr-2", first, 3),
-                         ("corr-5", second, 1), ("corr-6", second, 2)]
+                         ("corr-5", second, 1), ("corr-6", second, 2),
+                         ("corr-7", second, 3), ("corr-8", second, 4)], "one fresh aggregate, not one per batch"
     assert lost() - before == 2
     checker = SignatureChecker()
     public_key = ring.trust_store().public_key(SERVICE, ring.signing_key(SERVICE).key_id)
@@ -322,3 +323,196 @@ def test_bundle_cuts_keep_each_run_within_the_budget() -> None:
     assert audit_module.bundle_cuts([10, 10, 10, 10], 25) == [2, 4]
     assert audit_module.bundle_cuts([30, 5, 5], 25) == [1, 3]  # an item over the budget goes alone
     assert audit_module.bundle_cuts([5], 25) == [1]
+    assert audit_module.bundle_cuts([10, 15, 1], 25) == [2, 3]  # an exact fit stays together
+
+
+def test_every_field_of_a_decision_is_sealed_as_it_was_recorded(ring: KeyRing) -> None:
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer)
+    audit.record(decision("alice", "cli", "/bastion.accounts.v1.Accounts/GetAccount", True, "role customer", "corr-a"))
+    audit.record(
+        decision("", "payments", "/bastion.accounts.v1.Accounts/Close", False, "permission denied: no rule", "corr-d")
+    )
+    assert audit.flush() == 0
+    audit.close()
+    envelopes = producer.envelopes()
+    sealed = [AccessDecision.FromString(envelope.payload) for envelope in envelopes]
+    assert [(d.principal, d.service_identity, d.method, d.decision, d.reason, d.correlation_id) for d in sealed] == [
+        ("alice", "cli", "/bastion.accounts.v1.Accounts/GetAccount", DECISION_ALLOW, "role customer", "corr-a"),
+        ("", "payments", "/bastion.accounts.v1.Accounts/Close", DECISION_DENY, "permission denied: no rule", "corr-d"),
+    ]
+    assert [(e.event_type, e.producer, e.correlation_id) for e in envelopes] == [
+        (DECISION_TYPE, SERVICE, "corr-a"),
+        (DECISION_TYPE, SERVICE, "corr-d"),
+    ], "the envelope names the call, too"
+
+
+def test_a_decision_keeps_300_characters_of_its_reason_and_256_of_its_method() -> None:
+    kept = decision("alice", "cli", "/" + "m" * 255, False, "r" * 300, "corr-1")
+    assert (kept.method, kept.reason) == ("/" + "m" * 255, "r" * 300)
+    cut = decision("alice", "cli", "/" + "m" * 1000, False, "r" * 1000, "corr-1")
+    assert (cut.method, cut.reason) == ("/" + "m" * 255, "r" * 300)
+
+
+def test_an_idle_publisher_sends_a_decision_at_once_and_closes_at_once(ring: KeyRing) -> None:
+    """The idle publisher waits for work a second at a time; a decision wakes it, and it waits only its linger
+    (20 ms by default) for more. Neither a decision nor a close waits out the second."""
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer)  # the default linger
+    time.sleep(0.1)  # the publisher is waiting for work
+    audit.record(a_decision(1))
+    assert audit.flush(timeout=0.5) == 0
+    time.sleep(0.1)  # and waiting again
+    started = time.monotonic()
+    audit.close()
+    assert time.monotonic() - started < 0.5
+    assert producer.correlation_ids() == ["corr-1"]
+
+
+def test_decisions_recorded_within_the_linger_leave_as_one_bundle(ring: KeyRing) -> None:
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer, linger=0.5)
+    audit.record(a_decision(0))  # wakes the publisher, which then waits half a second for more
+    time.sleep(0.1)
+    audit.record(a_decision(1))
+    assert audit.flush() == 0
+    audit.close()
+    assert len(producer.records) == 1 and producer.correlation_ids() == ["corr-0", "corr-1"]
+
+
+class FullQueueProducer(HeldProducer):
+    """librdkafka with its local queue full (BufferError) for the next FULL produce calls; counts the polls."""
+
+    def __init__(self, full: int) -> None:
+        super().__init__()
+        self.release.set()
+        self.full = full
+        self.polls = 0
+
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
+        if self.full > 0:
+            self.full -= 1
+            raise BufferError("Local: Queue full")
+        super().produce(topic, value, key, headers, on_delivery)
+
+    def poll(self, _timeout: float) -> int:
+        self.polls += 1
+        return 0
+
+
+def test_a_full_producer_queue_is_waited_out_and_one_that_stays_full_counts_its_bundle_lost(ring: KeyRing) -> None:
+    producer = FullQueueProducer(full=3)
+    audit = audit_with(ring, producer, linger=0.2)
+    before = lost()
+    audit.record(a_decision(0))
+    assert audit.flush() == 0
+    assert producer.correlation_ids() == ["corr-0"] and lost() == before
+    assert producer.polls >= 3, "the queue was given time to drain before each try"
+    producer.full = 10**6  # and now it stays full
+    audit.record(a_decision(1))
+    audit.record(a_decision(2))
+    assert audit.flush() == 0
+    audit.close()
+    assert producer.correlation_ids() == ["corr-0"]
+    assert lost() - before == 2
+
+
+class UndeliveredYet(HeldProducer):
+    """Takes every bundle and delivers none yet: its flush reports them all still in flight, and is noted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+        self.flushes: list[float] = []
+
+    def flush(self, timeout: float) -> int:
+        self.flushes.append(timeout)
+        return len(self.records)
+
+
+def test_flush_and_close_wait_for_kafka_to_deliver_what_it_was_handed(ring: KeyRing) -> None:
+    producer = UndeliveredYet()
+    audit = audit_with(ring, producer)
+    audit.record(a_decision(0))
+    assert audit.flush(timeout=5) == 1, "handed to librdkafka is not yet delivered"
+    assert 0 < producer.flushes[0] <= 5
+    audit.close()
+    assert len(producer.flushes) == 2 and producer.flushes[1] > 0
+
+
+class CrashingProducer(HeldProducer):
+    """Ends the publisher's thread with what it does not catch (only `Exception` is caught there)."""
+
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
+        raise SystemExit("the publisher's thread is gone")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the point
+def test_with_its_publisher_gone_flush_answers_at_once_and_close_counts_what_was_left_queued(ring: KeyRing) -> None:
+    audit = audit_with(ring, CrashingProducer())
+    audit.record(a_decision(0))
+    audit.worker.join(5)
+    assert not audit.worker.is_alive()
+    audit.record(a_decision(1))
+    before = lost()
+    started = time.monotonic()
+    assert audit.flush(timeout=5) == 2, "one in the dead publisher's hands, one queued"
+    assert time.monotonic() - started < 2, "no waiting for a publisher that is gone"
+    audit.close()
+    assert lost() - before >= 1, "the decision still queued is counted lost"
+
+
+def test_the_producer_is_idempotent_and_waits_for_every_replica_whatever_the_service_asks(
+    ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retried send must neither duplicate a decision nor lose one a leader took alone: the settings that say
+    so are the audit's own, not the service's Kafka configuration's."""
+    configs: list[dict[str, Any]] = []
+
+    class RecordedConfig(HeldProducer):
+        """Stands in for confluent_kafka.Producer: notes the configuration it was built with."""
+
+        def __init__(self, config: dict[str, Any]) -> None:
+            super().__init__()
+            configs.append(config)
+
+    monkeypatch.setattr(audit_module, "Producer", RecordedConfig)
+    audit = KafkaAccessAudit(
+        ring.signing_key(SERVICE), {"bootstrap.servers": "127.0.0.1:9", "acks": "1", "enable.idempotence": False}
+    )
+    audit.close()
+    [config] = configs
+    assert config["enable.idempotence"] is True and config["acks"] == "all"
+    assert config["bootstrap.servers"] == "127.0.0.1:9"
+
+
+def test_a_refused_bundle_of_a_long_batch_counts_only_its_own_decisions_lost(
+    ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "MAX_BUNDLE_BYTES", 8_000)
+    producer = FailingProducer(fail_at=0)
+    audit = audit_with(ring, producer, linger=0.2)
+    before = lost()
+    for number in range(12):  # about 3 kB each: two to a bundle
+        audit.record(decision("p" * 3_000, "cli", "/x/Y", False, "no rule: denied by default", f"corr-{number}"))
+    assert audit.flush() == 0
+    audit.close()
+    assert producer.correlation_ids() == [f"corr-{number}" for number in range(2, 12)]
+    assert lost() - before == 2
+
+
+def test_however_long_its_decisions_no_record_is_too_large_for_kafka(ring: KeyRing) -> None:
+    """A principal is as long as the caller's token allows (gRPC takes 8 kB of metadata): 500 of them are far
+    over the 1 MB Kafka takes in one record, and must still leave, as several bundles."""
+    producer = HeldProducer()
+    producer.release.set()
+    audit = audit_with(ring, producer, linger=0.5)
+    for number in range(500):
+        audit.record(decision("p" * 8_000, "cli", "/x/Y", True, "role customer", f"corr-{number}"))
+    assert audit.flush() == 0
+    audit.close()
+    assert max(len(value) for _, value, _ in producer.records) < 1_000_000
+    assert producer.correlation_ids() == [f"corr-{number}" for number in range(500)]

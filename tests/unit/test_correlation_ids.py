@@ -7,10 +7,12 @@ from bastion.grpc.context import CORRELATION_HEADER, VALID_CORRELATION_ID, corre
 
 def test_a_well_formed_id_from_the_caller_is_kept() -> None:
     assert correlation_id_from({CORRELATION_HEADER: "demo-42.a:b_c"}) == "demo-42.a:b_c"
+    assert correlation_id_from({CORRELATION_HEADER: "x" * 64}) == "x" * 64  # the longest kept
+    assert correlation_id_from({"x-correlation-id": "from-curl"}) == "from-curl"  # the header docs/grpc.md names
 
 
 def test_a_missing_or_malformed_id_is_replaced_by_a_fresh_well_formed_one() -> None:
-    offered = ["", "x" * 65, "has space", "new\nline", "trailing\n", "ünïcode", "<script>"]
+    offered = ["", "x" * 65, "has space", "new\nline", "trailing\n", "ünïcode", "<script>", "../a/b", "a=b"]
     fresh = [correlation_id_from({CORRELATION_HEADER: value} if value else {}) for value in offered]
     assert not set(fresh) & set(offered)
     assert all(VALID_CORRELATION_ID.fullmatch(value) for value in fresh)

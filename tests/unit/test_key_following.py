@@ -3,9 +3,12 @@ retirement, and a rotated key signs a producer's next batch, both within one loo
 without a restart. A trust store that cannot be read stops verification instead of leaving the old keys
 believed."""
 
+import base64
+import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bastion.access.v1.decision_pb2 import AccessDecision
 from bastion.accounts.v1.events_pb2 import AccountOpened
@@ -92,6 +95,24 @@ def test_a_trust_store_that_cannot_be_read_stops_verification_until_it_can(ring:
     assert verifier.verify(event, TOPIC).envelope.aggregate_id == "a1"
 
 
+def test_a_trust_store_that_is_gone_stops_verification_until_it_is_back(ring: KeyRing, clock: Clock) -> None:
+    """A deleted file is a trust store that cannot be read, not one that trusts nobody: read as empty, every event
+    would get a verdict (refused, unknown producer: dead-lettered, and kept as refused in the audit log for good)."""
+    verifier = verifier_of(ring, clock)
+    event = opened(ring)
+    verifier.verify(event, TOPIC)
+    good = ring.trust_store_file.read_text()
+    ring.trust_store_file.unlink()  # a reset or a careless clean-up while the services run
+    clock.look_again()
+    for _ in range(3):
+        with pytest.raises(TrustStoreUnavailableError, match=r"trust-store\.json cannot be read: FileNotFoundError"):
+            verifier.verify(event, TOPIC)
+    with pytest.raises(TrustStoreUnavailableError, match="FileNotFoundError"):
+        ring.followed_trust_store(clock=clock)  # and a service starting meanwhile fails at start-up, naming it
+    ring.trust_store_file.write_text(good)
+    assert verifier.verify(event, TOPIC).envelope.aggregate_id == "a1"
+
+
 def test_a_followed_signing_key_signs_with_the_rotated_key_from_the_next_look(ring: KeyRing, clock: Clock) -> None:
     key = ring.followed_signing_key("accounts", clock=clock)
     old_key = key.current().key_id
@@ -160,3 +181,44 @@ def test_reading_the_file_costs_nothing_between_looks(ring: KeyRing, clock: Cloc
     clock.look_again()
     trust.current()
     assert loads == [1]
+    clock.look_again()
+    trust.current()  # unchanged since it was read: looked at, not read again
+    ring.rotate("payments")
+    for _ in range(100):
+        trust.current()  # changed, but not even looked at before the next look
+    assert loads == [1]
+    clock.look_again()
+    trust.current()
+    assert loads == [1, 1]
+    ring.rotate("payments")
+    trust.reload()  # read at once, as a verifier meeting an unknown key does
+    clock.look_again()
+    trust.current()  # the file holds what was read: not read again
+    assert loads == [1, 1, 1]
+
+
+@pytest.mark.parametrize("edit", ["in place, at a later time", "replaced, its time kept"])
+def test_a_change_that_keeps_the_files_size_is_noticed(ring: KeyRing, clock: Clock, edit: str) -> None:
+    """A key's public half swapped by hand: the file keeps its size, and either keeps its inode (edited in place)
+    or its modification time (a copy made with its times kept, moved over it). Either is read again."""
+    trust = ring.followed_trust_store(clock=clock)
+    key_id = ring.signing_key("accounts").key_id
+    before = ring.trust_store_file.stat()
+    text = ring.trust_store_file.read_text()
+    old_public = trust.current().public_key("accounts", key_id).public_bytes_raw()
+    new_public = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    edited = text.replace(base64.b64encode(old_public).decode(), base64.b64encode(new_public).decode())
+    assert edited != text and len(edited) == len(text)
+    if edit == "in place, at a later time":
+        with ring.trust_store_file.open("r+") as file:
+            file.write(edited)
+        os.utime(ring.trust_store_file, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        assert ring.trust_store_file.stat().st_ino == before.st_ino
+    else:
+        copy = ring.folder / "copy.json"
+        copy.write_text(edited)
+        os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(copy, ring.trust_store_file)
+        assert ring.trust_store_file.stat().st_mtime_ns == before.st_mtime_ns
+    clock.look_again()
+    assert trust.current().public_key("accounts", key_id).public_bytes_raw() == new_public

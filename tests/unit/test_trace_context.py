@@ -1,6 +1,7 @@
 """W3C trace context: a well-formed `traceparent` is continued, anything else starts a trace of its own (and its
 `tracestate` is dropped), and calls made on a call's behalf are children of its span."""
 
+import os
 import re
 
 import pytest
@@ -39,6 +40,11 @@ def test_a_well_formed_traceparent_is_continued_in_a_span_of_its_own() -> None:
     f"01-{TRACE}-{PARENT}-01extra",  # a later version's extra fields follow a dash
     f"00-{TRACE[:-1]}-{PARENT}-01",  # short trace id
     f"00-{TRACE}-{PARENT}-1",  # short flags
+    f"00-{TRACE}-{PARENT[:-1]}-01",  # short parent id
+    f"0-{TRACE}-{PARENT}-01",  # short version
+    f"CC-{TRACE}-{PARENT}-01",  # upper-case version
+    f"00-{TRACE}-{PARENT.upper()}-01",  # upper-case parent id
+    f"00-{TRACE}-{PARENT}-0B",  # upper-case flags
     f" 00-{TRACE}-{PARENT}-01",
     "00-not-a-trace-01",
 ])
@@ -52,6 +58,7 @@ def test_anything_but_a_well_formed_traceparent_starts_a_new_trace_and_drops_the
 def test_a_later_version_is_read_as_version_00_and_only_the_sampled_flag_is_kept() -> None:
     assert parse_traceparent(f"cc-{TRACE}-{PARENT}-09-what-the-future-holds") == (TRACE, PARENT, True)
     assert parse_traceparent(f"00-{TRACE}-{PARENT}-00") == (TRACE, PARENT, False)
+    assert parse_traceparent(f"00-{TRACE}-{PARENT}-02") == (TRACE, PARENT, False), "a flag other than sampled"
 
 
 @pytest.mark.parametrize(("header", "kept"), [
@@ -63,6 +70,9 @@ def test_a_later_version_is_read_as_version_00_and_only_the_sampled_flag_is_kept
     ("congo=a,b", ""),  # every member is key=value
     ("congo=a=b", ""),  # '=' is not a value character
     (",".join(f"k{n}=v" for n in range(33)), ""),  # at most 32 members
+    (",".join(f"k{n}=v" for n in range(32)), ",".join(f"k{n}=v" for n in range(32))),  # 32 are kept
+    ("a=1,,b=2, ,", "a=1,b=2"),  # empty members are allowed, and dropped
+    ("k@1vendor=v", ""),  # a vendor starts with a letter
 ])
 def test_a_tracestate_is_passed_on_only_when_well_formed(header: str, kept: str) -> None:
     assert valid_tracestate(header) == kept
@@ -71,6 +81,7 @@ def test_a_tracestate_is_passed_on_only_when_well_formed(header: str, kept: str)
 def test_new_traces_and_spans_get_fresh_ids() -> None:
     traces = [trace_context_from([]) for _ in range(1000)]
     assert len({trace.trace_id for trace in traces}) == 1000 and len({trace.span_id for trace in traces}) == 1000
+    assert all(len(trace.trace_id) == 32 and len(trace.span_id) == 16 for trace in traces), "leading zeros kept"
 
 
 def test_a_call_made_on_a_calls_behalf_is_a_child_of_its_span() -> None:
@@ -106,3 +117,38 @@ def test_repeated_headers_a_second_traceparent_starts_a_new_trace_tracestates_ar
     assert joined.state == "a=1,b=2"
     binary = trace_context_from([(TRACEPARENT, WELL_FORMED.encode())])  # a value gRPC did not decode as text
     assert binary.parent_id is None
+
+
+def test_a_call_outside_a_sampled_trace_makes_its_children_unsampled_too() -> None:
+    trace = trace_context_from([(TRACEPARENT, f"00-{TRACE}-{PARENT}-00")])
+    assert dict(trace.child_headers())[TRACEPARENT] == f"00-{TRACE}-{trace.span_id}-00"
+
+
+def test_a_tracestate_of_exactly_512_characters_is_kept_whole_and_a_longer_one_cut_to_512() -> None:
+    with_a_long_member = ",".join(["big=" + "x" * 196, *(f"k{n}=" + "v" * 60 for n in range(4)), "last=" + "v" * 50])
+    assert len(with_a_long_member) == MAX_TRACESTATE and valid_tracestate(with_a_long_member) == with_a_long_member
+    members = [f"k{n}=" + "v" * 60 for n in range(7)] + ["last=" + "v" * 59]  # 7 x 63 + 64 + 7 commas
+    exact = ",".join(members)
+    assert len(exact) == MAX_TRACESTATE
+    assert valid_tracestate(",".join([*members, "z=1", "big=" + "x" * 200])) == exact
+
+
+def test_a_member_of_128_characters_is_not_a_long_one() -> None:
+    limit = "lim=" + "x" * 124  # 128 characters: kept while the longer ones go
+    shorts = [f"k{n:02d}=" + "v" * 20 for n in range(10)]
+    kept = valid_tracestate(",".join([limit, "big=" + "x" * 200, "big2=" + "x" * 200, *shorts]))
+    assert kept == ",".join([limit, *shorts])
+
+
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child reports its first new trace and leaves at once
+        os.write(writer, trace_context_from([]).trace_id.encode())
+        os._exit(0)
+    os.close(writer)
+    _, status = os.waitpid(child, 0)
+    theirs = os.read(reader, 100).decode()
+    os.close(reader)
+    ours = trace_context_from([]).trace_id  # what the parent's generator gives next, as the child's would have
+    assert status == 0 and len(theirs) == 32 and theirs != ours
