@@ -27,7 +27,7 @@ from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
-from bastion.devstack.retirement import unanchored_if_retired, unread_by_consumers
+from bastion.devstack.retirement import unanchored_if_retired, unpublished_by, unread_by_consumers
 from bastion.devstack.stack import Stack
 from bastion.events import inbox
 from bastion.events.errors import KeyNotFoundError
@@ -339,16 +339,24 @@ def cmd_data_keys_retire(args: argparse.Namespace) -> int:
                      "retiring it")
         return 2
     if not args.force and state != "retired":
-        unread = [where for producer in keys.personal.topics[args.topic].producers
-                  for where in unread_by_consumers(stack, producer)]
+        producers = keys.personal.topics[args.topic].producers
+        waiting = {producer: unpublished_by(stack, producer, args.topic) for producer in producers}
+        if any(waiting.values()):
+            errors.print(f"bastion keys data retire: not retired: events of {args.topic} still wait in an outbox ("
+                         + ", ".join(f"{producer}: {count}" for producer, count in waiting.items() if count)
+                         + f"); fields sealed under {args.key_id} may be among them\n  -> retire once the relays "
+                         "have published them (`bastion up`), or add --force")
+            return 2
+        unread = [where for producer in producers for where in unread_by_consumers(stack, producer)]
         if unread:
-            errors.print(f"bastion keys data retire: not retired: consumers have not read everything of "
-                         f"{args.topic} so far ({', '.join(unread)}); fields sealed under {args.key_id} may be among "
-                         "them and could no longer be opened\n  -> retire once they have caught up, or add --force")
+            errors.print(f"bastion keys data retire: not retired: consumers have not read everything the producers "
+                         f"of {args.topic} published so far ({', '.join(unread)}); fields sealed under {args.key_id} "
+                         "may be among them and could no longer be opened\n  -> retire once they have caught up, or "
+                         "add --force")
             return 2
     keys.retire(args.topic, args.key_id)
-    console.print(f"{args.key_id} retired: deleted from the issuer and from every service's copy; the fields sealed "
-                  "under it, in Kafka and in the audit log, can no longer be read by anyone (crypto-shredding)")
+    console.print(f"{args.key_id} retired: deleted from the issuer and from every service's copy; the event fields "
+                  "sealed under it, in Kafka and in the audit log, can no longer be read by anyone (crypto-shredding)")
     return 0
 
 

@@ -138,10 +138,10 @@ class Scenario:
             raise DevstackError(f"the transfer's trace {trace_id} was not recorded as one tree in the services' "
                                 f"span files ({self.ctx.layout.log_dir}/*.spans.jsonl)",
                                 "see the services' logs; spans are written about a second after they end")
-        attempts = (calling.get("attributes") or {}).get("bastion.attempts")
+        attempts = (calling.get("attributes") or {}).get("bastion.attempts", "?")
         return (f"the transfer's trace {trace_id[:8]}… was recorded as one tree of spans: payments Transfer "
                 f"({milliseconds(transfer):.1f} ms) → its call to accounts ({milliseconds(calling):.1f} ms, "
-                f"{attempts} attempt{'' if attempts == 1 else 's'}) → accounts ApplyTransfer "
+                f"attempts: {attempts}) → accounts ApplyTransfer "
                 f"({milliseconds(applied):.1f} ms); the {len(sent)} events they caused, each a child of its cause "
                 f"(the events carry it, signed): published by their outbox relays, {len(processed)} processed by "
                 f"notifications, all {len(logged)} logged by the audit service; in logs/*.spans.jsonl of the state "
@@ -234,6 +234,8 @@ def events_of(spans: list[dict[str, Any]]) -> set[object]:
 
 
 def span_named(spans: list[dict[str, Any]], name: str, kind: str) -> dict[str, Any] | None:
-    """The first of SPANS with NAME and KIND (`SpanKind.SERVER`, ...): a call and the client span of the call made
-    to it share a name."""
-    return next((span for span in spans if span.get("name") == name and span.get("kind") == kind), None)
+    """The span of SPANS with NAME and KIND (`SpanKind.SERVER`, ...; a call and the client span of the call made to
+    it share a name) that answered OK, else the first: a retried call leaves a span per attempt."""
+    named = [span for span in spans if span.get("name") == name and span.get("kind") == kind]
+    answered = [span for span in named if (span.get("attributes") or {}).get("rpc.grpc.status_code") == 0]
+    return next(iter(answered or named), None)

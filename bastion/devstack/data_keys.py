@@ -1,10 +1,8 @@
 """The data keys of personal fields (bastion/events/field_crypto.py) as the operator handles them: kept in the
 issuer's ring, rotated and retired there, and handed to exactly the services infra/personal-data.yaml entitles.
 
-Running services read their copy of a topic's keys on every use, so a rotation or a retirement takes effect at the
-next field sealed or opened, without a restart. Readers get a new key before its producers do: no reader ever
-meets a field sealed under a key it has not been given. Retiring a key deletes it from the issuer and from every
-copy: what was sealed under it, in Kafka and in the audit log, can no longer be read by anyone (crypto-shredding).
+Services read their copy on every use (a change holds at the next field, no restart); readers get a new key before
+its producers; retiring a key deletes it everywhere, so the event copies of what it sealed are shredded.
 """
 
 import shutil
@@ -47,10 +45,12 @@ class DataKeys:
         for topic in sorted(self.personal.topics):
             for service in self.handover_order(topic):
                 self.issuer.export_to(self.folder / service, topic)
-        for service in self.services:
-            entitled = self.personal.key_topics(service)
-            held = self.folder / service
-            for folder in held.iterdir() if held.exists() else []:
+        # Every holder's folder, not only today's services: a service removed from infra/services.yaml keeps no key.
+        for held in self.folder.iterdir() if self.folder.exists() else []:
+            if not held.is_dir() or held.name == ISSUER:
+                continue
+            entitled = self.personal.key_topics(held.name) if held.name in self.services else []
+            for folder in held.iterdir():
                 if folder.is_dir() and folder.name not in entitled:
                     shutil.rmtree(folder)
 
@@ -89,3 +89,5 @@ class DataKeys:
         if topic not in self.personal.topics:
             raise DevstackError(f"{topic!r} has no personal fields, so no data keys",
                                 f"name one of {sorted(self.personal.topics)} (infra/personal-data.yaml)")
+        if not self.issuer.states(topic):
+            raise DevstackError(f"no data keys of {topic} yet", "run `make setup` (or `bastion setup`) first")

@@ -1,4 +1,5 @@
-"""Before a producer's signing key is retired: has every consumer read what the producer wrote until now?
+"""Before a producer's signing key (or a topic's data key) is retired: has every consumer read what the producer
+wrote until now (and, for a data key, has the producer published every event it sealed)?
 
 A retired key is refused by every running consumer within seconds (`bastion.events.keys.Followed`), so events
 the producer signed with it and that some consumer has not read yet would be dead-lettered instead of applied.
@@ -11,15 +12,19 @@ new key within seconds of a rotation, and `bastion keys retire audit` waits for 
 
 import time
 
+from sqlalchemy import create_engine, func, select
+
 from bastion.audit.checkpoints import AUDIT_PRODUCER, CheckpointFile
 from bastion.audit.errors import CheckpointError
 from bastion.audit.install_tools import ORIGIN
 from bastion.devstack.components.kafka import Kafka
+from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.event_access import load_policy
 from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing
+from bastion.events.storage import outbox
 
 UNREAD_WAIT_SECONDS = 15.0
 
@@ -35,6 +40,30 @@ def unread_by_consumers(stack: Stack, producer: str, wait_seconds: float = UNREA
     ctx = stack.context()
     policy = load_policy(ctx.settings.infra_dir / "event-access.yaml", set(ctx.service_names))
     return Kafka(ctx).admin().wait_until_read(policy.readers_of(producer), wait_seconds)
+
+
+def unpublished_by(stack: Stack, producer: str, topic: str, wait_seconds: float = UNREAD_WAIT_SECONDS) -> int:
+    """How many events of TOPIC still wait in PRODUCER's outbox after up to WAIT_SECONDS (a running relay publishes
+    them within a second): fields they carry were sealed when they were written, before any consumer can read them.
+    DevstackError when PostgreSQL is not running: nobody can tell then."""
+    postgres = stack.status()["components"].get("postgres")
+    if not postgres or not postgres["healthy"]:
+        raise DevstackError(
+            f"cannot tell whether {producer} has published every event of {topic}: PostgreSQL is not running",
+            "start the stack (`bastion up`), let the relays publish and retire again; or add --force")
+    ctx = stack.context()
+    engine = create_engine(Postgres(ctx).sqlalchemy_url(producer, ctx.credentials.postgres[producer], producer))
+    waiting = select(func.count()).select_from(outbox).where(outbox.c.topic == topic, outbox.c.sent_at.is_(None))
+    deadline = time.monotonic() + wait_seconds
+    try:
+        while True:
+            with engine.connect() as conn:
+                count = int(conn.execute(waiting).scalar_one())
+            if not count or time.monotonic() >= deadline:
+                return count
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
 
 
 def unanchored_if_retired(layout: StateLayout, key_id: str, wait_seconds: float | None = None,

@@ -189,6 +189,12 @@ class KeyRing:
 
     def _load_raw(self) -> dict[str, dict[str, dict[str, dict[str, str]]]]:
         if not self.trust_store_file.exists():
+            if any((self.folder / "private").glob("*/*.pem")):
+                # A ring that has keys but lost its trust store: starting an empty one would mint new keys and
+                # leave every event and checkpoint the old ones signed unverifiable for good.
+                raise TrustStoreUnavailableError(
+                    f"the trust store {self.trust_store_file} is missing, though this ring holds private keys: "
+                    "put it back (a copy of the state folder) rather than start a new one")
             return {"producers": {}}
         raw: dict[str, dict[str, dict[str, dict[str, str]]]] = json.loads(self.trust_store_file.read_text())
         return raw

@@ -107,7 +107,8 @@ class _Attempts:
 
 @dataclass
 class Downstream:
-    """One downstream service as seen by a caller: its breaker, retry budget and deadline."""
+    """One downstream service as seen by a caller: its breaker, retry budget and deadline, and the recorder of
+    the calls made on behalf of recorded calls (SPANS; none records nothing)."""
 
     name: str
     channel: grpc.aio.Channel
@@ -148,7 +149,7 @@ class Downstream:
         except asyncio.CancelledError:
             SpanRecorder.call_ended(span, grpc.StatusCode.CANCELLED, attempts.made, "cancelled")
             raise
-        except Exception as error:
+        except BaseException as error:  # the span ends whatever ended the call
             SpanRecorder.call_ended(span, grpc.StatusCode.UNKNOWN, attempts.made, type(error).__name__)
             raise
         SpanRecorder.call_ended(span, grpc.StatusCode.OK, attempts.made)

@@ -143,7 +143,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             if peer is None:
                 raise UnauthenticatedError("client certificate has no Bastion identity")
-            principal = self._authenticate(header)
+            principal = self._authenticate(header, correlation_id)
         except RequestError as error:
             await self._refuse(context, CallContext(correlation_id, peer, None, method, trace=trace), error)
         call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2], trace=trace)
@@ -164,7 +164,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return replace(call, trace=trace, span=span)
         return call
 
-    def _authenticate(self, header: str) -> Principal:
+    def _authenticate(self, header: str, correlation_id: str) -> Principal:
         """The principal of the bearer token in HEADER; raises the RequestError that refuses the call."""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -179,7 +179,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # A fault of the check itself (a token no rule foresaw): the token is not authenticated. The call is
             # refused and audited like any other, the fault logged with its stack for the operator; neither the
             # caller nor gRPC's default answer gets the exception's text.
-            log.exception("token_check_failed", service=self.service, error=type(error).__name__)
+            log.exception("token_check_failed", service=self.service, error=type(error).__name__,
+                          correlation_id=correlation_id)
             raise UnauthenticatedError("invalid token: it could not be checked") from error
 
     async def _refuse(self, context: grpc.aio.ServicerContext, call: CallContext, error: RequestError) -> NoReturn:

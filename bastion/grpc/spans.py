@@ -10,8 +10,8 @@ the policy and the caller's rate limit, its span starting when the call arrived;
 BASTION_TRACE_SPANS_PER_SECOND spans (100 by default; the sampled calls beyond it are counted, not recorded, and
 still pass the flag on). A recorded span is a SERVER span named by the method, a child of the caller's span, with
 the RPC attributes of OpenTelemetry's semantic conventions, the gRPC status, the correlation id and the caller's
-service identity. Its id is the span id the handler's downstream calls name as their parent, so the spans one
-request leaves in several services form one tree.
+service identity. Its id is the parent of the handler's downstream calls (of their CLIENT spans, when the kit's
+client records them), so the spans one request leaves in several services form one tree.
 
 Events carry the trace context of the recorded call that caused them (signed, envelope field 16), and the spans of
 their way join the call's trace as its children: a PRODUCER span `send TOPIC` from the producer's outbox relay (from
@@ -141,10 +141,14 @@ class SpanRecorder:
                                       trace_flags=otel.TraceFlags(otel.TraceFlags.SAMPLED))
             parent = otel.set_span_in_context(otel.NonRecordingSpan(caller))
         service, _, name = method.lstrip("/").partition("/")
-        span = self._tracer.start_span(method.lstrip("/")[:MAX_SPAN_NAME], context=parent, kind=otel.SpanKind.SERVER,
-                                       start_time=started_ns,
-                                       attributes={"rpc.system": "grpc", "rpc.service": service[:MAX_SPAN_NAME],
-                                                   "rpc.method": name[:MAX_SPAN_NAME]})
+        try:
+            span = self._tracer.start_span(
+                method.lstrip("/")[:MAX_SPAN_NAME], context=parent, kind=otel.SpanKind.SERVER, start_time=started_ns,
+                attributes={"rpc.system": "grpc", "rpc.service": service[:MAX_SPAN_NAME],
+                            "rpc.method": name[:MAX_SPAN_NAME]})
+        except Exception as error:  # tracing never stops a call: the call goes on unrecorded
+            log.warning("span_not_recorded", service=self.service, operation="serve", error=type(error).__name__)
+            return None, trace
         if not span.is_recording():  # the SDK switched off (OTEL_SDK_DISABLED): record nothing, hand on nothing new
             return None, trace
         ids = span.get_span_context()

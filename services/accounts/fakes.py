@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from bastion.events.v1.envelope_pb2 import EncryptedField
-from services.accounts.domain import Account
+from services.accounts.domain import Account, IdempotencyConflictError
 
 
 @dataclass
@@ -39,6 +39,8 @@ class MemoryAccounts:
         return self.keys.get(idempotency_key)
 
     def remember(self, idempotency_key: str, fingerprint: str, response: bytes) -> None:
+        if idempotency_key in self.keys:  # as PostgreSQL's primary key would refuse it
+            raise IdempotencyConflictError("this idempotency key was used for a different request")
         self.keys[idempotency_key] = (fingerprint, response)
 
 

@@ -115,7 +115,8 @@ class AccountsHandlers:
         fingerprint = _fingerprint("deposit", account_id, amount_minor)
         with self.unit_of_work() as uow:
             # The row lock first, then the key: the same deposit sent again while the first is running waits for
-            # the lock, and by then the first's key is committed and read as the same request, never inserted twice.
+            # the lock, and by then the first's key is committed and read (READ COMMITTED: each statement sees what
+            # was committed before it began) as the same request, never inserted twice.
             account = uow.accounts.lock_in_order([account_id]).get(account_id)
             earlier = uow.accounts.remembered(idempotency_key)
             if earlier is not None:

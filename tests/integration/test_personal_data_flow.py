@@ -79,13 +79,17 @@ def test_the_address_travels_sealed_and_only_notifications_reads_it(bank: Bank, 
 def test_a_rotated_data_key_seals_the_next_address_and_retiring_the_old_one_shreds_what_it_sealed(
         bank: Bank, ctx: StackContext) -> None:
     """`bastion keys data` on the running platform: no service restarts, notifications reads the address sealed
-    under the new key, and once the old key is retired nobody can open what it sealed (crypto-shredding)."""
+    under the new key, and once the old key is retired nobody can open what it sealed (crypto-shredding). The key
+    retired is one this test made, so what other tests sealed under the install's first key stays readable."""
     reader = DataKeyRing(ctx.layout.data_keys_dir / "notifications")
+    made = bastion("keys", "data", "rotate", TOPIC, env=WIDE)
+    assert made.returncode == 0, made.stderr
     before = f"dora.{uuid.uuid4().hex[:10]}@example.com"
     first = bank.open_account("bob", notification_email=before)
     [opened] = signed_events(ctx, [TOPIC], lambda e: e.envelope.aggregate_id == first
                              and isinstance(e.payload, account_events.AccountOpened), count=1)
     old = opened.payload.owner_email.key_id
+    assert old in made.stdout
     rotated = bastion("keys", "data", "rotate", TOPIC, env=WIDE)
     assert rotated.returncode == 0, rotated.stderr
 

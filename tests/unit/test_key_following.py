@@ -222,3 +222,23 @@ def test_a_change_that_keeps_the_files_size_is_noticed(ring: KeyRing, clock: Clo
         assert ring.trust_store_file.stat().st_mtime_ns == before.st_mtime_ns
     clock.look_again()
     assert trust.current().public_key("accounts", key_id).public_bytes_raw() == new_public
+
+
+def test_a_ring_whose_trust_store_is_gone_refuses_to_start_a_new_one(ring: KeyRing) -> None:
+    """`bastion setup` or `keys rotate` after the file was lost would otherwise mint new keys into an empty store:
+    every event and checkpoint the old keys signed would be refused for good."""
+    before = ring.signing_key("accounts").key_id
+    good = ring.trust_store_file.read_text()
+    ring.trust_store_file.unlink()
+    for change in (lambda: ring.ensure(["accounts"]), lambda: ring.rotate("accounts")):
+        with pytest.raises(TrustStoreUnavailableError, match="missing, though this ring holds private keys"):
+            change()
+    assert not ring.trust_store_file.exists(), "nothing written"
+    ring.trust_store_file.write_text(good)
+    assert ring.signing_key("accounts").key_id == before
+
+
+def test_a_new_ring_starts_with_an_empty_trust_store(tmp_path: Path) -> None:
+    fresh = KeyRing(tmp_path / "fresh")
+    fresh.ensure(["accounts"])
+    assert fresh.trust_store().public_key("accounts", fresh.signing_key("accounts").key_id) is not None

@@ -144,7 +144,9 @@ def test_a_fault_in_the_token_check_refuses_the_call_unauthenticated_audited_and
     assert refusal.details == "invalid token: it could not be checked", "the exception's text is not the caller's"
     assert [(d.decision, d.method) for d in kit.audit.decisions] == [(DECISION_DENY, WHOAMI)]
     assert {"token_check_failed", "call_refused"} <= {line["event"] for line in logs}
-    assert next(line for line in logs if line["event"] == "token_check_failed")["error"] == "OverflowError"
+    fault = next(line for line in logs if line["event"] == "token_check_failed")
+    refused = next(line for line in logs if line["event"] == "call_refused")
+    assert fault["error"] == "OverflowError" and fault["correlation_id"] == refused["correlation_id"]
 
 
 @pytest.mark.parametrize("path", ["/evil.Service/grpc.health.v1.Health/Check", "/x/grpc.reflection.v1/Info"])

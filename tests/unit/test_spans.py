@@ -134,6 +134,25 @@ def test_with_the_sdk_switched_off_nothing_is_recorded_and_the_trace_is_handed_o
     assert span is None and trace == before and not exported.get_finished_spans()
 
 
+class BrokenTracer:
+    """An SDK that fails to start a span (a broken processor or exporter set-up)."""
+
+    def start_span(self, *_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("no span today")
+
+
+def test_a_span_the_sdk_fails_to_start_leaves_the_call_unrecorded_and_logged_never_refused():
+    spans, exported = recorder()
+    spans._tracer = BrokenTracer()  # type: ignore[assignment]
+    before = trace_context_from(traceparent("01"))
+    with structlog.testing.capture_logs() as logs:
+        span, trace = spans.start(METHOD, before, time.time_ns())
+        client, sent = spans.calling("/bastion.accounts.v1.Accounts/GetAccount", "accounts", None, before, "corr-1")
+    assert (span, trace) == (None, before) and (client, sent) == (None, before)
+    assert [line["operation"] for line in logs if line["event"] == "span_not_recorded"] == ["serve", "call"]
+    assert not exported.get_finished_spans()
+
+
 @pytest.mark.parametrize(("code", "error"), [
     (grpc.StatusCode.INTERNAL, True), (grpc.StatusCode.UNAVAILABLE, True), (grpc.StatusCode.UNKNOWN, True),
     (grpc.StatusCode.PERMISSION_DENIED, False), (grpc.StatusCode.NOT_FOUND, False),

@@ -1,5 +1,6 @@
 """The state folder's modes: the root and the data folder traversable only (a dropped-privilege PostgreSQL reaches
-its data through them), every other folder the install makes owner-only, keys above all."""
+its data through them); every other folder the install makes is owner-only or inside one (`keys/` is 0700, so
+nothing below it can be reached by another user whatever its own mode)."""
 
 import stat
 from pathlib import Path
@@ -13,7 +14,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_every_folder_of_a_new_install_but_the_traversable_two_is_owner_only(tmp_path: Path) -> None:
+def test_no_folder_of_a_new_install_but_the_traversable_two_can_be_reached_by_others(tmp_path: Path) -> None:
     layout = StateLayout(tmp_path / "state")
     layout.ensure()
     KeyRing(layout.event_keys_dir).ensure(["accounts"])
