@@ -32,11 +32,8 @@ UNREAD_WAIT_SECONDS = 15.0
 def unread_by_consumers(stack: Stack, producer: str, wait_seconds: float = UNREAD_WAIT_SECONDS) -> list[str]:
     """What PRODUCER's consumers have still not read (`group on topic/partition`) after up to WAIT_SECONDS; none
     when all is read. DevstackError when Kafka is not running: nobody can tell then."""
-    kafka = stack.status()["components"].get("kafka")
-    if not kafka or not kafka["healthy"]:
-        raise DevstackError(
-            f"cannot tell whether every consumer has read what {producer} signed: Kafka is not running",
-            "start the stack (`bastion up`), let the consumers catch up and retire again; or add --force")
+    _require_running(stack, "kafka", f"whether every consumer has read what {producer} signed: Kafka",
+                     "let the consumers catch up")
     ctx = stack.context()
     policy = load_policy(ctx.settings.infra_dir / "event-access.yaml", set(ctx.service_names))
     return Kafka(ctx).admin().wait_until_read(policy.readers_of(producer), wait_seconds)
@@ -46,11 +43,8 @@ def unpublished_by(stack: Stack, producer: str, topic: str, wait_seconds: float 
     """How many events of TOPIC still wait in PRODUCER's outbox after up to WAIT_SECONDS (a running relay publishes
     them within a second): fields they carry were sealed when they were written, before any consumer can read them.
     DevstackError when PostgreSQL is not running: nobody can tell then."""
-    postgres = stack.status()["components"].get("postgres")
-    if not postgres or not postgres["healthy"]:
-        raise DevstackError(
-            f"cannot tell whether {producer} has published every event of {topic}: PostgreSQL is not running",
-            "start the stack (`bastion up`), let the relays publish and retire again; or add --force")
+    _require_running(stack, "postgres", f"whether {producer} has published every event of {topic}: PostgreSQL",
+                     "let the relays publish")
     ctx = stack.context()
     engine = create_engine(Postgres(ctx).sqlalchemy_url(producer, ctx.credentials.postgres[producer], producer))
     waiting = select(func.count()).select_from(outbox).where(outbox.c.topic == topic, outbox.c.sent_at.is_(None))
@@ -64,6 +58,14 @@ def unpublished_by(stack: Stack, producer: str, topic: str, wait_seconds: float 
             time.sleep(0.5)
     finally:
         engine.dispose()
+
+
+def _require_running(stack: Stack, component: str, question: str, then: str) -> None:
+    """DevstackError unless COMPONENT runs: without it nobody can tell QUESTION (`whether ...: NAME`)."""
+    status = stack.status()["components"].get(component)
+    if not status or not status["healthy"]:
+        raise DevstackError(f"cannot tell {question} is not running",
+                            f"start the stack (`bastion up`), {then} and retire again; or add --force")
 
 
 def unanchored_if_retired(layout: StateLayout, key_id: str, wait_seconds: float | None = None,
