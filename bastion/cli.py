@@ -330,7 +330,7 @@ def cmd_data_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_data_keys_retire(args: argparse.Namespace) -> int:
     stack = _stack(quiet=True)
     keys = stack.data_keys()
-    state = keys.issuer.states(args.topic).get(args.key_id) if args.topic in keys.personal.topics else None
+    state = keys.state(args.topic, args.key_id)
     if state is None:
         errors.print(f"bastion keys data retire: {args.topic} has no data key {args.key_id}")
         return 2
@@ -339,7 +339,7 @@ def cmd_data_keys_retire(args: argparse.Namespace) -> int:
                      "retiring it")
         return 2
     if not args.force and state != "retired":
-        producers = keys.personal.topics[args.topic].producers
+        producers = keys.producers(args.topic)
         waiting = {producer: unpublished_by(stack, producer, args.topic) for producer in producers}
         if any(waiting.values()):
             errors.print(f"bastion keys data retire: not retired: events of {args.topic} still wait in an outbox ("

@@ -61,6 +61,14 @@ class DataKeys:
         entitled = [service for service in self.services if topic in self.personal.key_topics(service)]
         return sorted(entitled, key=lambda service: (service in producers, service))
 
+    def state(self, topic: str, key_id: str) -> DataKeyState | None:
+        """KEY_ID's state among TOPIC's keys, or None when TOPIC has no such key (or no personal fields)."""
+        return self.issuer.states(topic).get(key_id) if topic in self.personal.topics else None
+
+    def producers(self, topic: str) -> tuple[str, ...]:
+        """The services that seal TOPIC's personal fields (infra/event-access.yaml)."""
+        return self.personal.topics[topic].producers
+
     def rotate(self, topic: str) -> str:
         """A new active key for TOPIC, handed out; the previous one still opens what it sealed."""
         self._known(topic)

@@ -104,7 +104,7 @@ class DataKeyRing:
     def _save_index(self, topic: str, keys: dict[str, dict[str, str]]) -> None:
         folder = self._private_topic_dir(topic)
         # Written aside then renamed: a crash mid-write must not lose the states of keys that still exist.
-        temporary = folder / f".{INDEX_FILE}.tmp"
+        temporary = folder / f".{INDEX_FILE}.{os.getpid()}.tmp"  # a name of its own: two writers never share one
         write_private(temporary, json.dumps({"keys": keys}, indent=2, sort_keys=True) + "\n")
         os.replace(temporary, folder / INDEX_FILE)
 
