@@ -15,6 +15,7 @@ class MemoryAccounts:
     rows: dict[str, Account] = field(default_factory=dict)
     keys: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     lock_orders: list[list[str]] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # "lock" and "remembered", in the order the handler took them
 
     def add(self, account: Account) -> None:
         self.rows[account.account_id] = account
@@ -24,6 +25,7 @@ class MemoryAccounts:
 
     def lock_in_order(self, account_ids: list[str]) -> dict[str, Account]:
         self.lock_orders.append(list(account_ids))
+        self.steps.append("lock")
         return {i: self.rows[i] for i in account_ids if i in self.rows}
 
     def save(self, account: Account) -> None:
@@ -36,6 +38,7 @@ class MemoryAccounts:
         return list(self.rows.values())
 
     def remembered(self, idempotency_key: str) -> tuple[str, bytes] | None:
+        self.steps.append("remembered")
         return self.keys.get(idempotency_key)
 
     def remember(self, idempotency_key: str, fingerprint: str, response: bytes) -> None:

@@ -396,3 +396,16 @@ def test_opposite_transfers_lock_the_same_rows_in_the_same_order(bank: AccountsH
     bank.apply_transfer("t1", first, second, 100, "EUR", 1, "key-forward-1")
     bank.apply_transfer("t2", second, first, 100, "EUR", 1, "key-backward-1")
     assert uow.accounts.lock_orders[-2:] == [sorted([first, second])] * 2
+
+
+def test_the_idempotency_key_is_read_only_once_the_rows_are_locked(bank: AccountsHandlers,
+                                                                  uow: MemoryUnitOfWork) -> None:
+    """Read before the lock, a key the same request is committing meanwhile is missed, and inserting it again
+    fails (tests/integration/test_accounts_postgres.py shows it on PostgreSQL); read after, it is the same request."""
+    source, target = funded(bank, ALICE, 500), funded(bank, BOB, 0)
+    uow.accounts.steps.clear()
+    bank.deposit(TINA, source, 100, "key-deposit-0001")
+    assert uow.accounts.steps == ["lock", "remembered"]
+    uow.accounts.steps.clear()
+    bank.apply_transfer("t-1", source, target, 50, "EUR", 1, "key-transfer-0001")
+    assert uow.accounts.steps == ["lock", "remembered"]
