@@ -100,12 +100,24 @@ class StateLayout:
 
 
 def write_private(path: Path, content: str | bytes) -> None:
-    """Write a file that only its owner may read (0600), created with that mode so it is never exposed."""
+    """Write a file that only its owner may read (0600), created with that mode so it is never exposed; folders it
+    needs that do not exist yet are made owner-only (0700) too."""
     data = content.encode() if isinstance(content, str) else content
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folders(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
     try:
         os.write(fd, data)
     finally:
         os.close(fd)
     os.chmod(path, PRIVATE_FILE_MODE)
+
+
+def private_folders(folder: Path) -> None:
+    """Make FOLDER and each missing folder above it, owner-only (0700); folders that exist are left as they are."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(made, 0o700)  # whatever the umask

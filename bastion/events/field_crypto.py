@@ -14,7 +14,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bastion.devstack.event_access import TOPIC_NAME
-from bastion.devstack.layout import write_private
+from bastion.devstack.layout import private_folders, write_private
 from bastion.events.errors import EventsError
 from bastion.events.v1.envelope_pb2 import EncryptedField
 
@@ -81,10 +81,10 @@ class DataKeyRing:
         return self.folder / topic
 
     def _private_topic_dir(self, topic: str) -> Path:
-        # Made owner-only before a key is written into it (write_private would create it 0755), and tightened
+        # Owner-only (and the ring's folder above it, when new) before a key is written into it, and tightened
         # again if an older version left it open.
         folder = self._topic_dir(topic)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folders(folder)
         os.chmod(folder, 0o700)
         return folder
 

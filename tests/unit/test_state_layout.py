@@ -1,6 +1,6 @@
 """The state folder's modes: the root and the data folder traversable only (a dropped-privilege PostgreSQL reaches
-its data through them); every other folder the install makes is owner-only or inside one (`keys/` is 0700, so
-nothing below it can be reached by another user whatever its own mode)."""
+its data through them); every other folder the install makes is owner-only, the folders the key rings make as
+they write keys included."""
 
 import stat
 from pathlib import Path
@@ -22,6 +22,8 @@ def test_no_folder_of_a_new_install_but_the_traversable_two_can_be_reached_by_ot
     assert mode(layout.root) == mode(layout.data_dir) == 0o711
     folders = [path for path in layout.root.rglob("*") if path.is_dir() and path != layout.data_dir]
     assert {layout.keys_dir, layout.event_keys_dir, layout.data_keys_dir} <= set(folders)
+    # The folders the key rings make as they write keys are owner-only themselves, not only closed by keys/.
+    assert {path: oct(mode(path)) for path in folders if mode(path) != 0o700} == {}
     # Another user can reach a folder only through folders it may traverse: one owner-only folder on the way
     # closes everything below it.
     reachable = [path for path in folders
