@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
+from bastion.devstack.writer_lock import writer_lock
 from bastion.events.field_crypto import DataKeyRing, DataKeyState
 from bastion.events.personal_data import PersonalDataPolicy
 
@@ -36,23 +37,26 @@ class DataKeys:
 
     def ensure(self) -> None:
         """Give every topic with personal fields an active key, then hand the keys out (idempotent)."""
-        self.issuer.ensure(sorted(self.personal.topics))
-        self.distribute()
+        with writer_lock(self.folder):
+            self.issuer.ensure(sorted(self.personal.topics))
+            self.distribute()
 
     def distribute(self) -> None:
         """Make each service's copy hold exactly the issuer's non-retired keys of the topics it is entitled to;
         a topic no longer entitled loses its copy. Readers of a topic are served before its producers."""
-        for topic in sorted(self.personal.topics):
-            for service in self.handover_order(topic):
-                self.issuer.export_to(self.folder / service, topic)
-        # Every holder's folder, not only today's services: a service removed from infra/services.yaml keeps no key.
-        for held in self.folder.iterdir() if self.folder.exists() else []:
-            if not held.is_dir() or held.name == ISSUER:
-                continue
-            entitled = self.personal.key_topics(held.name) if held.name in self.services else []
-            for folder in held.iterdir():
-                if folder.is_dir() and folder.name not in entitled:
-                    shutil.rmtree(folder)
+        with writer_lock(self.folder):
+            for topic in sorted(self.personal.topics):
+                for service in self.handover_order(topic):
+                    self.issuer.export_to(self.folder / service, topic)
+            # Every holder's folder, not only today's services: a service removed from infra/services.yaml keeps
+            # no key.
+            for held in self.folder.iterdir():
+                if not held.is_dir() or held.name == ISSUER:
+                    continue
+                entitled = self.personal.key_topics(held.name) if held.name in self.services else []
+                for folder in held.iterdir():
+                    if folder.is_dir() and folder.name not in entitled:
+                        shutil.rmtree(folder)
 
     def handover_order(self, topic: str) -> list[str]:
         """The services entitled to TOPIC's keys, readers first: a producer seals under a new key only once every
@@ -71,16 +75,20 @@ class DataKeys:
 
     def rotate(self, topic: str) -> str:
         """A new active key for TOPIC, handed out; the previous one still opens what it sealed."""
-        self._known(topic)
-        key_id = self.issuer.rotate(topic)
-        self.distribute()
-        return key_id
+        self._known(topic)  # before the lock, which would make the folder: nothing is created before setup
+        with writer_lock(self.folder):  # one operator change of the keys at a time, handed out before the next
+            self._known(topic)
+            key_id = self.issuer.rotate(topic)
+            self.distribute()
+            return key_id
 
     def retire(self, topic: str, key_id: str) -> None:
         """Delete KEY_ID of TOPIC from the issuer and every copy (DataKeyError if it is unknown or active)."""
         self._known(topic)
-        self.issuer.retire(topic, key_id)
-        self.distribute()
+        with writer_lock(self.folder):
+            self._known(topic)
+            self.issuer.retire(topic, key_id)
+            self.distribute()
 
     def listing(self) -> list[ListedKey]:
         """Every key of every topic with personal fields, oldest first, with the services holding it."""

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bastion.devstack.event_access import TOPIC_NAME
 from bastion.devstack.layout import private_folders, write_private
+from bastion.devstack.writer_lock import writer_lock
 from bastion.events.errors import EventsError
 from bastion.events.v1.envelope_pb2 import EncryptedField
 
@@ -118,12 +119,17 @@ class DataKeyRing:
 
     def ensure(self, topics: list[str]) -> None:
         """Give every topic that has no active key a first one (idempotent)."""
-        for topic in topics:
-            if "active" not in self.states(topic).values():
-                self.rotate(topic)
+        with writer_lock(self.folder):
+            for topic in topics:
+                if "active" not in self.states(topic).values():
+                    self.rotate(topic)
 
     def rotate(self, topic: str) -> str:
         """Create a new active key for TOPIC; the previous active key becomes decrypt-only."""
+        with writer_lock(self.folder):  # read, changed and written back: one writer at a time
+            return self._rotate(topic)
+
+    def _rotate(self, topic: str) -> str:
         keys = self._load_index(topic)
         now = dt.datetime.now(dt.UTC)
         key_id = f"{topic}/{now:%Y%m%d}-{secrets.token_hex(4)}"
@@ -141,15 +147,16 @@ class DataKeyRing:
 
     def retire(self, topic: str, key_id: str) -> None:
         """Delete KEY_ID's material for good: what was encrypted under it can no longer be read by this ring."""
-        keys = self._load_index(topic)
-        entry = keys.get(key_id)
-        if entry is None:
-            raise DataKeyError(f"{key_id!r} is not a key of topic {topic!r} in {self.folder}")
-        if entry["state"] == "active":
-            raise DataKeyError(f"{key_id} is the active key of {topic}: rotate before retiring it")
-        entry["state"] = "retired"
-        self._save_index(topic, keys)
-        self._key_file(topic, key_id).unlink(missing_ok=True)
+        with writer_lock(self.folder):
+            keys = self._load_index(topic)
+            entry = keys.get(key_id)
+            if entry is None:
+                raise DataKeyError(f"{key_id!r} is not a key of topic {topic!r} in {self.folder}")
+            if entry["state"] == "active":
+                raise DataKeyError(f"{key_id} is the active key of {topic}: rotate before retiring it")
+            entry["state"] = "retired"
+            self._save_index(topic, keys)
+            self._key_file(topic, key_id).unlink(missing_ok=True)
 
     def export_to(self, other_folder: Path, topic: str) -> list[str]:
         """Make OTHER_FOLDER's copy of TOPIC hold exactly this ring's non-retired keys; returns their ids.
@@ -158,23 +165,25 @@ class DataKeyRing:
         `retire` also takes the key away from every consumer it was handed to.
         """
         other = DataKeyRing(other_folder)
-        keys = self._load_index(topic)
-        other._private_topic_dir(topic)
-        exported: list[str] = []
-        for key_id, entry in sorted(keys.items()):
-            if entry["state"] == "retired":
-                continue
-            material = self.get(topic, key_id)
-            if material is None:
-                raise DataKeyError(f"key material of {key_id!r} is missing: expected {self._key_file(topic, key_id)}")
-            write_private(other._key_file(topic, key_id), material)
-            exported.append(key_id)
-        keep = {other._key_file(topic, key_id).name for key_id in exported}
-        for stale in other._topic_dir(topic).glob("*.key"):
-            if stale.name not in keep:
-                stale.unlink()
-        other._save_index(topic, keys)
-        return exported
+        with writer_lock(self.folder), writer_lock(other_folder):  # this ring's keys stay as read until copied
+            keys = self._load_index(topic)
+            other._private_topic_dir(topic)
+            exported: list[str] = []
+            for key_id, entry in sorted(keys.items()):
+                if entry["state"] == "retired":
+                    continue
+                material = self.get(topic, key_id)
+                if material is None:
+                    raise DataKeyError(f"key material of {key_id!r} is missing: expected "
+                                       f"{self._key_file(topic, key_id)}")
+                write_private(other._key_file(topic, key_id), material)
+                exported.append(key_id)
+            keep = {other._key_file(topic, key_id).name for key_id in exported}
+            for stale in other._topic_dir(topic).glob("*.key"):
+                if stale.name not in keep:
+                    stale.unlink()
+            other._save_index(topic, keys)
+            return exported
 
     def active(self, topic: str) -> tuple[str, bytes]:
         """TOPIC's active key id and key; new fields are encrypted under it."""

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from bastion.devstack.layout import write_private
+from bastion.devstack.writer_lock import writer_lock
 from bastion.events.errors import KeyNotFoundError, RejectReason, TrustStoreUnavailableError, VerificationError
 
 KeyState = Literal["active", "verify-only", "retired"]
@@ -232,14 +233,19 @@ class KeyRing:
 
     def ensure(self, producers: list[str]) -> None:
         """Give every producer that has no active key a first one (idempotent)."""
-        raw = self._load_raw()
-        for producer in producers:
-            keys = raw["producers"].get(producer, {})
-            if not any(entry["state"] == "active" for entry in keys.values()):
-                self.rotate(producer)
+        with writer_lock(self.folder):
+            raw = self._load_raw()
+            for producer in producers:
+                keys = raw["producers"].get(producer, {})
+                if not any(entry["state"] == "active" for entry in keys.values()):
+                    self.rotate(producer)
 
     def rotate(self, producer: str) -> str:
         """Create a new active key for PRODUCER; the previous active key becomes verify-only."""
+        with writer_lock(self.folder):  # read, changed and written back: one writer at a time
+            return self._rotate(producer)
+
+    def _rotate(self, producer: str) -> str:
         raw = self._load_raw()
         keys = raw["producers"].setdefault(producer, {})
         for entry in keys.values():
@@ -265,13 +271,14 @@ class KeyRing:
 
     def retire(self, producer: str, key_id: str) -> None:
         """Stop verifying KEY_ID for good and delete its private key."""
-        raw = self._load_raw()
-        entry = raw["producers"][producer][key_id]
-        if entry["state"] == "active":
-            raise KeyNotFoundError(f"{key_id} is {producer}'s active key: rotate before retiring it")
-        entry["state"] = "retired"
-        self._save_raw(raw)
-        self._private_file(producer, key_id).unlink(missing_ok=True)
+        with writer_lock(self.folder):
+            raw = self._load_raw()
+            entry = raw["producers"][producer][key_id]
+            if entry["state"] == "active":
+                raise KeyNotFoundError(f"{key_id} is {producer}'s active key: rotate before retiring it")
+            entry["state"] = "retired"
+            self._save_raw(raw)
+            self._private_file(producer, key_id).unlink(missing_ok=True)
 
     def signing_key(self, producer: str) -> SigningKey:
         """PRODUCER's active private key; a missing key fails with a message that names it."""
