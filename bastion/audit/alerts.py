@@ -201,6 +201,10 @@ def parse_alert_rules(raw: object, source: str = "alert rules") -> list[AlertRul
     if not isinstance(raw, dict) or set(raw) != {"rules"} or not isinstance(raw["rules"], list):
         raise DevstackError(f"{source}: expected a mapping with one key, `rules`, holding a list",
                             "see infra/alert-rules.yaml")
+    if not raw["rules"]:
+        # An emptied file would start the detector with nothing to look for: alerting off, and nothing saying so.
+        raise DevstackError(f"{source}: no rules, so no refusal would ever raise an alert",
+                            "restore infra/alert-rules.yaml (it ships the rules docs/audit.md lists)")
     rules = [_rule(entry, f"{source}: rule {index + 1}") for index, entry in enumerate(raw["rules"])]
     names = [rule.name for rule in rules]
     duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -221,6 +221,14 @@ def test_a_missing_field_two_rules_of_one_name_or_another_shape_are_refused() ->
             parse_alert_rules(shape)
 
 
+def test_a_rules_file_without_rules_is_refused_rather_than_switching_alerting_off(tmp_path: Path) -> None:
+    with pytest.raises(DevstackError, match="no rules, so no refusal would ever raise an alert"):
+        parse_alert_rules({"rules": []})
+    (tmp_path / "emptied.yaml").write_text("rules: []\n")
+    with pytest.raises(DevstackError, match="no rules"):
+        load_alert_rules(tmp_path / "emptied.yaml")
+
+
 def test_an_unreadable_rules_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DevstackError, match="cannot read the alert rules"):
         load_alert_rules(tmp_path / "absent.yaml")
