@@ -64,6 +64,8 @@ class ServiceRuntime:
     workers: WorkerHealth = field(default_factory=WorkerHealth)
     threads: list[threading.Thread] = field(default_factory=list)
     health_servicer: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    # The publisher of the service's access decisions, once `security()` made it: closed when the service stops.
+    access_audit: KafkaAccessAudit | None = None
 
     @classmethod
     def load(cls, name: str, settings: DevstackSettings) -> "ServiceRuntime":
@@ -173,6 +175,10 @@ class ServiceRuntime:
         await stopping.wait()
         watchdog.cancel()
         await server.stop(5)
+        if self.access_audit is not None:
+            # No call is served any more: publish the decisions still queued or in librdkafka's hands (those it
+            # cannot deliver are counted and logged as lost), not leave them to die with the process.
+            await asyncio.to_thread(self.access_audit.close)
         stop.set()
         # Let the workers end their loop and close: a consumer that closes leaves its group at once, so its
         # partitions go to the other members (or this service's next start) now, not after the session timeout.
@@ -199,12 +205,13 @@ class ServiceRuntime:
         jwks = JwksCache.from_url(jwks_url(issuer), ssl.create_default_context(cafile=str(self.ctx.ca_file)))
         jwks.start_background_refresh()
         redis = aioredis.Redis(**self.ctx.redis_options(self.name, self.ctx.credentials.redis[self.name]))
+        self.access_audit = KafkaAccessAudit(self.key, self.kafka_config)
         return ServerSecurity(
             service=self.name,
             tls=self.tls(),
             validator=TokenValidator(issuer, self.name, jwks),
             policy=load_method_policy(self.ctx.settings.infra_dir / "policies" / f"{self.name}.yaml"),
-            audit=KafkaAccessAudit(self.key, self.kafka_config),
+            audit=self.access_audit,
             limiter=RedisRateLimiter(redis, self.name, rate_limit, SERVICE_ACCOUNT_RATE_LIMIT),
             spans=self.spans,
         )

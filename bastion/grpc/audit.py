@@ -290,16 +290,26 @@ class KafkaAccessAudit:
         remaining: int = self.producer.flush(max(deadline - time.monotonic(), 0.0))
         return remaining
 
-    def close(self) -> None:
-        """Publish what is queued, then stop; decisions recorded afterwards are counted as lost."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Publish what is queued and wait (TIMEOUT seconds for the worker, as long again for Kafka) until it is
+        delivered, then stop. Whatever is not delivered by then is counted and logged as lost, by correlation id:
+        the process that closes its audit is about to end, and librdkafka's queue ends with it. Decisions recorded
+        afterwards are counted as lost too."""
         with self._closing:
             self._closed = True  # from here on nothing is appended: the worker publishes what is queued, then ends
         self._wake.set()
-        self.worker.join(10)
+        self.worker.join(timeout)
         while self.pending:  # only if the worker died or is stuck past the join
             try:
                 decision, _ = self.pending.popleft()
             except IndexError:
                 break
             self._count_lost(decision.correlation_id, "audit closed before it was published")
-        self.producer.flush(10)
+        if self.worker.is_alive() and self._in_hand:  # stuck with a batch it has not handed to Kafka
+            DECISIONS_LOST.labels(self.key.producer).inc(self._in_hand)
+            log.error("access_decisions_lost", count=self._in_hand, error="audit closed while a batch was sealed")
+        if self.producer.flush(timeout):
+            # Kafka did not acknowledge everything in time: purge fails each bundle still held, and serving the
+            # delivery reports counts and logs each of its decisions as lost.
+            self.producer.purge()
+            self.producer.poll(0)

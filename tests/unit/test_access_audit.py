@@ -427,10 +427,14 @@ class UndeliveredYet(HeldProducer):
         super().__init__()
         self.release.set()
         self.flushes: list[float] = []
+        self.purged = False
 
     def flush(self, timeout: float) -> int:
         self.flushes.append(timeout)
         return len(self.records)
+
+    def purge(self) -> None:
+        self.purged = True
 
 
 def test_flush_and_close_wait_for_kafka_to_deliver_what_it_was_handed(ring: KeyRing) -> None:
@@ -441,6 +445,7 @@ def test_flush_and_close_wait_for_kafka_to_deliver_what_it_was_handed(ring: KeyR
     assert 0 < producer.flushes[0] <= 5
     audit.close()
     assert len(producer.flushes) == 2 and producer.flushes[1] > 0
+    assert producer.purged, "what Kafka did not acknowledge by then is purged, so that it is reported lost"
 
 
 class CrashingProducer(HeldProducer):
@@ -516,3 +521,36 @@ def test_however_long_its_decisions_no_record_is_too_large_for_kafka(ring: KeyRi
     audit.close()
     assert max(len(value) for _, value, _ in producer.records) < 1_000_000
     assert producer.correlation_ids() == [f"corr-{number}" for number in range(500)]
+
+
+class UnacknowledgedProducer(UndeliveredYet):
+    """A broker that never acknowledges: librdkafka holds each record until purged, then reports it failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unacknowledged: list[Any] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
+        super().produce(topic, value, key, headers)
+        self.unacknowledged.append(on_delivery)
+
+    def poll(self, _timeout: float) -> int:
+        if not self.purged:
+            return 0
+        failed, self.unacknowledged = self.unacknowledged, []
+        for delivered in failed:
+            delivered(KafkaError(KafkaError._PURGE_QUEUE), None)
+        return len(failed)
+
+
+def test_closing_counts_and_logs_each_decision_kafka_never_acknowledged(ring: KeyRing) -> None:
+    # The service ends right after close(): what librdkafka still holds ends with it, so it must be counted then.
+    producer = UnacknowledgedProducer()
+    audit = audit_with(ring, producer)
+    for number in range(3):
+        audit.record(a_decision(number))
+    assert audit.flush(timeout=1) == 1, "one bundle handed to librdkafka, never acknowledged"
+    before = lost()
+    audit.close(timeout=0.5)
+    assert lost() - before == 3
+    assert producer.unacknowledged == []
