@@ -50,6 +50,16 @@ LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
 quiet_librdkafka = logging.getLogger("bastion.devstack.kafka.librdkafka")
 
 
+def java_argument_file(arguments: list[str]) -> str:
+    """ARGUMENTS as a java launcher argument file (`java @FILE`): one per line, each quoted, with backslashes and
+    quotes escaped, so that spaces or quotes in an argument never split or end it."""
+    def quoted(argument: str) -> str:
+        if "\n" in argument or "\r" in argument:
+            raise ValueError("an argument file cannot carry a line break in an argument")
+        return '"' + argument.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "".join(quoted(argument) + "\n" for argument in arguments)
+
+
 def new_cluster_id() -> str:
     """A random KRaft cluster id: 16 bytes in URL-safe base64 without padding, never starting with "-" (as Kafka's
     own Uuid.randomUuid ensures), which the storage tool would read as an option: one id in 64 did, and `bastion
@@ -126,6 +136,7 @@ class Kafka(Component):
         }
 
     def _java(self, main: str, *args: str, heap: str = "-Xmx256m") -> list[str]:
+        """The java command running MAIN with ARGS (MAIN may be an `@FILE` argument file naming both)."""
         java = find_java(self.ctx.settings.java_home)
         classpath = str(self.ctx.distribution_dir("kafka") / "*")
         return [
@@ -149,11 +160,18 @@ class Kafka(Component):
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cluster_id = new_cluster_id()
         admin_scram = f"SCRAM-SHA-512=[name={ADMIN},password={self.ctx.credentials.kafka[ADMIN]}]"
-        argv = self._java(
+        # The tool and its arguments go in a 0600 argument file that the java launcher reads (`java ... @FILE`), not
+        # on the command line, which any local user reads (`ps`, /proc/PID/cmdline) while the tool runs.
+        arguments = self.conf_dir / "format.args"
+        write_private(arguments, java_argument_file([
             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.conf_dir / "server.properties"),
             "--standalone", "--add-scram", admin_scram,
-        )
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        ]))
+        try:
+            argv = self._java(f"@{arguments}")
+            result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        finally:
+            arguments.unlink(missing_ok=True)
         if result.returncode != 0:
             raise ComponentStartError(
                 f"formatting Kafka's storage failed:\n{(result.stdout + result.stderr).strip()[-800:]}",
