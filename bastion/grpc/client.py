@@ -107,8 +107,9 @@ class _Attempts:
 
 @dataclass
 class Downstream:
-    """One downstream service as seen by a caller: its breaker, retry budget and deadline, and the recorder of
-    the calls made on behalf of recorded calls (SPANS; none records nothing)."""
+    """One downstream service as seen by a caller: its breaker, retry budget and deadline, the recorder of the
+    calls made on behalf of recorded calls (SPANS; none records nothing), and whether the end user's token goes
+    with each call (PASS_END_USER_TOKEN: only to a downstream that reads it, see `metadata`)."""
 
     name: str
     channel: grpc.aio.Channel
@@ -117,11 +118,16 @@ class Downstream:
     budget: RetryBudget
     deadline_seconds: float = 5.0
     spans: SpanRecorder | None = None  # records the calls made on behalf of recorded calls
+    pass_end_user_token: bool = False
 
     def metadata(self, service_token: str, trace: TraceContext | None = None) -> tuple[tuple[str, str], ...]:
         """The metadata of a call made on behalf of the call being served, if any: this service's token, the
-        correlation id, the trace context (TRACE, or else the served call's span as the parent) and the end user's
-        token."""
+        correlation id, the trace context (TRACE, or else the served call's span as the parent) and, to a
+        downstream declared to read it, the end user's token.
+
+        The end user's token is for this service (its audience): a downstream that holds it can replay it here
+        until it expires, acting as that user. So it goes only where `pass_end_user_token` says a downstream needs
+        it, never by default (docs/decisions.md, "The end user's token goes only where it is read")."""
         metadata = [("authorization", f"Bearer {service_token}")]
         call = current_call.get(None)
         if call is not None:
@@ -129,7 +135,8 @@ class Downstream:
             trace = trace or call.trace
             if trace is not None:
                 metadata += trace.child_headers()
-            if call.bearer and call.principal is not None and not call.principal.is_service_account:
+            if self.pass_end_user_token and call.bearer and call.principal is not None \
+                    and not call.principal.is_service_account:
                 metadata.append((END_USER_TOKEN_HEADER, call.bearer))
         return tuple(metadata)
 

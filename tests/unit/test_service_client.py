@@ -149,8 +149,10 @@ class FakeMethod:
         return answer
 
 
-def accounts(deadline_seconds: float = 5.0, fail_max: int = 2) -> tuple[Downstream, FakeKeycloak]:
-    """Accounts as payments sees it: a fresh breaker (open after FAIL_MAX unhealthy calls), a full retry budget."""
+def accounts(deadline_seconds: float = 5.0, fail_max: int = 2,
+             pass_end_user_token: bool = True) -> tuple[Downstream, FakeKeycloak]:
+    """Accounts as payments sees it: a fresh breaker (open after FAIL_MAX unhealthy calls), a full retry budget;
+    declared to read the end user's token unless PASS_END_USER_TOKEN is false."""
     clock = ManualClock()
     keycloak = FakeKeycloak(clock)
     downstream = Downstream(
@@ -160,6 +162,7 @@ def accounts(deadline_seconds: float = 5.0, fail_max: int = 2) -> tuple[Downstre
         memory_breaker("payments->accounts", is_failure=is_unhealthy, fail_max=fail_max),
         RetryBudget(),
         deadline_seconds=deadline_seconds,
+        pass_end_user_token=pass_end_user_token,
     )
     return downstream, keycloak
 
@@ -185,6 +188,19 @@ def test_a_call_on_a_users_behalf_sends_the_service_token_the_correlation_id_and
     assert metadata[CORRELATION_HEADER] == "corr-7"
     assert metadata[END_USER_TOKEN_HEADER] == "alices-token"
     assert timeout is not None and 0 < timeout <= 5.0
+
+
+def test_the_end_users_token_goes_only_to_a_downstream_declared_to_read_it() -> None:
+    # A downstream holding the user's token could replay it at this service, as the user, until it expires.
+    downstream, _ = accounts(pass_end_user_token=False)
+    method = FakeMethod("reply")
+    served = CallContext("corr-6", "cli", ALICE, "/bastion.payments.v1.Payments/Transfer", bearer="alices-token")
+    called(downstream, method, served)
+    [(metadata, _)] = method.calls
+    assert END_USER_TOKEN_HEADER not in metadata and "alices-token" not in str(metadata)
+    assert metadata[CORRELATION_HEADER] == "corr-6", "the rest of the call's context still goes"
+    undeclared = Downstream("accounts", None, None, None, None)  # type: ignore[arg-type]
+    assert not undeclared.pass_end_user_token, "not passed unless declared"
 
 
 def test_a_service_accounts_own_token_is_never_passed_on_as_an_end_users() -> None:
