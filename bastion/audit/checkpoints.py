@@ -219,7 +219,8 @@ class CheckpointFile:
 
     A line that does not end with a newline (a write cut short) is refused like any other bad line rather
     than skipped: dropping the newest checkpoint is exactly what a tamperer would want. The published copy
-    on Kafka is the second witness if the file itself is lost or truncated.
+    on Kafka is the second witness if the file itself is lost or truncated: `bastion audit verify` fails when
+    the file lacks any published checkpoint (bastion/audit/published.py).
 
     UNANCHORED_OK is the signer's view (the audit service's own checkpointer), never a verifier's: checkpoints of
     retired keys at the end of the file, which no trusted checkpoint covers yet (the key was retired before the

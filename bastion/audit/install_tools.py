@@ -2,15 +2,18 @@
 is read straight from PostgreSQL as the audit role (which can only SELECT and INSERT it), and checked against the
 signed checkpoint file, not through the audit service, so a compromised service cannot vouch for itself."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
-from bastion.audit.checkpoints import CheckpointFile
+from bastion.audit.checkpoints import Checkpoint, CheckpointFile
 from bastion.audit.errors import CheckpointError
 from bastion.audit.postgres import AuditLog, Rebuilt, rebuild
+from bastion.audit.published import TOPIC, WitnessUnavailableError, missing_from_file, read_published
 from bastion.audit.verify import ChainReport
+from bastion.devstack.components.kafka import ADMIN, Kafka
 from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.events.keys import KeyRing
@@ -25,6 +28,7 @@ class Verification:
     checkpoints: int
     checkpoint_length: int
     superseded: int = 0  # checkpoints of retired audit keys, covered by a later trusted one
+    published: int = 0  # checkpoints on audit.checkpoints.v1, every one of them a line of the file
 
 
 def audit_engine(ctx: StackContext) -> Engine:
@@ -36,13 +40,34 @@ def checkpoint_file(ctx: StackContext, origin: str = ORIGIN) -> CheckpointFile:
     return CheckpointFile(ctx.layout.audit_checkpoints_file, KeyRing(ctx.layout.event_keys_dir).trust_store(), origin)
 
 
-def verify(ctx: StackContext, origin: str = ORIGIN) -> Verification:
-    """The whole chain, recomputed in one read-only snapshot, against every signed checkpoint of the file."""
+def published_checkpoints(ctx: StackContext, origin: str = ORIGIN) -> list[Checkpoint]:
+    """The checkpoints of ORIGIN the audit service published, read as the broker's admin."""
+    return read_published(Kafka(ctx).client_config(ADMIN, ctx.credentials.kafka[ADMIN]), origin)
+
+
+def verify(ctx: StackContext, origin: str = ORIGIN,
+           witness: Callable[[StackContext, str], list[Checkpoint]] = published_checkpoints) -> Verification:
+    """The whole chain, recomputed in one read-only snapshot, against every signed checkpoint of the file; and the
+    file against the second witness (WITNESS: the checkpoints published on Kafka), each of which it must hold: a
+    file lost, cut short or replaced must not read as fewer checkpoints to verify against."""
     file = checkpoint_file(ctx, origin)
     try:
         checkpoints = file.load()
+        written = [checkpoint for _, checkpoint in file.lines()]
     except CheckpointError as error:
         return Verification(ChainReport(False, 0, b"", None, f"checkpoint refused: {error}", 0), 0, 0)
+    try:
+        published = witness(ctx, origin)
+    except WitnessUnavailableError as error:
+        return Verification(ChainReport(False, 0, b"", None, f"the published checkpoints cannot be read, so the "
+                                        f"checkpoint file cannot be checked against them: {error}", 0), 0, 0)
+    missing = missing_from_file(published, written)
+    if missing:
+        return Verification(ChainReport(
+            False, 0, b"", None,
+            f"the checkpoint file lacks {len(missing)} of the {len(published)} checkpoints published on {TOPIC} "
+            f"(the newest it lacks covers {missing[-1].length} records, signed by {missing[-1].key_id}): it was "
+            f"lost, cut short or replaced, and the log cannot be checked against what it held", 0), 0, 0)
     engine = audit_engine(ctx)
     try:
         with engine.connect() as conn, conn.begin():
@@ -50,7 +75,8 @@ def verify(ctx: StackContext, origin: str = ORIGIN) -> Verification:
             report = AuditLog().check_chain(conn, checkpoints)
     finally:
         engine.dispose()
-    return Verification(report, len(checkpoints), checkpoints[-1].length if checkpoints else 0, len(file.superseded))
+    return Verification(report, len(checkpoints), checkpoints[-1].length if checkpoints else 0, len(file.superseded),
+                        len(published))
 
 
 def rebuild_projections(ctx: StackContext) -> Rebuilt:

@@ -1,0 +1,82 @@
+"""The second witness: the checkpoints the audit service published on `audit.checkpoints.v1` (kept forever, one
+partition, only the audit principal may write it), read back to check the checkpoint file against them.
+
+The file in the state folder is what a verifier reads; a file that is lost, cut short or replaced would otherwise
+read as "no checkpoints yet" (or fewer), and a log rewritten meanwhile would verify against nothing. Every
+checkpoint ever published must still be a line of the file: `missing_from_file` names those that are not.
+`bastion audit verify` reads the topic as the broker's admin, as an investigator does, without a consumer group.
+"""
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from bastion.audit.checkpoints import Checkpoint
+from bastion.audit.errors import CheckpointError
+
+TOPIC = "audit.checkpoints.v1"
+
+
+class WitnessUnavailableError(Exception):
+    """The published checkpoints could not be read (Kafka unreachable, the topic missing, a record unreadable)."""
+
+
+def missing_from_file(published: Iterable[Checkpoint], in_file: Iterable[Checkpoint]) -> list[Checkpoint]:
+    """The checkpoints of PUBLISHED that IN_FILE lacks (each compared whole: origin, length, head, key, signature),
+    in the order they were published. The file may hold more (a publication that failed is covered by the next)."""
+    kept = set(in_file)
+    return [checkpoint for checkpoint in published if checkpoint not in kept]
+
+
+def read_published(kafka_config: dict[str, Any], origin: str, timeout: float = 10.0) -> list[Checkpoint]:
+    """Every checkpoint of ORIGIN on the topic, oldest first, up to where the topic ended when asked. A record that
+    is not a checkpoint raises WitnessUnavailableError (only the audit service writes there: it is tampering or a
+    fault, and either way the witness cannot be read)."""
+    reader = Consumer({**kafka_config, "group.id": f"audit-witness-{uuid.uuid4()}", "enable.auto.commit": False,
+                       "enable.partition.eof": False})
+    try:
+        try:
+            metadata = reader.list_topics(TOPIC, timeout=timeout).topics[TOPIC]
+            if metadata.error is not None:
+                raise WitnessUnavailableError(f"no topic {TOPIC}: {metadata.error.str()}")
+            ends = {}
+            for partition in metadata.partitions:
+                low, high = reader.get_watermark_offsets(TopicPartition(TOPIC, partition), timeout=timeout)
+                if high > low:
+                    ends[partition] = high
+            if not ends:
+                return []
+            reader.assign([TopicPartition(TOPIC, partition, 0) for partition in ends])
+            return _read_until(reader, ends, origin, timeout)
+        except KafkaException as error:
+            raise WitnessUnavailableError(f"{TOPIC} could not be read: {error}") from None
+    finally:
+        reader.close()
+
+
+def _read_until(reader: Consumer, ends: dict[int, int], origin: str, timeout: float) -> list[Checkpoint]:
+    found: list[tuple[int, int, Checkpoint]] = []
+    left = dict(ends)
+    deadline = time.monotonic() + timeout
+    while left:
+        if time.monotonic() > deadline:
+            raise WitnessUnavailableError(f"{TOPIC} was not read to its end within {timeout:g} s")
+        message = reader.poll(0.5)
+        if message is None:
+            continue
+        if message.error() is not None:
+            raise WitnessUnavailableError(f"{TOPIC} could not be read: {message.error().str()}")
+        partition, offset = message.partition(), message.offset()
+        try:
+            checkpoint = Checkpoint.from_bytes(message.value() or b"")
+        except CheckpointError as error:
+            raise WitnessUnavailableError(f"{TOPIC}/{partition} at offset {offset} holds no checkpoint: {error}") \
+                from None
+        if checkpoint.origin == origin:
+            found.append((partition, offset, checkpoint))
+        if offset + 1 >= left.get(partition, 0):
+            left.pop(partition, None)
+    return [checkpoint for _, _, checkpoint in sorted(found, key=lambda place: (place[0], place[1]))]
