@@ -46,11 +46,13 @@ def published_checkpoints(ctx: StackContext, origin: str = ORIGIN) -> list[Check
 
 
 def verify(ctx: StackContext, origin: str = ORIGIN,
-           witness: Callable[[StackContext, str], list[Checkpoint]] = published_checkpoints) -> Verification:
-    """The whole chain, recomputed in one read-only snapshot, against every signed checkpoint of the file; and the
-    file against the second witness (WITNESS: the checkpoints published on Kafka), each of which it must hold: a
-    file lost, cut short or replaced must not read as fewer checkpoints to verify against."""
-    file = checkpoint_file(ctx, origin)
+           witness: Callable[[StackContext, str], list[Checkpoint]] = published_checkpoints,
+           file: CheckpointFile | None = None) -> Verification:
+    """The whole chain, recomputed in one read-only snapshot, against every signed checkpoint of the file (the
+    install's, or FILE); and the file against the second witness (WITNESS: the checkpoints published on Kafka),
+    each of which it must hold: a file lost, cut short or replaced must not read as fewer checkpoints to verify
+    against."""
+    file = file or checkpoint_file(ctx, origin)
     try:
         checkpoints = file.load()
         written = [checkpoint for _, checkpoint in file.lines()]

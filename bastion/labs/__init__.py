@@ -209,10 +209,13 @@ LABS: tuple[Lab, ...] = (
         expect="circuit open", probe=money.retry_storm),
     Lab("audit-tampering", "Rewriting the audit log",
         attack="Update, delete and truncate the audit log as the audit service's role and as the database admin; "
-               "then, as the admin with the trigger disabled, edit a record of a scratch copy of the log.",
+               "then, as the admin with the trigger disabled, edit a record of a scratch copy of the log; last, "
+               "delete the checkpoint file (in a scratch folder) so that nothing seems signed yet.",
         defence="Grants (the service role may only INSERT and SELECT), an ENABLE ALWAYS trigger refusing UPDATE, "
-                "DELETE and TRUNCATE to everyone, and the hash chain with signed checkpoints the verifier checks.",
-        where="bastion/audit/postgres.py (install), bastion/audit/verify.py, bastion/audit/install_tools.py",
+                "DELETE and TRUNCATE to everyone, and the hash chain with signed checkpoints the verifier checks, "
+                "the file against every checkpoint published on audit.checkpoints.v1.",
+        where="bastion/audit/postgres.py (install), bastion/audit/verify.py, bastion/audit/install_tools.py, "
+              "bastion/audit/published.py",
         expect="first bad seq", probe=audit.audit_tampering),
     Lab("permission-probing", "A customer trying a teller's method again and again",
         attack="Call accounts.Deposit, which only tellers may, as alice (a customer) as many times as the "

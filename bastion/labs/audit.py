@@ -1,23 +1,27 @@
 """The audit lab: rewriting the audit log, first as the audit service's own role and as the database admin with
 the append-only trigger in place (on the real log, in transactions that are rolled back), then as the admin
-with the trigger disabled on a scratch copy of the log in a schema of its own, which the verifier must catch."""
+with the trigger disabled on a scratch copy of the log in a schema of its own, which the verifier must catch;
+last, the checkpoint file deleted (checked in a scratch folder), which the published checkpoints must catch."""
 
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from sqlalchemy import Engine, Executable, MetaData, create_engine, delete, func, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
-from bastion.audit.checkpoints import Checkpoint
+from bastion.audit.checkpoints import Checkpoint, CheckpointFile
 from bastion.audit.errors import CheckpointError
-from bastion.audit.install_tools import SERVICE, checkpoint_file, verify
+from bastion.audit.install_tools import ORIGIN, SERVICE, checkpoint_file, published_checkpoints, verify
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog, install
 from bastion.audit.postgres import log as audit_log
 from bastion.audit.verify import ChainReport
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
+from bastion.events.keys import KeyRing
 from bastion.labs.base import Evidence
 from bastion.labs.platform import TIMEOUT, LabSetupError, Session, new_correlation_id
 
@@ -44,6 +48,7 @@ def audit_tampering(session: Session) -> Iterator[Evidence]:
         yield _rolled_back(admin, f"the database admin, a superuser, with the trigger in place: UPDATE record {length}",
                            attempts[f"UPDATE record {length}"])
         yield from _tamper_a_scratch_copy(session, admin, service, min(length, SCRATCH_RECORDS))
+        yield from _without_the_checkpoint_file(session)
         real = verify(ctx).report
         yield Evidence("the real log afterwards (`bastion audit verify`)",
                        f"{'verified' if real.ok else 'NOT verified'}: {real.length} records; {real.reason}")
@@ -115,6 +120,26 @@ def _tamper_a_scratch_copy(session: Session, admin: Engine, service: Engine, len
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {scratch} CASCADE")
+
+
+def _without_the_checkpoint_file(session: Session) -> Iterator[Evidence]:
+    """The checkpoint file deleted (an empty place where a copy would be, the install's own file untouched): the
+    verifier must not read that as "no checkpoints yet", since the audit service published each one on Kafka."""
+    deadline = time.monotonic() + session.target.verdict_wait_seconds
+    while not (published := published_checkpoints(session.ctx)):
+        if time.monotonic() > deadline:
+            raise LabSetupError("the audit service has published no checkpoint yet: is it running?")
+        time.sleep(1)
+    yield Evidence("checkpoints published on audit.checkpoints.v1 (the second witness)",
+                   f"{len(published)}, the newest covering {published[-1].length} records")
+    with tempfile.TemporaryDirectory() as scratch:
+        deleted = CheckpointFile(Path(scratch) / "checkpoints.jsonl", KeyRing(session.ctx.layout.event_keys_dir)
+                                 .trust_store(), ORIGIN)
+        verdict = verify(session.ctx, file=deleted).report
+    caught = not verdict.ok and "lacks" in verdict.reason
+    yield Evidence("the checkpoint file deleted, then `bastion audit verify`",
+                   f"NOT verified: {verdict.reason}" if not verdict.ok else "verified: the deletion went unseen",
+                   caught)
 
 
 def _checkpoints_within(session: Session, length: int) -> list[Checkpoint]:

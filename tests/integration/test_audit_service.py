@@ -305,8 +305,7 @@ def test_a_forged_checkpoint_is_refused_and_raises_a_security_record(bank: Bank,
 
 
 def test_a_checkpoint_file_lost_or_cut_short_is_caught_by_the_checkpoints_published_on_kafka(
-        ctx: StackContext, bank: Bank, audit: Any, checkpoints: CheckpointTamperer, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        ctx: StackContext, bank: Bank, audit: Any, checkpoints: CheckpointTamperer, tmp_path: Path) -> None:
     signed_checkpoints(bank, audit, checkpoints, at_least=1)
     published = install_tools.published_checkpoints(ctx)
     assert published, "the audit service publishes what it signs"
@@ -318,16 +317,18 @@ def test_a_checkpoint_file_lost_or_cut_short_is_caught_by_the_checkpoints_publis
     newest = lines.index(published[-1].to_json() + "\n")
     copy = tmp_path / "checkpoints.jsonl"
     trust = KeyRing(ctx.layout.event_keys_dir).trust_store()
-    monkeypatch.setattr(install_tools, "checkpoint_file",
-                        lambda _ctx, origin=install_tools.ORIGIN: CheckpointFile(copy, trust, origin))
-    verdict = install_tools.verify(ctx)  # no file at all: it read as "0 signed checkpoints" and verified
-    assert not verdict.report.ok and "the checkpoint file lacks" in verdict.report.reason
-    assert f"lacks {len(published)} of the {len(published)} checkpoints" in verdict.report.reason
+
+    def verify_copy() -> Any:
+        return install_tools.verify(ctx, file=CheckpointFile(copy, trust, install_tools.ORIGIN)).report
+
+    verdict = verify_copy()  # no file at all: it read as "0 signed checkpoints" and verified
+    assert not verdict.ok and "the checkpoint file lacks" in verdict.reason
+    assert f"lacks {len(published)} of the {len(published)} checkpoints" in verdict.reason
     copy.write_text("".join(lines[:newest]))  # cut short before the newest published checkpoint
-    verdict = install_tools.verify(ctx)
-    assert not verdict.report.ok and f"covers {published[-1].length} records" in verdict.report.reason
+    verdict = verify_copy()
+    assert not verdict.ok and f"covers {published[-1].length} records" in verdict.reason
     copy.write_text("".join(lines))
-    assert install_tools.verify(ctx).report.ok
+    assert verify_copy().ok
 
 
 def test_a_checkpoint_whose_length_goes_backwards_is_refused(bank: Bank, audit: Any,
