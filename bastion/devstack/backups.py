@@ -41,7 +41,7 @@ from pyrage import x25519
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
-from bastion.devstack.layout import write_private
+from bastion.devstack.layout import private_folders, write_private
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -135,8 +135,9 @@ class Verified:
 
 
 def _write_new(path: Path, content: str) -> None:
-    """Create PATH with CONTENT, readable by its owner only from the first byte; never over an existing file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create PATH with CONTENT, readable by its owner only from the first byte; never over an existing file. Folders
+    it needs that do not exist yet are made owner-only (0700), every one of them, whatever the umask."""
+    private_folders(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(content)

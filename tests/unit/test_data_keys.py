@@ -2,13 +2,20 @@
 exactly the services infra/personal-data.yaml entitles (readers before producers); retiring one crypto-shreds what
 it sealed; an operator's mistakes named with exit status 2."""
 
+import json
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from bastion.cli import main
 from bastion.devstack.data_keys import DataKeys
+from bastion.devstack.errors import DevstackError
+from bastion.devstack.layout import StateLayout
 from bastion.devstack.stack import Stack
+from bastion.devstack.writer_lock import writer_lock
 from bastion.events.field_crypto import DataKeyRing, encrypt_field, field_context, reveal
 from bastion.settings import DevstackSettings
 
@@ -118,3 +125,64 @@ def test_rotating_before_setup_is_refused_and_creates_nothing(tmp_path: Path, mo
     assert main(["keys", "data", "rotate", TOPIC]) == 2
     assert f"no data keys of {TOPIC} yet" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
+
+
+def test_a_service_the_policy_names_but_the_platform_no_longer_runs_keeps_no_key(tmp_path: Path) -> None:
+    """infra/personal-data.yaml may still entitle a reader that infra/services.yaml dropped: no copy for it."""
+    settings = DevstackSettings(state_dir=tmp_path / "state")
+    full = Stack(settings, lambda _message: None).data_keys()
+    full.ensure()
+    assert (full.folder / "notifications" / TOPIC).is_dir()
+    running = [service for service in full.services if service != "notifications"]
+    without = DataKeys(StateLayout(tmp_path / "state"), full.personal, running)
+    without.distribute()
+    assert not (without.folder / "notifications" / TOPIC).exists()
+    assert (without.folder / "accounts" / TOPIC).is_dir(), "the producer still running keeps its copy"
+
+
+def test_files_beside_the_key_folders_do_not_stop_the_hand_out(keys: DataKeys) -> None:
+    (keys.folder / "README").write_text("stray file in the data keys folder")
+    (keys.folder / "notifications" / "notes.txt").write_text("stray file in a service's copy")
+    keys.distribute()
+    assert (keys.folder / "notifications" / "notes.txt").exists()
+    [key_id] = keys.issuer.states(TOPIC)
+    assert ring(keys, "notifications").get(TOPIC, key_id) is not None
+
+
+def test_a_topic_without_personal_fields_has_no_key_state_whatever_its_folder_holds(keys: DataKeys) -> None:
+    """A topic whose personal fields were dropped from infra/personal-data.yaml: its old keys are not offered."""
+    keys.issuer.rotate("payments.events.v1")
+    assert keys.state("payments.events.v1", next(iter(keys.issuer.states("payments.events.v1")))) is None
+    with pytest.raises(DevstackError, match=r"'payments\.events\.v1' has no personal fields"):
+        keys.retire("payments.events.v1", next(iter(keys.issuer.states("payments.events.v1"))))
+
+
+def test_keys_are_listed_oldest_first_whatever_their_ids(keys: DataKeys) -> None:
+    keys.rotate(TOPIC)
+    index = keys.folder / "issuer" / TOPIC / "keys.json"
+    recorded = json.loads(index.read_text())
+    first, second = sorted(recorded["keys"])  # made the same day: their ids' order is chance
+    recorded["keys"][first]["created_at"] = "2026-11-28T12:00:02+00:00"
+    recorded["keys"][second]["created_at"] = "2026-11-28T12:00:01+00:00"
+    index.write_text(json.dumps(recorded))
+    assert [key.key_id for key in keys.listing() if key.topic == TOPIC] == [second, first]
+
+
+def test_a_rotation_that_waited_for_the_lock_looks_again_before_it_makes_a_key(keys: DataKeys) -> None:
+    """The keys can go while a rotation waits for another writer (a `bastion reset` beside it): it makes none then."""
+    failures: list[BaseException] = []
+
+    def rotate() -> None:
+        try:
+            keys.rotate(TOPIC)
+        except DevstackError as error:
+            failures.append(error)
+
+    with writer_lock(keys.folder):
+        rotation = threading.Thread(target=rotate)
+        rotation.start()
+        time.sleep(0.3)  # it has looked once and now waits for the lock
+        shutil.rmtree(keys.folder / "issuer" / TOPIC)
+    rotation.join(10)
+    assert [str(error).splitlines()[0] for error in failures] == [f"no data keys of {TOPIC} yet"]
+    assert not (keys.folder / "issuer" / TOPIC).exists()

@@ -2,10 +2,11 @@
 its data through them); every other folder the install makes is owner-only, the folders the key rings make as
 they write keys included."""
 
+import os
 import stat
 from pathlib import Path
 
-from bastion.devstack.layout import StateLayout
+from bastion.devstack.layout import StateLayout, write_private
 from bastion.events.field_crypto import DataKeyRing
 from bastion.events.keys import KeyRing
 
@@ -39,3 +40,33 @@ def test_a_keys_folder_an_older_install_left_open_is_closed_again(tmp_path: Path
         folder.chmod(0o755)
     layout.ensure()
     assert mode(layout.keys_dir) == mode(layout.event_keys_dir) == mode(layout.data_keys_dir) == 0o700
+
+
+def test_a_new_install_has_each_of_its_folders_and_every_key_lives_below_keys(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path / "state")
+    layout.ensure()
+    for folder in (layout.pki_dir, layout.keys_dir, layout.event_keys_dir, layout.data_keys_dir, layout.run_dir,
+                   layout.log_dir, layout.conf_dir, layout.dist_dir, layout.audit_checkpoints_file.parent):
+        assert folder.is_dir() and mode(folder) == 0o700, folder
+    for key_folder in (layout.event_keys_dir, layout.data_keys_dir, layout.backup_keys_dir,
+                       layout.at_rest_key("accounts").parent):
+        assert layout.keys_dir in key_folder.parents, key_folder
+
+
+def test_a_private_file_written_again_is_its_new_content_only_and_owner_only_again(tmp_path: Path) -> None:
+    path = tmp_path / "secret.json"
+    write_private(path, "a much longer first content")
+    path.chmod(0o644)
+    write_private(path, b"short")
+    assert path.read_bytes() == b"short"
+    assert mode(path) == 0o600
+
+
+def test_folders_made_for_a_private_file_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o077 | 0o200)  # would leave a new folder 0500: not even its owner could write in it
+    try:
+        write_private(tmp_path / "a" / "b" / "key.pem", "key")
+    finally:
+        os.umask(previous)
+    assert mode(tmp_path / "a") == mode(tmp_path / "a" / "b") == 0o700
+    assert mode(tmp_path / "a" / "b" / "key.pem") == 0o600
