@@ -14,7 +14,7 @@ from bastion.audit.checkpoints import Checkpoint
 from bastion.audit.errors import CheckpointForkError, CheckpointRollbackError
 from bastion.audit.records import AuditRecord, Decision, RecordKind
 from bastion.events.consumer import safe_claim
-from bastion.events.errors import VerificationError
+from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import MAX_ENVELOPE_BYTES, VerifiedEvent
 from bastion.grpc.errors import InvalidArgumentError
@@ -74,6 +74,11 @@ def accepted(delivery: Delivery, event: VerifiedEvent, recorded_at: dt.datetime)
         decision = Decision.ALLOW if payload.decision == DECISION_ALLOW else Decision.DENY
         reason, detail = _text(payload.reason), f"peer={_text(payload.service_identity) or '-'}"
     elif isinstance(payload, EventRejected):
+        if payload.consumer != envelope.producer:
+            # Each service reports the refusals of its own consumer, signed with its own key (bastion/runtime.py):
+            # a report in another consumer's name is its signer's forgery, and would put an alert on that name.
+            raise VerificationError(RejectReason.NOT_AUTHORISED, f"{_text(envelope.producer)} reported a refusal in "
+                                    f"the name of {_text(payload.consumer)!r}: a service reports only its own")
         kind, principal = RecordKind.REJECTION, _text(payload.consumer)
         action = _text(f"{payload.topic}/{payload.partition}/{payload.offset}")
         reason, detail = _text(payload.reason), _text(payload.detail)

@@ -88,6 +88,9 @@ class AuditRecords:
                 continue
             try:
                 records.append(domain.accepted(alone, event, self.clock()))
+            except VerificationError as error:  # verified, but not the producer's to say (see domain.accepted)
+                records.append(self._refuse(message, alone, error, bundled=True))
+                continue
             except Exception as error:  # as in `record`: kept as refused, never a stop of the trail
                 records.append(self._refuse(message, alone, VerificationError(
                     RejectReason.MALFORMED, f"not recordable: {type(error).__name__}: {error}"[:300]), bundled=True))

@@ -2,13 +2,21 @@
 its memory bounds, a restart over the recent log, and the rules file refused when it is wrong."""
 
 import datetime as dt
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bastion.access.v1.decision_pb2 import EventRejected
-from bastion.audit.alerts import AlertDetector, AlertRule, alert_in, load_alert_rules, parse_alert_rules
+from bastion.audit.alerts import (
+    AlertDetector,
+    AlertRule,
+    alert_in,
+    load_alert_rules,
+    longest_window,
+    parse_alert_rules,
+)
 from bastion.audit.projections import SecurityRow
 from bastion.devstack.errors import DevstackError
 from bastion.events.envelopes import bundle, seal
@@ -202,6 +210,10 @@ def good() -> dict[str, Any]:
     ({"reason_starts_with": [""]}, "reason_starts_with must be a list of non-empty texts"),
     ({"reason_starts_with": "permission"}, "reason_starts_with must be a list"),
     ({"name": "Probe Rule"}, "name 'Probe Rule' is not lower-case"),
+    ({"name": "probe rule"}, "name 'probe rule' is not lower-case"),
+    ({"name": "p" * 64}, "is not lower-case letters"),
+    ({"description": "d" * 301}, "description must be text of at most 300 characters"),
+    ({"reason_starts_with": [5]}, "reason_starts_with must be a list of non-empty texts"),
     ({"description": " "}, "description must be text"),
 ])
 def test_a_wrong_rule_is_refused_with_a_message_that_names_it(change: dict[str, Any], message: str) -> None:
@@ -283,3 +295,95 @@ def test_an_alert_reads_back_from_the_envelope_the_log_keeps_and_nothing_else_do
     for unreadable in (other.SerializeToString(), b"\xff\x00garbage", b""):
         with pytest.raises(VerificationError):
             alert_in(unreadable)
+
+
+def test_a_rule_counts_only_refusals_of_its_own_kind() -> None:
+    denials = AlertDetector([rule(reason_starts_with=())])
+    assert denials.observe([rejection(seq, seq, consumer="mallory") for seq in range(1, 8)]) == []
+    rejections = AlertDetector([rule(kind="rejection", reason_starts_with=(), threshold=2)])
+    assert rejections.observe([denial(seq, seq, principal="audit") for seq in range(1, 8)]) == []
+
+
+def test_a_rejection_is_never_counted_by_a_peer_whatever_its_detail_says() -> None:
+    by_peer = AlertDetector([rule(kind="rejection", count_by="peer", reason_starts_with=(), threshold=1)])
+    forged = SecurityRow(1, "rejection", "audit", "payments", "t/0/1", "bad_signature", "peer=cli", "t", 0, 1, "e",
+                         "c", T0)
+    assert by_peer.observe([forged]) == []
+
+
+def test_a_long_key_is_counted_by_its_first_two_hundred_characters() -> None:
+    detector = AlertDetector([rule(threshold=2)])
+    [alert] = detector.observe([denial(1, 1, principal="m" * 250 + "a"), denial(2, 2, principal="m" * 250 + "b")])
+    assert alert.key == "m" * 200
+
+
+def test_alert_ids_tell_apart_rules_and_the_last_refusal_counted() -> None:
+    alert = AlertDetector([rule(threshold=2)]).observe([denial(1, 1), denial(2, 2)])[0]
+    other_rule = replace(alert, rule=rule(name="another-rule", threshold=2))
+    later = replace(alert, last_seq=3)
+    assert len({alert.alert_id, other_rule.alert_id, later.alert_id}) == 3
+    assert replace(alert, first_seq=0).alert_id == alert.alert_id, "what raised it: the rule, key and last entry"
+
+
+def test_what_an_earlier_alert_counted_is_skipped_for_its_own_key_only() -> None:
+    restarted = AlertDetector([rule(threshold=2)])
+    rows = [denial(1, 1, "bob"), denial(2, 2, "bob"), denial(3, 3, "alice")]
+    [alert] = restarted.observe(rows, skip_through={("permission-probing", "alice"): 10})
+    assert (alert.key, alert.first_seq, alert.last_seq) == ("bob", 1, 2)
+
+
+def test_a_head_below_what_was_seen_does_not_let_entries_be_counted_again() -> None:
+    detector = AlertDetector([rule()])
+    assert detector.observe([denial(seq, seq) for seq in range(1, 5)]) == []
+    detector.seen_through(2)
+    assert detector.observe([denial(seq, seq) for seq in range(1, 5)]) == []
+
+
+def test_the_key_seen_most_recently_is_kept_when_one_must_be_forgotten() -> None:
+    detector = AlertDetector([rule(threshold=3)], max_keys=2)
+    rows = [denial(1, 1, "a"), denial(2, 2, "b"), denial(3, 3, "a"), denial(4, 4, "c")]
+    assert detector.observe(rows) == [], "b was seen longest ago when c came"
+    [alert] = detector.observe([denial(5, 5, "a")])
+    assert (alert.key, alert.first_seq) == ("a", 1)
+
+
+def test_refusals_read_late_are_not_counted_once_far_behind_their_keys_latest() -> None:
+    # The key's latest refusal occurred an hour after the five read after it: those are all beyond the span kept.
+    rows = [denial(1, 3600), *(denial(seq, seq) for seq in range(2, 7))]
+    assert AlertDetector([rule()]).observe(rows) == []
+
+
+def test_a_refusal_exactly_the_window_plus_five_minutes_before_the_latest_is_still_counted() -> None:
+    rows = [denial(1, 360), denial(2, 0), denial(3, 1), denial(4, 2), denial(5, 3), denial(6, 4)]
+    [alert] = AlertDetector([rule()]).observe(rows)
+    assert (alert.first_seq, alert.last_seq, alert.first_at) == (2, 6, T0)
+
+
+def test_an_alert_names_the_correlation_id_of_the_refusal_that_completed_it() -> None:
+    rows = [denial(seq, at) for seq, at in enumerate([50, 10, 300, 40, 0, 30], start=1)]
+    [alert] = AlertDetector([rule()]).observe(rows)
+    assert alert.last_correlation_id == "corr-6" and alert.last_at == T0 + dt.timedelta(seconds=50)
+
+
+def test_how_many_refusals_a_key_keeps_is_what_its_span_holds_below_the_threshold_and_at_most_a_thousand() -> None:
+    # Window plus five minutes overlaps ceil(span / window) + 1 window-long slices, each holding THRESHOLD - 1.
+    assert rule(threshold=5).kept_per_key == 4 * (6 + 1)
+    assert rule(threshold=3, window=dt.timedelta(seconds=300)).kept_per_key == 2 * (2 + 1)
+    assert rule(threshold=1).kept_per_key == 1
+    assert rule(threshold=100, window=dt.timedelta(seconds=1)).kept_per_key == 1000
+    detector = AlertDetector([rule(threshold=100, window=dt.timedelta(seconds=1), reason_starts_with=())])
+    # 91 refusals a second at most, never 100 in one: nothing raised, and the key keeps its newest thousand.
+    assert detector.observe([denial(seq, seq * 0.011) for seq in range(1, 1201)]) == []
+    assert len(detector._counted["permission-probing"]["mallory"]) == 1000
+
+
+def test_the_longest_window_of_the_rules_is_how_far_back_a_restart_reads() -> None:
+    rules = [rule(window=dt.timedelta(seconds=60)), rule(name="slow", window=dt.timedelta(hours=1)),
+             rule(name="fast", window=dt.timedelta(seconds=5))]
+    assert longest_window(rules) == dt.timedelta(hours=1)
+    assert longest_window([]) == dt.timedelta(0)
+
+
+def test_the_longest_rule_name_and_description_allowed_are_accepted() -> None:
+    [longest] = parse_alert_rules({"rules": [{**good(), "name": "p" * 63, "description": "d" * 300}]})
+    assert (len(longest.name), len(longest.description)) == (63, 300)

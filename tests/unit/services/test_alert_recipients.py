@@ -40,10 +40,18 @@ def test_the_shipped_recipients_are_auditors_of_the_dev_realm() -> None:
     ({"recipients": ["Ada Lovelace"]}, "not a username: 'Ada Lovelace'"),
     ({"recipients": [7]}, "not a username: 7"),
     ({"recipients": [f"user{n}" for n in range(51)]}, "51 recipients"),
+    ({"recipients": ["ada lovelace"]}, "not a username: 'ada lovelace'"),
+    ({"recipients": ["a" * 101]}, "not a username"),
 ])
 def test_a_wrong_recipients_file_is_refused_with_a_message_that_names_it(raw: object, message: str) -> None:
     with pytest.raises(DevstackError, match=message):
         parse_alert_recipients(raw)
+
+
+def test_the_most_recipients_and_the_longest_username_allowed_are_taken_in_the_files_order() -> None:
+    names = [f"user{n:02}" for n in range(50, 0, -1)]
+    assert parse_alert_recipients({"recipients": names}) == tuple(names)
+    assert parse_alert_recipients({"recipients": ["a" * 100, "ada"]}) == ("a" * 100, "ada")
 
 
 def test_an_unreadable_recipients_file_is_refused(tmp_path: Path) -> None:

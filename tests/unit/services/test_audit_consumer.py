@@ -2,32 +2,42 @@
 before the batch is appended and its offsets committed, so a refused record is never lost to a crash; the alerts
 the batch raises are written in the transaction that appends it; a checkpoint file it cannot believe stops the
 signing, never the log; checkpoints a key retired too early left unanchored are covered by the new key; a key
-retired a moment ago is waited out, not a reason to stop signing."""
+retired a moment ago is waited out, not a reason to stop signing. Also: each envelope of a bundle is its own record
+(kept as it verifies alone), a bundle refused whole is one; the Kafka clients' settings; a checkpoint published
+keyed by its log."""
 
 import contextlib
+import datetime as dt
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import pytest
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaError
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from bastion.access.v1.decision_pb2 import EventRejected
 from bastion.accounts.v1.events_pb2 import AccountOpened
 from bastion.audit.chain import Head
 from bastion.audit.checkpoints import Checkpointer, CheckpointFile, sign_checkpoint
 from bastion.audit.errors import CheckpointError
 from bastion.events.consumer import DeadLetters
+from bastion.events.envelopes import bundle
 from bastion.events.errors import RejectReason, TrustStoreUnavailableError, VerificationError
 from bastion.events.keys import KeyRing
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import VerifiedEvent
 from bastion.grpc.spans import SpanRecorder
-from services.audit.adapters.kafka import AuditConsumer, AuditRecords
+from services.audit.adapters import kafka as kafka_adapter
+from services.audit.adapters.kafka import AuditConsumer, AuditRecords, CheckpointPublisher
+from tests.unit.audit.samples import AUDIT_KEY
 
 
 class Forged:
@@ -313,3 +323,295 @@ def test_signing_with_a_key_just_retired_waits_for_the_new_key_instead_of_stoppi
     consumer.checkpointer.key = ring.followed_signing_key("audit")  # its next look at the key ring
     consumer._checkpoint_if_due()
     assert not consumer.key_in_flux and len(consumer.publisher.published) == 1  # type: ignore[attr-defined]
+
+
+BROKER_TIME = dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC)
+CLOCK = dt.datetime(2026, 3, 1, 9, 0, 5, tzinfo=dt.UTC)
+
+
+class Record(Forged):
+    """A record of the audited topics with what it holds, its headers, and the broker's append time."""
+
+    def __init__(self, offset: int, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+        super().__init__(offset)
+        self._value, self._headers = value, headers or []
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self._headers
+
+    def value(self) -> bytes:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (TIMESTAMP_LOG_APPEND_TIME, int(BROKER_TIME.timestamp() * 1000))
+
+
+class Letters(Kafka):
+    """The dead-letter producer: keeps each letter's source, headers and bytes."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.letters: list[tuple[str, dict[str, bytes], bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: Any, headers: Any, on_delivery: Any) -> None:
+        super().produce(topic, value, key, headers, on_delivery)
+        self.letters.append((dict(headers)["bastion-source"].decode(), dict(headers), value))
+
+
+def envelope(event_id: str, traced: bool = False, occurred: dt.datetime = BROKER_TIME) -> Envelope:
+    sealed = Envelope(event_id=event_id, event_type="bastion.accounts.v1.AccountOpened", topic="accounts.events.v1",
+                      producer="accounts", aggregate_id="a1", correlation_id=f"corr-{event_id}")
+    sealed.occurred_at.FromDatetime(occurred)
+    if traced:
+        sealed.traceparent = f"00-{TRACE}-{CALLER_SPAN}-01"
+    return sealed
+
+
+class Bundles:
+    """A bundle's verdict: refused whole (REFUSAL), or the outcome of each envelope; envelope I alone is `alone-I`."""
+
+    def __init__(self, outcomes: list[Any], refusal: VerificationError | None = None) -> None:
+        self.outcomes, self.refusal = outcomes, refusal
+
+    def verify_bundle(self, _raw: bytes, _topic: str, _received: Any) -> Any:
+        if self.refusal is not None:
+            raise self.refusal
+        return SimpleNamespace(outcomes=self.outcomes, alone=lambda item: f"alone-{item}".encode())
+
+    def verify(self, raw: bytes, _topic: str, _received: Any) -> VerifiedEvent:
+        if raw == b"refused":
+            raise VerificationError(RejectReason.BAD_SIGNATURE, "signature does not verify")
+        return self.outcomes[0]
+
+
+BUNDLED = [("bastion-content", b"bundle-v1")]
+
+
+def applied(topic: str = "accounts.events.v1") -> float:
+    return REGISTRY.get_sample_value("bastion_events_applied_total", {"consumer": "audit", "topic": topic}) or 0.0
+
+
+def test_each_envelope_of_a_bundle_is_its_own_record_kept_as_it_verifies_alone() -> None:
+    out_of_range = envelope("ev-3")
+    out_of_range.occurred_at.seconds = 2**62  # verified, yet no audit record can hold its time
+    verdicts = Bundles([VerifiedEvent(envelope("ev-1", traced=True), AccountOpened(account_id="a1")),
+                        VerificationError(RejectReason.STALE, "published long ago"),
+                        VerifiedEvent(out_of_range, AccountOpened(account_id="a1"))])
+    kafka = Letters()
+    records = AuditRecords(verdicts, DeadLetters(kafka, "audit"), lambda: CLOCK)  # type: ignore[arg-type]
+    before = applied()
+    accepted, stale, unrecordable = records.of(Record(5, b"the bundle", BUNDLED))  # type: ignore[arg-type]
+    assert (accepted.kind.value, accepted.item, accepted.envelope, accepted.event_id) == (
+        "event", 0, b"alone-0", "ev-1")
+    assert (stale.kind.value, stale.item, stale.envelope, stale.reason) == ("rejection", 1, b"alone-1", "stale")
+    assert (stale.action, stale.occurred_at, stale.recorded_at) == ("accounts.events.v1/0/5/1", BROKER_TIME, CLOCK)
+    assert (unrecordable.item, unrecordable.reason) == (2, "malformed")
+    assert (unrecordable.detail or "").startswith("not recordable: ")
+    assert [(source, value, headers.get("bastion-content")) for source, headers, value in kafka.letters] == [
+        ("accounts.events.v1/0/5/1", b"alone-1", b"bundle-v1"), ("accounts.events.v1/0/5/2", b"alone-2", b"bundle-v1")]
+    assert [traced.event_id for traced in records.traced] == ["ev-1"]
+    assert applied() == before + 1
+
+
+def test_a_bundle_refused_whole_is_one_refused_record_that_names_what_its_first_envelope_claims() -> None:
+    first, second = envelope("ev-1"), envelope("ev-2")
+    first.producer = second.producer = "audit"  # the test key's
+    raw = bundle([first.SerializeToString(), second.SerializeToString()], AUDIT_KEY).SerializeToString()
+    kafka = Letters()
+    records = AuditRecords(Bundles([], VerificationError(RejectReason.BAD_SIGNATURE, "bad")),  # type: ignore[arg-type]
+                           DeadLetters(kafka, "audit"), lambda: CLOCK)
+    [refused] = records.of(Record(6, raw, BUNDLED))  # type: ignore[arg-type]
+    assert (refused.item, refused.event_id, refused.producer, refused.envelope) == (None, "ev-1", "audit", raw)
+    assert (refused.action, refused.occurred_at) == ("accounts.events.v1/0/6", BROKER_TIME)
+    [(source, headers, value)] = kafka.letters
+    assert (source, value, headers.get("bastion-content")) == ("accounts.events.v1/0/6", raw, b"bundle-v1")
+
+
+def test_a_record_alone_is_judged_at_the_brokers_time_and_only_a_traced_event_is_noted_for_its_span() -> None:
+    class Clocked(Bundles):
+        def verify(self, raw: bytes, topic: str, received: Any) -> VerifiedEvent:
+            self.received = received
+            return super().verify(raw, topic, received)
+
+    plain = Clocked([VerifiedEvent(envelope("ev-1"), AccountOpened(account_id="a1"))])
+    records = AuditRecords(plain, DeadLetters(Letters(), "audit"), lambda: CLOCK)  # type: ignore[arg-type]
+    [record] = records.of(Record(7, b"one event"))  # type: ignore[arg-type]
+    assert (record.item, record.recorded_at, plain.received, records.traced) == (None, CLOCK, BROKER_TIME, [])
+    [refused] = records.of(Record(8, b"refused"))  # type: ignore[arg-type]
+    assert refused.occurred_at == BROKER_TIME and refused.reason == "bad_signature"
+
+
+def test_an_event_alone_that_no_audit_record_can_hold_is_kept_as_refused() -> None:
+    out_of_range = envelope("ev-1")
+    out_of_range.occurred_at.seconds = 2**62
+    kafka = Letters()
+    records = AuditRecords(Bundles([VerifiedEvent(out_of_range, AccountOpened(account_id="a1"))]),  # type: ignore[arg-type]
+                           DeadLetters(kafka, "audit"), lambda: CLOCK)
+    [refused] = records.of(Record(9, b"one event"))  # type: ignore[arg-type]
+    assert refused.reason == "malformed" and (refused.detail or "").startswith("not recordable: ")
+    assert [source for source, _, _ in kafka.letters] == ["accounts.events.v1/0/9"]
+
+
+class Client:
+    """A Kafka client as the audit service makes one: its configuration, what it was asked to do."""
+
+    made: ClassVar[list["Client"]] = []
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config, self.subscribed, self.produced = config, [], []  # type: ignore[var-annotated]
+        self.reports: list[Any] = [None]
+        Client.made.append(self)
+
+    def subscribe(self, topics: list[str]) -> None:
+        self.subscribed = topics
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+        self.produced.append((topic, value, key))
+        self.on_delivery = on_delivery
+
+    def flush(self, _timeout: float) -> int:
+        for report in self.reports:  # ... is a delivery never reported
+            if report is not ...:
+                self.on_delivery(report, None)
+        return 0
+
+
+class Starting:
+    def __init__(self) -> None:
+        self.started: list[tuple[str, int, dt.datetime]] = []
+
+    def start(self, conn: str, head: int, now: dt.datetime) -> list[Any]:
+        self.started.append((conn, head, now))
+        return []
+
+
+def test_the_consumer_reads_only_committed_records_commits_by_hand_and_starts_its_alerts_at_the_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(kafka_adapter, "Consumer", Client)
+    monkeypatch.setattr(kafka_adapter, "Producer", Client)
+    Client.made = []
+    alerts, store = Starting(), Store([])
+    AuditConsumer({"bootstrap.servers": "kafka:9093"}, ["accounts.events.v1"], None, store,  # type: ignore[arg-type]
+                  Log(Head(7, b"\x07" * 32)), None, None, None, alerts, clock=lambda: CLOCK)  # type: ignore[arg-type]
+    consumer, dead_letters = Client.made
+    assert consumer.config == {"bootstrap.servers": "kafka:9093", "group.id": "audit", "enable.auto.commit": False,
+                               "auto.offset.reset": "earliest", "isolation.level": "read_committed"}
+    assert consumer.subscribed == ["accounts.events.v1"]
+    assert dead_letters.config == {"bootstrap.servers": "kafka:9093", "enable.idempotence": True, "acks": "all"}
+    assert alerts.started == [("connection", 7, CLOCK)]
+
+
+def test_a_checkpoint_is_published_keyed_by_its_log_and_a_failed_publication_is_said(
+    monkeypatch: pytest.MonkeyPatch, ring: KeyRing
+) -> None:
+    monkeypatch.setattr(kafka_adapter, "Producer", Client)
+    publisher = CheckpointPublisher({"bootstrap.servers": "kafka:9093"})
+    producer: Client = publisher.producer  # type: ignore[assignment]
+    assert producer.config == {"bootstrap.servers": "kafka:9093", "enable.idempotence": True, "acks": "all"}
+    checkpoint = sign_checkpoint(ring.signing_key("audit"), "origin", Head(3, b"\x03" * 32))
+    said = []
+    for reports in ([None], ["broker down"], [...]):  # acknowledged, failed, never answered
+        producer.reports = reports
+        with capture_logs() as logs:
+            publisher.publish(checkpoint)
+        said.append([line["event"] for line in logs])
+    assert producer.produced == [("audit.checkpoints.v1", checkpoint.to_bytes(), b"origin")] * 3
+    assert said == [[], ["checkpoint_not_published"], ["checkpoint_not_published"]]
+
+
+class Quiet(Kafka):
+    def consume(self, _count: int, _timeout: float) -> list[Forged]:
+        return []
+
+
+class Erring(Forged):
+    def __init__(self, offset: int, code: int) -> None:
+        super().__init__(offset)
+        self.code = code
+
+    def error(self) -> Any:
+        return SimpleNamespace(code=lambda: self.code, str=lambda: "broker error")
+
+
+def polling(kafka: Kafka, steps: list[str]) -> AuditConsumer:
+    consumer = AuditConsumer.__new__(AuditConsumer)  # the Kafka clients and the checkpointer are not needed here
+    consumer.consumer, consumer.engine, consumer.store = kafka, Store(steps), Store(steps)  # type: ignore[assignment]
+    consumer.letters = DeadLetters(kafka, "audit")  # type: ignore[arg-type]
+    consumer.records = AuditRecords(Accepting(), consumer.letters)  # type: ignore[arg-type]
+    consumer.alerts, consumer.signing_refused, consumer.spans = None, True, None
+    consumer.batch_size, consumer.poll_seconds = 500, 0.1
+    return consumer
+
+
+def test_a_poll_that_brought_nothing_commits_nothing_and_an_error_from_the_broker_is_no_record() -> None:
+    steps: list[str] = []
+    assert polling(Quiet(steps), steps).poll_batch() == 0
+    assert steps == []
+
+    class Errors(Kafka):
+        def consume(self, _count: int, _timeout: float) -> list[Forged]:
+            return [Erring(1, KafkaError._PARTITION_EOF), Erring(2, KafkaError._TRANSPORT), Forged(3)]
+
+    with capture_logs() as logs:
+        assert polling(Errors(steps), steps).poll_batch() == 1
+    assert steps == ["appended 1", "transaction committed", "commit"]
+    assert [line["event"] for line in logs] == ["consumer_error"], "the end of a partition is no error"
+
+
+def test_offsets_are_committed_synchronously_and_a_span_ends_when_its_batch_was_appended() -> None:
+    steps: list[str] = []
+    exported = InMemorySpanExporter()
+
+    class Slow(Kafka):
+        def commit(self, asynchronous: bool) -> None:
+            self.asked_at = time.time_ns()
+            self.asynchronous = asynchronous
+            time.sleep(0.05)
+
+    kafka = Slow(steps)
+    consumer = polling(kafka, steps)
+    consumer.spans = SpanRecorder("audit", processor=SimpleSpanProcessor(exported))
+    consumer.poll_batch()
+    [span] = exported.get_finished_spans()
+    assert kafka.asynchronous is False
+    assert span.end_time <= kafka.asked_at  # type: ignore[operator]
+
+
+def test_a_line_of_a_retired_key_is_never_covered_over_a_log_that_no_longer_extends_the_trusted_one_before_it(
+    ring: KeyRing, tmp_path: Path
+) -> None:
+    """A key retired because it leaked signs a rewritten history at the end of the file: the log the tamperer
+    made matches that line, but not the trusted checkpoint before it, and the new key must not vouch for it."""
+    trusted = ring.signing_key("audit")
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_text(sign_checkpoint(trusted, "origin", Head(3, b"\xaa" * 32)).to_json() + "\n")
+    ring.rotate("audit")
+    leaked = ring.signing_key("audit")
+    with path.open("a") as lines:
+        lines.write(sign_checkpoint(leaked, "origin", Head(5, b"\x05" * 32)).to_json() + "\n")
+    ring.rotate("audit")
+    ring.retire("audit", leaked.key_id)
+    consumer = checkpointing(Checkpointer(ring.followed_signing_key("audit"),
+                                          CheckpointFile(path, ring.trust_store(), "origin", unanchored_ok=True)),
+                             Head(6, b"\x06" * 32))  # its hash at 5 is the leaked line's, at 3 not the trusted one's
+    consumer._checkpoint_if_due()
+    assert consumer.signing_refused
+    assert consumer.security.refused == [("CheckpointForkError", "checkpointer")]  # type: ignore[attr-defined]
+    assert consumer.publisher.published == [] and len(path.read_text().splitlines()) == 2  # type: ignore[attr-defined]
+
+
+def test_a_refusal_reported_in_another_consumers_name_is_kept_refused_and_dead_lettered_alone_or_bundled() -> None:
+    forged = envelope("ev-9")
+    forged.producer, forged.event_type = "payments", "bastion.access.v1.EventRejected"
+    in_its_name = EventRejected(consumer="notifications", topic="accounts.events.v1", reason="sequence_gap")
+    kafka = Letters()
+    records = AuditRecords(Bundles([VerifiedEvent(forged, in_its_name)] * 2),  # type: ignore[arg-type]
+                           DeadLetters(kafka, "audit"), lambda: CLOCK)
+    [alone] = records.of(Record(10, b"one report"))  # type: ignore[arg-type]
+    bundled, _ = records.of(Record(11, b"a bundle", BUNDLED))  # type: ignore[arg-type]
+    for refused in (alone, bundled):
+        assert (refused.kind.value, refused.reason, refused.principal) == ("rejection", "not_authorised", "audit")
+        assert "payments reported a refusal in the name of 'notifications'" in (refused.detail or "")
+    assert [source for source, _, _ in kafka.letters] == [
+        "accounts.events.v1/0/10", "accounts.events.v1/0/11/0", "accounts.events.v1/0/11/1"]

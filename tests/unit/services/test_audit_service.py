@@ -1,16 +1,28 @@
 """The audit service's core on fakes: what each record read from Kafka becomes, which ListEvents queries are
-valid, paging, and a refused checkpoint failing the verdict and raising a security record."""
+valid, paging, and a refused checkpoint failing the verdict and raising a security record; what a producer chose is
+kept bounded, an oversized record as a prefix with the digest of the whole; the alert as it is published."""
 
+import base64
 import datetime as dt
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
-from bastion.access.v1.decision_pb2 import DECISION_DENY, AccessDecision, EventRejected
+from bastion.access.v1.decision_pb2 import (
+    DECISION_ALLOW,
+    DECISION_DENY,
+    DECISION_UNSPECIFIED,
+    AccessDecision,
+    EventRejected,
+)
 from bastion.accounts.v1.events_pb2 import MoneyDeposited
+from bastion.audit.alerts import Alert, AlertRule
 from bastion.audit.chain import EMPTY, LogEntry, extend
 from bastion.audit.checkpoints import Checkpoint, CheckpointFile, sign_checkpoint
 from bastion.audit.errors import CheckpointError, CheckpointForkError, CheckpointRollbackError
@@ -18,10 +30,10 @@ from bastion.audit.records import Decision, RecordKind
 from bastion.audit.verify import ChainReport, check_chain
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.v1.envelope_pb2 import Envelope
-from bastion.events.verify import VerifiedEvent
+from bastion.events.verify import MAX_ENVELOPE_BYTES, VerifiedEvent
 from services.audit import domain
 from services.audit.domain import Delivery, EventQuery, InvalidQueryError
-from services.audit.handlers import AuditHandlers
+from services.audit.handlers import AuditHandlers, announce
 from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, sample_record, trust_store
 
 NOW = dt.datetime(2026, 3, 1, 10, 0, tzinfo=dt.UTC)
@@ -56,7 +68,9 @@ def test_an_access_decision_names_who_did_what_and_the_verdict() -> None:
 def test_another_consumers_rejection_is_a_rejection_record() -> None:
     rejected = EventRejected(consumer="notifications", topic="accounts.events.v1", partition=1, offset=7,
                              reason="bad_signature", detail="signature does not verify")
-    record = domain.accepted(DELIVERY, verified(rejected, "bastion.access.v1.EventRejected"), NOW)
+    reported = verified(rejected, "bastion.access.v1.EventRejected")
+    reported.envelope.producer = "notifications"  # its own refusal, signed with its own key
+    record = domain.accepted(DELIVERY, reported, NOW)
     assert (record.kind, record.principal, record.action, record.reason) == (
         RecordKind.REJECTION, "notifications", "accounts.events.v1/1/7", "bad_signature")
 
@@ -171,3 +185,167 @@ def test_signing_stops_when_the_log_no_longer_extends_the_last_checkpoint() -> N
         domain.check_continuity(last, entries[1].head, None)  # restored from an older copy
     with pytest.raises(CheckpointForkError, match="rewritten"):
         domain.check_continuity(last, entries[-1].head, bytes(32))  # same length or longer, other history
+
+
+def test_only_an_explicit_allow_is_recorded_as_allowed() -> None:
+    def decided(decision: int) -> Decision | None:
+        payload = AccessDecision(principal="bob", method="/bastion.accounts.v1.Accounts/GetAccount", decision=decision)
+        return domain.accepted(DELIVERY, verified(payload, "bastion.access.v1.AccessDecision"), NOW).decision
+
+    assert decided(DECISION_ALLOW) is Decision.ALLOW
+    assert decided(DECISION_DENY) is decided(DECISION_UNSPECIFIED) is Decision.DENY
+
+
+def test_a_call_without_a_service_identity_is_kept_with_no_peer() -> None:
+    decision = AccessDecision(principal="", method="/bastion.accounts.v1.Accounts/GetAccount", decision=DECISION_DENY,
+                              reason="missing bearer token")
+    record = domain.accepted(DELIVERY, verified(decision, "bastion.access.v1.AccessDecision"), NOW)
+    assert record.detail == "peer=-"
+
+
+def test_every_text_a_producer_chose_is_kept_bounded_and_without_nul() -> None:
+    long = "\x00" + "x" * 5000
+    envelope = Envelope(event_id=long, event_type=long, producer=long, aggregate_id=long, correlation_id=long)
+    envelope.occurred_at.FromDatetime(NOW - dt.timedelta(seconds=2))
+    decision = AccessDecision(principal=long, service_identity=long, method=long, decision=DECISION_DENY, reason=long)
+    rejected = EventRejected(consumer=long, topic=long, partition=1, offset=7, reason=long, detail=long)
+    kept = "\ufffd" + "x" * (domain.MAX_TEXT - 1)
+    for payload in (decision, rejected, MoneyDeposited(account_id="agg-1")):
+        record = domain.accepted(DELIVERY, VerifiedEvent(envelope, payload), NOW)  # type: ignore[arg-type]
+        assert (record.event_id, record.event_type, record.producer, record.aggregate_id, record.correlation_id) == (
+            kept,) * 5
+        assert record.principal in (None, kept)
+    access = domain.accepted(DELIVERY, VerifiedEvent(envelope, decision), NOW)
+    assert (access.action, access.reason, access.detail) == (kept, kept, "peer=" + kept)
+    rejection = domain.accepted(DELIVERY, VerifiedEvent(envelope, rejected), NOW)
+    assert (rejection.reason, rejection.detail) == (kept, kept)
+
+
+def test_an_accepted_event_keeps_when_it_occurred_and_one_refused_keeps_only_well_formed_claims() -> None:
+    deposited = verified(MoneyDeposited(account_id="agg-1"), "bastion.accounts.v1.MoneyDeposited")
+    assert domain.accepted(DELIVERY, deposited, NOW).occurred_at == NOW - dt.timedelta(seconds=2)
+    claimed = Envelope(event_id="e-1", event_type="x\ny", producer="pay;ments", aggregate_id="a b",
+                       correlation_id="corr-1")
+    record = domain.refused(DELIVERY, claimed, VerificationError(RejectReason.BAD_SIGNATURE, "bad"), NOW)
+    assert (record.event_id, record.event_type, record.producer, record.aggregate_id, record.correlation_id) == (
+        "e-1", "(malformed)", "(malformed)", "(malformed)", "corr-1")
+    assert (record.principal, record.action, record.recorded_at) == ("audit", "access.decisions.v1/2/41", NOW)
+
+
+def test_an_oversized_record_is_kept_as_a_prefix_with_the_digest_and_size_of_the_whole() -> None:
+    error = VerificationError(RejectReason.TOO_LARGE, "too large")
+    at_limit = replace(DELIVERY, raw=b"a" * MAX_ENVELOPE_BYTES)
+    record = domain.refused(at_limit, Envelope(), error, NOW)
+    assert record.envelope == at_limit.raw and record.detail == "too large"
+    over = replace(DELIVERY, raw=b"b" * 5000 + b"c" * MAX_ENVELOPE_BYTES)
+    record = domain.refused(over, Envelope(), error, NOW)
+    assert record.envelope == b"b" * domain.KEPT_PREFIX_BYTES
+    assert record.detail == (f"too large (sha256 {hashlib.sha256(over.raw).hexdigest()}, {len(over.raw)} bytes)")
+
+
+def test_a_detail_of_a_refusal_is_kept_bounded() -> None:
+    error = VerificationError(RejectReason.MALFORMED, "y" * 5000)
+    assert domain.refused(DELIVERY, Envelope(), error, NOW).detail == "y" * domain.MAX_TEXT
+
+
+def test_an_alert_is_published_with_everything_that_raised_it() -> None:
+    rule = AlertRule("token-guessing", "guessing tokens", "critical", "denial", "peer", 3, dt.timedelta(seconds=90))
+    alert = Alert(rule, "cli", 3, 10, 14, NOW - dt.timedelta(seconds=80), NOW, "corr-14")
+    message = domain.security_alert(alert)
+    assert (message.rule, message.severity, message.description, message.counted_by, message.key) == (
+        "token-guessing", "critical", "guessing tokens", "peer", "cli")
+    assert (message.count, message.window_seconds, message.first_seq, message.last_seq,
+            message.last_correlation_id) == (3, 90, 10, 14, "corr-14")
+    assert message.first_at.ToDatetime(dt.UTC) == NOW - dt.timedelta(seconds=80)
+    assert message.last_at.ToDatetime(dt.UTC) == NOW
+
+
+def test_signing_goes_on_over_a_log_of_exactly_the_last_checkpoints_length_and_never_over_one_without_its_record(
+) -> None:
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 4)])
+    last = sign_checkpoint(AUDIT_KEY, ORIGIN, entries[2].head)
+    domain.check_continuity(last, entries[2].head, entries[2].hash)  # nothing appended since: fine
+    with pytest.raises(CheckpointForkError):
+        domain.check_continuity(last, entries[2].head, None)  # no record at the signed length any more
+
+
+@pytest.mark.parametrize("token", [
+    base64.urlsafe_b64encode(b"seq:-1").decode(), base64.urlsafe_b64encode(b"page:12").decode(),
+    base64.urlsafe_b64encode(b":12").decode(), "   ",
+])
+def test_a_page_token_the_service_did_not_issue_is_invalid(token: str) -> None:
+    with pytest.raises(InvalidQueryError, match="page_token"):
+        domain.query(token=token)
+
+
+def test_every_filter_and_bound_of_a_query_is_kept_and_the_limits_are_inclusive() -> None:
+    query = domain.query("acc-1", "alice", "bastion.T", NOW, NOW, domain.MAX_PAGE, domain.page_token(3), True,
+                         "corr-1")
+    assert query == EventQuery("acc-1", "alice", "bastion.T", NOW, NOW, domain.MAX_PAGE, 3, True, "corr-1")
+    edge = "x" * domain.MAX_TEXT
+    assert domain.query(edge, edge, edge, correlation_id=edge).principal == edge
+    for name in ("principal", "event_type"):
+        with pytest.raises(InvalidQueryError, match=name):
+            domain.query(**{name: edge + "x"})  # type: ignore[arg-type]
+
+
+def test_the_last_page_is_one_with_fewer_entries_than_asked(tmp_path: Path) -> None:
+    audit, _, _ = handlers(tmp_path, extend(EMPTY, [sample_record(n) for n in range(1, 5)]))
+    first, token = audit.list_events(domain.query(page_size=2))
+    assert [e.seq for e in first] == [1, 2] and domain.after_seq_of(token) == 2
+    second, token2 = audit.list_events(domain.query(page_size=2, token=token))
+    assert [e.seq for e in second] == [3, 4] and token2 != ""
+    last, token3 = audit.list_events(domain.query(page_size=2, token=token2))
+    assert last == [] and token3 == ""
+
+
+def test_the_first_envelope_of_a_bundle_is_refused_at_its_own_place() -> None:
+    first = replace(DELIVERY, item=0)
+    refused = domain.refused(first, Envelope(), VerificationError(RejectReason.STALE, "published long ago"), NOW)
+    assert (refused.item, refused.action) == (0, "access.decisions.v1/2/41/0")
+
+
+def test_the_verdict_names_the_newest_checkpoint_and_the_chain_is_checked_against_every_one(tmp_path: Path) -> None:
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 6)])
+    audit, _, file = handlers(tmp_path, entries)
+    file.append(sign_checkpoint(AUDIT_KEY, ORIGIN, entries[1].head))
+    file.append(sign_checkpoint(AUDIT_KEY, ORIGIN, entries[3].head))
+    verdict = audit.verify_chain()
+    assert verdict.report.ok and verdict.checkpoint_length == 4 and verdict.report.anchored_length == 4
+    rewritten = extend(EMPTY, [sample_record(n, aggregate="acc-9") for n in range(1, 6)])
+    tampered, security, _ = handlers(tmp_path, rewritten)
+    verdict = tampered.verify_chain()
+    assert not verdict.report.ok and verdict.report.first_bad_seq == 1 and "rewritten" in verdict.report.reason
+    assert security.refused == [], "a log that differs from its checkpoints is a broken chain, not a refused file"
+
+
+def test_each_alert_raised_is_counted_and_logged_once_committed() -> None:
+    rules = [AlertRule("probing", "d", "warning", "denial", "principal", 5, dt.timedelta(seconds=60)),
+             AlertRule("guessing", "d", "critical", "denial", "peer", 5, dt.timedelta(seconds=60))]
+    alerts = [Alert(rules[0], "mallory", 5, 1, 5, NOW, NOW, "corr-5"), Alert(rules[1], "cli", 5, 2, 6, NOW, NOW, "c")]
+
+    def counted(rule: str, severity: str) -> float:
+        return REGISTRY.get_sample_value("bastion_security_alerts_total", {"rule": rule, "severity": severity}) or 0
+
+    before = counted("probing", "warning"), counted("guessing", "critical")
+    with capture_logs() as logs:
+        announce(alerts)
+    assert (counted("probing", "warning"), counted("guessing", "critical")) == (before[0] + 1, before[1] + 1)
+    assert [(line["event"], line["rule"], line["key"], line["alert_id"]) for line in logs] == [
+        ("security_alert", "probing", "mallory", alerts[0].alert_id),
+        ("security_alert", "guessing", "cli", alerts[1].alert_id)]
+
+
+def test_a_rejection_reported_in_another_consumers_name_is_refused_as_not_its_signers_to_make() -> None:
+    """Every service reports its refusals in its own name (bastion/runtime.py: the consumer is the service), so a
+    signed EventRejected naming another consumer is a forgery by its signer: the log must not keep it, nor the
+    alert rules count it (failing-consumer, sequence-gaps), in the other consumer's name."""
+    forged = EventRejected(consumer="notifications", topic="accounts.events.v1", partition=1, offset=7,
+                           reason="sequence_gap", detail="a gap nobody had")
+    signed_by_payments = verified(forged, "bastion.access.v1.EventRejected")
+    signed_by_payments.envelope.producer = "payments"
+    with pytest.raises(VerificationError, match="payments reported a refusal in the name of 'notifications'") as no:
+        domain.accepted(DELIVERY, signed_by_payments, NOW)
+    assert no.value.reason == RejectReason.NOT_AUTHORISED, "counted by the forged-events rule"
+    signed_by_payments.envelope.producer = "notifications"
+    assert domain.accepted(DELIVERY, signed_by_payments, NOW).principal == "notifications"
