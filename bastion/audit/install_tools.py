@@ -53,16 +53,18 @@ def verify(ctx: StackContext, origin: str = ORIGIN,
     each of which it must hold: a file lost, cut short or replaced must not read as fewer checkpoints to verify
     against."""
     file = file or checkpoint_file(ctx, origin)
-    try:
-        checkpoints = file.load()
-        written = [checkpoint for _, checkpoint in file.lines()]
-    except CheckpointError as error:
-        return Verification(ChainReport(False, 0, b"", None, f"checkpoint refused: {error}", 0), 0, 0)
+    # The witness first, the file after: the audit service writes a checkpoint to its file before it publishes it,
+    # so whatever the topic holds now is in the file when it is read next, even while the service goes on signing.
     try:
         published = witness(ctx, origin)
     except WitnessUnavailableError as error:
         return Verification(ChainReport(False, 0, b"", None, f"the published checkpoints cannot be read, so the "
                                         f"checkpoint file cannot be checked against them: {error}", 0), 0, 0)
+    try:
+        checkpoints = file.load()
+        written = [checkpoint for _, checkpoint in file.lines()]
+    except CheckpointError as error:
+        return Verification(ChainReport(False, 0, b"", None, f"checkpoint refused: {error}", 0), 0, 0)
     missing = missing_from_file(published, written)
     if missing:
         return Verification(ChainReport(

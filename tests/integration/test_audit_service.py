@@ -310,7 +310,7 @@ def test_a_checkpoint_file_lost_or_cut_short_is_caught_by_the_checkpoints_publis
     published = install_tools.published_checkpoints(ctx)
     assert published, "the audit service publishes what it signs"
     genuine = install_tools.verify(ctx)
-    assert genuine.report.ok and genuine.published == len(published), genuine.report.reason
+    assert genuine.report.ok and genuine.published >= len(published), genuine.report.reason  # it goes on signing
 
     # Copies of the file as an attacker (or an accident) would leave it; the install's own file is not touched.
     lines = checkpoints.lines()
@@ -322,13 +322,19 @@ def test_a_checkpoint_file_lost_or_cut_short_is_caught_by_the_checkpoints_publis
         return install_tools.verify(ctx, file=CheckpointFile(copy, trust, install_tools.ORIGIN)).report
 
     verdict = verify_copy()  # no file at all: it read as "0 signed checkpoints" and verified
-    assert not verdict.ok and "the checkpoint file lacks" in verdict.reason
-    assert f"lacks {len(published)} of the {len(published)} checkpoints" in verdict.reason
+    lacking = re.search(r"the checkpoint file lacks (\d+) of the (\d+) checkpoints", verdict.reason)
+    assert not verdict.ok and lacking, verdict.reason
+    assert int(lacking.group(1)) == int(lacking.group(2)) >= len(published)
     copy.write_text("".join(lines[:newest]))  # cut short before the newest published checkpoint
     verdict = verify_copy()
-    assert not verdict.ok and f"covers {published[-1].length} records" in verdict.reason
-    copy.write_text("".join(lines))
-    assert verify_copy().ok
+    covered = re.search(r"the newest it lacks covers (\d+) records", verdict.reason)
+    assert not verdict.ok and covered, verdict.reason
+    assert int(covered.group(1)) >= published[-1].length
+    witnessed = install_tools.published_checkpoints(ctx)  # first: the service writes its file before it publishes
+    copy.write_text("".join(checkpoints.lines()))
+    whole = install_tools.verify(ctx, witness=lambda _ctx, _origin: witnessed,
+                                 file=CheckpointFile(copy, trust, install_tools.ORIGIN))
+    assert whole.report.ok, whole.report.reason
 
 
 def test_a_checkpoint_whose_length_goes_backwards_is_refused(bank: Bank, audit: Any,

@@ -24,7 +24,7 @@ from bastion.audit.verify import ChainReport
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
 from services.audit import domain
-from services.audit.adapters.postgres import PostgresAuditReader
+from services.audit.adapters.postgres import PostgresAuditReader, PostgresAuditReaders
 from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, mixed_records, sample_record, trust_store
 
 SERVICE_ROLE = "audit"
@@ -372,3 +372,25 @@ def test_an_appended_denial_reaches_the_security_view_in_the_same_transaction(st
         conn.rollback()
     with store.service.begin() as conn:
         assert dump(conn)["security_view"] == [] and AuditLog().head(conn) == EMPTY
+
+
+def test_a_time_window_takes_records_from_since_and_stops_before_until(store: Store) -> None:
+    append(store, 10)  # record N occurred N seconds after BASE_TIME
+    since, until = (sample_record(number).occurred_at for number in (3, 7))
+    with store.service.begin() as conn:
+        found = PostgresAuditReader(conn, AuditLog()).find(domain.query(since=since, until=until))
+    assert [entry.seq for entry in found] == [3, 4, 5, 6]
+
+
+def test_a_reader_sees_one_snapshot_and_can_change_nothing(store: Store) -> None:
+    """ListEvents and VerifyChain read through PostgresAuditReaders: one REPEATABLE READ, READ ONLY transaction."""
+    append(store, 5)
+    readers = PostgresAuditReaders(store.service, AuditLog())
+    with readers() as reader:
+        before = reader.find(domain.query())
+        append(store, 3, start=6)  # committed meanwhile by the consumer
+        assert reader.find(domain.query()) == before, "a verification reads one consistent log"
+        with pytest.raises(DBAPIError, match="read-only transaction"):
+            reader.conn.execute(log_table.delete())
+    with readers() as reader:
+        assert len(reader.find(domain.query())) == 8

@@ -13,7 +13,9 @@ from bastion.audit.chain import Head
 from bastion.audit.checkpoints import Checkpoint, sign_checkpoint
 from bastion.audit.published import WitnessUnavailableError, missing_from_file, read_published
 from bastion.events.keys import KeyRing
-from tests.unit.audit.samples import AUDIT_KEY, ORIGIN
+from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, trust_store
+
+TRUST = trust_store()
 
 
 def signed(length: int, origin: str = ORIGIN, fill: int = 0) -> Checkpoint:
@@ -53,6 +55,29 @@ def test_verify_fails_naming_what_the_file_lacks_before_it_reads_the_log(ctx: An
     assert not verdict.report.ok
     assert verdict.report.reason.startswith("the checkpoint file lacks 3 of the 3 checkpoints published on "
                                             "audit.checkpoints.v1 (the newest it lacks covers 30 records")
+
+
+class ReachedTheLog(Exception):
+    pass
+
+
+def test_verify_reads_the_witness_before_the_file_so_a_checkpoint_signed_meanwhile_is_no_false_alarm(
+        ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The audit service appends a checkpoint to its file, then publishes it: read the other way round, one signed
+    # between the two reads would be on the topic and not in the file as read, and a sound log would fail.
+    def the_service_signs_meanwhile(_ctx: Any, _origin: str) -> list[Checkpoint]:
+        path = ctx.layout.audit_checkpoints_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(checkpoint.to_json() + "\n" for checkpoint in SIGNED))
+        return SIGNED
+
+    def reached(_ctx: Any) -> Any:
+        raise ReachedTheLog
+
+    monkeypatch.setattr(install_tools, "audit_engine", reached)
+    with pytest.raises(ReachedTheLog):  # past the witness: the file held every published checkpoint
+        install_tools.verify(ctx, ORIGIN, witness=the_service_signs_meanwhile,
+                             file=install_tools.CheckpointFile(ctx.layout.audit_checkpoints_file, TRUST, ORIGIN))
 
 
 def test_verify_fails_when_the_published_checkpoints_cannot_be_read(ctx: Any) -> None:
