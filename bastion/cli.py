@@ -124,7 +124,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                       f"records ({report.length - report.anchored_length} newer ones are chained, not yet signed)"
                       + (f"; {result.superseded} checkpoints of retired audit keys superseded by a later one"
                          if result.superseded else "")
-                      + f"; the file holds all {result.published} checkpoints published on audit.checkpoints.v1")
+                      + (f"; the file holds all {result.published} checkpoints published on audit.checkpoints.v1"
+                         if result.published else "; no checkpoint published on audit.checkpoints.v1 yet"))
         return 0
     where = f" at seq {report.first_bad_seq}" if report.first_bad_seq else ""
     errors.print(f"audit chain NOT verified{where}: {report.reason}\n"

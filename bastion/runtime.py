@@ -47,6 +47,7 @@ SERVICE_ACCOUNT_RATE_LIMIT = RateLimit(calls=30_000, window_seconds=60)
 WORKER_RESTART_SECONDS = 2.0
 HEALTH_CHECK_SECONDS = 2.0
 WORKER_STOP_SECONDS = 10.0
+ACCESS_AUDIT_CLOSE_SECONDS = 5.0  # for the worker, and as long again for Kafka
 
 
 class Worker(Protocol):
@@ -175,11 +176,16 @@ class ServiceRuntime:
         await stopping.wait()
         watchdog.cancel()
         await server.stop(5)
+        # The workers wind down while the audit publishes what is left (both bounded; `bastion down` waits 30 s
+        # before SIGKILL): one after the other they could take 5 + 20 + 10 s with Kafka unreachable.
+        stop.set()
         if self.access_audit is not None:
             # No call is served any more: publish the decisions still queued or in librdkafka's hands (those it
             # cannot deliver are counted and logged as lost), not leave them to die with the process.
-            await asyncio.to_thread(self.access_audit.close)
-        stop.set()
+            try:
+                await asyncio.to_thread(self.access_audit.close, ACCESS_AUDIT_CLOSE_SECONDS)
+            except Exception as error:  # the rest of the shutdown must still run
+                log.error("access_audit_close_failed", service=self.name, error=type(error).__name__)
         # Let the workers end their loop and close: a consumer that closes leaves its group at once, so its
         # partitions go to the other members (or this service's next start) now, not after the session timeout.
         deadline = time.monotonic() + WORKER_STOP_SECONDS

@@ -35,21 +35,23 @@ def read_published(kafka_config: dict[str, Any], origin: str, timeout: float = 1
     """Every checkpoint of ORIGIN on the topic, oldest first, up to where the topic ended when asked. A record that
     is not a checkpoint raises WitnessUnavailableError (only the audit service writes there: it is tampering or a
     fault, and either way the witness cannot be read)."""
+    # auto.offset.reset "error": an offset out of range (records deleted below it) fails the read at once, rather
+    # than librdkafka's default jumping to the end and the read timing out with nothing to say why.
     reader = Consumer({**kafka_config, "group.id": f"audit-witness-{uuid.uuid4()}", "enable.auto.commit": False,
-                       "enable.partition.eof": False})
+                       "enable.partition.eof": False, "auto.offset.reset": "error"})
     try:
         try:
             metadata = reader.list_topics(TOPIC, timeout=timeout).topics[TOPIC]
             if metadata.error is not None:
                 raise WitnessUnavailableError(f"no topic {TOPIC}: {metadata.error.str()}")
-            ends = {}
+            starts, ends = {}, {}
             for partition in metadata.partitions:
                 low, high = reader.get_watermark_offsets(TopicPartition(TOPIC, partition), timeout=timeout)
                 if high > low:
-                    ends[partition] = high
+                    starts[partition], ends[partition] = low, high
             if not ends:
                 return []
-            reader.assign([TopicPartition(TOPIC, partition, 0) for partition in ends])
+            reader.assign([TopicPartition(TOPIC, partition, starts[partition]) for partition in ends])
             return _read_until(reader, ends, origin, timeout)
         except KafkaException as error:
             raise WitnessUnavailableError(f"{TOPIC} could not be read: {error}") from None

@@ -19,6 +19,7 @@ from bastion.audit.errors import CheckpointError
 from bastion.audit.install_tools import ORIGIN, SERVICE, checkpoint_file, published_checkpoints, verify
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog, install
 from bastion.audit.postgres import log as audit_log
+from bastion.audit.published import WitnessUnavailableError
 from bastion.audit.verify import ChainReport
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.events.keys import KeyRing
@@ -126,10 +127,13 @@ def _without_the_checkpoint_file(session: Session) -> Iterator[Evidence]:
     """The checkpoint file deleted (an empty place where a copy would be, the install's own file untouched): the
     verifier must not read that as "no checkpoints yet", since the audit service published each one on Kafka."""
     deadline = time.monotonic() + session.target.verdict_wait_seconds
-    while not (published := published_checkpoints(session.ctx)):
-        if time.monotonic() > deadline:
-            raise LabSetupError("the audit service has published no checkpoint yet: is it running?")
-        time.sleep(1)
+    try:
+        while not (published := published_checkpoints(session.ctx)):
+            if time.monotonic() > deadline:
+                raise LabSetupError("the audit service has published no checkpoint yet: is it running?")
+            time.sleep(1)
+    except WitnessUnavailableError as error:
+        raise LabSetupError(f"the published checkpoints cannot be read: {error}") from error
     yield Evidence("checkpoints published on audit.checkpoints.v1 (the second witness)",
                    f"{len(published)}, the newest covering {published[-1].length} records")
     with tempfile.TemporaryDirectory() as scratch:

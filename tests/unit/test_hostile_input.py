@@ -32,13 +32,11 @@ SERVICES = {"accounts", "payments", "notifications", "audit"}
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 TOPIC = "accounts.events.v1"
 # 300 examples a property in every run; HOSTILE_EXAMPLES=5000 for a longer search (about seven minutes here).
-# Under CI the examples are derived from each test's name (derandomize): a clean clone runs the same search every
-# time, so a red run is reproduced by running it again; elsewhere each run searches anew (and keeps what failed in
-# .hypothesis/ to try first next time).
-IN_CI = bool(os.environ.get("CI"))
+# With CI set (.ci/run sets it) Hypothesis loads its "ci" profile: the examples are derived from each test's code
+# (derandomize), so a clean clone runs the same search every time and a red run repeats; elsewhere each run searches
+# anew (and keeps what failed in .hypothesis/ to try first next time).
 HOSTILE = settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", "300")), deadline=None,
-                   suppress_health_check=[HealthCheck.too_slow], derandomize=IN_CI, database=None if IN_CI else
-                   settings.default.database)
+                   suppress_health_check=[HealthCheck.too_slow])
 TRACEPARENT_SENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]")
 
 

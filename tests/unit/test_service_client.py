@@ -150,9 +150,9 @@ class FakeMethod:
 
 
 def accounts(deadline_seconds: float = 5.0, fail_max: int = 2,
-             pass_end_user_token: bool = True) -> tuple[Downstream, FakeKeycloak]:
+             pass_end_user_token: bool = False) -> tuple[Downstream, FakeKeycloak]:
     """Accounts as payments sees it: a fresh breaker (open after FAIL_MAX unhealthy calls), a full retry budget;
-    declared to read the end user's token unless PASS_END_USER_TOKEN is false."""
+    sent the end user's token only if PASS_END_USER_TOKEN (payments does not)."""
     clock = ManualClock()
     keycloak = FakeKeycloak(clock)
     downstream = Downstream(
@@ -179,7 +179,7 @@ def called(downstream: Downstream, method: FakeMethod, call: CallContext | None 
 
 
 def test_a_call_on_a_users_behalf_sends_the_service_token_the_correlation_id_and_the_users_token() -> None:
-    downstream, _ = accounts(deadline_seconds=5.0)
+    downstream, _ = accounts(deadline_seconds=5.0, pass_end_user_token=True)
     method = FakeMethod("reply")
     served = CallContext("corr-7", "cli", ALICE, "/bastion.payments.v1.Payments/Transfer", bearer="alices-token")
     assert called(downstream, method, served) == "reply"
@@ -192,7 +192,7 @@ def test_a_call_on_a_users_behalf_sends_the_service_token_the_correlation_id_and
 
 def test_the_end_users_token_goes_only_to_a_downstream_declared_to_read_it() -> None:
     # A downstream holding the user's token could replay it at this service, as the user, until it expires.
-    downstream, _ = accounts(pass_end_user_token=False)
+    downstream, _ = accounts()
     method = FakeMethod("reply")
     served = CallContext("corr-6", "cli", ALICE, "/bastion.payments.v1.Payments/Transfer", bearer="alices-token")
     called(downstream, method, served)
@@ -204,7 +204,7 @@ def test_the_end_users_token_goes_only_to_a_downstream_declared_to_read_it() -> 
 
 
 def test_a_service_accounts_own_token_is_never_passed_on_as_an_end_users() -> None:
-    downstream, _ = accounts()
+    downstream, _ = accounts(pass_end_user_token=True)  # even to a downstream that reads end users' tokens
     method = FakeMethod("reply")
     served = CallContext("corr-8", "payments", PAYMENTS, "/bastion.accounts.v1.Accounts/Debit", bearer="svc-token")
     called(downstream, method, served)

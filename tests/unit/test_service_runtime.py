@@ -2,7 +2,6 @@
 queued are published or counted lost (the audit is closed), not left to die with the process."""
 
 import asyncio
-import os
 import signal
 import threading
 from pathlib import Path
@@ -24,7 +23,7 @@ class SpyAudit:
 
     def record(self, _decision: Any) -> None: ...
 
-    def close(self) -> None:
+    def close(self, _timeout: float = 10.0) -> None:
         self.closed_when.append("closed")
 
 
@@ -58,16 +57,40 @@ def service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ServiceRuntime:
     return runtime
 
 
+def stopped_by_sigterm(service: ServiceRuntime, server: Server, stop: threading.Event) -> None:
+    """Serve until SIGTERM, "sent" by calling the handler the runtime installs: the handlers are kept, not
+    installed, so no real signal can ever reach the test run."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        handlers: dict[int, Any] = {}
+        loop.add_signal_handler = lambda sig, handler, *args: handlers.__setitem__(sig, handler)  # type: ignore[method-assign]
+        loop.call_later(0.1, lambda: handlers[signal.SIGTERM]())
+        await service.serve_until_stopped(server, 0, stop)  # type: ignore[arg-type]
+
+    asyncio.run(serve())
+
+
 def test_the_access_audit_the_chain_records_into_is_closed_once_sigterm_has_stopped_the_server(
         service: ServiceRuntime) -> None:
     security = service.security()
     assert isinstance(security.audit, SpyAudit) and security.audit is service.access_audit
     server = Server([security.audit])
-
-    async def serve() -> None:
-        asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
-        await service.serve_until_stopped(server, 0, threading.Event())  # type: ignore[arg-type]
-
-    asyncio.run(serve())
+    stopped_by_sigterm(service, server, threading.Event())
     assert security.audit.closed_when == ["closed"]
     assert server.stopped_with_audit_open, "closed after the last call was served, not before"
+
+
+def test_an_access_audit_that_fails_to_close_leaves_the_rest_of_the_shutdown_to_run(
+        service: ServiceRuntime) -> None:
+    security = service.security()
+    spans_flushed: list[bool] = []
+    service.__dict__["spans"] = SimpleNamespace(shutdown=lambda: spans_flushed.append(True))
+
+    def close(_timeout: float = 10.0) -> None:
+        raise RuntimeError("librdkafka gave up")
+
+    security.audit.close = close  # type: ignore[method-assign]
+    stop = threading.Event()
+    stopped_by_sigterm(service, Server([]), stop)
+    assert stop.is_set() and spans_flushed == [True], "the workers told to stop, the spans still flushed"

@@ -163,3 +163,32 @@ def test_an_operators_rotation_holds_the_data_keys_folder_until_every_copy_has_i
         other.join(10)
     assert len(others_got_in) == 1 + len(keys.handover_order(TOPIC))  # the issuer's rotation, then each copy
     assert not any(others_got_in)
+
+
+def _take_and_mark(folder: str, marker: str) -> None:
+    with writer_lock(Path(folder)):
+        Path(marker).write_text("in")
+
+
+def test_a_child_forked_while_the_lock_is_held_waits_its_turn(tmp_path: Path) -> None:
+    marker = tmp_path / "child-got-in"
+    with writer_lock(tmp_path):
+        child = multiprocessing.get_context("fork").Process(target=_take_and_mark, args=(str(tmp_path), str(marker)))
+        child.start()
+        child.join(0.3)
+        assert not marker.exists(), "the parent's hold is not the child's"
+    child.join(10)
+    assert child.exitcode == 0 and marker.read_text() == "in"
+
+
+def test_one_folder_under_two_spellings_is_one_lock_for_its_holder(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    done = threading.Event()
+
+    def nested() -> None:
+        with writer_lock(tmp_path / "real"), writer_lock(tmp_path / "alias"):
+            done.set()
+
+    threading.Thread(target=nested, daemon=True).start()
+    assert done.wait(5), "taken again under another name, it waited on itself"
