@@ -1,6 +1,7 @@
 """The metrics endpoint on a real loopback TLS socket: served to a dev-CA client certificate, refused to a client
 without one, to one from another CA, and to plaintext HTTP."""
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter
 
+from bastion import metrics_endpoint
 from bastion.devstack.pki import DevPki
 from bastion.grpc.server import TlsFiles
 from bastion.metrics_endpoint import MetricsEndpoint, sample_value, scrape, serve_metrics
@@ -90,3 +92,72 @@ def test_a_silent_connection_stalls_neither_scrapes_nor_shutdown(pki: DevPki) ->
         assert not closing.is_alive()
     finally:
         silent.close()
+
+
+def test_a_connection_that_never_completes_a_handshake_is_closed_after_the_timeout_without_a_thread_failing(
+        pki: DevPki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_endpoint, "HANDSHAKE_SECONDS", 0.3)
+    failed: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: failed.append(args.exc_type))
+    served = serve_metrics("127.0.0.1", free_port(), tls_of(pki, "accounts"))
+    port = int(served.url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as silent, \
+                socket.create_connection(("127.0.0.1", port), timeout=5) as plaintext:
+            plaintext.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            started = time.monotonic()
+            assert silent.recv(1) == b"", "closed by the server"
+            assert time.monotonic() - started < 3
+            with contextlib.suppress(ConnectionResetError):
+                assert plaintext.recv(1024) == b""
+        time.sleep(0.2)  # the connections' threads end
+        assert failed == []
+    finally:
+        served.close()
+
+
+def test_a_closed_endpoint_listens_no_more_and_its_thread_never_holds_the_process(pki: DevPki) -> None:
+    served = serve_metrics("127.0.0.1", free_port(), tls_of(pki, "accounts"))
+    port = int(served.url.rsplit(":", 1)[1].split("/")[0])
+    served.close()
+    assert not served.thread.is_alive()
+    assert served.thread.daemon, "an endpoint left open never keeps its process from exiting"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_scrape_of_an_endpoint_that_never_answers_gives_up(pki: DevPki, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_endpoint, "SCRAPE_TIMEOUT", 0.3)
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen()  # connections are taken by the kernel, never answered
+    outcome: list[BaseException] = []
+
+    def scraping() -> None:
+        try:
+            scrape(f"https://127.0.0.1:{mute.getsockname()[1]}/metrics", tls_of(pki, "cli"))
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=scraping, daemon=True)
+    try:
+        thread.start()
+        thread.join(3)
+        assert not thread.is_alive() and outcome and isinstance(outcome[0], (TimeoutError, urllib.error.URLError))
+    finally:
+        mute.close()
+
+
+def test_neither_a_scrape_nor_a_handshake_waits_longer_than_five_seconds() -> None:
+    assert 0 < metrics_endpoint.SCRAPE_TIMEOUT <= 5
+    assert 0 < metrics_endpoint.HANDSHAKE_SECONDS <= 5
+
+
+def test_a_sample_is_found_by_exactly_its_labels() -> None:
+    exposition = ('# TYPE bastion_calls_refused_total counter\n'
+                  'bastion_calls_refused_total{code="PERMISSION_DENIED",service="payments"} 2.0\n'
+                  'bastion_calls_refused_total{code="PERMISSION_DENIED"} 1.0\n')
+    assert sample_value(exposition, "bastion_calls_refused_total", {"code": "PERMISSION_DENIED"}) == 1.0
+    assert sample_value(exposition, "bastion_calls_refused_total",
+                        {"code": "PERMISSION_DENIED", "service": "payments"}) == 2.0
+    assert sample_value(exposition, "bastion_calls_refused_total", {"code": "NOT_FOUND"}) is None

@@ -1,8 +1,11 @@
 """Recorded spans (bastion/grpc/spans.py): only sampled traces, children of the caller's span, the id handed on,
 within the service's span budget, written as rotated JSON lines."""
 
+import asyncio
 import contextlib
 import json
+import logging.handlers
+import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -23,7 +26,14 @@ from bastion.events.outbox import OutboxEventSink, OutboxRelay, RelayResult, tra
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import VerifiedEvent
 from bastion.grpc.context import CallContext, current_call
-from bastion.grpc.spans import SPANS_NOT_RECORDED, SpanRecorder, TracedEvent, jsonl_exporter, recorded_spans
+from bastion.grpc.spans import (
+    SPANS_NOT_RECORDED,
+    SpanRecorder,
+    TracedEvent,
+    jsonl_exporter,
+    recorded_spans,
+    written_spans,
+)
 from bastion.grpc.trace import TraceContext, trace_context_from
 
 METHOD = "/bastion.accounts.v1.Accounts/GetAccount"
@@ -157,6 +167,9 @@ def test_a_span_the_sdk_fails_to_start_leaves_the_call_unrecorded_and_logged_nev
     (grpc.StatusCode.INTERNAL, True), (grpc.StatusCode.UNAVAILABLE, True), (grpc.StatusCode.UNKNOWN, True),
     (grpc.StatusCode.PERMISSION_DENIED, False), (grpc.StatusCode.NOT_FOUND, False),
     (grpc.StatusCode.INVALID_ARGUMENT, False), (grpc.StatusCode.CANCELLED, False),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, True), (grpc.StatusCode.UNIMPLEMENTED, True), (grpc.StatusCode.DATA_LOSS, True),
+    (grpc.StatusCode.UNAUTHENTICATED, False), (grpc.StatusCode.RESOURCE_EXHAUSTED, False),
+    (grpc.StatusCode.FAILED_PRECONDITION, False),
 ])
 def test_a_server_span_is_an_error_only_for_a_failure_of_the_server(code: grpc.StatusCode, error: bool):
     spans, exported = recorder()
@@ -466,3 +479,201 @@ def test_the_verifying_consumer_records_the_processing_of_a_traced_event_around_
     assert handled == [0, 1], "the span ends after the handler"
     recorded = only(exported)
     assert recorded.kind is SpanKind.CONSUMER and f"{recorded.parent.span_id:016x}" == CALLER_SPAN  # type: ignore[union-attr]
+
+
+# The recorder's set-up, its edges and its failures (a mutation review's gaps).
+
+def test_a_recorder_takes_an_exporter_or_a_processor_but_not_both_and_not_neither():
+    with pytest.raises(ValueError, match="not both"):
+        SpanRecorder("accounts", InMemorySpanExporter(), processor=SimpleSpanProcessor(InMemorySpanExporter()))
+    with pytest.raises(ValueError, match="not both"):
+        SpanRecorder("accounts")
+
+
+def test_the_sdks_own_sampler_settings_never_turn_a_span_the_kit_decided_to_record_into_nothing(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    spans, exported = recorder()
+    before = trace_context_from(traceparent())
+    span, trace = spans.start(METHOD, before, time.time_ns())
+    SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", None)
+    recorded = only(exported)
+    assert trace.span_id == f"{recorded.context.span_id:016x}" != before.span_id
+    assert recorded.parent is not None and recorded.parent.is_remote, "a child of the caller's span, in another process"
+
+
+def test_a_finished_span_is_written_within_about_a_second_without_waiting_for_shutdown(tmp_path):
+    path = tmp_path / "accounts.spans.jsonl"
+    spans = SpanRecorder("accounts", jsonl_exporter(path))
+    try:
+        span, _trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+        SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", None)
+        deadline = time.monotonic() + 3  # the SDK's default would wait 5 s
+        while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(path.read_text().splitlines()) == 1
+    finally:
+        spans.shutdown()
+
+
+def test_long_names_ids_and_failures_are_cut_to_the_span_limit():
+    long = "x" * 300
+    spans, exported = recorder()
+    served, trace = spans.start(f"/{long}/{long}", trace_context_from(traceparent()), time.time_ns())
+    call, _sent = spans.calling(f"/{long}/{long}", long, served, trace, long)
+    SpanRecorder.call_ended(call, grpc.StatusCode.UNAVAILABLE, 1, long)
+    SpanRecorder.end(served, grpc.StatusCode.OK, "corr-1", None)
+    event = TracedEvent(long, long, long, long, SAMPLED)
+    spans.events_handled("send", [event], 1, 2, long)
+    for span in exported.get_finished_spans():
+        assert all(len(value) <= 256 for value in (span.attributes or {}).values() if isinstance(value, str)), span
+        assert len(span.status.description or "") <= 256
+    client, server, sent = exported.get_finished_spans()
+    assert (client.name, server.name) == (f"{long}/{long}"[:256],) * 2 and sent.name == f"send {'x' * 256}"
+    assert (client.status.description, sent.status.description) == ("x" * 256,) * 2
+
+
+def test_a_call_that_failed_without_a_message_is_an_error_named_by_its_code():
+    spans, exported = recorder()
+    served, trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+    call, _sent = spans.calling(METHOD, "accounts", served, trace, "corr-1")
+    SpanRecorder.call_ended(call, grpc.StatusCode.UNAVAILABLE, 0)
+    failed = only(exported)
+    assert (failed.status.status_code, failed.status.description) == (StatusCode.ERROR, "UNAVAILABLE")
+
+
+def test_with_the_sdk_switched_off_no_client_or_event_span_is_recorded_or_counted(monkeypatch):
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    spans, exported = recorder()
+    before = trace_context_from(traceparent())
+    assert spans.calling(METHOD, "accounts", None, before, "corr-1") == (None, before)
+    assert spans.events_handled("send", [traced_event(number=1), traced_event(number=2)], 1, 2) == 0
+    with spans.processing("accounts.events.v1", "t", "ev-1", "corr-1", SAMPLED):
+        pass
+    assert not exported.get_finished_spans()
+
+
+def test_ending_a_span_twice_changes_nothing_and_warns_of_nothing(caplog):
+    spans, exported = recorder()
+    served, trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+    call, _sent = spans.calling(METHOD, "accounts", served, trace, "corr-1")
+    SpanRecorder.call_ended(call, grpc.StatusCode.OK, 1)
+    SpanRecorder.end(served, grpc.StatusCode.OK, "corr-1", "payments")
+    with caplog.at_level("WARNING"):
+        SpanRecorder.call_ended(call, grpc.StatusCode.INTERNAL, 2, "again")
+        SpanRecorder.end(served, grpc.StatusCode.INTERNAL, "corr-2", "web")
+    assert caplog.records == []
+    client, server = exported.get_finished_spans()
+    assert client.status.status_code is server.status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.parametrize("peer", [None, ""])
+def test_a_call_without_a_peer_identity_has_no_peer_attribute(peer: str | None):
+    spans, exported = recorder()
+    span, _trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+    SpanRecorder.end(span, grpc.StatusCode.OK, "corr-1", peer)
+    assert "bastion.peer_service" not in (only(exported).attributes or {})
+
+
+def test_a_handler_cancelled_or_interrupted_ends_its_span_as_an_error():
+    spans, exported = recorder()
+    with pytest.raises(asyncio.CancelledError), spans.processing("accounts.events.v1", "t", "ev-1", "corr-1",
+                                                                 SAMPLED):
+        raise asyncio.CancelledError
+    cancelled = only(exported)
+    assert (cancelled.status.status_code, cancelled.status.description) == (StatusCode.ERROR, "CancelledError")
+
+
+def test_an_event_that_failed_with_an_empty_message_is_still_an_error():
+    spans, exported = recorder()
+    spans.events_handled("send", [traced_event()], 1, 2, "")
+    assert only(exported).status.status_code is StatusCode.ERROR
+
+
+def test_an_event_span_the_sdk_fails_to_start_is_logged_and_the_event_handled_all_the_same():
+    spans, _exported = recorder()
+    spans._tracer = BrokenTracer()  # type: ignore[assignment]
+    handled = []
+    with structlog.testing.capture_logs() as logs:
+        assert spans.events_handled("send", [traced_event()], 1, 2) == 0
+        with spans.processing("accounts.events.v1", "t", "ev-1", "corr-1", SAMPLED):
+            handled.append(True)
+    assert handled == [True]
+    assert [line["operation"] for line in logs if line["event"] == "span_not_recorded"] == ["send", "process"]
+
+
+class PausingInstant(float):
+    """A reading of a clock whose arithmetic takes a while: two threads spending at once overlap in `_spend`."""
+
+    def __sub__(self, other: float) -> float:
+        time.sleep(0.05)
+        return float(self) - float(other)
+
+
+def test_two_threads_spending_at_once_never_spend_more_than_the_budget():
+    spans, exported = recorder(per_second=1, clock=lambda: PausingInstant(1000.0))  # type: ignore[arg-type]
+    start = threading.Barrier(2)
+
+    def spend() -> None:
+        start.wait()
+        record(spans, trace_context_from(traceparent()))
+
+    threads = [threading.Thread(target=spend) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(exported.get_finished_spans()) == 1
+
+
+class Handlers:
+    """Stands in for logging.handlers.RotatingFileHandler: keeps how it was asked to rotate."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[int, int]] = []
+
+    def __call__(self, path: object, maxBytes: int, backupCount: int, encoding: str) -> "Handlers":
+        self.made.append((maxBytes, backupCount))
+        return self
+
+    def setFormatter(self, _formatter: object) -> None:
+        pass
+
+
+def test_a_span_file_is_rotated_at_64_mib_with_three_older_files_kept_by_default(tmp_path, monkeypatch):
+    handlers = Handlers()
+    monkeypatch.setattr(logging.handlers, "RotatingFileHandler", handlers)
+    jsonl_exporter(tmp_path / "accounts.spans.jsonl")
+    assert handlers.made == [(64 * 1024 * 1024, 3)]
+
+
+def span_of(trace: str, span_id: str, started: str, name: str = "GetAccount") -> str:
+    return json.dumps({"name": name, "context": {"trace_id": f"0x{trace}", "span_id": f"0x{span_id}"},
+                       "start_time": started})
+
+
+def test_rotated_span_files_are_read_oldest_first_by_their_number_not_their_name(tmp_path):
+    for number, started in ((10, "2030-01-01T00:00:01Z"), (2, "2030-01-01T00:00:02Z"), (1, "2030-01-01T00:00:03Z")):
+        (tmp_path / f"accounts.spans.jsonl.{number}").write_text(span_of(TRACE, f"{number:016x}", started) + "\n")
+    (tmp_path / "accounts.spans.jsonl").write_text(span_of(TRACE, "f" * 16, "2030-01-01T00:00:04Z") + "\n")
+    (tmp_path / "accounts.spans.jsonl.1~").write_text(span_of(TRACE, "e" * 16, "2030-01-01T00:00:00Z") + "\n")
+    read = [span["start_time"] for span in recorded_spans(tmp_path, ["accounts"], TRACE)]
+    assert read == [f"2030-01-01T00:00:0{second}Z" for second in (1, 2, 3, 4)], "an editor's backup is not a rotation"
+
+
+def test_a_service_without_a_span_file_leaves_the_others_to_be_read(tmp_path):
+    (tmp_path / "payments.spans.jsonl").write_text(span_of(TRACE, "a" * 16, "2030-01-01T00:00:01Z") + "\n")
+    assert [service for service, _span in written_spans(tmp_path, ["accounts", "payments"], TRACE)] == ["payments"]
+
+
+def test_only_spans_of_the_trace_and_lines_that_are_spans_are_read(tmp_path):
+    other = "0" * 31 + "1"
+    (tmp_path / "accounts.spans.jsonl").write_text("\n".join([
+        span_of(TRACE, "a" * 16, "2030-01-01T00:00:01Z"),
+        span_of(other, "b" * 16, "2030-01-01T00:00:02Z", name=f"names {TRACE}"),  # another trace that names it
+        json.dumps({"context": {"span_id": "0x" + "c" * 16}, "name": TRACE}),  # no trace id at all
+        json.dumps({"context": TRACE, "name": "a context that is not an object"}),
+        json.dumps([TRACE]),
+    ]) + "\n")
+    assert [span["context"]["span_id"] for span in recorded_spans(tmp_path, ["accounts"], TRACE)] == ["0x" + "a" * 16]
+    assert [span["context"]["span_id"] for _service, span in written_spans(tmp_path, ["accounts"], "names")] == \
+        ["0x" + "b" * 16], "only the lines containing the text"

@@ -44,7 +44,8 @@ class KeycloakIntrospection:
             answer = await asyncio.to_thread(self.client.introspect, token)
         except Exception as error:  # any failure to ask means we cannot know: refuse (fail closed)
             raise UnavailableError("token introspection unavailable: large transfers are refused") from error
-        return bool(answer.get("active"))
+        # Only JSON true is active (RFC 7662): a string "false", a 1 or an answer of another shape is not.
+        return isinstance(answer, dict) and answer.get("active") is True
 
 
 def redis_locks(client: aioredis.Redis, ttl_seconds: float = 10.0) -> LockFactory:

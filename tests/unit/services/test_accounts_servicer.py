@@ -1,7 +1,6 @@
 """The accounts gRPC servicer on in-memory adapters: whom it takes the authenticated principal for (an end user by
 username and roles, a calling service by its client), and that each reply carries what the handler returned."""
 
-import asyncio
 import threading
 from collections.abc import Awaitable
 from contextlib import AbstractContextManager
@@ -11,13 +10,13 @@ from typing import Any
 import pytest
 
 from bastion.accounts.v1 import accounts_pb2
-from bastion.grpc.context import CallContext, current_call
 from bastion.grpc.errors import UnauthenticatedError
 from bastion.grpc.tokens import Principal
 from services.accounts.adapters.grpc import AccountsServicer
 from services.accounts.domain import AccountFrozenError, AccountNotFoundError
 from services.accounts.fakes import MemoryPersonalData, MemoryUnitOfWork
 from services.accounts.handlers import AccountsHandlers
+from tests.unit.services.admitted import admitted
 
 EXPIRES = 2_000_000_000
 
@@ -45,15 +44,7 @@ PAYMENTS = Principal(
 
 def as_(principal: Principal | None, rpc: Awaitable[Any]) -> Any:
     """Run RPC as the interceptor would have admitted it: PRINCIPAL in the call's context."""
-    token = current_call.set(CallContext("corr-1", "cli", principal, "/bastion.accounts.v1.Accounts/Test"))
-    try:
-        return asyncio.run(wait(rpc))
-    finally:
-        current_call.reset(token)
-
-
-async def wait(rpc: Awaitable[Any]) -> Any:
-    return await rpc
+    return admitted(principal, rpc, "/bastion.accounts.v1.Accounts/Test")
 
 
 @dataclass

@@ -14,9 +14,10 @@ from services.payments.handlers import PaymentsRepository
 NOON = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 
 
-def payment(key: str, amount: int = 100, source: str = "acc-1", at: dt.datetime = NOON) -> Payment:
+def payment(key: str, amount: int = 100, source: str = "acc-1", at: dt.datetime = NOON, by: str = "alice"
+            ) -> Payment:
     transfer = Transfer(source, "acc-9", amount, "EUR", key)
-    return domain.start(transfer, "alice", domain.fingerprint(transfer, "alice"), at)
+    return domain.start(transfer, by, domain.fingerprint(transfer, by), at)
 
 
 class PaymentsRepositoryContract:
@@ -68,6 +69,27 @@ class PaymentsRepositoryContract:
         assert repository.pending_before(NOON + dt.timedelta(seconds=1), 10) == [early, late]
         assert repository.pending_before(NOON, 10) == [early]
         assert repository.pending_before(NOON + dt.timedelta(seconds=1), 1) == [early]
+
+
+    def test_the_utc_day_runs_from_midnight_to_just_before_the_next(self, repository: PaymentsRepository) -> None:
+        midnight = dt.datetime.combine(NOON.date(), dt.time(), dt.UTC)
+        repository.add(payment("key-midnight", 1, at=midnight))
+        repository.add(payment("key-last-us", 20, at=midnight + dt.timedelta(days=1, microseconds=-1)))
+        repository.add(payment("key-next-day", 300, at=midnight + dt.timedelta(days=1)))
+        assert repository.sent_on("acc-1", NOON.date()) == 21
+
+    def test_a_transfer_made_exactly_at_the_start_of_the_window_counts(self, repository: PaymentsRepository) -> None:
+        repository.add(payment("key-at-since", at=NOON - dt.timedelta(seconds=60)))
+        repository.add(payment("key-other-source", source="acc-2", at=NOON))
+        assert repository.count_since("acc-1", NOON - dt.timedelta(seconds=60)) == 1
+
+    def test_a_users_payments_are_theirs_only_oldest_first(self, repository: PaymentsRepository) -> None:
+        repository.add(late := payment("key-alice-late", at=NOON))
+        repository.add(payment("key-bob", at=NOON - dt.timedelta(minutes=9), by="bob"))
+        repository.add(early := payment("key-alice-early", at=NOON - dt.timedelta(minutes=5)))
+        repository.settle(domain.complete(early))
+        assert repository.initiated_by("alice") == [domain.complete(early), late]
+        assert repository.initiated_by("mallory") == []
 
 
 class TestMemoryPayments(PaymentsRepositoryContract):
