@@ -21,6 +21,7 @@ from services.notifications.adapters.grpc import NotificationsServicer
 from services.notifications.domain import Draft, StreamExpiredError, TooManyStreamsError
 from services.notifications.fakes import MemoryUnitOfWork
 from services.notifications.handlers import NotificationsHandlers
+from tests.unit.services.admitted import admitted
 
 EXPIRES = 2_000_000_000
 BEFORE_EXPIRY = dt.datetime.fromtimestamp(EXPIRES - 60, dt.UTC)
@@ -40,11 +41,8 @@ def calling_as(principal: Principal | None) -> None:
 
 
 def as_(principal: Principal | None, rpc: Awaitable[Any]) -> Any:
-    async def run() -> Any:
-        calling_as(principal)
-        return await rpc
-
-    return asyncio.run(run())
+    """Run RPC as the interceptor would have admitted it: PRINCIPAL in the call's context."""
+    return admitted(principal, rpc, "/bastion.notifications.v1.Notifications/Test")
 
 
 @dataclass
