@@ -43,6 +43,11 @@ class CheckpointForkError(CheckpointError):
     """Same length as the last accepted checkpoint but another head hash: two different logs were signed."""
 
 
+class CheckpointsMissingError(CheckpointError):
+    """The checkpoint file lacks checkpoints published on `audit.checkpoints.v1`: it was lost, cut short or
+    replaced, and what it still holds is not all the log was signed at."""
+
+
 class ChainBrokenError(AuditError):
     """Raised by `ChainReport.raise_if_broken` for a log that failed verification."""
 

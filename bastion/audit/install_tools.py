@@ -11,7 +11,7 @@ from sqlalchemy.pool import NullPool
 from bastion.audit.checkpoints import Checkpoint, CheckpointFile
 from bastion.audit.errors import CheckpointError
 from bastion.audit.postgres import AuditLog, Rebuilt, rebuild
-from bastion.audit.published import TOPIC, WitnessUnavailableError, missing_from_file, read_published
+from bastion.audit.published import WitnessUnavailableError, load_witnessed, read_published, unverified_reason
 from bastion.audit.verify import ChainReport
 from bastion.devstack.components.kafka import ADMIN, Kafka
 from bastion.devstack.components.postgres import Postgres
@@ -53,25 +53,11 @@ def verify(ctx: StackContext, origin: str = ORIGIN,
     each of which it must hold: a file lost, cut short or replaced must not read as fewer checkpoints to verify
     against."""
     file = file or checkpoint_file(ctx, origin)
-    # The witness first, the file after: the audit service writes a checkpoint to its file before it publishes it,
-    # so whatever the topic holds now is in the file when it is read next, even while the service goes on signing.
     try:
-        published = witness(ctx, origin)
-    except WitnessUnavailableError as error:
-        return Verification(ChainReport(False, 0, b"", None, f"the published checkpoints cannot be read, so the "
-                                        f"checkpoint file cannot be checked against them: {error}", 0), 0, 0)
-    try:
-        checkpoints = file.load()
-        written = [checkpoint for _, checkpoint in file.lines()]
-    except CheckpointError as error:
-        return Verification(ChainReport(False, 0, b"", None, f"checkpoint refused: {error}", 0), 0, 0)
-    missing = missing_from_file(published, written)
-    if missing:
-        return Verification(ChainReport(
-            False, 0, b"", None,
-            f"the checkpoint file lacks {len(missing)} of the {len(published)} checkpoints published on {TOPIC} "
-            f"(the newest it lacks covers {missing[-1].length} records, signed by {missing[-1].key_id}): it was "
-            f"lost, cut short or replaced, and the log cannot be checked against what it held", 0), 0, 0)
+        witnessed = load_witnessed(file, lambda: witness(ctx, origin))
+    except (WitnessUnavailableError, CheckpointError) as error:
+        return Verification(ChainReport(False, 0, b"", None, unverified_reason(error), 0), 0, 0)
+    checkpoints = witnessed.checkpoints
     engine = audit_engine(ctx)
     try:
         with engine.connect() as conn, conn.begin():
@@ -80,7 +66,7 @@ def verify(ctx: StackContext, origin: str = ORIGIN,
     finally:
         engine.dispose()
     return Verification(report, len(checkpoints), checkpoints[-1].length if checkpoints else 0, len(file.superseded),
-                        len(published))
+                        witnessed.published)
 
 
 def rebuild_projections(ctx: StackContext) -> Rebuilt:

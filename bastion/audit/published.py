@@ -4,18 +4,21 @@ partition, only the audit principal may write it), read back to check the checkp
 The file in the state folder is what a verifier reads; a file that is lost, cut short or replaced would otherwise
 read as "no checkpoints yet" (or fewer), and a log rewritten meanwhile would verify against nothing. Every
 checkpoint ever published must still be a line of the file: `missing_from_file` names those that are not.
-`bastion audit verify` reads the topic as the broker's admin, as an investigator does, without a consumer group.
+`bastion audit verify` reads the topic as the broker's admin, as an investigator does; the audit service's
+`VerifyChain` reads it as the audit principal, a witness of the topic by infra/event-access.yaml (READ by assignment
+under its own group, which commits nothing). Both go through `load_witnessed`.
 """
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from bastion.audit.checkpoints import Checkpoint
-from bastion.audit.errors import CheckpointError
+from bastion.audit.checkpoints import Checkpoint, CheckpointFile
+from bastion.audit.errors import CheckpointError, CheckpointsMissingError
 
 TOPIC = "audit.checkpoints.v1"
 
@@ -31,14 +34,51 @@ def missing_from_file(published: Iterable[Checkpoint], in_file: Iterable[Checkpo
     return [checkpoint for checkpoint in published if checkpoint not in kept]
 
 
-def read_published(kafka_config: dict[str, Any], origin: str, timeout: float = 10.0) -> list[Checkpoint]:
+@dataclass(frozen=True)
+class Witnessed:
+    checkpoints: list[Checkpoint]  # the file's accepted checkpoints (CheckpointFile.load)
+    published: int  # checkpoints on the topic, every one of them a line of the file
+
+
+def load_witnessed(file: CheckpointFile, witness: Callable[[], list[Checkpoint]]) -> Witnessed:
+    """FILE's checkpoints, once it is found to hold every checkpoint WITNESS says was published. The witness is read
+    first, the file after: the audit service writes a checkpoint to its file before it publishes it, so whatever the
+    topic holds now is in the file when it is read next, even while the service goes on signing.
+
+    Raises WitnessUnavailableError (the topic cannot be read: nothing to check the file against), the file's own
+    CheckpointError (a line that does not verify), or CheckpointsMissingError (a published checkpoint not in it)."""
+    published = witness()
+    checkpoints = file.load()
+    missing = missing_from_file(published, [checkpoint for _, checkpoint in file.lines()])
+    if missing:
+        raise CheckpointsMissingError(
+            f"the checkpoint file lacks {len(missing)} of the {len(published)} checkpoints published on {TOPIC} "
+            f"(the newest it lacks covers {missing[-1].length} records, signed by {missing[-1].key_id}): it was "
+            f"lost, cut short or replaced, and the log cannot be checked against what it held")
+    return Witnessed(checkpoints, len(published))
+
+
+def unverified_reason(error: WitnessUnavailableError | CheckpointError) -> str:
+    """Why a chain was not checked, for an error `load_witnessed` raised."""
+    if isinstance(error, WitnessUnavailableError):
+        return ("the published checkpoints cannot be read, so the checkpoint file cannot be checked against them: "
+                f"{error}")
+    if isinstance(error, CheckpointsMissingError):
+        return str(error)
+    return f"checkpoint refused: {error}"
+
+
+def read_published(kafka_config: dict[str, Any], origin: str, timeout: float = 10.0,
+                   group: str | None = None) -> list[Checkpoint]:
     """Every checkpoint of ORIGIN on the topic, oldest first, up to where the topic ended when asked. A record that
     is not a checkpoint raises WitnessUnavailableError (only the audit service writes there: it is tampering or a
-    fault, and either way the witness cannot be read)."""
+    fault, and either way the witness cannot be read). GROUP is the consumer group to read under (a principal with
+    literal ACLs needs the one it was granted); by default a new one each time (the admin's read). Partitions are
+    assigned, never subscribed, and nothing is committed."""
     # auto.offset.reset "error": an offset out of range (records deleted below it) fails the read at once, rather
     # than librdkafka's default jumping to the end and the read timing out with nothing to say why.
-    reader = Consumer({**kafka_config, "group.id": f"audit-witness-{uuid.uuid4()}", "enable.auto.commit": False,
-                       "enable.partition.eof": False, "auto.offset.reset": "error"})
+    reader = Consumer({**kafka_config, "group.id": group or f"audit-witness-{uuid.uuid4()}",
+                       "enable.auto.commit": False, "enable.partition.eof": False, "auto.offset.reset": "error"})
     try:
         try:
             metadata = reader.list_topics(TOPIC, timeout=timeout).topics[TOPIC]

@@ -31,6 +31,9 @@ class TopicPolicy:
     producers: tuple[str, ...]
     consumers: dict[str, str]
     config: dict[str, str] = field(default_factory=dict)
+    # principal -> group: may read the topic to check what it says (partitions assigned, nothing committed, no
+    # dead letters: a witness refuses nothing, it compares). The audit service reads its own published checkpoints.
+    witnesses: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, order=True)
@@ -57,6 +60,7 @@ class EventAccessPolicy:
         for topic in self.topics.values():
             names.update(topic.producers)
             names.update(topic.consumers)
+            names.update(topic.witnesses)
         return names
 
     def readers_of(self, producer: str) -> dict[str, tuple[str, ...]]:
@@ -72,10 +76,10 @@ class EventAccessPolicy:
             for producer in topic.producers:
                 grants.add(AclGrant(producer, "TOPIC", topic.name, "WRITE"))
                 grants.add(AclGrant(producer, "TOPIC", topic.name, "DESCRIBE"))
-            for consumer, group in topic.consumers.items():
-                grants.add(AclGrant(consumer, "TOPIC", topic.name, "READ"))
-                grants.add(AclGrant(consumer, "TOPIC", topic.name, "DESCRIBE"))
-                grants.add(AclGrant(consumer, "GROUP", group, "READ"))
+            for reader, group in (*topic.consumers.items(), *topic.witnesses.items()):
+                grants.add(AclGrant(reader, "TOPIC", topic.name, "READ"))
+                grants.add(AclGrant(reader, "TOPIC", topic.name, "DESCRIBE"))
+                grants.add(AclGrant(reader, "GROUP", group, "READ"))
         return grants
 
 
@@ -86,12 +90,13 @@ def parse_policy(raw: dict[str, Any], known_principals: set[str]) -> EventAccess
     for name, entry in (raw.get("topics") or {}).items():
         if not TOPIC_NAME.fullmatch(name):
             problems.append(f"{name}: not a valid topic name (lower-case words separated by dots)")
-        unknown_keys = set(entry) - {"partitions", "producers", "consumers", "config"}
+        unknown_keys = set(entry) - {"partitions", "producers", "consumers", "witnesses", "config"}
         if unknown_keys:
             problems.append(f"{name}: unknown keys {sorted(unknown_keys)}")
         producers = tuple(entry.get("producers") or ())
         consumers = {str(k): str(v) for k, v in (entry.get("consumers") or {}).items()}
-        for principal in (*producers, *consumers):
+        witnesses = {str(k): str(v) for k, v in (entry.get("witnesses") or {}).items()}
+        for principal in (*producers, *consumers, *witnesses):
             if principal not in known_principals:
                 problems.append(f"{name}: principal {principal!r} is not a service in infra/services.yaml")
         topics[name] = TopicPolicy(
@@ -100,6 +105,7 @@ def parse_policy(raw: dict[str, Any], known_principals: set[str]) -> EventAccess
             producers=producers,
             consumers=consumers,
             config={str(k): str(v) for k, v in (entry.get("config") or {}).items()},
+            witnesses=witnesses,
         )
     for name, topic in topics.items():
         if name.endswith(DLQ_SUFFIX):

@@ -16,6 +16,7 @@ from bastion.audit.alerts import Alert
 from bastion.audit.chain import Appended, LogEntry
 from bastion.audit.checkpoints import Checkpoint, CheckpointFile
 from bastion.audit.errors import CheckpointError
+from bastion.audit.published import WitnessUnavailableError, load_witnessed, unverified_reason
 from bastion.audit.verify import ChainReport
 from services.audit import domain
 from services.audit.domain import EventQuery
@@ -64,13 +65,17 @@ ReaderFactory = Callable[[], AbstractContextManager[AuditReader]]
 class Verdict:
     report: ChainReport
     checkpoint_length: int
+    published: int = 0  # checkpoints on audit.checkpoints.v1, every one of them a line of the file
 
 
 class AuditHandlers:
-    def __init__(self, reader: ReaderFactory, checkpoints: CheckpointFile, security: SecurityRecords) -> None:
+    def __init__(self, reader: ReaderFactory, checkpoints: CheckpointFile, security: SecurityRecords,
+                 witness: Callable[[], list[Checkpoint]]) -> None:
+        """WITNESS reads the checkpoints published on audit.checkpoints.v1, which the file must all hold."""
         self.reader = reader
         self.checkpoints = checkpoints
         self.security = security
+        self.witness = witness
 
     def list_events(self, query: EventQuery) -> tuple[list[LogEntry], str]:
         """A page of the log, and the token of the next page ("" when this one is the last)."""
@@ -80,14 +85,21 @@ class AuditHandlers:
         return entries, domain.page_token(entries[-1].seq) if more else ""
 
     def verify_chain(self) -> Verdict:
-        """Recompute the chain and check it against every accepted checkpoint. A checkpoint file that does not
-        verify (bad signature, a length going backwards, a fork) fails the verdict and raises a security record."""
+        """Recompute the chain and check it against every accepted checkpoint, once the file is found to hold every
+        checkpoint published on Kafka (a file lost, cut short or replaced must not read as fewer checkpoints to
+        check against). A file that does not verify (bad signature, a length going backwards, a fork, published
+        checkpoints missing) fails the verdict and raises a security record; so does nothing when the published
+        checkpoints cannot be read, but the verdict fails all the same."""
         try:
-            checkpoints = self.checkpoints.load()
+            witnessed = load_witnessed(self.checkpoints, self.witness)
+        except WitnessUnavailableError as error:
+            log.error("checkpoint_witness_unavailable", detail=str(error))
+            return Verdict(ChainReport(False, 0, b"", None, unverified_reason(error), 0), 0)
         except CheckpointError as error:
             self.security.checkpoint_refused(error, str(self.checkpoints.path))
             log.error("checkpoint_refused", error=type(error).__name__, detail=str(error))
-            return Verdict(ChainReport(False, 0, b"", None, f"checkpoint refused: {error}", 0), 0)
+            return Verdict(ChainReport(False, 0, b"", None, unverified_reason(error), 0), 0)
+        checkpoints = witnessed.checkpoints
         with self.reader() as reader:
             report = reader.check_chain(checkpoints)
-        return Verdict(report, checkpoints[-1].length if checkpoints else 0)
+        return Verdict(report, checkpoints[-1].length if checkpoints else 0, witnessed.published)

@@ -12,6 +12,7 @@ from bastion import service_logs
 from bastion.audit.alerts import ALERTS_TOPIC, AlertDetector, load_alert_rules
 from bastion.audit.checkpoints import Checkpointer, CheckpointFile
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog
+from bastion.audit.published import read_published
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.errors import DevstackError
 from bastion.grpc.server import start_server
@@ -26,6 +27,8 @@ from services.audit.settings import AuditSettings
 
 NAME = "audit"
 TOPICS = ["accounts.events.v1", "payments.events.v1", "access.decisions.v1", ALERTS_TOPIC]
+# The group infra/event-access.yaml grants it as a witness of audit.checkpoints.v1.
+WITNESS_GROUP = "audit-witness"
 
 
 def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings, unanchored_ok: bool = False) -> CheckpointFile:
@@ -40,7 +43,8 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
     upgrade(runtime.engine, NAME, schema="public")  # not the log's schema, which search_path puts first
     store = AuditLog()
     handlers = AuditHandlers(PostgresAuditReaders(runtime.engine, store), checkpoint_file(runtime, own),
-                             OutboxSecurityRecords(runtime.engine, runtime.outbox()))
+                             OutboxSecurityRecords(runtime.engine, runtime.outbox()),
+                             witness=lambda: read_published(runtime.kafka_config, own.origin, group=WITNESS_GROUP))
     stop = threading.Event()
     runtime.start_relay(stop)
     # The signer's view of the file: it may cover checkpoints of a key retired before it signed with its new one.

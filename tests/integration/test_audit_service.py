@@ -320,6 +320,9 @@ def test_a_checkpoint_file_lost_or_cut_short_is_caught_by_the_checkpoints_publis
     assert published, "the audit service publishes what it signs"
     genuine = install_tools.verify(ctx)
     assert genuine.report.ok and genuine.published >= len(published), genuine.report.reason  # it goes on signing
+    # The service's own verdict reads the topic too, as the audit principal (a witness by infra/event-access.yaml).
+    verified = audit.VerifyChain(audit_pb2.VerifyChainRequest(), metadata=bank.as_user("ada"), timeout=60)
+    assert verified.ok and verified.published_checkpoints >= len(published), verified.reason
 
     # Copies of the file as an attacker (or an accident) would leave it; the install's own file is not touched.
     lines = checkpoints.lines()

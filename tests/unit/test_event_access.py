@@ -78,6 +78,27 @@ def test_consumers_get_read_on_topic_and_own_group_only() -> None:
     }
 
 
+def test_a_witness_reads_the_topic_under_its_own_group_and_needs_no_dead_letters() -> None:
+    loaded = parse_policy(policy(**{"t.v1": {"producers": ["audit"], "witnesses": {"payments": "payments-w"}}}),
+                          SERVICES)
+    assert {g for g in loaded.grants() if g.principal == "payments"} == {
+        AclGrant("payments", "TOPIC", "t.v1", "READ"),
+        AclGrant("payments", "TOPIC", "t.v1", "DESCRIBE"),
+        AclGrant("payments", "GROUP", "payments-w", "READ"),
+    }
+    assert loaded.principals == {"audit", "payments"}, "a witness needs a Kafka secret too"
+    assert loaded.readers_of("audit") == {}, "nothing to wait for: a witness consumes nothing"
+
+
+def test_the_audit_service_witnesses_its_published_checkpoints_under_the_group_it_reads_with() -> None:
+    from services.audit.server import WITNESS_GROUP
+
+    loaded = load_policy(INFRA / "event-access.yaml", SERVICES)
+    checkpoints = loaded.topics["audit.checkpoints.v1"]
+    assert checkpoints.witnesses == {"audit": WITNESS_GROUP} and checkpoints.consumers == {}
+    assert checkpoints.producers == ("audit",)
+
+
 @pytest.mark.parametrize(
     ("topics", "problem"),
     [
@@ -102,6 +123,7 @@ def test_consumers_get_read_on_topic_and_own_group_only() -> None:
         ),
         ({"t.v1.dlq": {"producers": ["audit"]}}, "dead-letter topic of an undeclared topic"),
         ({"t.v1": {"producers": ["accounts"], "writers": ["audit"]}}, "unknown keys"),
+        ({"t.v1": {"producers": ["accounts"], "witnesses": {"mallory": "m"}}}, "'mallory' is not a service"),
         ({"..": {"producers": ["accounts"]}}, "not a valid topic name"),
         ({"t..v1": {"producers": ["accounts"]}}, "not a valid topic name"),
     ],

@@ -199,6 +199,7 @@ class VerifyChainResponse(_message.Message):
     FIRST_BAD_SEQ_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     CHECKPOINT_LENGTH_FIELD_NUMBER: _builtins.int
+    PUBLISHED_CHECKPOINTS_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     length: _builtins.int
     head_hash: _builtins.bytes
@@ -207,6 +208,10 @@ class VerifyChainResponse(_message.Message):
     reason: _builtins.str
     checkpoint_length: _builtins.int
     """The last signed checkpoint the chain was checked against (0 when none yet)."""
+    published_checkpoints: _builtins.int
+    """How many checkpoints were published on audit.checkpoints.v1, each of which the checkpoint file was found to
+    hold (0 when none yet, or when the file could not be checked against them: then ok is false).
+    """
     def __init__(
         self,
         *,
@@ -216,10 +221,11 @@ class VerifyChainResponse(_message.Message):
         first_bad_seq: _builtins.int = ...,
         reason: _builtins.str = ...,
         checkpoint_length: _builtins.int = ...,
+        published_checkpoints: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_length", b"checkpoint_length", "first_bad_seq", b"first_bad_seq", "head_hash", b"head_hash", "length", b"length", "ok", b"ok", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_length", b"checkpoint_length", "first_bad_seq", b"first_bad_seq", "head_hash", b"head_hash", "length", b"length", "ok", b"ok", "published_checkpoints", b"published_checkpoints", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,4 +54,5 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         report = verdict.report
         return audit_pb2.VerifyChainResponse(ok=report.ok, length=report.length, head_hash=report.head_hash,
                                              first_bad_seq=report.first_bad_seq or 0, reason=report.reason,
-                                             checkpoint_length=verdict.checkpoint_length)
+                                             checkpoint_length=verdict.checkpoint_length,
+                                             published_checkpoints=verdict.published)

@@ -116,6 +116,7 @@ class Topic:
 
     def __call__(self, config: dict[str, Any]) -> "Topic":
         assert config["enable.auto.commit"] is False, "an investigator's read commits nothing"
+        self.group = config["group.id"]
         return self
 
     def list_topics(self, topic: str, timeout: float) -> Any:
@@ -152,6 +153,17 @@ def test_a_record_on_the_topic_that_is_no_checkpoint_makes_the_witness_unreadabl
     with pytest.raises(WitnessUnavailableError, match="at offset 1 holds no checkpoint"):
         read_published({}, ORIGIN)
     assert topic.closed
+
+
+def test_the_topic_is_read_under_the_group_given_or_a_new_one_each_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    topic = Topic([SIGNED[0].to_bytes()])
+    monkeypatch.setattr(published, "Consumer", topic)
+    read_published({}, ORIGIN, group="audit-witness")
+    assert topic.group == "audit-witness", "the audit principal may read under the group it was granted only"
+    read_published({}, ORIGIN)
+    first = topic.group
+    read_published({}, ORIGIN)
+    assert first.startswith("audit-witness-") and topic.group != first
 
 
 def test_an_empty_topic_is_no_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ kept bounded, an oversized record as a prefix with the digest of the whole; the 
 import base64
 import datetime as dt
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +26,7 @@ from bastion.audit.alerts import Alert, AlertRule
 from bastion.audit.chain import EMPTY, LogEntry, extend
 from bastion.audit.checkpoints import Checkpoint, CheckpointFile, sign_checkpoint
 from bastion.audit.errors import CheckpointError, CheckpointForkError, CheckpointRollbackError
+from bastion.audit.published import WitnessUnavailableError
 from bastion.audit.records import Decision, RecordKind
 from bastion.audit.verify import ChainReport, check_chain
 from bastion.events.errors import RejectReason, VerificationError
@@ -116,6 +117,7 @@ def test_a_page_token_stands_for_the_last_seq_of_its_page() -> None:
 @dataclass
 class MemoryReader:
     entries: list[LogEntry]
+    opened: int = 0
 
     def find(self, query: EventQuery) -> list[LogEntry]:
         found = [e for e in self.entries if e.seq > query.after_seq
@@ -135,15 +137,23 @@ class MemorySecurity:
 
 
 def handlers(tmp_path: Path, entries: list[LogEntry]) -> tuple[AuditHandlers, MemorySecurity, CheckpointFile]:
+    audit, security, file, _ = witnessed_handlers(tmp_path, entries, witness=list)
+    return audit, security, file
+
+
+def witnessed_handlers(tmp_path: Path, entries: list[LogEntry], witness: Callable[[], list[Checkpoint]],
+                       ) -> tuple[AuditHandlers, MemorySecurity, CheckpointFile, MemoryReader]:
+    """The handlers over ENTRIES, a checkpoint file in TMP_PATH and WITNESS as the published checkpoints."""
     reader = MemoryReader(entries)
 
     @contextmanager
     def readers() -> Iterator[MemoryReader]:
+        reader.opened += 1
         yield reader
 
     security = MemorySecurity()
     file = CheckpointFile(tmp_path / "checkpoints.jsonl", trust_store(), ORIGIN)
-    return AuditHandlers(readers, file, security), security, file
+    return AuditHandlers(readers, file, security, witness), security, file, reader
 
 
 def test_pages_follow_each_other_and_the_last_has_no_token(tmp_path: Path) -> None:
@@ -174,6 +184,60 @@ def test_a_forged_checkpoint_fails_the_verdict_and_raises_a_security_record(tmp_
     verdict = audit.verify_chain()
     assert not verdict.report.ok and "checkpoint refused" in verdict.report.reason
     assert security.refused == [f"BadCheckpointSignatureError at {file.path}"]
+
+
+def test_a_checkpoint_file_lacking_published_checkpoints_fails_the_verdict_before_the_log_is_read(
+        tmp_path: Path) -> None:
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 6)])
+    published = [sign_checkpoint(AUDIT_KEY, ORIGIN, entries[n].head) for n in (1, 3)]
+    audit, security, file, log = witnessed_handlers(tmp_path, entries, witness=lambda: published)
+    # The file lost: without the witness this read as "no checkpoints yet" and a rewritten log verified.
+    verdict = audit.verify_chain()
+    assert not verdict.report.ok and verdict.published == 0
+    assert verdict.report.reason.startswith("the checkpoint file lacks 2 of the 2 checkpoints published on "
+                                            "audit.checkpoints.v1 (the newest it lacks covers 4 records")
+    assert security.refused == [f"CheckpointsMissingError at {file.path}"], "tampering evidence: a security record"
+    file.append(published[0])  # cut short before the newest published one
+    verdict = audit.verify_chain()
+    assert not verdict.report.ok and "lacks 1 of the 2" in verdict.report.reason
+    assert log.opened == 0, "nothing checked against a file the witness contradicts"
+    file.append(published[1])
+    verdict = audit.verify_chain()
+    assert verdict.report.ok and verdict.published == 2 and verdict.checkpoint_length == 4
+
+
+def test_the_verdict_fails_when_the_published_checkpoints_cannot_be_read(tmp_path: Path) -> None:
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 4)])
+
+    def unreachable() -> list[Checkpoint]:
+        raise WitnessUnavailableError("audit.checkpoints.v1 could not be read: broker down")
+
+    audit, security, file, log = witnessed_handlers(tmp_path, entries, witness=unreachable)
+    file.append(sign_checkpoint(AUDIT_KEY, ORIGIN, entries[-1].head))
+    with capture_logs() as logs:
+        verdict = audit.verify_chain()
+    assert not verdict.report.ok and "cannot be read" in verdict.report.reason
+    assert "broker down" in verdict.report.reason
+    assert log.opened == 0
+    assert security.refused == [], "an outage is not tampering: no security record, but no verdict either"
+    assert [entry["event"] for entry in logs] == ["checkpoint_witness_unavailable"]
+
+
+def test_the_witness_is_read_before_the_file_so_a_checkpoint_signed_meanwhile_is_no_false_alarm(
+        tmp_path: Path) -> None:
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 4)])
+    signed = sign_checkpoint(AUDIT_KEY, ORIGIN, entries[-1].head)
+    file_of: list[CheckpointFile] = []
+
+    def the_service_signs_and_publishes() -> list[Checkpoint]:
+        file_of[0].append(signed)  # written to the file, then published: the order of the audit service
+        return [signed]
+
+    audit, security, file, _ = witnessed_handlers(tmp_path, entries, witness=the_service_signs_and_publishes)
+    file_of.append(CheckpointFile(file.path, trust_store(), ORIGIN))
+    verdict = audit.verify_chain()
+    assert verdict.report.ok and verdict.published == 1 and verdict.checkpoint_length == 3, verdict.report.reason
+    assert security.refused == []
 
 
 def test_signing_stops_when_the_log_no_longer_extends_the_last_checkpoint() -> None:

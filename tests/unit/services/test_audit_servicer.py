@@ -96,7 +96,8 @@ def test_a_chain_verdict_is_passed_on_as_it_is() -> None:
         audit_pb2.VerifyChainRequest(), None))  # type: ignore[arg-type]
     assert (response.ok, response.length, response.head_hash, response.first_bad_seq, response.reason,
             response.checkpoint_length) == (False, 3, b"\x03" * 32, 4, "record 4 was changed", 3)
-    whole = Verdict(ChainReport(True, 9, b"\x09" * 32, None, "9 records verified", 5), 8)
+    whole = Verdict(ChainReport(True, 9, b"\x09" * 32, None, "9 records verified", 5), 8, published=6)
     response = call(AuditServicer(Handlers(verdict=whole)).VerifyChain(
         audit_pb2.VerifyChainRequest(), None))  # type: ignore[arg-type]
-    assert (response.ok, response.length, response.first_bad_seq, response.checkpoint_length) == (True, 9, 0, 8)
+    assert (response.ok, response.length, response.first_bad_seq, response.checkpoint_length,
+            response.published_checkpoints) == (True, 9, 0, 8, 6)
