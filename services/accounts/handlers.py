@@ -112,7 +112,8 @@ class AccountsHandlers:
     def deposit(self, caller: Caller, account_id: str, amount_minor: int, idempotency_key: str) -> Account:
         domain.check_idempotency_key(idempotency_key)
         domain.check_amount(amount_minor)
-        fingerprint = _fingerprint("deposit", account_id, amount_minor)
+        # A repeat is the same caller's: another teller's deposit with the key is another request (a conflict).
+        fingerprint = _fingerprint("deposit", caller.username, account_id, amount_minor)
         with self.unit_of_work() as uow:
             # The row lock first, then the key: the same deposit sent again while the first is running waits for
             # the lock, and by then the first's key is committed and read (READ COMMITTED: each statement sees what

@@ -311,6 +311,18 @@ def test_a_deposit_key_reused_for_another_account_conflicts(bank: AccountsHandle
     assert bank.get_account(SAM, second).balance_minor == 0
 
 
+def test_another_teller_reusing_a_deposit_key_is_refused_never_answered_with_the_first_tellers_deposit(
+        bank: AccountsHandlers) -> None:
+    # The same account, amount and key from another teller is another request: answering it as a repeat of the
+    # first would tell the second teller "deposited" while no money moved.
+    account_id = funded(bank, ALICE, 0)
+    bank.deposit(TINA, account_id, 500, KEY)
+    with pytest.raises(IdempotencyConflictError, match="used for a different request"):
+        bank.deposit(Caller("teo", frozenset({"teller"})), account_id, 500, KEY)
+    assert bank.get_account(SAM, account_id).balance_minor == 500
+    assert bank.deposit(TINA, account_id, 500, KEY).balance_minor == 500, "the first teller's repeat is a repeat"
+
+
 @pytest.mark.parametrize("change", ["source", "target", "amount", "currency"])
 def test_a_transfer_key_reused_for_another_transfer_conflicts_and_moves_nothing(
     bank: AccountsHandlers, uow: MemoryUnitOfWork, change: str
