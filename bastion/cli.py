@@ -3,6 +3,7 @@
 import argparse
 import datetime as dt
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from bastion.audit import install_tools, refusals
+from bastion.audit.alerts import how_often
 from bastion.audit.checkpoints import AUDIT_PRODUCER
 from bastion.audit.v1 import audit_pb2
 from bastion.demo import Scenario
@@ -28,7 +30,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.layout import StateLayout
 from bastion.devstack.retirement import unanchored_if_retired, unpublished_by, unread_by_consumers
-from bastion.devstack.stack import Stack
+from bastion.devstack.stack import NOT_BUILT, Stack
 from bastion.events import inbox
 from bastion.events.errors import KeyNotFoundError
 from bastion.events.keys import FOLLOW_CHECK_SECONDS, KeyRing
@@ -83,8 +85,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         _print_status(status)
-    infra = [entry for entry in status["components"].values() if "grpc" not in entry]
-    return 0 if infra and all(entry["healthy"] for entry in infra) else 1
+    return 0 if stack_is_healthy(status) else 1
+
+
+def stack_is_healthy(status: dict[str, Any]) -> bool:
+    """Every component of STATUS (`Stack.status`) healthy, the servers and the services alike; a service declared
+    but not built yet is not expected to run."""
+    running = [entry for entry in status["components"].values() if entry.get("detail") != NOT_BUILT]
+    return bool(running) and all(entry["healthy"] for entry in running)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -104,14 +112,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print("\n[bold]The scenario[/bold]")
     Scenario(stack.context(), lambda line: console.print(f"  [green]✓[/green] {line}")).run()
     console.print(
-        f"\n[green]Every step of the scenario succeeded[/green] ({time.monotonic() - started:.1f}s in all).\n"
+        f"\n[green]Every step of the scenario succeeded[/green] ({time.monotonic() - started:.1f}s to start the "
+        "platform and run the scenario).\n"
         f"  secrets:      {status['credentials_file']}\n  certificates: {status['pki_dir']}\n"
         f"  logs:         {stack.layout.log_dir} (one file per component)\n"
-        "  look next:    `bastion status`, `bastion audit verify`, `bastion lab list` (attacks and the defences "
-        "that stop them)\n"
+        f"  look next:    `{_command()} status`, `{_command()} audit verify`, `{_command()} lab list` (attacks and "
+        "the defences that stop them)\n"
         "  stop:         `make down` (data kept); `make reset` wipes the install"
     )
     return 0
+
+
+def _command() -> str:
+    """How to call this command from the shell it runs in: `bastion` when on the PATH, else the venv's path."""
+    return "bastion" if shutil.which("bastion") else ".venv/bin/bastion"
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -184,7 +198,7 @@ def cmd_audit_alerts(args: argparse.Namespace) -> int:
             console.print(f"  {event.seq:>8} {_when(event)} unreadable: {alert}", markup=False, highlight=False)
             continue
         console.print(f"  {event.seq:>8} {_when(event)} {alert.severity:<8} {alert.rule}: {alert.counted_by} "
-                      f"{alert.key!r} refused {alert.count} times within {alert.window_seconds}s (log entries "
+                      f"{alert.key!r} refused {how_often(alert.count)} within {alert.window_seconds}s (log entries "
                       f"{alert.first_seq} to {alert.last_seq}; last correlation id {alert.last_correlation_id})",
                       soft_wrap=True, markup=False, highlight=False)
     return 0

@@ -264,6 +264,11 @@ def longest_window(rules: Sequence[AlertRule]) -> dt.timedelta:
 
 
 
+def how_often(count: int) -> str:
+    """COUNT as people write it in an alert's text: "once", "5 times"."""
+    return "once" if count == 1 else f"{count} times"
+
+
 def alert_in(envelope: bytes) -> SecurityAlert:
     """The alert an audit log record holds: its envelope is kept as it verifies alone, a bundle of one when the
     outbox relay sent it in a bundle, or the envelope itself. Read back for people: only an accepted event of the

@@ -20,7 +20,7 @@ def new_secret() -> str:
 
 @dataclass(frozen=True)
 class Credentials:
-    """Every secret of the dev install. The JSON shape is a contract (see DESIGN.md)."""
+    """Every secret of the dev install. The JSON shape is a contract (docs/contracts.md)."""
 
     users: dict[str, str]
     keycloak_clients: dict[str, str]

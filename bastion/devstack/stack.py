@@ -47,6 +47,9 @@ AT_REST_KEY_BYTES = 32  # AES-256
 Progress = Callable[[str], None]
 
 
+# The detail of a service declared in infra/services.yaml whose server.py does not exist yet.
+NOT_BUILT = "service not built yet"
+
 class Stack:
     def __init__(self, settings: DevstackSettings, progress: Progress = print) -> None:
         self.settings = settings
@@ -200,7 +203,7 @@ class Stack:
         return stopped
 
     def status(self) -> dict[str, Any]:
-        """The `bastion status --json` document (a contract: see DESIGN.md)."""
+        """The `bastion status --json` document (a contract: docs/contracts.md)."""
         components: dict[str, dict[str, Any]] = {}
         installed = self.layout.credentials_file.exists()
         for component in self.components() if installed else []:
@@ -214,7 +217,7 @@ class Stack:
                 "healthy": False,
                 "pid": None,
                 "grpc": f"{self.settings.public_host}:{self.settings.service_port(service.grpc_port)}",
-                "detail": "service not built yet",
+                "detail": NOT_BUILT,
             }
         return {
             "state_dir": str(self.layout.root),

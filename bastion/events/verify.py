@@ -1,4 +1,4 @@
-"""Steps 1 to 5 of the consumer verification pipeline (DESIGN.md), pure and in order:
+"""Steps 1 to 5 of the consumer verification pipeline (docs/events.md), pure and in order:
 size and parse (unknown fields rejected), producer and key known, signature, producer authorised for the
 type on the topic, freshness. Steps 6 and 7 (inbox, sequence) need the consumer's database: see `inbox`.
 

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1 import accounts_pb2
 from bastion.audit.alert_recipients import load_alert_recipients
-from bastion.audit.alerts import ALERTING_SERVICE, AlertRule, alert_in, load_alert_rules
+from bastion.audit.alerts import ALERTING_SERVICE, AlertRule, alert_in, how_often, load_alert_rules
 from bastion.audit.postgres import log as audit_log
 from bastion.audit.records import RecordKind
 from bastion.events.errors import RejectReason
@@ -65,7 +65,7 @@ def permission_probing(session: Session) -> Iterator[Evidence]:
     seq, producer, alert = found.seq, found.producer, found.alert
     yield Evidence("the audit service's alert, signed and back in the audit log",
                    f"seq {seq} from {producer}: {alert.severity} {alert.rule}: {alert.counted_by} {alert.key!r} "
-                   f"refused {alert.count} times within {alert.window_seconds}s (log entries {alert.first_seq} to "
+                   f"refused {how_often(alert.count)} within {alert.window_seconds}s (log entries {alert.first_seq} to "
                    f"{alert.last_seq})", alert.key == PROBER)
     for line in watch.log_lines("audit", "security_alert", alert.last_correlation_id)[:1]:
         yield Evidence("audit.log", line)

@@ -58,8 +58,9 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
     )),
     ("Monitoring, logging and incident response", (
         Concern("Distributed logs lacking correlation",
-                not_covered="no lab of its own: every lab prints the log line and audit record of its attempts, "
-                            "found by their correlation id, as `bastion trail` does; spans are not recorded"),
+                not_covered="no lab of its own (it is no attack): every lab prints the log line and audit record "
+                            "of its attempts, found by their correlation id, as `bastion trail` does; the labs' "
+                            "calls are not sampled, so they leave no spans (the demo's last step shows a trace)"),
         Concern("Lack of anomaly detection", ("permission-probing", "suppressed-event")),
         Concern("Silent failures: event losses or retries without alerting", ("suppressed-event",)),
     )),

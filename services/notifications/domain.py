@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 
 from bastion.access.v1.decision_pb2 import SecurityAlert
 from bastion.accounts.v1 import events_pb2 as accounts_events
+from bastion.audit.alerts import how_often
 from bastion.grpc.errors import InvalidArgumentError, ResourceExhaustedError, UnauthenticatedError
 from bastion.payments.v1 import events_pb2 as payments_events
 
@@ -137,7 +138,7 @@ def alert_drafts(alert: SecurityAlert, recipients: tuple[str, ...]) -> list[Draf
     """A security alert of the audit service, told to each of RECIPIENTS (infra/alert-recipients.yaml)."""
     key = _printable(alert.key)
     text = (f"Security alert ({_printable(alert.severity)}) {_printable(alert.rule)}: {_printable(alert.counted_by)} "
-            f"{key!r} refused {alert.count} time(s) within {alert.window_seconds}s, audit log entries "
+            f"{key!r} refused {how_often(alert.count)} within {alert.window_seconds}s, audit log entries "
             f"{alert.first_seq} to {alert.last_seq} (`bastion audit alerts`). {_printable(alert.description)}")
     return [Draft(recipient, "security_alert", text) for recipient in recipients]
 

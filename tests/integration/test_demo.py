@@ -15,7 +15,7 @@ def test_demo_runs_the_scenario_end_to_end(stack: Any) -> None:
                  "7. ada (auditor) found the payment in the audit log", "PaymentCompleted", "verified the whole chain",
                  "8. bob tried a teller's method (Deposit) 5 times: PERMISSION_DENIED",
                  "permission-probing alert and ada (auditor) was told", "Security alert (warning) permission-probing: "
-                 "principal 'bob' refused 5 time(s)", "9. the transfer's trace",
+                 "principal 'bob' refused 5 times", "9. the transfer's trace",
                  "was recorded as one tree of spans: payments Transfer",
                  "events they caused, each a child of its cause (the events carry it, signed): published by their "
                  "outbox relays", "processed by notifications, all", "logged by the audit service"):

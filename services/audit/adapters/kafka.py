@@ -1,5 +1,5 @@
 """The audit service's consumer: every record of the audited topics passes the verification pipeline (steps 1
-to 5 of DESIGN.md: size and schema, producer and key, signature, trust policy, freshness) and is then appended
+to 5 of docs/events.md: size and schema, producer and key, signature, trust policy, freshness) and is then appended
 to the hash-chained log, accepted or refused alike. A bundle record becomes one log record per envelope (its
 `item`), each keeping that envelope as it verifies alone; a bundle refused whole is one refused record.
 

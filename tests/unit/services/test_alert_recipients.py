@@ -65,8 +65,13 @@ def test_an_unreadable_recipients_file_is_refused(tmp_path: Path) -> None:
 def test_an_alert_tells_what_was_refused_and_where_to_look() -> None:
     [draft] = alert_drafts(alert(), ("ada",))
     assert (draft.recipient, draft.kind) == ("ada", "security_alert")
-    assert draft.text == ("Security alert (warning) permission-probing: principal 'alice' refused 5 time(s) within "
+    assert draft.text == ("Security alert (warning) permission-probing: principal 'alice' refused 5 times within "
                           "60s, audit log entries 10 to 14 (`bastion audit alerts`). one caller denied again and again")
+
+
+def test_an_alert_over_a_single_refusal_says_once() -> None:
+    [draft] = alert_drafts(alert(rule="sequence-gaps", counted_by="consumer", key="notifications", count=1), ("ada",))
+    assert "consumer 'notifications' refused once within 60s" in draft.text
 
 
 def test_what_a_refused_event_claimed_is_bounded_and_printable_in_the_text() -> None:
