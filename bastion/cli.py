@@ -3,6 +3,7 @@
 import argparse
 import datetime as dt
 import json
+import math
 import shutil
 import sys
 import time
@@ -13,7 +14,7 @@ import grpc
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from sqlalchemy import create_engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -174,12 +175,18 @@ def _when(event: audit_pb2.AuditEvent) -> str:
     return str(event.occurred_at.ToDatetime(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def _how_many(found: int, args: argparse.Namespace, what: str) -> str:
+    """The heading of a list of the newest records: all of them, or the newest --limit of more."""
+    if found < args.limit:
+        return f"{found} {what} in the last {args.minutes:g} minutes"
+    return f"the newest {found} {what} of the last {args.minutes:g} minutes (there may be more: raise --limit)"
+
+
 def cmd_audit_refusals(args: argparse.Namespace) -> int:
     found = _ask_audit(refusals.recent_refusals, args)
     if found is None:
         return 1
-    console.print(f"{len(found)} refusals in the last {args.minutes:g} minutes (newest {args.limit} at most), "
-                  "oldest first:")
+    console.print(f"{_how_many(len(found), args, 'refusals')}, oldest first:")
     for event in found:
         console.print(f"  {event.seq:>8} {_when(event)} {event.kind:<9} {event.decision or '-':<5} "
                       f"{event.principal or '-'} {event.action or event.topic} {event.reason[:120]} "
@@ -191,8 +198,7 @@ def cmd_audit_alerts(args: argparse.Namespace) -> int:
     found = _ask_audit(refusals.recent_alerts, args)
     if found is None:
         return 1
-    console.print(f"{len(found)} security alerts in the last {args.minutes:g} minutes (newest {args.limit} at most), "
-                  "oldest first (rules: infra/alert-rules.yaml):")
+    console.print(f"{_how_many(len(found), args, 'security alerts')}, oldest first (rules: infra/alert-rules.yaml):")
     for event, alert in found:
         if isinstance(alert, str):
             console.print(f"  {event.seq:>8} {_when(event)} unreadable: {alert}", markup=False, highlight=False)
@@ -209,6 +215,20 @@ def _page_limit(text: str) -> int:
     if not text.isdecimal() or not 1 <= int(text) <= 500:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 500")
     return int(text)
+
+
+MAX_MINUTES = 10 * 366 * 24 * 60  # ten years: far enough back for any window, and a time a datetime can hold
+
+
+def _minutes(text: str) -> float:
+    """An argparse type: a number of minutes above 0 and at most ten years (a usage error otherwise, exit 2)."""
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not 0 < minutes <= MAX_MINUTES:  # false for nan too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes above 0 and at most {MAX_MINUTES}")
+    return minutes
 
 
 def cmd_events_held(args: argparse.Namespace) -> int:
@@ -251,6 +271,11 @@ def cmd_trail(args: argparse.Namespace) -> int:
         errors.print(f"nothing carries correlation id {args.correlation_id!r}: no service logged it and no audit "
                      f"record {window} has it")
         return 1
+    if not console.is_terminal:  # piped or redirected: one whole line per step, ids never split for a table
+        for step in steps:
+            console.print(f"{step.at.strftime('%H:%M:%S.%f')[:-3]}  {step.source}  {step.text}", soft_wrap=True,
+                          markup=False, highlight=False)
+        return 0
     table = Table("time (UTC)", "where")
     table.add_column("what", overflow="fold")
     for step in steps:
@@ -429,7 +454,8 @@ def cmd_backup_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_list(args: argparse.Namespace) -> int:
-    table = Table("lab", "attack", "concerns of docs/security.md it proves")
+    # A lab's name is printed whole: a name cut short cannot be run.
+    table = Table(Column("lab", no_wrap=True, overflow="ignore"), "attack", "concerns of docs/security.md it proves")
     for lab in LABS:
         table.add_row(lab.name, lab.title, "; ".join(concerns_of(lab.name)))
     console.print(table)
@@ -518,12 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
                      ).set_defaults(func=cmd_audit_rebuild)
     recent = audit.add_parser("refusals", help="the calls denied and the events refused lately, as the auditor "
                               "reads them from the audit service")
-    recent.add_argument("--minutes", type=float, default=60.0, help="how far back (default 60)")
+    recent.add_argument("--minutes", type=_minutes, default=60.0, help="how far back (default 60)")
     recent.add_argument("--limit", type=int, default=50, help="the newest this many at most (default 50)")
     recent.set_defaults(func=cmd_audit_refusals)
     alerts = audit.add_parser("alerts", help="the security alerts the audit service raised lately over the refusals "
                               "(infra/alert-rules.yaml)")
-    alerts.add_argument("--minutes", type=float, default=60.0, help="how far back (default 60)")
+    alerts.add_argument("--minutes", type=_minutes, default=60.0, help="how far back (default 60)")
     alerts.add_argument("--limit", type=int, default=50, help="the newest this many at most (default 50)")
     alerts.set_defaults(func=cmd_audit_alerts)
     lab = sub.add_parser("lab", help="attack labs: each attack against the running stack, and the defence that "
@@ -558,9 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     follow = sub.add_parser("trail", help="one request through the platform: every service log line and audit record "
                             "with its correlation id, in time order")
     follow.add_argument("correlation_id")
-    follow.add_argument("--minutes", type=float, default=None,
+    follow.add_argument("--minutes", type=_minutes, default=None,
                         help="only audit records of the last MINUTES (default: the whole log, looked up by its index)")
-    follow.add_argument("--limit", type=int, default=500, help="at most this many audit records (default 500)")
+    follow.add_argument("--limit", type=_page_limit, default=500,
+                        help="at most this many audit records (1 to 500, default 500)")
     follow.set_defaults(func=cmd_trail)
     keys = sub.add_parser("keys", help="event signing keys (and `keys data`: data keys): list, rotate, retire"
                           ).add_subparsers(dest="keys_command", required=True)

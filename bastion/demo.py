@@ -81,13 +81,19 @@ class Scenario:
         traceparent = ("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")
         payment = self.payments.Transfer(request, metadata=(*self._as("alice"), traceparent), timeout=30).payment
         again = self.payments.Transfer(request, metadata=self._as("alice"), timeout=30).payment
+        if payment.status != "COMPLETED" or again.payment_id != payment.payment_id:
+            raise DevstackError(f"alice's payment ended {payment.status}, and sent again with its key it answered "
+                                f"payment {again.payment_id} for {payment.payment_id}",
+                                "see the payments service log")
         say(f"3. alice sent 250.00 EUR to bob: payment {payment.status}; sent again with the same idempotency "
-            f"key, the answer is the same payment ({again.payment_id == payment.payment_id}) and no second debit")
+            "key, the answer is the same payment and no second debit")
         try:
             self.accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=alice.account_id),
                                      metadata=self._as("bob"), timeout=20)
             raise DevstackError("bob could read alice's account", "this is a security bug: report it")
         except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise  # not the ownership check answering: the scenario failed, and says how
             say(f"4. bob tried to read alice's account: {error.code().name} (he cannot even learn it exists)")
         balances = {name: self._balance(account.account_id) for name, account in (("alice", alice), ("bob", bob))}
         if balances != {"alice": 75_000, "bob": 25_000}:

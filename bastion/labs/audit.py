@@ -28,6 +28,8 @@ from bastion.labs.platform import TIMEOUT, LabSetupError, Session, new_correlati
 
 SCRATCH_RECORDS = 200
 MIN_RECORDS = 2
+# What both the missing grants and the append-only trigger answer with (bastion/audit/postgres.py).
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def audit_tampering(session: Session) -> Iterator[Evidence]:
@@ -89,7 +91,12 @@ def _rolled_back(engine: Engine, what: str, statement: Executable) -> Evidence:
     except DBAPIError as error:
         cause = error.orig or error
         message = str(cause).strip().splitlines()[0]
-        return Evidence(what, f"refused: {message} (SQLSTATE {getattr(cause, 'sqlstate', '?')})", True)
+        sqlstate = getattr(cause, "sqlstate", None)
+        if sqlstate != INSUFFICIENT_PRIVILEGE:
+            # A connection that failed, a missing table, a lock timeout: not the grants or the trigger refusing.
+            raise LabSetupError(f"{what} failed for another reason than a refusal: {message} (SQLSTATE "
+                                f"{sqlstate or '?'}): the lab cannot tell") from None
+        return Evidence(what, f"refused: {message} (SQLSTATE {sqlstate})", True)
     return Evidence(what, "executed (the lab rolled it back): nothing stopped it", False)
 
 

@@ -62,10 +62,15 @@ def _through_a_call(session: Session, watch: Watch, marker: str) -> Iterator[Evi
 
 def untouched_since(service: str, written: str, marker: str) -> Evidence:
     """SERVICE's log since the lab began: no line holds the marker, and no character of it is a control
-    character (but the line ends) or a direction override."""
+    character (but the line ends) or a direction override. A log that gained no line cannot tell."""
     controls = sorted({f"U+{ord(char):04X}" for char in written if char != "\n" and (
         not char.isprintable() or char in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")})
     lines = written.count("\n")
+    if not lines:
+        # Each of these logs holds at least the refusal of the lab's own call or event: nothing new means the log
+        # was missing, rotated or cut since the lab began, not that it kept the attacker's text out.
+        raise LabSetupError(f"{service}.log gained no line since the lab began (missing, rotated or cut?): "
+                            "the lab cannot tell")
     if marker in written:
         return Evidence(f"{service}.log since the lab began", f"the attacker's text {marker} is in it", False)
     if controls:

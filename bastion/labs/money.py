@@ -68,10 +68,16 @@ def double_spend(session: Session) -> Iterator[Evidence]:
     bank = Bank(session, "double-spend")
     source, target = bank.open_account("alice", RACE_BALANCE), bank.open_account("bob")
     shared = _race(bank, source, target, [f"lab-double-spend-{uuid.uuid4()}"] * RACE_SHARED_KEY_SENDS)
+    if not _completed(shared):
+        # Nothing moved, so nothing moved twice: every check below would pass without a race having been run.
+        raise LabSetupError(f"no transfer of the one-key race completed ({_summary(shared)}): the lab cannot tell")
     yield Evidence(f"{RACE_SHARED_KEY_SENDS} transfers of {euros(RACE_AMOUNT)} at once with one idempotency key",
-                   _summary(shared), len(_completed(shared)) <= 1)
+                   _summary(shared), len(_completed(shared)) == 1)
     remaining = RACE_BALANCE - RACE_AMOUNT * len(_completed(shared))
     distinct = _race(bank, source, target, [f"lab-double-spend-{uuid.uuid4()}" for _ in range(RACE_DISTINCT_KEYS)])
+    if remaining >= RACE_AMOUNT and not _completed(distinct):
+        raise LabSetupError(f"no transfer of the race with distinct keys completed, with room for "
+                            f"{remaining // RACE_AMOUNT} ({_summary(distinct)}): the lab cannot tell")
     yield Evidence(f"{RACE_DISTINCT_KEYS} transfers of {euros(RACE_AMOUNT)} at once, each with its own key, from "
                    f"the {euros(remaining)} left (room for {remaining // RACE_AMOUNT})", _summary(distinct),
                    len(_completed(distinct)) <= remaining // RACE_AMOUNT)
@@ -165,6 +171,10 @@ def retry_storm(session: Session) -> Iterator[Evidence]:
         sync_redis.close()
     yield Evidence("the downstream", f"a gRPC server over mTLS that answers UNAVAILABLE to everything; the caller is "
                    f"the payments identity through the client kit (retries, budget, breaker '{downstream}' in Redis)")
+    if attempts == 0:
+        # The breaker opening on calls that never reached the server says nothing of retries against a failing one.
+        raise LabSetupError(f"no attempt reached the lab's failing server (last answer: {calls[-1][1]}): "
+                            "the lab cannot tell")
     opened_at = next((number for number, (_, message) in enumerate(calls) if "circuit open" in message), None)
     yield Evidence(f"{STORM_CALLS} calls in a row", f"the failing service saw {attempts} attempt(s)",
                    attempts < STORM_CALLS)

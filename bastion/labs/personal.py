@@ -67,7 +67,7 @@ def in_clear_or_sealed(what: str, found: bytes, secret: bytes, sealed: str) -> E
 
 
 def _audit_log(session: Session, account: str, secret: bytes) -> Evidence:
-    deadline = time.monotonic() + session.target.context_wait_seconds
+    deadline = time.monotonic() + session.target.verdict_wait_seconds
     while True:
         with session.audit_engine().connect() as conn:
             rows = conn.execute(select(audit_log).where(audit_log.c.aggregate_id == account)).all()
@@ -75,7 +75,8 @@ def _audit_log(session: Session, account: str, secret: bytes) -> Evidence:
             break
         time.sleep(0.3)
     if not rows:
-        return Evidence("the audit log", "holds no record of the account yet", None)
+        raise LabSetupError(f"the audit log holds no record of account {account} after "
+                            f"{session.target.verdict_wait_seconds:g}s: the lab cannot tell what it keeps")
     leaked = [row.seq for row in rows if any(secret in (value if isinstance(value, bytes) else str(value).encode())
                                              for value in row if value is not None)]
     return Evidence("the audit log, read as the audit role",

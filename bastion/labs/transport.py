@@ -103,6 +103,10 @@ def _controller_verdict(session: Session) -> tuple[str, bool]:
             tls.recv(1)
     except TimeoutError:
         return "accepted: the controller waited for the rest of the request", False
+    except ssl.SSLCertVerificationError as error:
+        # This side refused the listener's certificate before the controller was asked for anything.
+        raise LabSetupError(f"the lab did not trust the certificate on the controller's port ({error}): "
+                            "the lab cannot tell") from None
     except (ssl.SSLError, ConnectionResetError) as error:
         return f"refused: {type(error).__name__}: {error}", True
     return "accepted: the connection stayed open", False

@@ -18,6 +18,7 @@ from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
 from bastion.events.outbox import Outbox
 from bastion.events.storage import outbox as outbox_table
+from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.migrations import upgrade
 from services.audit.adapters import postgres as adapters
 from services.audit.adapters.postgres import PostgresAlerts, alert_marks
@@ -89,6 +90,9 @@ def test_an_alert_is_written_once_with_its_batch_and_a_restart_goes_on_as_if_it_
     [first] = append(engine, alerts, records[4:5])
     assert (first.key, first.count, first.first_seq, first.last_seq) == ("mallory", 5, 1, 5)
     assert written(engine) == ([first.alert_id], [("permission-probing", "mallory", 5)])
+    with engine.connect() as conn:
+        envelope = Envelope.FromString(conn.execute(select(outbox_table.c.envelope)).scalar_one())
+    assert envelope.correlation_id == records[4].correlation_id, "`bastion trail` of the fifth denial finds it"
     assert append(engine, alerts, records[:5]) == [], "the same batch read again raises nothing"
     forgetful = PostgresAlerts(Outbox(AUDIT_KEY), AlertDetector([PROBING]))  # never started: counts 1 to 5 again
     assert append(engine, forgetful, records[:5]) == [], "the outbox keeps an alert id once: not raised twice"

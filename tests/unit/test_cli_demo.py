@@ -127,7 +127,7 @@ def test_every_step_is_narrated_when_every_check_passes(platform: Platform, monk
     scenario(platform, said, monkeypatch).run()
     assert [line.split(".", 1)[0] for line in said[:9]] == [str(step) for step in range(1, 10)]
     assert "4. bob tried to read alice's account: NOT_FOUND" in said[3]
-    assert "the answer is the same payment (True)" in said[2]
+    assert "the answer is the same payment and no second debit" in said[2]
     assert "ada (auditor) was told" in said[7]
 
 

@@ -1,16 +1,21 @@
 """`bastion lab` and the other commands' exit statuses without a stack: a usage mistake is 2, a stack that is not
 running is 2, the labs' worst verdict is the exit status, and a command that finds a problem never exits 0."""
 
+import datetime as dt
+import io
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import grpc
 import pytest
+from rich.console import Console
 
 from bastion import cli
+from bastion.audit.v1 import audit_pb2
 from bastion.cli import main
 from bastion.devstack.errors import DevstackError
+from bastion.labs import LABS
 from bastion.labs.base import Lab, LabResult
 from bastion.labs.platform import LabSetupError
 from tests.unit.labs.fakes import RpcError, result
@@ -231,6 +236,38 @@ def test_audit_refusals_and_alerts_exit_1_when_the_audit_service_refuses(
     said = capsys.readouterr()
     assert "refused or did not answer: PERMISSION_DENIED: not an auditor" in said.err
     assert said.out == ""
+
+
+def test_a_list_of_refusals_cut_at_its_limit_says_there_may_be_more(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    on_stack(monkeypatch, FakeStack())
+    event = audit_pb2.AuditEvent(seq=7, kind="access", decision="deny", principal="bob", action="/x/Y", reason="r")
+    monkeypatch.setattr(cli.refusals, "recent_refusals", lambda ctx, minutes, limit: [event] * min(limit, 3))
+    assert main(["audit", "refusals", "--minutes", "10", "--limit", "3"]) == 0
+    heading = capsys.readouterr().out.splitlines()[0]
+    assert heading == "the newest 3 refusals of the last 10 minutes (there may be more: raise --limit), oldest first:"
+    assert main(["audit", "refusals", "--minutes", "10", "--limit", "5"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "3 refusals in the last 10 minutes, oldest first:"
+
+
+def test_lab_list_prints_every_name_whole_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=60))
+    assert main(["lab", "list"]) == 0
+    printed = screen.getvalue()
+    assert all(lab.name in printed for lab in LABS), "a name cut short cannot be run"
+
+
+def test_a_trail_piped_elsewhere_prints_one_whole_line_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    on_stack(monkeypatch, FakeStack())
+    trace = "trace_id=" + "c3" * 16
+    step = SimpleNamespace(at=dt.datetime(2026, 11, 28, 15, 4, 5, 678000, tzinfo=dt.UTC), source="payments.spans",
+                           text=f"SERVER /bastion.payments.v1.Payments/Transfer {trace} span_id={'ab' * 8}")
+    monkeypatch.setattr(cli, "trail", lambda *args: [step])
+    piped = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=piped, width=80))  # a file: not a terminal
+    assert main(["trail", "demo-1"]) == 0
+    assert piped.getvalue().splitlines() == [f"15:04:05.678  payments.spans  {step.text}"]
 
 
 def test_trail_exits_1_when_nothing_carries_the_id(monkeypatch: pytest.MonkeyPatch,

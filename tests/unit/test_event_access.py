@@ -8,9 +8,10 @@ import yaml
 
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.event_access import AclGrant, load_policy, parse_policy
+from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-SERVICES = {"accounts", "payments", "notifications", "audit"}
+SERVICES = set(PLATFORM_SERVICES)
 
 
 def policy(**topics: Any) -> dict[str, Any]:

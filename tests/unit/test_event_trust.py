@@ -11,9 +11,10 @@ from bastion.devstack.event_access import load_policy
 from bastion.events.catalog import SCHEMAS
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.trust import load_trust_policy, parse_trust_policy
+from tests.unit.conftest import SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-ACCESS = load_policy(INFRA / "event-access.yaml", {"accounts", "payments", "notifications", "audit"})
+ACCESS = load_policy(INFRA / "event-access.yaml", set(SERVICES))
 
 
 def raw() -> dict[str, Any]:

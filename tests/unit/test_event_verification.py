@@ -18,9 +18,10 @@ from bastion.events.trust import TrustPolicy, load_trust_policy
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import EnvelopeVerifier, FreshnessWindow, parse_payload
 from bastion.payments.v1.events_pb2 import PaymentCompleted
+from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-SERVICES = {"accounts", "payments", "notifications", "audit"}
+SERVICES = set(PLATFORM_SERVICES)
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 TOPIC = "accounts.events.v1"
 

@@ -26,9 +26,10 @@ from bastion.grpc.context import SERVICE_NAME, VALID_CORRELATION_ID, correlation
 from bastion.grpc.tokens import AuthenticationError, AuthReason, JwksCache, TokenValidator
 from bastion.grpc.trace import TRACEPARENT, TRACESTATE, trace_context_from
 from bastion.testing.tokens import REALM_ISSUER, FakeJwksEndpoint, ManualClock, TokenMinter
+from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-SERVICES = {"accounts", "payments", "notifications", "audit"}
+SERVICES = set(PLATFORM_SERVICES)
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 TOPIC = "accounts.events.v1"
 # 300 examples a property in every run; HOSTILE_EXAMPLES=5000 for a longer search (about seven minutes here).

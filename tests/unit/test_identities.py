@@ -8,9 +8,10 @@ import yaml
 
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.identities import load_identities, parse_identities
+from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 FILE = Path(__file__).resolve().parents[2] / "infra" / "keycloak" / "identities.yaml"
-SERVICES = {"accounts", "payments", "notifications", "audit"}
+SERVICES = set(PLATFORM_SERVICES)
 
 
 def test_shipped_identities_match_the_contract() -> None:

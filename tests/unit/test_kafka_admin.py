@@ -21,9 +21,10 @@ from confluent_kafka.admin import (
 
 from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy, load_policy
 from bastion.devstack.kafka_admin import SCRAM_ITERATIONS, AclChanges, KafkaAdmin, client_config
+from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-SERVICES = {"accounts", "audit", "notifications", "payments"}
+SERVICES = set(PLATFORM_SERVICES)
 
 
 @dataclass

@@ -20,9 +20,10 @@ from bastion.events.trust import load_trust_policy
 from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.audit import TOPIC as DECISIONS_TOPIC
 from bastion.grpc.audit import DecisionSealer
+from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-SERVICES = {"accounts", "payments", "notifications", "audit"}
+SERVICES = set(PLATFORM_SERVICES)
 TOPIC = "accounts.events.v1"
 
 

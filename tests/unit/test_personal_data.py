@@ -10,9 +10,10 @@ import yaml
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.event_access import load_policy
 from bastion.events.personal_data import load_personal_data, parse_personal_data
+from tests.unit.conftest import SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
-ACCESS = load_policy(INFRA / "event-access.yaml", {"accounts", "payments", "notifications", "audit"})
+ACCESS = load_policy(INFRA / "event-access.yaml", set(SERVICES))
 TOPIC = "accounts.events.v1"
 EMAIL = "bastion.accounts.v1.AccountOpened.owner_email"
 

@@ -8,6 +8,7 @@ from typing import Any
 from bastion.devstack.identities import Identities, load_identities
 from bastion.devstack.realm import TOKEN_SCOPES, render_realm
 from bastion.devstack.secrets import Credentials
+from tests.unit.conftest import SERVICES
 
 FILE = Path(__file__).resolve().parents[2] / "infra" / "keycloak" / "identities.yaml"
 
@@ -25,7 +26,7 @@ def realm() -> dict[str, Any]:
 
 def test_every_client_gets_the_basic_and_roles_scopes_only() -> None:
     clients = realm()["clients"]
-    assert {c["clientId"] for c in clients} == {"accounts", "payments", "notifications", "audit", "bastion-cli"}
+    assert {c["clientId"] for c in clients} == {*SERVICES, "bastion-cli"}
     for client in clients:
         assert client["defaultClientScopes"] == list(TOKEN_SCOPES) == ["basic", "roles"], client["clientId"]
         assert client["optionalClientScopes"] == [], client["clientId"]

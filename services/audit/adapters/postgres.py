@@ -142,9 +142,12 @@ class PostgresAlerts:
         return [alert for alert in raised if self._raise(conn, alert)]
 
     def _raise(self, conn: Connection, alert: Alert) -> bool:
+        # The alert carries the correlation id of the refusal that raised it: `bastion trail` of that request shows
+        # the alert, and the recipients being told of it, after the refusals. The id of the alert stays its own.
         stored = self.outbox.append(conn, ALERTS_TOPIC, domain.security_alert(alert),
                                     aggregate_id=ALERT_AGGREGATE.format(alert.alert_id),
-                                    correlation_id=alert.alert_id, event_id=alert.alert_id)
+                                    correlation_id=alert.last_correlation_id or alert.alert_id,
+                                    event_id=alert.alert_id)
         mark = {"rule": alert.rule.name, "key": alert.key, "last_seq": alert.last_seq, "last_at": alert.last_at}
         conn.execute(upsert(alert_marks).values(**mark).on_conflict_do_update(
             index_elements=[alert_marks.c.rule, alert_marks.c.key],

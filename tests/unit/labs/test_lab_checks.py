@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka import KafkaError
 from pyrage import x25519
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from bastion.devstack.errors import PrerequisiteError
 from bastion.labs import access, audit, backup, events, money, supply, tokens, transport
@@ -89,9 +90,41 @@ def guarded_table() -> Iterator[Any]:
     engine.dispose()
 
 
+class DatabaseError(Exception):
+    """What psycopg raises: the server's message, and its SQLSTATE."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class FailingEngine:
+    """An engine whose every statement fails with ERROR, wrapped as SQLAlchemy wraps a driver's error."""
+
+    def __init__(self, error: DatabaseError) -> None:
+        self.error = error
+
+    def connect(self) -> "FailingEngine":
+        return self
+
+    def __enter__(self) -> "FailingEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def begin(self) -> Any:
+        return types.SimpleNamespace(rollback=lambda: None)
+
+    def execute(self, statement: Any) -> None:
+        raise DBAPIError(str(statement), {}, self.error)
+
+
 def test_a_statement_on_the_audit_log_holds_when_refused_and_not_when_it_executes(guarded_table: Any) -> None:
-    refused = audit._rolled_back(guarded_table, "UPDATE", text("UPDATE log SET reason = 'x' WHERE seq = 1"))
-    assert refused.held is True and refused.observed.startswith("refused: the audit log is append-only")
+    refusing = FailingEngine(DatabaseError("the audit log is append-only: UPDATE refused", "42501"))
+    refused = audit._rolled_back(refusing, "UPDATE", text("UPDATE log SET reason = 'x' WHERE seq = 1"))  # type: ignore[arg-type]
+    assert refused.held is True
+    assert refused.observed == "refused: the audit log is append-only: UPDATE refused (SQLSTATE 42501)"
     executed = audit._rolled_back(guarded_table, "INSERT", text("INSERT INTO log VALUES (2, 'x')"))
     assert (executed.held, executed.observed) == (False, "executed (the lab rolled it back): nothing stopped it")
     with guarded_table.connect() as conn:

@@ -11,9 +11,10 @@ from bastion.audit.alert_recipients import load_alert_recipients, parse_alert_re
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.identities import load_identities
 from services.notifications.domain import alert_drafts
+from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 INFRA = Path(__file__).resolve().parents[3] / "infra"
-SERVICES = {"accounts", "payments", "notifications", "audit"}
+SERVICES = set(PLATFORM_SERVICES)
 
 
 def alert(**changes: Any) -> SecurityAlert:
