@@ -9,6 +9,8 @@ from bastion.cli import main
     ("BASTION_TRACE_SAMPLE_RATIO", "2", "less than or equal to 1"),
     ("BASTION_TRACE_SPANS_PER_SECOND", "0", "greater than 0"),
     ("BASTION_SEQUENCE_GAP_ALERT_SECONDS", "soon", "a valid number"),
+    ("BASTION_SEQUENCE_GAP_ALERT_SECONDS", "0", "greater than 0"),
+    ("BASTION_SEQUENCE_GAP_ALERT_SECONDS", "86401", "less than or equal to 86400"),
 ])
 def test_a_setting_out_of_range_is_named_and_refused(variable: str, value: str, rule: str,
                                                      monkeypatch: pytest.MonkeyPatch,

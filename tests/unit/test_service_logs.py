@@ -75,3 +75,52 @@ def test_a_stack_trace_stays_inside_its_line(out: io.StringIO) -> None:
     crashed, failed = records(out)
     assert crashed["event"] == "call_crashed" and "RuntimeError: boom\nforged" in str(crashed["exception"])
     assert failed["logger"] == "w" and "Traceback" in str(failed["exception"])
+
+
+def test_a_value_json_has_no_form_for_is_written_as_its_repr_escaped(out: io.StringIO) -> None:
+    structlog.get_logger("t").warning("event_rejected", payload=b"\x1b[2J", sent={"at": object})
+    [record] = records(out)
+    assert record["payload"] == repr(b"\x1b[2J") and record["sent"] == {"at": repr(object)}
+
+
+def test_a_field_named_service_cannot_make_a_line_pass_for_another_services(out: io.StringIO) -> None:
+    structlog.get_logger("t").warning("call_refused", service="audit")
+    [record] = records(out)
+    assert record["service"] == "accounts"
+
+
+def test_lines_below_the_level_are_not_written_and_those_at_it_are_from_either_kind_of_logger(
+        out: io.StringIO) -> None:
+    structlog.get_logger("t").debug("not_written")
+    structlog.get_logger("t").info("written")
+    logging.getLogger("bastion.events.outbox").info("written too")
+    assert [record["event"] for record in records(out)] == ["written", "written too"]
+
+
+def test_the_service_log_is_the_only_place_standard_library_lines_go() -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    earlier = io.StringIO()
+    root.handlers[:] = [logging.StreamHandler(earlier)]  # e.g. a plain handler set up before, writing raw text
+    try:
+        service_logs.configure("accounts", io.StringIO())
+        logging.getLogger("w").warning("forged\nline")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert earlier.getvalue() == ""
+
+
+def test_a_line_as_a_person_reads_it_is_level_event_then_the_fields_but_when_and_who() -> None:
+    record = {"timestamp": "2026-11-28T14:00:00Z", "level": "warning", "service": "accounts",
+              "event": "call_refused", "code": "PERMISSION_DENIED", "correlation_id": "c1"}
+    assert service_logs.render(record) == "warning: call_refused code=PERMISSION_DENIED correlation_id=c1"
+
+
+@pytest.mark.parametrize("value", [*HOSTILE.values(), "x principal=admin", 'a"b', "é"],
+                         ids=[*HOSTILE.keys(), "a forged field", "a quote", "non-ASCII"])
+def test_a_rendered_value_that_is_not_a_plain_word_is_quoted_and_escaped(value: str) -> None:
+    rendered = service_logs.render({"level": "info", "event": "e", "claimed": value})
+    assert rendered.isascii() and rendered.isprintable(), "nothing for a terminal to act on"
+    assert rendered.startswith('info: e claimed="') and json.loads(rendered.removeprefix("info: e claimed=")) == value
