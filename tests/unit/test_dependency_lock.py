@@ -7,12 +7,14 @@ import importlib.metadata
 import io
 import os
 import re
+import signal
 import subprocess
 import tarfile
 import tomllib
 import venv
 from pathlib import Path
 
+import psutil
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -131,6 +133,36 @@ def test_reading_the_lock_refuses_an_entry_that_is_not_pinned():
         read_lock("six==1.17.0\n# a comment ending in a backslash \\\n--hash=sha256:" + "a" * 64 + "\n")
     (entry,) = read_lock("six==1.17.0 --hash=sha256:" + "a" * 64 + "  # via #1\n")
     assert entry.hashes == ("sha256:" + "a" * 64,)
+
+
+def test_a_continued_last_line_of_the_lock_is_an_entry_too():
+    (entry,) = read_lock("six==1.17.0 \\\n    --hash=sha256:" + "a" * 64 + " \\")
+    assert (entry.name, entry.hashes) == ("six", ("sha256:" + "a" * 64,))
+
+
+def test_the_offline_install_gives_pip_no_index_but_the_folder(tmp_path):
+    script = tmp_path / "install.sh"
+    script.write_text(f'env > {tmp_path}/env\necho "$@" > {tmp_path}/args\n')
+    result = install_offline(tmp_path / "venv", tmp_path / "test.lock", tmp_path / "index", script=script)
+    assert result.returncode == 0, result.stderr
+    environment = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    assert environment["PIP_NO_INDEX"] == "1" and environment["PIP_FIND_LINKS"] == str(tmp_path / "index")
+    assert (tmp_path / "args").read_text().split() == [str(tmp_path / "venv"), str(tmp_path / "test.lock"), "-"]
+
+
+def test_an_offline_install_that_runs_too_long_is_killed_with_the_pip_it_started(tmp_path):
+    script, child = tmp_path / "install.sh", tmp_path / "child"
+    script.write_text(f"sleep 60 &\necho $! > {child}\nwait\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        install_offline(tmp_path / "venv", tmp_path / "test.lock", tmp_path / "index", script=script, timeout=1)
+    pid = int(child.read_text())
+    try:
+        still_running = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        still_running = False
+    if still_running:
+        os.kill(pid, signal.SIGKILL)
+    assert not still_running, "the install's child outlived the timeout"
 
 
 # The install itself, offline: a made-up package served from a folder in place of the index.

@@ -1,14 +1,22 @@
-"""What the machine must provide, each refused with one message that says what to do: the system's redis-server,
-new enough for TLS and built with it; listening ports that no outgoing connection can take."""
+"""What the machine must provide, each refused with one message that says what to do: a Java new enough for Kafka
+and Keycloak; the system's redis-server, new enough for TLS and built with it; listening ports that are free and that
+no outgoing connection can take."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 from bastion.devstack.catalog import load_services
 from bastion.devstack.errors import PrerequisiteError
-from bastion.devstack.prerequisites import ensure_port_not_ephemeral, ephemeral_ports, find_redis_server
+from bastion.devstack.prerequisites import (
+    ensure_port_free,
+    ensure_port_not_ephemeral,
+    ephemeral_ports,
+    find_java,
+    find_redis_server,
+)
 from bastion.settings import PROJECT_ROOT, DevstackSettings
 from tests.integration.conftest import TEST_ENV
 
@@ -77,3 +85,38 @@ def test_no_port_of_the_dev_or_the_test_install_is_one_linux_gives_outgoing_conn
         ports |= {settings.service_port(port) for service in services
                   for port in (service.grpc_port, service.metrics_port)}
         assert not ports & linux_default, sorted(ports & linux_default)
+
+
+def fake_java(home: Path, version: str) -> Path:
+    """A JDK whose java prints VERSION as java does: to standard error."""
+    java = home / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    java.write_text(f"#!/bin/sh\necho 'openjdk version \"{version}\" 2024-01-16' >&2\n")
+    java.chmod(0o755)
+    return java
+
+
+def test_the_java_of_bastion_java_home_is_used_when_it_is_17_or_newer(tmp_path: Path) -> None:
+    java = fake_java(tmp_path / "jdk", "17.0.10")
+    assert find_java(tmp_path / "jdk") == java
+
+
+def test_a_java_older_than_17_is_refused(tmp_path: Path) -> None:
+    fake_java(tmp_path / "jdk", "11.0.22")
+    with pytest.raises(PrerequisiteError, match="is Java 11; Kafka 4 and Keycloak 26 need 17"):
+        find_java(tmp_path / "jdk")
+
+
+def test_a_java_home_without_java_says_what_to_install(tmp_path: Path) -> None:
+    (tmp_path / "jdk").mkdir()
+    with pytest.raises(PrerequisiteError, match="Java is not installed") as missing:
+        find_java(tmp_path / "jdk")
+    assert "BASTION_JAVA_HOME" in missing.value.remedy
+
+
+def test_a_port_something_listens_on_is_refused_and_a_free_one_accepted() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        with pytest.raises(PrerequisiteError, match=f"port {port} on 127.0.0.1, needed by redis, is in use by"):
+            ensure_port_free("127.0.0.1", port, "redis")
+    ensure_port_free("127.0.0.1", port, "redis")

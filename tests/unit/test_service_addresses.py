@@ -1,5 +1,7 @@
-"""Where each declared service listens: infra/services.yaml's ports plus the install's offset, in one place."""
+"""Where each declared service listens: infra/services.yaml's ports plus the install's offset, in one place; a
+catalog that declares no service or an incomplete one is refused; and how a client reaches Redis."""
 
+import ssl
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,22 @@ def test_an_undeclared_service_is_named_in_the_error(tmp_path: Path) -> None:
     with pytest.raises(DevstackError, match="no service 'ledgr'") as refused:
         ctx.grpc_address("ledgr")
     assert refused.value.remedy == "the declared services are ledger"
+
+
+def test_a_catalog_without_services_or_with_an_incomplete_entry_is_refused(tmp_path: Path) -> None:
+    catalog = tmp_path / "services.yaml"
+    catalog.write_text("services: {}\n")
+    with pytest.raises(DevstackError, match="declares no services"):
+        load_services(catalog)
+    catalog.write_text("services:\n  ledger: {grpc_port: 50061}\n")
+    with pytest.raises(DevstackError, match="a service entry is incomplete") as refused:
+        load_services(catalog)
+    assert "metrics_port" in refused.value.remedy
+
+
+def test_redis_is_reached_over_tls_1_3_checking_the_dev_ca_and_the_servers_name(tmp_path: Path) -> None:
+    options = context(tmp_path, 0, []).redis_options("ledger", "pw")
+    assert options["ssl"] is True and options["ssl_check_hostname"] is True
+    assert options["ssl_ca_certs"] == str(tmp_path / "pki" / "ca.pem")
+    assert options["ssl_min_version"] == ssl.TLSVersion.TLSv1_3
+    assert (options["host"], options["username"], options["password"]) == ("localhost", "ledger", "pw")
