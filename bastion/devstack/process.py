@@ -89,7 +89,7 @@ class ProcessSupervisor:
         """
         recorded = self.recorded(name)
         self.layout.pid_file(name).unlink(missing_ok=True)
-        if recorded is None:
+        if recorded is None or _recycled(recorded):
             return False
         members = _group_members(recorded.pid, recorded.started_at)
         if not members:
@@ -101,6 +101,16 @@ class ProcessSupervisor:
                 proc.kill()
         psutil.wait_procs(alive, timeout=5)
         return True
+
+
+def _recycled(recorded: Tracked) -> bool:
+    """Whether another process holds the recorded leader's number now (a pid file left from before a reboot, say).
+    Then the recorded group is gone: Linux never hands out a number still in use as a process group id, so every
+    process of a group with that number belongs to the newcomer, and none may be signalled."""
+    try:
+        return abs(psutil.Process(recorded.pid).create_time() - recorded.started_at) > 0.01
+    except psutil.NoSuchProcess:
+        return False  # the leader is gone, its group may not be (kc.sh killed -9, Java still running)
 
 
 def _group_members(leader: int, started_at: float) -> list[psutil.Process]:

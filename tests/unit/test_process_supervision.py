@@ -143,8 +143,6 @@ def test_a_process_older_than_the_recorded_start_is_never_signalled(supervisor: 
         other.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="fault: ProcessSupervisor.stop signals a process group whose leader is a live "
-                   "process started after the recorded one (a recycled pid), e.g. a pid file left from before a reboot")
 def test_a_stale_pid_file_naming_a_recycled_pid_never_stops_the_unrelated_process(
         supervisor: Supervisor) -> None:
     """The pid was ours once; now an unrelated process leads a process group under that number. The kernel gives
