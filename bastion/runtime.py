@@ -32,6 +32,7 @@ from bastion.events.outbox import Outbox, OutboxRelay
 from bastion.events.trust import load_trust_policy
 from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.audit import KafkaAccessAudit
+from bastion.grpc.otlp import otlp_exporter
 from bastion.grpc.policy import load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import ServerSecurity, TlsFiles
@@ -94,8 +95,11 @@ class ServiceRuntime:
         """The recorder of this service's sampled calls and of its relaying and processing of the events they
         cause, writing logs/NAME.spans.jsonl (bastion/grpc/spans.py)."""
         path = self.ctx.layout.log_dir / f"{self.name}.spans.jsonl"
-        return SpanRecorder(self.name, jsonl_exporter(path), self.ctx.settings.trace_sample_ratio,
-                            per_second=self.ctx.settings.trace_spans_per_second)
+        recorder = SpanRecorder(self.name, jsonl_exporter(path), self.ctx.settings.trace_sample_ratio,
+                                per_second=self.ctx.settings.trace_spans_per_second)
+        if self.ctx.settings.trace_otlp_endpoint:
+            recorder.export_also(otlp_exporter(self.ctx.settings.trace_otlp_endpoint, self.tls()), "otlp")
+        return recorder
 
     def tls(self) -> TlsFiles:
         paths = self.ctx.pki.paths(self.name)

@@ -48,3 +48,6 @@ class DevstackSettings(BaseSettings):
     trace_sample_ratio: float = Field(default=0.0, ge=0, le=1)
     # The most spans a service records in a second, whatever its callers ask (bastion/grpc/spans.py).
     trace_spans_per_second: float = Field(default=100.0, gt=0, le=100_000)
+    # HOST:PORT of an OpenTelemetry collector's OTLP/gRPC receiver: the services send it their spans as well, over
+    # mutual TLS only (the dev CA verifies the collector, which sees the service's certificate). Empty: none.
+    trace_otlp_endpoint: str = Field(default="", pattern=r"^$|^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")

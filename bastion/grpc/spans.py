@@ -23,7 +23,9 @@ downstream's SERVER spans.
 
 The SDK batches finished spans to an exporter on a thread of its own: the services of the dev stack write one
 JSON object per line to `logs/SERVICE.spans.jsonl` in the state folder, rotated at 64 MiB with three older files
-kept (`jsonl_exporter`); any other `SpanExporter` (OTLP to a collector) plugs in instead.
+kept (`jsonl_exporter`), and, when BASTION_TRACE_OTLP_ENDPOINT names a collector, send them to its OTLP/gRPC
+receiver as well (`bastion/grpc/otlp.py`: mutual TLS only, never plaintext); any other `SpanExporter` plugs in the same
+way. A batch an exporter could not deliver is logged by the SDK and counted (`bastion_spans_not_exported_total`).
 """
 
 import contextlib
@@ -34,7 +36,7 @@ import logging.handlers
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from random import Random
@@ -45,7 +47,7 @@ import structlog
 from opentelemetry import trace as otel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from prometheus_client import Counter
 
@@ -62,6 +64,9 @@ SPAN_FILE_BYTES = 64 * 1024 * 1024  # a span file is rotated at this size ...
 SPAN_FILES_KEPT = 3  # ... keeping this many older ones
 log = structlog.get_logger(__name__)
 ROTATED = re.compile(r"\.[0-9]{1,3}")  # the suffix of a rotated span file
+SPANS_NOT_EXPORTED = Counter("bastion_spans_not_exported_total",
+                             "Recorded spans an exporter could not deliver (a collector unreachable or refusing)",
+                             ["service", "exporter"])
 SPANS_NOT_RECORDED = Counter("bastion_spans_not_recorded_total",
                              "Sampled calls and events whose span was not recorded: the service's span budget was "
                              "spent",
@@ -283,8 +288,33 @@ class SpanRecorder:
             span.set_status(otel.Status(otel.StatusCode.ERROR, code.name))
         _finish(span)
 
+    def export_also(self, exporter: SpanExporter, name: str) -> None:
+        """Send the spans to EXPORTER as well, batched on a thread of its own; its failures are counted under NAME."""
+        self._provider.add_span_processor(BatchSpanProcessor(_Counted(exporter, self.service, name),
+                                                             schedule_delay_millis=EXPORT_EVERY_MS))
+
     def shutdown(self) -> None:
         self._provider.shutdown()
+
+
+class _Counted(SpanExporter):
+    """EXPORTER, with the spans of each batch it could not deliver counted."""
+
+    def __init__(self, exporter: SpanExporter, service: str, name: str) -> None:
+        self._exporter = exporter
+        self._not_exported = SPANS_NOT_EXPORTED.labels(service, name)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self._exporter.export(spans)
+        if result is not SpanExportResult.SUCCESS:
+            self._not_exported.inc(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
 
 
 def _finish(span: Any, ended_ns: int | None = None) -> bool:
