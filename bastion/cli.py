@@ -414,16 +414,18 @@ def cmd_backup_create(args: argparse.Namespace) -> int:
 def cmd_backup_list(args: argparse.Namespace) -> int:
     ctx = _stack(quiet=True).context()
     table = Table("backup", "databases", "bytes", "signed manifest")
+    failed = 0
     for folder in backups.listed(ctx):
         try:
             verified = backups.verify(ctx, folder, decrypt=False)
         except backups.BackupError as error:
-            table.add_row(folder.name, "-", "-", f"[red]NOT verified[/red]: {error.problem}")
+            table.add_row(folder.name, "-", "-", f"[red]NOT verified[/red]: {escape(error.problem)}")
+            failed += 1
             continue
         table.add_row(folder.name, ", ".join(sorted(verified.databases)),
                       f"{sum(entry['bytes'] for entry in verified.databases.values()):,}", "verified")
     console.print(table)
-    return 0
+    return 1 if failed else 0  # a backup that does not verify is a problem found
 
 
 def cmd_backup_verify(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def permission_probing(session: Session) -> Iterator[Evidence]:
     yield Evidence(f"{PROBER} opens an account of her own (calibration)", f"OK: {account}")
     watch = session.watch()
     probes = [new_correlation_id(LAB) for _ in range(rule.threshold)]
-    denied = 0
+    denied, other = 0, []
     for correlation_id in probes:
         request = accounts_pb2.DepositRequest(account_id=account, amount_minor=10**6,
                                               idempotency_key=f"lab-{LAB}-{uuid.uuid4()}")
@@ -54,7 +54,14 @@ def permission_probing(session: Session) -> Iterator[Evidence]:
         if result.ok:
             yield Evidence(f"{PROBER}, a customer, calls accounts.Deposit (tellers only)", "OK: she deposited", False)
             return
-        denied += result.code == grpc.StatusCode.PERMISSION_DENIED
+        if result.code == grpc.StatusCode.PERMISSION_DENIED:
+            denied += 1
+        else:
+            other.append(str(result))
+    if other:
+        # The rule counts denials: with fewer than its threshold, no alert says nothing about the detection.
+        raise LabSetupError(f"only {denied} of {len(probes)} calls were denied by the policy (others: {other[0]}): "
+                            "the lab cannot tell")
     yield Evidence(f"{PROBER}, a customer, calls accounts.Deposit (tellers only) {len(probes)} times within seconds",
                    f"{denied} PERMISSION_DENIED")
     found = _alert(session, watch.audit_after, RULE, set(probes), session.target.verdict_wait_seconds)

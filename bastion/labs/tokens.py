@@ -17,7 +17,7 @@ from jwt.utils import base64url_decode, base64url_encode
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.grpc.channels import call_metadata
-from bastion.grpc.tokens import jwks_url, signing_keys
+from bastion.grpc.tokens import AuthReason, jwks_url, signing_keys
 from bastion.labs.bank import Bank, euros
 from bastion.labs.base import Evidence
 from bastion.labs.platform import (
@@ -32,6 +32,7 @@ from bastion.labs.platform import (
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
+WRONG_AUDIENCE = str(AuthReason.WRONG_AUDIENCE)  # named in the refusal's message ("invalid token: wrong_audience: ...")
 
 
 def _segment(value: dict[str, Any]) -> str:
@@ -67,11 +68,15 @@ def forgeries(session: Session, genuine: str) -> dict[str, str]:
     }
 
 
-def _refusal(what: str, result: Answer, expected: str, accepted: str) -> Evidence:
+def _refusal(what: str, result: Answer, expected: str, accepted: str, reason: str = "") -> Evidence:
+    """Held when RESULT is a refusal with the EXPECTED code and, if REASON is given, that reason (the control the lab
+    is about fired, not another one)."""
     if result.ok:
         return Evidence(what, f"OK: {accepted}", False)
     if result.code.name != expected:
         return Evidence(what, f"{result} (expected {expected})", False)
+    if reason and reason not in result.details:
+        return Evidence(what, f"{result} (expected the reason {reason}: another check refused it)", False)
     return Evidence(what, str(result), True)
 
 
@@ -129,7 +134,7 @@ def foreign_audience(session: Session) -> Iterator[Evidence]:
     cid = new_correlation_id("foreign-audience")
     yield _refusal(f"payments' genuine service token ({_audience(stolen)}) at notifications.ListNotifications",
                    _list_notifications(as_payments, call_metadata(stolen, cid)), UNAUTHENTICATED,
-                   "notifications accepted a token issued for another service")
+                   "notifications accepted a token issued for another service", reason=WRONG_AUDIENCE)
     yield from _context(watch, "notifications", cid)
     nameless = session.service_token("notifications")
     as_notifications = accounts_pb2_grpc.AccountsStub(  # type: ignore[no-untyped-call]
@@ -137,7 +142,7 @@ def foreign_audience(session: Session) -> Iterator[Evidence]:
     cid = new_correlation_id("foreign-audience")
     yield _refusal(f"notifications' genuine service token ({_audience(nameless)}) at accounts.ListAccounts",
                    _list_accounts(as_notifications, call_metadata(nameless, cid)), UNAUTHENTICATED,
-                   "accounts accepted a token that names no audience")
+                   "accounts accepted a token that names no audience", reason=WRONG_AUDIENCE)
     yield from _context(watch, "accounts", cid)
 
 

@@ -179,4 +179,4 @@ def assert_refused(ctx: StackContext, name: str, reason: str) -> None:
                                [f"restore_accounts_{name.lower()}%"]).fetchall()
     assert created == [], "nothing restored from a backup that does not verify"
     listed = bastion("backup", "list")
-    assert "NOT verified" in listed.stdout
+    assert listed.returncode == 1 and "NOT verified" in listed.stdout, "a backup that does not verify is a problem"

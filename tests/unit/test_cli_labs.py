@@ -297,6 +297,24 @@ def test_backup_verify_exits_1_when_one_backup_does_not_verify(monkeypatch: pyte
     assert main(["backup", "verify"]) == 0
 
 
+def test_backup_list_exits_1_when_a_backup_it_lists_does_not_verify(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    on_stack(monkeypatch, FakeStack())
+    folders = [SimpleNamespace(name="good"), SimpleNamespace(name="bad")]
+
+    def verify(ctx: Any, folder: Any, decrypt: bool) -> Any:
+        if folder.name == "bad":
+            raise cli.backups.BackupError("a file [red]added[/red] to it", "restore another")
+        return SimpleNamespace(databases={"notifications": {"bytes": 1}})
+
+    monkeypatch.setattr(cli.backups, "verify", verify)
+    monkeypatch.setattr(cli.backups, "listed", lambda ctx: folders)
+    assert main(["backup", "list"]) == 1
+    assert "a file [red]added[/red] to it" in capsys.readouterr().out, "a file name is printed as it is"
+    monkeypatch.setattr(cli.backups, "listed", lambda ctx: folders[:1])
+    assert main(["backup", "list"]) == 0
+
+
 def test_metrics_of_an_unknown_service_is_2_and_an_endpoint_that_does_not_answer_is_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:

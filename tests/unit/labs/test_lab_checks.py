@@ -16,12 +16,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
 from bastion.devstack.errors import PrerequisiteError
-from bastion.labs import access, audit, backup, events, money, supply, tokens, transport
+from bastion.labs import access, audit, backup, detection, events, money, supply, tokens, transport
 from bastion.labs.base import Evidence, LabResult, Outcome
 from bastion.labs.logs import untouched_since
 from bastion.labs.personal import in_clear_or_sealed
 from bastion.labs.platform import Answer, AuditEntry, Delivery, EventRoute, LabSetupError
-from tests.unit.labs.fakes import lab
+from tests.unit.labs.fakes import RpcError, lab
 
 OK = grpc.StatusCode.OK
 UNAUTHENTICATED, UNAVAILABLE = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE
@@ -44,6 +44,17 @@ def test_a_forged_token_holds_only_when_refused_with_the_expected_code() -> None
     assert outage.held is False
     refused = tokens._refusal("alg none", Answer(UNAUTHENTICATED, "bad_algorithm"), "UNAUTHENTICATED", "x")
     assert (refused.held, refused.observed) == (True, "UNAUTHENTICATED: bad_algorithm")
+
+
+def test_a_foreign_audience_holds_only_when_the_audience_check_is_what_refused_it() -> None:
+    audience = tokens._refusal("payments' token at notifications",
+                               Answer(UNAUTHENTICATED, "invalid token: wrong_audience: Audience doesn't match"),
+                               "UNAUTHENTICATED", "x", reason=tokens.WRONG_AUDIENCE)
+    assert audience.held is True
+    another = tokens._refusal("payments' token at notifications",
+                              Answer(UNAUTHENTICATED, "invalid token: expired: Signature has expired"),
+                              "UNAUTHENTICATED", "x", reason=tokens.WRONG_AUDIENCE)
+    assert another.held is False and "expected the reason wrong_audience" in another.observed
 
 
 def test_an_access_attempt_holds_only_on_one_of_its_refusal_codes() -> None:
@@ -541,3 +552,41 @@ def test_a_retry_storm_does_not_hold_when_the_breaker_fails_in_any_way(
     assert [item.held for item in said] == held
     assert outcome_of(said) is Outcome.NOT_HELD
 
+
+
+# --- detection ---
+
+
+class ProbedAccounts:
+    """accounts.Deposit as a customer meets it: PERMISSION_DENIED, but for the calls given ANOTHER code."""
+
+    def __init__(self, another: dict[int, grpc.StatusCode]) -> None:
+        self.another, self.calls = another, 0
+
+    def Deposit(self, request: Any, metadata: Any, timeout: float) -> Any:
+        self.calls += 1
+        raise RpcError(self.another.get(self.calls, grpc.StatusCode.PERMISSION_DENIED), "refused")
+
+
+def probing(monkeypatch: pytest.MonkeyPatch, accounts: ProbedAccounts) -> Any:
+    bank = types.SimpleNamespace(open_account=lambda owner: "acc-1", accounts=accounts,
+                                 metadata=lambda user, correlation_id: ())
+    monkeypatch.setattr(detection, "Bank", lambda session, name: bank)
+    monkeypatch.setattr(detection, "_alert", lambda *args: None)  # no alert raised: the detection missed it
+    infra = Path(__file__).resolve().parents[3] / "infra"
+    return types.SimpleNamespace(ctx=types.SimpleNamespace(settings=types.SimpleNamespace(infra_dir=infra)),
+                                 watch=lambda: types.SimpleNamespace(audit_after=None),
+                                 target=types.SimpleNamespace(verdict_wait_seconds=0.0))
+
+
+def test_permission_probing_does_not_hold_when_the_denials_raised_no_alert(monkeypatch: pytest.MonkeyPatch) -> None:
+    evidence = list(detection.permission_probing(probing(monkeypatch, ProbedAccounts({}))))
+    assert evidence[-1].held is False and "went unnoticed" in evidence[-1].observed
+
+
+def test_permission_probing_cannot_tell_when_some_probes_were_not_denials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rate-limited or failing calls are no denials: fewer than the rule's threshold cannot raise its alert, and
+    "the probing went unnoticed" would blame the detection for it."""
+    session = probing(monkeypatch, ProbedAccounts({3: grpc.StatusCode.RESOURCE_EXHAUSTED}))
+    with pytest.raises(LabSetupError, match="only 4 of 5 calls were denied by the policy"):
+        list(detection.permission_probing(session))
