@@ -135,8 +135,10 @@ def network_exposure(session: Session) -> Iterator[Evidence]:
     if closed:
         raise LabSetupError(f"not listening on {session.ctx.settings.bind_host}: {', '.join(closed)}")
     yield Evidence(f"{len(listeners)} listeners on {session.ctx.settings.bind_host} (calibration)", "all accept")
+    # IPv6 too: a listener bound to `::` would answer there while every IPv4 address looked closed.
     outside = sorted({address.address for addresses in psutil.net_if_addrs().values() for address in addresses
-                      if address.family == socket.AF_INET and not ipaddress.ip_address(address.address).is_loopback})
+                      if address.family in (socket.AF_INET, socket.AF_INET6)
+                      and not ipaddress.ip_address(address.address).is_loopback})
     if not outside:
         raise LabSetupError("this machine has no network address but loopback: there is no outside to probe from")
     for host in outside:

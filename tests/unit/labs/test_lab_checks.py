@@ -410,6 +410,21 @@ def test_a_listener_reachable_from_the_network_address_is_the_attack_getting_thr
         list(transport.network_exposure(plaintext_session()))
 
 
+def test_a_listener_reachable_only_over_ipv6_is_the_attack_getting_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bound to `::`, a server answers at the machine's IPv6 addresses while every IPv4 one looks closed."""
+    monkeypatch.setattr(transport, "_listeners", lambda session: {"redis": 6379})
+    reachable = {("127.0.0.1", 6379), ("fd00::7", 6379)}
+    monkeypatch.setattr(transport, "_connects", lambda host, port: (host, port) in reachable)
+    addresses = [types.SimpleNamespace(family=family, address=address) for family, address in (
+        (transport.socket.AF_INET, "127.0.0.1"), (transport.socket.AF_INET, "192.0.2.7"),
+        (transport.socket.AF_INET6, "::1"), (transport.socket.AF_INET6, "fd00::7"))]
+    monkeypatch.setattr(transport.psutil, "net_if_addrs", lambda: {"eth0": addresses})
+    said = list(transport.network_exposure(plaintext_session()))
+    assert [(item.what, item.held) for item in said[1:]] == [
+        ("every listener at this machine's address 192.0.2.7", True),
+        ("every listener at this machine's address fd00::7", False)]
+
+
 # --- money ---
 
 
