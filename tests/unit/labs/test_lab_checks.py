@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
 from bastion.devstack.errors import PrerequisiteError
-from bastion.labs import access, audit, backup, detection, events, money, supply, tokens, transport
+from bastion.labs import access, audit, backup, detection, edge, events, money, supply, tokens, transport
 from bastion.labs.base import Evidence, LabResult, Outcome
 from bastion.labs.logs import untouched_since
 from bastion.labs.personal import in_clear_or_sealed
@@ -605,3 +605,44 @@ def test_permission_probing_cannot_tell_when_some_probes_were_not_denials(monkey
     session = probing(monkeypatch, ProbedAccounts({3: grpc.StatusCode.RESOURCE_EXHAUSTED}))
     with pytest.raises(LabSetupError, match="only 4 of 5 calls were denied by the policy"):
         list(detection.permission_probing(session))
+
+
+# --- rate limit ---
+
+
+class Limited:
+    """accounts.ListAccounts for one user: OK for the first ALLOWED calls, then refused with DETAILS."""
+
+    def __init__(self, allowed: int, details: str) -> None:
+        self.allowed, self.details, self.calls = allowed, details, 0
+        self.lock = threading.Lock()
+
+    def ListAccounts(self, request: Any, metadata: Any, timeout: float) -> Any:
+        with self.lock:
+            self.calls += 1
+            over = self.calls > self.allowed and ("user", "ada") in metadata
+        if over:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, self.details)
+        return types.SimpleNamespace(accounts=[])
+
+
+def bursting(monkeypatch: pytest.MonkeyPatch, accounts: Limited) -> Any:
+    monkeypatch.setattr(edge.accounts_pb2_grpc, "AccountsStub", lambda channel: accounts)
+    monkeypatch.setattr(edge, "_reset_window", lambda session, metadata, window_seconds: None)
+    return types.SimpleNamespace(channel=lambda name: None,
+                                 as_user=lambda user, correlation_id: (("user", user),))
+
+
+def test_a_burst_holds_when_the_rate_limiter_refuses_it_and_another_user_is_served(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    limited = Limited(20, "rate limit of 60 calls per 60s exceeded")
+    said = list(edge.rate_limit(bursting(monkeypatch, limited)))
+    assert [item.held for item in said] == [None, True, True, None]
+
+
+def test_a_burst_refused_by_another_limit_than_the_rate_limiters_does_not_hold(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RESOURCE_EXHAUSTED is also the size cap's code: only the limiter's refusal shows the per-principal limit."""
+    limited = Limited(20, "Received message larger than max (5000000 vs. 1048576)")
+    said = list(edge.rate_limit(bursting(monkeypatch, limited)))
+    assert said[1].held is False
