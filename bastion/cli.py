@@ -273,7 +273,8 @@ def cmd_trail(args: argparse.Namespace) -> int:
         return 1
     if not console.is_terminal:  # piped or redirected: one whole line per step, ids never split for a table
         for step in steps:
-            console.print(f"{step.at.strftime('%H:%M:%S.%f')[:-3]}  {step.source}  {step.text}", soft_wrap=True,
+            text = step.text.replace("\r", "\\r").replace("\n", "\\n")  # a recorded reason may hold a line break
+            console.print(f"{step.at.strftime('%H:%M:%S.%f')[:-3]}  {step.source}  {text}", soft_wrap=True,
                           markup=False, highlight=False)
         return 0
     table = Table("time (UTC)", "where")

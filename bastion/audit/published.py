@@ -77,8 +77,11 @@ def read_published(kafka_config: dict[str, Any], origin: str, timeout: float = 1
     assigned, never subscribed, and nothing is committed."""
     # auto.offset.reset "error": an offset out of range (records deleted below it) fails the read at once, rather
     # than librdkafka's default jumping to the end and the read timing out with nothing to say why.
-    reader = Consumer({**kafka_config, "group.id": group or f"audit-witness-{uuid.uuid4()}",
-                       "enable.auto.commit": False, "enable.partition.eof": False, "auto.offset.reset": "error"})
+    try:
+        reader = Consumer({**kafka_config, "group.id": group or f"audit-witness-{uuid.uuid4()}",
+                           "enable.auto.commit": False, "enable.partition.eof": False, "auto.offset.reset": "error"})
+    except KafkaException as error:  # a configuration librdkafka refuses: a key or certificate file gone, say
+        raise WitnessUnavailableError(f"{TOPIC} could not be read: {error}") from None
     try:
         try:
             metadata = reader.list_topics(TOPIC, timeout=timeout).topics[TOPIC]

@@ -50,6 +50,7 @@ Progress = Callable[[str], None]
 # The detail of a service declared in infra/services.yaml whose server.py does not exist yet.
 NOT_BUILT = "service not built yet"
 
+
 class Stack:
     def __init__(self, settings: DevstackSettings, progress: Progress = print) -> None:
         self.settings = settings

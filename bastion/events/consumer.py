@@ -123,9 +123,17 @@ def broker_time(message: Message) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(millis / 1000, dt.UTC)
 
 
+NO_CLAIM, MALFORMED_CLAIM = "-", "(malformed)"  # what safe_claim keeps instead of an id: none, or not well formed
+
+
 def safe_claim(text: str) -> str:
     """A claimed id is attacker input: only a well-formed one goes into logs and security records."""
-    return text if SAFE_ID.fullmatch(text) else ("-" if not text else "(malformed)")
+    return text if SAFE_ID.fullmatch(text) else (NO_CLAIM if not text else MALFORMED_CLAIM)
+
+
+def names_a_request(correlation_id: str) -> bool:
+    """Whether CORRELATION_ID, as kept, is a request's own id rather than safe_claim's stand-in for none."""
+    return correlation_id not in (NO_CLAIM, MALFORMED_CLAIM) and bool(SAFE_ID.fullmatch(correlation_id))
 
 
 def claimed_envelope(raw: bytes, bundled: bool = False) -> Envelope:

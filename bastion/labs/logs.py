@@ -66,14 +66,14 @@ def untouched_since(service: str, written: str, marker: str) -> Evidence:
     controls = sorted({f"U+{ord(char):04X}" for char in written if char != "\n" and (
         not char.isprintable() or char in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")})
     lines = written.count("\n")
+    if marker in written:
+        return Evidence(f"{service}.log since the lab began", f"the attacker's text {marker} is in it", False)
+    if controls:
+        return Evidence(f"{service}.log since the lab began", f"raw {', '.join(controls)} in it", False)
     if not lines:
         # Each of these logs holds at least the refusal of the lab's own call or event: nothing new means the log
         # was missing, rotated or cut since the lab began, not that it kept the attacker's text out.
         raise LabSetupError(f"{service}.log gained no line since the lab began (missing, rotated or cut?): "
                             "the lab cannot tell")
-    if marker in written:
-        return Evidence(f"{service}.log since the lab began", f"the attacker's text {marker} is in it", False)
-    if controls:
-        return Evidence(f"{service}.log since the lab began", f"raw {', '.join(controls)} in it", False)
     return Evidence(f"{service}.log since the lab began",
                     f"{lines} new line(s): none holds the attacker's text, no raw control character", True)

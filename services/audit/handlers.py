@@ -94,12 +94,19 @@ class AuditHandlers:
             witnessed = load_witnessed(self.checkpoints, self.witness)
         except WitnessUnavailableError as error:
             log.error("checkpoint_witness_unavailable", detail=str(error))
+            try:  # a file that does not verify on its own is still recorded while Kafka cannot be read
+                self.checkpoints.load()
+            except CheckpointError as refused:
+                self._refused(refused)
             return Verdict(ChainReport(False, 0, b"", None, unverified_reason(error), 0), 0)
         except CheckpointError as error:
-            self.security.checkpoint_refused(error, str(self.checkpoints.path))
-            log.error("checkpoint_refused", error=type(error).__name__, detail=str(error))
+            self._refused(error)
             return Verdict(ChainReport(False, 0, b"", None, unverified_reason(error), 0), 0)
         checkpoints = witnessed.checkpoints
         with self.reader() as reader:
             report = reader.check_chain(checkpoints)
         return Verdict(report, checkpoints[-1].length if checkpoints else 0, witnessed.published)
+
+    def _refused(self, error: CheckpointError) -> None:
+        self.security.checkpoint_refused(error, str(self.checkpoints.path))
+        log.error("checkpoint_refused", error=type(error).__name__, detail=str(error))

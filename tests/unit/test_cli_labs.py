@@ -268,6 +268,12 @@ def test_a_trail_piped_elsewhere_prints_one_whole_line_per_step(monkeypatch: pyt
     monkeypatch.setattr(cli, "console", Console(file=piped, width=80))  # a file: not a terminal
     assert main(["trail", "demo-1"]) == 0
     assert piped.getvalue().splitlines() == [f"15:04:05.678  payments.spans  {step.text}"]
+    step.text = "reason=bad\n15:00:00.000  accounts.log  forged"
+    piped.truncate(0)
+    piped.seek(0)
+    assert main(["trail", "demo-1"]) == 0
+    shown = "15:04:05.678  payments.spans  reason=bad\\n15:00:00.000  accounts.log  forged"
+    assert piped.getvalue().splitlines() == [shown], "one line, the break shown as \\n"
 
 
 def test_trail_exits_1_when_nothing_carries_the_id(monkeypatch: pytest.MonkeyPatch,

@@ -18,7 +18,7 @@ from bastion.audit.errors import CheckpointError
 from bastion.audit.postgres import AuditLog, entry_of_row, latest_refusals, refusals_after, security_view
 from bastion.audit.postgres import log as audit_log
 from bastion.audit.verify import ChainReport
-from bastion.events.consumer import SECURITY_TOPIC
+from bastion.events.consumer import SECURITY_TOPIC, names_a_request
 from bastion.events.outbox import Outbox
 from services.audit import domain
 from services.audit.domain import EventQuery
@@ -143,11 +143,12 @@ class PostgresAlerts:
 
     def _raise(self, conn: Connection, alert: Alert) -> bool:
         # The alert carries the correlation id of the refusal that raised it: `bastion trail` of that request shows
-        # the alert, and the recipients being told of it, after the refusals. The id of the alert stays its own.
+        # the alert, and the recipients being told of it, after the refusals. A refusal whose id was not kept (a
+        # placeholder every such refusal shares) leaves the alert its own id.
+        correlation_id = alert.last_correlation_id if names_a_request(alert.last_correlation_id) else alert.alert_id
         stored = self.outbox.append(conn, ALERTS_TOPIC, domain.security_alert(alert),
                                     aggregate_id=ALERT_AGGREGATE.format(alert.alert_id),
-                                    correlation_id=alert.last_correlation_id or alert.alert_id,
-                                    event_id=alert.alert_id)
+                                    correlation_id=correlation_id, event_id=alert.alert_id)
         mark = {"rule": alert.rule.name, "key": alert.key, "last_seq": alert.last_seq, "last_at": alert.last_at}
         conn.execute(upsert(alert_marks).values(**mark).on_conflict_do_update(
             index_elements=[alert_marks.c.rule, alert_marks.c.key],

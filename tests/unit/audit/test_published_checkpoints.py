@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from bastion.audit import install_tools, published
 from bastion.audit.chain import Head
@@ -169,3 +170,15 @@ def test_the_topic_is_read_under_the_group_given_or_a_new_one_each_time(monkeypa
 def test_an_empty_topic_is_no_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(published, "Consumer", Topic([]))
     assert read_published({}, ORIGIN) == []
+
+
+def test_a_consumer_that_cannot_be_made_leaves_the_witness_unavailable_rather_than_raising_a_kafka_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # librdkafka refuses a configuration at construction (a certificate file gone or unreadable, say): that is the
+    # topic not being readable, which VerifyChain turns into a failed verdict and `bastion audit verify` reports.
+    def unbuildable(config: dict[str, Any]) -> Any:
+        raise KafkaException(KafkaError(KafkaError._INVALID_ARG, "ssl.key.location failed: No such file"))
+
+    monkeypatch.setattr(published, "Consumer", unbuildable)
+    with pytest.raises(WitnessUnavailableError, match=r"ssl\.key\.location"):
+        read_published({}, ORIGIN, group="audit-witness")

@@ -146,3 +146,14 @@ def test_the_personal_data_lab_does_not_hold_without_having_read_the_audit_log(
         target=types.SimpleNamespace(verdict_wait_seconds=0.0, context_wait_seconds=0.0),
         audit_engine=lambda: types.SimpleNamespace(connect=NoRecords))
     assert outcome_of(personal.insider_reads_personal_data(session)) is not Outcome.HELD  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("written", [
+    '{"event":"event_rejected","note":"forged0123456789ab"',  # the attacker's text, the line not yet ended
+    "\x1b[2J\x1b[31m\u202e",  # raw control characters without a line end
+])
+def test_a_log_that_gained_the_attackers_text_without_a_line_end_fails_rather_than_cannot_tell(written: str) -> None:
+    """What the attacker put in the log is evidence whatever else the log holds: the check for a log that gained
+    no line comes after the checks for the marker and for control characters, not before them."""
+    evidence = untouched_since("accounts", written, "forged0123456789ab")
+    assert evidence.held is False

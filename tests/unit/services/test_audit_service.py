@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -33,6 +34,7 @@ from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import MAX_ENVELOPE_BYTES, VerifiedEvent
 from services.audit import domain
+from services.audit.adapters.postgres import PostgresAlerts
 from services.audit.domain import Delivery, EventQuery, InvalidQueryError
 from services.audit.handlers import AuditHandlers, announce
 from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, sample_record, trust_store
@@ -413,3 +415,51 @@ def test_a_rejection_reported_in_another_consumers_name_is_refused_as_not_its_si
     assert no.value.reason == RejectReason.NOT_AUTHORISED, "counted by the forged-events rule"
     signed_by_payments.envelope.producer = "notifications"
     assert domain.accepted(DELIVERY, signed_by_payments, NOW).principal == "notifications"
+
+
+def test_a_forged_checkpoint_file_still_raises_its_security_record_while_the_published_checkpoints_cannot_be_read(
+        tmp_path: Path) -> None:
+    # docs/audit.md: a forged checkpoint is refused, the verdict fails, and a security record goes into the log.
+    # Kafka being unreadable for the witness must not also hide the tampering of the file from the log.
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 4)])
+
+    def unreachable() -> list[Checkpoint]:
+        raise WitnessUnavailableError("audit.checkpoints.v1 could not be read: broker down")
+
+    audit, security, file, _ = witnessed_handlers(tmp_path, entries, witness=unreachable)
+    good = sign_checkpoint(AUDIT_KEY, ORIGIN, entries[-1].head)
+    file.append(good)
+    with file.path.open("a") as lines:
+        lines.write(good.to_json().replace(f'"length":{good.length}', f'"length":{good.length + 5}') + "\n")
+    verdict = audit.verify_chain()
+    assert not verdict.report.ok
+    assert security.refused == [f"BadCheckpointSignatureError at {file.path}"]
+
+
+class RecordingOutbox:
+    def __init__(self) -> None:
+        self.correlation_ids: list[str] = []
+
+    def append(self, _conn: Any, _topic: str, _payload: Any, aggregate_id: str, correlation_id: str,
+               event_id: str) -> str:
+        self.correlation_ids.append(correlation_id)
+        return event_id
+
+
+class AnyConnection:
+    def execute(self, _statement: Any) -> None:
+        return None
+
+
+@pytest.mark.parametrize("placeholder", ["-", "(malformed)"])
+def test_an_alert_over_a_refusal_whose_correlation_id_was_not_kept_carries_its_own_id_not_the_placeholder(
+        placeholder: str) -> None:
+    # A refused event's claimed correlation id is kept only when well formed (safe_claim): "-" when it had none,
+    # "(malformed)" otherwise. Neither names a request: an alert taking it would share it with every other
+    # refusal that had no usable id (and `bastion trail "(malformed)"` would mix them all up).
+    rule = AlertRule("forged-events", "forged events", "critical", "rejection", "producer", 3,
+                     dt.timedelta(seconds=60))
+    alert = Alert(rule, "(malformed)", 3, 10, 12, NOW, NOW, placeholder)
+    outbox = RecordingOutbox()
+    PostgresAlerts(outbox, None)._raise(AnyConnection(), alert)  # type: ignore[arg-type]
+    assert outbox.correlation_ids == [alert.alert_id]
