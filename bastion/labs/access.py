@@ -30,6 +30,13 @@ from bastion.labs.platform import (
 )
 
 LAB_IMPERSONATION = "impersonation"
+# The words of the refusals the datastore lab is about (an error of the same kind for another reason cannot tell):
+# pg_hba.conf's TLS-only rule, the database's CONNECT grant, SCRAM; Redis's default user off (its answer to an
+# unauthenticated HELLO, as redis-py opens a RESP3 connection; NOAUTH and WRONGPASS in redis-py's wording).
+POSTGRES_REFUSALS = ("no pg_hba.conf entry", "permission denied for database", "password authentication failed",
+                     "no password supplied")
+REDIS_AUTH_REFUSALS = ("must be called with the client already authenticated", "Authentication required",
+                       "invalid username-password pair", "user is disabled", "NOAUTH", "WRONGPASS")
 LAB_OTHER_CUSTOMER = "other-customer"
 
 
@@ -119,11 +126,18 @@ def other_customer_account(session: Session) -> Iterator[Evidence]:
     yield from _context(watch, "accounts", "call_failed", read_id)
 
 
-def _refused(what: str, attempt: Callable[[], Any], refusals: tuple[type[Exception], ...]) -> Evidence:
+def _refused(what: str, attempt: Callable[[], Any], refusals: tuple[type[Exception], ...],
+             saying: tuple[str, ...] = ()) -> Evidence:
+    """Held when ATTEMPT raises one of REFUSALS and, if SAYING is given, its message holds one of those words: an
+    error of the same kind for another reason (a server out of connection slots, a timeout) cannot tell."""
     try:
         attempt()
     except refusals as error:
-        return Evidence(what, f"refused: {type(error).__name__}: {str(error).strip().splitlines()[0][:240]}", True)
+        message = (str(error).strip().splitlines() or [""])[0][:240]
+        if saying and not any(words in str(error) for words in saying):
+            raise LabSetupError(f"{what}: failed for another reason than a refusal ({type(error).__name__}: "
+                                f"{message}): the lab cannot tell") from None
+        return Evidence(what, f"refused: {type(error).__name__}: {message}", True)
     return Evidence(what, "accepted", False)
 
 
@@ -152,7 +166,7 @@ def datastore_access(session: Session) -> Iterator[Evidence]:
     yield Evidence("payments in its Redis key space, accounts in its own database (calibration)", "OK")
     try:
         yield _refused("Redis without credentials (the default user)", lambda: redis_as(None, None).ping(),
-                       (redis.AuthenticationError, redis.ResponseError))
+                       (redis.AuthenticationError, redis.ResponseError), REDIS_AUTH_REFUSALS)
         yield _refused("Redis as payments, reading a key of accounts", lambda: payments_redis.get("accounts:lab"),
                        (redis.exceptions.NoPermissionError,))
         yield _refused("Redis as payments, FLUSHALL", payments_redis.flushall, (redis.exceptions.NoPermissionError,))
@@ -163,12 +177,13 @@ def datastore_access(session: Session) -> Iterator[Evidence]:
         payments_redis.close()
     yield _refused("PostgreSQL as accounts, into the payments database",
                    lambda: connect(postgres.conninfo("accounts", ctx.credentials.postgres["accounts"],
-                                                     dbname="payments")), (psycopg.OperationalError,))
+                                                     dbname="payments")), (psycopg.OperationalError,),
+                   POSTGRES_REFUSALS)
     yield _refused("PostgreSQL without TLS (sslmode=disable)",
                    lambda: connect(accounts_db.replace("sslmode=verify-full", "sslmode=disable")),
-                   (psycopg.OperationalError,))
+                   (psycopg.OperationalError,), POSTGRES_REFUSALS)
     with tempfile.TemporaryDirectory(prefix="bastion-lab-") as empty:  # no password file to fall back on
         without_password = make_conninfo(postgres.conninfo("accounts", "", dbname="accounts"), password=None,
                                          passfile=str(Path(empty) / "pgpass"))
         yield _refused("PostgreSQL without a password", lambda: connect(without_password),
-                       (psycopg.OperationalError,))
+                       (psycopg.OperationalError,), POSTGRES_REFUSALS)

@@ -15,6 +15,9 @@ from bastion.devstack import backups
 from bastion.labs.base import Evidence
 from bastion.labs.platform import LabSetupError, Session
 
+# How `backups.verify` refuses an archive that is not the one the signed manifest names (bastion/devstack/backups.py).
+DIGEST_REFUSAL = "does not match its digest"
+
 TARGET = "notifications"  # small, and it holds personal data worth stealing: who was told what
 AGE_HEADER = b"age-encryption.org/v1\n"
 
@@ -68,6 +71,10 @@ def _slip_in_own_database(session: Session, genuine: Path, archive: Path) -> Ite
     try:
         backups.verify(session.ctx, genuine)
     except backups.BackupError as error:
+        if DIGEST_REFUSAL not in error.problem:
+            # Refused for what the archive holds (no pg_dump inside): a thief's real dump would pass that check.
+            raise LabSetupError(f"the thief's archive was refused for another reason than its digest "
+                                f"({error.problem}): the lab cannot tell") from None
         yield Evidence("the thief's own archive, encrypted to the install's public recipient, in place of the "
                        "genuine one (`bastion backup verify`)", f"refused: {error.problem}", True)
         return

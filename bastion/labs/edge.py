@@ -29,6 +29,7 @@ WINDOW = re.compile(r"per (\d+)s")
 # How the rate limiter words its refusal (bastion/grpc/ratelimit.py): RESOURCE_EXHAUSTED alone could be another
 # limit (a message over the size cap).
 LIMITER_REFUSAL = re.compile(r"rate limit of \d+ calls per \d+s exceeded")
+SIZE_CAP_REFUSAL = "larger than max"  # gRPC's own words for a message over grpc.max_receive_message_length
 MAX_MESSAGE_BYTES = 1 << 20
 
 
@@ -132,7 +133,10 @@ def hostile_input(session: Session) -> Iterator[Evidence]:
                        result.code == grpc.StatusCode.INVALID_ARGUMENT and "amount" in result.details)
     oversized = _raw_transfer(source, target, _varint(100), key="x" * (2 * MAX_MESSAGE_BYTES))
     result = _send(transfer, oversized, metadata)
+    if result.code == grpc.StatusCode.RESOURCE_EXHAUSTED and LIMITER_REFUSAL.search(result.details):
+        raise LabSetupError(f"alice's rate-limit window is spent ({result}): the size cap was never reached, "
+                            "the lab cannot tell; run it again in a minute")
     yield Evidence(f"a request of {len(oversized) // MAX_MESSAGE_BYTES} MiB (the limit is 1 MiB)", str(result),
-                   result.code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+                   result.code == grpc.StatusCode.RESOURCE_EXHAUSTED and SIZE_CAP_REFUSAL in result.details)
     balances = (bank.balance(source), bank.balance(target))
     yield Evidence("balances", f"alice {euros(balances[0])}, bob {euros(balances[1])}", balances == (1_000, 0))
