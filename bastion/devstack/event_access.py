@@ -107,6 +107,14 @@ def parse_policy(raw: dict[str, Any], known_principals: set[str]) -> EventAccess
             config={str(k): str(v) for k, v in (entry.get("config") or {}).items()},
             witnesses=witnesses,
         )
+    readers_of_group: dict[str, set[str]] = {}
+    for topic in topics.values():
+        for reader, group in (*topic.consumers.items(), *topic.witnesses.items()):
+            readers_of_group.setdefault(group, set()).add(reader)
+    for group, readers in sorted(readers_of_group.items()):
+        if len(readers) > 1:  # READ on a group lets its holder commit the group's offsets
+            problems.append(f"consumer group {group!r} is granted to {sorted(readers)}: each principal needs a group "
+                            "of its own, or one could move another's offsets")
     for name, topic in topics.items():
         if name.endswith(DLQ_SUFFIX):
             source = topics.get(name.removesuffix(DLQ_SUFFIX))

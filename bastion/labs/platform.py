@@ -327,6 +327,12 @@ def _excerpt(line: str) -> str:
     return text if len(text) <= LOG_EXCERPT_CHARS else text[: LOG_EXCERPT_CHARS - 1] + "…"
 
 
+# Errors of a read that will not come right by waiting (others, a broker reconnecting say, pass by).
+UNREADABLE = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+                        KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION,
+                        KafkaError.SASL_AUTHENTICATION_FAILED, KafkaError._AUTHENTICATION, KafkaError._SSL})
+
+
 class TopicTail:
     """The records of TOPIC from now on (every partition from its current end), read as the broker's admin, as an
     investigator would; no consumer group is joined and no offset committed."""
@@ -346,12 +352,18 @@ class TopicTail:
         self.reader.assign(starts)
 
     def records(self, wait_seconds: float) -> Iterator[Any]:
-        """New records as they arrive, until WAIT_SECONDS have passed (or the caller stops iterating)."""
+        """New records as they arrive, until WAIT_SECONDS have passed (or the caller stops iterating). A topic this
+        reader may not or cannot read stops the lab: its silence would read as "nothing was dead-lettered"."""
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
             message = self.reader.poll(0.5)
-            if message is not None and message.error() is None:
+            if message is None:
+                continue
+            error = message.error()
+            if error is None:
                 yield message
+            elif error.code() in UNREADABLE:
+                raise LabSetupError(f"{self.topic} cannot be read ({error.str()}): the lab cannot tell")
 
     def close(self) -> None:
         self.reader.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from confluent_kafka import KafkaError
 from sqlalchemy import create_engine, event, insert
 from sqlalchemy.pool import StaticPool
 
@@ -167,11 +168,23 @@ class Message:
         return self._error
 
 
-def test_a_topic_tail_yields_the_records_it_polls_and_skips_silence_and_errors() -> None:
-    polled = iter([None, Message(b"", error="partition EOF"), Message(b"the record")])
+def test_a_topic_tail_yields_the_records_it_polls_and_skips_silence_and_passing_errors() -> None:
+    polled = iter([None, Message(b"", error=KafkaError(KafkaError._PARTITION_EOF)),
+                   Message(b"", error=KafkaError(KafkaError._TRANSPORT)), Message(b"the record")])
     tail = object.__new__(TopicTail)
     tail.reader = types.SimpleNamespace(poll=lambda timeout: next(polled, None))  # type: ignore[assignment]
     assert [message.value() for message in tail.records(0.3)] == [b"the record"]
+
+
+def test_a_topic_tail_that_may_not_read_its_topic_stops_the_lab_rather_than_reading_as_silence() -> None:
+    """No dead letter would read as "the event was not refused" (the attack getting through), blaming the consumers
+    for what is the lab's own reader being refused."""
+    polled = iter([Message(b"", error=KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)), Message(b"the record")])
+    tail = object.__new__(TopicTail)
+    tail.topic = "accounts.events.v1.dlq"
+    tail.reader = types.SimpleNamespace(poll=lambda timeout: next(polled, None))  # type: ignore[assignment]
+    with pytest.raises(LabSetupError, match=r"accounts\.events\.v1\.dlq cannot be read"):
+        list(tail.records(0.3))
 
 
 def dead_letter(source: str, consumer: str, reason: str) -> Message:
