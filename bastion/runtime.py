@@ -39,6 +39,9 @@ from bastion.grpc.server import ServerSecurity, TlsFiles
 from bastion.grpc.spans import SpanRecorder, jsonl_exporter
 from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
 from bastion.metrics_endpoint import serve_metrics
+from bastion.revocations.feed import TOPIC as REVOCATIONS_TOPIC
+from bastion.revocations.feed import RevocationFeed
+from bastion.revocations.revoked import RevokedTokens
 from bastion.settings import DevstackSettings
 from bastion.worker_health import WorkerHealth
 
@@ -49,6 +52,11 @@ WORKER_RESTART_SECONDS = 2.0
 HEALTH_CHECK_SECONDS = 2.0
 WORKER_STOP_SECONDS = 10.0
 ACCESS_AUDIT_CLOSE_SECONDS = 5.0  # for the worker, and as long again for Kafka
+TOKEN_LEEWAY_SECONDS = 30  # the validator's leeway on `exp`, `iat` and `nbf` (clock skew)
+# Token revocations (bastion/revocations): read and kept for as long as a token they end can still be accepted, and
+# trusted for this long after the feed was last known read to its end; then every token is refused (fail closed).
+REVOCATIONS_STALE_SECONDS = 30.0
+REVOCATIONS_FIRST_READ_SECONDS = 20.0  # how long a starting service waits for the feed before it serves anyway
 
 
 class Worker(Protocol):
@@ -210,6 +218,34 @@ class ServiceRuntime:
                 await self.health_servicer.set("", status)
                 log.warning("health_changed", service=self.name, serving=serving, failing_workers=failing)
 
+    @cached_property
+    def revoked(self) -> RevokedTokens:
+        """The tokens this service refuses although they verify: read from identity.revocations.v1 by the feed
+        (`start_revocation_feed`), checked by the validator on every call."""
+        lifespan = Keycloak(self.ctx).access_token_lifespan_seconds
+        return RevokedTokens(keep_seconds=lifespan + 2 * TOKEN_LEEWAY_SECONDS,
+                             max_staleness_seconds=REVOCATIONS_STALE_SECONDS)
+
+    def start_revocation_feed(self, stop: threading.Event) -> threading.Thread:
+        """Read the token revocations into `revoked` until STOP is set, under the group infra/event-access.yaml
+        grants this service as a witness of the topic; wait (at most REVOCATIONS_FIRST_READ_SECONDS) until they were
+        read to their end once. Until then, and whenever the feed falls behind, tokens are refused: UNAVAILABLE."""
+        access = load_policy(self.ctx.settings.infra_dir / "event-access.yaml", set(self.ctx.service_names))
+        group = access.topics[REVOCATIONS_TOPIC].witnesses.get(self.name)
+        if group is None:
+            raise DevstackError(f"infra/event-access.yaml grants {self.name!r} no witness group on {REVOCATIONS_TOPIC}",
+                                "every service that validates tokens reads the revocations: add it there")
+        revoked = self.revoked
+        thread = self.start_worker("revocations", lambda: RevocationFeed(
+            self.name, self.kafka_config, group, self.verifier(), revoked, revoked.keep_seconds), stop)
+        deadline = time.monotonic() + REVOCATIONS_FIRST_READ_SECONDS
+        while not revoked.is_current() and time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.1)
+        if not revoked.is_current():
+            log.warning("revocations_not_read_yet", service=self.name,
+                        waited_seconds=REVOCATIONS_FIRST_READ_SECONDS)
+        return thread
+
     def security(self, rate_limit: RateLimit = DEFAULT_RATE_LIMIT) -> ServerSecurity:
         issuer = Keycloak(self.ctx).issuer
         jwks = JwksCache.from_url(jwks_url(issuer), ssl.create_default_context(cafile=str(self.ctx.ca_file)))
@@ -219,7 +255,8 @@ class ServiceRuntime:
         return ServerSecurity(
             service=self.name,
             tls=self.tls(),
-            validator=TokenValidator(issuer, self.name, jwks),
+            validator=TokenValidator(issuer, self.name, jwks, leeway_seconds=TOKEN_LEEWAY_SECONDS,
+                                     revocations=self.revoked),
             policy=load_method_policy(self.ctx.settings.infra_dir / "policies" / f"{self.name}.yaml"),
             audit=self.access_audit,
             limiter=RedisRateLimiter(redis, self.name, rate_limit, SERVICE_ACCOUNT_RATE_LIMIT),

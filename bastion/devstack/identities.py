@@ -1,6 +1,6 @@
 """The identity declaration (infra/keycloak/identities.yaml): realm roles, users, clients, audiences."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ class Identities:
     service_calls: dict[str, tuple[str, ...]]
     cli_client: str
     cli_audiences: tuple[str, ...]
+    # Roles of Keycloak's own `realm-management` client a service account holds (what it may do with the realm).
+    realm_management: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def user_names(self) -> list[str]:
@@ -34,6 +36,9 @@ class Identities:
 
 
 MAX_ACCESS_TOKEN_SECONDS = 300
+# What a service may be granted of the realm's administration: reading its admin events (the audit service, which
+# turns them into token revocations). Nothing that changes the realm.
+REALM_MANAGEMENT_ROLES = frozenset({"view-events"})
 
 
 def parse_identities(raw: dict[str, Any], services: set[str] | None = None) -> Identities:
@@ -49,6 +54,8 @@ def parse_identities(raw: dict[str, Any], services: set[str] | None = None) -> I
         service_calls={name: tuple(entry.get("calls") or ()) for name, entry in raw["service_clients"].items()},
         cli_client=raw["cli_client"]["name"],
         cli_audiences=tuple(raw["cli_client"]["audiences"]),
+        realm_management={name: tuple(entry["realm_management"]) for name, entry in raw["service_clients"].items()
+                          if entry.get("realm_management")},
     )
     problems = []
     if identities.access_token_lifespan_seconds > MAX_ACCESS_TOKEN_SECONDS:
@@ -58,6 +65,9 @@ def parse_identities(raw: dict[str, Any], services: set[str] | None = None) -> I
     clients = set(identities.service_calls)
     for name, calls in identities.service_calls.items():
         problems += [f"client {name}: calls unknown service {c!r}" for c in calls if c not in clients]
+    for name, roles in identities.realm_management.items():
+        problems += [f"client {name}: realm_management role {r!r} is not one a service may hold "
+                     f"({sorted(REALM_MANAGEMENT_ROLES)})" for r in roles if r not in REALM_MANAGEMENT_ROLES]
     cli = identities.cli_client
     problems += [f"{cli}: unknown audience {a!r}" for a in identities.cli_audiences if a not in clients]
     if services is not None and clients != services:

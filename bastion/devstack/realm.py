@@ -109,6 +109,18 @@ def render_realm(identities: Identities, credentials: Credentials) -> dict[str, 
         }
         for user in identities.users
     ]
+    service_accounts = [
+        {
+            "username": f"service-account-{name}",
+            "enabled": True,
+            "serviceAccountClientId": name,
+            "clientRoles": {"realm-management": list(roles)},
+        }
+        for name, roles in identities.realm_management.items()
+    ]
+    # With fullScopeAllowed off, a role reaches a client's tokens only through a scope mapping.
+    realm_management_scopes = [{"client": name, "roles": list(roles)}
+                               for name, roles in identities.realm_management.items()]
     return {
         "realm": identities.realm,
         "enabled": True,
@@ -132,10 +144,16 @@ def render_realm(identities: Identities, credentials: Credentials) -> dict[str, 
         "ssoSessionIdleTimeout": 1800,
         "ssoSessionMaxLifespan": 36000,
         "revokeRefreshToken": True,
+        # Admin events are what the audit service turns into token revocations (infra/revocation-triggers.yaml);
+        # they are kept a day, far longer than any token they revoke lives. No representations: just what changed.
+        "adminEventsEnabled": True,
+        "adminEventsDetailsEnabled": False,
+        "attributes": {"adminEventsExpiration": "86400"},
         "refreshTokenMaxReuse": 0,
         "roles": {"realm": [{"name": name, "description": text} for name, text in identities.roles.items()]},
         "clients": [*service_clients, cli_client],
         # The CLI client may carry every realm role; which ones a token holds depends on the user.
         "scopeMappings": [{"client": identities.cli_client, "roles": list(identities.roles)}],
-        "users": users,
+        "users": [*users, *service_accounts],
+        "clientScopeMappings": {"realm-management": realm_management_scopes} if realm_management_scopes else {},
     }

@@ -49,5 +49,6 @@ SCHEMAS: dict[str, EventSchema] = {
         EventSchema(decision_pb2.AccessDecision, 1, {}),
         EventSchema(decision_pb2.EventRejected, 1, {}),
         EventSchema(decision_pb2.SecurityAlert, 1, {}),
+        EventSchema(decision_pb2.AccessRevoked, 1, {}),
     ]
 }

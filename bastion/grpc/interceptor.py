@@ -174,6 +174,8 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         except AuthenticationError as error:
             if error.reason == AuthReason.KEYS_UNAVAILABLE:
                 raise UnavailableError("token keys unavailable: request refused") from error
+            if error.reason == AuthReason.REVOCATIONS_UNAVAILABLE:
+                raise UnavailableError(f"token revocations unavailable: request refused ({error.detail})") from error
             raise UnauthenticatedError(f"invalid token: {error}") from error
         except Exception as error:
             # A fault of the check itself (a token no rule foresaw): the token is not authenticated. The call is

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import jwt
@@ -21,6 +21,12 @@ log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
 JwksFetch = Callable[[], Mapping[str, Any]]
+
+
+class RevocationCheck(Protocol):
+    """Refuses (AuthenticationError) a verified token whose access was revoked since it was issued."""
+
+    def check(self, principal: "Principal") -> None: ...
 
 # Asymmetric only: an HMAC algorithm would turn a published public key into a shared secret.
 SUPPORTED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"})
@@ -52,6 +58,8 @@ class AuthReason(StrEnum):
     NOT_AN_ACCESS_TOKEN = "not_an_access_token"  # noqa: S105 - a reason code, not a password
     UNKNOWN_KEY = "unknown_key"
     KEYS_UNAVAILABLE = "keys_unavailable"
+    REVOKED = "revoked"
+    REVOCATIONS_UNAVAILABLE = "revocations_unavailable"
 
 
 class AuthenticationError(Exception):
@@ -73,6 +81,9 @@ class Principal:
     roles: frozenset[str]
     token_id: str | None
     expires_at: int
+    # The token's `iat`: a revocation (bastion/revocations) ends the tokens issued at or before it. 0 when unknown,
+    # which any revocation of the subject covers.
+    issued_at: int = 0
 
     @property
     def is_service_account(self) -> bool:
@@ -284,6 +295,7 @@ class TokenValidator:
         max_token_bytes: int = 8192,
         clock: Clock = time.time,
         cache_size: int = 4096,
+        revocations: RevocationCheck | None = None,
     ) -> None:
         if not issuer or not audience:
             raise ValueError("the issuer and the audience must be named")
@@ -299,6 +311,7 @@ class TokenValidator:
         self._max_token_bytes = max_token_bytes
         self._clock = clock
         self._verified = _VerifiedTokens(cache_size)
+        self._revocations = revocations
 
     def validate(self, token: str) -> Principal:
         """The principal TOKEN speaks for; raises AuthenticationError with the reason otherwise."""
@@ -311,12 +324,16 @@ class TokenValidator:
         digest = hashlib.sha256(token.encode("ascii")).digest()
         cached = self._verified.get(digest)
         if cached is not None:
-            return self._still_valid(digest, cached)
-        kid = self._checked_header(token)
-        claims = self._verified_claims(token, self._jwks.signing_key(kid))
-        self._check_lifetime(claims)
-        principal = _principal(claims)
-        self._verified.put(digest, _Verified(principal, kid))
+            principal = self._still_valid(digest, cached)
+        else:
+            kid = self._checked_header(token)
+            claims = self._verified_claims(token, self._jwks.signing_key(kid))
+            self._check_lifetime(claims)
+            principal = _principal(claims)
+            self._verified.put(digest, _Verified(principal, kid))
+        # Checked on every call, cached verdict or not: a revocation ends a token remembered as verified too.
+        if self._revocations is not None:
+            self._revocations.check(principal)
         return principal
 
     def _still_valid(self, digest: bytes, cached: _Verified) -> Principal:
@@ -414,4 +431,5 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         or not all(isinstance(role, str) for role in roles)
     ):
         raise AuthenticationError(AuthReason.MALFORMED, "the token's identity claims have unexpected types")
-    return Principal(subject, username, client_id, frozenset(roles), token_id, int(claims["exp"]))
+    return Principal(subject, username, client_id, frozenset(roles), token_id, int(claims["exp"]),
+                     int(claims["iat"]))

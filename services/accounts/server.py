@@ -25,6 +25,7 @@ async def serve(settings: DevstackSettings) -> None:
     handlers = AccountsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()),
                                 SealedForReaders(runtime.data_keys()))
     stop = threading.Event()
+    runtime.start_revocation_feed(stop)  # before serving: tokens are refused until it was read
     runtime.start_relay(stop)
     server, port = await start_server(
         runtime.security(),

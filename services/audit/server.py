@@ -6,6 +6,7 @@ Run by the devstack as `python -m services.audit.server`; settings come from the
 import asyncio
 import threading
 
+from keycloak import KeycloakAdmin
 from sqlalchemy import inspect
 
 from bastion import service_logs
@@ -17,6 +18,8 @@ from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.errors import DevstackError
 from bastion.grpc.server import start_server
 from bastion.migrations import upgrade
+from bastion.revocations.triggers import load_triggers
+from bastion.revocations.watcher import KafkaRevocationPublisher, RevocationWatcher, keycloak_admin_events
 from bastion.runtime import ServiceRuntime
 from bastion.settings import DevstackSettings
 from services.audit.adapters.grpc import AuditServicer
@@ -29,6 +32,17 @@ NAME = "audit"
 TOPICS = ["accounts.events.v1", "payments.events.v1", "access.decisions.v1", ALERTS_TOPIC]
 # The group infra/event-access.yaml grants it as a witness of audit.checkpoints.v1.
 WITNESS_GROUP = "audit-witness"
+
+
+def revocation_watcher(runtime: ServiceRuntime) -> RevocationWatcher:
+    """The watch on the realm's admin events (bastion/revocations/watcher.py), as the audit service account."""
+    ctx = runtime.ctx
+    admin = KeycloakAdmin(server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/",
+                          realm_name="bastion", client_id=NAME,
+                          client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file))
+    triggers = load_triggers(ctx.settings.infra_dir / "revocation-triggers.yaml")
+    return RevocationWatcher(keycloak_admin_events(admin), triggers,
+                             KafkaRevocationPublisher(runtime.kafka_config, runtime.key), runtime.revoked.keep_seconds)
 
 
 def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings, unanchored_ok: bool = False) -> CheckpointFile:
@@ -46,12 +60,15 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
                              OutboxSecurityRecords(runtime.engine, runtime.outbox()),
                              witness=lambda: read_published(runtime.kafka_config, own.origin, group=WITNESS_GROUP))
     stop = threading.Event()
+    runtime.start_revocation_feed(stop)  # before serving: tokens are refused until it was read
     runtime.start_relay(stop)
     # The signer's view of the file: it may cover checkpoints of a key retired before it signed with its new one.
     checkpointer = Checkpointer(runtime.key, checkpoint_file(runtime, own, unanchored_ok=True),
                                 own.checkpoint_every_records, own.checkpoint_every_seconds)
     publisher = CheckpointPublisher(runtime.kafka_config)
     rules = load_alert_rules(settings.infra_dir / "alert-rules.yaml")  # refused at start-up when wrong
+    load_triggers(settings.infra_dir / "revocation-triggers.yaml")  # refused at start-up when wrong
+    runtime.start_worker("revocation-watcher", lambda: revocation_watcher(runtime), stop)
     runtime.start_worker("consumer", lambda: AuditConsumer(
         runtime.kafka_config, TOPICS, runtime.verifier(), runtime.engine, store, checkpointer, publisher,
         security=handlers.security, alerts=PostgresAlerts(runtime.outbox(), AlertDetector(rules)),

@@ -30,6 +30,7 @@ async def serve(settings: DevstackSettings, own: NotificationsSettings) -> None:
     handlers = NotificationsHandlers(PostgresUnitOfWork(runtime.engine), runtime.data_keys(),
                                      AtRestCipher(runtime.ctx.layout.at_rest_key(NAME)), alert_recipients=recipients)
     stop = threading.Event()
+    runtime.start_revocation_feed(stop)  # before serving: tokens are refused until it was read
     runtime.start_relay(stop)  # the consumer's security records (rejected events) leave through the outbox
     runtime.start_consumer(TOPICS, consumer_handler(handlers), stop)
     server, port = await start_server(

@@ -75,6 +75,7 @@ async def serve(settings: DevstackSettings, own: PaymentsSettings) -> None:
     create_schema(runtime.engine)
     handlers = build_handlers(runtime, own, GrpcAccounts(accounts_downstream(runtime, own)))
     stop = threading.Event()
+    runtime.start_revocation_feed(stop)  # before serving: tokens are refused until it was read
     runtime.start_relay(stop)
     reconciler = asyncio.create_task(settle_pending_forever(handlers, own))
     server, port = await start_server(

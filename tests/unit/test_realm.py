@@ -5,7 +5,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from bastion.devstack.identities import Identities, load_identities
+import pytest
+import yaml
+
+from bastion.devstack.errors import DevstackError
+from bastion.devstack.identities import Identities, load_identities, parse_identities
 from bastion.devstack.realm import TOKEN_SCOPES, render_realm
 from bastion.devstack.secrets import Credentials
 from tests.unit.conftest import SERVICES
@@ -93,7 +97,7 @@ def test_service_clients_are_confidential_with_their_own_secret_and_no_password_
 
 def test_users_hold_exactly_their_declared_roles_and_a_password_they_keep() -> None:
     ids = load_identities(FILE)
-    users = {user["username"]: user for user in realm()["users"]}
+    users = {user["username"]: user for user in realm()["users"] if "serviceAccountClientId" not in user}
     assert set(users) == set(ids.user_names)
     for declared in ids.users:
         user = users[declared.username]
@@ -125,3 +129,20 @@ def test_the_username_reaches_no_token_but_the_access_token() -> None:
     for client in realm()["clients"]:
         [mapper] = [m for m in client["protocolMappers"] if m["name"] == "username"]
         assert mapper["config"]["userinfo.token.claim"] == "false", client["clientId"]
+
+
+def test_only_the_audit_service_account_may_read_the_realms_admin_events_and_nothing_more() -> None:
+    rendered = realm()
+    accounts = {user["serviceAccountClientId"]: user for user in rendered["users"] if "serviceAccountClientId" in user}
+    assert {name: user["clientRoles"] for name, user in accounts.items()} == {
+        "audit": {"realm-management": ["view-events"]}}
+    assert all("credentials" not in user and "realmRoles" not in user for user in accounts.values())
+    assert rendered["clientScopeMappings"] == {"realm-management": [{"client": "audit", "roles": ["view-events"]}]}
+    assert (rendered["adminEventsEnabled"], rendered["adminEventsDetailsEnabled"]) == (True, False)
+
+
+def test_a_service_may_not_be_granted_a_role_that_changes_the_realm() -> None:
+    raw = yaml.safe_load(FILE.read_text())
+    raw["service_clients"]["payments"]["realm_management"] = ["view-events", "manage-users"]
+    with pytest.raises(DevstackError, match="client payments: realm_management role 'manage-users'"):
+        parse_identities(raw)

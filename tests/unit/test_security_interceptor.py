@@ -2,6 +2,7 @@
 audited decision) or the handler's reply out (tests/integration/test_grpc_kit.py runs it on a real server)."""
 
 import asyncio
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from bastion.grpc.errors import ResourceExhaustedError
 from bastion.grpc.interceptor import SecurityInterceptor
 from bastion.grpc.policy import Decision, load_method_policy
 from bastion.grpc.tokens import JwksCache, TokenValidator
+from bastion.revocations.revoked import RevokedTokens
 from bastion.testing.tokens import REALM_ISSUER, FakeJwksEndpoint, ManualClock, TokenMinter
 
 SERVICE = "accounts"
@@ -127,6 +129,24 @@ def test_token_keys_that_cannot_be_fetched_answer_unavailable_not_unauthenticate
     kit.endpoint.failing = True
     refusal = kit.refused(WHOAMI, f"Bearer {kit.minter.mint()}")
     assert refusal.code == grpc.StatusCode.UNAVAILABLE and "token keys unavailable" in refusal.details
+
+
+def test_a_revoked_token_is_unauthenticated_and_unknown_revocations_answer_unavailable(kit: Kit) -> None:
+    """A token issued before its access was revoked is no token; revocations that cannot be read say nothing about
+    the caller's token, so the call is refused UNAVAILABLE (fail closed), to be retried."""
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    kit.interceptor.validator._revocations = revoked
+    token = kit.minter.mint()
+    refusal = kit.refused(WHOAMI, f"Bearer {token}")
+    assert refusal.code == grpc.StatusCode.UNAVAILABLE
+    assert "token revocations unavailable" in refusal.details and "not been read yet" in refusal.details
+    revoked.confirm_current(time.monotonic())
+    assert kit.call(WHOAMI, f"Bearer {token}") == "reply"
+    revoked.revoke(kit.minter.claims()["sub"], int(time.time() * 1000) + 10**7)
+    kit.handled.clear()
+    refusal = kit.refused(WHOAMI, f"Bearer {token}")
+    assert refusal.code == grpc.StatusCode.UNAUTHENTICATED and "access was revoked" in refusal.details
+    assert [d.decision for d in kit.audit.decisions] == [DECISION_DENY, DECISION_ALLOW, DECISION_DENY]
 
 
 class FaultyValidator:

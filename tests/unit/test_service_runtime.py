@@ -61,7 +61,8 @@ def service(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> ServiceRuntime:
     monkeypatch.setattr(runtime_module, "KafkaAccessAudit", SpyAudit)
     monkeypatch.setattr(runtime_module.JwksCache, "from_url",
                         classmethod(lambda cls, *_a, **_k: SimpleNamespace(start_background_refresh=lambda: None)))
-    monkeypatch.setattr(runtime_module, "Keycloak", lambda ctx: SimpleNamespace(issuer="https://kc/realms/bastion"))
+    monkeypatch.setattr(runtime_module, "Keycloak", lambda ctx: SimpleNamespace(issuer="https://kc/realms/bastion",
+                                                                              access_token_lifespan_seconds=300))
     monkeypatch.setattr(runtime_module.aioredis, "Redis",
                         lambda **_options: SimpleNamespace(register_script=lambda _script: None))
     monkeypatch.setattr(runtime_module.ssl, "create_default_context", lambda **_options: None)

@@ -27,6 +27,7 @@ from bastion.grpc.tokens import (
     jwks_url,
     signing_keys,
 )
+from bastion.revocations.revoked import RevokedTokens
 from bastion.testing.tokens import REALM_ISSUER, FakeJwksEndpoint, ManualClock, TokenMinter
 
 SERVICE = "accounts"
@@ -75,6 +76,7 @@ def test_a_keycloak_access_token_yields_its_principal(validator: TokenValidator,
     assert principal == Principal(
         subject=minter.claims()["sub"], username="alice", client_id="bastion-cli",
         roles=frozenset({"customer", "teller"}), token_id="t-1", expires_at=int(clock()) + 300,
+        issued_at=int(clock()),
     )
     assert not principal.is_service_account
 
@@ -518,3 +520,21 @@ def test_only_the_service_account_prefix_with_its_dash_makes_a_service_account()
     person = Principal(subject="s", username="service-accountant", client_id="bastion-cli", roles=frozenset(),
                        token_id=None, expires_at=0)
     assert not person.is_service_account
+
+
+def test_a_revocation_ends_a_token_remembered_as_verified_and_the_principal_carries_its_iat(
+        jwks: JwksCache, clock: ManualClock, minter: TokenMinter) -> None:
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, clock=clock, monotonic=clock)
+    validator = TokenValidator(REALM_ISSUER, SERVICE, jwks, clock=clock, revocations=revoked)
+    token = minter.mint()
+    assert refused(validator, token) == AuthReason.REVOCATIONS_UNAVAILABLE  # not read yet: nobody can tell
+    revoked.confirm_current(clock())
+    principal = validator.validate(token)
+    assert principal.issued_at == int(clock())
+    assert validator.validate(token) == principal and validator.verifications == 1  # now remembered
+    revoked.revoke(principal.subject, int(clock() * 1000))
+    assert refused(validator, token) == AuthReason.REVOKED
+    clock.advance(1)
+    later = minter.mint()  # signed in again after the change
+    assert validator.validate(later).subject == principal.subject
+    assert refused(validator, token) == AuthReason.REVOKED

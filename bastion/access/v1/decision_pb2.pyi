@@ -185,3 +185,46 @@ class SecurityAlert(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SecurityAlert: _TypeAlias = SecurityAlert  # noqa: Y015
+
+@_typing.final
+class AccessRevoked(_message.Message):
+    """Access tokens issued before a change in Keycloak no longer count (only the audit service may publish one, on
+    identity.revocations.v1, infra/event-trust.yaml): a role taken away, a user disabled, deleted or signed out by an
+    administrator. Every service refuses a token of SUBJECT (of every subject when `everyone`) whose `iat` is not
+    after `revoked_at`, until such tokens have expired anyway (infra/revocation-triggers.yaml, docs/security.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    EVERYONE_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    KEYCLOAK_EVENT_ID_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """The Keycloak user id (a token's `sub`); empty when `everyone` is set."""
+    everyone: _builtins.bool
+    cause: _builtins.str
+    """What Keycloak recorded: the admin event's resource type and operation, e.g. "REALM_ROLE_MAPPING DELETE"."""
+    keycloak_event_id: _builtins.str
+    """Keycloak's id of the admin event, so that a change published twice is known as one."""
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When Keycloak made the change (its own clock, as it stamps `iat`)."""
+
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        everyone: _builtins.bool = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        cause: _builtins.str = ...,
+        keycloak_event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "everyone", b"everyone", "keycloak_event_id", b"keycloak_event_id", "revoked_at", b"revoked_at", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccessRevoked: _TypeAlias = AccessRevoked  # noqa: Y015

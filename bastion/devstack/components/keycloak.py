@@ -41,6 +41,10 @@ class Keycloak(Component):
     def realm_name(self) -> str:
         return self._identities().realm
 
+    @property
+    def access_token_lifespan_seconds(self) -> int:
+        return self._identities().access_token_lifespan_seconds
+
     def _identities(self) -> Identities:
         return load_identities(
             self.ctx.settings.infra_dir / "keycloak" / "identities.yaml", set(self.ctx.service_names)

@@ -1,0 +1,145 @@
+"""Reads identity.revocations.v1 into a service's RevokedTokens.
+
+Each service reads the topic as a witness (infra/event-access.yaml: READ by assigned partitions under a group of its
+own, nothing committed): from LOOKBACK seconds ago, which covers every token still alive, to its end and on. Every
+record passes the signed-events pipeline (signature, producer authorised for the type on this topic, schema,
+freshness against the broker's append time); a refused one is logged and counted and changes nothing. Replaying a
+revocation is harmless: it can only end tokens issued before the change it records, which already were.
+
+Once a second the feed asks the broker where the topic ends: when everything up to there was read, the set is
+current as of that moment (`RevokedTokens.confirm_current`). A broker that cannot be asked leaves it ageing, and
+the services then refuse tokens (fail closed) once it is older than their limit.
+"""
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from bastion.access.v1.decision_pb2 import AccessRevoked
+from bastion.events.consumer import broker_time
+from bastion.events.errors import RejectReason, VerificationError
+from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
+from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, is_bundle
+from bastion.revocations.revoked import RevokedTokens
+
+log = structlog.get_logger(__name__)
+
+TOPIC = "identity.revocations.v1"
+# A revocation dated further than this after the broker took it is refused: a producer's clock cannot be that far
+# off, and one dated years ahead would shut its subject out for years.
+MAX_AHEAD = dt.timedelta(minutes=1)
+
+
+class RevocationFeed:
+    """A worker (`ServiceRuntime.start_worker`): reads the topic into REVOKED until STOP is set."""
+
+    def __init__(self, consumer: str, kafka_config: dict[str, Any], group: str, verifier: EnvelopeVerifier,
+                 revoked: RevokedTokens, lookback_seconds: float, check_every_seconds: float = 1.0,
+                 make_consumer: Callable[[dict[str, Any]], Any] = Consumer,
+                 monotonic: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time) -> None:
+        self.name = consumer
+        self.verifier = verifier
+        self.revoked = revoked
+        self.lookback_seconds = lookback_seconds
+        self.check_every_seconds = check_every_seconds
+        self._monotonic = monotonic
+        self._clock = clock
+        self._consumer = make_consumer({**kafka_config, "group.id": group, "enable.auto.commit": False,
+                                        "enable.partition.eof": False, "auto.offset.reset": "earliest"})
+        self._next: dict[int, int] = {}  # partition -> the offset to read next
+
+    def run(self, stop: Any) -> None:
+        self._assign()
+        last_check = float("-inf")
+        while not stop.is_set():
+            message = self._consumer.poll(0.2)
+            if message is not None:
+                self.take(message)
+            if self._monotonic() - last_check >= self.check_every_seconds:
+                last_check = self._monotonic()
+                self._confirm_if_read_to_end(last_check)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def _assign(self) -> None:
+        metadata = self._consumer.list_topics(TOPIC, timeout=10).topics[TOPIC]
+        if metadata.error is not None:
+            raise KafkaException(metadata.error)
+        since_ms = int((self._clock() - self.lookback_seconds) * 1000)
+        wanted = [TopicPartition(TOPIC, partition, since_ms) for partition in metadata.partitions]
+        starts = self._consumer.offsets_for_times(wanted, timeout=10)
+        assigned = []
+        for start in starts:
+            offset = start.offset
+            if offset < 0:  # nothing that recent: read from the end
+                offset = self._consumer.get_watermark_offsets(TopicPartition(TOPIC, start.partition), timeout=10)[1]
+            self._next[start.partition] = offset
+            assigned.append(TopicPartition(TOPIC, start.partition, offset))
+        self._consumer.assign(assigned)
+        log.info("revocation_feed_assigned", consumer=self.name, partitions=len(assigned),
+                 lookback_seconds=self.lookback_seconds)
+
+    def _confirm_if_read_to_end(self, asked_at: float) -> None:
+        for partition, next_offset in self._next.items():
+            try:
+                _, end = self._consumer.get_watermark_offsets(TopicPartition(TOPIC, partition), timeout=5)
+            except KafkaException as error:  # the broker is away: the set ages, and the services fail closed
+                log.warning("revocation_feed_unconfirmed", consumer=self.name, error=str(error))
+                return
+            if next_offset < end:
+                return
+        self.revoked.confirm_current(asked_at)
+
+    def take(self, message: Message) -> None:
+        """Apply one record of the topic (or refuse it: logged and counted, nothing applied)."""
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise KafkaException(error)  # the worker is made again and reads from the lookback on
+            # librdkafka reconnects by itself (a broker away for a while): meanwhile the set ages unconfirmed.
+            log.warning("revocation_feed_kafka_error", consumer=self.name, error=error.str())
+            return
+        partition, offset = message.partition(), message.offset()
+        self._next[partition] = max(self._next.get(partition, 0), offset + 1)
+        raw: bytes = message.value() or b""
+        received = broker_time(message)
+        try:
+            if is_bundle(message.headers()):
+                outcomes = self.verifier.verify_bundle(raw, TOPIC, received).outcomes
+            else:
+                outcomes = [self.verifier.verify(raw, TOPIC, received)]
+        except VerificationError as refused:
+            outcomes = [refused]
+        for outcome in outcomes:
+            try:
+                if isinstance(outcome, VerificationError):
+                    raise outcome
+                self._apply(outcome, received)
+            except VerificationError as refused:
+                EVENTS_REJECTED.labels(self.name, TOPIC, str(refused.reason)).inc()
+                log.warning("revocation_refused", consumer=self.name, partition=partition, offset=offset,
+                            reason=str(refused.reason), detail=refused.detail)
+
+    def _apply(self, event: VerifiedEvent, received: dt.datetime | None) -> None:
+        revoked = event.payload
+        if not isinstance(revoked, AccessRevoked):
+            raise VerificationError(RejectReason.MALFORMED, f"{event.envelope.event_type} is not a revocation")
+        if revoked.everyone == bool(revoked.subject):
+            raise VerificationError(RejectReason.MALFORMED, "a revocation names a subject or everyone, not both "
+                                                            "or neither")
+        revoked_at_ms = revoked.revoked_at.ToMilliseconds()
+        reference = received or dt.datetime.now(dt.UTC)
+        if revoked_at_ms <= 0:
+            raise VerificationError(RejectReason.MALFORMED, "the revocation is not dated")
+        if revoked_at_ms > (reference + MAX_AHEAD).timestamp() * 1000:
+            raise VerificationError(RejectReason.FROM_THE_FUTURE, "the revocation is dated after the broker took it")
+        self.revoked.revoke(revoked.subject or None, revoked_at_ms)
+        EVENTS_APPLIED.labels(self.name, TOPIC).inc()
+        log.info("token_access_revoked", consumer=self.name, subject=revoked.subject or "*", cause=revoked.cause,
+                 revoked_at_ms=revoked_at_ms, correlation_id=event.envelope.correlation_id)
+

@@ -1,0 +1,82 @@
+"""The tokens a service refuses although they verify: those issued before a revocation of their subject (or of
+everyone), as read from identity.revocations.v1 (`bastion.revocations.feed`).
+
+Fail closed: until the feed has been read to its end once, and when it was last known read to its end longer ago
+than MAX_STALENESS, every token is refused as `revocations_unavailable` (the interceptor answers UNAVAILABLE), as
+when the realm's keys cannot be had: a service that cannot know whether access was revoked does not guess.
+"""
+
+import threading
+import time
+from collections.abc import Callable
+
+from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal
+
+Clock = Callable[[], float]
+
+
+class RevokedTokens:
+    """Per subject, and for everyone, the second up to which tokens are revoked (`iat` at or before it).
+
+    KEEP_SECONDS: how long a revocation matters (the tokens it ends have expired after that: the realm's token
+    lifetime plus the validator's leeway); older ones are forgotten, so memory is bounded by the revocations of the
+    last minutes."""
+
+    def __init__(self, keep_seconds: float, max_staleness_seconds: float, clock: Clock = time.time,
+                 monotonic: Clock = time.monotonic) -> None:
+        if keep_seconds <= 0 or max_staleness_seconds <= 0:
+            raise ValueError("keep_seconds and max_staleness_seconds must be positive")
+        self.keep_seconds = keep_seconds
+        self.max_staleness_seconds = max_staleness_seconds
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._subjects: dict[str, int] = {}
+        self._everyone = 0
+        self._current_at: float | None = None
+
+    def revoke(self, subject: str | None, revoked_at_ms: int) -> None:
+        """Tokens of SUBJECT (of everyone when None) with `iat` at or before REVOKED_AT_MS are refused from now
+        on. `iat` counts whole seconds, so a token issued in the same second just after the change is refused too
+        (its holder signs in again a second later): never the other way round."""
+        second = revoked_at_ms // 1000
+        with self._lock:
+            if subject is None:
+                self._everyone = max(self._everyone, second)
+            else:
+                self._subjects[subject] = max(self._subjects.get(subject, 0), second)
+            self._forget_expired()
+
+    def _forget_expired(self) -> None:
+        horizon = self._clock() - self.keep_seconds
+        for subject in [s for s, second in self._subjects.items() if second < horizon]:
+            del self._subjects[subject]
+
+    def confirm_current(self, as_of: float) -> None:
+        """The feed was read to its end as it stood at monotonic time AS_OF."""
+        with self._lock:
+            if self._current_at is None or as_of > self._current_at:
+                self._current_at = as_of
+
+    def is_current(self) -> bool:
+        """Whether tokens are checked now (the feed was read to its end recently enough), not refused."""
+        current_at = self._current_at
+        return current_at is not None and self._monotonic() - current_at <= self.max_staleness_seconds
+
+    def check(self, principal: Principal) -> None:
+        """Refuse PRINCIPAL's token if its access was revoked after it was issued, or if nobody can tell."""
+        current_at = self._current_at
+        if current_at is None:
+            raise AuthenticationError(AuthReason.REVOCATIONS_UNAVAILABLE, "the token revocations have not been read "
+                                                                          "yet")
+        age = self._monotonic() - current_at
+        if age > self.max_staleness_seconds:
+            raise AuthenticationError(AuthReason.REVOCATIONS_UNAVAILABLE,
+                                      f"the token revocations were last read {age:.0f} s ago")
+        revoked_up_to = max(self._everyone, self._subjects.get(principal.subject, 0))
+        if revoked_up_to and principal.issued_at <= revoked_up_to:
+            raise AuthenticationError(AuthReason.REVOKED, "access was revoked after this token was issued: "
+                                                          "sign in again")
+
+    def __len__(self) -> int:
+        return len(self._subjects)

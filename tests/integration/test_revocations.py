@@ -1,0 +1,132 @@
+"""Token revocation through the running platform (bastion/revocations): a change in Keycloak that takes a user's
+access away ends the tokens issued before it in every service within seconds, not when they expire.
+
+Each test makes a user of its own in the realm (as the Keycloak admin), so that revoking it touches no token of the
+demo users other tests hold."""
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from keycloak import KeycloakAdmin, KeycloakOpenID
+
+from bastion.access.v1.decision_pb2 import AccessRevoked
+from bastion.accounts.v1 import accounts_pb2
+from bastion.devstack.context import StackContext
+from bastion.grpc.channels import call_metadata
+from bastion.notifications.v1 import notifications_pb2
+from bastion.payments.v1 import payments_pb2
+from bastion.revocations.feed import TOPIC
+from tests.integration.bank import Bank, signed_events
+
+REVOKED_WITHIN = 15.0  # the watch polls every second, the feeds read as it publishes
+
+
+@dataclass
+class Member:
+    user_id: str
+    username: str
+    password: str
+
+
+@pytest.fixture(scope="module")
+def bank(stack: Any, ctx: StackContext) -> Bank:
+    return Bank.connect(ctx)
+
+
+@pytest.fixture(scope="module")
+def admin(ctx: StackContext) -> KeycloakAdmin:
+    return KeycloakAdmin(server_url=f"https://localhost:{ctx.settings.keycloak_port}/", username="admin",
+                         password=ctx.credentials.keycloak_admin["admin"], realm_name="bastion",
+                         user_realm_name="master", verify=str(ctx.ca_file))
+
+
+@pytest.fixture()
+def member(admin: KeycloakAdmin) -> Iterator[Member]:
+    """A customer of the realm made for one test, and removed after it."""
+    username, password = f"it-{uuid.uuid4().hex[:10]}", f"Pw-{uuid.uuid4().hex}"
+    user_id = admin.create_user({
+        "username": username, "enabled": True, "email": f"{username}@bastion.local", "emailVerified": True,
+        "firstName": "It", "lastName": "Member",
+        "credentials": [{"type": "password", "value": password, "temporary": False}]})
+    admin.assign_realm_roles(user_id, [admin.get_realm_role("customer")])
+    yield Member(user_id, username, password)
+    admin.delete_user(user_id)
+
+
+def sign_in(ctx: StackContext, member: Member) -> str:
+    client = KeycloakOpenID(server_url=f"https://localhost:{ctx.settings.keycloak_port}/", realm_name="bastion",
+                            client_id="bastion-cli", verify=str(ctx.ca_file))
+    return str(client.token(member.username, member.password)["access_token"])
+
+
+def calls(bank: Bank, token: str) -> dict[str, Any]:
+    """One read of each service a customer may call, with TOKEN."""
+    metadata = call_metadata(token, f"it-{uuid.uuid4()}")
+    return {
+        "accounts": lambda: bank.accounts.ListAccounts(accounts_pb2.ListAccountsRequest(), metadata=metadata,
+                                                       timeout=10),
+        "payments": lambda: bank.payments.ListPayments(payments_pb2.ListPaymentsRequest(), metadata=metadata,
+                                                       timeout=10),
+        "notifications": lambda: bank.notifications.ListNotifications(
+            notifications_pb2.ListNotificationsRequest(), metadata=metadata, timeout=10),
+    }
+
+
+def refusal(call: Any) -> grpc.RpcError | None:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error
+    return None
+
+
+def wait_until_refused(call: Any) -> grpc.RpcError:
+    deadline = time.monotonic() + REVOKED_WITHIN
+    while time.monotonic() < deadline:
+        error = refusal(call)
+        if error is not None:
+            return error
+        time.sleep(0.2)
+    raise AssertionError(f"the call was still served {REVOKED_WITHIN:g} s after the change")
+
+
+def test_a_role_taken_away_in_keycloak_ends_the_users_tokens_in_every_service_within_seconds(
+        bank: Bank, ctx: StackContext, admin: KeycloakAdmin, member: Member) -> None:
+    token = sign_in(ctx, member)
+    served = calls(bank, token)
+    assert {name: refusal(call) for name, call in served.items()} == dict.fromkeys(served)
+    time.sleep(1.1)  # `iat` counts whole seconds: the change must fall in a later second than the sign-in
+    admin.delete_realm_roles_of_user(member.user_id, [admin.get_realm_role("customer")])
+    for name, call in served.items():
+        error = wait_until_refused(call)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (name, error.details())
+        assert "access was revoked after this token was issued" in (error.details() or ""), name
+    # Signed in again, the user is who Keycloak now says: no customer any more.
+    time.sleep(1.1)
+    again = calls(bank, sign_in(ctx, member))
+    for name, call in again.items():
+        error = refusal(call)
+        assert error is not None and error.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    # The revocation is a signed event of the audit service on its topic, naming the user and the change.
+    revocations = signed_events(ctx, [TOPIC], lambda event: isinstance(event.payload, AccessRevoked)
+                                and event.payload.subject == member.user_id, count=1)
+    assert revocations and revocations[0].envelope.producer == "audit"
+    payload = revocations[0].payload
+    assert isinstance(payload, AccessRevoked) and payload.cause == "REALM_ROLE_MAPPING DELETE"
+
+
+def test_a_user_disabled_in_keycloak_is_refused_while_another_users_tokens_still_count(
+        bank: Bank, ctx: StackContext, admin: KeycloakAdmin, member: Member) -> None:
+    served = calls(bank, sign_in(ctx, member))["accounts"]
+    bystander = calls(bank, bank.token("bob"))["accounts"]
+    assert refusal(served) is None
+    time.sleep(1.1)
+    admin.update_user(member.user_id, {"enabled": False})
+    error = wait_until_refused(served)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refusal(bystander) is None

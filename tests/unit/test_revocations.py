@@ -1,0 +1,434 @@
+"""Token revocation (bastion/revocations): Keycloak's admin events become revocations by infra/revocation-triggers.yaml,
+the audit service publishes them, every service reads them into the tokens it refuses, failing closed."""
+
+import datetime as dt
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from bastion.access.v1.decision_pb2 import AccessRevoked
+from bastion.devstack.event_access import load_policy
+from bastion.events.envelopes import seal
+from bastion.events.keys import KeyRing
+from bastion.events.trust import load_trust_policy
+from bastion.events.verify import EnvelopeVerifier
+from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal
+from bastion.revocations.feed import TOPIC, RevocationFeed
+from bastion.revocations.revoked import RevokedTokens
+from bastion.revocations.triggers import Revocation, Scope, TriggerError, load_triggers, revocation_of
+from bastion.revocations.watcher import PAGE, RevocationWatcher
+from tests.unit.test_consumer import Record
+from tests.unit.test_event_verification import INFRA, SERVICES
+
+TRIGGERS = load_triggers(INFRA / "revocation-triggers.yaml")
+USER = "41c0a279-2dde-4129-b01a-8a99fd57a8e8"
+NOW = 1_800_000_000.0
+
+
+def admin_event(resource: str, operation: str, path: str, moment_ms: int = int(NOW * 1000),
+                event_id: str = "0b91a6a6-41ac-4e00-b91c-e079c0bb1d37") -> dict[str, Any]:
+    return {"id": event_id, "time": moment_ms, "operationType": operation, "resourceType": resource,
+            "resourcePath": path, "realmId": "r", "authDetails": {"userId": "admin"}}
+
+
+def principal(subject: str = USER, issued_at: int = int(NOW) - 10) -> Principal:
+    return Principal(subject, "rita", "bastion-cli", frozenset({"customer"}), "jti", issued_at + 300, issued_at)
+
+
+# --- the triggers ---
+
+def test_taking_a_role_away_revokes_that_users_tokens_and_giving_one_revokes_nothing() -> None:
+    taken = revocation_of(admin_event("REALM_ROLE_MAPPING", "DELETE", f"users/{USER}/role-mappings/realm"), TRIGGERS)
+    assert taken == Revocation(USER, int(NOW * 1000), "REALM_ROLE_MAPPING DELETE",
+                               "0b91a6a6-41ac-4e00-b91c-e079c0bb1d37")
+    assert revocation_of(admin_event("REALM_ROLE_MAPPING", "CREATE", f"users/{USER}/role-mappings/realm"),
+                         TRIGGERS) is None
+    assert revocation_of(admin_event("USER", "CREATE", f"users/{USER}"), TRIGGERS) is None
+    assert revocation_of(admin_event("CLIENT", "UPDATE", "clients/x"), TRIGGERS) is None
+
+
+@pytest.mark.parametrize(("resource", "operation", "path"), [
+    ("USER", "UPDATE", f"users/{USER}"),  # disabled
+    ("USER", "DELETE", f"users/{USER}"),
+    ("USER", "ACTION", f"users/{USER}/logout"),
+    ("CLIENT_ROLE_MAPPING", "DELETE", f"users/{USER}/role-mappings/clients/c1"),
+    ("GROUP_MEMBERSHIP", "DELETE", f"users/{USER}/groups/g1"),
+])
+def test_each_change_that_takes_a_users_access_away_revokes_their_tokens(resource: str, operation: str,
+                                                                          path: str) -> None:
+    revocation = revocation_of(admin_event(resource, operation, path), TRIGGERS)
+    assert revocation is not None and revocation.subject == USER
+
+
+@pytest.mark.parametrize(("resource", "operation", "path"), [
+    ("REALM_ROLE", "DELETE", "roles-by-id/r1"),
+    ("REALM_ROLE", "UPDATE", "roles-by-id/r1/composites"),
+    ("GROUP", "DELETE", "groups/g1"),
+    ("REALM", "ACTION", "logout-all"),
+    # A user's trigger whose path names no user (a group's role mappings): everyone, the safe side.
+    ("REALM_ROLE_MAPPING", "DELETE", "groups/g1/role-mappings/realm"),
+    ("USER", "UPDATE", "users/not-a-user-id"),
+])
+def test_a_change_whose_reach_is_not_one_user_revokes_everyones_tokens(resource: str, operation: str,
+                                                                       path: str) -> None:
+    revocation = revocation_of(admin_event(resource, operation, path), TRIGGERS)
+    assert revocation is not None and revocation.subject is None
+    assert revocation.message().everyone and not revocation.message().subject
+
+
+def test_an_admin_event_without_an_id_or_a_time_cannot_be_placed() -> None:
+    for broken in ({"id": ""}, {"time": None}, {"time": True}, {"time": 0}):
+        event = {**admin_event("USER", "DELETE", f"users/{USER}"), **broken}
+        with pytest.raises(ValueError, match="without"):
+            revocation_of(event, TRIGGERS)
+
+
+def test_one_keycloak_event_is_one_revocation_however_often_it_is_published() -> None:
+    first = revocation_of(admin_event("USER", "DELETE", f"users/{USER}"), TRIGGERS)
+    again = revocation_of(admin_event("USER", "DELETE", f"users/{USER}"), TRIGGERS)
+    other = revocation_of(admin_event("USER", "DELETE", f"users/{USER}", event_id="another"), TRIGGERS)
+    assert first is not None and again is not None and other is not None
+    assert first.event_id == again.event_id != other.event_id
+    message = first.message()
+    assert (message.subject, message.revoked_at.ToMilliseconds(), message.cause) == (
+        USER, int(NOW * 1000), "USER DELETE")
+
+
+@pytest.mark.parametrize(("text", "complaint"), [
+    ("triggers: []", "non-empty `triggers`"),
+    ("nothing: 1", "non-empty `triggers`"),
+    ("triggers: [{resource: USER, operations: [DELETE]}]", "exactly `resource`, `operations` and `scope`"),
+    ("triggers: [{resource: user, operations: [DELETE], scope: user}]", "Keycloak resource type"),
+    ("triggers: [{resource: USER, operations: [], scope: user}]", "non-empty list"),
+    ("triggers: [{resource: USER, operations: [READ], scope: user}]", "non-empty list"),
+    ("triggers: [{resource: USER, operations: [DELETE], scope: someone}]", "the scope must be one of"),
+    ("triggers: [{resource: USER, operations: [DELETE], scope: user}, {resource: USER, operations: [UPDATE], "
+     "scope: user}]", "more than once"),
+    ("triggers: [", "cannot be read"),
+])
+def test_a_wrong_triggers_file_is_refused_naming_the_problem(tmp_path: Path, text: str, complaint: str) -> None:
+    path = tmp_path / "triggers.yaml"
+    path.write_text(text)
+    with pytest.raises(TriggerError, match=complaint):
+        load_triggers(path)
+
+
+def test_the_shipped_triggers_cover_what_takes_access_away() -> None:
+    by_resource = {trigger.resource: trigger for trigger in TRIGGERS}
+    assert by_resource["REALM_ROLE_MAPPING"].scope is Scope.USER
+    assert "DELETE" in by_resource["REALM_ROLE_MAPPING"].operations
+    assert {"UPDATE", "DELETE", "ACTION"} <= by_resource["USER"].operations
+    assert by_resource["REALM"].scope is Scope.EVERYONE
+    assert all("CREATE" not in trigger.operations for trigger in TRIGGERS)
+
+
+# --- the tokens a service refuses ---
+
+class Clocks:
+    def __init__(self) -> None:
+        self.wall, self.monotonic = NOW, 100.0
+
+
+@pytest.fixture()
+def clocks() -> Clocks:
+    return Clocks()
+
+
+@pytest.fixture()
+def revoked(clocks: Clocks) -> RevokedTokens:
+    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, clock=lambda: clocks.wall,
+                           monotonic=lambda: clocks.monotonic)
+    tokens.confirm_current(clocks.monotonic)
+    return tokens
+
+
+def refusal(revoked: RevokedTokens, who: Principal) -> AuthReason | None:
+    try:
+        revoked.check(who)
+    except AuthenticationError as error:
+        return error.reason
+    return None
+
+
+def test_a_token_issued_before_its_subject_was_revoked_is_refused_and_a_later_one_is_not(
+        revoked: RevokedTokens) -> None:
+    assert refusal(revoked, principal()) is None
+    revoked.revoke(USER, int(NOW * 1000) + 400)  # 0.4 s into the second NOW
+    assert refusal(revoked, principal(issued_at=int(NOW) - 10)) == AuthReason.REVOKED
+    # `iat` counts whole seconds: a token of the same second may be older than the change, so it is refused too.
+    assert refusal(revoked, principal(issued_at=int(NOW))) == AuthReason.REVOKED
+    assert refusal(revoked, principal(issued_at=int(NOW) + 1)) is None
+    assert refusal(revoked, principal(subject="someone-else")) is None
+
+
+def test_a_revocation_of_everyone_ends_every_token_issued_before_it(revoked: RevokedTokens) -> None:
+    revoked.revoke(None, int(NOW * 1000))
+    assert refusal(revoked, principal()) == AuthReason.REVOKED
+    assert refusal(revoked, principal(subject="someone-else")) == AuthReason.REVOKED
+    assert refusal(revoked, principal(subject="someone-else", issued_at=int(NOW) + 1)) is None
+
+
+def test_an_older_revocation_read_later_does_not_undo_a_newer_one(revoked: RevokedTokens) -> None:
+    revoked.revoke(USER, int(NOW * 1000))
+    revoked.revoke(USER, int(NOW * 1000) - 60_000)  # a replay, or the lookback read again after a restart
+    assert refusal(revoked, principal(issued_at=int(NOW) - 10)) == AuthReason.REVOKED
+
+
+def test_tokens_are_refused_until_the_revocations_were_read_and_when_they_were_not_read_lately(
+        clocks: Clocks) -> None:
+    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, clock=lambda: clocks.wall,
+                           monotonic=lambda: clocks.monotonic)
+    assert refusal(tokens, principal()) == AuthReason.REVOCATIONS_UNAVAILABLE
+    assert not tokens.is_current()
+    tokens.confirm_current(clocks.monotonic)
+    assert refusal(tokens, principal()) is None and tokens.is_current()
+    clocks.monotonic += 30
+    assert refusal(tokens, principal()) is None
+    clocks.monotonic += 0.5
+    with pytest.raises(AuthenticationError, match="last read 30 s ago"):
+        tokens.check(principal())
+    assert not tokens.is_current()
+    tokens.confirm_current(clocks.monotonic - 100)  # an older confirmation does not move it back
+    assert refusal(tokens, principal()) == AuthReason.REVOCATIONS_UNAVAILABLE
+    tokens.confirm_current(clocks.monotonic)
+    assert refusal(tokens, principal()) is None
+
+
+def test_revocations_are_forgotten_once_every_token_they_end_has_expired(revoked: RevokedTokens,
+                                                                        clocks: Clocks) -> None:
+    for number in range(100):
+        revoked.revoke(f"user-{number}", int(NOW * 1000))
+    assert len(revoked) == 100
+    clocks.wall += 361
+    revoked.revoke(USER, int(clocks.wall * 1000))
+    assert len(revoked) == 1
+
+
+# --- the feed every service reads ---
+
+class Partitions:
+    """Stands in for confluent_kafka's Consumer on the one-partition revocations topic."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.queued: list[Record] = []
+        self.end = 0
+        self.assigned: list[Any] = []
+        self.unreachable = False
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        partition = type("Partition", (), {})()
+        metadata = type("Topic", (), {"error": None, "partitions": {0: partition}})()
+        return type("Metadata", (), {"topics": {topic: metadata}})()
+
+    def offsets_for_times(self, wanted: list[Any], timeout: float) -> list[Any]:
+        self.asked_since = wanted[0].offset
+        return [type("Start", (), {"partition": 0, "offset": 3})()]
+
+    def get_watermark_offsets(self, partition: Any, timeout: float) -> tuple[int, int]:
+        if self.unreachable:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        return 0, self.end
+
+    def assign(self, partitions: list[Any]) -> None:
+        self.assigned = partitions
+
+    def poll(self, timeout: float) -> Record | None:
+        return self.queued.pop(0) if self.queued else None
+
+    def close(self) -> None:
+        pass
+
+
+class OnPartitionZero(Record):
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return 0
+
+
+def revocation_record(ring: KeyRing, offset: int, producer: str = "audit", subject: str = USER,
+                      everyone: bool = False, revoked_at: dt.datetime | None = None) -> OnPartitionZero:
+    payload = AccessRevoked(subject=subject, everyone=everyone, cause="USER DELETE", keycloak_event_id="k1")
+    payload.revoked_at.FromDatetime(revoked_at or dt.datetime.now(dt.UTC))
+    envelope = seal(ring.signing_key(producer), TOPIC, payload, aggregate_id=subject or "everyone",
+                    sequence=offset + 1, correlation_id="keycloak-k1")
+    return OnPartitionZero(envelope.SerializeToString(), offset)
+
+
+@pytest.fixture()
+def feed(ring: KeyRing) -> tuple[RevocationFeed, Partitions, RevokedTokens]:
+    access = load_policy(INFRA / "event-access.yaml", SERVICES)
+    verifier = EnvelopeVerifier(ring.trust_store(), load_trust_policy(INFRA / "event-trust.yaml", access))
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    made: list[Partitions] = []
+
+    def make(config: dict[str, Any]) -> Partitions:
+        made.append(Partitions(config))
+        return made[0]
+
+    reader = RevocationFeed("accounts", {"bootstrap.servers": "x"}, "accounts-revocations", verifier, revoked, 360,
+                            check_every_seconds=0.0, make_consumer=make)
+    return reader, made[0], revoked
+
+
+def rejected(reason: str) -> float:
+    return REGISTRY.get_sample_value("bastion_events_rejected_total",
+                                     {"consumer": "accounts", "topic": TOPIC, "reason": reason}) or 0.0
+
+
+def run_until_read(reader: RevocationFeed) -> None:
+    stop = threading.Event()
+    kafka: Any = reader._consumer
+    original = kafka.poll
+
+    def poll_then_stop(timeout: float) -> Record | None:
+        record = original(timeout)
+        if record is None:
+            stop.set()
+        return record
+
+    kafka.poll = poll_then_stop
+    reader.run(stop)
+
+
+def test_the_feed_reads_from_the_lookback_and_applies_the_audit_services_signed_revocations(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    reader, kafka, revoked = feed
+    assert kafka.config["group.id"] == "accounts-revocations" and kafka.config["enable.auto.commit"] is False
+    kafka.queued, kafka.end = [revocation_record(ring, 3)], 4
+    run_until_read(reader)
+    assert [(p.topic, p.partition, p.offset) for p in kafka.assigned] == [(TOPIC, 0, 3)]
+    assert refusal(revoked, principal(issued_at=int(dt.datetime.now(dt.UTC).timestamp()) - 5)) == AuthReason.REVOKED
+
+
+def test_the_feed_confirms_the_set_only_once_it_has_read_to_the_topics_end(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    reader, kafka, revoked = feed
+    kafka.end = 5  # two records the broker holds that the reader has not had yet
+    kafka.queued = [revocation_record(ring, 3)]
+    run_until_read(reader)
+    assert not revoked.is_current()
+    kafka.queued = [revocation_record(ring, 4, subject="another")]
+    run_until_read(reader)
+    assert revoked.is_current()
+    kafka.unreachable = True  # the broker cannot be asked: the set is not confirmed again, it ages
+    with capture_logs() as logs:
+        reader._confirm_if_read_to_end(10**9)
+    assert [entry["event"] for entry in logs] == ["revocation_feed_unconfirmed"]
+
+
+@pytest.mark.parametrize(("forge", "reason"), [
+    ("accounts", "not_authorised"),  # a validly signed service that may not revoke
+    ("tampered", "bad_signature"),
+    ("both", "malformed"),  # a subject and everyone
+    ("neither", "malformed"),
+    ("future", "from_the_future"),
+])
+def test_a_revocation_the_pipeline_refuses_changes_nothing_and_is_counted(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing, forge: str, reason: str) -> None:
+    reader, kafka, revoked = feed
+    if forge == "accounts":
+        record = revocation_record(ring, 3, producer="accounts")
+    elif forge == "both":
+        record = revocation_record(ring, 3, everyone=True)
+    elif forge == "neither":
+        record = revocation_record(ring, 3, subject="")
+    elif forge == "future":
+        record = revocation_record(ring, 3, revoked_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
+    else:
+        record = revocation_record(ring, 3)
+        record._value = (record.value() or b"").replace(USER.encode(), USER.replace("4", "5").encode())
+    before = rejected(reason)
+    kafka.queued, kafka.end = [record], 4
+    with capture_logs() as logs:
+        run_until_read(reader)
+    assert rejected(reason) == before + 1
+    assert [entry["reason"] for entry in logs if entry["event"] == "revocation_refused"] == [reason]
+    assert refusal(revoked, principal()) is None
+    assert revoked.is_current()  # refused, but read: the feed goes on
+
+
+def test_a_passing_kafka_error_is_waited_out_and_a_fatal_one_makes_the_worker_again(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens]) -> None:
+    reader, _, _ = feed
+    with capture_logs() as logs:
+        reader.take(OnPartitionZero(None, 0, error=KafkaError(KafkaError._TRANSPORT)))
+    assert [entry["event"] for entry in logs] == ["revocation_feed_kafka_error"]
+    with pytest.raises(KafkaException):
+        reader.take(OnPartitionZero(None, 0, error=KafkaError(KafkaError._FATAL, fatal=True)))
+
+
+# --- the audit service's watch on the realm ---
+
+class Realm:
+    """Keycloak's admin events endpoint: the events from a time on, oldest first, a page at a time."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.asked: list[tuple[int, int, int]] = []
+
+    def __call__(self, since_ms: int, first: int, count: int) -> list[dict[str, Any]]:
+        self.asked.append((since_ms, first, count))
+        matching = [event for event in self.events if event["time"] >= since_ms]
+        return matching[first:first + count]
+
+
+def watcher(realm: Realm, published: list[Revocation]) -> RevocationWatcher:
+    return RevocationWatcher(realm, TRIGGERS, published.extend, lookback_seconds=360, clock=lambda: NOW)
+
+
+def test_the_watch_publishes_a_revocation_for_each_matching_admin_event_once() -> None:
+    realm, published = Realm(), []
+    watch = watcher(realm, published)
+    moment = int(NOW * 1000)
+    realm.events = [admin_event("USER", "CREATE", f"users/{USER}", moment, "e1"),
+                    admin_event("REALM_ROLE_MAPPING", "DELETE", f"users/{USER}/role-mappings/realm", moment + 1, "e2")]
+    assert [r.keycloak_event_id for r in watch.run_once()] == ["e2"]
+    assert realm.asked[0][0] == moment - 360_000  # it starts a lookback back
+    # Read again within the overlap, never published twice; a later event, and one stamped a little earlier that
+    # became visible late, are.
+    realm.events += [admin_event("USER", "DELETE", f"users/{USER}", moment + 10, "e3"),
+                     admin_event("USER", "UPDATE", f"users/{USER}", moment - 2_000, "e4")]
+    assert [r.keycloak_event_id for r in watch.run_once()] == ["e3", "e4"]
+    assert watch.run_once() == []
+    assert [r.keycloak_event_id for r in published] == ["e2", "e3", "e4"]
+    assert realm.asked[-1][0] == moment + 10 - 5_000
+
+
+def test_the_watch_reads_every_page() -> None:
+    realm, published = Realm(), []
+    realm.events = [admin_event("USER", "DELETE", f"users/{USER}", int(NOW * 1000) + n, f"e{n}")
+                    for n in range(PAGE + 5)]
+    assert len(watcher(realm, published).run_once()) == PAGE + 5
+    assert [first for _, first, _ in realm.asked] == [0, PAGE]
+
+
+def test_revocations_not_published_are_read_and_published_again() -> None:
+    realm = Realm()
+    realm.events = [admin_event("USER", "DELETE", f"users/{USER}", int(NOW * 1000), "e1")]
+
+    def refuse(revocations: list[Revocation]) -> None:
+        raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT))
+
+    failing = RevocationWatcher(realm, TRIGGERS, refuse, lookback_seconds=360, clock=lambda: NOW)
+    with pytest.raises(KafkaException):
+        failing.run_once()
+    published: list[Revocation] = []
+    failing.publish = published.extend
+    assert [r.keycloak_event_id for r in failing.run_once()] == ["e1"]
+
+
+def test_an_admin_event_keycloak_gave_without_an_id_is_logged_and_the_others_published() -> None:
+    realm, published = Realm(), []
+    realm.events = [{**admin_event("USER", "DELETE", f"users/{USER}", int(NOW * 1000), "e1"), "id": None},
+                    admin_event("USER", "DELETE", f"users/{USER}", int(NOW * 1000) + 1, "e2")]
+    with capture_logs() as logs:
+        assert [r.keycloak_event_id for r in watcher(realm, published).run_once()] == ["e2"]
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["admin_event_unreadable"]
