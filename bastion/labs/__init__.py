@@ -50,6 +50,14 @@ LABS: tuple[Lab, ...] = (
                 "PERMISSION_DENIED at once; smaller calls trust the 5-minute token until it expires.",
         where="services/payments/handlers.py (needs_step_up), services/payments/adapters/gateways.py",
         expect="PERMISSION_DENIED", probe=tokens.revoked_session),
+    Lab("removed-role", "A token that outlives the role it carries",
+        attack="An administrator takes a customer's role away in Keycloak; the customer goes on calling accounts "
+               "with the access token issued before, unexpired and validly signed, which still says customer.",
+        defence="Token revocation: the audit service turns the realm's admin event into a signed AccessRevoked on "
+                "identity.revocations.v1, and every service refuses tokens issued before it: UNAUTHENTICATED "
+                "(revoked) within about a second, not when the token expires.",
+        where="infra/revocation-triggers.yaml, bastion/revocations/ (watcher, feed, revoked), bastion/grpc/tokens.py",
+        expect="revoked", probe=tokens.removed_role),
     Lab("service-impersonation", "One service acting as another: accounts.ApplyTransfer without being payments",
         attack="Move alice's money with accounts.ApplyTransfer (payments only) as notifications, as notifications "
                "holding a stolen payments token, and as alice herself.",

@@ -151,7 +151,7 @@ class Session:
 
     # --- identities ---
 
-    def _keycloak(self, client_id: str, secret: str | None = None) -> Any:
+    def keycloak(self, client_id: str, secret: str | None = None) -> Any:
         settings = self.ctx.settings
         return KeycloakOpenID(server_url=f"https://{settings.public_host}:{settings.keycloak_port}/",
                               realm_name="bastion", client_id=client_id, client_secret_key=secret,
@@ -160,7 +160,7 @@ class Session:
     def user_tokens(self, user: str) -> dict[str, Any]:
         """A fresh sign-in of demo USER through the `bastion-cli` client: access, ID and refresh tokens."""
         try:
-            tokens: dict[str, Any] = self._keycloak("bastion-cli").token(user, self.ctx.credentials.users[user])
+            tokens: dict[str, Any] = self.keycloak("bastion-cli").token(user, self.ctx.credentials.users[user])
         except Exception as error:  # any failure to sign in leaves the lab nothing to attack with
             raise LabSetupError(f"{user} could not sign in to Keycloak: {type(error).__name__}") from error
         return tokens
@@ -168,7 +168,7 @@ class Session:
     def sign_out(self, refresh_token: str) -> None:
         """End the Keycloak session REFRESH_TOKEN belongs to (its access tokens stay unexpired)."""
         try:
-            self._keycloak("bastion-cli").logout(refresh_token)
+            self.keycloak("bastion-cli").logout(refresh_token)
         except Exception as error:
             raise LabSetupError(f"Keycloak did not end the session: {type(error).__name__}") from error
 
@@ -185,7 +185,7 @@ class Session:
         with self._sign_in:
             fetched_at, token = self._service_tokens.get(service, (0.0, ""))
             if time.monotonic() - fetched_at > TOKEN_REUSE_SECONDS:
-                client = self._keycloak(service, self.ctx.credentials.keycloak_clients[service])
+                client = self.keycloak(service, self.ctx.credentials.keycloak_clients[service])
                 try:
                     token = str(client.token(grant_type="client_credentials")["access_token"])
                 except Exception as error:

@@ -39,7 +39,7 @@ SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
     )),
     ("Eventual consistency", (
         Concern("Race conditions", ("double-spend", "paused-lock-holder")),
-        Concern("Temporal authorization issues (decisions on outdated state)", ("revoked-session",)),
+        Concern("Temporal authorization issues (decisions on outdated state)", ("revoked-session", "removed-role")),
     )),
     ("Service discovery and configuration", (
         Concern("Unsecured service discovery",

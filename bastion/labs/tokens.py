@@ -1,18 +1,22 @@
-"""Token labs: forged access tokens, genuine tokens presented to a service they were not issued for, and a
-token that outlives the session it was issued in."""
+"""Token labs: forged access tokens, genuine tokens presented to a service they were not issued for, a token that
+outlives the session it was issued in, and one that outlives the role it carries."""
 
 import hashlib
 import hmac
 import json
 import ssl
+import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import grpc
 import jwt
 from cryptography.hazmat.primitives import serialization
 from jwt.utils import base64url_decode, base64url_encode
+from keycloak import KeycloakAdmin
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.devstack.components.keycloak import Keycloak
@@ -177,3 +181,67 @@ def revoked_session(session: Session) -> Iterator[Evidence]:
     balance = bank.balance(source)
     moved = STEP_UP_AMOUNT + (SMALL_AMOUNT if small.ok else 0)
     yield Evidence("alice's balance", euros(balance), balance == 2 * STEP_UP_AMOUNT - moved)
+
+
+REVOKED = str(AuthReason.REVOKED)  # named in the refusal's message ("invalid token: revoked: ...")
+REVOKED_WITHIN = 15.0  # the audit service polls Keycloak every second; the services read as it publishes
+
+
+@contextmanager
+def _throwaway_customer(session: Session) -> Iterator[tuple[Any, str, str, str]]:
+    """A customer made in the realm for this lab alone (so that revoking it touches no demo user's tokens), as the
+    Keycloak admin; removed afterwards. Yields the admin client, the user's id, name and password."""
+    settings = session.ctx.settings
+    try:
+        admin = KeycloakAdmin(server_url=f"https://{settings.public_host}:{settings.keycloak_port}/",
+                              username="admin", password=session.ctx.credentials.keycloak_admin["admin"],
+                              realm_name="bastion", user_realm_name="master", verify=str(session.ctx.ca_file))
+        username, password = f"lab-{uuid.uuid4().hex[:10]}", f"Lab-{uuid.uuid4().hex}"
+        user_id = admin.create_user({
+            "username": username, "enabled": True, "email": f"{username}@bastion.local", "emailVerified": True,
+            "firstName": "Lab", "lastName": "Customer",
+            "credentials": [{"type": "password", "value": password, "temporary": False}]})
+        admin.assign_realm_roles(user_id, [admin.get_realm_role("customer")])
+    except Exception as error:
+        raise LabSetupError(f"Keycloak's admin could not make a customer for the lab: {type(error).__name__}") \
+            from error
+    try:
+        yield admin, user_id, username, password
+    finally:
+        # The verdict stands either way; a user Keycloak kept is named lab-..., its password known to nobody.
+        with suppress(Exception):
+            admin.delete_user(user_id)
+
+
+def removed_role(session: Session) -> Iterator[Evidence]:
+    accounts = accounts_pb2_grpc.AccountsStub(session.channel("accounts"))  # type: ignore[no-untyped-call]
+    with _throwaway_customer(session) as (admin, user_id, username, password):
+        try:
+            token = str(session.keycloak("bastion-cli").token(username, password)["access_token"])
+        except Exception as error:
+            raise LabSetupError(f"the lab's customer could not sign in: {type(error).__name__}") from error
+        correlation_id = new_correlation_id("removed-role")
+        metadata = call_metadata(token, correlation_id)
+        calibration = _list_accounts(accounts, metadata)
+        if not calibration.ok:
+            raise LabSetupError(f"accounts refused a new customer's genuine token ({calibration}): is the stack "
+                                "healthy?")
+        yield Evidence(f"{username}, a customer, signs in; accounts.ListAccounts (calibration)", "OK")
+        time.sleep(1.1)  # `iat` counts whole seconds: the change falls in a later second than the sign-in
+        try:
+            admin.delete_realm_roles_of_user(user_id, [admin.get_realm_role("customer")])
+        except Exception as error:
+            raise LabSetupError(f"Keycloak's admin could not take the role away: {type(error).__name__}") from error
+        taken = time.monotonic()
+        yield Evidence("an administrator takes the customer role away in Keycloak",
+                       "the access token is unexpired and its signature still verifies: it still says customer")
+        watch = session.watch()
+        result = _list_accounts(accounts, metadata)
+        while result.ok and time.monotonic() - taken < REVOKED_WITHIN:
+            time.sleep(0.25)
+            result = _list_accounts(accounts, metadata)
+        waited = time.monotonic() - taken
+        yield _refusal(f"the same token, accounts.ListAccounts ({waited:.1f} s after the change)", result,
+                       UNAUTHENTICATED, f"accepted for {REVOKED_WITHIN:g} s: the removed role still counts",
+                       reason=REVOKED)
+        yield from _context(watch, "accounts", correlation_id)
