@@ -31,6 +31,10 @@ def _audience_mapper(service: str) -> dict[str, Any]:
     }
 
 
+# The user events the realm records: those infra/revocation-triggers.yaml turns into revocations (a unit test holds
+# the two together).
+REVOCATION_USER_EVENTS = ("LOGOUT",)
+
 # The client scopes every client's tokens get; none are optional, so a caller cannot ask for more.
 TOKEN_SCOPES = ("basic", "roles")
 
@@ -144,11 +148,15 @@ def render_realm(identities: Identities, credentials: Credentials) -> dict[str, 
         "ssoSessionIdleTimeout": 1800,
         "ssoSessionMaxLifespan": 36000,
         "revokeRefreshToken": True,
-        # Admin events are what the audit service turns into token revocations (infra/revocation-triggers.yaml);
-        # they are kept a day, far longer than any token they revoke lives. No representations: just what changed.
+        # Admin events, and the user events of REVOCATION_USER_EVENTS, are what the audit service turns into token
+        # revocations (infra/revocation-triggers.yaml); kept a day, far longer than any token they revoke lives. No
+        # representations: just what changed. No other user event is recorded (no log of every sign-in).
         "adminEventsEnabled": True,
         "adminEventsDetailsEnabled": False,
         "attributes": {"adminEventsExpiration": "86400"},
+        "eventsEnabled": True,
+        "enabledEventTypes": list(REVOCATION_USER_EVENTS),
+        "eventsExpiration": 86400,
         "refreshTokenMaxReuse": 0,
         "roles": {"realm": [{"name": name, "description": text} for name, text in identities.roles.items()]},
         "clients": [*service_clients, cli_client],

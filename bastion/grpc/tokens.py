@@ -84,6 +84,8 @@ class Principal:
     # The token's `iat`: a revocation (bastion/revocations) ends the tokens issued at or before it. 0 when unknown,
     # which any revocation of the subject covers.
     issued_at: int = 0
+    # The token's `sid`, the Keycloak session it was issued in: a session that ended ends its tokens.
+    session_id: str | None = None
 
     @property
     def is_service_account(self) -> bool:
@@ -418,7 +420,7 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
 
 def _principal(claims: Mapping[str, Any]) -> Principal:
     subject, client_id = claims["sub"], claims["azp"]
-    username, token_id = claims.get("preferred_username"), claims.get("jti")
+    username, token_id, session_id = claims.get("preferred_username"), claims.get("jti"), claims.get("sid")
     realm_access = claims.get("realm_access", {})
     roles = realm_access.get("roles", []) if isinstance(realm_access, dict) else None
     if (
@@ -427,9 +429,10 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
         or not isinstance(username, str)
         or not username
         or not isinstance(token_id, str | None)
+        or not isinstance(session_id, str | None)
         or not isinstance(roles, list)
         or not all(isinstance(role, str) for role in roles)
     ):
         raise AuthenticationError(AuthReason.MALFORMED, "the token's identity claims have unexpected types")
     return Principal(subject, username, client_id, frozenset(roles), token_id, int(claims["exp"]),
-                     int(claims["iat"]))
+                     int(claims["iat"]), session_id or None)

@@ -47,9 +47,11 @@ LABS: tuple[Lab, ...] = (
         attack="Alice signs out (or her session is ended); her unexpired access token is then used for a "
                "transfer above the step-up amount.",
         defence="Large transfers check the session online with Keycloak's introspection (fail closed): "
-                "PERMISSION_DENIED at once; smaller calls trust the 5-minute token until it expires.",
-        where="services/payments/handlers.py (needs_step_up), services/payments/adapters/gateways.py",
-        expect="PERMISSION_DENIED", probe=tokens.revoked_session),
+                "PERMISSION_DENIED at once; within seconds the audit service publishes the sign-out as the "
+                "session's revocation, and every service refuses the session's tokens: UNAUTHENTICATED (revoked).",
+        where="services/payments/handlers.py (needs_step_up), services/payments/adapters/gateways.py, "
+              "infra/revocation-triggers.yaml (user_events), bastion/revocations/",
+        expect="PERMISSION_DENIED, then revoked", probe=tokens.revoked_session),
     Lab("removed-role", "A token that outlives the role it carries",
         attack="An administrator takes a customer's role away in Keycloak; the customer goes on calling accounts "
                "with the access token issued before, unexpired and validly signed, which still says customer.",

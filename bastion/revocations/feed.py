@@ -129,17 +129,18 @@ class RevocationFeed:
         revoked = event.payload
         if not isinstance(revoked, AccessRevoked):
             raise VerificationError(RejectReason.MALFORMED, f"{event.envelope.event_type} is not a revocation")
-        if revoked.everyone == bool(revoked.subject):
-            raise VerificationError(RejectReason.MALFORMED, "a revocation names a subject or everyone, not both "
-                                                            "or neither")
+        if revoked.everyone == bool(revoked.subject or revoked.session_id):
+            raise VerificationError(RejectReason.MALFORMED, "a revocation names a subject or a session, or "
+                                                            "everyone: not both, not neither")
         revoked_at_ms = revoked.revoked_at.ToMilliseconds()
         reference = received or dt.datetime.now(dt.UTC)
         if revoked_at_ms <= 0:
             raise VerificationError(RejectReason.MALFORMED, "the revocation is not dated")
         if revoked_at_ms > (reference + MAX_AHEAD).timestamp() * 1000:
             raise VerificationError(RejectReason.FROM_THE_FUTURE, "the revocation is dated after the broker took it")
-        self.revoked.revoke(revoked.subject or None, revoked_at_ms)
+        self.revoked.revoke(revoked.subject or None, revoked_at_ms, revoked.session_id or None)
         EVENTS_APPLIED.labels(self.name, TOPIC).inc()
-        log.info("token_access_revoked", consumer=self.name, subject=revoked.subject or "*", cause=revoked.cause,
+        log.info("token_access_revoked", consumer=self.name, subject=revoked.subject or "*",
+                 session=revoked.session_id or "-", cause=revoked.cause,
                  revoked_at_ms=revoked_at_ms, correlation_id=event.envelope.correlation_id)
 

@@ -1,5 +1,5 @@
-"""The tokens a service refuses although they verify: those issued before a revocation of their subject (or of
-everyone), as read from identity.revocations.v1 (`bastion.revocations.feed`).
+"""The tokens a service refuses although they verify: those of a session that ended, and those issued before a
+revocation of their subject (or of everyone), as read from identity.revocations.v1 (`bastion.revocations.feed`).
 
 Fail closed: until the feed has been read to its end once, and when it was last known read to its end longer ago
 than MAX_STALENESS, every token is refused as `revocations_unavailable` (the interceptor answers UNAVAILABLE), as
@@ -16,7 +16,8 @@ Clock = Callable[[], float]
 
 
 class RevokedTokens:
-    """Per subject, and for everyone, the second up to which tokens are revoked (`iat` at or before it).
+    """Per subject, and for everyone, the second up to which tokens are revoked (`iat` at or before it); and the
+    sessions that ended, whose every token is refused (by its `sid`).
 
     KEEP_SECONDS: how long a revocation matters (the tokens it ends have expired after that: the realm's token
     lifetime plus the validator's leeway); older ones are forgotten, so memory is bounded by the revocations of the
@@ -32,16 +33,20 @@ class RevokedTokens:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._subjects: dict[str, int] = {}
+        self._sessions: dict[str, int] = {}  # session id -> the second it ended
         self._everyone = 0
         self._current_at: float | None = None
 
-    def revoke(self, subject: str | None, revoked_at_ms: int) -> None:
-        """Tokens of SUBJECT (of everyone when None) with `iat` at or before REVOKED_AT_MS are refused from now
-        on. `iat` counts whole seconds, so a token issued in the same second just after the change is refused too
-        (its holder signs in again a second later): never the other way round."""
+    def revoke(self, subject: str | None, revoked_at_ms: int, session: str | None = None) -> None:
+        """Every token of SESSION when it is given; otherwise tokens of SUBJECT (of everyone when None) with `iat` at
+        or before REVOKED_AT_MS are refused from now on. `iat` counts whole seconds, so a token issued in the same
+        second just after the change is refused too (its holder signs in again a second later): never the other way
+        round."""
         second = revoked_at_ms // 1000
         with self._lock:
-            if subject is None:
+            if session is not None:
+                self._sessions[session] = max(self._sessions.get(session, 0), second)
+            elif subject is None:
                 self._everyone = max(self._everyone, second)
             else:
                 self._subjects[subject] = max(self._subjects.get(subject, 0), second)
@@ -49,8 +54,9 @@ class RevokedTokens:
 
     def _forget_expired(self) -> None:
         horizon = self._clock() - self.keep_seconds
-        for subject in [s for s, second in self._subjects.items() if second < horizon]:
-            del self._subjects[subject]
+        for held in (self._subjects, self._sessions):
+            for key in [key for key, second in held.items() if second < horizon]:
+                del held[key]
 
     def confirm_current(self, as_of: float) -> None:
         """The feed was read to its end as it stood at monotonic time AS_OF."""
@@ -77,6 +83,9 @@ class RevokedTokens:
         if revoked_up_to and principal.issued_at <= revoked_up_to:
             raise AuthenticationError(AuthReason.REVOKED, "access was revoked after this token was issued: "
                                                           "sign in again")
+        if principal.session_id is not None and principal.session_id in self._sessions:
+            raise AuthenticationError(AuthReason.REVOKED, "the session this token was issued in has ended: "
+                                                          "sign in again")
 
     def __len__(self) -> int:
-        return len(self._subjects)
+        return len(self._subjects) + len(self._sessions)

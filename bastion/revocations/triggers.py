@@ -1,5 +1,5 @@
-"""infra/revocation-triggers.yaml: which of Keycloak's admin events end the access tokens issued before them, and the
-revocation each one makes (`revocation_of`)."""
+"""infra/revocation-triggers.yaml: which of Keycloak's admin events and user events end access tokens, and the
+revocation each one makes (`revocation_of`, `revocation_of_user_event`)."""
 
 import re
 import uuid
@@ -13,9 +13,13 @@ import yaml
 
 from bastion.access.v1.decision_pb2 import AccessRevoked
 
-# Keycloak's user ids are UUIDs; the resource path of an event about a user starts with users/ID.
-_USER_PATH = re.compile(r"^users/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:/|$)")
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# Keycloak's user ids are UUIDs; the resource path of an event about a user starts with users/ID, of one about a
+# session with sessions/ID.
+_PATHS = {"user": re.compile(rf"^users/({_UUID})(?:/|$)"), "session": re.compile(rf"^sessions/({_UUID})$")}
+_ID = re.compile(rf"^{_UUID}$")
 _NAME = re.compile(r"^[A-Z][A-Z_]{0,63}$")
+OPERATIONS = ("CREATE", "UPDATE", "DELETE", "ACTION")
 # The namespace of the event ids of revocations: one Keycloak event is one revocation, however often it is published.
 _REVOCATION_IDS = uuid.UUID("6f1d3c52-8d0e-4b8a-9a57-2f4a3e1c7b90")
 
@@ -25,84 +29,152 @@ class TriggerError(ValueError):
 
 
 class Scope(StrEnum):
+    SESSION = "session"
     USER = "user"
     EVERYONE = "everyone"
 
 
 @dataclass(frozen=True)
 class Trigger:
+    """An admin event: Keycloak's resource type, the operations on it that revoke, and whose tokens."""
+
     resource: str
     operations: frozenset[str]
     scope: Scope
 
 
 @dataclass(frozen=True)
+class UserTrigger:
+    """A user event (a user's own doing, such as signing out): its type, and whose tokens."""
+
+    type: str
+    scope: Scope
+
+
+@dataclass(frozen=True)
+class Triggers:
+    admin: tuple[Trigger, ...]
+    user: tuple[UserTrigger, ...]
+
+    @property
+    def user_event_types(self) -> list[str]:
+        """What the realm must record for the user triggers to see anything (bastion/devstack/realm.py)."""
+        return sorted(trigger.type for trigger in self.user)
+
+
+@dataclass(frozen=True)
 class Revocation:
-    """The tokens of SUBJECT (of everyone when None) issued at or before REVOKED_AT_MS are no longer accepted."""
+    """Every token of SESSION when it is set; otherwise the tokens of SUBJECT (of everyone when None) issued at or
+    before REVOKED_AT_MS."""
 
     subject: str | None
     revoked_at_ms: int
     cause: str
     keycloak_event_id: str
+    session: str | None = None
 
     @property
     def event_id(self) -> str:
         """The envelope's event id: the same Keycloak event always gives the same one."""
-        return str(uuid.uuid5(_REVOCATION_IDS, f"{self.keycloak_event_id}/{self.subject or '*'}"))
+        return str(uuid.uuid5(_REVOCATION_IDS, f"{self.keycloak_event_id}/{self.subject or '*'}/{self.session}"))
+
+    @property
+    def everyone(self) -> bool:
+        return self.subject is None and self.session is None
 
     def message(self) -> AccessRevoked:
-        revoked = AccessRevoked(subject=self.subject or "", everyone=self.subject is None, cause=self.cause,
-                                keycloak_event_id=self.keycloak_event_id)
+        revoked = AccessRevoked(subject=self.subject or "", everyone=self.everyone, cause=self.cause,
+                                keycloak_event_id=self.keycloak_event_id, session_id=self.session or "")
         revoked.revoked_at.FromMilliseconds(self.revoked_at_ms)
         return revoked
 
 
-def load_triggers(path: Path) -> tuple[Trigger, ...]:
+def load_triggers(path: Path) -> Triggers:
     try:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise TriggerError(f"{path} cannot be read: {error}") from None
-    entries = document.get("triggers") if isinstance(document, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise TriggerError(f"{path} must hold a non-empty `triggers` list")
-    triggers = []
-    for number, entry in enumerate(entries, 1):
-        triggers.append(_trigger(entry, f"{path}, trigger {number}"))
-    resources = [trigger.resource for trigger in triggers]
-    repeated = sorted({name for name in resources if resources.count(name) > 1})
-    if repeated:
-        raise TriggerError(f"{path} names {repeated} more than once: give each resource one trigger")
-    return tuple(triggers)
+    if not isinstance(document, dict) or set(document) != {"admin_events", "user_events"}:
+        raise TriggerError(f"{path} must hold exactly `admin_events` and `user_events`")
+    admin_entries, user_entries = document["admin_events"], document["user_events"]
+    if not isinstance(admin_entries, list) or not admin_entries:
+        raise TriggerError(f"{path}: `admin_events` must be a non-empty list")
+    if not isinstance(user_entries, list):
+        raise TriggerError(f"{path}: `user_events` must be a list")
+    admin = tuple(_trigger(entry, f"{path}, admin event trigger {n}") for n, entry in enumerate(admin_entries, 1))
+    user = tuple(_user_trigger(entry, f"{path}, user event trigger {n}") for n, entry in enumerate(user_entries, 1))
+    for names, what in (([t.resource for t in admin], "admin_events"), ([t.type for t in user], "user_events")):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise TriggerError(f"{path}: {what} names {repeated} more than once: give each one trigger")
+    return Triggers(admin, user)
+
+
+def _scope(value: Any, where: str, allowed: tuple[Scope, ...]) -> Scope:
+    if value not in [str(scope) for scope in allowed]:
+        raise TriggerError(f"{where}: the scope must be one of {[str(scope) for scope in allowed]}")
+    return Scope(value)
 
 
 def _trigger(entry: Any, where: str) -> Trigger:
     if not isinstance(entry, dict) or set(entry) != {"resource", "operations", "scope"}:
         raise TriggerError(f"{where}: needs exactly `resource`, `operations` and `scope`")
-    resource, operations, scope = entry["resource"], entry["operations"], entry["scope"]
+    resource, operations = entry["resource"], entry["operations"]
     if not isinstance(resource, str) or not _NAME.match(resource):
         raise TriggerError(f"{where}: the resource must be a Keycloak resource type such as REALM_ROLE_MAPPING")
-    if (not isinstance(operations, list) or not operations
-            or not all(operation in ("CREATE", "UPDATE", "DELETE", "ACTION") for operation in operations)):
-        raise TriggerError(f"{where}: operations must be a non-empty list of CREATE, UPDATE, DELETE, ACTION")
-    if scope not in tuple(Scope):
-        raise TriggerError(f"{where}: the scope must be one of {[str(s) for s in Scope]}")
-    return Trigger(resource, frozenset(operations), Scope(scope))
+    if not isinstance(operations, list) or not operations or not all(op in OPERATIONS for op in operations):
+        raise TriggerError(f"{where}: operations must be a non-empty list of {', '.join(OPERATIONS)}")
+    return Trigger(resource, frozenset(operations), _scope(entry["scope"], where, tuple(Scope)))
 
 
-def revocation_of(event: Mapping[str, Any], triggers: tuple[Trigger, ...]) -> Revocation | None:
-    """The revocation Keycloak admin EVENT (its JSON representation) makes, or None when no trigger matches it.
-    An event without a time or an id cannot be placed: ValueError."""
-    resource, operation = event.get("resourceType"), event.get("operationType")
-    trigger = next((t for t in triggers if t.resource == resource and operation in t.operations), None)
-    if trigger is None:
-        return None
+def _user_trigger(entry: Any, where: str) -> UserTrigger:
+    if not isinstance(entry, dict) or set(entry) != {"type", "scope"}:
+        raise TriggerError(f"{where}: needs exactly `type` and `scope`")
+    if not isinstance(entry["type"], str) or not _NAME.match(entry["type"]):
+        raise TriggerError(f"{where}: the type must be a Keycloak user event type such as LOGOUT")
+    return UserTrigger(entry["type"], _scope(entry["scope"], where, (Scope.SESSION, Scope.USER)))
+
+
+def _placed(event: Mapping[str, Any], what: str) -> tuple[int, str]:
     moment, event_id = event.get("time"), event.get("id")
     if isinstance(moment, bool) or not isinstance(moment, int) or moment <= 0:
-        raise ValueError(f"an admin event ({resource} {operation}) without a time")
+        raise ValueError(f"{what} without a time")
     if not isinstance(event_id, str) or not event_id:
-        raise ValueError(f"an admin event ({resource} {operation}) without an id")
-    subject = None
-    if trigger.scope is Scope.USER:
-        named = _USER_PATH.match(str(event.get("resourcePath") or ""))
-        subject = named.group(1) if named else None  # no user named: everyone, the safe side
-    return Revocation(subject, moment, f"{resource} {operation}", event_id)
+        raise ValueError(f"{what} without an id")
+    return moment, event_id
+
+
+def revocation_of(event: Mapping[str, Any], triggers: Triggers) -> Revocation | None:
+    """The revocation Keycloak admin EVENT (its JSON representation) makes, or None when no trigger matches it.
+    An event without a time or an id cannot be placed: ValueError. An event whose path does not name what its
+    trigger's scope needs (a user's, or a session's) revokes everyone's tokens: when in doubt, sign in again."""
+    resource, operation = event.get("resourceType"), event.get("operationType")
+    trigger = next((t for t in triggers.admin if t.resource == resource and operation in t.operations), None)
+    if trigger is None:
+        return None
+    moment, event_id = _placed(event, f"an admin event ({resource} {operation})")
+    cause = f"{resource} {operation}"
+    if trigger.scope is Scope.EVERYONE:
+        return Revocation(None, moment, cause, event_id)
+    named = _PATHS[str(trigger.scope)].match(str(event.get("resourcePath") or ""))
+    if named is None:
+        return Revocation(None, moment, cause, event_id)
+    if trigger.scope is Scope.SESSION:
+        return Revocation(None, moment, cause, event_id, session=named.group(1))
+    return Revocation(named.group(1), moment, cause, event_id)
+
+
+def revocation_of_user_event(event: Mapping[str, Any], triggers: Triggers) -> Revocation | None:
+    """The revocation Keycloak user EVENT makes, or None when no trigger matches it. A session trigger falls back to
+    the user when the event names no well-formed session, and to everyone when it names no well-formed user."""
+    kind = event.get("type")
+    trigger = next((t for t in triggers.user if t.type == kind), None)
+    if trigger is None:
+        return None
+    moment, event_id = _placed(event, f"a user event ({kind})")
+    cause = f"user {kind}"
+    user, session = event.get("userId"), event.get("sessionId")
+    subject = user if isinstance(user, str) and _ID.match(user) else None
+    if trigger.scope is Scope.SESSION and isinstance(session, str) and _ID.match(session):
+        return Revocation(subject, moment, cause, event_id, session=session)
+    return Revocation(subject, moment, cause, event_id)

@@ -1,11 +1,12 @@
-"""The audit service's watch on the realm: Keycloak's admin events in, signed AccessRevoked events out.
+"""The audit service's watch on the realm: Keycloak's admin and user events in, signed AccessRevoked events out.
 
 Every POLL seconds it asks Keycloak (as the audit service account, which holds only realm-management's
-`view-events`) for the admin events since the last ones it saw, in time order, and publishes a revocation for each
-one a trigger of infra/revocation-triggers.yaml matches. It starts LOOKBACK seconds back, so a restart publishes
-again what it may have missed (harmless: a revocation only ends tokens issued before the change it records), and
-it reads a few seconds back each round, because an event Keycloak stamped earlier may become visible after a later
-one. A round whose revocations cannot all be published fails: the worker is made again and reads them again.
+`view-events`) for the admin events, and the user events of the types the triggers name, since the last ones it
+saw, in time order, and publishes a revocation for each one a trigger of infra/revocation-triggers.yaml matches. It
+starts LOOKBACK seconds back, so a restart publishes again what it may have missed (harmless: a revocation only ends
+tokens issued before the change it records, or of a session that is over), and it reads a few seconds back each
+round, because an event Keycloak stamped earlier may become visible after a later one. A round whose revocations
+cannot all be published fails: the worker is made again and reads them again.
 """
 
 import time
@@ -19,11 +20,11 @@ from keycloak.exceptions import KeycloakError
 from bastion.events.envelopes import seal
 from bastion.events.keys import FollowedSigningKey
 from bastion.revocations.feed import TOPIC
-from bastion.revocations.triggers import Revocation, Trigger, revocation_of
+from bastion.revocations.triggers import Revocation, Triggers, revocation_of, revocation_of_user_event
 
 log = structlog.get_logger(__name__)
 
-AdminEvents = Callable[[int, int, int], list[Mapping[str, Any]]]  # (from epoch ms, first, max) -> oldest first
+EventPage = Callable[[int, int, int], list[Mapping[str, Any]]]  # (from epoch ms, first, max) -> oldest first
 OVERLAP_MS = 5_000
 PAGE = 100
 MAX_PAGES = 50  # a round reads at most this many pages; the rest is read next round
@@ -41,18 +42,60 @@ class Publish(Protocol):
     def __call__(self, revocations: list[Revocation]) -> None: ...
 
 
+class _Source:
+    """One kind of Keycloak event (admin or user) read from a cursor: the newest time seen, and the ids of the
+    events already handled within the overlap before it."""
+
+    def __init__(self, kind: str, fetch: EventPage, revocation: Callable[[Mapping[str, Any]], Revocation | None],
+                 start_ms: int) -> None:
+        self.kind, self.fetch, self.revocation = kind, fetch, revocation
+        self.start_ms = self.newest_ms = start_ms
+        self.seen: dict[str, int] = {}  # id -> time
+
+    def fresh(self) -> list[Mapping[str, Any]]:
+        since = max(self.start_ms, self.newest_ms - OVERLAP_MS)
+        found: list[Mapping[str, Any]] = []
+        for page in range(MAX_PAGES):
+            events = self.fetch(since, page * PAGE, PAGE)
+            found += [event for event in events if str(event.get("id")) not in self.seen]
+            if len(events) < PAGE:
+                break
+        return found
+
+    def revocations(self, events: list[Mapping[str, Any]]) -> list[Revocation]:
+        made = []
+        for event in events:
+            try:
+                revocation = self.revocation(event)
+            except ValueError as error:  # Keycloak's own record without an id or a time: nothing to place it by
+                log.warning("keycloak_event_unreadable", kind=self.kind, error=str(error))
+                continue
+            if revocation is not None:
+                made.append(revocation)
+        return made
+
+    def handled(self, events: list[Mapping[str, Any]]) -> None:
+        for event in events:
+            moment = event.get("time")
+            if isinstance(moment, int) and not isinstance(moment, bool):
+                self.seen[str(event.get("id"))] = moment
+                self.newest_ms = max(self.newest_ms, moment)
+        horizon = self.newest_ms - OVERLAP_MS
+        self.seen = {event_id: moment for event_id, moment in self.seen.items() if moment >= horizon}
+
+
 class RevocationWatcher:
     """A worker (`ServiceRuntime.start_worker`) of the audit service."""
 
-    def __init__(self, admin_events: AdminEvents, triggers: tuple[Trigger, ...], publish: Publish,
+    def __init__(self, admin_events: EventPage, user_events: EventPage, triggers: Triggers, publish: Publish,
                  lookback_seconds: float, poll_seconds: float = 1.0, clock: Callable[[], float] = time.time) -> None:
-        self.admin_events = admin_events
-        self.triggers = triggers
+        start_ms = int((clock() - lookback_seconds) * 1000)
+        self.sources = (
+            _Source("admin", admin_events, lambda event: revocation_of(event, triggers), start_ms),
+            _Source("user", user_events, lambda event: revocation_of_user_event(event, triggers), start_ms),
+        )
         self.publish = publish
         self.poll_seconds = poll_seconds
-        self._newest_ms = int((clock() - lookback_seconds) * 1000)
-        self._start_ms = self._newest_ms
-        self._seen: dict[str, int] = {}  # id -> time of the events of the overlap already handled
 
     def run(self, stop: Any) -> None:
         while not stop.is_set():
@@ -63,55 +106,51 @@ class RevocationWatcher:
         """Nothing held between rounds."""
 
     def run_once(self) -> list[Revocation]:
-        """Read the admin events not handled yet, publish the revocations they make; return those."""
-        since = max(self._start_ms, self._newest_ms - OVERLAP_MS)
-        fresh: list[Mapping[str, Any]] = []
-        for page in range(MAX_PAGES):
-            events = self.admin_events(since, page * PAGE, PAGE)
-            fresh += [event for event in events if str(event.get("id")) not in self._seen]
-            if len(events) < PAGE:
-                break
-        revocations = []
-        for event in fresh:
-            try:
-                revocation = revocation_of(event, self.triggers)
-            except ValueError as error:  # Keycloak's own record without an id or a time: nothing to place it by
-                log.warning("admin_event_unreadable", error=str(error))
-                continue
-            if revocation is not None:
-                revocations.append(revocation)
+        """Read the admin and user events not handled yet, publish the revocations they make; return those. Nothing
+        counts as handled before every revocation of the round was published."""
+        fresh = [(source, source.fresh()) for source in self.sources]
+        revocations = [revocation for source, events in fresh for revocation in source.revocations(events)]
         if revocations:
             self.publish(revocations)
             for revocation in revocations:
-                log.info("access_revocation_published", subject=revocation.subject or "*", cause=revocation.cause,
+                log.info("access_revocation_published", subject=revocation.subject or "*",
+                         session=revocation.session or "-", cause=revocation.cause,
                          keycloak_event_id=revocation.keycloak_event_id, revoked_at_ms=revocation.revoked_at_ms)
-        for event in fresh:
-            moment = event.get("time")
-            if isinstance(moment, int) and not isinstance(moment, bool):
-                self._seen[str(event.get("id"))] = moment
-                self._newest_ms = max(self._newest_ms, moment)
-        horizon = self._newest_ms - OVERLAP_MS
-        self._seen = {event_id: moment for event_id, moment in self._seen.items() if moment >= horizon}
+        for source, events in fresh:
+            source.handled(events)
         return revocations
 
 
-def keycloak_admin_events(admin: Any) -> AdminEvents:
-    """AdminEvents over python-keycloak's KeycloakAdmin (a client-credentials connection to the realm)."""
+def keycloak_events(admin: Any, user_event_types: list[str]) -> tuple[EventPage, EventPage]:
+    """The realm's admin events and its user events of USER_EVENT_TYPES, over python-keycloak's KeycloakAdmin (a
+    client-credentials connection to the realm), each a page at a time, oldest first."""
 
-    def fetch(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
+    def refused(error: KeycloakError) -> Exception:
+        if error.response_code == 403:
+            return AdminEventsRefusedError(
+                "Keycloak refuses the audit service the realm's events (it lacks realm-management's view-events "
+                "role): the realm was imported before token revocation; `bastion reset` imports it again")
+        return error
+
+    def admin_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
         try:
             events: list[Mapping[str, Any]] = admin.get_admin_events(
                 {"dateFrom": since_ms, "direction": "asc", "first": first, "max": count})
         except KeycloakError as error:
-            if error.response_code == 403:
-                raise AdminEventsRefusedError(
-                    "Keycloak refuses the audit service the realm's admin events (it lacks realm-management's "
-                    "view-events role): the realm was imported before token revocation; `bastion reset` imports it "
-                    "again") from None
-            raise
+            raise refused(error) from None
         return events
 
-    return fetch
+    def user_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
+        if not user_event_types:
+            return []
+        try:
+            events: list[Mapping[str, Any]] = admin.get_events(
+                {"type": user_event_types, "dateFrom": since_ms, "direction": "asc", "first": first, "max": count})
+        except KeycloakError as error:
+            raise refused(error) from None
+        return events
+
+    return admin_events, user_events
 
 
 class KafkaRevocationPublisher:

@@ -19,7 +19,7 @@ from bastion.devstack.errors import DevstackError
 from bastion.grpc.server import start_server
 from bastion.migrations import upgrade
 from bastion.revocations.triggers import load_triggers
-from bastion.revocations.watcher import KafkaRevocationPublisher, RevocationWatcher, keycloak_admin_events
+from bastion.revocations.watcher import KafkaRevocationPublisher, RevocationWatcher, keycloak_events
 from bastion.runtime import ServiceRuntime
 from bastion.settings import DevstackSettings
 from services.audit.adapters.grpc import AuditServicer
@@ -35,13 +35,15 @@ WITNESS_GROUP = "audit-witness"
 
 
 def revocation_watcher(runtime: ServiceRuntime) -> RevocationWatcher:
-    """The watch on the realm's admin events (bastion/revocations/watcher.py), as the audit service account."""
+    """The watch on the realm's admin and user events (bastion/revocations/watcher.py), as the audit service
+    account."""
     ctx = runtime.ctx
     admin = KeycloakAdmin(server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/",
                           realm_name="bastion", client_id=NAME,
                           client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file))
     triggers = load_triggers(ctx.settings.infra_dir / "revocation-triggers.yaml")
-    return RevocationWatcher(keycloak_admin_events(admin), triggers,
+    admin_events, user_events = keycloak_events(admin, triggers.user_event_types)
+    return RevocationWatcher(admin_events, user_events, triggers,
                              KafkaRevocationPublisher(runtime.kafka_config, runtime.key), runtime.revoked.keep_seconds)
 
 

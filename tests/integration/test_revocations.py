@@ -1,5 +1,5 @@
 """Token revocation through the running platform (bastion/revocations): a change in Keycloak that takes a user's
-access away ends the tokens issued before it in every service within seconds, not when they expire.
+access away, or a sign-out, ends the tokens it concerns in every service within seconds, not when they expire.
 
 Each test makes a user of its own in the realm (as the Keycloak admin), so that revoking it touches no token of the
 demo users other tests hold."""
@@ -58,10 +58,13 @@ def member(admin: KeycloakAdmin) -> Iterator[Member]:
     admin.delete_user(user_id)
 
 
+def keycloak(ctx: StackContext) -> KeycloakOpenID:
+    return KeycloakOpenID(server_url=f"https://localhost:{ctx.settings.keycloak_port}/", realm_name="bastion",
+                          client_id="bastion-cli", verify=str(ctx.ca_file))
+
+
 def sign_in(ctx: StackContext, member: Member) -> str:
-    client = KeycloakOpenID(server_url=f"https://localhost:{ctx.settings.keycloak_port}/", realm_name="bastion",
-                            client_id="bastion-cli", verify=str(ctx.ca_file))
-    return str(client.token(member.username, member.password)["access_token"])
+    return str(keycloak(ctx).token(member.username, member.password)["access_token"])
 
 
 def calls(bank: Bank, token: str) -> dict[str, Any]:
@@ -130,3 +133,17 @@ def test_a_user_disabled_in_keycloak_is_refused_while_another_users_tokens_still
     error = wait_until_refused(served)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert refusal(bystander) is None
+
+
+def test_signing_out_ends_that_sessions_tokens_everywhere_while_another_session_goes_on(
+        bank: Bank, ctx: StackContext, member: Member) -> None:
+    leaving = keycloak(ctx).token(member.username, member.password)
+    staying = calls(bank, sign_in(ctx, member))
+    served = calls(bank, str(leaving["access_token"]))
+    assert refusal(served["accounts"]) is None
+    keycloak(ctx).logout(leaving["refresh_token"])  # the user's own sign-out: a user event, not an admin's change
+    for name, call in served.items():
+        error = wait_until_refused(call)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (name, error.details())
+        assert "the session this token was issued in has ended" in (error.details() or ""), name
+    assert {name: refusal(call) for name, call in staying.items()} == dict.fromkeys(staying)

@@ -12,6 +12,7 @@ from bastion.devstack.errors import DevstackError
 from bastion.devstack.identities import Identities, load_identities, parse_identities
 from bastion.devstack.realm import TOKEN_SCOPES, render_realm
 from bastion.devstack.secrets import Credentials
+from bastion.revocations.triggers import load_triggers
 from tests.unit.conftest import SERVICES
 
 FILE = Path(__file__).resolve().parents[2] / "infra" / "keycloak" / "identities.yaml"
@@ -139,6 +140,13 @@ def test_only_the_audit_service_account_may_read_the_realms_admin_events_and_not
     assert all("credentials" not in user and "realmRoles" not in user for user in accounts.values())
     assert rendered["clientScopeMappings"] == {"realm-management": [{"client": "audit", "roles": ["view-events"]}]}
     assert (rendered["adminEventsEnabled"], rendered["adminEventsDetailsEnabled"]) == (True, False)
+
+
+def test_the_realm_records_exactly_the_user_events_the_revocation_triggers_read() -> None:
+    triggers = load_triggers(FILE.parents[1] / "revocation-triggers.yaml")
+    rendered = realm()
+    assert rendered["eventsEnabled"] is True
+    assert sorted(rendered["enabledEventTypes"]) == triggers.user_event_types == ["LOGOUT"]
 
 
 def test_a_service_may_not_be_granted_a_role_that_changes_the_realm() -> None:

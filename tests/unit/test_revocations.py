@@ -20,7 +20,14 @@ from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal
 from bastion.revocations.feed import TOPIC, RevocationFeed
 from bastion.revocations.revoked import RevokedTokens
-from bastion.revocations.triggers import Revocation, Scope, TriggerError, load_triggers, revocation_of
+from bastion.revocations.triggers import (
+    Revocation,
+    Scope,
+    TriggerError,
+    load_triggers,
+    revocation_of,
+    revocation_of_user_event,
+)
 from bastion.revocations.watcher import PAGE, RevocationWatcher
 from tests.unit.test_consumer import Record
 from tests.unit.test_event_verification import INFRA, SERVICES
@@ -36,8 +43,9 @@ def admin_event(resource: str, operation: str, path: str, moment_ms: int = int(N
             "resourcePath": path, "realmId": "r", "authDetails": {"userId": "admin"}}
 
 
-def principal(subject: str = USER, issued_at: int = int(NOW) - 10) -> Principal:
-    return Principal(subject, "rita", "bastion-cli", frozenset({"customer"}), "jti", issued_at + 300, issued_at)
+def principal(subject: str = USER, issued_at: int = int(NOW) - 10, session: str | None = None) -> Principal:
+    return Principal(subject, "rita", "bastion-cli", frozenset({"customer"}), "jti", issued_at + 300, issued_at,
+                     session)
 
 
 # --- the triggers ---
@@ -99,17 +107,29 @@ def test_one_keycloak_event_is_one_revocation_however_often_it_is_published() ->
         USER, int(NOW * 1000), "USER DELETE")
 
 
+ADMIN = "admin_events: [{resource: USER, operations: [DELETE], scope: user}]"
+
+
 @pytest.mark.parametrize(("text", "complaint"), [
-    ("triggers: []", "non-empty `triggers`"),
-    ("nothing: 1", "non-empty `triggers`"),
-    ("triggers: [{resource: USER, operations: [DELETE]}]", "exactly `resource`, `operations` and `scope`"),
-    ("triggers: [{resource: user, operations: [DELETE], scope: user}]", "Keycloak resource type"),
-    ("triggers: [{resource: USER, operations: [], scope: user}]", "non-empty list"),
-    ("triggers: [{resource: USER, operations: [READ], scope: user}]", "non-empty list"),
-    ("triggers: [{resource: USER, operations: [DELETE], scope: someone}]", "the scope must be one of"),
-    ("triggers: [{resource: USER, operations: [DELETE], scope: user}, {resource: USER, operations: [UPDATE], "
-     "scope: user}]", "more than once"),
-    ("triggers: [", "cannot be read"),
+    ("triggers: []", "exactly `admin_events` and `user_events`"),
+    (f"{ADMIN}", "exactly `admin_events` and `user_events`"),
+    ("admin_events: []\nuser_events: []", "`admin_events` must be a non-empty list"),
+    (f"{ADMIN}\nuser_events: {{}}", "`user_events` must be a list"),
+    ("admin_events: [{resource: USER, operations: [DELETE]}]\nuser_events: []",
+     "exactly `resource`, `operations` and `scope`"),
+    ("admin_events: [{resource: user, operations: [DELETE], scope: user}]\nuser_events: []",
+     "Keycloak resource type"),
+    ("admin_events: [{resource: USER, operations: [], scope: user}]\nuser_events: []", "non-empty list"),
+    ("admin_events: [{resource: USER, operations: [READ], scope: user}]\nuser_events: []", "non-empty list"),
+    ("admin_events: [{resource: USER, operations: [DELETE], scope: someone}]\nuser_events: []",
+     "the scope must be one of"),
+    ("admin_events: [{resource: USER, operations: [DELETE], scope: user}, {resource: USER, operations: [UPDATE], "
+     "scope: user}]\nuser_events: []", "more than once"),
+    (f"{ADMIN}\nuser_events: [{{type: LOGOUT}}]", "exactly `type` and `scope`"),
+    (f"{ADMIN}\nuser_events: [{{type: logout, scope: session}}]", "user event type"),
+    (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: everyone}}]", "the scope must be one of"),
+    (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session}}, {{type: LOGOUT, scope: user}}]", "more than once"),
+    ("admin_events: [", "cannot be read"),
 ])
 def test_a_wrong_triggers_file_is_refused_naming_the_problem(tmp_path: Path, text: str, complaint: str) -> None:
     path = tmp_path / "triggers.yaml"
@@ -119,12 +139,45 @@ def test_a_wrong_triggers_file_is_refused_naming_the_problem(tmp_path: Path, tex
 
 
 def test_the_shipped_triggers_cover_what_takes_access_away() -> None:
-    by_resource = {trigger.resource: trigger for trigger in TRIGGERS}
+    by_resource = {trigger.resource: trigger for trigger in TRIGGERS.admin}
     assert by_resource["REALM_ROLE_MAPPING"].scope is Scope.USER
     assert "DELETE" in by_resource["REALM_ROLE_MAPPING"].operations
     assert {"UPDATE", "DELETE", "ACTION"} <= by_resource["USER"].operations
     assert by_resource["REALM"].scope is Scope.EVERYONE
-    assert all("CREATE" not in trigger.operations for trigger in TRIGGERS)
+    assert by_resource["USER_SESSION"].scope is Scope.SESSION
+    assert all("CREATE" not in trigger.operations for trigger in TRIGGERS.admin)
+    assert [(trigger.type, trigger.scope) for trigger in TRIGGERS.user] == [("LOGOUT", Scope.SESSION)]
+
+
+SESSION = "9eebb993-e64d-cb7f-e14c-20cd5b284900"
+
+
+def user_event(kind: str = "LOGOUT", user: Any = USER, session: Any = SESSION, event_id: str = "u1",
+               moment_ms: int = int(NOW * 1000)) -> dict[str, Any]:
+    return {"id": event_id, "time": moment_ms, "type": kind, "realmId": "r", "clientId": "bastion-cli",
+            "userId": user, "sessionId": session}
+
+
+def test_a_users_own_sign_out_revokes_that_session_and_other_user_events_nothing() -> None:
+    signed_out = revocation_of_user_event(user_event(), TRIGGERS)
+    assert signed_out == Revocation(USER, int(NOW * 1000), "user LOGOUT", "u1", session=SESSION)
+    assert signed_out is not None and signed_out.message().session_id == SESSION
+    assert not signed_out.everyone and not signed_out.message().everyone
+    assert revocation_of_user_event(user_event("LOGIN"), TRIGGERS) is None
+    # No well-formed session: the user's tokens; no well-formed user either: everyone's.
+    assert revocation_of_user_event(user_event(session=None), TRIGGERS) == Revocation(
+        USER, int(NOW * 1000), "user LOGOUT", "u1")
+    fallback = revocation_of_user_event(user_event(user="x", session="../x"), TRIGGERS)
+    assert fallback is not None and fallback.everyone
+    with pytest.raises(ValueError, match="a user event \\(LOGOUT\\) without an id"):
+        revocation_of_user_event(user_event(event_id=""), TRIGGERS)
+
+
+def test_a_session_an_admin_ends_is_revoked_and_one_not_named_revokes_everyone() -> None:
+    ended = revocation_of(admin_event("USER_SESSION", "DELETE", f"sessions/{SESSION}"), TRIGGERS)
+    assert ended is not None and (ended.session, ended.subject) == (SESSION, None)
+    unnamed = revocation_of(admin_event("USER_SESSION", "DELETE", "sessions/"), TRIGGERS)
+    assert unnamed is not None and unnamed.everyone
 
 
 # --- the tokens a service refuses ---
@@ -199,11 +252,23 @@ def test_tokens_are_refused_until_the_revocations_were_read_and_when_they_were_n
     assert refusal(tokens, principal()) is None
 
 
+def test_every_token_of_an_ended_session_is_refused_whenever_it_was_issued_and_other_sessions_are_not(
+        revoked: RevokedTokens) -> None:
+    revoked.revoke(USER, int(NOW * 1000), session=SESSION)
+    assert refusal(revoked, principal(session=SESSION)) == AuthReason.REVOKED
+    assert refusal(revoked, principal(session=SESSION, issued_at=int(NOW) + 60)) == AuthReason.REVOKED
+    assert refusal(revoked, principal(session="another-session")) is None
+    assert refusal(revoked, principal()) is None  # a token without a session, of the same user
+    with pytest.raises(AuthenticationError, match="the session this token was issued in has ended"):
+        revoked.check(principal(session=SESSION))
+
+
 def test_revocations_are_forgotten_once_every_token_they_end_has_expired(revoked: RevokedTokens,
                                                                         clocks: Clocks) -> None:
     for number in range(100):
         revoked.revoke(f"user-{number}", int(NOW * 1000))
-    assert len(revoked) == 100
+        revoked.revoke(f"user-{number}", int(NOW * 1000), session=f"session-{number}")
+    assert len(revoked) == 200
     clocks.wall += 361
     revoked.revoke(USER, int(clocks.wall * 1000))
     assert len(revoked) == 1
@@ -254,8 +319,10 @@ class OnPartitionZero(Record):
 
 
 def revocation_record(ring: KeyRing, offset: int, producer: str = "audit", subject: str = USER,
-                      everyone: bool = False, revoked_at: dt.datetime | None = None) -> OnPartitionZero:
-    payload = AccessRevoked(subject=subject, everyone=everyone, cause="USER DELETE", keycloak_event_id="k1")
+                      everyone: bool = False, revoked_at: dt.datetime | None = None,
+                      session: str = "") -> OnPartitionZero:
+    payload = AccessRevoked(subject=subject, everyone=everyone, cause="USER DELETE", keycloak_event_id="k1",
+                            session_id=session)
     payload.revoked_at.FromDatetime(revoked_at or dt.datetime.now(dt.UTC))
     envelope = seal(ring.signing_key(producer), TOPIC, payload, aggregate_id=subject or "everyone",
                     sequence=offset + 1, correlation_id="keycloak-k1")
@@ -308,6 +375,17 @@ def test_the_feed_reads_from_the_lookback_and_applies_the_audit_services_signed_
     assert refusal(revoked, principal(issued_at=int(dt.datetime.now(dt.UTC).timestamp()) - 5)) == AuthReason.REVOKED
 
 
+def test_the_feed_applies_an_ended_session_to_that_sessions_tokens_only(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    reader, kafka, revoked = feed
+    kafka.queued, kafka.end = [revocation_record(ring, 3, subject="", session=SESSION)], 4
+    run_until_read(reader)
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    assert refusal(revoked, principal(issued_at=now - 5, session=SESSION)) == AuthReason.REVOKED
+    assert refusal(revoked, principal(issued_at=now - 5, session="another")) is None
+    assert refusal(revoked, principal(issued_at=now - 5)) is None
+
+
 def test_the_feed_confirms_the_set_only_once_it_has_read_to_the_topics_end(
         feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
     reader, kafka, revoked = feed
@@ -328,6 +406,7 @@ def test_the_feed_confirms_the_set_only_once_it_has_read_to_the_topics_end(
     ("accounts", "not_authorised"),  # a validly signed service that may not revoke
     ("tampered", "bad_signature"),
     ("both", "malformed"),  # a subject and everyone
+    ("session-and-everyone", "malformed"),
     ("neither", "malformed"),
     ("future", "from_the_future"),
 ])
@@ -338,6 +417,8 @@ def test_a_revocation_the_pipeline_refuses_changes_nothing_and_is_counted(
         record = revocation_record(ring, 3, producer="accounts")
     elif forge == "both":
         record = revocation_record(ring, 3, everyone=True)
+    elif forge == "session-and-everyone":
+        record = revocation_record(ring, 3, subject="", everyone=True, session=SESSION)
     elif forge == "neither":
         record = revocation_record(ring, 3, subject="")
     elif forge == "future":
@@ -380,8 +461,9 @@ class Realm:
         return matching[first:first + count]
 
 
-def watcher(realm: Realm, published: list[Revocation]) -> RevocationWatcher:
-    return RevocationWatcher(realm, TRIGGERS, published.extend, lookback_seconds=360, clock=lambda: NOW)
+def watcher(realm: Realm, published: list[Revocation], users: Realm | None = None) -> RevocationWatcher:
+    return RevocationWatcher(realm, users or Realm(), TRIGGERS, published.extend, lookback_seconds=360,
+                             clock=lambda: NOW)
 
 
 def test_the_watch_publishes_a_revocation_for_each_matching_admin_event_once() -> None:
@@ -417,7 +499,7 @@ def test_revocations_not_published_are_read_and_published_again() -> None:
     def refuse(revocations: list[Revocation]) -> None:
         raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT))
 
-    failing = RevocationWatcher(realm, TRIGGERS, refuse, lookback_seconds=360, clock=lambda: NOW)
+    failing = RevocationWatcher(realm, Realm(), TRIGGERS, refuse, lookback_seconds=360, clock=lambda: NOW)
     with pytest.raises(KafkaException):
         failing.run_once()
     published: list[Revocation] = []
@@ -431,4 +513,18 @@ def test_an_admin_event_keycloak_gave_without_an_id_is_logged_and_the_others_pub
                     admin_event("USER", "DELETE", f"users/{USER}", int(NOW * 1000) + 1, "e2")]
     with capture_logs() as logs:
         assert [r.keycloak_event_id for r in watcher(realm, published).run_once()] == ["e2"]
-    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["admin_event_unreadable"]
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["keycloak_event_unreadable"]
+
+
+def test_the_watch_reads_user_events_on_a_cursor_of_their_own_and_publishes_sign_outs() -> None:
+    realm, users, published = Realm(), Realm(), []
+    watch = watcher(realm, published, users)
+    moment = int(NOW * 1000)
+    realm.events = [admin_event("USER", "DELETE", f"users/{USER}", moment + 60_000, "a1")]
+    users.events = [user_event(moment_ms=moment, event_id="u1"), user_event("LOGIN", event_id="u2")]
+    made = watch.run_once()
+    assert [(r.keycloak_event_id, r.session) for r in made] == [("a1", None), ("u1", SESSION)]
+    # The admin event a minute later does not move the user events' cursor: one stamped just after u1 is read.
+    users.events.append(user_event(moment_ms=moment + 10, event_id="u3"))
+    assert [r.keycloak_event_id for r in watch.run_once()] == ["u3"]
+    assert users.asked[-1][0] == moment - 5_000  # read from u1 on, not from the admin event's time

@@ -72,13 +72,15 @@ def refused(validator: TokenValidator, token: str) -> AuthReason:
 
 def test_a_keycloak_access_token_yields_its_principal(validator: TokenValidator, minter: TokenMinter,
                                                       clock: ManualClock) -> None:
-    principal = validator.validate(minter.mint(jti="t-1", realm_access={"roles": ["customer", "teller"]}))
+    principal = validator.validate(minter.mint(jti="t-1", sid="s-1", realm_access={"roles": ["customer", "teller"]}))
     assert principal == Principal(
         subject=minter.claims()["sub"], username="alice", client_id="bastion-cli",
         roles=frozenset({"customer", "teller"}), token_id="t-1", expires_at=int(clock()) + 300,
-        issued_at=int(clock()),
+        issued_at=int(clock()), session_id="s-1",
     )
     assert not principal.is_service_account
+    assert validator.validate(minter.mint(sid=None)).session_id is None  # a client-credentials token has none
+    assert refused(validator, minter.mint(sid=7)) == AuthReason.MALFORMED
 
 
 def test_audience_may_be_a_list_and_service_accounts_are_recognised(validator: TokenValidator,

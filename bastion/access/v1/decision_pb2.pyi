@@ -189,9 +189,10 @@ Global___SecurityAlert: _TypeAlias = SecurityAlert  # noqa: Y015
 @_typing.final
 class AccessRevoked(_message.Message):
     """Access tokens issued before a change in Keycloak no longer count (only the audit service may publish one, on
-    identity.revocations.v1, infra/event-trust.yaml): a role taken away, a user disabled, deleted or signed out by an
-    administrator. Every service refuses a token of SUBJECT (of every subject when `everyone`) whose `iat` is not
-    after `revoked_at`, until such tokens have expired anyway (infra/revocation-triggers.yaml, docs/security.md).
+    identity.revocations.v1, infra/event-trust.yaml): a role taken away, a user disabled, deleted or signed out, a
+    session ended. Every service refuses, until such tokens have expired anyway (infra/revocation-triggers.yaml):
+    when `session_id` is set, every token of that session (its `sid`); otherwise a token of SUBJECT (of every subject
+    when `everyone`) whose `iat` is not after `revoked_at`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -201,13 +202,16 @@ class AccessRevoked(_message.Message):
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     CAUSE_FIELD_NUMBER: _builtins.int
     KEYCLOAK_EVENT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
-    """The Keycloak user id (a token's `sub`); empty when `everyone` is set."""
+    """The Keycloak user id (a token's `sub`); empty when `everyone` is set, and when only the session is known."""
     everyone: _builtins.bool
     cause: _builtins.str
     """What Keycloak recorded: the admin event's resource type and operation, e.g. "REALM_ROLE_MAPPING DELETE"."""
     keycloak_event_id: _builtins.str
-    """Keycloak's id of the admin event, so that a change published twice is known as one."""
+    """Keycloak's id of the admin or user event, so that a change published twice is known as one."""
+    session_id: _builtins.str
+    """The Keycloak session that ended (a token's `sid`): its tokens are refused whenever they were issued."""
     @_builtins.property
     def revoked_at(self) -> _timestamp_pb2.Timestamp:
         """When Keycloak made the change (its own clock, as it stamps `iat`)."""
@@ -220,10 +224,11 @@ class AccessRevoked(_message.Message):
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
         cause: _builtins.str = ...,
         keycloak_event_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "everyone", b"everyone", "keycloak_event_id", b"keycloak_event_id", "revoked_at", b"revoked_at", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "everyone", b"everyone", "keycloak_event_id", b"keycloak_event_id", "revoked_at", b"revoked_at", "session_id", b"session_id", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

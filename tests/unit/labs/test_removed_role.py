@@ -9,7 +9,7 @@ import pytest
 
 from bastion.labs import tokens
 from bastion.labs.base import Evidence
-from bastion.labs.platform import LabSetupError
+from bastion.labs.platform import Answer, LabSetupError
 from tests.unit.labs.fakes import RpcError
 
 REVOKED = "invalid token: revoked: access was revoked after this token was issued: sign in again"
@@ -118,3 +118,18 @@ def test_a_keycloak_that_cannot_set_the_scene_stops_the_lab_as_not_run(monkeypat
         run(monkeypatch, admin, None)
     if failing == "take-away":
         assert admin.done[-1] == "delete"  # the lab's user is removed all the same
+
+
+def test_revoked_session_holds_on_the_introspections_refusal_or_the_sessions_revocation_only() -> None:
+    denied, unauthenticated = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED
+    ended = "invalid token: revoked: the session this token was issued in has ended: sign in again"
+    inactive = "a transfer above 1000.00 needs an active session: sign in again"
+    assert tokens._session_refusal(Answer(denied, inactive), denied) is True
+    assert tokens._session_refusal(Answer(unauthenticated, ended), denied) is True
+    assert tokens._session_refusal(Answer(unauthenticated, ended), unauthenticated) is True
+    # the small transfer must meet the revocation, not introspection (which it never asks)
+    assert tokens._session_refusal(Answer(denied, inactive), unauthenticated) is False
+    assert tokens._session_refusal(Answer(unauthenticated, REVOKED), unauthenticated) is False  # another revocation
+    assert tokens._session_refusal(Answer(unauthenticated, "invalid token: expired"), denied) is False
+    assert tokens._session_refusal(Answer(denied, "method not allowed"), denied) is False
+    assert tokens._session_refusal(Answer(grpc.StatusCode.OK), denied) is False
