@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bastion.access.v1.decision_pb2 import AccessRevoked
 from bastion.events.consumer import broker_time
@@ -70,14 +70,22 @@ class RevocationFeed:
         metadata = self._consumer.list_topics(TOPIC, timeout=10).topics[TOPIC]
         if metadata.error is not None:
             raise KafkaException(metadata.error)
+        if not metadata.partitions:  # nothing to read would be confirmed current at once
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION, f"{TOPIC} has no partitions"))
+        # The ends are asked first: a revocation appended after the broker answered "nothing that recent" below is
+        # then still read, where an end asked afterwards would start past it.
+        ends = {partition: self._consumer.get_watermark_offsets(TopicPartition(TOPIC, partition), timeout=10)[1]
+                for partition in metadata.partitions}
         since_ms = int((self._clock() - self.lookback_seconds) * 1000)
         wanted = [TopicPartition(TOPIC, partition, since_ms) for partition in metadata.partitions]
         starts = self._consumer.offsets_for_times(wanted, timeout=10)
         assigned = []
         for start in starts:
+            if start.error is not None:  # a partition the broker could not place: reading it from the end would
+                raise KafkaException(start.error)  # skip the revocations of the lookback
             offset = start.offset
-            if offset < 0:  # nothing that recent: read from the end
-                offset = self._consumer.get_watermark_offsets(TopicPartition(TOPIC, start.partition), timeout=10)[1]
+            if offset < 0:  # nothing that recent: read from the end as it was before the question
+                offset = ends[start.partition]
             self._next[start.partition] = offset
             assigned.append(TopicPartition(TOPIC, start.partition, offset))
         self._consumer.assign(assigned)

@@ -293,7 +293,7 @@ class Partitions:
 
     def offsets_for_times(self, wanted: list[Any], timeout: float) -> list[Any]:
         self.asked_since = wanted[0].offset
-        return [type("Start", (), {"partition": 0, "offset": 3})()]
+        return [type("Start", (), {"partition": 0, "offset": 3, "error": None})()]
 
     def get_watermark_offsets(self, partition: Any, timeout: float) -> tuple[int, int]:
         if self.unreachable:
@@ -444,6 +444,44 @@ def test_a_passing_kafka_error_is_waited_out_and_a_fatal_one_makes_the_worker_ag
     assert [entry["event"] for entry in logs] == ["revocation_feed_kafka_error"]
     with pytest.raises(KafkaException):
         reader.take(OnPartitionZero(None, 0, error=KafkaError(KafkaError._FATAL, fatal=True)))
+
+
+def test_a_revocation_appended_while_the_feed_places_its_start_is_read(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    reader, kafka, revoked = feed
+    kafka.end = 3
+
+    def nothing_that_recent_then_one_appended(wanted: list[Any], timeout: float) -> list[Any]:
+        kafka.end = 4  # a revocation lands at offset 3 just after the broker answered "nothing that recent"
+        return [type("Start", (), {"partition": 0, "offset": -1, "error": None})()]
+
+    kafka.offsets_for_times = nothing_that_recent_then_one_appended  # type: ignore[method-assign]
+    kafka.queued = [revocation_record(ring, 3)]
+    run_until_read(reader)
+    assert [p.offset for p in kafka.assigned] == [3]
+    assert refusal(revoked, principal(issued_at=int(dt.datetime.now(dt.UTC).timestamp()) - 5)) == AuthReason.REVOKED
+
+
+def test_a_partition_the_broker_cannot_place_in_time_makes_the_worker_again_not_read_from_its_end(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens]) -> None:
+    reader, kafka, revoked = feed
+    kafka.end = 4
+    kafka.offsets_for_times = lambda wanted, timeout: [  # type: ignore[method-assign]
+        type("Start", (), {"partition": 0, "offset": -1, "error": KafkaError(KafkaError.LEADER_NOT_AVAILABLE)})()]
+    with pytest.raises(KafkaException):
+        run_until_read(reader)
+    assert not revoked.is_current()
+
+
+def test_a_topic_without_partitions_is_never_confirmed_current(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens]) -> None:
+    reader, kafka, revoked = feed
+    metadata = type("Topic", (), {"error": None, "partitions": {}})()
+    kafka.list_topics = lambda topic, timeout: type(  # type: ignore[method-assign]
+        "Metadata", (), {"topics": {topic: metadata}})()
+    with pytest.raises(KafkaException):
+        run_until_read(reader)
+    assert not revoked.is_current()
 
 
 # --- the audit service's watch on the realm ---
