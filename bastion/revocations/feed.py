@@ -99,6 +99,10 @@ class RevocationFeed:
             except KafkaException as error:  # the broker is away: the set ages, and the services fail closed
                 log.warning("revocation_feed_unconfirmed", consumer=self.name, error=str(error))
                 return
+            if next_offset > end:  # the log is not the one read (the topic made again, or truncated): what it
+                # holds now was never read, and being past its end would confirm it current
+                raise KafkaException(KafkaError(KafkaError._STATE, f"{TOPIC} [{partition}] ends at {end}, before "
+                                                                   f"offset {next_offset} already read"))
             if next_offset < end:
                 return
         self.revoked.confirm_current(asked_at)

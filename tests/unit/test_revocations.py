@@ -484,6 +484,20 @@ def test_a_topic_without_partitions_is_never_confirmed_current(
     assert not revoked.is_current()
 
 
+def test_a_topic_that_ends_before_what_was_read_is_not_confirmed_but_read_again(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    reader, kafka, revoked = feed
+    kafka.queued, kafka.end = [revocation_record(ring, 3)], 4
+    run_until_read(reader)
+    assert revoked.is_current()
+    later = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    reader.revoked = later
+    kafka.end = 1  # the topic was made again: its records were never read
+    with pytest.raises(KafkaException):
+        reader._confirm_if_read_to_end(10**9)
+    assert not later.is_current()
+
+
 # --- the audit service's watch on the realm ---
 
 class Realm:
