@@ -29,8 +29,8 @@ from bastion.revocations.revoked import RevokedTokens
 log = structlog.get_logger(__name__)
 
 TOPIC = "identity.revocations.v1"
-# A revocation dated further than this after the broker took it is refused: a producer's clock cannot be that far
-# off, and one dated years ahead would shut its subject out for years.
+# A revocation dated further than this after the broker took it counts as dated then: a producer's clock may be off
+# (dropping it would fail open), but one dated years ahead would shut its subject out for years.
 MAX_AHEAD = dt.timedelta(minutes=1)
 
 
@@ -148,8 +148,13 @@ class RevocationFeed:
         reference = received or dt.datetime.now(dt.UTC)
         if revoked_at_ms <= 0:
             raise VerificationError(RejectReason.MALFORMED, "the revocation is not dated")
-        if revoked_at_ms > (reference + MAX_AHEAD).timestamp() * 1000:
-            raise VerificationError(RejectReason.FROM_THE_FUTURE, "the revocation is dated after the broker took it")
+        latest_ms = int((reference + MAX_AHEAD).timestamp() * 1000)
+        if revoked_at_ms > latest_ms:
+            # Keycloak's clock ahead of the broker's, or a date no clock gives: the revocation still counts (dropping
+            # it would fail open), up to the latest time it can honestly have.
+            log.warning("revocation_dated_ahead", consumer=self.name, revoked_at_ms=revoked_at_ms,
+                        applied_at_ms=latest_ms)
+            revoked_at_ms = latest_ms
         self.revoked.revoke(revoked.subject or None, revoked_at_ms, revoked.session_id or None)
         EVENTS_APPLIED.labels(self.name, TOPIC).inc()
         log.info("token_access_revoked", consumer=self.name, subject=revoked.subject or "*",

@@ -13,6 +13,11 @@ from collections.abc import Callable
 from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal
 
 Clock = Callable[[], float]
+# Keycloak stamps an admin event before the change commits: a token issued meanwhile carries what the change took
+# away, with an `iat` that may fall in the next second. `iat` counts whole seconds besides. So tokens issued up to this
+# many seconds after the change's second are refused too (their holders sign in again a moment later): never the
+# other way round.
+COMMIT_MARGIN_SECONDS = 2
 
 
 class RevokedTokens:
@@ -39,10 +44,8 @@ class RevokedTokens:
 
     def revoke(self, subject: str | None, revoked_at_ms: int, session: str | None = None) -> None:
         """Every token of SESSION when it is given; otherwise tokens of SUBJECT (of everyone when None) with `iat` at
-        or before REVOKED_AT_MS are refused from now on. `iat` counts whole seconds, so a token issued in the same
-        second just after the change is refused too (its holder signs in again a second later): never the other way
-        round."""
-        second = revoked_at_ms // 1000
+        or before REVOKED_AT_MS, and up to COMMIT_MARGIN_SECONDS after its second, are refused from now on."""
+        second = revoked_at_ms // 1000 + COMMIT_MARGIN_SECONDS
         with self._lock:
             if session is not None:
                 self._sessions[session] = max(self._sessions.get(session, 0), second)

@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 EventPage = Callable[[int, int, int], list[Mapping[str, Any]]]  # (from epoch ms, first, max) -> oldest first
 OVERLAP_MS = 5_000
 PAGE = 100
-MAX_PAGES = 50  # a round reads at most this many pages; the rest is read next round
+MAX_FRESH = 5_000  # a round takes at most this many events not handled yet; the rest is read next round
 
 
 class AdminEventsRefusedError(Exception):
@@ -53,13 +53,30 @@ class _Source:
         self.seen: dict[str, int] = {}  # id -> time
 
     def fresh(self) -> list[Mapping[str, Any]]:
-        since = max(self.start_ms, self.newest_ms - OVERLAP_MS)
+        """The events not handled yet, oldest first: at most MAX_FRESH of them, the rest next round (counting only
+        those, so that a round whose overlap holds more handled events than that still gets past them).
+
+        Pages move by time: each starts at the last time of the page before, and the ids already taken are dropped.
+        Keycloak orders by time alone, so the events of one millisecond may come in another order from one request
+        to the next, and paging by position could skip one at a page's edge. A page that is all one millisecond
+        moves on by position within it."""
+        since, first = max(self.start_ms, self.newest_ms - OVERLAP_MS), 0
+        taken = set(self.seen)
         found: list[Mapping[str, Any]] = []
-        for page in range(MAX_PAGES):
-            events = self.fetch(since, page * PAGE, PAGE)
-            found += [event for event in events if str(event.get("id")) not in self.seen]
+        while len(found) < MAX_FRESH:
+            events = self.fetch(since, first, PAGE)
+            for event in events:
+                key = str(event.get("id"))
+                if key not in taken:
+                    taken.add(key)
+                    found.append(event)
             if len(events) < PAGE:
                 break
+            last = events[-1].get("time")
+            if isinstance(last, int) and not isinstance(last, bool) and last > since:
+                since, first = last, 0
+            else:
+                first += PAGE
         return found
 
     def revocations(self, events: list[Mapping[str, Any]]) -> list[Revocation]:

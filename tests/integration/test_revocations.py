@@ -21,6 +21,7 @@ from bastion.grpc.channels import call_metadata
 from bastion.notifications.v1 import notifications_pb2
 from bastion.payments.v1 import payments_pb2
 from bastion.revocations.feed import TOPIC
+from bastion.revocations.revoked import COMMIT_MARGIN_SECONDS
 from tests.integration.bank import Bank, signed_events
 
 REVOKED_WITHIN = 15.0  # the watch polls every second, the feeds read as it publishes
@@ -109,8 +110,9 @@ def test_a_role_taken_away_in_keycloak_ends_the_users_tokens_in_every_service_wi
         error = wait_until_refused(call)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (name, error.details())
         assert "access was revoked after this token was issued" in (error.details() or ""), name
-    # Signed in again, the user is who Keycloak now says: no customer any more.
-    time.sleep(1.1)
+    # Signed in again (after the margin the services keep for Keycloak's commit), the user is who Keycloak now says:
+    # no customer any more.
+    time.sleep(COMMIT_MARGIN_SECONDS + 1.1)
     again = calls(bank, sign_in(ctx, member))
     for name, call in again.items():
         error = refusal(call)
