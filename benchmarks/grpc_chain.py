@@ -7,7 +7,8 @@ running). In the same run, for
   (a) bare: plaintext on 127.0.0.1 (this benchmark's baseline only), no interceptor, a servicer answering a
       fixed WhoamiResponse (the real one reads the interceptor's `current_call`);
   (b) mutual TLS only: the kit's server credentials (dev CA, client certificate required), no interceptor;
-  (c) the whole chain: `start_server` with the SecurityInterceptor: Keycloak JWKS cache and TokenValidator,
+  (c) the whole chain: `start_server` with the SecurityInterceptor: Keycloak JWKS cache and TokenValidator
+      with the token revocations read from the dev stack's identity.revocations.v1 as the services read them,
       method policy infra/policies/probe.yaml, Redis rate limiter (a limit that never triggers), signed access
       decisions to Kafka; alice's real access token on every call, the cli certificate on the client.
       The decisions go to a throw-away topic of this run (`bench.<uuid>.access.v1`, like access.decisions.v1),
@@ -48,6 +49,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -67,9 +69,11 @@ from bastion.access.v1.decision_pb2 import AccessDecision
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.context import StackContext
-from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy
+from bastion.devstack.event_access import EventAccessPolicy, TopicPolicy, load_policy
 from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing
+from bastion.events.trust import load_trust_policy
+from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.audit import AccessAudit, KafkaAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.context import CORRELATION_HEADER, correlation_id_from, peer_identity_from
@@ -78,6 +82,9 @@ from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import MAX_MESSAGE_BYTES, ServerSecurity, TlsFiles, server_credentials, start_server
 from bastion.grpc.tokens import JwksCache, TokenValidator, jwks_url
 from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
+from bastion.revocations.feed import TOPIC as REVOCATIONS_TOPIC
+from bastion.revocations.feed import RevocationFeed
+from bastion.revocations.revoked import RevokedTokens
 from bastion.settings import PROJECT_ROOT, DevstackSettings
 from bastion.testing.probe import ProbeServicer
 
@@ -245,7 +252,7 @@ async def _chain_server(ctx: StackContext, audit: AccessAudit, limited: bool
     keycloak = Keycloak(ctx)
     jwks = JwksCache.from_url(jwks_url(keycloak.issuer), ssl.create_default_context(cafile=str(ctx.ca_file)))
     jwks.start_background_refresh()
-    validator = TokenValidator(keycloak.issuer, SERVICE, jwks)
+    validator = TokenValidator(keycloak.issuer, SERVICE, jwks, revocations=_revocations_read(ctx))
     redis = aioredis.Redis(**ctx.redis_options(SERVICE, ctx.credentials.redis[SERVICE]))
     limiter = RedisRateLimiter(redis, SERVICE, RateLimit(10**9, 60)) if limited else None
     policy = load_method_policy(PROJECT_ROOT / "infra" / "policies" / "probe.yaml")
@@ -255,6 +262,26 @@ async def _chain_server(ctx: StackContext, audit: AccessAudit, limited: bool
         [probe_pb2.DESCRIPTOR.services_by_name["Probe"]], host=HOST,
     )
     return server, port, jwks
+
+
+def _revocations_read(ctx: StackContext) -> RevokedTokens:
+    """The token revocations as the services read them: the dev stack's identity.revocations.v1, read by a feed of
+    this process under the service's witness group (partitions assigned, nothing committed, so the running service
+    is not disturbed), checked on every call as in the services."""
+    infra = ctx.settings.infra_dir
+    access = load_policy(infra / "event-access.yaml", set(ctx.service_names))
+    verifier = EnvelopeVerifier(KeyRing(ctx.layout.event_keys_dir).followed_trust_store(),
+                                load_trust_policy(infra / "event-trust.yaml", access))
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    feed = RevocationFeed(SERVICE, Kafka(ctx).client_config(SERVICE, ctx.credentials.kafka[SERVICE]),
+                          access.topics[REVOCATIONS_TOPIC].witnesses[SERVICE], verifier, revoked, revoked.keep_seconds)
+    threading.Thread(target=feed.run, args=(threading.Event(),), name="revocations", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not revoked.is_current():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{REVOCATIONS_TOPIC} was not read to its end within 30 s")
+        time.sleep(0.1)
+    return revoked
 
 
 def audit_topic_access(topic: str) -> EventAccessPolicy:
