@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import KafkaError, Producer
-from keycloak.exceptions import KeycloakError
+from keycloak.exceptions import KeycloakError, KeycloakGetError, raise_error_from_response
+from keycloak.urls_patterns import URL_ADMIN_EVENTS_CONFIG
 
 from bastion.events.envelopes import seal
 from bastion.events.keys import FollowedSigningKey
@@ -28,10 +29,15 @@ EventPage = Callable[[int, int, int], list[Mapping[str, Any]]]  # (from epoch ms
 OVERLAP_MS = 5_000
 PAGE = 100
 MAX_FRESH = 5_000  # a round takes at most this many events not handled yet; the rest is read next round
+RECORDING_CHECK_SECONDS = 60.0  # how often the watch asks again whether the realm still records those user events
 
 
 class AdminEventsRefusedError(Exception):
     """Keycloak does not let this service account read the realm's admin events."""
+
+
+class UserEventsNotRecordedError(Exception):
+    """The realm does not record the user events the triggers read: every sign-out would go unpublished."""
 
 
 class RevocationNotPublishedError(Exception):
@@ -138,9 +144,16 @@ class RevocationWatcher:
         return revocations
 
 
-def keycloak_events(admin: Any, user_event_types: list[str]) -> tuple[EventPage, EventPage]:
+def keycloak_events(admin: Any, user_event_types: list[str],
+                    monotonic: Callable[[], float] = time.monotonic) -> tuple[EventPage, EventPage]:
     """The realm's admin events and its user events of USER_EVENT_TYPES, over python-keycloak's KeycloakAdmin (a
-    client-credentials connection to the realm), each a page at a time, oldest first."""
+    client-credentials connection to the realm), each a page at a time, oldest first.
+
+    A realm that does not record those user events (imported before they were turned on, or turned off since: a
+    change no trigger sees) answers the query with nothing, which would read as "nobody signed out". So the realm's
+    events settings are asked first, and again every RECORDING_CHECK_SECONDS: without them, UserEventsNotRecordedError
+    (the worker fails, and the audit service's health says so)."""
+    checked_at = [float("-inf")]
 
     def refused(error: KeycloakError) -> Exception:
         if error.response_code == 403:
@@ -157,9 +170,26 @@ def keycloak_events(admin: Any, user_event_types: list[str]) -> tuple[EventPage,
             raise refused(error) from None
         return events
 
+    def ensure_recorded() -> None:
+        try:
+            config = raise_error_from_response(admin.connection.raw_get(
+                URL_ADMIN_EVENTS_CONFIG.format(**{"realm-name": admin.connection.realm_name})), KeycloakGetError)
+        except KeycloakError as error:
+            raise refused(error) from None
+        recorded = config.get("enabledEventTypes") if isinstance(config, dict) else None
+        missing = sorted(set(user_event_types) - set(recorded if isinstance(recorded, list) else []))
+        if not isinstance(config, dict) or config.get("eventsEnabled") is not True or missing:
+            raise UserEventsNotRecordedError(
+                f"the realm does not record the user events {missing or user_event_types} the revocation triggers "
+                "read (sign-outs would never be published): the realm was imported before they were; `bastion "
+                "reset` imports it again")
+
     def user_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
         if not user_event_types:
             return []
+        if monotonic() - checked_at[0] >= RECORDING_CHECK_SECONDS:
+            ensure_recorded()
+            checked_at[0] = monotonic()
         try:
             events: list[Mapping[str, Any]] = admin.get_events(
                 {"type": user_event_types, "dateFrom": since_ms, "direction": "asc", "first": first, "max": count})

@@ -2,12 +2,14 @@
 the audit service publishes them, every service reads them into the tokens it refuses, failing closed."""
 
 import datetime as dt
+import json
 import random
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
@@ -29,7 +31,14 @@ from bastion.revocations.triggers import (
     revocation_of,
     revocation_of_user_event,
 )
-from bastion.revocations.watcher import MAX_FRESH, PAGE, RevocationWatcher
+from bastion.revocations.watcher import (
+    MAX_FRESH,
+    PAGE,
+    RECORDING_CHECK_SECONDS,
+    RevocationWatcher,
+    UserEventsNotRecordedError,
+    keycloak_events,
+)
 from tests.unit.test_consumer import Record
 from tests.unit.test_event_verification import INFRA, SERVICES
 
@@ -638,3 +647,44 @@ def test_the_watch_reads_user_events_on_a_cursor_of_their_own_and_publishes_sign
     users.events.append(user_event(moment_ms=moment + 10, event_id="u3"))
     assert [r.keycloak_event_id for r in watch.run_once()] == ["u3"]
     assert users.asked[-1][0] == moment - 5_000  # read from u1 on, not from the admin event's time
+
+
+class RealmAdmin:
+    """python-keycloak's KeycloakAdmin as the watch uses it: the realm's events settings and its user events."""
+
+    def __init__(self, events_enabled: bool, types: list[str]) -> None:
+        self.config = {"eventsEnabled": events_enabled, "enabledEventTypes": types, "adminEventsEnabled": True}
+        self.queries: list[dict[str, Any]] = []
+        self.connection = self  # KeycloakAdmin.connection: raw requests to the realm
+        self.realm_name = "bastion"
+
+    def raw_get(self, path: str) -> requests.Response:
+        assert path == "admin/realms/bastion/events/config"
+        response = requests.Response()
+        response.status_code, response._content = 200, json.dumps(self.config).encode()
+        return response
+
+    def get_events(self, query: dict[str, Any]) -> list[dict[str, Any]]:
+        self.queries.append(query)
+        return [user_event()]
+
+
+def test_the_watch_refuses_to_read_sign_outs_from_a_realm_that_does_not_record_them() -> None:
+    # A realm imported before sign-outs were recorded answers the events query with nothing: that must not read
+    # as "nobody signed out".
+    for admin in (RealmAdmin(False, ["LOGOUT"]), RealmAdmin(True, ["LOGIN"])):
+        _, user_events = keycloak_events(admin, TRIGGERS.user_event_types)
+        with pytest.raises(UserEventsNotRecordedError, match="LOGOUT"):
+            user_events(int(NOW * 1000), 0, PAGE)
+        assert admin.queries == []
+    recording = RealmAdmin(True, ["LOGIN", "LOGOUT"])
+    clock = [0.0]
+    _, user_events = keycloak_events(recording, TRIGGERS.user_event_types, monotonic=lambda: clock[0])
+    assert [event["id"] for event in user_events(int(NOW * 1000), 0, PAGE)] == [user_event()["id"]]
+    assert recording.queries[0]["type"] == ["LOGOUT"]
+    # Turned off later (a change no trigger sees): found out at the next check.
+    recording.config["eventsEnabled"] = False
+    user_events(int(NOW * 1000), 0, PAGE)
+    clock[0] += RECORDING_CHECK_SECONDS
+    with pytest.raises(UserEventsNotRecordedError):
+        user_events(int(NOW * 1000), 0, PAGE)
