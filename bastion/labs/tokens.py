@@ -34,6 +34,7 @@ from bastion.labs.platform import (
     new_correlation_id,
 )
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
+from bastion.payments.v1 import payments_pb2
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
 WRONG_AUDIENCE = str(AuthReason.WRONG_AUDIENCE)  # named in the refusal's message ("invalid token: wrong_audience: ...")
@@ -94,6 +95,10 @@ def _context(watch: Watch, service: str, correlation_id: str) -> Iterator[Eviden
 
 def _list_accounts(stub: Any, metadata: tuple[tuple[str, str], ...]) -> Answer:
     return answer(lambda: stub.ListAccounts(accounts_pb2.ListAccountsRequest(), metadata=metadata, timeout=TIMEOUT))
+
+
+def _list_payments(stub: Any, metadata: tuple[tuple[str, str], ...]) -> Answer:
+    return answer(lambda: stub.ListPayments(payments_pb2.ListPaymentsRequest(), metadata=metadata, timeout=TIMEOUT))
 
 
 def forged_token(session: Session) -> Iterator[Evidence]:
@@ -179,11 +184,12 @@ def revoked_session(session: Session) -> Iterator[Evidence]:
     yield Evidence(f"the same token, {euros(STEP_UP_AMOUNT)} again, at once", "OK: the transfer went through"
                    if after.ok else str(after), _session_refusal(after, grpc.StatusCode.PERMISSION_DENIED))
     # Within seconds: the audit service publishes the sign-out (a Keycloak user event) as the session's revocation,
-    # and every service refuses the session's tokens, for any amount.
-    ended = _list_accounts(bank.accounts, metadata)
+    # and every service refuses the session's tokens, for any amount. Waited for at payments, where the small
+    # transfer goes: each service reads the revocations on its own, so another one refusing says nothing of payments.
+    ended = _list_payments(bank.payments, metadata)
     while ended.ok and time.monotonic() - signed_out < REVOKED_WITHIN:
         time.sleep(0.25)
-        ended = _list_accounts(bank.accounts, metadata)
+        ended = _list_payments(bank.payments, metadata)
     small = send(SMALL_AMOUNT)
     yield Evidence(f"the same token, {euros(SMALL_AMOUNT)} ({time.monotonic() - signed_out:.1f} s after signing "
                    "out)", "OK: the transfer went through" if small.ok else str(small),
