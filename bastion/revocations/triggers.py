@@ -14,10 +14,13 @@ import yaml
 from bastion.access.v1.decision_pb2 import AccessRevoked
 
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# Keycloak's session ids are UUIDs in 26.4 and base64url text in later versions: either is taken, nothing else.
+_SESSION = r"[0-9A-Za-z_-]{16,64}"
 # Keycloak's user ids are UUIDs; the resource path of an event about a user starts with users/ID, of one about a
 # session with sessions/ID.
-_PATHS = {"user": re.compile(rf"^users/({_UUID})(?:/|$)"), "session": re.compile(rf"^sessions/({_UUID})$")}
+_PATHS = {"user": re.compile(rf"^users/({_UUID})(?:/|$)"), "session": re.compile(rf"^sessions/({_SESSION})$")}
 _ID = re.compile(rf"^{_UUID}$")
+_SESSION_ID = re.compile(rf"^{_SESSION}$")
 _NAME = re.compile(r"^[A-Z][A-Z_]{0,63}$")
 OPERATIONS = ("CREATE", "UPDATE", "DELETE", "ACTION")
 # The namespace of the event ids of revocations: one Keycloak event is one revocation, however often it is published.
@@ -175,6 +178,6 @@ def revocation_of_user_event(event: Mapping[str, Any], triggers: Triggers) -> Re
     cause = f"user {kind}"
     user, session = event.get("userId"), event.get("sessionId")
     subject = user if isinstance(user, str) and _ID.match(user) else None
-    if trigger.scope is Scope.SESSION and isinstance(session, str) and _ID.match(session):
+    if trigger.scope is Scope.SESSION and isinstance(session, str) and _SESSION_ID.match(session):
         return Revocation(subject, moment, cause, event_id, session=session)
     return Revocation(subject, moment, cause, event_id)

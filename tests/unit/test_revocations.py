@@ -189,6 +189,17 @@ def test_a_users_own_sign_out_revokes_that_session_and_other_user_events_nothing
         revocation_of_user_event(user_event(event_id=""), TRIGGERS)
 
 
+def test_a_session_id_of_a_later_keycloak_base64url_not_a_uuid_is_still_one_session() -> None:
+    later = "k3J9xQ_2vLm8-ZpR4tYw0aBc"
+    signed_out = revocation_of_user_event(user_event(session=later), TRIGGERS)
+    assert signed_out is not None and signed_out.session == later
+    ended = revocation_of(admin_event("USER_SESSION", "DELETE", f"sessions/{later}"), TRIGGERS)
+    assert ended is not None and ended.session == later
+    for odd in ("short", "has/slash", "x" * 65, "with space in it!"):
+        assert revocation_of_user_event(user_event(session=odd), TRIGGERS) == Revocation(
+            USER, int(NOW * 1000), "user LOGOUT", "u1")
+
+
 def test_a_session_an_admin_ends_is_revoked_and_one_not_named_revokes_everyone() -> None:
     ended = revocation_of(admin_event("USER_SESSION", "DELETE", f"sessions/{SESSION}"), TRIGGERS)
     assert ended is not None and (ended.session, ended.subject) == (SESSION, None)
