@@ -49,12 +49,14 @@ def tampered_download(session: Session) -> Iterator[Evidence]:
         victim.unlink()  # a hard link: write a new file, never through the link into the real cache
         victim.write_bytes(bytes(data))
         yield Evidence("the tampering", f"one byte of {victim.name} flipped ({len(data):,} bytes)")
-        yield _outcome("set-up's check of the tampered copy", dist, cache, expect_refusal=True)
+        yield _outcome("set-up's check of the tampered copy", dist, cache, expect_refusal=True,
+                       names=(victim.name, "is pinned"))
 
         shutil.copyfile(cached / victim.name, victim)
         (copy / SLIPPED_IN).write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: a jar that adds itself
         yield Evidence("the slipped-in jar", f"{SLIPPED_IN} added to the folder Kafka's classpath is built from")
-        yield _outcome("set-up's check of the copy with an extra jar", dist, cache, expect_refusal=True)
+        yield _outcome("set-up's check of the copy with an extra jar", dist, cache, expect_refusal=True,
+                       names=(SLIPPED_IN, "unexpected"))
 
 
 def _linked_copy(source: Path, target: Path) -> Path:
@@ -65,12 +67,18 @@ def _linked_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _outcome(what: str, dist: distributions.Distribution, cache: Path, expect_refusal: bool) -> Evidence:
+def _outcome(what: str, dist: distributions.Distribution, cache: Path, expect_refusal: bool,
+             names: tuple[str, ...] = ()) -> Evidence:
+    """The check of the copy in CACHE. A refusal holds only when it NAMES what was tampered with (the file and the
+    pin check): a refusal for another cause (Maven failing to fetch, say) says nothing of the pins."""
     try:
         distributions.fetch(dist, cache)
     except PrerequisiteError as refusal:
         if not expect_refusal:
             raise LabSetupError(f"the untouched copy was refused: {refusal.problem}") from None
+        if not all(name in refusal.problem for name in names):
+            return Evidence(what, f"refused: {refusal.problem} (expected a refusal naming {', '.join(names)}: "
+                                  "another check refused it)", False)
         return Evidence(what, f"refused: {refusal.problem}", True)
     if expect_refusal:
         return Evidence(what, "accepted: Kafka would start from it", False)

@@ -166,6 +166,14 @@ def test_a_tampered_download_holds_when_refused_and_a_refused_calibration_stops_
     assert refused.held is True and "is pinned" in refused.observed
     with pytest.raises(LabSetupError, match="the untouched copy was refused"):
         supply._outcome("untouched", None, tmp_path, expect_refusal=False)  # type: ignore[arg-type]
+    # Held only when the refusal names the file tampered with and the pin check; another refusal is not the control.
+    named = supply._outcome("tampered", None, tmp_path, expect_refusal=True,  # type: ignore[arg-type]
+                            names=("kafka-clients-3.9.jar", "is pinned"))
+    assert named.held is True
+    fetching(monkeypatch, "Maven could not fetch kafka 4.1.1 from Maven Central: connection refused")
+    other = supply._outcome("tampered", None, tmp_path, expect_refusal=True,  # type: ignore[arg-type]
+                            names=("kafka-clients-3.9.jar", "is pinned"))
+    assert other.held is False and "another check refused it" in other.observed
 
 
 def test_a_stolen_archive_holds_only_as_an_age_file_with_nothing_in_clear(tmp_path: Path) -> None:
