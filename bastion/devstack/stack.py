@@ -4,6 +4,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +197,18 @@ class Stack:
             )
 
     def down(self) -> list[str]:
+        """Stop every component, phase by phase in the reverse of their start (the services before Kafka, which they
+        publish their last decisions to; Keycloak before PostgreSQL). The components of one phase stop together: none
+        of them waits on another, and each may take seconds to wind down (a service's workers, Kafka's log)."""
         stopped = []
-        for kind in reversed(self.kinds):
-            if self.supervisor.stop(kind.name):
-                stopped.append(kind.name)
-                self.progress(f"{kind.name}: stopped")
+        for phase in reversed(self.phases):
+            kinds = list(reversed(phase))
+            with ThreadPoolExecutor(max_workers=max(len(kinds), 1)) as pool:
+                outcomes = list(pool.map(lambda kind: self.supervisor.stop(kind.name), kinds))
+            for kind, was_running in zip(kinds, outcomes, strict=True):
+                if was_running:
+                    stopped.append(kind.name)
+                    self.progress(f"{kind.name}: stopped")
         return stopped
 
     def status(self) -> dict[str, Any]:
