@@ -159,7 +159,7 @@ def keycloak_events(admin: Any, user_event_types: list[str],
         if error.response_code == 403:
             return AdminEventsRefusedError(
                 "Keycloak refuses the audit service the realm's events (it lacks realm-management's view-events "
-                "role): the realm was imported before token revocation; `bastion reset` imports it again")
+                "role): the realm was imported before token revocation; `bastion up` adds what it lacks")
         return error
 
     def admin_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
@@ -177,12 +177,14 @@ def keycloak_events(admin: Any, user_event_types: list[str],
         except KeycloakError as error:
             raise refused(error) from None
         recorded = config.get("enabledEventTypes") if isinstance(config, dict) else None
-        missing = sorted(set(user_event_types) - set(recorded if isinstance(recorded, list) else []))
+        # An empty list with events on is Keycloak's default: every type it saves by default, sign-outs among them.
+        recording = set(recorded) if isinstance(recorded, list) and recorded else set(user_event_types)
+        missing = sorted(set(user_event_types) - recording)
         if not isinstance(config, dict) or config.get("eventsEnabled") is not True or missing:
             raise UserEventsNotRecordedError(
                 f"the realm does not record the user events {missing or user_event_types} the revocation triggers "
-                "read (sign-outs would never be published): the realm was imported before they were; `bastion "
-                "reset` imports it again")
+                "read (sign-outs would never be published): the realm was imported before they were, or they were "
+                "turned off; `bastion up` adds them again")
 
     def user_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
         if not user_event_types:

@@ -23,6 +23,7 @@ from bastion.payments.v1 import payments_pb2
 from bastion.revocations.feed import TOPIC
 from bastion.revocations.revoked import COMMIT_MARGIN_SECONDS
 from tests.integration.bank import Bank, signed_events
+from tests.integration.conftest import bastion
 
 REVOKED_WITHIN = 15.0  # the watch polls every second, the feeds read as it publishes
 
@@ -149,3 +150,28 @@ def test_signing_out_ends_that_sessions_tokens_everywhere_while_another_session_
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (name, error.details())
         assert "the session this token was issued in has ended" in (error.details() or ""), name
     assert {name: refusal(call) for name, call in staying.items()} == dict.fromkeys(staying)
+
+
+def test_bastion_up_gives_a_realm_of_an_earlier_release_what_revocation_needs(
+        bank: Bank, ctx: StackContext, admin: KeycloakAdmin, member: Member) -> None:
+    """As an install set up before token revocation: the realm records no events and the audit service may not read
+    them (Keycloak's import skips an existing realm). `bastion up` adds what is missing, and revocation works."""
+    management, audit = admin.get_client_id("realm-management"), admin.get_client_id("audit")
+    account = admin.get_client_service_account_user(audit)
+    view_events = admin.get_client_role(management, "view-events")
+    admin.delete_client_roles_of_user(account["id"], management, [view_events])
+    admin.delete_client_roles_of_client_scope(audit, management, [view_events])
+    admin.update_realm("bastion", {"adminEventsEnabled": False, "eventsEnabled": False, "enabledEventTypes": []})
+    result = bastion("up")
+    assert result.returncode == 0, result.stdout + result.stderr
+    upgraded = admin.get_realm("bastion")
+    assert (upgraded["adminEventsEnabled"], upgraded["eventsEnabled"]) == (True, True)
+    assert "LOGOUT" in upgraded["enabledEventTypes"]
+    assert [role["name"] for role in admin.get_client_roles_of_user(account["id"], management)] == ["view-events"]
+    assert [role["name"] for role in admin.get_client_roles_of_client_scope(audit, management)] == ["view-events"]
+    leaving = keycloak(ctx).token(member.username, member.password)
+    served = calls(bank, str(leaving["access_token"]))["payments"]
+    assert refusal(served) is None
+    keycloak(ctx).logout(leaving["refresh_token"])
+    error = wait_until_refused(served)
+    assert "the session this token was issued in has ended" in (error.details() or "")

@@ -688,6 +688,9 @@ def test_the_watch_refuses_to_read_sign_outs_from_a_realm_that_does_not_record_t
         with pytest.raises(UserEventsNotRecordedError, match="LOGOUT"):
             user_events(int(NOW * 1000), 0, PAGE)
         assert admin.queries == []
+    # Events on with no type named is Keycloak's default: the types it saves by default, sign-outs among them.
+    _, by_default = keycloak_events(RealmAdmin(True, []), TRIGGERS.user_event_types)
+    assert by_default(int(NOW * 1000), 0, PAGE)
     recording = RealmAdmin(True, ["LOGIN", "LOGOUT"])
     clock = [0.0]
     _, user_events = keycloak_events(recording, TRIGGERS.user_event_types, monotonic=lambda: clock[0])

@@ -1,0 +1,60 @@
+"""Brings a realm imported by an earlier release up to what the services rely on now.
+
+Keycloak imports the realm only when it does not exist (`--import-realm` skips an existing one), so an install set
+up before token revocation has a realm that records no events and an audit service account that may not read them:
+the audit service's watch would fail until `bastion reset`, which deletes every datum of the install. Instead, each
+`bastion up` (the Keycloak component's bootstrap) applies, as the Keycloak admin, the settings the rendered realm
+(`bastion/devstack/realm.py`) has and the running one lacks: the event settings, and the realm-management roles of
+`realm_management` in infra/keycloak/identities.yaml with the scope mappings that let them into the tokens. It only
+adds what is missing: it never takes a role away or turns recording off.
+"""
+
+from typing import Any
+
+from bastion.devstack.identities import Identities
+
+EVENT_SETTINGS = ("adminEventsEnabled", "adminEventsDetailsEnabled", "eventsEnabled", "eventsExpiration")
+REALM_MANAGEMENT = "realm-management"
+
+
+def missing_event_settings(current: dict[str, Any], rendered: dict[str, Any]) -> dict[str, Any]:
+    """The part of a realm update that gives CURRENT the event settings of RENDERED: {} when it has them."""
+    update = {name: rendered[name] for name in EVENT_SETTINGS if current.get(name) != rendered[name]}
+    wanted_types = set(rendered["enabledEventTypes"])
+    recorded = set(current.get("enabledEventTypes") or [])
+    if current.get("eventsEnabled") and not recorded:
+        recorded = wanted_types  # an empty list with events on records every type: nothing is missing
+    if not wanted_types <= recorded:
+        update["enabledEventTypes"] = sorted(recorded | wanted_types)
+    attributes = current.get("attributes") or {}
+    for name, value in rendered["attributes"].items():
+        if attributes.get(name) != value:
+            update.setdefault("attributes", dict(attributes))[name] = value
+    return update
+
+
+def upgrade_realm(admin: Any, identities: Identities, rendered: dict[str, Any]) -> list[str]:
+    """Apply to the running realm (through python-keycloak's KeycloakAdmin ADMIN, connected to it) what it lacks of
+    RENDERED; return what was done, in words, for the progress line."""
+    done = []
+    update = missing_event_settings(admin.get_realm(identities.realm), rendered)
+    if update:
+        admin.update_realm(identities.realm, update)
+        done.append(f"realm event settings {sorted(update)}")
+    if not identities.realm_management:
+        return done
+    management = admin.get_client_id(REALM_MANAGEMENT)
+    for client_id, roles in identities.realm_management.items():
+        client = admin.get_client_id(client_id)
+        account = admin.get_client_service_account_user(client)
+        held = {role["name"] for role in admin.get_client_roles_of_user(account["id"], management)}
+        missing = [admin.get_client_role(management, name) for name in roles if name not in held]
+        if missing:
+            admin.assign_client_role(account["id"], management, missing)
+            done.append(f"{client_id}'s service account: {REALM_MANAGEMENT} {sorted(r['name'] for r in missing)}")
+        mapped = {role["name"] for role in admin.get_client_roles_of_client_scope(client, management)}
+        unmapped = [admin.get_client_role(management, name) for name in roles if name not in mapped]
+        if unmapped:
+            admin.assign_client_roles_to_client_scope(client, management, unmapped)
+            done.append(f"{client_id}'s tokens may carry {REALM_MANAGEMENT} {sorted(r['name'] for r in unmapped)}")
+    return done
