@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 # `buf breaking` compares protos/ with the last released contracts, a buf image committed with the code.
 RELEASED_PROTOS := protos/released.binpb
 
-.PHONY: lock setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc bench-audit bench-audit-service
+.PHONY: lock setup up down status demo test unit integration lint protos release-protos reset clean bench-devstack bench-events bench-grpc bench-audit bench-audit-service bench-revocation
 
 # Python packages come only from requirements.lock, every file checked against its SHA-256 (docs/dependencies.md).
 LOCK := requirements.lock
@@ -81,6 +81,9 @@ bench-audit: setup         ## audit log: append, full-chain verification, rebuil
 
 bench-audit-service: setup ## the running audit service: CPU per access decision, end to end on the dev stack
 	$(BIN)/python -m benchmarks.audit_service
+
+bench-revocation: setup    ## token revocation: seconds from a sign-out or a role taken away until a service refuses
+	$(BIN)/python -m benchmarks.revocation
 
 reset: $(STAMP)            ## stop everything and wipe the state folder (secrets, PKI, data)
 	$(BIN)/bastion reset --yes
