@@ -18,6 +18,7 @@ Clock = Callable[[], float]
 # many seconds after the change's second are refused too (their holders sign in again a moment later): never the
 # other way round.
 COMMIT_MARGIN_SECONDS = 2
+PRUNE_EVERY_SECONDS = 1.0
 
 
 class RevokedTokens:
@@ -41,6 +42,7 @@ class RevokedTokens:
         self._sessions: dict[str, int] = {}  # session id -> the second it ended
         self._everyone = 0
         self._current_at: float | None = None
+        self._pruned_at = float("-inf")
 
     def revoke(self, subject: str | None, revoked_at_ms: int, session: str | None = None) -> None:
         """Every token of SESSION when it is given; otherwise tokens of SUBJECT (of everyone when None) with `iat` at
@@ -56,7 +58,13 @@ class RevokedTokens:
             self._forget_expired()
 
     def _forget_expired(self) -> None:
-        horizon = self._clock() - self.keep_seconds
+        """Forget the revocations older than KEEP_SECONDS, at most once a second: a scan per revocation would cost
+        the square of their number (anybody can sign in and out again and again, each sign-out one revocation)."""
+        now = self._clock()
+        if now - self._pruned_at < PRUNE_EVERY_SECONDS:
+            return
+        self._pruned_at = now
+        horizon = now - self.keep_seconds
         for held in (self._subjects, self._sessions):
             for key in [key for key, second in held.items() if second < horizon]:
                 del held[key]

@@ -22,7 +22,7 @@ from bastion.events.trust import load_trust_policy
 from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal
 from bastion.revocations.feed import TOPIC, RevocationFeed
-from bastion.revocations.revoked import COMMIT_MARGIN_SECONDS, RevokedTokens
+from bastion.revocations.revoked import COMMIT_MARGIN_SECONDS, PRUNE_EVERY_SECONDS, RevokedTokens
 from bastion.revocations.triggers import (
     Revocation,
     Scope,
@@ -304,6 +304,19 @@ def test_revocations_are_forgotten_once_every_token_they_end_has_expired(revoked
     clocks.wall += 1
     revoked.revoke(USER, int(clocks.wall * 1000))
     assert len(revoked) == 1
+
+
+def test_expired_revocations_are_looked_for_at_most_once_a_second_however_many_arrive(
+        revoked: RevokedTokens, clocks: Clocks) -> None:
+    revoked.revoke("first", int(clocks.wall * 1000))  # looks for expired ones now
+    stale = int((clocks.wall - 1_000) * 1000)
+    clocks.wall += 0.5
+    for number in range(100):  # a burst within the second: no scan for each
+        revoked.revoke(f"stale-{number}", stale)
+    assert len(revoked) == 101
+    clocks.wall += PRUNE_EVERY_SECONDS
+    revoked.revoke("next", int(clocks.wall * 1000))
+    assert len(revoked) == 2
 
 
 # --- the feed every service reads ---
