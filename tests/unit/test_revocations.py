@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import requests
 from confluent_kafka import KafkaError, KafkaException
+from keycloak.exceptions import KeycloakGetError
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -35,6 +36,7 @@ from bastion.revocations.watcher import (
     MAX_FRESH,
     PAGE,
     RECORDING_CHECK_SECONDS,
+    AdminEventsRefusedError,
     RevocationWatcher,
     UserEventsNotRecordedError,
     keycloak_events,
@@ -715,3 +717,23 @@ def test_the_watch_refuses_to_read_sign_outs_from_a_realm_that_does_not_record_t
     clock[0] += RECORDING_CHECK_SECONDS
     with pytest.raises(UserEventsNotRecordedError):
         user_events(int(NOW * 1000), 0, PAGE)
+
+
+class RefusingAdmin(RealmAdmin):
+    """A Keycloak that answers the events queries with CODE: 403 for a service account without view-events."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(True, ["LOGOUT"])
+        self.code = code
+
+    def get_admin_events(self, _query: dict[str, Any]) -> list[dict[str, Any]]:
+        raise KeycloakGetError(error_message=b"forbidden", response_code=self.code)
+
+
+def test_a_watch_keycloak_refuses_the_events_says_why_and_another_failure_passes_as_it_is() -> None:
+    admin_events, _ = keycloak_events(RefusingAdmin(403), TRIGGERS.user_event_types)
+    with pytest.raises(AdminEventsRefusedError, match="lacks realm-management's view-events"):
+        admin_events(int(NOW * 1000), 0, PAGE)
+    admin_events, _ = keycloak_events(RefusingAdmin(502), TRIGGERS.user_event_types)
+    with pytest.raises(KeycloakGetError):
+        admin_events(int(NOW * 1000), 0, PAGE)
