@@ -63,6 +63,10 @@ def path_of(method: Any) -> str:
     return path.decode("ascii", errors="replace") if isinstance(path, bytes) else ""
 
 
+class _TokenRefusedError(Exception):
+    """The downstream refused this service's token (UNAUTHENTICATED): its interceptor did, before any handler."""
+
+
 class ServiceTokens:
     """This service's client-credentials access token, fetched from Keycloak and renewed before it expires."""
 
@@ -164,8 +168,26 @@ class Downstream:
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, trace: TraceContext | None,
                     attempts: _Attempts) -> T:
-        metadata = self.metadata(await self.tokens.token(), trace)
+        """The call with this service's token; if the downstream refuses the token, once more with a fresh one.
+
+        A refused token is refused by the downstream's interceptor, before any handler runs: nothing happened there,
+        so the call may be made again. This is how a service goes on when its token was revoked (a change in
+        Keycloak that ends everyone's tokens ends service tokens too): it fetches a new one and the caller sees
+        nothing. A fresh token refused as well is this service's credentials being refused: UNAVAILABLE."""
         deadline = time.monotonic() + self.deadline_seconds
+        try:
+            return await self._send(method, request, trace, attempts, await self.tokens.token(), deadline)
+        except _TokenRefusedError:
+            self.tokens.forget()
+        try:
+            return await self._send(method, request, trace, attempts, await self.tokens.token(), deadline)
+        except _TokenRefusedError:
+            self.tokens.forget()  # fetch a fresh one next time, too
+            raise UnavailableError(f"{self.name} refused this service's credentials") from None
+
+    async def _send(self, method: Callable[..., Awaitable[T]], request: Any, trace: TraceContext | None,
+                    attempts: _Attempts, service_token: str, deadline: float) -> T:
+        metadata = self.metadata(service_token, trace)
 
         async def attempt() -> T:
             attempts.made += 1
@@ -173,15 +195,14 @@ class Downstream:
             return await method(request, metadata=metadata, timeout=remaining)
         try:
             return await resilient_call(attempt, breaker=self.breaker, budget=self.budget, is_transient=is_transient,
-                                        deadline_seconds=self.deadline_seconds)
+                                        deadline_seconds=max(deadline - time.monotonic(), 0.001))
         except BreakerOpenError:
             raise UnavailableError(f"{self.name} is unavailable (circuit open): try again later") from None
         except DeadlineExceededError:
             raise UnavailableError(f"{self.name} did not answer within {self.deadline_seconds:.1f}s") from None
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                self.tokens.forget()  # our service token was refused: fetch a fresh one next time
-                raise UnavailableError(f"{self.name} refused this service's credentials") from None
+                raise _TokenRefusedError() from None
             passed_on = PASSED_ON.get(error.code())
             if passed_on is not None:
                 raise passed_on(error.details() or error.code().name) from None

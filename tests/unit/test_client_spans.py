@@ -122,15 +122,17 @@ def test_retries_stay_inside_the_one_span_of_the_call_and_are_counted() -> None:
     assert len({sent[TRACEPARENT] for sent in accounts.sent}) == 1, "every attempt names the same client span"
 
 
-@pytest.mark.parametrize(("answer", "error", "code"), [
-    (grpc.StatusCode.NOT_FOUND, NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (grpc.StatusCode.INTERNAL, UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (grpc.StatusCode.UNAUTHENTICATED, UnavailableError, grpc.StatusCode.UNAVAILABLE),
+@pytest.mark.parametrize(("answers", "error", "code"), [
+    ((grpc.StatusCode.NOT_FOUND,), NotFoundError, grpc.StatusCode.NOT_FOUND),
+    ((grpc.StatusCode.INTERNAL,), UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    # this service's token refused, and the fresh one too
+    ((grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED), UnavailableError,
+     grpc.StatusCode.UNAVAILABLE),
 ])
 def test_a_call_that_failed_is_an_error_span_with_the_code_and_message_its_caller_got(
-        answer: grpc.StatusCode, error: type[Exception], code: grpc.StatusCode) -> None:
+        answers: tuple[grpc.StatusCode, ...], error: type[Exception], code: grpc.StatusCode) -> None:
     spans, exported = recorder()
-    raised, _ = on_behalf_of_a_call(spans, True, lambda: downstream(spans).call(Accounts(answer), "acc-1"))
+    raised, _ = on_behalf_of_a_call(spans, True, lambda: downstream(spans).call(Accounts(*answers), "acc-1"))
     assert isinstance(raised, error)
     [client] = client_spans(exported)
     assert client.attributes is not None and client.attributes["rpc.grpc.status_code"] == code.value[0]

@@ -267,14 +267,26 @@ def test_a_downstream_that_does_not_answer_within_the_deadline_is_unavailable() 
     assert time.monotonic() - started < 1.5
 
 
-def test_a_refused_service_token_is_forgotten_and_a_fresh_one_sent_next_time() -> None:
+def test_a_refused_service_token_is_replaced_and_the_call_made_once_more_with_the_fresh_one() -> None:
+    """A downstream's interceptor refused the token before any handler ran (revoked, say): the caller sees nothing."""
     downstream, keycloak = accounts()
     method = FakeMethod(grpc.StatusCode.UNAUTHENTICATED, "reply")
-    with pytest.raises(UnavailableError, match="accounts refused this service's credentials"):
-        called(downstream, method)
     assert called(downstream, method) == "reply"
     assert [metadata["authorization"] for metadata, _ in method.calls] == ["Bearer token-1", "Bearer token-2"]
     assert len(keycloak.grants) == 2
+    assert called(downstream, method) == "reply" and len(keycloak.grants) == 2  # the fresh one is kept
+
+
+def test_a_fresh_token_refused_too_is_unavailable_after_one_more_call_not_a_loop() -> None:
+    downstream, keycloak = accounts()
+    method = FakeMethod(grpc.StatusCode.UNAUTHENTICATED)
+    with pytest.raises(UnavailableError, match="accounts refused this service's credentials"):
+        called(downstream, method)
+    assert [metadata["authorization"] for metadata, _ in method.calls] == ["Bearer token-1", "Bearer token-2"]
+    called_again = pytest.raises(UnavailableError)
+    with called_again:
+        called(downstream, method)
+    assert len(keycloak.grants) == 4, "each call starts from a fresh token: the refused one is not kept"
 
 
 @pytest.mark.parametrize("code", list(grpc.StatusCode))
