@@ -56,12 +56,24 @@ TOKEN_LEEWAY_SECONDS = 30  # the validator's leeway on `exp`, `iat` and `nbf` (c
 # Token revocations (bastion/revocations): read and kept for as long as a token they end can still be accepted, and
 # trusted for this long after the feed was last known read to its end; then every token is refused (fail closed).
 REVOCATIONS_STALE_SECONDS = 30.0
+# ... and trusted for this long after the realm's watch (the audit service) last said it published every change: the
+# watch says so every 5 s, and a minute lets the audit service or Keycloak restart without shutting every door.
+REVOCATIONS_WATCH_SILENCE_SECONDS = 60.0
 REVOCATIONS_FIRST_READ_SECONDS = 20.0  # how long a starting service waits for the feed before it serves anyway
 
 
 class Worker(Protocol):
     def run(self, stop: threading.Event) -> None: ...
     def close(self) -> None: ...
+
+
+def revoked_tokens(ctx: StackContext) -> RevokedTokens:
+    """An empty set of revoked tokens with the limits every service checks by: kept as long as the realm's tokens
+    can be accepted, refused when the feed or the watch has been silent too long."""
+    lifespan = Keycloak(ctx).access_token_lifespan_seconds
+    return RevokedTokens(keep_seconds=lifespan + 2 * TOKEN_LEEWAY_SECONDS,
+                         max_staleness_seconds=REVOCATIONS_STALE_SECONDS,
+                         max_watch_silence_seconds=REVOCATIONS_WATCH_SILENCE_SECONDS)
 
 
 @dataclass
@@ -76,6 +88,8 @@ class ServiceRuntime:
     health_servicer: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
     # The publisher of the service's access decisions, once `security()` made it: closed when the service stops.
     access_audit: KafkaAccessAudit | None = None
+    reads_revocations: bool = False  # once `start_revocation_feed` ran: the health check then also says whether
+    # tokens can be checked (NOT_SERVING while every token is refused as "token revocations unavailable")
 
     @classmethod
     def load(cls, name: str, settings: DevstackSettings) -> "ServiceRuntime":
@@ -211,6 +225,8 @@ class ServiceRuntime:
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
             failing = self.workers.failing(time.monotonic())
+            if self.reads_revocations and not self.revoked.is_current():
+                failing.append("revocations")
             if bool(failing) == serving:
                 serving = not failing
                 status = health_pb2.HealthCheckResponse.SERVING if serving else \
@@ -222,20 +238,20 @@ class ServiceRuntime:
     def revoked(self) -> RevokedTokens:
         """The tokens this service refuses although they verify: read from identity.revocations.v1 by the feed
         (`start_revocation_feed`), checked by the validator on every call."""
-        lifespan = Keycloak(self.ctx).access_token_lifespan_seconds
-        return RevokedTokens(keep_seconds=lifespan + 2 * TOKEN_LEEWAY_SECONDS,
-                             max_staleness_seconds=REVOCATIONS_STALE_SECONDS)
+        return revoked_tokens(self.ctx)
 
     def start_revocation_feed(self, stop: threading.Event) -> threading.Thread:
         """Read the token revocations into `revoked` until STOP is set, under the group infra/event-access.yaml
         grants this service as a witness of the topic; wait (at most REVOCATIONS_FIRST_READ_SECONDS) until they were
-        read to their end once. Until then, and whenever the feed falls behind, tokens are refused: UNAVAILABLE."""
+        read to their end once and the realm's watch was heard from. Until then, whenever the feed falls behind, and
+        while the watch is silent, tokens are refused (UNAVAILABLE) and the health check says NOT_SERVING."""
         access = load_policy(self.ctx.settings.infra_dir / "event-access.yaml", set(self.ctx.service_names))
         group = access.topics[REVOCATIONS_TOPIC].witnesses.get(self.name)
         if group is None:
             raise DevstackError(f"infra/event-access.yaml grants {self.name!r} no witness group on {REVOCATIONS_TOPIC}",
                                 "every service that validates tokens reads the revocations: add it there")
         revoked = self.revoked
+        self.reads_revocations = True
         thread = self.start_worker("revocations", lambda: RevocationFeed(
             self.name, self.kafka_config, group, self.verifier(), revoked, revoked.keep_seconds), stop)
         deadline = time.monotonic() + REVOCATIONS_FIRST_READ_SECONDS

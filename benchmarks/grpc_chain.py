@@ -85,6 +85,7 @@ from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
 from bastion.revocations.feed import TOPIC as REVOCATIONS_TOPIC
 from bastion.revocations.feed import RevocationFeed
 from bastion.revocations.revoked import RevokedTokens
+from bastion.runtime import revoked_tokens
 from bastion.settings import PROJECT_ROOT, DevstackSettings
 from bastion.testing.probe import ProbeServicer
 
@@ -272,14 +273,15 @@ def _revocations_read(ctx: StackContext) -> RevokedTokens:
     access = load_policy(infra / "event-access.yaml", set(ctx.service_names))
     verifier = EnvelopeVerifier(KeyRing(ctx.layout.event_keys_dir).followed_trust_store(),
                                 load_trust_policy(infra / "event-trust.yaml", access))
-    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    revoked = revoked_tokens(ctx)
     feed = RevocationFeed(SERVICE, Kafka(ctx).client_config(SERVICE, ctx.credentials.kafka[SERVICE]),
                           access.topics[REVOCATIONS_TOPIC].witnesses[SERVICE], verifier, revoked, revoked.keep_seconds)
     threading.Thread(target=feed.run, args=(threading.Event(),), name="revocations", daemon=True).start()
     deadline = time.monotonic() + 30
     while not revoked.is_current():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{REVOCATIONS_TOPIC} was not read to its end within 30 s")
+            raise RuntimeError(f"{REVOCATIONS_TOPIC} was not read to its end, or the realm's watch (the dev "
+                               "stack's audit service) not heard from, within 30 s")
         time.sleep(0.1)
     return revoked
 

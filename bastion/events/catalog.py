@@ -50,5 +50,6 @@ SCHEMAS: dict[str, EventSchema] = {
         EventSchema(decision_pb2.EventRejected, 1, {}),
         EventSchema(decision_pb2.SecurityAlert, 1, {}),
         EventSchema(decision_pb2.AccessRevoked, 1, {}),
+        EventSchema(decision_pb2.RevocationsCurrent, 1, {}),
     ]
 }

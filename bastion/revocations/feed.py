@@ -9,6 +9,11 @@ revocation is harmless: it can only end tokens issued before the change it recor
 Once a second the feed asks the broker where the topic ends: when everything up to there was read, the set is
 current as of that moment (`RevokedTokens.confirm_current`). A broker that cannot be asked leaves it ageing, and
 the services then refuse tokens (fail closed) once it is older than their limit.
+
+The watch also says every few seconds that it is alive (`RevocationsCurrent`: every change before then was
+published): the feed hands its time, or the broker's time of the record when that is earlier, to
+`RevokedTokens.watched`. A topic read to its end while nobody watches the realm would otherwise read as "nothing
+revoked".
 """
 
 import datetime as dt
@@ -19,10 +24,10 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from bastion.access.v1.decision_pb2 import AccessRevoked
+from bastion.access.v1.decision_pb2 import AccessRevoked, RevocationsCurrent
 from bastion.events.consumer import broker_time
 from bastion.events.errors import RejectReason, VerificationError
-from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED
+from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED, REVOCATIONS_WATCHED_UNTIL
 from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, is_bundle
 from bastion.revocations.revoked import RevokedTokens
 
@@ -138,6 +143,9 @@ class RevocationFeed:
                             reason=str(refused.reason), detail=refused.detail)
 
     def _apply(self, event: VerifiedEvent, received: dt.datetime | None) -> None:
+        if isinstance(event.payload, RevocationsCurrent):
+            self._watched(event.payload, received)
+            return
         revoked = event.payload
         if not isinstance(revoked, AccessRevoked):
             raise VerificationError(RejectReason.MALFORMED, f"{event.envelope.event_type} is not a revocation")
@@ -161,3 +169,11 @@ class RevocationFeed:
                  session=revoked.session_id or "-", cause=revoked.cause,
                  revoked_at_ms=revoked_at_ms, correlation_id=event.envelope.correlation_id)
 
+    def _watched(self, current: RevocationsCurrent, received: dt.datetime | None) -> None:
+        as_of_ms = current.as_of.ToMilliseconds()
+        if as_of_ms <= 0:
+            raise VerificationError(RejectReason.MALFORMED, "the watch's word that it is alive is not dated")
+        # Never later than the broker took it (or than now): a date ahead would keep a watch that died alive.
+        reference = received or dt.datetime.now(dt.UTC)
+        as_of_ms = min(as_of_ms, int(reference.timestamp() * 1000))
+        REVOCATIONS_WATCHED_UNTIL.labels(self.name).set(self.revoked.watched(as_of_ms))

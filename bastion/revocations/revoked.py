@@ -3,7 +3,10 @@ revocation of their subject (or of everyone), as read from identity.revocations.
 
 Fail closed: until the feed has been read to its end once, and when it was last known read to its end longer ago
 than MAX_STALENESS, every token is refused as `revocations_unavailable` (the interceptor answers UNAVAILABLE), as
-when the realm's keys cannot be had: a service that cannot know whether access was revoked does not guess.
+when the realm's keys cannot be had: a service that cannot know whether access was revoked does not guess. So too
+while the realm's watch (the audit service) is silent: until its first `RevocationsCurrent` was read, and when the
+latest one is older than MAX_WATCH_SILENCE. A topic read to its end says nothing was revoked only if somebody was
+watching.
 """
 
 import threading
@@ -29,12 +32,13 @@ class RevokedTokens:
     lifetime plus the validator's leeway); older ones are forgotten, so memory is bounded by the revocations of the
     last minutes."""
 
-    def __init__(self, keep_seconds: float, max_staleness_seconds: float, clock: Clock = time.time,
-                 monotonic: Clock = time.monotonic) -> None:
-        if keep_seconds <= 0 or max_staleness_seconds <= 0:
-            raise ValueError("keep_seconds and max_staleness_seconds must be positive")
+    def __init__(self, keep_seconds: float, max_staleness_seconds: float, max_watch_silence_seconds: float,
+                 clock: Clock = time.time, monotonic: Clock = time.monotonic) -> None:
+        if keep_seconds <= 0 or max_staleness_seconds <= 0 or max_watch_silence_seconds <= 0:
+            raise ValueError("keep_seconds, max_staleness_seconds and max_watch_silence_seconds must be positive")
         self.keep_seconds = keep_seconds
         self.max_staleness_seconds = max_staleness_seconds
+        self.max_watch_silence_seconds = max_watch_silence_seconds
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
@@ -42,6 +46,7 @@ class RevokedTokens:
         self._sessions: dict[str, int] = {}  # session id -> the second it ended
         self._everyone = 0
         self._current_at: float | None = None
+        self._watched_until: float | None = None  # wall time: every change before it was published
         self._pruned_at = float("-inf")
 
     def revoke(self, subject: str | None, revoked_at_ms: int, session: str | None = None) -> None:
@@ -75,21 +80,41 @@ class RevokedTokens:
             if self._current_at is None or as_of > self._current_at:
                 self._current_at = as_of
 
+    def watched(self, until_ms: int) -> float:
+        """The realm's watch said that every change before UNTIL_MS (epoch milliseconds) was published. Return the
+        latest such time heard (an older word, replayed or read again, does not move it back), in epoch seconds."""
+        until = until_ms / 1000
+        with self._lock:
+            if self._watched_until is None or until > self._watched_until:
+                self._watched_until = until
+            return self._watched_until
+
     def is_current(self) -> bool:
-        """Whether tokens are checked now (the feed was read to its end recently enough), not refused."""
+        """Whether tokens are checked now (the feed was read to its end recently enough, and the watch was heard
+        from recently enough), not refused."""
+        return self._unavailable() is None
+
+    def _unavailable(self) -> str | None:
+        """Why nobody can tell now whether a token was revoked; None when somebody can."""
         current_at = self._current_at
-        return current_at is not None and self._monotonic() - current_at <= self.max_staleness_seconds
+        if current_at is None:
+            return "the token revocations have not been read yet"
+        age = self._monotonic() - current_at
+        if age > self.max_staleness_seconds:
+            return f"the token revocations were last read {age:.0f} s ago"
+        watched_until = self._watched_until
+        if watched_until is None:
+            return "the realm's watch (the audit service) has not been heard from yet"
+        silence = self._clock() - watched_until
+        if silence > self.max_watch_silence_seconds:
+            return f"the realm's watch (the audit service) was last heard from {silence:.0f} s ago"
+        return None
 
     def check(self, principal: Principal) -> None:
         """Refuse PRINCIPAL's token if its access was revoked after it was issued, or if nobody can tell."""
-        current_at = self._current_at
-        if current_at is None:
-            raise AuthenticationError(AuthReason.REVOCATIONS_UNAVAILABLE, "the token revocations have not been read "
-                                                                          "yet")
-        age = self._monotonic() - current_at
-        if age > self.max_staleness_seconds:
-            raise AuthenticationError(AuthReason.REVOCATIONS_UNAVAILABLE,
-                                      f"the token revocations were last read {age:.0f} s ago")
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            raise AuthenticationError(AuthReason.REVOCATIONS_UNAVAILABLE, unavailable)
         revoked_up_to = max(self._everyone, self._subjects.get(principal.subject, 0))
         if revoked_up_to and principal.issued_at <= revoked_up_to:
             raise AuthenticationError(AuthReason.REVOKED, "access was revoked after this token was issued: "

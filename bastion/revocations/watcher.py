@@ -7,6 +7,11 @@ starts LOOKBACK seconds back, so a restart publishes again what it may have miss
 tokens issued before the change it records, or of a session that is over), and it reads a few seconds back each
 round, because an event Keycloak stamped earlier may become visible after a later one. A round whose revocations
 cannot all be published fails: the worker is made again and reads them again.
+
+After a round that read both kinds of event and published every revocation it made, and at most every HEARTBEAT
+seconds, it publishes a signed RevocationsCurrent dated when the round began: every change Keycloak had committed
+by then was published. The services refuse every token once they have not read one for a while, so a watch that
+stopped (the audit service down, Keycloak refusing it) fails closed instead of reading as "nothing revoked".
 """
 
 import time
@@ -18,8 +23,10 @@ from confluent_kafka import KafkaError, Producer
 from keycloak.exceptions import KeycloakError, KeycloakGetError, raise_error_from_response
 from keycloak.urls_patterns import URL_ADMIN_EVENTS_CONFIG
 
+from bastion.access.v1.decision_pb2 import RevocationsCurrent
 from bastion.events.envelopes import seal
 from bastion.events.keys import FollowedSigningKey
+from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.revocations.feed import TOPIC
 from bastion.revocations.triggers import Revocation, Triggers, revocation_of, revocation_of_user_event
 
@@ -30,6 +37,7 @@ OVERLAP_MS = 5_000
 PAGE = 100
 MAX_FRESH = 5_000  # a round takes at most this many events not handled yet; the rest is read next round
 RECORDING_CHECK_SECONDS = 60.0  # how often the watch asks again whether the realm still records those user events
+HEARTBEAT_SECONDS = 5.0  # how often, at most, the watch says it is alive (RevocationsCurrent)
 
 
 class AdminEventsRefusedError(Exception):
@@ -46,6 +54,10 @@ class RevocationNotPublishedError(Exception):
 
 class Publish(Protocol):
     def __call__(self, revocations: list[Revocation]) -> None: ...
+
+
+class PublishCurrent(Protocol):
+    def __call__(self, as_of_ms: int) -> None: ...
 
 
 class _Source:
@@ -111,14 +123,21 @@ class RevocationWatcher:
     """A worker (`ServiceRuntime.start_worker`) of the audit service."""
 
     def __init__(self, admin_events: EventPage, user_events: EventPage, triggers: Triggers, publish: Publish,
-                 lookback_seconds: float, poll_seconds: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+                 publish_current: PublishCurrent, lookback_seconds: float, poll_seconds: float = 1.0,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         start_ms = int((clock() - lookback_seconds) * 1000)
         self.sources = (
             _Source("admin", admin_events, lambda event: revocation_of(event, triggers), start_ms),
             _Source("user", user_events, lambda event: revocation_of_user_event(event, triggers), start_ms),
         )
         self.publish = publish
+        self.publish_current = publish_current
         self.poll_seconds = poll_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self._clock = clock
+        self._monotonic = monotonic
+        self._said_current_at = float("-inf")  # monotonic
 
     def run(self, stop: Any) -> None:
         while not stop.is_set():
@@ -130,7 +149,9 @@ class RevocationWatcher:
 
     def run_once(self) -> list[Revocation]:
         """Read the admin and user events not handled yet, publish the revocations they make; return those. Nothing
-        counts as handled before every revocation of the round was published."""
+        counts as handled before every revocation of the round was published. Then, when it is due, say that every
+        change before the round began was published."""
+        began_ms = int(self._clock() * 1000)
         fresh = [(source, source.fresh()) for source in self.sources]
         revocations = [revocation for source, events in fresh for revocation in source.revocations(events)]
         if revocations:
@@ -141,6 +162,9 @@ class RevocationWatcher:
                          keycloak_event_id=revocation.keycloak_event_id, revoked_at_ms=revocation.revoked_at_ms)
         for source, events in fresh:
             source.handled(events)
+        if self._monotonic() - self._said_current_at >= self.heartbeat_seconds:
+            self.publish_current(began_ms)
+            self._said_current_at = self._monotonic()
         return revocations
 
 
@@ -212,20 +236,31 @@ class KafkaRevocationPublisher:
 
     def __call__(self, revocations: list[Revocation]) -> None:
         key = self.key.current()
+        self._send([seal(key, TOPIC, revocation.message(), aggregate_id=revocation.subject or "everyone",
+                         sequence=revocation.revoked_at_ms,
+                         correlation_id=f"keycloak-{revocation.keycloak_event_id}"[:128],
+                         event_id=revocation.event_id)
+                    for revocation in revocations], "revocations")
+
+    def current(self, as_of_ms: int) -> None:
+        """Say that every change before AS_OF_MS was published (after the round's revocations: one partition, one
+        idempotent producer, so in that order)."""
+        current = RevocationsCurrent()
+        current.as_of.FromMilliseconds(as_of_ms)
+        self._send([seal(self.key.current(), TOPIC, current, aggregate_id="realm-watch", sequence=as_of_ms,
+                         correlation_id="revocation-watch")], "words that the watch is current")
+
+    def _send(self, envelopes: list[Envelope], what: str) -> None:
         failures: list[KafkaError] = []
 
         def delivered(error: KafkaError | None, _message: Any) -> None:
             if error is not None:
                 failures.append(error)
 
-        for revocation in revocations:
-            envelope = seal(key, TOPIC, revocation.message(), aggregate_id=revocation.subject or "everyone",
-                            sequence=revocation.revoked_at_ms,
-                            correlation_id=f"keycloak-{revocation.keycloak_event_id}"[:128],
-                            event_id=revocation.event_id)
+        for envelope in envelopes:
             self.producer.produce(TOPIC, value=envelope.SerializeToString(), key=envelope.aggregate_id.encode(),
                                   on_delivery=delivered)
         left = self.producer.flush(self.timeout)
         if failures or left:
-            raise RevocationNotPublishedError(f"{len(failures) + left} of {len(revocations)} revocations were not "
-                                              f"published on {TOPIC}: {[str(f) for f in failures][:3]}")
+            raise RevocationNotPublishedError(f"{len(failures) + left} of {len(envelopes)} {what} were not published "
+                                              f"on {TOPIC}: {[str(f) for f in failures][:3]}")

@@ -43,8 +43,9 @@ def revocation_watcher(runtime: ServiceRuntime) -> RevocationWatcher:
                           client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file))
     triggers = load_triggers(ctx.settings.infra_dir / "revocation-triggers.yaml")
     admin_events, user_events = keycloak_events(admin, triggers.user_event_types)
-    return RevocationWatcher(admin_events, user_events, triggers,
-                             KafkaRevocationPublisher(runtime.kafka_config, runtime.key), runtime.revoked.keep_seconds)
+    publisher = KafkaRevocationPublisher(runtime.kafka_config, runtime.key)
+    return RevocationWatcher(admin_events, user_events, triggers, publisher, publisher.current,
+                             runtime.revoked.keep_seconds)
 
 
 def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings, unanchored_ok: bool = False) -> CheckpointFile:
@@ -62,6 +63,9 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
                              OutboxSecurityRecords(runtime.engine, runtime.outbox()),
                              witness=lambda: read_published(runtime.kafka_config, own.origin, group=WITNESS_GROUP))
     stop = threading.Event()
+    load_triggers(settings.infra_dir / "revocation-triggers.yaml")  # refused at start-up when wrong
+    # The watch first: the feed (read before serving) waits for its word that it is alive, as every service's does.
+    runtime.start_worker("revocation-watcher", lambda: revocation_watcher(runtime), stop)
     runtime.start_revocation_feed(stop)  # before serving: tokens are refused until it was read
     runtime.start_relay(stop)
     # The signer's view of the file: it may cover checkpoints of a key retired before it signed with its new one.
@@ -69,8 +73,6 @@ async def serve(settings: DevstackSettings, own: AuditSettings) -> None:
                                 own.checkpoint_every_records, own.checkpoint_every_seconds)
     publisher = CheckpointPublisher(runtime.kafka_config)
     rules = load_alert_rules(settings.infra_dir / "alert-rules.yaml")  # refused at start-up when wrong
-    load_triggers(settings.infra_dir / "revocation-triggers.yaml")  # refused at start-up when wrong
-    runtime.start_worker("revocation-watcher", lambda: revocation_watcher(runtime), stop)
     runtime.start_worker("consumer", lambda: AuditConsumer(
         runtime.kafka_config, TOPICS, runtime.verifier(), runtime.engine, store, checkpointer, publisher,
         security=handlers.security, alerts=PostgresAlerts(runtime.outbox(), AlertDetector(rules)),

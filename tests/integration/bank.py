@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 from confluent_kafka import Consumer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.devstack.components.kafka import Kafka
@@ -80,6 +81,20 @@ class Bank:
 
 def channel(ctx: StackContext, service: str) -> grpc.Channel:
     return grpc.secure_channel(ctx.grpc_address(service), channel_credentials(tls_of(ctx, "cli")))
+
+
+def health_of(ctx: StackContext, service: str) -> int:
+    with channel(ctx, service) as to_service:
+        stub = health_pb2_grpc.HealthStub(to_service)  # type: ignore[no-untyped-call]
+        status: int = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        return status
+
+
+def wait_for_health(ctx: StackContext, service: str, wanted: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := health_of(ctx, service)) != wanted:
+        assert time.monotonic() < deadline, f"{service} still {status}, not {wanted}"
+        time.sleep(0.5)
 
 
 def signed_events(ctx: StackContext, topics: list[str], wanted: Callable[[VerifiedEvent], bool], count: int,

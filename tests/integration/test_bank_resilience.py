@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from keycloak.exceptions import KeycloakError
 
 from bastion.accounts.v1 import accounts_pb2
@@ -23,7 +23,7 @@ from bastion.devstack.process import ProcessSupervisor
 from bastion.grpc.channels import call_metadata
 from bastion.payments.v1 import payments_pb2
 from bastion.worker_health import STEADY_SECONDS
-from tests.integration.bank import Bank, channel
+from tests.integration.bank import Bank, health_of, wait_for_health
 from tests.integration.conftest import TEST_ENV, bastion
 from tests.integration.grpc_harness import user_token
 
@@ -108,20 +108,6 @@ def test_with_accounts_down_the_breaker_opens_fails_fast_and_recovers(bank: Bank
     assert payment.status == "COMPLETED"
     assert transfer(bank, source, target, 100, key) == payment
     assert (bank.balance(source), bank.balance(target)) == (900, 100)  # nothing refused was applied, nothing twice
-
-
-def health_of(ctx: StackContext, service: str) -> int:
-    with channel(ctx, service) as to_service:
-        stub = health_pb2_grpc.HealthStub(to_service)  # type: ignore[no-untyped-call]
-        status: int = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
-        return status
-
-
-def wait_for_health(ctx: StackContext, service: str, wanted: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (status := health_of(ctx, service)) != wanted:
-        assert time.monotonic() < deadline, f"{service} still {status}, not {wanted}"
-        time.sleep(0.5)
 
 
 @pytest.mark.lifecycle

@@ -12,17 +12,20 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from keycloak import KeycloakAdmin, KeycloakOpenID
 
 from bastion.access.v1.decision_pb2 import AccessRevoked
 from bastion.accounts.v1 import accounts_pb2
 from bastion.devstack.context import StackContext
+from bastion.devstack.process import ProcessSupervisor
 from bastion.grpc.channels import call_metadata
 from bastion.notifications.v1 import notifications_pb2
 from bastion.payments.v1 import payments_pb2
 from bastion.revocations.feed import TOPIC
 from bastion.revocations.revoked import COMMIT_MARGIN_SECONDS
-from tests.integration.bank import Bank, signed_events
+from bastion.runtime import REVOCATIONS_WATCH_SILENCE_SECONDS
+from tests.integration.bank import Bank, health_of, signed_events, wait_for_health
 from tests.integration.conftest import bastion
 
 REVOKED_WITHIN = 15.0  # the watch polls every second, the feeds read as it publishes
@@ -90,14 +93,14 @@ def refusal(call: Any) -> grpc.RpcError | None:
     return None
 
 
-def wait_until_refused(call: Any) -> grpc.RpcError:
-    deadline = time.monotonic() + REVOKED_WITHIN
+def wait_until_refused(call: Any, within: float = REVOKED_WITHIN) -> grpc.RpcError:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         error = refusal(call)
         if error is not None:
             return error
         time.sleep(0.2)
-    raise AssertionError(f"the call was still served {REVOKED_WITHIN:g} s after the change")
+    raise AssertionError(f"the call was still served {within:g} s after the change")
 
 
 def test_a_role_taken_away_in_keycloak_ends_the_users_tokens_in_every_service_within_seconds(
@@ -177,3 +180,31 @@ def test_bastion_up_gives_a_realm_of_an_earlier_release_what_revocation_needs(
     keycloak(ctx).logout(leaving["refresh_token"])
     error = wait_until_refused(served)
     assert "the session this token was issued in has ended" in (error.details() or "")
+
+
+@pytest.mark.lifecycle
+def test_with_the_realms_watch_silent_for_a_minute_every_service_refuses_every_token_until_it_is_back(
+        bank: Bank, ctx: StackContext, member: Member) -> None:
+    """A watch that stopped must not read as "nothing revoked": with the audit service (the realm's watch) down, the
+    other services go on serving through a restart's worth of silence, then refuse every token UNAVAILABLE and say
+    NOT_SERVING, until the watch is back."""
+    token = sign_in(ctx, member)
+    served = calls(bank, token)
+    assert {name: refusal(call) for name, call in served.items()} == dict.fromkeys(served)
+    assert ProcessSupervisor(ctx.layout).stop("audit")
+    stopped = time.monotonic()
+    try:
+        time.sleep(REVOCATIONS_WATCH_SILENCE_SECONDS - 20)  # its last word was at most 5 s before it stopped
+        assert {name: refusal(call) for name, call in served.items()} == dict.fromkeys(served), "still served"
+        refused = {name: wait_until_refused(call, within=30) for name, call in served.items()}
+        assert time.monotonic() - stopped > REVOCATIONS_WATCH_SILENCE_SECONDS - 6, "not refused before the limit"
+        for name, error in refused.items():
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, (name, error.details())
+            assert "token revocations unavailable" in (error.details() or ""), name
+            assert "the realm's watch (the audit service) was last heard from" in (error.details() or ""), name
+        wait_for_health(ctx, "accounts", health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+    finally:
+        result = bastion("up")  # waits until every service is healthy again
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert health_of(ctx, "payments") == health_pb2.HealthCheckResponse.SERVING
+    assert {name: refusal(call) for name, call in served.items()} == dict.fromkeys(served)

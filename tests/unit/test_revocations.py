@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from keycloak.exceptions import KeycloakGetError
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from bastion.access.v1.decision_pb2 import AccessRevoked
+from bastion.access.v1.decision_pb2 import AccessRevoked, RevocationsCurrent
 from bastion.devstack.event_access import load_policy
 from bastion.events.envelopes import seal
 from bastion.events.keys import KeyRing
@@ -223,9 +224,10 @@ def clocks() -> Clocks:
 
 @pytest.fixture()
 def revoked(clocks: Clocks) -> RevokedTokens:
-    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, clock=lambda: clocks.wall,
-                           monotonic=lambda: clocks.monotonic)
+    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60,
+                           clock=lambda: clocks.wall, monotonic=lambda: clocks.monotonic)
     tokens.confirm_current(clocks.monotonic)
+    tokens.watched(int(clocks.wall * 1000))
     return tokens
 
 
@@ -265,8 +267,9 @@ def test_an_older_revocation_read_later_does_not_undo_a_newer_one(revoked: Revok
 
 def test_tokens_are_refused_until_the_revocations_were_read_and_when_they_were_not_read_lately(
         clocks: Clocks) -> None:
-    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, clock=lambda: clocks.wall,
-                           monotonic=lambda: clocks.monotonic)
+    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60,
+                           clock=lambda: clocks.wall, monotonic=lambda: clocks.monotonic)
+    tokens.watched(int(clocks.wall * 1000))
     assert refusal(tokens, principal()) == AuthReason.REVOCATIONS_UNAVAILABLE
     assert not tokens.is_current()
     tokens.confirm_current(clocks.monotonic)
@@ -281,6 +284,34 @@ def test_tokens_are_refused_until_the_revocations_were_read_and_when_they_were_n
     assert refusal(tokens, principal()) == AuthReason.REVOCATIONS_UNAVAILABLE
     tokens.confirm_current(clocks.monotonic)
     assert refusal(tokens, principal()) is None
+
+
+def test_tokens_are_refused_until_the_realms_watch_was_heard_from_and_once_it_has_been_silent_a_minute(
+        clocks: Clocks) -> None:
+    """The feed read to its end says nothing was revoked only if the audit service's watch on the realm is alive: a
+    watch that stopped (the audit service down, Keycloak refusing it) must not read as "nothing revoked"."""
+    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60,
+                           clock=lambda: clocks.wall, monotonic=lambda: clocks.monotonic)
+    tokens.confirm_current(clocks.monotonic)
+    with pytest.raises(AuthenticationError, match=r"the realm's watch \(the audit service\) has not been heard from"):
+        tokens.check(principal())
+    assert not tokens.is_current()
+    assert tokens.watched(int(clocks.wall * 1000) - 5_000) == clocks.wall - 5
+    assert refusal(tokens, principal()) is None and tokens.is_current()
+    clocks.wall += 55
+    clocks.monotonic += 20
+    tokens.confirm_current(clocks.monotonic)  # the topic is read to its end all along: nothing new on it
+    assert refusal(tokens, principal()) is None
+    clocks.wall += 1
+    with pytest.raises(AuthenticationError, match=r"the realm's watch .* was last heard from 61 s ago"):
+        tokens.check(principal())
+    assert not tokens.is_current()
+    # An older word read again (the lookback after a restart, or a replay) neither moves it back nor keeps a silent
+    # watch alive.
+    assert tokens.watched(int(NOW * 1000) - 30_000) == NOW - 5
+    assert refusal(tokens, principal()) == AuthReason.REVOCATIONS_UNAVAILABLE
+    tokens.watched(int(clocks.wall * 1000))
+    assert refusal(tokens, principal()) is None and tokens.is_current()
 
 
 def test_every_token_of_an_ended_session_is_refused_whenever_it_was_issued_and_other_sessions_are_not(
@@ -376,11 +407,12 @@ def revocation_record(ring: KeyRing, offset: int, producer: str = "audit", subje
     return OnPartitionZero(envelope.SerializeToString(), offset)
 
 
-@pytest.fixture()
-def feed(ring: KeyRing) -> tuple[RevocationFeed, Partitions, RevokedTokens]:
+def unwatched_feed(ring: KeyRing) -> tuple[RevocationFeed, Partitions, RevokedTokens]:
+    """accounts' feed over a stand-in topic, the audit service's and accounts' real keys and the shipped policies;
+    nothing heard from the realm's watch yet."""
     access = load_policy(INFRA / "event-access.yaml", SERVICES)
     verifier = EnvelopeVerifier(ring.trust_store(), load_trust_policy(INFRA / "event-trust.yaml", access))
-    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60)
     made: list[Partitions] = []
 
     def make(config: dict[str, Any]) -> Partitions:
@@ -392,9 +424,27 @@ def feed(ring: KeyRing) -> tuple[RevocationFeed, Partitions, RevokedTokens]:
     return reader, made[0], revoked
 
 
+@pytest.fixture()
+def feed(ring: KeyRing) -> tuple[RevocationFeed, Partitions, RevokedTokens]:
+    reader, kafka, revoked = unwatched_feed(ring)
+    revoked.watched(int(time.time() * 1000))  # the watch's word read: the tests using this are about revocations
+    return reader, kafka, revoked
+
+
 def rejected(reason: str) -> float:
     return REGISTRY.get_sample_value("bastion_events_rejected_total",
                                      {"consumer": "accounts", "topic": TOPIC, "reason": reason}) or 0.0
+
+
+def assert_refused_and_counted(reader: RevocationFeed, kafka: Partitions, record: OnPartitionZero,
+                               reason: str) -> None:
+    """RECORD, the topic's last, is read, refused for REASON, logged and counted."""
+    before = rejected(reason)
+    kafka.queued, kafka.end = [record], 4
+    with capture_logs() as logs:
+        run_until_read(reader)
+    assert rejected(reason) == before + 1
+    assert [entry["reason"] for entry in logs if entry["event"] == "revocation_refused"] == [reason]
 
 
 def run_until_read(reader: RevocationFeed) -> None:
@@ -470,12 +520,7 @@ def test_a_revocation_the_pipeline_refuses_changes_nothing_and_is_counted(
     else:
         record = revocation_record(ring, 3)
         record._value = (record.value() or b"").replace(USER.encode(), USER.replace("4", "5").encode())
-    before = rejected(reason)
-    kafka.queued, kafka.end = [record], 4
-    with capture_logs() as logs:
-        run_until_read(reader)
-    assert rejected(reason) == before + 1
-    assert [entry["reason"] for entry in logs if entry["event"] == "revocation_refused"] == [reason]
+    assert_refused_and_counted(reader, kafka, record, reason)
     assert refusal(revoked, principal()) is None
     assert revoked.is_current()  # refused, but read: the feed goes on
 
@@ -491,6 +536,53 @@ def test_a_revocation_dated_ahead_of_the_broker_counts_as_dated_a_minute_after_i
     issued = int(now.timestamp())
     assert refusal(revoked, principal(issued_at=issued + 30)) == AuthReason.REVOKED  # never dropped: fail closed
     assert refusal(revoked, principal(issued_at=issued + 120)) is None  # nor a year of lock-out
+
+
+def current_record(ring: KeyRing, offset: int, as_of: dt.datetime | None, producer: str = "audit",
+                   appended: dt.datetime | None = None) -> OnPartitionZero:
+    current = RevocationsCurrent()
+    if as_of is not None:
+        current.as_of.FromDatetime(as_of)
+    envelope = seal(ring.signing_key(producer), TOPIC, current, aggregate_id="realm-watch", sequence=offset + 1,
+                    correlation_id="revocation-watch")
+    return OnPartitionZero(envelope.SerializeToString(), offset, appended=appended)
+
+
+def watched_gauge() -> float | None:
+    return REGISTRY.get_sample_value("bastion_revocations_watched_until_seconds", {"consumer": "accounts"})
+
+
+def test_the_feed_takes_the_watchs_word_that_it_is_current_never_dated_after_the_broker_took_it(
+        ring: KeyRing) -> None:
+    reader, kafka, revoked = unwatched_feed(ring)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    kafka.queued, kafka.end = [current_record(ring, 3, now - dt.timedelta(seconds=3), appended=now)], 4
+    run_until_read(reader)
+    assert revoked.is_current() and refusal(revoked, principal(issued_at=int(now.timestamp()))) is None
+    assert watched_gauge() == now.timestamp() - 3
+    # Dated a day ahead of the broker: taken as of the broker's time, or a watch that died would stay "alive".
+    kafka.queued, kafka.end = [current_record(ring, 4, now + dt.timedelta(days=1), appended=now)], 5
+    run_until_read(reader)
+    assert watched_gauge() == now.timestamp()
+    assert revoked.watched(0) == now.timestamp()
+
+
+@pytest.mark.parametrize(("forge", "reason"), [
+    ("accounts", "not_authorised"),  # a validly signed service that may not speak for the watch
+    ("tampered", "bad_signature"),
+    ("undated", "malformed"),
+])
+def test_a_word_of_the_watch_the_pipeline_refuses_keeps_nothing_alive(ring: KeyRing, forge: str,
+                                                                      reason: str) -> None:
+    reader, kafka, revoked = unwatched_feed(ring)
+    now = dt.datetime.now(dt.UTC)
+    record = current_record(ring, 3, None if forge == "undated" else now,
+                            producer="accounts" if forge == "accounts" else "audit")
+    if forge == "tampered":
+        record._value = (record.value() or b"").replace(b"realm-watch", b"realm-watcH")
+    assert_refused_and_counted(reader, kafka, record, reason)
+    with pytest.raises(AuthenticationError, match="has not been heard from"):
+        revoked.check(principal())
 
 
 def test_a_passing_kafka_error_is_waited_out_and_a_fatal_one_makes_the_worker_again(
@@ -547,7 +639,8 @@ def test_a_topic_that_ends_before_what_was_read_is_not_confirmed_but_read_again(
     kafka.queued, kafka.end = [revocation_record(ring, 3)], 4
     run_until_read(reader)
     assert revoked.is_current()
-    later = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    later = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60)
+    later.watched(int(time.time() * 1000))
     reader.revoked = later
     kafka.end = 1  # the topic was made again: its records were never read
     with pytest.raises(KafkaException):
@@ -570,8 +663,10 @@ class Realm:
         return matching[first:first + count]
 
 
-def watcher(realm: Realm, published: list[Revocation], users: Realm | None = None) -> RevocationWatcher:
-    return RevocationWatcher(realm, users or Realm(), TRIGGERS, published.extend, lookback_seconds=360,
+def watcher(realm: Realm, published: list[Revocation], users: Realm | None = None,
+            said_current: list[int] | None = None) -> RevocationWatcher:
+    return RevocationWatcher(realm, users or Realm(), TRIGGERS, published.extend,
+                             (said_current if said_current is not None else []).append, lookback_seconds=360,
                              clock=lambda: NOW)
 
 
@@ -644,12 +739,59 @@ def test_revocations_not_published_are_read_and_published_again() -> None:
     def refuse(revocations: list[Revocation]) -> None:
         raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT))
 
-    failing = RevocationWatcher(realm, Realm(), TRIGGERS, refuse, lookback_seconds=360, clock=lambda: NOW)
+    said_current: list[int] = []
+    failing = RevocationWatcher(realm, Realm(), TRIGGERS, refuse, said_current.append, lookback_seconds=360,
+                                clock=lambda: NOW)
     with pytest.raises(KafkaException):
         failing.run_once()
+    assert said_current == [], "a round whose revocations were not all published does not say the watch is current"
     published: list[Revocation] = []
     failing.publish = published.extend
     assert [r.keycloak_event_id for r in failing.run_once()] == ["e1"]
+    assert said_current == [int(NOW * 1000)]
+
+
+class Moments:
+    def __init__(self) -> None:
+        self.wall, self.monotonic = NOW, 0.0
+
+
+def test_the_watch_says_it_is_current_as_of_each_rounds_start_at_most_every_few_seconds() -> None:
+    """The services hear the watch is alive, dated when the round that read the realm began (every change Keycloak
+    had committed by then was published), and not in every round of a second."""
+    moments, realm = Moments(), Realm()
+    said_current: list[int] = []
+    published: list[Revocation] = []
+
+    def page(since_ms: int, first: int, count: int) -> list[dict[str, Any]]:
+        moments.wall += 0.3  # asking Keycloak takes a while: the word is dated before it
+        return realm(since_ms, first, count)
+
+    watch = RevocationWatcher(page, Realm(), TRIGGERS, published.extend, said_current.append, lookback_seconds=360,
+                              heartbeat_seconds=5, clock=lambda: moments.wall, monotonic=lambda: moments.monotonic)
+    watch.run_once()
+    assert said_current == [int(NOW * 1000)]
+    for _ in range(4):  # a round a second: nothing more to say yet
+        moments.monotonic += 1
+        watch.run_once()
+    assert len(said_current) == 1
+    moments.monotonic += 1
+    began = moments.wall
+    watch.run_once()
+    assert said_current == [int(NOW * 1000), int(began * 1000)]
+
+
+def test_a_watch_keycloak_does_not_answer_never_says_it_is_current() -> None:
+    said_current: list[int] = []
+
+    def unreachable(since_ms: int, first: int, count: int) -> list[dict[str, Any]]:
+        raise requests.ConnectionError("Keycloak is away")
+
+    watch = RevocationWatcher(Realm(), unreachable, TRIGGERS, [].extend, said_current.append, lookback_seconds=360,
+                              clock=lambda: NOW)
+    with pytest.raises(requests.ConnectionError):
+        watch.run_once()
+    assert said_current == []
 
 
 def test_an_admin_event_keycloak_gave_without_an_id_is_logged_and_the_others_published() -> None:

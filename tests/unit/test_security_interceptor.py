@@ -134,19 +134,24 @@ def test_token_keys_that_cannot_be_fetched_answer_unavailable_not_unauthenticate
 def test_a_revoked_token_is_unauthenticated_and_unknown_revocations_answer_unavailable(kit: Kit) -> None:
     """A token issued before its access was revoked is no token; revocations that cannot be read say nothing about
     the caller's token, so the call is refused UNAVAILABLE (fail closed), to be retried."""
-    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30)
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60)
     kit.interceptor.validator._revocations = revoked
     token = kit.minter.mint()
     refusal = kit.refused(WHOAMI, f"Bearer {token}")
     assert refusal.code == grpc.StatusCode.UNAVAILABLE
     assert "token revocations unavailable" in refusal.details and "not been read yet" in refusal.details
     revoked.confirm_current(time.monotonic())
+    revoked.watched(int(time.time() * 1000) - 61_000)  # the watch last heard from a minute ago: nobody can tell
+    refusal = kit.refused(WHOAMI, f"Bearer {token}")
+    assert refusal.code == grpc.StatusCode.UNAVAILABLE
+    assert "the realm's watch (the audit service) was last heard from 61 s ago" in refusal.details
+    revoked.watched(int(time.time() * 1000))
     assert kit.call(WHOAMI, f"Bearer {token}") == "reply"
     revoked.revoke(kit.minter.claims()["sub"], int(time.time() * 1000) + 10**7)
     kit.handled.clear()
     refusal = kit.refused(WHOAMI, f"Bearer {token}")
     assert refusal.code == grpc.StatusCode.UNAUTHENTICATED and "access was revoked" in refusal.details
-    assert [d.decision for d in kit.audit.decisions] == [DECISION_DENY, DECISION_ALLOW, DECISION_DENY]
+    assert [d.decision for d in kit.audit.decisions] == [DECISION_DENY, DECISION_DENY, DECISION_ALLOW, DECISION_DENY]
 
 
 class FaultyValidator:

@@ -270,3 +270,31 @@ def test_the_health_check_says_not_serving_while_a_worker_keeps_failing_and_serv
 
     asyncio.run(watch())
     assert said == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
+
+
+def test_the_health_check_says_not_serving_while_every_token_is_refused_for_want_of_revocations(
+        service: ServiceRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service that reads the token revocations refuses every token while they are unknown (not read, stale, the
+    realm's watch silent): its health says so, and `bastion up` waits for it."""
+    monkeypatch.setattr(runtime_module, "HEALTH_CHECK_SECONDS", 0.01)
+    said: list[int] = []
+
+    async def set_status(name: str, status: int) -> None:
+        said.append(status)
+
+    service.health_servicer = SimpleNamespace(set=set_status)  # type: ignore[assignment]
+    revoked = service.revoked
+    assert revoked.max_watch_silence_seconds == runtime_module.REVOCATIONS_WATCH_SILENCE_SECONDS
+    service.reads_revocations = True  # as start_revocation_feed leaves it
+
+    async def watch() -> None:
+        watchdog = asyncio.create_task(service._report_workers())
+        await asyncio.sleep(0.1)
+        assert said == [health_pb2.HealthCheckResponse.NOT_SERVING], "nothing read: every token refused"
+        revoked.confirm_current(time.monotonic())
+        revoked.watched(int(time.time() * 1000))
+        await asyncio.sleep(0.1)
+        watchdog.cancel()
+
+    asyncio.run(watch())
+    assert said == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]

@@ -526,11 +526,14 @@ def test_only_the_service_account_prefix_with_its_dash_makes_a_service_account()
 
 def test_a_revocation_ends_a_token_remembered_as_verified_and_the_principal_carries_its_iat(
         jwks: JwksCache, clock: ManualClock, minter: TokenMinter) -> None:
-    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, clock=clock, monotonic=clock)
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60, clock=clock,
+                            monotonic=clock)
     validator = TokenValidator(REALM_ISSUER, SERVICE, jwks, clock=clock, revocations=revoked)
     token = minter.mint()
     assert refused(validator, token) == AuthReason.REVOCATIONS_UNAVAILABLE  # not read yet: nobody can tell
     revoked.confirm_current(clock())
+    assert refused(validator, token) == AuthReason.REVOCATIONS_UNAVAILABLE  # read, but nobody watching the realm
+    revoked.watched(int(clock() * 1000))
     principal = validator.validate(token)
     assert principal.issued_at == int(clock())
     assert validator.validate(token) == principal and validator.verifications == 1  # now remembered

@@ -233,3 +233,33 @@ class AccessRevoked(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AccessRevoked: _TypeAlias = AccessRevoked  # noqa: Y015
+
+@_typing.final
+class RevocationsCurrent(_message.Message):
+    """The audit service's watch on the realm is alive: every change Keycloak had committed before `as_of` that takes
+    access away has been published as an AccessRevoked (only the audit service may publish one, on
+    identity.revocations.v1, after the revocations of the same round). It says so every few seconds; a service that has
+    not heard it for a while refuses every token, as it can no longer tell a watch that stopped from "nothing revoked".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AS_OF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """When the watch's round began asking Keycloak (the audit service's clock); a reader takes the broker's time of
+        the record instead when that is earlier.
+        """
+
+    def __init__(
+        self,
+        *,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevocationsCurrent: _TypeAlias = RevocationsCurrent  # noqa: Y015
