@@ -12,6 +12,7 @@ from keycloak import KeycloakOpenID
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.audit.alerts import load_alert_rules
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
+from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.grpc.channels import call_metadata, channel_credentials
@@ -42,8 +43,9 @@ class Scenario:
             grpc.secure_channel(ctx.grpc_address("notifications"), credentials))
         self.audit = audit_pb2_grpc.AuditStub(  # type: ignore[no-untyped-call]
             grpc.secure_channel(ctx.grpc_address("audit"), credentials))
-        self.keycloak = KeycloakOpenID(server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/",
-                                       realm_name="bastion", client_id="bastion-cli", verify=str(ctx.ca_file))
+        keycloak = Keycloak(ctx)
+        self.keycloak = KeycloakOpenID(server_url=keycloak.server_url, realm_name=keycloak.realm_name,
+                                       client_id="bastion-cli", verify=str(ctx.ca_file))
         self.correlation_id = f"demo-{uuid.uuid4()}"
         self.tokens: dict[str, str] = {}
 

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from bastion.devstack.components.keycloak import Keycloak
 from bastion.grpc.channels import call_metadata, secure_channel
 from bastion.grpc.client import Downstream, ServiceTokens, is_unhealthy
 from bastion.grpc.errors import UnavailableError
@@ -202,9 +203,9 @@ async def _storm(session: Session, downstream: str, sync_redis: redis.Redis
     settings = session.ctx.settings
     breaker = redis_breaker("payments", downstream, sync_redis, is_failure=is_unhealthy, fail_max=STORM_FAIL_MAX,
                             reset_timeout=60)
-    tokens = ServiceTokens.for_service(f"https://{settings.public_host}:{settings.keycloak_port}/", "bastion",
-                                       "payments", session.ctx.credentials.keycloak_clients["payments"],
-                                       str(session.ctx.ca_file))
+    keycloak = Keycloak(session.ctx)
+    tokens = ServiceTokens.for_service(keycloak.server_url, keycloak.realm_name, "payments",
+                                       session.ctx.credentials.keycloak_clients["payments"], str(session.ctx.ca_file))
     channel = secure_channel(f"{settings.public_host}:{port}", session.tls("payments"))
     client = Downstream(downstream, channel, tokens, breaker, RetryBudget(), deadline_seconds=2.0)
     stub = accounts_pb2_grpc.AccountsStub(channel)  # type: ignore[no-untyped-call]

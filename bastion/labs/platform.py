@@ -20,6 +20,7 @@ from sqlalchemy import Engine, func, select
 from bastion.audit.install_tools import audit_engine
 from bastion.audit.postgres import log as audit_log
 from bastion.devstack.components.kafka import Kafka
+from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import dead_letter_topic, load_policy
 from bastion.devstack.stack import Stack
@@ -152,10 +153,9 @@ class Session:
     # --- identities ---
 
     def keycloak(self, client_id: str, secret: str | None = None) -> Any:
-        settings = self.ctx.settings
-        return KeycloakOpenID(server_url=f"https://{settings.public_host}:{settings.keycloak_port}/",
-                              realm_name="bastion", client_id=client_id, client_secret_key=secret,
-                              verify=str(self.ctx.ca_file))
+        keycloak = Keycloak(self.ctx)
+        return KeycloakOpenID(server_url=keycloak.server_url, realm_name=keycloak.realm_name, client_id=client_id,
+                              client_secret_key=secret, verify=str(self.ctx.ca_file))
 
     def user_tokens(self, user: str) -> dict[str, Any]:
         """A fresh sign-in of demo USER through the `bastion-cli` client: access, ID and refresh tokens."""

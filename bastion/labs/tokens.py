@@ -220,11 +220,12 @@ REVOKED_WITHIN = 15.0  # the audit service polls Keycloak every second; the serv
 def _throwaway_customer(session: Session) -> Iterator[tuple[Any, str, str, str]]:
     """A customer made in the realm for this lab alone (so that revoking it touches no demo user's tokens), as the
     Keycloak admin; removed afterwards. Yields the admin client, the user's id, name and password."""
-    settings = session.ctx.settings
     try:
-        admin = KeycloakAdmin(server_url=f"https://{settings.public_host}:{settings.keycloak_port}/",
-                              username="admin", password=session.ctx.credentials.keycloak_admin["admin"],
-                              realm_name="bastion", user_realm_name="master", verify=str(session.ctx.ca_file))
+        keycloak = Keycloak(session.ctx)
+        admin = KeycloakAdmin(server_url=keycloak.server_url, username="admin",
+                              password=session.ctx.credentials.keycloak_admin["admin"],
+                              realm_name=keycloak.realm_name, user_realm_name="master",
+                              verify=str(session.ctx.ca_file))
         username, password = f"lab-{uuid.uuid4().hex[:10]}", f"Lab-{uuid.uuid4().hex}"
         user_id = admin.create_user({
             "username": username, "enabled": True, "email": f"{username}@bastion.local", "emailVerified": True,

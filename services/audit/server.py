@@ -15,6 +15,7 @@ from bastion.audit.checkpoints import Checkpointer, CheckpointFile
 from bastion.audit.postgres import AUDIT_SCHEMA, AuditLog
 from bastion.audit.published import read_published
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
+from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.errors import DevstackError
 from bastion.grpc.server import start_server
 from bastion.migrations import upgrade
@@ -38,8 +39,8 @@ def revocation_watcher(runtime: ServiceRuntime) -> RevocationWatcher:
     """The watch on the realm's admin and user events (bastion/revocations/watcher.py), as the audit service
     account."""
     ctx = runtime.ctx
-    admin = KeycloakAdmin(server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/",
-                          realm_name="bastion", client_id=NAME,
+    keycloak = Keycloak(ctx)
+    admin = KeycloakAdmin(server_url=keycloak.server_url, realm_name=keycloak.realm_name, client_id=NAME,
                           client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file))
     triggers = load_triggers(ctx.settings.infra_dir / "revocation-triggers.yaml")
     admin_events, user_events = keycloak_events(admin, triggers.user_event_types)

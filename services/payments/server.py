@@ -13,6 +13,7 @@ import structlog
 from keycloak import KeycloakOpenID
 
 from bastion import service_logs
+from bastion.devstack.components.keycloak import Keycloak
 from bastion.grpc.channels import secure_channel
 from bastion.grpc.client import Downstream, ServiceTokens, is_unhealthy
 from bastion.grpc.server import start_server
@@ -34,9 +35,9 @@ NAME = "payments"
 
 def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downstream:
     ctx = runtime.ctx
-    keycloak_url = f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/"
-    tokens = ServiceTokens.for_service(keycloak_url, "bastion", NAME, ctx.credentials.keycloak_clients[NAME],
-                                       str(ctx.ca_file))
+    keycloak = Keycloak(ctx)
+    tokens = ServiceTokens.for_service(keycloak.server_url, keycloak.realm_name, NAME,
+                                       ctx.credentials.keycloak_clients[NAME], str(ctx.ca_file))
     breaker_redis = redis.Redis(**ctx.redis_options(NAME, ctx.credentials.redis[NAME]))
     breaker = redis_breaker(NAME, "accounts", breaker_redis, is_failure=is_unhealthy,
                             fail_max=own.breaker_fail_max, reset_timeout=own.breaker_reset_seconds)
@@ -48,9 +49,10 @@ def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downs
 def build_handlers(runtime: ServiceRuntime, own: PaymentsSettings, accounts: AccountsGateway) -> PaymentsHandlers:
     ctx = runtime.ctx
     lock_redis = aioredis.Redis(**ctx.redis_options(NAME, ctx.credentials.redis[NAME]))
+    keycloak = Keycloak(ctx)
     introspection = KeycloakIntrospection(KeycloakOpenID(
-        server_url=f"https://{ctx.settings.public_host}:{ctx.settings.keycloak_port}/", realm_name="bastion",
-        client_id=NAME, client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file)))
+        server_url=keycloak.server_url, realm_name=keycloak.realm_name, client_id=NAME,
+        client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file)))
     limits = Limits(own.daily_limit_minor, own.velocity_count, dt.timedelta(seconds=own.velocity_window_seconds),
                     own.step_up_above_minor)
     return PaymentsHandlers(PostgresUnitOfWork(runtime.engine, runtime.outbox()), accounts,

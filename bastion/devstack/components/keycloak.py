@@ -38,8 +38,13 @@ class Keycloak(Component):
         return self.ctx.layout.dist_dir / f"keycloak-{self.ctx.distributions['keycloak'].version}"
 
     @property
+    def server_url(self) -> str:
+        """Where clients reach Keycloak (python-keycloak's `server_url`): HTTPS on the public host."""
+        return f"https://{self.ctx.settings.public_host}:{self.ctx.settings.keycloak_port}/"
+
+    @property
     def issuer(self) -> str:
-        return f"https://{self.ctx.settings.public_host}:{self.ctx.settings.keycloak_port}/realms/{self.realm_name}"
+        return f"{self.server_url}realms/{self.realm_name}"
 
     @property
     def realm_name(self) -> str:

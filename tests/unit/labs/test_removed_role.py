@@ -11,6 +11,7 @@ from bastion.labs import tokens
 from bastion.labs.base import Evidence
 from bastion.labs.platform import Answer, LabSetupError
 from tests.unit.labs.fakes import RpcError
+from tests.unit.test_event_verification import INFRA, SERVICES
 
 REVOKED = "invalid token: revoked: access was revoked after this token was issued: sign in again"
 
@@ -61,7 +62,8 @@ class Accounts:
 class Session:
     def __init__(self) -> None:
         self.ctx = types.SimpleNamespace(
-            settings=types.SimpleNamespace(public_host="localhost", keycloak_port=1),
+            settings=types.SimpleNamespace(public_host="localhost", keycloak_port=1, infra_dir=INFRA),
+            service_names=sorted(SERVICES),
             credentials=types.SimpleNamespace(keycloak_admin={"admin": "pw"}), ca_file="ca.pem")
 
     def channel(self, _service: str) -> None:
