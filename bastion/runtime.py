@@ -25,7 +25,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.event_access import load_policy
 from bastion.devstack.stack import Stack
-from bastion.events.consumer import ConsumerSettings, Handler, VerifyingConsumer
+from bastion.events.consumer import ConsumerSettings, Handler, VerifyingConsumer, rejection_recorder
 from bastion.events.field_crypto import DataKeyRing
 from bastion.events.keys import Followed, FollowedSigningKey, KeyRing, TrustStore
 from bastion.events.outbox import Outbox, OutboxRelay
@@ -252,8 +252,10 @@ class ServiceRuntime:
                                 "every service that validates tokens reads the revocations: add it there")
         revoked = self.revoked
         self.reads_revocations = True
+        refusals = rejection_recorder(self.engine, self.outbox(), self.name)  # published by the outbox relay
         thread = self.start_worker("revocations", lambda: RevocationFeed(
-            self.name, self.kafka_config, group, self.verifier(), revoked, revoked.keep_seconds), stop)
+            self.name, self.kafka_config, group, self.verifier(), revoked, revoked.keep_seconds,
+            record_refusals=refusals), stop)
         deadline = time.monotonic() + REVOCATIONS_FIRST_READ_SECONDS
         while not revoked.is_current() and time.monotonic() < deadline and not stop.is_set():
             time.sleep(0.1)

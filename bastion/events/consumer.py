@@ -424,17 +424,38 @@ class VerifyingConsumer:
 
     def _security_record(self, outbox: Outbox, target: Connection, message: Message, refusal: Refusal,
                          claimed: Envelope) -> None:
-        record = EventRejected(
-            consumer=self.settings.name, topic=message.topic(), partition=message.partition(),
-            offset=message.offset(), reason=refusal.error.reason.value, detail=refusal.error.detail[:500],
-            claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
-            correlation_id=safe_claim(claimed.correlation_id), item=refusal.item,
-        )
-        place = f"{self.settings.name}/{source_of(message, refusal.item, refusal.released)}"
-        record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
-        outbox.append(target, SECURITY_TOPIC, record, aggregate_id=f"consumer:{self.settings.name}",
-                      correlation_id=record.correlation_id if SAFE_ID.fullmatch(record.correlation_id) else record_id,
-                      event_id=record_id)
+        append_rejection(outbox, target, self.settings.name, message, refusal, claimed)
+
+
+def rejection_recorder(engine: Engine, outbox: Outbox, consumer: str) -> Callable[[Message, list[Refusal]], None]:
+    """Records CONSUMER's refusals of a record, each a signed EventRejected appended to OUTBOX, in one transaction
+    of ENGINE: for a reader that, unlike VerifyingConsumer, keeps nothing else in the database."""
+
+    def record(message: Message, refusals: list[Refusal]) -> None:
+        with engine.begin() as target:
+            for refusal in refusals:
+                append_rejection(outbox, target, consumer, message, refusal,
+                                 claimed_envelope(refusal.raw, refusal.bundled))
+
+    return record
+
+
+def append_rejection(outbox: Outbox, target: Connection, consumer: str, message: Message, refusal: Refusal,
+                     claimed: Envelope) -> None:
+    """CONSUMER's signed EventRejected for REFUSAL of MESSAGE (CLAIMED: what it says about itself), appended to OUTBOX
+    in TARGET's transaction for access.decisions.v1 and so for the audit log. Its id is the refused record's place,
+    so a record refused again (read again after a restart) is recorded once."""
+    record = EventRejected(
+        consumer=consumer, topic=message.topic(), partition=message.partition(),
+        offset=message.offset(), reason=refusal.error.reason.value, detail=refusal.error.detail[:500],
+        claimed_producer=safe_claim(claimed.producer), claimed_event_id=safe_claim(claimed.event_id),
+        correlation_id=safe_claim(claimed.correlation_id), item=refusal.item,
+    )
+    place = f"{consumer}/{source_of(message, refusal.item, refusal.released)}"
+    record_id = str(uuid.uuid5(REJECTION_NAMESPACE, place))
+    outbox.append(target, SECURITY_TOPIC, record, aggregate_id=f"consumer:{consumer}",
+                  correlation_id=record.correlation_id if SAFE_ID.fullmatch(record.correlation_id) else record_id,
+                  event_id=record_id)
 
 
 def handler_failure(error: Exception) -> VerificationError:

@@ -3,8 +3,9 @@
 Each service reads the topic as a witness (infra/event-access.yaml: READ by assigned partitions under a group of its
 own, nothing committed): from LOOKBACK seconds ago, which covers every token still alive, to its end and on. Every
 record passes the signed-events pipeline (signature, producer authorised for the type on this topic, schema,
-freshness against the broker's append time); a refused one is logged and counted and changes nothing. Replaying a
-revocation is harmless: it can only end tokens issued before the change it records, which already were.
+freshness against the broker's append time); a refused one is logged, counted and recorded (the service's signed
+EventRejected, through its outbox into the audit log, as a verifying consumer's refusals are) and changes nothing.
+Replaying a revocation is harmless: it can only end tokens issued before the change it records, which already were.
 
 Once a second the feed asks the broker where the topic ends: when everything up to there was read, the set is
 current as of that moment (`RevokedTokens.confirm_current`). A broker that cannot be asked leaves it ageing, and
@@ -25,7 +26,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bastion.access.v1.decision_pb2 import AccessRevoked, RevocationsCurrent
-from bastion.events.consumer import broker_time
+from bastion.events.consumer import Refusal, broker_time
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED, REVOCATIONS_WATCHED_UNTIL
 from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, is_bundle
@@ -39,14 +40,19 @@ TOPIC = "identity.revocations.v1"
 MAX_AHEAD = dt.timedelta(minutes=1)
 
 
+RecordRefusals = Callable[[Message, list[Refusal]], None]  # the service's EventRejected records, for the audit log
+
+
 class RevocationFeed:
     """A worker (`ServiceRuntime.start_worker`): reads the topic into REVOKED until STOP is set."""
 
     def __init__(self, consumer: str, kafka_config: dict[str, Any], group: str, verifier: EnvelopeVerifier,
                  revoked: RevokedTokens, lookback_seconds: float, check_every_seconds: float = 1.0,
                  make_consumer: Callable[[dict[str, Any]], Any] = Consumer,
-                 monotonic: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time,
+                 record_refusals: RecordRefusals | None = None) -> None:
         self.name = consumer
+        self.record_refusals = record_refusals
         self.verifier = verifier
         self.revoked = revoked
         self.lookback_seconds = lookback_seconds
@@ -113,7 +119,7 @@ class RevocationFeed:
         self.revoked.confirm_current(asked_at)
 
     def take(self, message: Message) -> None:
-        """Apply one record of the topic (or refuse it: logged and counted, nothing applied)."""
+        """Apply one record of the topic (or refuse it: logged, counted and recorded, nothing applied)."""
         error = message.error()
         if error is not None:
             if error.fatal():
@@ -125,22 +131,28 @@ class RevocationFeed:
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
         raw: bytes = message.value() or b""
         received = broker_time(message)
+        bundled = is_bundle(message.headers())
+        refusals: list[Refusal] = []
         try:
-            if is_bundle(message.headers()):
-                outcomes = self.verifier.verify_bundle(raw, TOPIC, received).outcomes
-            else:
-                outcomes = [self.verifier.verify(raw, TOPIC, received)]
+            verified = self.verifier.verify_bundle(raw, TOPIC, received) if bundled else None
+            outcomes = verified.outcomes if verified is not None else [self.verifier.verify(raw, TOPIC, received)]
         except VerificationError as refused:
-            outcomes = [refused]
-        for outcome in outcomes:
+            outcomes, refusals = [], [Refusal(raw, refused, bundled=bundled)]
+        for item, outcome in enumerate(outcomes):
             try:
                 if isinstance(outcome, VerificationError):
                     raise outcome
                 self._apply(outcome, received)
             except VerificationError as refused:
-                EVENTS_REJECTED.labels(self.name, TOPIC, str(refused.reason)).inc()
-                log.warning("revocation_refused", consumer=self.name, partition=partition, offset=offset,
-                            reason=str(refused.reason), detail=refused.detail)
+                refusals.append(Refusal(verified.alone(item), refused, item, bundled=True) if verified is not None
+                                else Refusal(raw, refused))
+        for refusal in refusals:
+            EVENTS_REJECTED.labels(self.name, TOPIC, str(refusal.error.reason)).inc()
+            log.warning("revocation_refused", consumer=self.name, partition=partition, offset=offset,
+                        item=refusal.item, reason=str(refusal.error.reason), detail=refusal.error.detail)
+        if refusals and self.record_refusals is not None:
+            # A record that cannot be written fails the worker: made again, it reads the lookback and tries again.
+            self.record_refusals(message, refusals)
 
     def _apply(self, event: VerifiedEvent, received: dt.datetime | None) -> None:
         if isinstance(event.payload, RevocationsCurrent):

@@ -14,22 +14,26 @@ from typing import Any
 
 import grpc
 import pytest
+from confluent_kafka import Producer
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from bastion.access.v1.decision_pb2 import SecurityAlert
+from bastion.access.v1.decision_pb2 import AccessRevoked, SecurityAlert
 from bastion.accounts.v1 import accounts_pb2
 from bastion.audit import install_tools
 from bastion.audit.alerts import alert_in
 from bastion.audit.checkpoints import Checkpoint, CheckpointFile
 from bastion.audit.published import missing_from_file
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
+from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.postgres import ADMIN_ROLE, Postgres
 from bastion.devstack.context import StackContext
+from bastion.events.envelopes import seal
 from bastion.events.keys import KeyRing
 from bastion.notifications.v1 import notifications_pb2
 from bastion.payments.v1 import payments_pb2
+from bastion.revocations.feed import TOPIC as REVOCATIONS_TOPIC
 from tests.integration.bank import Bank, channel
 from tests.integration.conftest import bastion
 
@@ -150,6 +154,34 @@ def test_refusals_only_lists_the_denials_and_rejections_and_nothing_else(bank: B
     assert "access" in line and "deny" in line and "alice" in line and "/Deposit" in line, line
     refused = bastion("audit", "refusals", "--limit", "0")
     assert refused.returncode != 0 and "--limit" in refused.stderr
+
+
+def test_a_forged_revocation_ends_no_token_and_each_service_that_read_it_records_its_refusal(
+        bank: Bank, audit: Any) -> None:
+    """A revocation of everyone's tokens signed with a key of a service that may not revoke (payments'), written
+    past the ACLs as the broker's admin: no service applies it, and each of the four that read the topic records its
+    refusal in the audit log, as a verifying consumer's refusals are (the alert rules see it there)."""
+    window = since(dt.datetime.now(dt.UTC))
+    correlation = f"it-forged-revocation-{uuid.uuid4()}"
+    as_alice = bank.as_user("alice")  # a token issued before the forged revocation's time
+    forged = AccessRevoked(everyone=True, cause="REALM ACTION", keycloak_event_id=correlation)
+    forged.revoked_at.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
+    envelope = seal(KeyRing(bank.ctx.layout.event_keys_dir).signing_key("payments"), REVOCATIONS_TOPIC, forged,
+                    aggregate_id="everyone", sequence=1, correlation_id=correlation)
+    producer = Producer(Kafka(bank.ctx).client_config("admin", bank.ctx.credentials.kafka["admin"]))
+    producer.produce(REVOCATIONS_TOPIC, value=envelope.SerializeToString(), key=b"everyone")
+    assert producer.flush(20) == 0
+
+    def records() -> list[Any]:
+        return [e for e in list_all(bank, audit, refusals_only=True, since=window) if e.correlation_id == correlation]
+
+    found = eventually(records, lambda entries: len(entries) >= 4)
+    assert sorted(e.principal for e in found) == ["accounts", "audit", "notifications", "payments"]
+    assert {(e.kind, e.reason, e.action.rsplit("/", 2)[0]) for e in found} == {
+        ("rejection", "not_authorised", REVOCATIONS_TOPIC)}
+    assert all(e.producer == e.principal and "payments" in e.detail for e in found), "each its own, naming the forger"
+    listed = bank.accounts.ListAccounts(accounts_pb2.ListAccountsRequest(), metadata=as_alice, timeout=10)
+    assert listed is not None, "alice's token still counts: the forged revocation ended nothing"
 
 
 def test_a_caller_denied_again_and_again_raises_a_signed_security_alert(bank: Bank, audit: Any) -> None:

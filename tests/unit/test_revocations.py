@@ -14,13 +14,19 @@ import requests
 from confluent_kafka import KafkaError, KafkaException
 from keycloak.exceptions import KeycloakGetError
 from prometheus_client import REGISTRY
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
-from bastion.access.v1.decision_pb2 import AccessRevoked, RevocationsCurrent
+from bastion.access.v1.decision_pb2 import AccessRevoked, EventRejected, RevocationsCurrent
 from bastion.devstack.event_access import load_policy
-from bastion.events.envelopes import seal
+from bastion.events.consumer import SECURITY_TOPIC, rejection_recorder
+from bastion.events.envelopes import bundle_of, seal
 from bastion.events.keys import KeyRing
+from bastion.events.outbox import Outbox
+from bastion.events.storage import outbox
 from bastion.events.trust import load_trust_policy
+from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal
 from bastion.revocations.feed import TOPIC, RevocationFeed
@@ -42,8 +48,9 @@ from bastion.revocations.watcher import (
     UserEventsNotRecordedError,
     keycloak_events,
 )
-from tests.unit.test_consumer import Record
+from tests.unit.test_consumer import BUNDLED, Record
 from tests.unit.test_event_verification import INFRA, SERVICES
+from tests.unit.test_outbox import events_database
 
 TRIGGERS = load_triggers(INFRA / "revocation-triggers.yaml")
 USER = "41c0a279-2dde-4129-b01a-8a99fd57a8e8"
@@ -583,6 +590,65 @@ def test_a_word_of_the_watch_the_pipeline_refuses_keeps_nothing_alive(ring: KeyR
     assert_refused_and_counted(reader, kafka, record, reason)
     with pytest.raises(AuthenticationError, match="has not been heard from"):
         revoked.check(principal())
+
+
+def security_records(engine: Any) -> list[tuple[Envelope, EventRejected]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(outbox.c.envelope).where(outbox.c.topic == SECURITY_TOPIC)
+                            .order_by(outbox.c.id)).scalars()
+        envelopes = [Envelope.FromString(row) for row in rows]
+    return [(envelope, EventRejected.FromString(envelope.payload)) for envelope in envelopes]
+
+
+def test_a_refused_revocation_becomes_the_services_signed_security_record_once_however_often_it_is_read(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    """As a verifying consumer's refusals do, so that the audit log (and its alert rules) see a forged revocation,
+    not only the service's log and counters; read again (the lookback after a restart), it is recorded once."""
+    reader, kafka, _ = feed
+    engine = events_database()
+    reader.record_refusals = rejection_recorder(engine, Outbox(ring.signing_key("accounts")), "accounts")
+    forged = revocation_record(ring, 3, producer="payments")
+    kafka.queued, kafka.end = [forged], 4
+    run_until_read(reader)
+    reader.take(forged)
+    [(envelope, record)] = security_records(engine)
+    assert (envelope.producer, envelope.topic) == ("accounts", SECURITY_TOPIC)
+    assert (record.consumer, record.topic, record.partition, record.offset) == ("accounts", TOPIC, 0, 3)
+    assert (record.reason, record.claimed_producer, record.correlation_id) == ("not_authorised", "payments",
+                                                                               "keycloak-k1")
+
+
+def test_the_refused_envelope_of_a_bundle_is_recorded_alone_and_the_others_applied(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    reader, kafka, revoked = feed
+    engine = events_database()
+    reader.record_refusals = rejection_recorder(engine, Outbox(ring.signing_key("accounts")), "accounts")
+    now = dt.datetime.now(dt.UTC)
+    key = ring.signing_key("audit")
+    members = []
+    for subject, everyone in ((USER, False), ("someone", True)):  # the second names a subject and everyone
+        payload = AccessRevoked(subject=subject, everyone=everyone, cause="USER DELETE", keycloak_event_id="k1")
+        payload.revoked_at.FromDatetime(now)
+        members.append(seal(key, TOPIC, payload, aggregate_id=subject, sequence=1, correlation_id="keycloak-k1"))
+    record = OnPartitionZero(bundle_of(members, key, now).SerializeToString(), 3, headers=BUNDLED)
+    kafka.queued, kafka.end = [record], 4
+    run_until_read(reader)
+    assert refusal(revoked, principal(issued_at=int(now.timestamp()) - 5)) == AuthReason.REVOKED
+    assert refusal(revoked, principal(subject="another", issued_at=int(now.timestamp()) - 5)) is None
+    [(_, rejected_alone)] = security_records(engine)
+    assert (rejected_alone.item, rejected_alone.reason, rejected_alone.offset) == (1, "malformed", 3)
+
+
+def test_a_refusal_that_cannot_be_recorded_makes_the_worker_again(
+        feed: tuple[RevocationFeed, Partitions, RevokedTokens], ring: KeyRing) -> None:
+    reader, _, _ = feed
+
+    def database_away(message: Any, refusals: list[Any]) -> None:
+        raise OperationalError("INSERT", {}, Exception("connection refused"))
+
+    reader.record_refusals = database_away
+    with pytest.raises(OperationalError):  # made again, it reads the lookback and records it then
+        reader.take(revocation_record(ring, 3, producer="payments"))
 
 
 def test_a_passing_kafka_error_is_waited_out_and_a_fatal_one_makes_the_worker_again(
