@@ -156,6 +156,15 @@ LABS: tuple[Lab, ...] = (
                 "not_authorised.",
         where="infra/event-trust.yaml, bastion/events/trust.py, bastion/events/verify.py",
         expect="not_authorised", probe=events.foreign_event_type),
+    Lab("forged-revocation", "A revocation forged with a stolen service key",
+        attack="With payments' signing key, sign an AccessRevoked that ends a customer's tokens and publish it on "
+               "identity.revocations.v1: as payments' own Kafka principal, then past the ACLs as the broker's admin.",
+        defence="Only the audit principal may write the topic (Kafka ACL: TOPIC_AUTHORIZATION_FAILED), and only the "
+                "audit service may sign a revocation (the trust policy): every service refuses it not_authorised, "
+                "records the refusal in the audit log, and the customer's token still counts.",
+        where="infra/event-access.yaml, infra/event-trust.yaml, bastion/revocations/feed.py, "
+              "bastion/events/consumer.py (append_rejection)",
+        expect="not_authorised", probe=tokens.forged_revocation),
     Lab("unknown-schema", "An event carrying fields its schema does not know",
         attack="Accounts signs a MoneyDeposited whose payload carries an extra field no schema defines, as a "
                "malicious or newer producer could.",

@@ -22,7 +22,7 @@ class Concern:
 # The sections and rows of docs/security.md, in its order (tests/integration/test_labs.py keeps them in step).
 SECTIONS: tuple[tuple[str, tuple[Concern, ...]], ...] = (
     ("Data integrity and consistency", (
-        Concern("Event tampering or spoofing", ("tampered-event", "foreign-event-type")),
+        Concern("Event tampering or spoofing", ("tampered-event", "foreign-event-type", "forged-revocation")),
         Concern("Replay attacks", ("replayed-event",)),
         Concern("Out-of-order processing", ("reordered-events",)),
     )),

@@ -1,5 +1,6 @@
 """Token labs: forged access tokens, genuine tokens presented to a service they were not issued for, a token that
-outlives the session it was issued in, and one that outlives the role it carries."""
+outlives the session it was issued in, one that outlives the role it carries, and a revocation forged with a stolen
+service key."""
 
 import hashlib
 import hmac
@@ -14,12 +15,17 @@ from typing import Any
 
 import grpc
 import jwt
+from confluent_kafka import KafkaError
 from cryptography.hazmat.primitives import serialization
 from jwt.utils import base64url_decode, base64url_encode
 from keycloak import KeycloakAdmin
 
+from bastion.access.v1.decision_pb2 import AccessRevoked
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.devstack.components.keycloak import Keycloak
+from bastion.devstack.event_access import load_policy
+from bastion.events.envelopes import seal
+from bastion.events.errors import RejectReason
 from bastion.grpc.channels import call_metadata
 from bastion.grpc.tokens import AuthReason, jwks_url, signing_keys
 from bastion.labs.bank import Bank, euros
@@ -35,6 +41,7 @@ from bastion.labs.platform import (
 )
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
 from bastion.payments.v1 import payments_pb2
+from bastion.revocations.feed import TOPIC as REVOCATIONS_TOPIC
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
 WRONG_AUDIENCE = str(AuthReason.WRONG_AUDIENCE)  # named in the refusal's message ("invalid token: wrong_audience: ...")
@@ -214,6 +221,8 @@ def _session_refusal(result: Answer, code: grpc.StatusCode) -> bool:
 
 REVOKED = str(AuthReason.REVOKED)  # named in the refusal's message ("invalid token: revoked: ...")
 REVOKED_WITHIN = 15.0  # the audit service polls Keycloak every second; the services read as it publishes
+REVOCATION_APPLIED_WITHIN = 3.0  # a revocation on the topic ends its tokens about a second after it was written
+NOT_AUTHORISED = str(RejectReason.NOT_AUTHORISED)
 
 
 @contextmanager
@@ -243,19 +252,26 @@ def _throwaway_customer(session: Session) -> Iterator[tuple[Any, str, str, str]]
             admin.delete_user(user_id)
 
 
+def _signed_in(session: Session, accounts: Any, username: str, password: str,
+               correlation_id: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata of the lab's customer, signed in, with a genuine token accounts has accepted once."""
+    try:
+        token = str(session.keycloak("bastion-cli").token(username, password)["access_token"])
+    except Exception as error:
+        raise LabSetupError(f"the lab's customer could not sign in: {type(error).__name__}") from error
+    metadata = call_metadata(token, correlation_id)
+    calibration = _list_accounts(accounts, metadata)
+    if not calibration.ok:
+        raise LabSetupError(f"accounts refused a new customer's genuine token ({calibration}): is the stack "
+                            "healthy?")
+    return metadata
+
+
 def removed_role(session: Session) -> Iterator[Evidence]:
     accounts = accounts_pb2_grpc.AccountsStub(session.channel("accounts"))  # type: ignore[no-untyped-call]
     with _throwaway_customer(session) as (admin, user_id, username, password):
-        try:
-            token = str(session.keycloak("bastion-cli").token(username, password)["access_token"])
-        except Exception as error:
-            raise LabSetupError(f"the lab's customer could not sign in: {type(error).__name__}") from error
         correlation_id = new_correlation_id("removed-role")
-        metadata = call_metadata(token, correlation_id)
-        calibration = _list_accounts(accounts, metadata)
-        if not calibration.ok:
-            raise LabSetupError(f"accounts refused a new customer's genuine token ({calibration}): is the stack "
-                                "healthy?")
+        metadata = _signed_in(session, accounts, username, password, correlation_id)
         yield Evidence(f"{username}, a customer, signs in; accounts.ListAccounts (calibration)", "OK")
         time.sleep(1.1)  # `iat` counts whole seconds: the change falls in a later second than the sign-in
         try:
@@ -275,3 +291,54 @@ def removed_role(session: Session) -> Iterator[Evidence]:
                        UNAUTHENTICATED, f"accepted for {REVOKED_WITHIN:g} s: the removed role still counts",
                        reason=REVOKED)
         yield from _context(watch, "accounts", correlation_id)
+
+
+def forged_revocation(session: Session) -> Iterator[Evidence]:
+    """A thief of payments' signing key revokes a customer's access (a denial of service that would need no
+    password): first through payments' own Kafka credentials, then past the ACLs as the broker's admin."""
+    accounts = accounts_pb2_grpc.AccountsStub(session.channel("accounts"))  # type: ignore[no-untyped-call]
+    access = load_policy(session.ctx.settings.infra_dir / "event-access.yaml", set(session.ctx.service_names))
+    readers = sorted(access.topics[REVOCATIONS_TOPIC].witnesses)
+    with _throwaway_customer(session) as (_, user_id, username, password):
+        correlation_id = new_correlation_id("forged-revocation")
+        metadata = _signed_in(session, accounts, username, password, correlation_id)
+        yield Evidence(f"{username}, a customer, signs in; accounts.ListAccounts (calibration)", "OK")
+        forged = AccessRevoked(subject=user_id, cause="USER DELETE", keycloak_event_id=correlation_id)
+        forged.revoked_at.GetCurrentTime()
+        key = session.signing_key("payments")
+        record = seal(key, REVOCATIONS_TOPIC, forged, aggregate_id=user_id, sequence=1,
+                      correlation_id=correlation_id).SerializeToString()
+        yield Evidence("the forged revocation", f"AccessRevoked of {username}'s tokens, validly signed with payments' "
+                                                f"key {key.key_id[:12]}…, for {REVOCATIONS_TOPIC}")
+        own = session.publish("payments", REVOCATIONS_TOPIC, record, key=user_id.encode())
+        if own.error is None:
+            yield Evidence("as Kafka principal payments", f"written at {own.source}: payments may write revocations",
+                           False)
+        elif own.error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            yield Evidence("as Kafka principal payments", f"refused by the broker: {own.error.name()} (only the "
+                                                          "audit principal may write the topic)", True)
+        else:  # an outage is no defence
+            raise LabSetupError(f"Kafka could not be asked to take the record as payments: {own.error.str()}")
+        watch = session.watch()
+        past = session.publish("admin", REVOCATIONS_TOPIC, record, key=user_id.encode())
+        if past.error is not None:
+            raise LabSetupError(f"the broker's admin could not write to {REVOCATIONS_TOPIC}: {past.error.str()}")
+        yield Evidence("past the ACLs, as the broker's admin", f"written at {past.source}")
+        for reader in readers:
+            lines = watch.log_lines(reader, "revocation_refused", correlation_id)
+            if not lines:
+                yield Evidence(f"{reader}.log", "no refusal logged: the revocation was taken", False)
+            else:
+                yield Evidence(f"{reader}.log", lines[0], NOT_AUTHORISED in lines[0])
+        time.sleep(REVOCATION_APPLIED_WITHIN)  # a revocation taken would end the token by now
+        result = _list_accounts(accounts, metadata)
+        if result.ok:
+            yield Evidence(f"{username}'s token, accounts.ListAccounts", "OK: the forged revocation ended nothing",
+                           True)
+        elif REVOKED in result.details:
+            yield Evidence(f"{username}'s token, accounts.ListAccounts", f"{result}: the forgery revoked access",
+                           False)
+        else:
+            raise LabSetupError(f"accounts refused the customer's token for another reason ({result})")
+        for entry in watch.audit_entries(correlation_id, count=len(readers), kind="rejection"):
+            yield Evidence("audit trail", str(entry))

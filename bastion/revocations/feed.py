@@ -26,7 +26,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bastion.access.v1.decision_pb2 import AccessRevoked, RevocationsCurrent
-from bastion.events.consumer import Refusal, broker_time
+from bastion.events.consumer import Refusal, broker_time, claimed_envelope, safe_claim
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED, REVOCATIONS_WATCHED_UNTIL
 from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, is_bundle
@@ -148,8 +148,11 @@ class RevocationFeed:
                                 else Refusal(raw, refused))
         for refusal in refusals:
             EVENTS_REJECTED.labels(self.name, TOPIC, str(refusal.error.reason)).inc()
+            claimed = claimed_envelope(refusal.raw, refusal.bundled)
             log.warning("revocation_refused", consumer=self.name, partition=partition, offset=offset,
-                        item=refusal.item, reason=str(refusal.error.reason), detail=refusal.error.detail)
+                        item=refusal.item, reason=str(refusal.error.reason), detail=refusal.error.detail,
+                        claimed_producer=safe_claim(claimed.producer),
+                        correlation_id=safe_claim(claimed.correlation_id))
         if refusals and self.record_refusals is not None:
             # A record that cannot be written fails the worker: made again, it reads the lookback and tries again.
             self.record_refusals(message, refusals)
