@@ -10,8 +10,9 @@ cannot all be published fails: the worker is made again and reads them again.
 
 After a round that read both kinds of event and published every revocation it made, and at most every HEARTBEAT
 seconds, it publishes a signed RevocationsCurrent dated when the round began: every change Keycloak had committed
-by then was published. The services refuse every token once they have not read one for a while, so a watch that
-stopped (the audit service down, Keycloak refusing it) fails closed instead of reading as "nothing revoked".
+by then was published (a round that left events for the next: dated at the last one it read). The services refuse
+every token once they have not read one for a while, so a watch that stopped (the audit service down, Keycloak
+refusing it) fails closed instead of reading as "nothing revoked".
 """
 
 import time
@@ -160,10 +161,18 @@ class RevocationWatcher:
                 log.info("access_revocation_published", subject=revocation.subject or "*",
                          session=revocation.session or "-", cause=revocation.cause,
                          keycloak_event_id=revocation.keycloak_event_id, revoked_at_ms=revocation.revoked_at_ms)
+        as_of_ms = began_ms
         for source, events in fresh:
             source.handled(events)
+            if len(events) >= MAX_FRESH:
+                # The round left events for the next (a flood, a bulk change): every change was published only up to
+                # the last one it read, not up to when it began. A watch that keeps falling behind so stops saying it
+                # is current, and the services fail closed, instead of leaving a revocation unread behind the flood.
+                as_of_ms = min(as_of_ms, source.newest_ms)
+                log.warning("keycloak_events_left_for_next_round", kind=source.kind, read=len(events),
+                            published_up_to_ms=source.newest_ms)
         if self._monotonic() - self._said_current_at >= self.heartbeat_seconds:
-            self.publish_current(began_ms)
+            self.publish_current(as_of_ms)
             self._said_current_at = self._monotonic()
         return revocations
 

@@ -798,6 +798,26 @@ def test_the_watch_gets_past_more_events_than_a_round_takes_within_the_overlap()
     assert [r.keycloak_event_id for r in published] == ["after"]
 
 
+def test_a_round_that_left_events_for_the_next_does_not_say_every_change_before_it_was_published() -> None:
+    """A flood of events (anyone can sign in and out again and again) makes a round stop at MAX_FRESH: the word that
+    the watch is current may only cover what was read, or a revocation left behind reads as "nothing revoked" for as
+    long as the flood lasts."""
+    realm, published, said_current = Realm(), [], []
+    moment = int(NOW * 1000)
+    realm.events = [admin_event("USER", "CREATE", f"users/{USER}", moment - 30_000 + n // 10, f"c{n}")
+                    for n in range(MAX_FRESH + 2 * PAGE)]
+    realm.events.append(admin_event("USER", "DELETE", f"users/{USER}", moment - 1_000, "after"))
+    watch = watcher(realm, published, said_current=said_current)
+    watch.run_once()
+    assert published == []
+    assert said_current and said_current[-1] <= moment - 30_000 + (MAX_FRESH + PAGE) // 10, \
+        "the word covers only the events the round read, not the revocation it left for the next"
+    watch.heartbeat_seconds = 0
+    watch.run_once()
+    assert [r.keycloak_event_id for r in published] == ["after"]
+    assert said_current[-1] == moment
+
+
 def test_revocations_not_published_are_read_and_published_again() -> None:
     realm = Realm()
     realm.events = [admin_event("USER", "DELETE", f"users/{USER}", int(NOW * 1000), "e1")]
