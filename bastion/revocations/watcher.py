@@ -45,6 +45,10 @@ class AdminEventsRefusedError(Exception):
     """Keycloak does not let this service account read the realm's admin events."""
 
 
+class AdminEventsNotRecordedError(Exception):
+    """The realm does not record admin events: every role taken away, every user disabled would go unpublished."""
+
+
 class UserEventsNotRecordedError(Exception):
     """The realm does not record the user events the triggers read: every sign-out would go unpublished."""
 
@@ -185,7 +189,8 @@ def keycloak_events(admin: Any, user_event_types: list[str],
     A realm that does not record those user events (imported before they were turned on, or turned off since: a
     change no trigger sees) answers the query with nothing, which would read as "nobody signed out". So the realm's
     events settings are asked first, and again every RECORDING_CHECK_SECONDS: without them, UserEventsNotRecordedError
-    (the worker fails, and the audit service's health says so)."""
+    (the worker fails, and the audit service's health says so). So too for the admin events themselves (turned off,
+    the realm answers with none, and the watch would go on saying it is current): AdminEventsNotRecordedError."""
     checked_at = [float("-inf")]
 
     def refused(error: KeycloakError) -> Exception:
@@ -196,6 +201,7 @@ def keycloak_events(admin: Any, user_event_types: list[str],
         return error
 
     def admin_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
+        ensure_recorded_lately()
         try:
             events: list[Mapping[str, Any]] = admin.get_admin_events(
                 {"dateFrom": since_ms, "direction": "asc", "first": first, "max": count})
@@ -209,22 +215,31 @@ def keycloak_events(admin: Any, user_event_types: list[str],
                 URL_ADMIN_EVENTS_CONFIG.format(**{"realm-name": admin.connection.realm_name})), KeycloakGetError)
         except KeycloakError as error:
             raise refused(error) from None
-        recorded = config.get("enabledEventTypes") if isinstance(config, dict) else None
+        if not isinstance(config, dict) or config.get("adminEventsEnabled") is not True:
+            raise AdminEventsNotRecordedError(
+                "the realm does not record admin events (roles taken away, users disabled would never be "
+                "published): they were turned off; `bastion up` turns them on again")
+        if not user_event_types:
+            return
+        recorded = config.get("enabledEventTypes")
         # An empty list with events on is Keycloak's default: every type it saves by default, sign-outs among them.
         recording = set(recorded) if isinstance(recorded, list) and recorded else set(user_event_types)
         missing = sorted(set(user_event_types) - recording)
-        if not isinstance(config, dict) or config.get("eventsEnabled") is not True or missing:
+        if config.get("eventsEnabled") is not True or missing:
             raise UserEventsNotRecordedError(
                 f"the realm does not record the user events {missing or user_event_types} the revocation triggers "
                 "read (sign-outs would never be published): the realm was imported before they were, or they were "
                 "turned off; `bastion up` adds them again")
 
-    def user_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
-        if not user_event_types:
-            return []
+    def ensure_recorded_lately() -> None:
         if monotonic() - checked_at[0] >= RECORDING_CHECK_SECONDS:
             ensure_recorded()
             checked_at[0] = monotonic()
+
+    def user_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
+        if not user_event_types:
+            return []
+        ensure_recorded_lately()
         try:
             events: list[Mapping[str, Any]] = admin.get_events(
                 {"type": user_event_types, "dateFrom": since_ms, "direction": "asc", "first": first, "max": count})

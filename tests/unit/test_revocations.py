@@ -43,6 +43,7 @@ from bastion.revocations.watcher import (
     MAX_FRESH,
     PAGE,
     RECORDING_CHECK_SECONDS,
+    AdminEventsNotRecordedError,
     AdminEventsRefusedError,
     RevocationWatcher,
     UserEventsNotRecordedError,
@@ -945,6 +946,31 @@ def test_the_watch_refuses_to_read_sign_outs_from_a_realm_that_does_not_record_t
     clock[0] += RECORDING_CHECK_SECONDS
     with pytest.raises(UserEventsNotRecordedError):
         user_events(int(NOW * 1000), 0, PAGE)
+
+
+class AdminEventsAdmin(RealmAdmin):
+    def get_admin_events(self, _query: dict[str, Any]) -> list[dict[str, Any]]:
+        return []
+
+
+def test_the_watch_refuses_to_read_admin_events_from_a_realm_that_does_not_record_them() -> None:
+    # Admin events turned off answer the admin events query with nothing: a role taken away would read as "nothing
+    # changed" while the watch keeps saying it is current.
+    for types in (TRIGGERS.user_event_types, []):
+        admin = AdminEventsAdmin(True, ["LOGOUT"])
+        admin.config["adminEventsEnabled"] = False
+        admin_events, _ = keycloak_events(admin, types)
+        with pytest.raises(AdminEventsNotRecordedError, match="admin events"):
+            admin_events(int(NOW * 1000), 0, PAGE)
+    recording = AdminEventsAdmin(True, ["LOGOUT"])
+    clock = [0.0]
+    admin_events, _ = keycloak_events(recording, TRIGGERS.user_event_types, monotonic=lambda: clock[0])
+    assert admin_events(int(NOW * 1000), 0, PAGE) == []
+    recording.config["adminEventsEnabled"] = False  # turned off later: found out at the next check
+    admin_events(int(NOW * 1000), 0, PAGE)
+    clock[0] += RECORDING_CHECK_SECONDS
+    with pytest.raises(AdminEventsNotRecordedError):
+        admin_events(int(NOW * 1000), 0, PAGE)
 
 
 class RefusingAdmin(RealmAdmin):
