@@ -47,6 +47,7 @@ class RevokedTokens:
         self._everyone = 0
         self._current_at: float | None = None
         self._watched_until: float | None = None  # wall time: every change before it was published
+        self._watched_heard_at: float | None = None  # monotonic: when the latest such word was read
         self._pruned_at = float("-inf")
 
     def revoke(self, subject: str | None, revoked_at_ms: int, session: str | None = None) -> None:
@@ -87,6 +88,7 @@ class RevokedTokens:
         with self._lock:
             if self._watched_until is None or until > self._watched_until:
                 self._watched_until = until
+                self._watched_heard_at = self._monotonic()
             return self._watched_until
 
     def is_current(self) -> bool:
@@ -102,10 +104,12 @@ class RevokedTokens:
         age = self._monotonic() - current_at
         if age > self.max_staleness_seconds:
             return f"the token revocations were last read {age:.0f} s ago"
-        watched_until = self._watched_until
-        if watched_until is None:
+        watched_until, heard_at = self._watched_until, self._watched_heard_at
+        if watched_until is None or heard_at is None:
             return "the realm's watch (the audit service) has not been heard from yet"
-        silence = self._clock() - watched_until
+        # The word's own date tells how old it was when read (the lookback after a start); the monotonic clock, how
+        # long nothing newer came since, whatever this host's wall clock says (behind the broker's, or set back).
+        silence = max(self._clock() - watched_until, self._monotonic() - heard_at)
         if silence > self.max_watch_silence_seconds:
             return f"the realm's watch (the audit service) was last heard from {silence:.0f} s ago"
         return None

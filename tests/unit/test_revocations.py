@@ -322,6 +322,31 @@ def test_tokens_are_refused_until_the_realms_watch_was_heard_from_and_once_it_ha
     assert refusal(tokens, principal()) is None and tokens.is_current()
 
 
+def test_a_silent_watch_is_found_out_a_minute_on_whatever_the_services_wall_clock_says(clocks: Clocks) -> None:
+    """The watch's word is dated by the audit service's clock (capped at the broker's): a service whose own clock is
+    behind, or is set back meanwhile (NTP stepping it), would otherwise take a watch that died for alive for as long
+    as its clock lags."""
+    tokens = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60,
+                           clock=lambda: clocks.wall, monotonic=lambda: clocks.monotonic)
+    tokens.watched(int(clocks.wall * 1000))
+    clocks.wall -= 120  # the service's clock set back two minutes
+    for _ in range(6):  # the feed keeps reading the topic to its end: nothing new on it, the watch is silent
+        clocks.monotonic += 10
+        clocks.wall += 10
+        tokens.confirm_current(clocks.monotonic)
+    assert refusal(tokens, principal()) is None
+    clocks.monotonic += 1
+    clocks.wall += 1
+    tokens.confirm_current(clocks.monotonic)
+    with pytest.raises(AuthenticationError, match=r"the realm's watch .* was last heard from 61 s ago"):
+        tokens.check(principal())
+    assert not tokens.is_current()
+    tokens.watched(int(clocks.wall * 1000) - 5_000)  # an older word does not count as heard again
+    assert refusal(tokens, principal()) == AuthReason.REVOCATIONS_UNAVAILABLE
+    tokens.watched(int(NOW * 1000) + 70_000)  # the watch speaks again
+    assert refusal(tokens, principal()) is None
+
+
 def test_every_token_of_an_ended_session_is_refused_whenever_it_was_issued_and_other_sessions_are_not(
         revoked: RevokedTokens) -> None:
     revoked.revoke(USER, int(NOW * 1000), session=SESSION)
