@@ -29,7 +29,7 @@ from bastion.access.v1.decision_pb2 import AccessRevoked, RevocationsCurrent
 from bastion.events.consumer import Refusal, broker_time, claimed_envelope, safe_claim
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.metrics import EVENTS_APPLIED, EVENTS_REJECTED, REVOCATIONS_WATCHED_UNTIL
-from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, is_bundle
+from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, check_authorised, is_bundle
 from bastion.revocations.revoked import RevokedTokens
 
 log = structlog.get_logger(__name__)
@@ -39,6 +39,12 @@ TOPIC = "identity.revocations.v1"
 # (dropping it would fail open), but one dated years ahead would shut its subject out for years.
 MAX_AHEAD = dt.timedelta(minutes=1)
 
+
+# A record refused only because its key is not known here yet may be the audit service's first under a key it has
+# just rotated to (this service looks at the trust store file every couple of seconds, and asks it again at once at
+# most every half minute): it is tried again for this long before it counts as refused, and meanwhile the set is
+# not confirmed current, so a genuine revocation is never dropped while later words of the watch verify.
+UNKNOWN_KEY_RETRY_SECONDS = 15.0
 
 RecordRefusals = Callable[[Message, list[Refusal]], None]  # the service's EventRejected records, for the audit log
 
@@ -62,6 +68,8 @@ class RevocationFeed:
         self._consumer = make_consumer({**kafka_config, "group.id": group, "enable.auto.commit": False,
                                         "enable.partition.eof": False, "auto.offset.reset": "earliest"})
         self._next: dict[int, int] = {}  # partition -> the offset to read next
+        # (partition, offset) -> when it was first refused for an unknown key, and the record, to be tried again
+        self._key_not_known: dict[tuple[int, int], tuple[float, Message]] = {}
 
     def run(self, stop: Any) -> None:
         self._assign()
@@ -72,6 +80,7 @@ class RevocationFeed:
                 self.take(message)
             if self._monotonic() - last_check >= self.check_every_seconds:
                 last_check = self._monotonic()
+                self.try_unknown_keys_again()
                 self._confirm_if_read_to_end(last_check)
 
     def close(self) -> None:
@@ -104,6 +113,8 @@ class RevocationFeed:
                  lookback_seconds=self.lookback_seconds)
 
     def _confirm_if_read_to_end(self, asked_at: float) -> None:
+        if self._key_not_known:  # read, but not judged yet
+            return
         for partition, next_offset in self._next.items():
             try:
                 _, end = self._consumer.get_watermark_offsets(TopicPartition(TOPIC, partition), timeout=5)
@@ -129,6 +140,16 @@ class RevocationFeed:
             return
         partition, offset = message.partition(), message.offset()
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
+        self._judge(message, None)
+
+    def try_unknown_keys_again(self) -> None:
+        """Judge again the records refused for a key not known yet (the trust store may know it now)."""
+        waiting, self._key_not_known = self._key_not_known, {}
+        for since, message in waiting.values():
+            self._judge(message, since)
+
+    def _judge(self, message: Message, key_unknown_since: float | None) -> None:
+        partition, offset = message.partition(), message.offset()
         raw: bytes = message.value() or b""
         received = broker_time(message)
         bundled = is_bundle(message.headers())
@@ -146,6 +167,13 @@ class RevocationFeed:
             except VerificationError as refused:
                 refusals.append(Refusal(verified.alone(item), refused, item, bundled=True) if verified is not None
                                 else Refusal(raw, refused))
+        if self._may_know_the_key_later(refusals, key_unknown_since):
+            since = self._monotonic() if key_unknown_since is None else key_unknown_since
+            self._key_not_known[(partition, offset)] = (since, message)
+            if key_unknown_since is None:
+                log.info("revocation_key_not_known_yet", consumer=self.name, partition=partition, offset=offset,
+                         retry_seconds=UNKNOWN_KEY_RETRY_SECONDS)
+            return
         for refusal in refusals:
             EVENTS_REJECTED.labels(self.name, TOPIC, str(refusal.error.reason)).inc()
             claimed = claimed_envelope(refusal.raw, refusal.bundled)
@@ -156,6 +184,17 @@ class RevocationFeed:
         if refusals and self.record_refusals is not None:
             # A record that cannot be written fails the worker: made again, it reads the lookback and tries again.
             self.record_refusals(message, refusals)
+
+    def _may_know_the_key_later(self, refusals: list[Refusal], key_unknown_since: float | None) -> bool:
+        """Whether the whole record was refused only for its unknown key, claims a producer that may publish its type
+        here (the audit service: anything else is refused at once), and is within the time it is tried again."""
+        if len(refusals) != 1 or refusals[0].item is not None or refusals[0].error.reason != RejectReason.UNKNOWN_KEY:
+            return False
+        try:
+            check_authorised(claimed_envelope(refusals[0].raw, refusals[0].bundled), TOPIC, self.verifier.policy)
+        except VerificationError:
+            return False
+        return key_unknown_since is None or self._monotonic() - key_unknown_since < UNKNOWN_KEY_RETRY_SECONDS
 
     def _apply(self, event: VerifiedEvent, received: dt.datetime | None) -> None:
         if isinstance(event.payload, RevocationsCurrent):

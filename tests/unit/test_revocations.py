@@ -29,7 +29,7 @@ from bastion.events.trust import load_trust_policy
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal
-from bastion.revocations.feed import TOPIC, RevocationFeed
+from bastion.revocations.feed import TOPIC, UNKNOWN_KEY_RETRY_SECONDS, RevocationFeed
 from bastion.revocations.revoked import COMMIT_MARGIN_SECONDS, PRUNE_EVERY_SECONDS, RevokedTokens
 from bastion.revocations.triggers import (
     Revocation,
@@ -675,6 +675,86 @@ def test_a_refusal_that_cannot_be_recorded_makes_the_worker_again(
     reader.record_refusals = database_away
     with pytest.raises(OperationalError):  # made again, it reads the lookback and records it then
         reader.take(revocation_record(ring, 3, producer="payments"))
+
+
+class LateTrust:
+    """The trust store as a service sees it right after a producer rotated its key: the new key only once this
+    service has looked at the file again (asking again at once was spent on something else lately)."""
+
+    def __init__(self, before: Any, after: Any) -> None:
+        self.before, self.after, self.known = before, after, False
+
+    def current(self) -> Any:
+        return self.after if self.known else self.before
+
+    def reload(self) -> Any:
+        return self.current()
+
+
+def feed_after_rotation(ring: KeyRing, producer: str) -> tuple[RevocationFeed, Partitions, RevokedTokens,
+                                                                LateTrust, list[float], list[Any]]:
+    """accounts' feed whose trust store does not know PRODUCER's key yet, on a clock the test moves, recording
+    refusals in a list."""
+    before = ring.trust_store()
+    ring.rotate(producer)
+    trust = LateTrust(before, ring.trust_store())
+    access = load_policy(INFRA / "event-access.yaml", SERVICES)
+    verifier = EnvelopeVerifier(trust, load_trust_policy(INFRA / "event-trust.yaml", access))
+    clock, recorded, kafka = [100.0], list[Any](), Partitions({})
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60,
+                            monotonic=lambda: clock[0])
+    revoked.watched(int(time.time() * 1000))
+    reader = RevocationFeed("accounts", {}, "accounts-revocations", verifier, revoked, 360, check_every_seconds=0.0,
+                            make_consumer=lambda config: kafka, monotonic=lambda: clock[0],
+                            record_refusals=lambda message, refusals: recorded.extend(refusals))
+    return reader, kafka, revoked, trust, clock, recorded
+
+
+def checked(reader: RevocationFeed, clock: list[float], seconds: float) -> None:
+    """SECONDS later, the feed's check: records of an unknown key tried again, the set confirmed if read."""
+    clock[0] += seconds
+    reader.try_unknown_keys_again()
+    reader._confirm_if_read_to_end(clock[0])
+
+
+def test_a_revocation_under_a_key_this_service_does_not_know_yet_is_tried_again_never_dropped(
+        ring: KeyRing) -> None:
+    """The audit service's first revocation under a key it has just rotated to: refused at once it would be lost
+    while later words of the watch verify, so it is held, the set not confirmed meanwhile, and applied once the
+    trust store knows the key."""
+    reader, kafka, revoked, trust, clock, recorded = feed_after_rotation(ring, "audit")
+    before = rejected("unknown_key")
+    kafka.end = 4
+    reader.take(revocation_record(ring, 3))
+    checked(reader, clock, 1)
+    assert not revoked.is_current() and recorded == [] and rejected("unknown_key") == before
+    trust.known = True  # the file looked at again
+    checked(reader, clock, 1)
+    assert revoked.is_current()
+    assert refusal(revoked, principal(issued_at=int(dt.datetime.now(dt.UTC).timestamp()) - 5)) == AuthReason.REVOKED
+
+
+def test_a_key_that_never_comes_is_refused_recorded_and_the_feed_goes_on_after_the_retry_time(
+        ring: KeyRing) -> None:
+    reader, kafka, revoked, _, clock, recorded = feed_after_rotation(ring, "audit")
+    before = rejected("unknown_key")
+    kafka.end = 4
+    reader.take(revocation_record(ring, 3))
+    checked(reader, clock, UNKNOWN_KEY_RETRY_SECONDS - 1)
+    assert not revoked.is_current() and recorded == []
+    checked(reader, clock, 2)
+    assert [refused.error.reason for refused in recorded] == ["unknown_key"]
+    assert rejected("unknown_key") == before + 1 and revoked.is_current()
+    assert refusal(revoked, principal()) is None
+
+
+def test_an_unknown_key_of_a_producer_that_may_not_revoke_is_refused_at_once(ring: KeyRing) -> None:
+    reader, kafka, revoked, _, clock, recorded = feed_after_rotation(ring, "payments")
+    kafka.end = 4
+    reader.take(revocation_record(ring, 3, producer="payments"))
+    assert [refused.error.reason for refused in recorded] == ["unknown_key"]
+    checked(reader, clock, 1)
+    assert revoked.is_current()
 
 
 def test_a_passing_kafka_error_is_waited_out_and_a_fatal_one_makes_the_worker_again(
