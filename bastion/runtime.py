@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import grpc
 import redis.asyncio as aioredis
 import structlog
-from grpc_health.v1 import health, health_pb2
 from sqlalchemy import Engine, create_engine
 
 from bastion.devstack.components.kafka import Kafka
@@ -42,6 +41,7 @@ from bastion.metrics_endpoint import serve_metrics
 from bastion.revocations.feed import TOPIC as REVOCATIONS_TOPIC
 from bastion.revocations.feed import RevocationFeed
 from bastion.revocations.revoked import RevokedTokens
+from bastion.service_health import ServiceHealth
 from bastion.settings import DevstackSettings
 from bastion.worker_health import WorkerHealth
 
@@ -85,11 +85,20 @@ class ServiceRuntime:
     kafka_config: dict[str, Any]
     workers: WorkerHealth = field(default_factory=WorkerHealth)
     threads: list[threading.Thread] = field(default_factory=list)
-    health_servicer: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    # Never SERVING while a worker keeps failing or tokens cannot be checked (`_failing`), from the server's start.
+    health_servicer: ServiceHealth = field(init=False)
+    # The tokens this service refuses although they verify: read from identity.revocations.v1 by the feed
+    # (`start_revocation_feed`), checked by the validator on every call. Made here, before any worker thread
+    # could ask for it, so every reader holds the same set.
+    revoked: RevokedTokens = field(init=False)
     # The publisher of the service's access decisions, once `security()` made it: closed when the service stops.
     access_audit: KafkaAccessAudit | None = None
     reads_revocations: bool = False  # once `start_revocation_feed` ran: the health check then also says whether
     # tokens can be checked (NOT_SERVING while every token is refused as "token revocations unavailable")
+
+    def __post_init__(self) -> None:
+        self.health_servicer = ServiceHealth(self._failing)
+        self.revoked = revoked_tokens(self.ctx)
 
     @classmethod
     def load(cls, name: str, settings: DevstackSettings) -> "ServiceRuntime":
@@ -221,24 +230,21 @@ class ServiceRuntime:
         await asyncio.to_thread(metrics.close)  # last: counters stay readable while the workers wind down
 
     async def _report_workers(self) -> None:
-        serving = True
+        serving = self.health_servicer.serving  # as the server's start left it
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
-            failing = self.workers.failing(time.monotonic())
-            if self.reads_revocations and not self.revoked.is_current():
-                failing.append("revocations")
-            if bool(failing) == serving:
+            failing = await self.health_servicer.refresh()
+            if (not failing) != serving:
                 serving = not failing
-                status = health_pb2.HealthCheckResponse.SERVING if serving else \
-                    health_pb2.HealthCheckResponse.NOT_SERVING
-                await self.health_servicer.set("", status)
                 log.warning("health_changed", service=self.name, serving=serving, failing_workers=failing)
 
-    @cached_property
-    def revoked(self) -> RevokedTokens:
-        """The tokens this service refuses although they verify: read from identity.revocations.v1 by the feed
-        (`start_revocation_feed`), checked by the validator on every call."""
-        return revoked_tokens(self.ctx)
+    def _failing(self) -> list[str]:
+        """What keeps the service from serving, by name: workers that keep failing, and "revocations" while every
+        token is refused for want of them."""
+        failing = self.workers.failing(time.monotonic())
+        if self.reads_revocations and not self.revoked.is_current():
+            failing.append("revocations")
+        return failing
 
     def start_revocation_feed(self, stop: threading.Event) -> threading.Thread:
         """Read the token revocations into `revoked` until STOP is set, under the group infra/event-access.yaml

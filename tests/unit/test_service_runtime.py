@@ -250,26 +250,49 @@ def test_the_access_audit_gets_a_bounded_close_that_fits_the_time_bastion_down_g
     assert grace > 5 + 2 * ACCESS_AUDIT_CLOSE_SECONDS + WORKER_STOP_SECONDS, "server grace, audit and Kafka, workers"
 
 
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+SERVED = "bastion.accounts.v1.Accounts"  # a service name the server factory sets a status for
+
+
+async def status_of(service: ServiceRuntime, name: str = "") -> int:
+    """What a health check asking for NAME is told."""
+    answer = await service.health_servicer.Check(health_pb2.HealthCheckRequest(service=name), None)
+    return int(answer.status)
+
+
+def statuses_said(service: ServiceRuntime, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The overall status the service's health check answers after each of its watchdog's rounds, as it changes."""
+    said: list[int] = []
+    refresh = service.health_servicer.refresh
+
+    async def noted() -> list[str]:
+        failing = await refresh()
+        status = await status_of(service)
+        if not said or said[-1] != status:
+            said.append(status)
+        return failing
+
+    monkeypatch.setattr(service.health_servicer, "refresh", noted)
+    return said
+
+
 def test_the_health_check_says_not_serving_while_a_worker_keeps_failing_and_serving_once_it_recovers(
         service: ServiceRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime_module, "HEALTH_CHECK_SECONDS", 0.01)
-    said: list[int] = []
-
-    async def set_status(name: str, status: int) -> None:
-        assert name == "", "the server's overall status"
-        said.append(status)
-
-    service.health_servicer = SimpleNamespace(set=set_status)  # type: ignore[assignment]
+    said = statuses_said(service, monkeypatch)
     failing: list[list[str]] = [[], ["consumer"], ["consumer"], [], []]
     monkeypatch.setattr(service.workers, "failing", lambda _now: failing.pop(0) if failing else [])
 
     async def watch() -> None:
+        await service.health_servicer.set("", SERVING)
+        await service.health_servicer.set(SERVED, SERVING)
         watchdog = asyncio.create_task(service._report_workers())
         await asyncio.sleep(0.2)
         watchdog.cancel()
+        assert await status_of(service, SERVED) == SERVING, "every status follows, not only the overall one"
 
     asyncio.run(watch())
-    assert said == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
+    assert said == [NOT_SERVING, SERVING]
 
 
 def test_the_health_check_says_not_serving_while_every_token_is_refused_for_want_of_revocations(
@@ -277,24 +300,41 @@ def test_the_health_check_says_not_serving_while_every_token_is_refused_for_want
     """A service that reads the token revocations refuses every token while they are unknown (not read, stale, the
     realm's watch silent): its health says so, and `bastion up` waits for it."""
     monkeypatch.setattr(runtime_module, "HEALTH_CHECK_SECONDS", 0.01)
-    said: list[int] = []
-
-    async def set_status(name: str, status: int) -> None:
-        said.append(status)
-
-    service.health_servicer = SimpleNamespace(set=set_status)  # type: ignore[assignment]
+    said = statuses_said(service, monkeypatch)
     revoked = service.revoked
     assert revoked.max_watch_silence_seconds == runtime_module.REVOCATIONS_WATCH_SILENCE_SECONDS
     service.reads_revocations = True  # as start_revocation_feed leaves it
 
     async def watch() -> None:
+        await service.health_servicer.set("", SERVING)  # as the server factory does before it starts
         watchdog = asyncio.create_task(service._report_workers())
         await asyncio.sleep(0.1)
-        assert said == [health_pb2.HealthCheckResponse.NOT_SERVING], "nothing read: every token refused"
+        assert said == [NOT_SERVING], "nothing read: every token refused"
         revoked.confirm_current(time.monotonic())
         revoked.watched(int(time.time() * 1000))
         await asyncio.sleep(0.1)
         watchdog.cancel()
 
     asyncio.run(watch())
-    assert said == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
+    assert said == [NOT_SERVING, SERVING]
+
+
+def test_a_server_that_starts_while_tokens_cannot_be_checked_says_not_serving_from_its_first_answer(
+        service: ServiceRuntime) -> None:
+    """The server factory sets SERVING for the server and each of its services before it starts listening: while
+    every token would be refused (the feed gave up waiting at start), no health check is told SERVING meanwhile,
+    not even before the watchdog's first round."""
+    service.reads_revocations = True  # the feed not read yet
+
+    async def start_then_recover() -> None:
+        for name in ("", SERVED):
+            await service.health_servicer.set(name, SERVING)
+            assert await status_of(service, name) == NOT_SERVING
+        service.revoked.confirm_current(time.monotonic())
+        service.revoked.watched(int(time.time() * 1000))
+        assert await service.health_servicer.refresh() == []
+        for name in ("", SERVED):
+            assert await status_of(service, name) == SERVING
+
+    asyncio.run(start_then_recover())
+
