@@ -11,7 +11,7 @@ from typing import Protocol, TypeVar
 import structlog
 from google.protobuf.message import Message
 
-from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
+from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from bastion.payments.v1 import events_pb2
 from bastion.resilience import locks
 from services.payments import domain
@@ -150,12 +150,6 @@ class PaymentsHandlers:
             await self.accounts.apply_transfer(payment.payment_id, payment.from_account_id, payment.to_account_id,
                                                payment.amount_minor, payment.currency, fencing_token,
                                                payment.idempotency_key)
-        except UnavailableError as unknown:
-            # accounts may or may not have applied it: the payment stays PENDING and the caller must not pay
-            # again with a new key (the reconciler settles this one); the same key returns the outcome.
-            raise PaymentPendingError(
-                f"payment {payment.payment_id} is pending: its outcome is not known yet ({unknown}); retry with the "
-                "same idempotency key to learn it, never with a new one") from unknown
         except REFUSALS as refusal:
             failed = domain.fail(payment, str(refusal))
             await self._transaction(lambda uow: self._record(uow, failed, events_pb2.PaymentFailed(
@@ -163,6 +157,13 @@ class PaymentsHandlers:
                 to_account_id=failed.to_account_id, amount_minor=failed.amount_minor, currency=failed.currency,
                 reason=failed.reason)))
             raise PaymentRefusedError(failed.reason) from refusal
+        except Exception as unknown:
+            # accounts may or may not have applied it: the payment stays PENDING and the caller must not pay
+            # again with a new key (the reconciler settles this one); the same key returns the outcome. Any answer
+            # that is no refusal (rate limited, permission denied...) leaves it PENDING too, so it must be said so.
+            raise PaymentPendingError(
+                f"payment {payment.payment_id} is pending: its outcome is not known yet ({unknown}); retry with the "
+                "same idempotency key to learn it, never with a new one") from unknown
         completed = domain.complete(payment)
         await self._transaction(lambda uow: self._record(uow, completed, events_pb2.PaymentCompleted(
             payment_id=completed.payment_id, from_account_id=completed.from_account_id,

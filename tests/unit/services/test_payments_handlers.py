@@ -12,7 +12,13 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from bastion.grpc.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from bastion.grpc.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from bastion.payments.v1 import events_pb2
 from bastion.resilience.locks import LockBusyError
 from services.accounts.domain import MAX_MINOR
@@ -369,6 +375,29 @@ def test_an_unknown_outcome_tells_the_caller_to_retry_with_the_same_key(world: W
     with pytest.raises(PaymentPendingError, match="same idempotency key") as error:
         world.transfer(300)
     assert error.value.status == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("answer", [ResourceExhaustedError("rate limit of 30000 calls per 60s exceeded"),
+                                    PermissionDeniedError("ApplyTransfer needs one of service:payments")])
+def test_an_answer_of_accounts_that_is_no_refusal_leaves_the_payment_pending_and_says_so(
+        world: World, answer: Exception) -> None:
+    """accounts turned the call away before applying anything, but not as a refusal of this transfer: the payment
+    stays PENDING and the reconciler applies it later, so the caller must hear that it is pending (and to retry with
+    the same key), not an error that reads as final and invites paying again with a new key."""
+    async def turned_away(*args: object) -> None:
+        raise answer
+
+    apply_transfer = world.accounts.apply_transfer
+    world.accounts.apply_transfer = turned_away  # type: ignore[method-assign]
+    with pytest.raises(PaymentPendingError, match="same idempotency key") as error:
+        world.transfer(300)
+    assert error.value.status == grpc.StatusCode.UNAVAILABLE
+    [pending] = world.uow.payments.rows.values()
+    assert pending.status is PaymentStatus.PENDING and world.uow.events.emitted == []
+    world.accounts.apply_transfer = apply_transfer  # type: ignore[method-assign]
+    world.clock.now += dt.timedelta(minutes=2)
+    [settled] = run(world.payments.settle_pending(dt.timedelta(minutes=1)))
+    assert settled.status is PaymentStatus.COMPLETED and world.accounts.balance(world.alice) == 19_700
 
 
 @pytest.mark.parametrize("refusal", ["no such destination", "destination full"])
