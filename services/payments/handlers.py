@@ -11,7 +11,7 @@ from typing import Protocol, TypeVar
 import structlog
 from google.protobuf.message import Message
 
-from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RequestError
 from bastion.payments.v1 import events_pb2
 from bastion.resilience import locks
 from services.payments import domain
@@ -161,8 +161,14 @@ class PaymentsHandlers:
             # accounts may or may not have applied it: the payment stays PENDING and the caller must not pay
             # again with a new key (the reconciler settles this one); the same key returns the outcome. Any answer
             # that is no refusal (rate limited, permission denied...) leaves it PENDING too, so it must be said so.
+            # Only an answer of the error table is quoted: a fault's own text may hold what no caller should read.
+            if isinstance(unknown, RequestError):
+                why = str(unknown)
+            else:
+                log.exception("transfer_outcome_unknown", payment_id=payment.payment_id)
+                why = "the call to accounts failed"
             raise PaymentPendingError(
-                f"payment {payment.payment_id} is pending: its outcome is not known yet ({unknown}); retry with the "
+                f"payment {payment.payment_id} is pending: its outcome is not known yet ({why}); retry with the "
                 "same idempotency key to learn it, never with a new one") from unknown
         completed = domain.complete(payment)
         await self._transaction(lambda uow: self._record(uow, completed, events_pb2.PaymentCompleted(

@@ -400,6 +400,19 @@ def test_an_answer_of_accounts_that_is_no_refusal_leaves_the_payment_pending_and
     assert settled.status is PaymentStatus.COMPLETED and world.accounts.balance(world.alice) == 19_700
 
 
+def test_a_fault_calling_accounts_leaves_the_payment_pending_and_its_text_never_reaches_the_caller(
+        world: World) -> None:
+    async def faulty(*args: object) -> None:
+        raise KeyError("postgresql://payments:s3cret@db/payments")
+
+    world.accounts.apply_transfer = faulty  # type: ignore[method-assign]
+    with pytest.raises(PaymentPendingError, match="same idempotency key") as error:
+        world.transfer(300)
+    assert "s3cret" not in str(error.value) and "the call to accounts failed" in str(error.value)
+    [pending] = world.uow.payments.rows.values()
+    assert pending.status is PaymentStatus.PENDING and world.uow.events.emitted == []
+
+
 @pytest.mark.parametrize("refusal", ["no such destination", "destination full"])
 def test_accounts_refusing_the_destination_is_recorded_as_failed(world: World, refusal: str) -> None:
     target = "acc-does-not-exist"
