@@ -64,6 +64,26 @@ def _fingerprint(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
 
 
+# What a transfer can be refused for once both accounts exist: remembered with its key, so the same key always gets
+# the same answer (an applied transfer is remembered with an empty record).
+REMEMBERED_REFUSALS = (domain.InvalidAmountError, domain.UnknownCurrencyError, domain.InvalidRequestError,
+                       domain.AccountFrozenError, domain.InsufficientFundsError, domain.CurrencyMismatchError,
+                       domain.StaleFencingTokenError)
+_REFUSAL_BY_NAME: dict[str, type[domain.AccountsError]] = {kind.__name__: kind for kind in REMEMBERED_REFUSALS}
+
+
+def _refusal_record(error: domain.AccountsError) -> bytes:
+    return f"{type(error).__name__}\n{error}".encode()
+
+
+def _remembered_refusal(record: bytes) -> domain.AccountsError:
+    name, _, message = record.decode().partition("\n")
+    kind = _REFUSAL_BY_NAME.get(name)
+    if kind is None:  # written by a later release, or damaged: refuse rather than apply the transfer now
+        return IdempotencyConflictError("this idempotency key's earlier answer cannot be read")
+    return kind(message)
+
+
 def _visible(account: Account | None, caller: Caller) -> Account:
     """The account if the caller may see it; otherwise NOT_FOUND, so nobody learns which ids exist."""
     if account is None or (account.owner != caller.username and not caller.sees_all):
@@ -164,6 +184,8 @@ class AccountsHandlers:
             earlier = uow.accounts.remembered(idempotency_key)
             if earlier is not None:
                 self._same_request(earlier, fingerprint, uow, from_account_id)
+                if earlier[1]:
+                    raise _remembered_refusal(earlier[1])
                 source, target = uow.accounts.get(from_account_id), uow.accounts.get(to_account_id)
                 if source is None or target is None:
                     raise AccountNotFoundError("account not found")
@@ -171,12 +193,21 @@ class AccountsHandlers:
             source, target = locked.get(from_account_id), locked.get(to_account_id)
             if source is None or target is None:
                 raise AccountNotFoundError("account not found")
-            debited, credited = domain.apply_transfer(source, target, amount_minor, currency, fencing_token)
-            uow.accounts.save(debited)
-            uow.accounts.save(credited)
-            uow.accounts.remember(idempotency_key, fingerprint, b"")
-            uow.events.emit(events_pb2.TransferApplied(
-                transfer_id=transfer_id, from_account_id=from_account_id, to_account_id=to_account_id,
-                amount_minor=amount_minor, currency=currency, fencing_token=fencing_token,
-                idempotency_key=idempotency_key), from_account_id)
-            return debited, credited
+            try:
+                debited, credited = domain.apply_transfer(source, target, amount_minor, currency, fencing_token)
+            except REMEMBERED_REFUSALS as error:
+                # Kept with the key (committed as the unit of work ends): two attempts of one payment, say a
+                # holder whose lease ran out and the one that took the lock over, then get one answer, never one
+                # refused (recorded FAILED by payments) and the other applied.
+                uow.accounts.remember(idempotency_key, fingerprint, _refusal_record(error))
+                refused = error
+            else:
+                uow.accounts.save(debited)
+                uow.accounts.save(credited)
+                uow.accounts.remember(idempotency_key, fingerprint, b"")
+                uow.events.emit(events_pb2.TransferApplied(
+                    transfer_id=transfer_id, from_account_id=from_account_id, to_account_id=to_account_id,
+                    amount_minor=amount_minor, currency=currency, fencing_token=fencing_token,
+                    idempotency_key=idempotency_key), from_account_id)
+                return debited, credited
+        raise refused

@@ -17,7 +17,7 @@ from bastion.events.keys import KeyRing
 from bastion.events.outbox import Outbox
 from bastion.events.storage import outbox
 from services.accounts.adapters.postgres import PostgresUnitOfWork, accounts, create_schema
-from services.accounts.domain import AccountsError, StaleFencingTokenError
+from services.accounts.domain import AccountsError, InsufficientFundsError, StaleFencingTokenError
 from services.accounts.fakes import MemoryPersonalData
 from services.accounts.handlers import AccountsHandlers, Caller
 
@@ -102,6 +102,20 @@ def test_a_stale_fencing_token_moves_nothing(bank: AccountsHandlers) -> None:
         bank.apply_transfer("paused", source, target, 100, "EUR", 7, "key-paused-holder")
     assert bank.get_account(SUPPORT, source).balance_minor == 400
     assert bank.get_account(SUPPORT, target).balance_minor == 100
+
+
+def test_a_refused_transfer_is_refused_again_for_its_key_after_the_funds_arrive(bank: AccountsHandlers) -> None:
+    """The refusal is committed with its key although the transfer is not: the same key gets the same answer."""
+    source = bank.open_account(Caller("alice", frozenset({"customer"})), "EUR").account_id
+    target = bank.open_account(Caller("bob", frozenset({"customer"})), "EUR").account_id
+    key = f"key-refused-{source[-8:]}"
+    with pytest.raises(InsufficientFundsError):
+        bank.apply_transfer("refused", source, target, 100, "EUR", 1, key)
+    bank.deposit(TELLER, source, 500, f"fund-{source}")
+    with pytest.raises(InsufficientFundsError):
+        bank.apply_transfer("refused", source, target, 100, "EUR", 2, key)
+    assert bank.get_account(SUPPORT, source).balance_minor == 500
+    assert bank.get_account(SUPPORT, target).balance_minor == 0
 
 
 def test_the_same_deposit_sent_twice_at_once_is_applied_once_and_both_get_its_answer(bank: AccountsHandlers,

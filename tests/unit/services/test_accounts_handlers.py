@@ -177,6 +177,50 @@ def test_transfers_that_break_a_rule_change_nothing(bank: AccountsHandlers, uow:
     assert uow.accounts.rows == before
 
 
+def test_a_refused_transfer_keeps_its_answer_for_its_key_even_once_it_could_be_applied(
+        bank: AccountsHandlers, uow: MemoryUnitOfWork) -> None:
+    """Two attempts of one payment (a retry, the reconciler, a holder whose lease ran out and the one that took the
+    lock over) get one answer: refused for want of funds, the same key is refused again after a deposit, so payments
+    never records the payment FAILED while an attempt of it moved the money."""
+    source, target = funded(bank, ALICE, 100), funded(bank, BOB, 0)
+    with pytest.raises(InsufficientFundsError) as first:
+        bank.apply_transfer("t1", source, target, 300, "EUR", 1, KEY)
+    bank.deposit(TINA, source, 1000, "fund-again-0001")
+    events = len(uow.events.emitted)
+    with pytest.raises(InsufficientFundsError) as again:
+        bank.apply_transfer("t1", source, target, 300, "EUR", 2, KEY)
+    assert str(again.value) == str(first.value)
+    assert (bank.get_account(SAM, source).balance_minor, bank.get_account(SAM, target).balance_minor) == (1100, 0)
+    assert len(uow.events.emitted) == events, "no TransferApplied"
+    with pytest.raises(IdempotencyConflictError):
+        bank.apply_transfer("t1", source, target, 301, "EUR", 3, KEY)  # another request is still another request
+    bank.apply_transfer("t2", source, target, 300, "EUR", 4, "key-0002-abcd")  # a new key is a new decision
+
+
+def test_a_paused_holders_refusal_is_the_answer_for_the_payment_the_lock_taker_applies_again(
+        bank: AccountsHandlers) -> None:
+    source, target = funded(bank, ALICE, 1000), funded(bank, BOB, 0)
+    bank.apply_transfer("other", source, target, 100, "EUR", fencing_token=8, idempotency_key="key-other-payment")
+    with pytest.raises(StaleFencingTokenError, match="not newer than 8"):
+        bank.apply_transfer("t1", source, target, 200, "EUR", fencing_token=7, idempotency_key=KEY)
+    with pytest.raises(StaleFencingTokenError, match="not newer than 8"):
+        bank.apply_transfer("t1", source, target, 200, "EUR", fencing_token=9, idempotency_key=KEY)
+    assert bank.get_account(SAM, source).balance_minor == 900
+
+
+def test_an_earlier_answer_that_cannot_be_read_refuses_the_transfer(bank: AccountsHandlers,
+                                                                    uow: MemoryUnitOfWork) -> None:
+    source, target = funded(bank, ALICE, 100), funded(bank, BOB, 0)
+    with pytest.raises(InsufficientFundsError):
+        bank.apply_transfer("t1", source, target, 300, "EUR", 1, KEY)
+    fingerprint, _ = uow.accounts.keys[KEY]
+    uow.accounts.keys[KEY] = (fingerprint, b"SomeLaterRefusal\nwhatever it said")
+    bank.deposit(TINA, source, 1000, "fund-again-0001")
+    with pytest.raises(IdempotencyConflictError, match="earlier answer cannot be read"):
+        bank.apply_transfer("t1", source, target, 300, "EUR", 2, KEY)
+    assert bank.get_account(SAM, source).balance_minor == 1100
+
+
 @pytest.mark.parametrize("key", ["short", "x" * 7, "x" * 101, "has space", "deposit-0001\n", "dépôt-0001", ""])
 def test_an_idempotency_key_is_refused_unless_it_is_8_to_100_safe_characters(key: str) -> None:
     with pytest.raises(InvalidRequestError, match="idempotency_key must be 8 to 100 characters"):
