@@ -77,7 +77,7 @@ class ServiceTokens:
         self.clock = clock
         self._token = ""
         self._renew_at = 0.0
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Future[str] | None = None
 
     @classmethod
     def for_service(cls, keycloak_url: str, realm: str, service: str, secret: str, ca_file: str) -> "ServiceTokens":
@@ -90,16 +90,31 @@ class ServiceTokens:
     async def token(self) -> str:
         if self._token and self.clock() < self._renew_at:
             return self._token
-        async with self._lock:
-            if not self._token or self.clock() >= self._renew_at:
-                issued_at = self.clock()
-                try:
-                    answer = await asyncio.to_thread(self.client.token, grant_type="client_credentials")
-                except Exception as error:  # any failure to get a token means: cannot call
-                    raise UnavailableError("no service token: Keycloak could not be reached") from error
-                self._token = str(answer["access_token"])
-                self._renew_at = issued_at + float(answer.get("expires_in", 60)) * self.renew_fraction
-        return self._token
+        # One grant in flight, shared and shielded: a caller that stops waiting (its deadline) leaves it to the
+        # others, so a Keycloak that does not answer holds one request and one thread, not one per caller in turn.
+        if self._fetching is None:
+            self._fetching = asyncio.ensure_future(self._fetch())
+            self._fetching.add_done_callback(_retrieved)
+        return await asyncio.shield(self._fetching)
+
+    async def _fetch(self) -> str:
+        try:
+            issued_at = self.clock()
+            try:
+                answer = await asyncio.to_thread(self.client.token, grant_type="client_credentials")
+            except Exception as error:  # any failure to get a token means: cannot call
+                raise UnavailableError("no service token: Keycloak could not be reached") from error
+            self._token = str(answer["access_token"])
+            self._renew_at = issued_at + float(answer.get("expires_in", 60)) * self.renew_fraction
+            return self._token
+        finally:
+            self._fetching = None
+
+
+def _retrieved(fetch: "asyncio.Future[str]") -> None:
+    """Take a grant's failure even when every caller stopped waiting for it, so asyncio does not report it lost."""
+    if not fetch.cancelled():
+        fetch.exception()
 
 
 @dataclass
@@ -176,14 +191,23 @@ class Downstream:
         nothing. A fresh token refused as well is this service's credentials being refused: UNAVAILABLE."""
         deadline = time.monotonic() + self.deadline_seconds
         try:
-            return await self._send(method, request, trace, attempts, await self.tokens.token(), deadline)
+            return await self._send(method, request, trace, attempts, await self._token(deadline), deadline)
         except _TokenRefusedError:
             self.tokens.forget()
         try:
-            return await self._send(method, request, trace, attempts, await self.tokens.token(), deadline)
+            return await self._send(method, request, trace, attempts, await self._token(deadline), deadline)
         except _TokenRefusedError:
             self.tokens.forget()  # fetch a fresh one next time, too
             raise UnavailableError(f"{self.name} refused this service's credentials") from None
+
+    async def _token(self, deadline: float) -> str:
+        """This service's token, waited for only until DEADLINE: python-keycloak would wait a minute for an answer."""
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                return await self.tokens.token()
+        except TimeoutError:
+            waited = f"{self.deadline_seconds:.1f}s"
+            raise UnavailableError(f"no service token to call {self.name} within {waited}") from None
 
     async def _send(self, method: Callable[..., Awaitable[T]], request: Any, trace: TraceContext | None,
                     attempts: _Attempts, service_token: str, deadline: float) -> T:

@@ -4,6 +4,7 @@ forgotten, and every answer turned into the kit's own errors: only UNAVAILABLE a
 an unhealthy downstream opening the breaker, a business refusal passed on as it came."""
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,42 @@ def test_a_downstream_that_does_not_answer_within_the_deadline_is_unavailable() 
     with pytest.raises(UnavailableError, match=r"accounts did not answer within 0\.2s"):
         called(downstream, FakeMethod("hang"))
     assert time.monotonic() - started < 1.5
+
+
+class HangingKeycloak(FakeKeycloak):
+    """Keycloak's token endpoint when it takes connections and never answers (until RELEASED, or 2 s)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.released = threading.Event()
+        self.asked = 0
+
+    def token(self, grant_type: str, **options: Any) -> dict[str, Any]:
+        self.asked += 1
+        self.released.wait(2.0)
+        raise KeycloakConnectionError("Read timed out")
+
+
+def test_a_service_token_keycloak_does_not_hand_over_is_waited_for_only_within_the_deadline() -> None:
+    """A Keycloak that does not answer holds the call no longer than its deadline (python-keycloak waits 60 s), and
+    calls that gave up waiting leave the one request in flight to the next instead of each asking again."""
+    downstream, _ = accounts(deadline_seconds=0.2)
+    keycloak = HangingKeycloak(ManualClock())
+    downstream.tokens = ServiceTokens(keycloak)  # type: ignore[arg-type]
+    method = FakeMethod("reply")
+
+    async def two_calls() -> None:
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                with pytest.raises(UnavailableError, match=r"no service token to call accounts within 0\.2s"):
+                    await downstream.call(method, "request")
+                assert time.monotonic() - started < 1.0
+        finally:
+            keycloak.released.set()
+
+    asyncio.run(two_calls())
+    assert method.calls == [] and keycloak.asked == 1
 
 
 def test_a_refused_service_token_is_replaced_and_the_call_made_once_more_with_the_fresh_one() -> None:
