@@ -109,6 +109,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             token = current_call.set(call)
             try:
                 async for item in inner_stream(request, context):
+                    # Admitted once, a stream may stay open for its token's whole life: each message goes out only
+                    # while the token still passes (a sign-out or revocation since ends the stream).
+                    await self._still_authenticated(context, call)
                     yield item
                 if call.span is not None:
                     _end_span(call, _answered_with(context))
@@ -164,11 +167,21 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return replace(call, trace=trace, span=span)
         return call
 
+    async def _still_authenticated(self, context: grpc.aio.ServicerContext, call: CallContext) -> None:
+        """Refuse CALL now if its token no longer passes (a remembered verdict: expiry, key, revocations)."""
+        try:
+            self._validated(call.bearer or "", call.correlation_id)
+        except RequestError as error:
+            await self._refuse(context, call, error)
+
     def _authenticate(self, header: str, correlation_id: str) -> Principal:
         """The principal of the bearer token in HEADER; raises the RequestError that refuses the call."""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise UnauthenticatedError("missing bearer token")
+        return self._validated(token, correlation_id)
+
+    def _validated(self, token: str, correlation_id: str) -> Principal:
         try:
             return self.validator.validate(token)
         except AuthenticationError as error:

@@ -24,6 +24,7 @@ from bastion.testing.tokens import REALM_ISSUER, FakeJwksEndpoint, ManualClock, 
 SERVICE = "accounts"
 POLICY = Path(__file__).resolve().parents[2] / "infra" / "policies" / "probe.yaml"
 WHOAMI = "/bastion.probe.v1.Probe/Whoami"
+COUNTDOWN = "/bastion.probe.v1.Probe/Countdown"
 
 
 class Refused(Exception):
@@ -152,6 +153,55 @@ def test_a_revoked_token_is_unauthenticated_and_unknown_revocations_answer_unava
     refusal = kit.refused(WHOAMI, f"Bearer {token}")
     assert refusal.code == grpc.StatusCode.UNAUTHENTICATED and "access was revoked" in refusal.details
     assert [d.decision for d in kit.audit.decisions] == [DECISION_DENY, DECISION_DENY, DECISION_ALLOW, DECISION_DENY]
+
+
+class StreamContext(FakeContext):
+    """A FakeContext whose `abort` raises grpc.aio's AbortError, as a real one does, and keeps the status."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...], identities: list[bytes]) -> None:
+        super().__init__(metadata, identities)
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def code(self) -> Any:
+        return self.aborted[0] if self.aborted is not None else None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+
+def test_a_stream_sends_nothing_more_once_its_session_has_ended(kit: Kit) -> None:
+    """A stream is admitted once and may stay open for the token's whole life: signed out (or revoked) meanwhile, it
+    must not go on sending what the token no longer entitles anybody to."""
+    clock = ManualClock(float(kit.minter.claims()["iat"]))
+    revoked = RevokedTokens(keep_seconds=360, max_staleness_seconds=30, max_watch_silence_seconds=60, clock=clock)
+    revoked.confirm_current(time.monotonic())
+    revoked.watched(int(clock() * 1000))
+    kit.interceptor.validator._revocations = revoked
+    metadata = (("authorization", f"Bearer {kit.minter.mint(sid='session-1')}"),)
+    context = StreamContext(metadata, [b"spiffe://bastion.local/service/cli"])
+    sent: list[int] = []
+
+    async def countdown(_request: Any, _context: Any) -> Any:
+        for value in (3, 2, 1):
+            if value == 2:
+                revoked.revoke(None, int(clock() * 1000), session="session-1")  # the user signs out
+            yield value
+
+    async def continuation(_details: Any) -> Any:
+        return grpc.unary_stream_rpc_method_handler(countdown)
+
+    async def run() -> None:
+        wrapped = await kit.interceptor.intercept_service(continuation, Details(COUNTDOWN, metadata))
+        async for value in wrapped.unary_stream(b"", context):
+            sent.append(value)
+
+    with pytest.raises(grpc.aio.AbortError):
+        asyncio.run(run())
+    assert sent == [3]
+    assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "the session this token was issued in has ended" in context.aborted[1]
+    assert [d.decision for d in kit.audit.decisions] == [DECISION_ALLOW, DECISION_DENY]
 
 
 class FaultyValidator:
