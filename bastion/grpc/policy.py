@@ -84,9 +84,20 @@ class MethodPolicy:
         return Decision(False, f"{full_method} needs one of {', '.join(wanted)}")
 
 
+def _names(service: Any, method: str, entry: Any, kind: str) -> frozenset[str]:
+    """The roles or services (KIND) a rule names. Only a list of names: a bare string would be read letter by letter
+    (`roles: admin` would allow the roles a, d, m, i and n), and the server would start with it."""
+    names = (entry.get(kind) or []) if isinstance(entry, dict) else None
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        raise DevstackError(f"method policy of {service}: the rule of {method} must give its roles and services as "
+                            "lists of names", f"write it as `{method}: {{{kind}: [name, ...]}}`")
+    return frozenset(names)
+
+
 def parse_method_policy(raw: dict[str, Any]) -> MethodPolicy:
+    service = raw.get("service")
     rules = {
-        name: MethodRule(frozenset(entry.get("roles") or ()), frozenset(entry.get("services") or ()))
+        name: MethodRule(_names(service, name, entry, "roles"), _names(service, name, entry, "services"))
         for name, entry in (raw.get("methods") or {}).items()
     }
     empty = [name for name, rule in rules.items() if not rule.roles and not rule.services]

@@ -43,6 +43,15 @@ def test_a_rule_that_allows_nobody_is_refused() -> None:
         parse_method_policy({"service": PROBE.full_name, "methods": {"Whoami": {}}})
 
 
+@pytest.mark.parametrize("rule", [{"roles": "teller"}, {"services": "payments"}, {"roles": ["teller", 7]},
+                                  {"roles": ["teller"], "services": [""]}, ["teller"]])
+def test_a_rule_naming_roles_or_services_other_than_as_a_list_of_names_is_refused(rule: Any) -> None:
+    """`roles: admin` without brackets is a string, which would be read letter by letter: the rule would allow
+    anybody holding a role `a`, `d`, `m`, `i` or `n`, and nobody holding `admin`, and the server would start."""
+    with pytest.raises(DevstackError, match="TellerOnly"):
+        parse_method_policy({"service": PROBE.full_name, "methods": {"TellerOnly": rule}})
+
+
 def test_default_deny_for_unknown_methods_and_services() -> None:
     policy = load_method_policy(POLICY)
     assert not policy.decide("/bastion.probe.v1.Probe/Transfer", user("admin"), "cli").allowed
