@@ -76,7 +76,10 @@ class MethodPolicy:
             return Decision(False, f"no rule for {full_method[:MAX_METHOD]}: denied by default")
         if principal is None:
             return Decision(False, "no authenticated principal")
-        if rule.services and peer_identity in rule.services and principal.client_id == peer_identity:
+        # The service's own account, over its own certificate: not any token its client was issued (as the rate
+        # limiter's service budget and the services' handlers read a calling service).
+        if (rule.services and principal.is_service_account and peer_identity in rule.services
+                and principal.client_id == peer_identity):
             return Decision(True, f"service {peer_identity} is allowed")
         if rule.roles and not principal.is_service_account and rule.roles & principal.roles:
             return Decision(True, f"role {sorted(rule.roles & principal.roles)[0]} is allowed")

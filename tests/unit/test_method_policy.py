@@ -90,6 +90,15 @@ def test_service_rules_need_the_certificate_and_the_token_of_the_same_service() 
     assert not policy.decide(method, user("admin"), "payments").allowed
 
 
+def test_a_service_rule_needs_that_services_own_account_not_any_token_its_client_was_issued() -> None:
+    """A service rule names the calling service's certificate and its service-account token: a person's token that
+    happens to name the service's client (`azp`), sent over that service's certificate, is no calling service."""
+    policy = load_method_policy(POLICY)
+    mallory = Principal("s", "mallory", "payments", frozenset({"customer"}), "j", 0)
+    assert not policy.decide("/bastion.probe.v1.Probe/PaymentsOnly", mallory, "payments").allowed
+    assert policy.decide("/bastion.probe.v1.Probe/PaymentsOnly", service("payments"), "payments").allowed
+
+
 def test_the_accounts_policy_covers_the_accounts_service() -> None:
     from bastion.accounts.v1 import accounts_pb2
 
