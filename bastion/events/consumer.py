@@ -31,7 +31,7 @@ import structlog
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, Message, Producer
 from google.protobuf.message import DecodeError
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from bastion.access.v1.decision_pb2 import EventRejected
 from bastion.devstack.event_access import dead_letter_topic
@@ -244,12 +244,14 @@ class VerifyingConsumer:
             try:
                 with self.engine.begin() as conn:
                     return self._apply_in_order(conn, message, event, item)
-            except (OperationalError, HeldEventNotSetAsideError, TrustStoreUnavailableError, KeyNotFoundError):
-                # The database is away, a held event could not be set aside (`_release`), or the keys cannot be read
-                # (a held event verified again, a security record signed): stop here; the record is read again after
-                # the restart. Never the current event's fault, so never set aside for it.
+            except (HeldEventNotSetAsideError, TrustStoreUnavailableError, KeyNotFoundError):
+                # A held event could not be set aside (`_release`), or the keys cannot be read (a held event
+                # verified again, a security record signed): stop here; the record is read again after the restart.
+                # Never the current event's fault, so never set aside for it.
                 raise
             except Exception as error:
+                if database_away(error):
+                    raise  # the same: the record is read again once the database takes writes
                 # One poison event must not stop its partition for ever: after a few tries it is set aside.
                 log.warning("handler_failed", consumer=self.settings.name, topic=message.topic(), attempt=attempt,
                             error=type(error).__name__, event_id=event.event_id,
@@ -300,9 +302,9 @@ class VerifyingConsumer:
                 with conn.begin_nested():
                     self._apply(conn, event)
                 return True
-            except OperationalError:
-                raise
             except Exception as error:
+                if database_away(error):
+                    raise
                 log.warning("handler_failed", consumer=self.settings.name, topic=topic, attempt=attempt,
                             error=type(error).__name__, event_id=event.event_id, released_from_hold=True,
                             correlation_id=event.envelope.correlation_id)
@@ -456,6 +458,21 @@ def append_rejection(outbox: Outbox, target: Connection, consumer: str, message:
     outbox.append(target, SECURITY_TOPIC, record, aggregate_id=f"consumer:{consumer}",
                   correlation_id=record.correlation_id if SAFE_ID.fullmatch(record.correlation_id) else record_id,
                   event_id=record_id)
+
+
+# SQLSTATEs of a database that cannot take writes now, whatever the event: a read-only server (a standby after a
+# failover) and corruption or internal errors of the server. psycopg maps them to InternalError, not to the
+# OperationalError of a lost connection, a shutdown, a full disk or a deadlock.
+DATABASE_AWAY_STATES = ("25006", "XX")
+
+
+def database_away(error: BaseException) -> bool:
+    """Whether ERROR says the database is away or cannot take writes, not that the event is bad: the consumer then
+    stops and reads the record again later, rather than set a sound event aside during an outage."""
+    if isinstance(error, OperationalError):
+        return True
+    state = getattr(error.orig, "sqlstate", None) if isinstance(error, DBAPIError) else None
+    return isinstance(state, str) and state.startswith(DATABASE_AWAY_STATES)
 
 
 def handler_failure(error: Exception) -> VerificationError:

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import pytest
+import sqlalchemy.exc
 from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME, KafkaError
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY
@@ -566,14 +568,35 @@ def test_a_poison_event_is_set_aside_after_its_tries_and_the_partition_moves_on(
     assert counted("bastion_events_rejected_total", reason="handler_failed") - rejected_before == 1
 
 
-def test_a_database_that_is_away_stops_the_consumer_and_never_sets_the_event_aside(lane: Lane) -> None:
+DATABASE_AWAY = [
+    OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")),
+    # psycopg maps these to InternalError: a standby after a failover, a corrupted page
+    sqlalchemy.exc.InternalError("INSERT", {}, psycopg.errors.ReadOnlySqlTransaction("read-only transaction")),
+    sqlalchemy.exc.InternalError("INSERT", {}, psycopg.errors.lookup("XX001")("could not read block 7")),
+]
+
+
+@pytest.mark.parametrize("error", DATABASE_AWAY, ids=["connection lost", "read-only", "data corrupted"])
+def test_a_database_that_is_away_stops_the_consumer_and_never_sets_the_event_aside(lane: Lane,
+                                                                                   error: Exception) -> None:
     def away(_conn: Any, _event: VerifiedEvent) -> None:
-        raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        raise error
 
     lane.consumer.handler = away
-    with pytest.raises(OperationalError):
+    with pytest.raises(type(error)):
         lane.deliver(lane.record(lane.seal(AccountOpened(account_id="acc-1"), 1)))
     assert lane.letters.letters == [] and lane.kafka.commits == []
+
+
+def test_a_database_error_the_event_causes_sets_it_aside_after_the_tries(lane: Lane) -> None:
+    """Not every refusal of the database is an outage: a value out of range is this event's, and set aside."""
+    def out_of_range(_conn: Any, event: VerifiedEvent) -> None:
+        raise sqlalchemy.exc.DataError("INSERT", {}, psycopg.errors.NumericValueOutOfRange("integer out of range"))
+
+    lane.consumer.handler = out_of_range
+    lane.deliver(lane.record(lane.seal(AccountOpened(account_id="acc-1"), 1)))
+    [letter] = lane.letters.letters
+    assert letter.headers["bastion-reject-reason"] == b"handler_failed"
 
 
 @pytest.mark.parametrize("transport", ["record", "bundle"])
@@ -685,8 +708,9 @@ def test_a_held_event_that_no_longer_verifies_is_set_aside_with_why_and_the_even
     assert len(lane.security_records()) == 1
 
 
+@pytest.mark.parametrize("error", DATABASE_AWAY, ids=["connection lost", "read-only", "data corrupted"])
 def test_a_database_that_goes_away_while_a_held_event_is_applied_stops_the_consumer_and_sets_nothing_aside(
-    lane: Lane,
+    lane: Lane, error: Exception,
 ) -> None:
     """Not the held event's fault: it stays held, the event that released it is rolled back and read again."""
     lane.deliver(lane.record(lane.seal(MoneyDeposited(account_id="acc-1", amount_minor=2), 2)))
@@ -694,11 +718,11 @@ def test_a_database_that_goes_away_while_a_held_event_is_applied_stops_the_consu
 
     def away_for_the_held_event(conn: Any, event: VerifiedEvent) -> None:
         if event.envelope.sequence == 2:
-            raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+            raise error
         handler(conn, event)
 
     lane.consumer.handler = away_for_the_held_event
-    with pytest.raises(OperationalError):
+    with pytest.raises(type(error)):
         lane.deliver(lane.record(lane.seal(AccountOpened(account_id="acc-1"), 1)))
     assert lane.letters.letters == [] and lane.security_records() == []
     assert lane.stored_sequences() == [] and lane.held_sequences() == [2] and lane.kafka.commits == [False]
