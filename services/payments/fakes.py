@@ -16,6 +16,7 @@ from services.accounts.fakes import MemoryPersonalData
 from services.accounts.fakes import MemoryUnitOfWork as MemoryAccountsUnitOfWork
 from services.accounts.handlers import AccountsHandlers, Caller
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus, utc_day
+from services.payments.handlers import PendingPlace, pending_place
 
 TELLER = Caller("teller", frozenset({"teller"}))
 
@@ -52,9 +53,9 @@ class MemoryPayments:
     def initiated_by(self, username: str) -> list[Payment]:
         return sorted((p for p in self.rows.values() if p.initiated_by == username), key=lambda p: p.created_at)
 
-    def pending_before(self, cutoff: dt.datetime, limit: int) -> list[Payment]:
-        return sorted((p for p in self.rows.values() if p.status is PaymentStatus.PENDING and p.created_at < cutoff),
-                      key=lambda p: p.created_at)[:limit]
+    def pending_before(self, cutoff: dt.datetime, limit: int, after: PendingPlace | None = None) -> list[Payment]:
+        return sorted((p for p in self.rows.values() if p.status is PaymentStatus.PENDING and p.created_at < cutoff
+                       and (after is None or pending_place(p) > after)), key=pending_place)[:limit]
 
 
 @dataclass

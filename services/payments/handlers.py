@@ -34,6 +34,11 @@ TOPIC = "payments.events.v1"
 # leaves the outcome unknown, so the payment stays PENDING until a retry with the same key settles it.
 REFUSALS = (FailedPreconditionError, NotFoundError, InvalidArgumentError)
 T = TypeVar("T")
+PendingPlace = tuple[dt.datetime, str]  # a pending payment's place in the reconciler's order: creation, then id
+
+
+def pending_place(payment: Payment) -> PendingPlace:
+    return payment.created_at, payment.payment_id
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,8 @@ class PaymentsRepository(Protocol):
     def count_since(self, account_id: str, since: dt.datetime) -> int: ...
     def by_id(self, payment_id: str) -> Payment | None: ...
     def initiated_by(self, username: str) -> list[Payment]: ...
-    def pending_before(self, cutoff: dt.datetime, limit: int) -> list[Payment]:
-        """PENDING payments created before CUTOFF, oldest first."""
+    def pending_before(self, cutoff: dt.datetime, limit: int, after: "PendingPlace | None" = None) -> list[Payment]:
+        """PENDING payments created before CUTOFF, oldest first (by creation, then id); only those after AFTER."""
         ...
 
 
@@ -107,6 +112,10 @@ class PaymentsHandlers:
         self.introspection = introspection
         self.limits = limits
         self.clock = clock
+        # Where the reconciler's next round goes on: after the last payment the previous round tried, back to the
+        # oldest once a round reached the end. Always from the oldest, payments that cannot be settled (as many as
+        # a round takes) would keep every newer one waiting for ever.
+        self._settle_after: PendingPlace | None = None
 
     async def transfer(self, caller: Caller, command: Transfer) -> Payment:
         domain.validate(command)
@@ -183,7 +192,9 @@ class PaymentsHandlers:
         payment's own idempotency key. accounts applies a key at most once, so this either learns the first
         outcome or applies the transfer the customer asked for now. One still unsettled is tried next round."""
         cutoff = self.clock() - older_than
-        stuck = await self._transaction(lambda uow: uow.payments.pending_before(cutoff, limit))
+        after = self._settle_after
+        stuck = await self._transaction(lambda uow: uow.payments.pending_before(cutoff, limit, after))
+        self._settle_after = pending_place(stuck[-1]) if len(stuck) == limit else None
         settled: list[Payment] = []
         for payment in stuck:
             try:

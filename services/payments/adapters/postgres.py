@@ -21,6 +21,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -28,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from bastion.events.outbox import Outbox, OutboxEventSink
 from bastion.migrations import upgrade
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus
-from services.payments.handlers import TOPIC
+from services.payments.handlers import TOPIC, PendingPlace
 
 METADATA = MetaData()
 payments = Table(
@@ -111,10 +112,12 @@ class PostgresPayments:
                                  .order_by(payments.c.created_at)).all()
         return [_payment(row) for row in rows]
 
-    def pending_before(self, cutoff: dt.datetime, limit: int) -> list[Payment]:
-        rows = self.conn.execute(select(payments).where(payments.c.status == PaymentStatus.PENDING.value,
-                                                        payments.c.created_at < cutoff)
-                                 .order_by(payments.c.created_at).limit(limit)).all()
+    def pending_before(self, cutoff: dt.datetime, limit: int, after: PendingPlace | None = None) -> list[Payment]:
+        query = select(payments).where(payments.c.status == PaymentStatus.PENDING.value,
+                                       payments.c.created_at < cutoff)
+        if after is not None:
+            query = query.where(tuple_(payments.c.created_at, payments.c.payment_id) > tuple_(*after))
+        rows = self.conn.execute(query.order_by(payments.c.created_at, payments.c.payment_id).limit(limit)).all()
         return [_payment(row) for row in rows]
 
 

@@ -248,6 +248,36 @@ def test_a_pending_payment_is_settled_by_the_reconciler_once(world: World) -> No
     assert world.transfer(4_000).payment_id == settled.payment_id  # the customer's retry gets the same answer
 
 
+def test_payments_the_reconciler_cannot_settle_do_not_keep_newer_ones_waiting(world: World) -> None:
+    """A round takes a bounded number of pending payments; the next goes on after the last one it tried, so as many
+    payments as a round takes, failing every time, cannot hold back a newer one for ever."""
+    world.accounts.unavailable = True
+    pending = []
+    for n in range(3):
+        with pytest.raises(UnavailableError):
+            world.transfer(100 + n, f"key-stuck-000{n}")
+        world.clock.now += dt.timedelta(seconds=1)
+    pending = sorted(world.uow.payments.rows.values(), key=lambda payment: payment.created_at)
+    world.accounts.unavailable = False
+    stuck = {payment.payment_id for payment in pending[:2]}
+    apply_transfer = world.accounts.apply_transfer
+
+    async def failing_for_the_stuck(payment_id: str, *args: Any) -> None:
+        if payment_id in stuck:
+            raise UnavailableError("accounts failed: INTERNAL")
+        await apply_transfer(payment_id, *args)
+
+    world.accounts.apply_transfer = failing_for_the_stuck  # type: ignore[method-assign]
+    world.clock.now += dt.timedelta(minutes=2)
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2)) == []
+    [settled] = run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2))
+    assert settled.payment_id == pending[2].payment_id and settled.status is PaymentStatus.COMPLETED
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2)) == [], "back to the oldest"
+    stuck.clear()
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2)) == [], "none after them: the end"
+    assert len(run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2))) == 2, "from the oldest again"
+
+
 def test_a_pending_payment_that_accounts_refuses_is_settled_as_failed(world: World) -> None:
     world.accounts.unavailable = True
     with pytest.raises(UnavailableError):

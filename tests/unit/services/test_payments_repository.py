@@ -9,7 +9,7 @@ import pytest
 from services.payments import domain
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus, Transfer
 from services.payments.fakes import MemoryPayments
-from services.payments.handlers import PaymentsRepository
+from services.payments.handlers import PaymentsRepository, pending_place
 
 NOON = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -69,6 +69,19 @@ class PaymentsRepositoryContract:
         assert repository.pending_before(NOON + dt.timedelta(seconds=1), 10) == [early, late]
         assert repository.pending_before(NOON, 10) == [early]
         assert repository.pending_before(NOON + dt.timedelta(seconds=1), 1) == [early]
+
+    def test_pending_payments_after_a_place_go_on_from_it_by_creation_then_id(
+            self, repository: PaymentsRepository) -> None:
+        at = NOON - dt.timedelta(minutes=5)
+        first, second = sorted((payment("key-tie-0001", at=at), payment("key-tie-0002", at=at)), key=pending_place)
+        repository.add(second)
+        repository.add(first)
+        repository.add(later := payment("key-tie-later", at=NOON))
+        cutoff = NOON + dt.timedelta(seconds=1)
+        assert repository.pending_before(cutoff, 10) == [first, second, later]
+        assert repository.pending_before(cutoff, 10, pending_place(first)) == [second, later]
+        assert repository.pending_before(cutoff, 1, pending_place(second)) == [later]
+        assert repository.pending_before(cutoff, 10, pending_place(later)) == []
 
 
     def test_the_utc_day_runs_from_midnight_to_just_before_the_next(self, repository: PaymentsRepository) -> None:
