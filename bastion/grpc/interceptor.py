@@ -2,6 +2,7 @@
 client certificate, JWT authentication, per-method authorisation, rate limit, access audit. A refused call ends
 with the status of the error table; the handler never runs. Health checks and reflection need only mTLS."""
 
+import asyncio
 import contextlib
 import contextvars
 import time
@@ -25,7 +26,7 @@ from bastion.grpc.errors import (
 from bastion.grpc.policy import MethodPolicy
 from bastion.grpc.ratelimit import RedisRateLimiter
 from bastion.grpc.spans import SpanRecorder
-from bastion.grpc.tokens import AuthenticationError, AuthReason, Principal, TokenValidator
+from bastion.grpc.tokens import AuthenticationError, AuthReason, KeysMustBeFetchedError, Principal, TokenValidator
 from bastion.grpc.trace import trace_context_from
 
 log = structlog.get_logger(__name__)
@@ -146,7 +147,12 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             if peer is None:
                 raise UnauthenticatedError("client certificate has no Bastion identity")
-            principal = self._authenticate(header, correlation_id)
+            try:
+                principal = self._authenticate(header, correlation_id)
+            except KeysMustBeFetchedError:
+                # Keycloak is asked from a worker thread: a slow or hung Keycloak (up to the fetch's timeout) must
+                # not stall every other call of this server, as it did when the event loop fetched.
+                principal = await asyncio.to_thread(self._authenticate, header, correlation_id, True)
         except RequestError as error:
             await self._refuse(context, CallContext(correlation_id, peer, None, method, trace=trace), error)
         call = CallContext(correlation_id, peer, principal, method, bearer=header.partition(" ")[2], trace=trace)
@@ -170,20 +176,26 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _still_authenticated(self, context: grpc.aio.ServicerContext, call: CallContext) -> None:
         """Refuse CALL now if its token no longer passes (a remembered verdict: expiry, key, revocations)."""
         try:
-            self._validated(call.bearer or "", call.correlation_id)
+            try:
+                self._validated(call.bearer or "", call.correlation_id)
+            except KeysMustBeFetchedError:
+                await asyncio.to_thread(self._validated, call.bearer or "", call.correlation_id, True)
         except RequestError as error:
             await self._refuse(context, call, error)
 
-    def _authenticate(self, header: str, correlation_id: str) -> Principal:
-        """The principal of the bearer token in HEADER; raises the RequestError that refuses the call."""
+    def _authenticate(self, header: str, correlation_id: str, may_fetch: bool = False) -> Principal:
+        """The principal of the bearer token in HEADER; raises the RequestError that refuses the call, or
+        KeysMustBeFetchedError unless MAY_FETCH (off the event loop)."""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise UnauthenticatedError("missing bearer token")
-        return self._validated(token, correlation_id)
+        return self._validated(token, correlation_id, may_fetch)
 
-    def _validated(self, token: str, correlation_id: str) -> Principal:
+    def _validated(self, token: str, correlation_id: str, may_fetch: bool = False) -> Principal:
         try:
-            return self.validator.validate(token)
+            return self.validator.validate(token, may_fetch)
+        except KeysMustBeFetchedError:
+            raise  # no verdict yet: asked again from a worker thread
         except AuthenticationError as error:
             if error.reason == AuthReason.KEYS_UNAVAILABLE:
                 raise UnavailableError("token keys unavailable: request refused") from error

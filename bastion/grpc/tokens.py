@@ -113,6 +113,11 @@ def signing_keys(document: Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
     return keys
 
 
+class KeysMustBeFetchedError(Exception):
+    """The token cannot be judged before the realm's keys are fetched: ask again where blocking is fine (a worker
+    thread). No verdict on the token, so never a refusal of it."""
+
+
 @dataclass(frozen=True)
 class _KeySet:
     keys: Mapping[str, jwt.PyJWK]
@@ -171,16 +176,18 @@ class JwksCache:
         return cls(fetch, refresh_interval=refresh_interval, min_refresh_gap=min_refresh_gap,
                    max_staleness=max_staleness)
 
-    def signing_key(self, kid: str) -> jwt.PyJWK:
-        """The realm key named KID; raises `unknown_key` or `keys_unavailable`."""
+    def signing_key(self, kid: str, may_fetch: bool = True) -> jwt.PyJWK:
+        """The realm key named KID; raises `unknown_key` or `keys_unavailable`. Without MAY_FETCH (an event loop,
+        which a slow Keycloak must not stall), raises KeysMustBeFetchedError where it would fetch the keys first
+        (or wait for the background refresh fetching them), and never takes the lock a fetch holds."""
         current = self._keys
         if current is None or self._clock() - current.fetched_at >= self._refresh_interval:
-            current = self._refresh()
+            current = self._refreshed(may_fetch)
         if current is None or self._clock() - current.fetched_at > self._max_staleness:
             raise AuthenticationError(AuthReason.KEYS_UNAVAILABLE, "the realm's signing keys could not be fetched")
         key = current.keys.get(kid)
         if key is None:
-            refreshed = self._refresh()
+            refreshed = self._refreshed(may_fetch)
             key = refreshed.keys.get(kid) if refreshed is not None else None
         if key is None:
             raise AuthenticationError(AuthReason.UNKNOWN_KEY, "the token names a key the realm does not publish")
@@ -212,6 +219,14 @@ class JwksCache:
                 wait = self._refresh_interval - (self._clock() - current.fetched_at)
             if self._stopping.wait(wait):
                 return
+
+    def _refreshed(self, may_fetch: bool) -> _KeySet | None:
+        if may_fetch:
+            return self._refresh()
+        last = self._last_attempt  # read without the lock: a fetch in progress holds it
+        if last is None or self._clock() - last >= self._min_refresh_gap:
+            raise KeysMustBeFetchedError
+        return self._keys
 
     def _refresh(self) -> _KeySet | None:
         """Fetch the keys unless an attempt, failed or not, happened less than `min_refresh_gap` ago."""
@@ -315,8 +330,9 @@ class TokenValidator:
         self._verified = _VerifiedTokens(cache_size)
         self._revocations = revocations
 
-    def validate(self, token: str) -> Principal:
-        """The principal TOKEN speaks for; raises AuthenticationError with the reason otherwise."""
+    def validate(self, token: str, may_fetch: bool = True) -> Principal:
+        """The principal TOKEN speaks for; raises AuthenticationError with the reason otherwise. Without
+        MAY_FETCH, raises KeysMustBeFetchedError when the realm's keys must be fetched first (`JwksCache`)."""
         if not token:
             raise AuthenticationError(AuthReason.MISSING, "no access token was presented")
         if len(token) > self._max_token_bytes:
@@ -326,10 +342,10 @@ class TokenValidator:
         digest = hashlib.sha256(token.encode("ascii")).digest()
         cached = self._verified.get(digest)
         if cached is not None:
-            principal = self._still_valid(digest, cached)
+            principal = self._still_valid(digest, cached, may_fetch)
         else:
             kid = self._checked_header(token)
-            claims = self._verified_claims(token, self._jwks.signing_key(kid))
+            claims = self._verified_claims(token, self._jwks.signing_key(kid, may_fetch))
             self._check_lifetime(claims)
             principal = _principal(claims)
             self._verified.put(digest, _Verified(principal, kid))
@@ -338,12 +354,12 @@ class TokenValidator:
             self._revocations.check(principal)
         return principal
 
-    def _still_valid(self, digest: bytes, cached: _Verified) -> Principal:
+    def _still_valid(self, digest: bytes, cached: _Verified, may_fetch: bool) -> Principal:
         if cached.principal.expires_at <= self._clock() - self._leeway:
             self._verified.discard(digest)
             raise AuthenticationError(AuthReason.EXPIRED, "the token has expired")
         # A key withdrawn from the realm, or keys too stale to trust, end the cached verdict too.
-        self._jwks.signing_key(cached.kid)
+        self._jwks.signing_key(cached.kid, may_fetch)
         return cached.principal
 
     def _checked_header(self, token: str) -> str:

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -168,9 +169,12 @@ class FakeJwksEndpoint:
         self.minter = minter
         self.fetches = 0
         self.failing = False
+        self.answering: threading.Event | None = None  # when set to an Event: a Keycloak that hangs until it is set
 
     def __call__(self) -> dict[str, Any]:
         self.fetches += 1
+        if self.answering is not None:
+            self.answering.wait(30)
         if self.failing:
             raise ConnectionError("the realm's certs endpoint is unreachable")
         return self.minter.jwks()

@@ -2,6 +2,7 @@
 audited decision) or the handler's reply out (tests/integration/test_grpc_kit.py runs it on a real server)."""
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ class Details:
 
 @dataclass
 class Kit:
+    clock: ManualClock
     minter: TokenMinter
     endpoint: FakeJwksEndpoint
     audit: MemoryAccessAudit
@@ -109,7 +111,7 @@ def kit() -> Kit:
     validator = TokenValidator(REALM_ISSUER, SERVICE, JwksCache(endpoint, clock=clock), clock=clock)
     audit = MemoryAccessAudit()
     interceptor = SecurityInterceptor(SERVICE, validator, load_method_policy(POLICY), audit)
-    return Kit(minter, endpoint, audit, interceptor, [])
+    return Kit(clock, minter, endpoint, audit, interceptor, [])
 
 
 def test_a_valid_bearer_token_over_a_bastion_certificate_reaches_the_handler(kit: Kit) -> None:
@@ -207,8 +209,43 @@ def test_a_stream_sends_nothing_more_once_its_session_has_ended(kit: Kit) -> Non
 class FaultyValidator:
     """A validator with a fault: a token no rule foresaw makes it raise something else than AuthenticationError."""
 
-    def validate(self, token: str) -> Any:
+    def validate(self, token: str, may_fetch: bool = True) -> Any:
         raise OverflowError("cannot convert float infinity to integer")
+
+
+def test_a_keycloak_that_hangs_while_a_new_key_is_fetched_stalls_no_other_call(kit: Kit) -> None:
+    """A token under a key the server has not seen makes it fetch the realm's keys: from a worker thread, so the
+    calls of known tokens go on meanwhile, and the waiting call is admitted once the keys came."""
+    known = f"Bearer {kit.minter.mint()}"
+    assert kit.call(WHOAMI, known) == "reply"  # the keys are fetched and the token remembered
+    kit.clock.advance(31)  # past the gap between two fetches
+    kit.minter.rotate()
+    rotated = f"Bearer {kit.minter.mint()}"
+    kit.endpoint.answering = answering = threading.Event()
+    identities = [b"spiffe://bastion.local/service/cli"]
+
+    async def call(authorization: str) -> Any:
+        metadata = (("authorization", authorization),)
+
+        async def handler(_request: Any, _context: Any) -> str:
+            return authorization
+
+        async def continuation(_details: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(handler)
+
+        wrapped = await kit.interceptor.intercept_service(continuation, Details(WHOAMI, metadata))
+        return await wrapped.unary_unary(b"", FakeContext(metadata, identities))
+
+    async def run() -> None:
+        waiting = asyncio.create_task(call(rotated))
+        await asyncio.sleep(0.05)
+        assert kit.endpoint.fetches == 2 and not waiting.done(), "Keycloak asked, and not answering"
+        served = await asyncio.wait_for(asyncio.gather(*(call(known) for _ in range(3))), timeout=2)
+        assert served == [known] * 3, "served from the cache while the fetch hangs"
+        answering.set()
+        assert await asyncio.wait_for(waiting, timeout=5) == rotated
+
+    asyncio.run(run())
 
 
 def test_a_fault_in_the_token_check_refuses_the_call_unauthenticated_audited_and_logged(kit: Kit) -> None:

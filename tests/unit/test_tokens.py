@@ -22,6 +22,7 @@ from bastion.grpc.tokens import (
     AuthenticationError,
     AuthReason,
     JwksCache,
+    KeysMustBeFetchedError,
     Principal,
     TokenValidator,
     jwks_url,
@@ -215,6 +216,58 @@ def test_a_flood_of_random_key_ids_fetches_at_most_once_per_gap(validator: Token
         assert refused(validator, token) == AuthReason.UNKNOWN_KEY
         clock.advance(2)
     assert endpoint.fetches == 2
+
+
+def test_without_leave_to_fetch_the_validator_says_where_the_keys_must_be_fetched_first(
+        validator: TokenValidator, minter: TokenMinter, endpoint: FakeJwksEndpoint, clock: ManualClock) -> None:
+    """The event loop's way (`may_fetch=False`): wherever the keys would be fetched (none yet, an unknown key id, keys
+    older than the refresh interval) it says so, and fetches nothing; within the gap it judges from the cache."""
+    token = minter.mint(exp=int(clock()) + 3600)
+    with pytest.raises(KeysMustBeFetchedError):
+        validator.validate(token, may_fetch=False)
+    assert endpoint.fetches == 0
+    assert validator.validate(token).username == "alice"  # fetched where blocking is fine
+    assert validator.validate(token, may_fetch=False).username == "alice"
+    unknown = minter.mint(headers={"kid": "never-published"})
+    with pytest.raises(AuthenticationError, match="unknown_key"):
+        validator.validate(unknown, may_fetch=False)  # within the gap: judged from the cache
+    clock.advance(31)
+    with pytest.raises(KeysMustBeFetchedError):
+        validator.validate(unknown, may_fetch=False)
+    assert validator.validate(token, may_fetch=False).username == "alice", "known keys need no fetch"
+    clock.advance(300)
+    with pytest.raises(KeysMustBeFetchedError):
+        validator.validate(token, may_fetch=False)  # a remembered token too, once the keys are due
+    assert endpoint.fetches == 1
+
+
+def test_a_fetch_that_hangs_never_holds_back_a_check_without_leave_to_fetch(
+        jwks: JwksCache, minter: TokenMinter, endpoint: FakeJwksEndpoint, clock: ManualClock) -> None:
+    """The background refresh holds the cache's lock while Keycloak does not answer: the event loop's checks read
+    the keys without it, and an unknown key id meanwhile is unknown (one fetch is already under way)."""
+    jwks.signing_key(minter.kid)
+    clock.advance(301)
+    endpoint.answering = answering = threading.Event()
+    fetching = threading.Thread(target=jwks.signing_key, args=(minter.kid,))
+    fetching.start()
+    while endpoint.fetches < 2:
+        time.sleep(0.01)
+    judged: list[object] = []
+
+    def judge() -> None:
+        judged.append(jwks.signing_key(minter.kid, may_fetch=False))
+        with pytest.raises(AuthenticationError, match="unknown_key"):
+            jwks.signing_key("never-published", may_fetch=False)
+        judged.append("unknown")
+
+    checking = threading.Thread(target=judge)
+    checking.start()
+    checking.join(2)
+    hung = checking.is_alive()
+    answering.set()
+    fetching.join(5)
+    checking.join(5)
+    assert not hung and len(judged) == 2
 
 
 def test_encryption_keys_of_the_realm_never_verify(validator: TokenValidator, minter: TokenMinter) -> None:
