@@ -7,6 +7,7 @@ written to the test's folder.
 """
 
 import json
+import os
 import re
 import stat
 import zipfile
@@ -245,6 +246,27 @@ def test_initdb_gets_the_admin_password_from_a_private_file_and_scram_authentica
     assert (tmp_path / "initdb.pwmode").read_text().strip() == "600"
     assert (tmp_path / "initdb.pw").read_text() == password + "\n"
     assert mode(postgres.data_dir) == 0o700
+
+
+def test_the_admin_password_file_is_never_readable_by_others_not_even_before_it_is_chmod_ed(
+        postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its folder is traversable (0711, for the postgres user) under the shared temporary folder: a local user who
+    # opens the file while it is still 0644 keeps the descriptor and reads the superuser's password once written.
+    real_chmod = os.chmod
+    modes_before_chmod: list[int] = []
+
+    def noting_chmod(path: Any, new_mode: int, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == "pw":
+            modes_before_chmod.append(stat.S_IMODE(os.stat(path).st_mode))
+        real_chmod(path, new_mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", noting_chmod)
+    previous = os.umask(0o022)
+    try:
+        postgres.prepare()
+    finally:
+        os.umask(previous)
+    assert modes_before_chmod and all(m & 0o077 == 0 for m in modes_before_chmod), [oct(m) for m in modes_before_chmod]
 
 
 def test_a_failing_initdb_stops_the_start(postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:

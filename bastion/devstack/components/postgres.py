@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 from bastion.audit.postgres import install as install_audit_log
 from bastion.devstack.components.base import Component
 from bastion.devstack.errors import ComponentStartError, PrerequisiteError
+from bastion.devstack.layout import write_private
 from bastion.devstack.process import LaunchSpec
 
 ADMIN_ROLE = "bastion_admin"
@@ -99,8 +100,9 @@ class Postgres(Component):
         with tempfile.TemporaryDirectory() as scratch:
             os.chmod(scratch, 0o711)  # noqa: S103 - traverse only, for the postgres user
             pwfile = Path(scratch) / "pw"
-            pwfile.write_text(self.ctx.credentials.postgres[ADMIN_ROLE] + "\n")
-            os.chmod(pwfile, 0o600)
+            # Created 0600 rather than chmod-ed once written: the folder is traversable, and a descriptor opened while
+            # the file was readable would still read the password written into it.
+            write_private(pwfile, self.ctx.credentials.postgres[ADMIN_ROLE] + "\n")
             self._chown(pwfile)
             result = subprocess.run(
                 [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "--username", ADMIN_ROLE,
