@@ -13,6 +13,8 @@ import yaml
 from bastion.devstack.errors import DevstackError
 
 TOPIC_NAME = re.compile(r"[a-z][a-z0-9]*(\.[a-z0-9]+)*")
+# Kafka takes the literal resource name "*" for every group, so a group is named in plain words only.
+GROUP_NAME = re.compile(r"[a-z][a-z0-9]*([.-][a-z0-9]+)*")
 DLQ_SUFFIX = ".dlq"
 
 Operation = Literal["READ", "WRITE", "DESCRIBE"]
@@ -112,6 +114,9 @@ def parse_policy(raw: dict[str, Any], known_principals: set[str]) -> EventAccess
         for reader, group in (*topic.consumers.items(), *topic.witnesses.items()):
             readers_of_group.setdefault(group, set()).add(reader)
     for group, readers in sorted(readers_of_group.items()):
+        if not GROUP_NAME.fullmatch(group):
+            problems.append(f"consumer group {group!r} is not a valid group name (lower-case words separated by dots "
+                            "or hyphens)")
         if len(readers) > 1:  # READ on a group lets its holder commit the group's offsets
             problems.append(f"consumer group {group!r} is granted to {sorted(readers)}: each principal needs a group "
                             "of its own, or one could move another's offsets")

@@ -129,6 +129,11 @@ def test_the_audit_service_witnesses_its_published_checkpoints_under_the_group_i
           "t.v1.dlq": {"producers": ["audit"]}}, "consumer group 'shared' is granted to \\['audit', 'payments'\\]"),
         ({"t.v1": {"producers": ["accounts"], "consumers": {"audit": "shared", "notifications": "shared"}},
           "t.v1.dlq": {"producers": ["audit", "notifications"]}}, "each principal needs a group of its own"),
+        # Kafka reads a literal "*" as every group: READ on it would let audit commit every other group's offsets.
+        ({"t.v1": {"producers": ["accounts"], "consumers": {"audit": "*"}}, "t.v1.dlq": {"producers": ["audit"]}},
+         "consumer group '\\*' is not a valid group name"),
+        ({"t.v1": {"producers": ["accounts"], "witnesses": {"payments": "*"}}},
+         "consumer group '\\*' is not a valid group name"),
         ({"..": {"producers": ["accounts"]}}, "not a valid topic name"),
         ({"t..v1": {"producers": ["accounts"]}}, "not a valid topic name"),
     ],
