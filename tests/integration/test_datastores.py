@@ -84,6 +84,10 @@ def test_redis_confines_a_service_to_its_own_keys(redis_server: Redis, ctx: Stac
         client.flushall()
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.scan()  # would list the key names of every service
+    tracker = redis.Redis(**ctx.redis_options("payments", ctx.credentials.redis["payments"]), protocol=3,
+                          socket_timeout=5)
+    with pytest.raises(redis.exceptions.NoPermissionError):  # RESP3 would push it every key name any user changes
+        tracker.execute_command("CLIENT", "TRACKING", "ON", "BCAST")
 
 
 def _is_loopback(address: str) -> bool:

@@ -42,10 +42,13 @@ def test_no_redis_server_says_what_to_install(tmp_path: Path, monkeypatch: pytes
     assert "apt-get install redis-server" in missing.value.remedy
 
 
-def test_a_redis_older_than_tls_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_redis(tmp_path, "5.0.7")
+@pytest.mark.parametrize("version", ["5.0.7", "6.2.14"])
+def test_a_redis_older_than_its_acl_rules_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     version: str) -> None:
+    """Redis 6 has TLS but cannot remove one subcommand (CLIENT TRACKING) from a user: it would not start."""
+    fake_redis(tmp_path, version)
     monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.defpath)
-    with pytest.raises(PrerequisiteError, match="Redis 5; Bastion needs 6"):
+    with pytest.raises(PrerequisiteError, match=f"Redis {version[0]}; Bastion needs 7"):
         find_redis_server()
 
 

@@ -16,11 +16,13 @@ ADMIN_USER = "admin"
 
 def acl_lines(service_passwords: dict[str, str], admin_password: str) -> list[str]:
     """The ACL file: no anonymous access; each service confined to its own key prefix, no admin commands, and
-    no SCAN or RANDOMKEY, which would list the names of other services' keys."""
+    nothing that would tell it the names of other services' keys: no SCAN or RANDOMKEY, and no CLIENT TRACKING,
+    whose broadcast mode (RESP3) pushes the name of every key any user changes (Redis checks no key pattern there
+    before 7.4's fix; removing a subcommand needs Redis 7)."""
     lines = ["user default off", f"user {ADMIN_USER} on >{admin_password} ~* &* +@all"]
     for name, password in sorted(service_passwords.items()):
         lines.append(f"user {name} on >{password} resetchannels ~{name}:* &{name}:* +@all -@dangerous "
-                     "-scan -randomkey")
+                     "-scan -randomkey -client|tracking")
     return lines
 
 
