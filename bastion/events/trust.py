@@ -33,7 +33,12 @@ def parse_trust_policy(raw: dict[str, Any], access: EventAccessPolicy) -> TrustP
         topic: {producer: frozenset(types or ()) for producer, types in (producers or {}).items()}
         for topic, producers in (raw.get("topics") or {}).items()
     }
-    problems = []
+    # A bare string would be read letter by letter (`AccountOpened` as the types A, c, o, ...): refused, not failed
+    # closed at run time with every event of that producer rejected.
+    problems = [f"{topic}: the event types of {producer!r} must be a list of names"
+                for topic, producers in (raw.get("topics") or {}).items()
+                for producer, types in (producers or {}).items()
+                if not isinstance(types, list) or not all(isinstance(name, str) and name for name in types)]
     for topic, producers in allowed.items():
         declared = access.topics.get(topic)
         if declared is None:
