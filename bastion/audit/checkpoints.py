@@ -29,7 +29,6 @@ go backwards, or parse published bytes with `Checkpoint.from_bytes` and `verify_
 """
 
 import base64
-import binascii
 import hashlib
 import json
 import os
@@ -151,7 +150,7 @@ class Checkpoint:
 def _base64(text: str, what: str) -> bytes:
     try:
         raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or text outside ASCII (a plain ValueError no reader of the file handles)
         raise MalformedCheckpointError(f"the {what} is not base64") from None
     if base64.b64encode(raw).decode() != text:  # one encoding per value, so the body is canonical
         raise MalformedCheckpointError(f"the {what} is not in canonical base64")
@@ -245,7 +244,10 @@ class CheckpointFile:
         """Each line of the file as (line number, checkpoint), parsed, none verified."""
         lines = []
         if self.path.exists():
-            text = self.path.read_text(encoding="utf-8")
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:  # refused like any bad line: a raw error would stop the consumer, not signing
+                raise MalformedCheckpointError(f"{self.path}: not UTF-8 text") from None
             for number, line in enumerate(text.splitlines(keepends=True), start=1):
                 if not line.endswith("\n"):
                     raise MalformedCheckpointError(f"{self.path}:{number}: incomplete line")

@@ -3,6 +3,7 @@ another origin, a length going backwards, a fork), the 0600 append-only file, an
 
 import json
 import stat
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -134,6 +135,25 @@ def test_malformed_bytes_are_refused(data: bytes) -> None:
 def test_malformed_json_lines_are_refused(line: str) -> None:
     with pytest.raises(MalformedCheckpointError):
         Checkpoint.from_json(line)
+
+
+@pytest.mark.parametrize("parse", [
+    lambda: Checkpoint.from_bytes(NOTE.replace("Smgk=", "Smg\u00e9=").encode()),  # the head hash
+    lambda: Checkpoint.from_bytes(" \u00e9".join(NOTE.rsplit(" ", 1)).encode()),  # the signature blob
+    lambda: Checkpoint.from_json(json.dumps({**json.loads(VECTOR["checkpoint_json_line"]), "signature": "\u00e9"})),
+], ids=["note head hash", "note signature", "json signature"])
+def test_base64_with_a_character_outside_ascii_is_refused_as_malformed(parse: Callable[[], Checkpoint]) -> None:
+    """Not a raw ValueError: whoever reads the file or the topic handles CheckpointError (the signer stops signing
+    with a security record, the verifiers fail the verdict); anything else stopped them instead."""
+    with pytest.raises(MalformedCheckpointError, match="base64"):
+        parse()
+
+
+def test_a_checkpoint_file_that_is_not_utf8_is_refused_as_malformed(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_bytes(at(3).to_json().encode() + b"\n\xff\n")
+    with pytest.raises(MalformedCheckpointError, match="UTF-8"):
+        CheckpointFile(path, TRUST, ORIGIN).load()
 
 
 def at(length: int) -> Checkpoint:

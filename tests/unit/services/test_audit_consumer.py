@@ -268,6 +268,27 @@ def test_a_checkpoint_file_it_cannot_believe_stops_the_signing_with_a_security_r
     assert len(path.read_text().splitlines()) == 1, "nothing signed over the unbelieved checkpoint"
 
 
+@pytest.mark.parametrize("line", [
+    b'{"origin":"origin","length":3,"head_hash":"' + b"03" * 32 + b'","key_id":"k","signature":"\xc3\xa9"}\n',
+    b"\xff\n",  # not UTF-8
+], ids=["base64 outside ascii", "not utf-8"])
+def test_a_checkpoint_file_that_does_not_even_parse_stops_the_signing_not_the_consumer(
+    ring: KeyRing, tmp_path: Path, line: bytes
+) -> None:
+    """Refused like a forged line: anything but a CheckpointError would fail every batch after its append, before
+    its offsets are committed, so the consumer would read the same batch again for ever and the log take nothing
+    more."""
+    path = tmp_path / "checkpoints.jsonl"
+    path.write_bytes(line)
+    consumer = checkpointing(Checkpointer(ring.followed_signing_key("audit"),
+                                          CheckpointFile(path, ring.trust_store(), "origin", unanchored_ok=True)),
+                             Head(4, b"\x04" * 32))
+    consumer._checkpoint_if_due()
+    assert consumer.signing_refused
+    assert consumer.security.refused == [("MalformedCheckpointError", "checkpointer")]  # type: ignore[attr-defined]
+    assert path.read_bytes() == line, "nothing signed over it"
+
+
 def test_what_a_key_retired_too_early_left_unanchored_is_covered_by_the_new_key(ring: KeyRing, tmp_path: Path
                                                                                ) -> None:
     old = ring.signing_key("audit")
