@@ -1,7 +1,7 @@
 """Benchmark of the gRPC security chain: unary Whoami throughput and latency, bare vs mutual TLS vs the whole kit.
 
 Run with `.venv/bin/python -m benchmarks.grpc_chain [--seconds S] [--concurrency N] [--rounds R] [--breakdown]
-[--threads] [--profile]` (uses the dev install in .state and starts it if it is not running; it is left
+[--threads] [--profile] [--pin]` (uses the dev install in .state and starts it if it is not running; it is left
 running). In the same run, for
 `bastion.probe.v1.Probe/Whoami`:
   (a) bare: plaintext on 127.0.0.1 (this benchmark's baseline only), no interceptor, a servicer answering a
@@ -33,6 +33,8 @@ identity) and checks nothing: the floor of any chain built on grpc.aio this way,
 `--threads` prints the server's CPU per call by OS thread (event loop, gRPC's poller, librdkafka's, the audit
 worker's), to see where CPU goes outside the event loop, and the dev stack's components' CPU per call over the
 same window (Kafka's broker taking the access decisions, Redis answering the rate limiter).
+`--pin` runs each server on the last CPU and the client on the others (the dev stack's processes are left where
+they are), so client and server never take each other's core: steadier rounds.
 `--profile` adds a run of the chain with cProfile on the server's event-loop thread (its figures are slowed
 by the profiler and not compared) and prints where the server's time goes.
 """
@@ -333,7 +335,30 @@ async def _serve(mode: str, profile: bool, audit_topic: str, conn: Connection) -
     conn.send(("stopped", stats, _profile_report(profiler) if profiler is not None else ""))
 
 
-def serve(mode: str, profile: bool, audit_topic: str, conn: Connection) -> None:
+def pin_client(pin: bool) -> set[int] | None:
+    """With PIN, keep this (the client's) process off the last CPU and return that CPU, for the servers: the client
+    then never takes the server's core, which steadies the figures (the rounds of a scenario agree within a few
+    percent instead of a third, 2026-11-29)."""
+    if not pin:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs at least two CPUs; this process may use {len(cpus)}")
+    os.sched_setaffinity(0, cpus[:-1])
+    return {cpus[-1]}
+
+
+def pinned(server_cpus: set[int] | None) -> str:
+    if server_cpus is None:
+        return ""
+    server = ", ".join(map(str, sorted(server_cpus)))
+    client = ", ".join(map(str, sorted(os.sched_getaffinity(0))))
+    return f" (pinned: server on CPU {server}, client on {client})"
+
+
+def serve(mode: str, profile: bool, audit_topic: str, conn: Connection, cpus: set[int] | None = None) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # before any thread starts: gRPC's and librdkafka's threads inherit it
     try:
         asyncio.run(_serve(mode, profile, audit_topic, conn))
     except BaseException:
@@ -476,11 +501,11 @@ async def drive(port: int, credentials: grpc.ChannelCredentials | None, metadata
 
 
 def run(mode: str, options: argparse.Namespace, ctx: StackContext, audit_topic: str,
-        profile: bool = False) -> tuple[Figures, dict[str, int], str]:
+        profile: bool = False, server_cpus: set[int] | None = None) -> tuple[Figures, dict[str, int], str]:
     spawn = multiprocessing.get_context("spawn")
     ours, theirs = spawn.Pipe()
-    process = spawn.Process(target=serve, args=(mode, profile, audit_topic, theirs), name=f"grpc-{mode}",
-                            daemon=True)
+    process = spawn.Process(target=serve, args=(mode, profile, audit_topic, theirs, server_cpus),
+                            name=f"grpc-{mode}", daemon=True)
     process.start()
     try:
         if not ours.poll(TIMEOUT):
@@ -539,7 +564,10 @@ def main() -> None:
                         help="also print each scenario's server CPU per call by thread (best round)")
     parser.add_argument("--profile", action="store_true",
                         help="then profile the chain's server (cProfile, event-loop thread) in an extra run")
+    parser.add_argument("--pin", action="store_true",
+                        help="run the server on the last CPU and the client on the others (the dev stack anywhere)")
     options = parser.parse_args()
+    server_cpus = pin_client(options.pin)
 
     bastion("up")
     ctx = stack_context()
@@ -554,11 +582,12 @@ def main() -> None:
         admin.grant(access.grants())
         for _ in range(options.rounds):
             for mode in labels:
-                figures, stats, _ = run(mode, options, ctx, audit_topic)
+                figures, stats, _ = run(mode, options, ctx, audit_topic, server_cpus=server_cpus)
                 rounds[mode].append(figures)
                 if mode == "chain":
                     audit = {name: audit[name] + stats[name] for name in audit}
-        profiled = run("chain", options, ctx, audit_topic, profile=True) if options.profile else None
+        profiled = (run("chain", options, ctx, audit_topic, profile=True, server_cpus=server_cpus)
+                    if options.profile else None)
     finally:
         admin.revoke(access.grants())
         for future in admin.client.delete_topics([audit_topic], operation_timeout=30).values():
@@ -568,7 +597,8 @@ def main() -> None:
     print(f"gRPC unary {probe_pb2.DESCRIPTOR.services_by_name['Probe'].full_name}/Whoami, {options.concurrency} "
           f"calls in flight over one grpc.aio channel, {options.warmup:g} s warm-up + {options.seconds:g} s measured, "
           f"best of {options.rounds} alternated rounds; server in its own process (spawn), client in this one; "
-          f"{os.cpu_count()} CPUs; CPU per call over the measured window, srv CPU = server's share of one core")
+          f"{os.cpu_count()} CPUs{pinned(server_cpus)}; CPU per call over the measured window, srv CPU = server's "
+          "share of one core")
     print(f"  {'scenario':<48}{'calls/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv CPU µs':>13}{'cli CPU µs':>13}"
           f"{'all CPU µs':>13}{'srv CPU':>9}   calls/s of each round")
     for mode, label in labels.items():
