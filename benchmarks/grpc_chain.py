@@ -567,9 +567,11 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="run the server on the last CPU and the client on the others (the dev stack anywhere)")
     options = parser.parse_args()
-    server_cpus = pin_client(options.pin)
 
     bastion("up")
+    # Pinned only once the dev stack runs: the processes `bastion up` starts inherit this one's CPUs, and would keep
+    # them for as long as they run.
+    server_cpus = pin_client(options.pin)
     ctx = stack_context()
     labels = {**SCENARIOS, **(BREAKDOWN if options.breakdown else {})}
     rounds: dict[str, list[Figures]] = {mode: [] for mode in labels}
