@@ -230,7 +230,9 @@ class ServiceRuntime:
         await asyncio.to_thread(metrics.close)  # last: counters stay readable while the workers wind down
 
     async def _report_workers(self) -> None:
-        serving = self.health_servicer.serving  # as the server's start left it
+        # What the log last said, not what the server's start answered: nothing logged yet reads as serving, so a
+        # service that starts NOT_SERVING logs at the first round what fails, as one that stops serving later does.
+        serving = True
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
             failing = await self.health_servicer.refresh()

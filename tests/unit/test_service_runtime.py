@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from grpc_health.v1 import health_pb2
+from structlog.testing import capture_logs
 
 from bastion import runtime as runtime_module
 from bastion.devstack.errors import DevstackError
@@ -338,3 +339,23 @@ def test_a_server_that_starts_while_tokens_cannot_be_checked_says_not_serving_fr
 
     asyncio.run(start_then_recover())
 
+
+
+def test_a_service_that_starts_not_serving_logs_what_fails(service: ServiceRuntime,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The health check answers NOT_SERVING from the start, and the watchdog's log says why: `health_changed` with
+    what fails, as for a service that stops serving later, not nothing until it recovers."""
+    monkeypatch.setattr(runtime_module, "HEALTH_CHECK_SECONDS", 0.01)
+    service.reads_revocations = True  # nothing read yet: every token refused
+
+    async def start_then_watch() -> None:
+        await service.health_servicer.set("", SERVING)  # as the server factory does before it starts
+        assert await status_of(service) == NOT_SERVING
+        watchdog = asyncio.create_task(service._report_workers())
+        await asyncio.sleep(0.1)
+        watchdog.cancel()
+
+    with capture_logs() as logs:
+        asyncio.run(start_then_watch())
+    changed = [line for line in logs if line["event"] == "health_changed"]
+    assert [(line["serving"], line["failing_workers"]) for line in changed] == [(False, ["revocations"])]
