@@ -77,10 +77,14 @@ def _refusal_record(error: domain.AccountsError) -> bytes:
 
 
 def _remembered_refusal(record: bytes) -> domain.AccountsError:
-    name, _, message = record.decode().partition("\n")
+    unreadable = IdempotencyConflictError("this idempotency key's earlier answer cannot be read")
+    try:
+        name, _, message = record.decode().partition("\n")
+    except UnicodeDecodeError:  # damaged: refused like an unknown record, not a fault answered INTERNAL
+        return unreadable
     kind = _REFUSAL_BY_NAME.get(name)
     if kind is None:  # written by a later release, or damaged: refuse rather than apply the transfer now
-        return IdempotencyConflictError("this idempotency key's earlier answer cannot be read")
+        return unreadable
     return kind(message)
 
 

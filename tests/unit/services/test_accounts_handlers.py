@@ -221,6 +221,21 @@ def test_an_earlier_answer_that_cannot_be_read_refuses_the_transfer(bank: Accoun
     assert bank.get_account(SAM, source).balance_minor == 1100
 
 
+def test_an_earlier_answer_that_is_not_even_text_refuses_the_transfer(bank: AccountsHandlers,
+                                                                      uow: MemoryUnitOfWork) -> None:
+    """A damaged record (not UTF-8) is refused like one a later release wrote, not a fault answered INTERNAL: that
+    would leave the payment pending, count against accounts' breaker and fail again every reconciler round."""
+    source, target = funded(bank, ALICE, 100), funded(bank, BOB, 0)
+    with pytest.raises(InsufficientFundsError):
+        bank.apply_transfer("t1", source, target, 300, "EUR", 1, KEY)
+    fingerprint, _ = uow.accounts.keys[KEY]
+    uow.accounts.keys[KEY] = (fingerprint, b"\xffInsufficient\xfe")
+    bank.deposit(TINA, source, 1000, "fund-again-0001")
+    with pytest.raises(IdempotencyConflictError, match="earlier answer cannot be read"):
+        bank.apply_transfer("t1", source, target, 300, "EUR", 2, KEY)
+    assert bank.get_account(SAM, source).balance_minor == 1100
+
+
 @pytest.mark.parametrize("key", ["short", "x" * 7, "x" * 101, "has space", "deposit-0001\n", "dépôt-0001", ""])
 def test_an_idempotency_key_is_refused_unless_it_is_8_to_100_safe_characters(key: str) -> None:
     with pytest.raises(InvalidRequestError, match="idempotency_key must be 8 to 100 characters"):
