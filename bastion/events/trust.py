@@ -27,10 +27,16 @@ class TrustPolicy:
         return {t for producers in self.allowed.values() for types in producers.values() for t in types}
 
 
+def _names(types: object) -> bool:
+    return isinstance(types, list) and all(isinstance(name, str) and name for name in types)
+
+
 def parse_trust_policy(raw: dict[str, Any], access: EventAccessPolicy) -> TrustPolicy:
     """Build the policy and check it agrees with the Kafka ACL file; all contradictions reported at once."""
     allowed = {
-        topic: {producer: frozenset(types or ()) for producer, types in (producers or {}).items()}
+        # Only a list of names is read here: anything else (a number, not iterable; a list in the list, not hashable)
+        # would raise a TypeError before it is refused as one of the problems listed below.
+        topic: {producer: frozenset(types if _names(types) else ()) for producer, types in (producers or {}).items()}
         for topic, producers in (raw.get("topics") or {}).items()
     }
     # A bare string would be read letter by letter (`AccountOpened` as the types A, c, o, ...): refused, not failed
@@ -38,7 +44,7 @@ def parse_trust_policy(raw: dict[str, Any], access: EventAccessPolicy) -> TrustP
     problems = [f"{topic}: the event types of {producer!r} must be a list of names"
                 for topic, producers in (raw.get("topics") or {}).items()
                 for producer, types in (producers or {}).items()
-                if not isinstance(types, list) or not all(isinstance(name, str) and name for name in types)]
+                if not _names(types)]
     for topic, producers in allowed.items():
         declared = access.topics.get(topic)
         if declared is None:

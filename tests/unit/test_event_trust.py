@@ -42,7 +42,7 @@ def test_a_writer_without_a_trust_entry_is_a_contradiction() -> None:
         parse_trust_policy(data, ACCESS)
 
 
-@pytest.mark.parametrize("types", ["bastion.accounts.v1.MoneyDeposited", None, [""], [7]])
+@pytest.mark.parametrize("types", ["bastion.accounts.v1.MoneyDeposited", None, [""], [7], [[]], 7, True])
 def test_event_types_given_other_than_as_a_list_of_names_are_refused(types: object) -> None:
     """A bare string would be read letter by letter: every event of the producer refused at run time instead."""
     data = raw()
