@@ -149,6 +149,7 @@ class JwksCache:
         self._clock = clock
         self._keys: _KeySet | None = None
         self._last_attempt: float | None = None
+        self._fetch_underway = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,12 +183,14 @@ class JwksCache:
         (or wait for the background refresh fetching them), and never takes the lock a fetch holds."""
         current = self._keys
         if current is None or self._clock() - current.fetched_at >= self._refresh_interval:
-            current = self._refreshed(may_fetch)
+            # Keys due but still usable are used while another fetch is under way; no keys at all are waited for.
+            current = self._refreshed(may_fetch, wait_for_fetch_underway=current is None)
         if current is None or self._clock() - current.fetched_at > self._max_staleness:
             raise AuthenticationError(AuthReason.KEYS_UNAVAILABLE, "the realm's signing keys could not be fetched")
         key = current.keys.get(kid)
         if key is None:
-            refreshed = self._refreshed(may_fetch)
+            # A fetch under way may be the one bringing this key (a rotation): waited for, not refused meanwhile.
+            refreshed = self._refreshed(may_fetch, wait_for_fetch_underway=True)
             key = refreshed.keys.get(kid) if refreshed is not None else None
         if key is None:
             raise AuthenticationError(AuthReason.UNKNOWN_KEY, "the token names a key the realm does not publish")
@@ -220,11 +223,13 @@ class JwksCache:
             if self._stopping.wait(wait):
                 return
 
-    def _refreshed(self, may_fetch: bool) -> _KeySet | None:
+    def _refreshed(self, may_fetch: bool, wait_for_fetch_underway: bool) -> _KeySet | None:
         if may_fetch:
             return self._refresh()
-        last = self._last_attempt  # read without the lock: a fetch in progress holds it
-        if last is None or self._clock() - last >= self._min_refresh_gap:
+        # Read without the lock, which a fetch in progress holds.
+        last = self._last_attempt
+        if last is None or self._clock() - last >= self._min_refresh_gap or (
+                wait_for_fetch_underway and self._fetch_underway):
             raise KeysMustBeFetchedError
         return self._keys
 
@@ -234,6 +239,9 @@ class JwksCache:
             now = self._clock()
             if self._last_attempt is not None and now - self._last_attempt < self._min_refresh_gap:
                 return self._keys
+            # Said before the attempt's time, cleared after the keys: a check reading without the lock never
+            # sees a fresh attempt without seeing it under way, nor the end of a fetch without its keys.
+            self._fetch_underway = True
             self._last_attempt = now
             try:
                 keys = signing_keys(self._fetch())
@@ -241,8 +249,11 @@ class JwksCache:
             except Exception as error:
                 self._log_failure(error, now)
                 return self._keys
-            self._keys = _KeySet(keys, now)
-            return self._keys
+            else:
+                self._keys = _KeySet(keys, now)
+                return self._keys
+            finally:
+                self._fetch_underway = False
 
     def _log_failure(self, error: Exception, now: float) -> None:
         failure = f"{type(error).__name__}: {error}"

@@ -242,8 +242,11 @@ def test_a_keycloak_that_hangs_while_a_new_key_is_fetched_stalls_no_other_call(k
         assert kit.endpoint.fetches == 2 and not waiting.done(), "Keycloak asked, and not answering"
         served = await asyncio.wait_for(asyncio.gather(*(call(known) for _ in range(3))), timeout=2)
         assert served == [known] * 3, "served from the cache while the fetch hangs"
+        also_rotated = asyncio.create_task(call(rotated))  # another call under the new key meanwhile: it waits too
+        await asyncio.sleep(0.05)
+        assert not also_rotated.done() and kit.endpoint.fetches == 2
         answering.set()
-        assert await asyncio.wait_for(waiting, timeout=5) == rotated
+        assert await asyncio.wait_for(asyncio.gather(waiting, also_rotated), timeout=5) == [rotated, rotated]
 
     asyncio.run(run())
 
