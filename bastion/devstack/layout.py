@@ -1,6 +1,8 @@
 """Where each file of a dev install lives inside the state folder (git-ignored, private to the user)."""
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,16 +102,29 @@ class StateLayout:
 
 
 def write_private(path: Path, content: str | bytes) -> None:
-    """Write a file that only its owner may read (0600), created with that mode so it is never exposed; folders it
-    needs that do not exist yet are made owner-only (0700) too."""
+    """Write a file that only its owner may read (0600), created with that mode so it is never exposed, and replaced
+    whole: PATH holds its old content or the new, never part of it; folders it needs that do not exist yet are made
+    owner-only (0700) too."""
     data = content.encode() if isinstance(content, str) else content
     private_folders(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    # Written aside in full, then renamed over PATH: truncating PATH in place and writing it again would leave it
+    # empty or cut short on a crash or a full disk (the install's credentials or a key lost for good), and a
+    # reader (a service reading its data key) could see it half written.
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(path, PRIVATE_FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than it was given (a full disk): go on or fail, never cut short
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    os.chmod(path, PRIVATE_FILE_MODE)  # mkstemp made it 0600 at most; exactly 0600 whatever the umask
 
 
 def private_folders(folder: Path) -> None:

@@ -2,9 +2,13 @@
 its data through them); every other folder the install makes is owner-only, the folders the key rings make as
 they write keys included."""
 
+import errno
 import os
 import stat
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from bastion.devstack.layout import StateLayout, write_private
 from bastion.events.field_crypto import DataKeyRing
@@ -70,3 +74,33 @@ def test_folders_made_for_a_private_file_are_owner_only_whatever_the_umask(tmp_p
         os.umask(previous)
     assert mode(tmp_path / "a") == mode(tmp_path / "a" / "b") == 0o700
     assert mode(tmp_path / "a" / "b" / "key.pem") == 0o600
+
+
+def _disk_full(fd: int, data: bytes) -> int:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _short_writes(fd: int, data: bytes) -> int:
+    return WRITE(fd, bytes(data)[:3])  # what write(2) may do near a full disk: fewer bytes, and no error
+
+
+WRITE = os.write
+
+
+@pytest.mark.parametrize("write", [_disk_full, _short_writes], ids=["write-fails", "short-writes"])
+def test_a_private_file_is_replaced_whole_or_kept_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            write: Any) -> None:
+    """The credentials file (or a key) written again over a full disk: never left empty or cut short."""
+    path = tmp_path / "credentials.json"
+    write_private(path, '{"postgres": {"admin": "the install\'s only copy"}}')
+    monkeypatch.setattr(os, "write", write)
+    try:
+        write_private(path, '{"postgres": {"admin": "the install\'s only copy", "audit": "new"}}')
+    except OSError:
+        pass
+    finally:
+        monkeypatch.undo()
+    assert path.read_text() in ('{"postgres": {"admin": "the install\'s only copy"}}',
+                                '{"postgres": {"admin": "the install\'s only copy", "audit": "new"}}')
+    assert [child.name for child in tmp_path.iterdir()] == ["credentials.json"]  # nothing left aside
+    assert mode(path) == 0o600
