@@ -143,7 +143,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                          if result.published else "; no checkpoint published on audit.checkpoints.v1 yet"))
         return 0
     where = f" at seq {report.first_bad_seq}" if report.first_bad_seq else ""
-    errors.print(f"audit chain NOT verified{where}: {report.reason}\n"
+    errors.print(f"audit chain NOT verified{where}: {escape(report.reason)}\n"
                  f"  the first {report.length} records verify (head {head})")
     return 1
 
@@ -167,7 +167,8 @@ def _ask_audit(question: Callable[[StackContext, float, int], list[Answer]], arg
     try:
         return question(_stack(quiet=True).context(), args.minutes, args.limit)
     except grpc.RpcError as error:
-        errors.print(f"the audit service refused or did not answer: {error.code().name}: {error.details()}")
+        errors.print(f"the audit service refused or did not answer: {error.code().name}: "
+                     f"{escape(str(error.details()))}")
         return None
 
 
@@ -268,8 +269,8 @@ def cmd_trail(args: argparse.Namespace) -> int:
     steps = trail(_stack(quiet=True).context(), args.correlation_id, args.minutes, args.limit)
     if not steps:
         window = "in the audit log" if args.minutes is None else f"of the last {args.minutes:g} minutes"
-        errors.print(f"nothing carries correlation id {args.correlation_id!r}: no service logged it and no audit "
-                     f"record {window} has it")
+        errors.print(f"nothing carries correlation id {escape(repr(args.correlation_id))}: no service logged it and "
+                     f"no audit record {window} has it")
         return 1
     if not console.is_terminal:  # piped or redirected: one whole line per step, ids never split for a table
         for step in steps:
@@ -310,7 +311,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_retire(args: argparse.Namespace) -> int:
     state = _event_keys().state(args.producer, args.key_id)
     if state is None:
-        errors.print(f"bastion keys retire: {args.producer} has no key {args.key_id}")
+        errors.print(f"bastion keys retire: {escape(args.producer)} has no key {escape(args.key_id)}")
         return 2
     if state == "active":
         errors.print(f"bastion keys retire: {args.key_id} is {args.producer}'s active key: rotate before retiring it")
@@ -335,10 +336,10 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
     try:
         _event_keys().retire(args.producer, args.key_id)
     except KeyError:
-        errors.print(f"bastion keys retire: {args.producer} has no key {args.key_id}")
+        errors.print(f"bastion keys retire: {escape(args.producer)} has no key {escape(args.key_id)}")
         return 2
     except KeyNotFoundError as error:
-        errors.print(f"bastion keys retire: {error}")
+        errors.print(f"bastion keys retire: {escape(str(error))}")
         return 2
     console.print(f"{args.key_id} retired: running consumers refuse events signed with it within "
                   f"{FOLLOW_CHECK_SECONDS:g} s" + ("; the checkpoints it signed are superseded by the newer key's"
@@ -374,7 +375,7 @@ def cmd_data_keys_retire(args: argparse.Namespace) -> int:
     keys = stack.data_keys()
     state = keys.state(args.topic, args.key_id)
     if state is None:
-        errors.print(f"bastion keys data retire: {args.topic} has no data key {args.key_id}")
+        errors.print(f"bastion keys data retire: {escape(args.topic)} has no data key {escape(args.key_id)}")
         return 2
     if state == "active":
         errors.print(f"bastion keys data retire: {args.key_id} is the active key of {args.topic}: rotate before "
@@ -439,7 +440,7 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
         try:
             verified = backups.verify(ctx, folder, decrypt=not args.no_decrypt)
         except backups.BackupError as error:
-            errors.print(f"backup {folder.name} NOT verified: {error.problem}\n  -> {error.remedy}")
+            errors.print(f"backup {folder.name} NOT verified: {escape(error.problem)}\n  -> {escape(error.remedy)}")
             failed += 1
             continue
         checked = "signature, digests" + ("" if args.no_decrypt else " and decryption")
@@ -471,12 +472,12 @@ def cmd_lab_run(args: argparse.Namespace) -> int:
         return 2
     lab = None if args.all else find(args.name)
     if not args.all and lab is None:
-        errors.print(f"bastion lab run: no lab {args.name!r} (`bastion lab list` shows them)")
+        errors.print(f"bastion lab run: no lab {escape(repr(args.name))} (`bastion lab list` shows them)")
         return 2
     try:
         session = Session.of_running_stack(DevstackSettings())
     except LabSetupError as error:
-        errors.print(f"[red]bastion lab run: {error}[/red]")
+        errors.print(f"[red]bastion lab run: {escape(str(error))}[/red]")
         return 2
     try:
         results = run_labs(LABS if lab is None else (lab,), session, console)
@@ -491,20 +492,22 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     """Scrape SERVICE's metrics endpoint with the cli certificate; print the samples whose line holds MATCH."""
     ctx = _stack(quiet=True).context()
     if args.service not in ctx.service_names:
-        errors.print(f"bastion metrics: no service {args.service!r} (see infra/services.yaml)")
+        errors.print(f"bastion metrics: no service {escape(repr(args.service))} (see infra/services.yaml)")
         return 2
     client = ctx.pki.paths("cli")
     url = f"https://{ctx.settings.public_host}:{ctx.metrics_port(args.service)}/metrics"
     try:
         text = scrape(url, TlsFiles(client.cert, client.key, ctx.ca_file))
     except OSError as error:
-        errors.print(f"[red]bastion metrics: {url} did not answer ({error}); is it up (`bastion status`)?[/red]")
+        errors.print(f"[red]bastion metrics: {url} did not answer ({escape(str(error))}); is it up (`bastion "
+                     "status`)?[/red]")
         return 1
     shown = [line for line in text.splitlines() if not line.startswith("#") and args.match in line]
     for line in shown:
         print(line)
     if not shown:
-        errors.print(f"no sample matches {args.match!r} yet: a labelled counter appears with its first event")
+        errors.print(f"no sample matches {escape(repr(args.match))} yet: a labelled counter appears with its first "
+                     "event")
     return 0
 
 
@@ -628,7 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except DevstackError as error:
-        errors.print(f"[red]bastion {args.command}: {error.problem}[/red]\n  -> {error.remedy}")
+        # Problems and remedies name what the operator typed, files and servers' words: text, never rich markup
+        # (a "[/x]" would raise again here, a "[bold]" vanish from the message).
+        errors.print(f"[red]bastion {args.command}: {escape(error.problem)}[/red]\n  -> {escape(error.remedy)}")
         return 2
     except KeyboardInterrupt:
         errors.print(f"bastion {args.command}: interrupted")
@@ -643,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors.print("  -> fix or unset it (docs/configuration.md lists every setting)")
         return 2
     except Exception as error:  # a failure we did not foresee still ends with one line, not a stack trace
-        errors.print(f"[red]bastion {args.command}: unexpected {type(error).__name__}: {error}[/red]\n"
+        errors.print(f"[red]bastion {args.command}: unexpected {type(error).__name__}: {escape(str(error))}[/red]\n"
                      "  -> the component logs are in the state folder's logs/; please report this")
         return 3
     return code

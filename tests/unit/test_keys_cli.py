@@ -118,3 +118,17 @@ def test_an_audit_checkpoint_file_that_does_not_verify_is_said_at_once(
     assert main(["keys", "retire", "audit", old.key_id]) == 2
     assert time.monotonic() - started < 5, "no waiting for what waiting cannot mend"
     assert "the checkpoint file does not verify now" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["keys", "retire", "accounts", "[/x]"], "accounts has no key [/x]"),  # the command's own refusal
+    (["keys", "data", "rotate", "[/x]"], "'[/x]' has no personal fields"),  # a DevstackError, through main
+    (["keys", "data", "rotate", "[bold]x"], "'[bold]x' has no personal fields"),
+])
+def test_what_the_operator_typed_is_printed_as_typed_never_read_as_markup(
+    ring: KeyRing, capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    """A bracket in an argument was read as rich markup: "[/x]" raised MarkupError, in main's own handler too (a
+    stack trace, exit 1), and "[bold]" vanished from the message."""
+    assert main(argv) == 2
+    assert said in " ".join(capsys.readouterr().err.split())
