@@ -168,7 +168,12 @@ def create(ctx: StackContext, databases: Sequence[str] | None = None,
            now: dt.datetime | None = None) -> Path:
     """Back up DATABASES (default: every database of the install) into a new folder; returns it."""
     postgres = Postgres(ctx)
-    names = list(databases) if databases is not None else postgres.databases
+    # Each database once (a name given twice would be dumped again into the same file: FileExistsError), and every
+    # name checked before anything is dumped: a usage error runs nothing.
+    names = list(dict.fromkeys(databases)) if databases is not None else postgres.databases
+    for name in names:
+        if not DATABASE_NAME.fullmatch(name):
+            raise BackupError(f"{name!r} is not a database name", "see `bastion status`")
     keys = backup_keys(ctx)
     recipient, signer = keys.recipient(), keys.signer()
     moment = now or dt.datetime.now(dt.UTC)
@@ -178,8 +183,6 @@ def create(ctx: StackContext, databases: Sequence[str] | None = None,
     entries = {}
     try:
         for name in names:
-            if not DATABASE_NAME.fullmatch(name):
-                raise BackupError(f"{name!r} is not a database name", "see `bastion status`")
             target = folder / f"{name}{SUFFIX}"
             _dump_encrypted(ctx, postgres, name, target, recipient)
             entries[name] = {"file": target.name, "bytes": target.stat().st_size, "sha256": _digest(target)}

@@ -179,7 +179,7 @@ def test_a_backup_that_cannot_be_made_leaves_nothing(ctx: SimpleNamespace, name:
     with pytest.raises(BackupError, match="pg_dump of ledger failed .exit 1.: pg_dump: error: database" if
                        name == "ledger" else "is not a database name"):
         backups.create(ctx, ["accounts", name], now=MOMENT)  # type: ignore[arg-type]
-    assert list(ctx.layout.backups_dir.iterdir()) == [], "no half backup is left to be mistaken for one"
+    assert list(ctx.layout.backups_dir.glob("*")) == [], "no half backup is left to be mistaken for one"
 
 
 def test_find_and_listed_take_only_folders_named_as_backups(ctx: SimpleNamespace, made: Path,
@@ -480,3 +480,22 @@ def test_the_postgresql_tools_connect_over_verified_tls_with_the_password_kept_o
     assert {key: env[key] for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGSSLMODE", "PGSSLROOTCERT")} == {
         "PGHOST": "127.0.0.1", "PGPORT": "1", "PGUSER": ADMIN_ROLE, "PGPASSWORD": "pw", "PGSSLMODE": "verify-full",
         "PGSSLROOTCERT": str(ctx.ca_file)}
+
+
+def test_database_names_are_checked_before_any_is_dumped_and_each_is_dumped_once(
+        ctx: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--database accounts --database ../x` dumped accounts before refusing ../x; `--database accounts --database
+    accounts` dumped it twice into one file and ended in FileExistsError ("unexpected ... please report this")."""
+    dumped: list[str] = []
+    dump = backups._dump_encrypted
+
+    def noted(ctx: Any, postgres: Any, name: str, target: Path, recipient: Any) -> None:
+        dumped.append(name)
+        dump(ctx, postgres, name, target, recipient)
+
+    monkeypatch.setattr(backups, "_dump_encrypted", noted)
+    with pytest.raises(BackupError, match="is not a database name"):
+        backups.create(ctx, ["accounts", "../x"], now=MOMENT)  # type: ignore[arg-type]
+    assert dumped == []
+    folder = backups.create(ctx, ["accounts", "accounts"], now=MOMENT)  # type: ignore[arg-type]
+    assert dumped == ["accounts"] and list(backups.verify(ctx, folder).databases) == ["accounts"]  # type: ignore[arg-type]
