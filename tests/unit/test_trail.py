@@ -140,3 +140,13 @@ def test_a_requests_spans_in_every_services_file_are_in_its_trail_and_spans_that
 def test_an_audit_record_reads_as_what_it_records(kind: str, fields: dict[str, str], text: str) -> None:
     step = trail.audited(record(12, 5, kind, **fields))
     assert (step.at, step.source, step.text) == (at(5), "audit seq 12", text)
+
+
+def test_a_callers_text_in_an_audit_record_reaches_the_trail_escaped() -> None:
+    # The access audit keeps the path a caller sent as it came: gRPC passes escape sequences and line breaks in it.
+    path = "/x\x1b]0;pwned\x07\x1b[2J/Y\n12:00:00.000  accounts.log  forged\u202e"
+    step = trail.audited(record(12, 5, "access", principal="mallory", action=path, decision="deny",
+                                reason="no rule"))
+    assert step.text.isascii() and step.text.isprintable(), step.text
+    assert step.text == ("access: mallory /x\\x1b]0;pwned\\x07\\x1b[2J/Y\\n12:00:00.000  accounts.log  forged"
+                         "\\u202e: deny (no rule)")
