@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
+from rich.text import Text
 from sqlalchemy import create_engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -281,7 +282,9 @@ def cmd_trail(args: argparse.Namespace) -> int:
     table = Table("time (UTC)", "where")
     table.add_column("what", overflow="fold")
     for step in steps:
-        table.add_row(step.at.strftime("%H:%M:%S.%f")[:-3], step.source, step.text)
+        # Text, not markup: a step holds a caller's text (a method path such as `/x/[/b]` would stop the trail with
+        # a MarkupError, `[on black]` hide what follows), shown as it is, like the piped lines above.
+        table.add_row(step.at.strftime("%H:%M:%S.%f")[:-3], step.source, Text(step.text))
     console.print(table)
     return 0
 

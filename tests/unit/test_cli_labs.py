@@ -276,6 +276,17 @@ def test_a_trail_piped_elsewhere_prints_one_whole_line_per_step(monkeypatch: pyt
     assert piped.getvalue().splitlines() == [shown], "one line, the break shown as \\n"
 
 
+def test_a_trail_on_a_terminal_shows_a_callers_text_as_it_is_never_as_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    on_stack(monkeypatch, FakeStack())
+    step = SimpleNamespace(at=dt.datetime(2026, 11, 28, 15, 4, 5, 678000, tzinfo=dt.UTC), source="audit seq 7",
+                           text="access: mallory /x/[/b][on black]hidden: deny (no rule)")
+    monkeypatch.setattr(cli, "trail", lambda *args: [step])
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=200, force_terminal=True, color_system=None))
+    assert main(["trail", "demo-1"]) == 0
+    assert "/x/[/b][on black]hidden: deny" in screen.getvalue()
+
+
 def test_trail_exits_1_when_nothing_carries_the_id(monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     on_stack(monkeypatch, FakeStack())
