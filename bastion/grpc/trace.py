@@ -92,6 +92,9 @@ def valid_tracestate(header: str) -> str:
         return ""
     if not all(_TRACESTATE_MEMBER.fullmatch(member) for member in members):
         return ""
+    keys = [member.partition("=")[0] for member in members]
+    if len(set(keys)) != len(keys):  # each key at most once: a list naming one twice is malformed, dropped whole
+        return ""
     if len(",".join(members)) > MAX_TRACESTATE:
         members = [member for member in members if len(member) <= LONG_TRACESTATE_MEMBER]
         while members and len(",".join(members)) > MAX_TRACESTATE:

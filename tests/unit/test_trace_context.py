@@ -73,6 +73,8 @@ def test_a_later_version_is_read_as_version_00_and_only_the_sampled_flag_is_kept
     (",".join(f"k{n}=v" for n in range(32)), ",".join(f"k{n}=v" for n in range(32))),  # 32 are kept
     ("a=1,,b=2, ,", "a=1,b=2"),  # empty members are allowed, and dropped
     ("k@1vendor=v", ""),  # a vendor starts with a letter
+    ("foo=1,foo=2", ""),  # a key at most once (the W3C test suite's test_tracestate_duplicated_keys)
+    ("foo=1,bar=2,foo=1", ""),
 ])
 def test_a_tracestate_is_passed_on_only_when_well_formed(header: str, kept: str) -> None:
     assert valid_tracestate(header) == kept
@@ -152,3 +154,8 @@ def test_a_forked_child_makes_ids_of_its_own() -> None:
     os.close(reader)
     ours = trace_context_from([]).trace_id  # what the parent's generator gives next, as the child's would have
     assert status == 0 and len(theirs) == 32 and theirs != ours
+
+
+def test_a_key_repeated_across_tracestate_headers_drops_the_list() -> None:
+    trace = trace_context_from([(TRACEPARENT, WELL_FORMED), (TRACESTATE, "foo=1"), (TRACESTATE, "foo=2")])
+    assert trace.parent_id == PARENT and trace.state == ""
