@@ -115,8 +115,9 @@ class SpanRecorder:
         # Every span the kit starts is one it decided to record: the SDK's own sampling (and its OTEL_* variables)
         # must not make it a span that records nothing while the call hands on a span id of its own.
         self._provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=ALWAYS_ON)
-        self._provider.add_span_processor(
-            processor or BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_EVERY_MS))  # type: ignore[arg-type]
+        # The given exporter's failures are counted like those of any other (`export_also`), as "default".
+        self._provider.add_span_processor(processor or BatchSpanProcessor(
+            _Counted(exporter, service, "default"), schedule_delay_millis=EXPORT_EVERY_MS))  # type: ignore[arg-type]
         self._tracer = self._provider.get_tracer("bastion.grpc")
         self._root_ratio = root_ratio
         self._random = Random()  # noqa: S311 - which traces to record, not a secret
@@ -305,7 +306,11 @@ class _Counted(SpanExporter):
         self._not_exported = SPANS_NOT_EXPORTED.labels(service, name)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = self._exporter.export(spans)
+        try:
+            result = self._exporter.export(spans)
+        except Exception:  # not delivered either: counted, and logged by the SDK's batch processor
+            self._not_exported.inc(len(spans))
+            raise
         if result is not SpanExportResult.SUCCESS:
             self._not_exported.inc(len(spans))
         return result
@@ -389,6 +394,9 @@ class _RotatingLines(io.TextIOBase):
         super().__init__()
         self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=kept,
                                                              encoding="utf-8")
+        # A failure to write or rotate (a full disk, a name taken) is raised to the exporter, not printed to standard
+        # error and passed over as the handler does by default: the spans lost are then counted (`_Counted`).
+        self._handler.handleError = _raise_again  # type: ignore[method-assign,assignment]
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, text: str) -> int:
@@ -398,6 +406,10 @@ class _RotatingLines(io.TextIOBase):
 
     def flush(self) -> None:
         self._handler.flush()
+
+
+def _raise_again(_record: logging.LogRecord) -> None:
+    raise  # called by the handler's emit while it handles its failure: that failure, raised again
 
 
 def _one_line(span: ReadableSpan) -> str:

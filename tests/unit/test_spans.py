@@ -677,3 +677,24 @@ def test_only_spans_of_the_trace_and_lines_that_are_spans_are_read(tmp_path):
     assert [span["context"]["span_id"] for span in recorded_spans(tmp_path, ["accounts"], TRACE)] == ["0x" + "a" * 16]
     assert [span["context"]["span_id"] for _service, span in written_spans(tmp_path, ["accounts"], "names")] == \
         ["0x" + "b" * 16], "only the lines containing the text"
+
+
+def test_spans_the_file_could_not_take_are_counted_not_lost_in_silence(tmp_path):
+    # A rotation that fails (here the name of the newest older file is taken by a folder; a full disk alike) lost
+    # the spans with the file's exporter saying all was well: nothing counted them.
+    from prometheus_client import REGISTRY
+
+    def not_exported() -> float:
+        return REGISTRY.get_sample_value("bastion_spans_not_exported_total",
+                                         {"service": "ledger", "exporter": "default"}) or 0.0
+
+    path = tmp_path / "ledger.spans.jsonl"
+    (tmp_path / "ledger.spans.jsonl.1").mkdir()
+    before = not_exported()
+    spans = SpanRecorder("ledger", jsonl_exporter(path, max_bytes=100, kept=2))
+    for number in range(3):
+        span, _trace = spans.start(METHOD, trace_context_from(traceparent()), time.time_ns())
+        SpanRecorder.end(span, grpc.StatusCode.OK, f"corr-{number}", None)
+    spans.shutdown()
+    written = len(path.read_text().splitlines())
+    assert not_exported() - before >= 3 - written > 0, "every span not written is counted"
