@@ -43,7 +43,7 @@ from bastion.labs.platform import LabSetupError, Session
 from bastion.labs.scorecard import concerns_of, print_scorecard
 from bastion.metrics_endpoint import scrape
 from bastion.settings import DevstackSettings
-from bastion.trail import trail
+from bastion.trail import printable, trail
 
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
@@ -190,9 +190,11 @@ def cmd_audit_refusals(args: argparse.Namespace) -> int:
         return 1
     console.print(f"{_how_many(len(found), args, 'refusals')}, oldest first:")
     for event in found:
-        console.print(f"  {event.seq:>8} {_when(event)} {event.kind:<9} {event.decision or '-':<5} "
-                      f"{event.principal or '-'} {event.action or event.topic} {event.reason[:120]} "
-                      f"(correlation id {event.correlation_id})", soft_wrap=True, markup=False, highlight=False)
+        # Escaped as in the trail: the action is the method path a caller sent, control characters and all.
+        console.print(printable(f"  {event.seq:>8} {_when(event)} {event.kind:<9} {event.decision or '-':<5} "
+                                f"{event.principal or '-'} {event.action or event.topic} {event.reason[:120]} "
+                                f"(correlation id {event.correlation_id})"), soft_wrap=True, markup=False,
+                      highlight=False)
     return 0
 
 

@@ -79,10 +79,10 @@ def audited(record: audit_pb2.AuditEvent) -> Step:
         "event": f"{record.producer} {record.event_type} of {record.aggregate_id}",
         "rejection": f"{record.producer or '?'} {record.event_type or '?'} refused: {record.reason} {record.detail}",
     }.get(record.kind, record.kind)
-    return Step(record.occurred_at.ToDatetime(dt.UTC), f"audit seq {record.seq}", _printable(f"{record.kind}: {what}"))
+    return Step(record.occurred_at.ToDatetime(dt.UTC), f"audit seq {record.seq}", printable(f"{record.kind}: {what}"))
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """TEXT with anything but printable ASCII escaped (`\\x1b`, `\\n`, `\\u202e`): an audit record keeps a caller's
     text as it came (an access decision's method is the path the caller sent, escape sequences and line breaks
     included), and the trail goes to an operator's terminal, as the service logs' escaped lines do."""

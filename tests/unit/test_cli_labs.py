@@ -287,6 +287,21 @@ def test_a_trail_on_a_terminal_shows_a_callers_text_as_it_is_never_as_markup(mon
     assert "/x/[/b][on black]hidden: deny" in screen.getvalue()
 
 
+def test_audit_refusals_show_a_callers_method_path_escaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The action of a refused call is the path its caller sent: escape sequences and line breaks never reach the
+    operator's terminal as they are."""
+    on_stack(monkeypatch, FakeStack())
+    event = SimpleNamespace(seq=7, kind="access", decision="deny", principal="mallory",
+                            action="/x\x1b]0;pwned\x07\x1b[2J\n/Y", topic="", reason="no rule", correlation_id="c-1",
+                            occurred_at=SimpleNamespace(ToDatetime=lambda tz: dt.datetime(2026, 11, 28, tzinfo=dt.UTC)))
+    monkeypatch.setattr(cli, "_ask_audit", lambda query, args: [event])
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=300, force_terminal=True, color_system=None))
+    assert main(["audit", "refusals"]) == 0
+    shown = screen.getvalue()
+    assert "\x1b" not in shown and "/x\\x1b]0;pwned\\x07\\x1b[2J\\n/Y" in shown
+
+
 def test_trail_exits_1_when_nothing_carries_the_id(monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     on_stack(monkeypatch, FakeStack())
