@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from bastion.audit.chain import LogEntry
 from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from services.audit import domain
+from services.audit.domain import InvalidQueryError
 from services.audit.handlers import AuditHandlers
 
 
@@ -20,9 +21,16 @@ def _timestamp(moment: dt.datetime) -> Timestamp:
 
 
 def _window(request: audit_pb2.ListEventsRequest) -> tuple[dt.datetime | None, dt.datetime | None]:
-    since = request.since.ToDatetime(dt.UTC) if request.HasField("since") else None
-    until = request.until.ToDatetime(dt.UTC) if request.HasField("until") else None
+    since = _moment(request.since, "since") if request.HasField("since") else None
+    until = _moment(request.until, "until") if request.HasField("until") else None
     return since, until
+
+
+def _moment(stamp: Timestamp, name: str) -> dt.datetime:
+    try:
+        return stamp.ToDatetime(dt.UTC)
+    except ValueError:  # seconds or nanos out of a Timestamp's range: the caller's mistake, not a fault (INTERNAL)
+        raise InvalidQueryError(f"{name} is not a valid time (years 1 to 9999, nanos 0 to 999999999)") from None
 
 
 def _event(entry: LogEntry) -> audit_pb2.AuditEvent:

@@ -101,3 +101,17 @@ def test_a_chain_verdict_is_passed_on_as_it_is() -> None:
         audit_pb2.VerifyChainRequest(), None))  # type: ignore[arg-type]
     assert (response.ok, response.length, response.first_bad_seq, response.checkpoint_length,
             response.published_checkpoints) == (True, 9, 0, 8, 6)
+
+
+@pytest.mark.parametrize(("name", "seconds", "nanos"), [("since", 2**62, 0), ("until", -(2**40), 0),
+                                                        ("since", 0, -1), ("until", 0, 2_000_000_000)])
+def test_a_time_out_of_a_timestamps_range_is_an_invalid_argument_naming_it(name: str, seconds: int,
+                                                                          nanos: int) -> None:
+    """protobuf's ToDatetime raises ValueError for it, which the error table would answer INTERNAL."""
+    handlers = Handlers()
+    request = audit_pb2.ListEventsRequest()
+    getattr(request, name).seconds = seconds
+    getattr(request, name).nanos = nanos
+    with pytest.raises(InvalidQueryError, match=name):
+        call(AuditServicer(handlers).ListEvents(request, None))  # type: ignore[arg-type]
+    assert handlers.queries == []
