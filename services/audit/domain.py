@@ -24,6 +24,7 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 500
 MAX_TEXT = 1000
 KEPT_PREFIX_BYTES = 4096
+MAX_SEQ = 2**63 - 1  # the log's seq is a PostgreSQL bigint: a larger position fails the query itself (INTERNAL)
 
 
 class AuditServiceError(Exception):
@@ -156,7 +157,8 @@ def after_seq_of(token: str) -> int:
         return 0
     try:
         kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind == "seq" and value.isdigit():
+        # ASCII digits only, and within the bigint the query compares it with: a forged token is the caller's error.
+        if kind == "seq" and value.isascii() and value.isdigit() and int(value) <= MAX_SEQ:
             return int(value)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass

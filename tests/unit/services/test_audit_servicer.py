@@ -3,6 +3,7 @@ query the service cannot answer is refused before anything is read, each log ent
 has, and a chain verdict is passed on as it is."""
 
 import asyncio
+import base64
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,3 +116,14 @@ def test_a_time_out_of_a_timestamps_range_is_an_invalid_argument_naming_it(name:
     with pytest.raises(InvalidQueryError, match=name):
         call(AuditServicer(handlers).ListEvents(request, None))  # type: ignore[arg-type]
     assert handlers.queries == []
+
+
+@pytest.mark.parametrize("position", [b"9223372036854775808", b"9" * 40])
+def test_a_forged_page_token_beyond_the_logs_bigint_is_an_invalid_argument(position: bytes) -> None:
+    """The position is compared with a bigint in the query: PostgreSQL would fail it ("bigint out of range")."""
+    handlers = Handlers()
+    forged = base64.urlsafe_b64encode(b"seq:" + position).decode()
+    with pytest.raises(InvalidQueryError, match="page_token"):
+        call(AuditServicer(handlers).ListEvents(audit_pb2.ListEventsRequest(page_token=forged), None))  # type: ignore[arg-type]
+    assert handlers.queries == []
+    assert domain.after_seq_of(domain.page_token(domain.MAX_SEQ)) == 2**63 - 1
