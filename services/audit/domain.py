@@ -177,5 +177,9 @@ def query(aggregate_id: str = "", principal: str = "", event_type: str = "", sin
                         ("correlation_id", correlation_id)):
         if len(value) > MAX_TEXT:
             raise InvalidQueryError(f"{name} is longer than {MAX_TEXT} characters")
+        # PostgreSQL text cannot hold a NUL: the driver would fail the query (INTERNAL). The log keeps none (`_text`
+        # replaces it), so no record could match anyway.
+        if "\x00" in value:
+            raise InvalidQueryError(f"{name} must not contain a NUL character")
     return EventQuery(aggregate_id, principal, event_type, since, until, size, after_seq_of(token), refusals_only,
                       correlation_id)

@@ -127,3 +127,12 @@ def test_a_forged_page_token_beyond_the_logs_bigint_is_an_invalid_argument(posit
         call(AuditServicer(handlers).ListEvents(audit_pb2.ListEventsRequest(page_token=forged), None))  # type: ignore[arg-type]
     assert handlers.queries == []
     assert domain.after_seq_of(domain.page_token(domain.MAX_SEQ)) == 2**63 - 1
+
+
+@pytest.mark.parametrize("name", ["aggregate_id", "principal", "event_type", "correlation_id"])
+def test_a_nul_in_a_text_filter_is_an_invalid_argument_naming_it(name: str) -> None:
+    """psycopg refuses to send a NUL in text ("PostgreSQL text fields cannot contain NUL"), which is INTERNAL."""
+    handlers = Handlers()
+    with pytest.raises(InvalidQueryError, match=name):
+        call(AuditServicer(handlers).ListEvents(audit_pb2.ListEventsRequest(**{name: "acc\x001"}), None))  # type: ignore[arg-type]
+    assert handlers.queries == []
