@@ -89,6 +89,17 @@ def notification_email(text: str) -> str | None:
                                   "characters of ASCII)") from None
 
 
+MAX_ACCOUNT_ID = 36  # the accounts.account_id column
+
+
+def check_account_id(name: str, account_id: str) -> None:
+    """An id the database can be asked about: PostgreSQL text cannot hold a NUL (the driver fails the query, INTERNAL),
+    and no id this service issues is empty, longer than its column or holds a control character. Said of the
+    syntax alone, so it tells nobody whether an id exists."""
+    if not 0 < len(account_id) <= MAX_ACCOUNT_ID or not account_id.isprintable():
+        raise InvalidRequestError(f"{name} must be 1 to {MAX_ACCOUNT_ID} printable characters")
+
+
 def check_idempotency_key(key: str) -> None:
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidRequestError("idempotency_key must be 8 to 100 characters of letters, digits and ._:-")

@@ -126,6 +126,7 @@ class AccountsHandlers:
         return account
 
     def get_account(self, caller: Caller, account_id: str) -> Account:
+        domain.check_account_id("account_id", account_id)
         with self.unit_of_work() as uow:
             return _visible(uow.accounts.get(account_id), caller)
 
@@ -136,6 +137,7 @@ class AccountsHandlers:
     def deposit(self, caller: Caller, account_id: str, amount_minor: int, idempotency_key: str) -> Account:
         domain.check_idempotency_key(idempotency_key)
         domain.check_amount(amount_minor)
+        domain.check_account_id("account_id", account_id)
         # A repeat is the same caller's: another teller's deposit with the key is another request (a conflict).
         fingerprint = _fingerprint("deposit", caller.username, account_id, amount_minor)
         with self.unit_of_work() as uow:
@@ -168,6 +170,7 @@ class AccountsHandlers:
     def freeze_account(self, caller: Caller, account_id: str, reason: str) -> Account:
         if not reason.strip():
             raise domain.InvalidRequestError("a reason is required to freeze an account")
+        domain.check_account_id("account_id", account_id)
         with self.unit_of_work() as uow:
             account = uow.accounts.lock_in_order([account_id]).get(account_id)
             if account is None:
@@ -182,6 +185,8 @@ class AccountsHandlers:
         """Debit and credit in one transaction: rows locked in sorted id order (no deadlock between two
         opposite transfers), the fencing token checked, the idempotency key recorded, the event emitted."""
         domain.check_idempotency_key(idempotency_key)
+        domain.check_account_id("from_account_id", from_account_id)
+        domain.check_account_id("to_account_id", to_account_id)
         fingerprint = _fingerprint("transfer", from_account_id, to_account_id, amount_minor, currency)
         with self.unit_of_work() as uow:
             locked = uow.accounts.lock_in_order(sorted({from_account_id, to_account_id}))  # then the key, as deposit

@@ -480,3 +480,20 @@ def test_the_idempotency_key_is_read_only_once_the_rows_are_locked(bank: Account
     uow.accounts.steps.clear()
     bank.apply_transfer("t-1", source, target, 50, "EUR", 1, "key-transfer-0001")
     assert uow.accounts.steps == ["lock", "remembered"]
+
+
+@pytest.mark.parametrize("bad", ["acc\x001", "", "a" * 37, "acc-1\n", "\u202eacc"])
+def test_an_account_id_no_account_can_have_is_an_invalid_argument_naming_it(bank: AccountsHandlers,
+                                                                            uow: MemoryUnitOfWork, bad: str) -> None:
+    """A NUL reaching PostgreSQL fails the query in the driver (INTERNAL, not the caller's INVALID_ARGUMENT)."""
+    source = funded(bank, ALICE, 100)
+    emitted = len(uow.events.emitted)
+    for attempt in (lambda: bank.get_account(SAM, bad), lambda: bank.deposit(TINA, bad, 5, "key-bad-id-1"),
+                    lambda: bank.freeze_account(SAM, bad, "fraud")):
+        with pytest.raises(InvalidRequestError, match="account_id"):
+            attempt()
+    with pytest.raises(InvalidRequestError, match="to_account_id"):
+        bank.apply_transfer("t-1", source, bad, 5, "EUR", 1, "key-bad-id-2")
+    with pytest.raises(InvalidRequestError, match="from_account_id"):
+        bank.apply_transfer("t-1", bad, source, 5, "EUR", 1, "key-bad-id-3")
+    assert len(uow.events.emitted) == emitted
