@@ -123,8 +123,11 @@ def validate(transfer: Transfer) -> None:
     except AccountsError as error:
         raise InvalidTransferError(str(error)) from error
     for name in ("from_account_id", "to_account_id"):
-        if not 0 < len(getattr(transfer, name)) <= MAX_ACCOUNT_ID:
-            raise InvalidTransferError(f"{name} must be 1 to {MAX_ACCOUNT_ID} characters")
+        # Printable too: a NUL fails the payments row's insert in the driver (INTERNAL) and, sent to accounts, its
+        # query too, an INTERNAL answer the circuit breaker counts as accounts failing, so one customer could open it.
+        value = getattr(transfer, name)
+        if not 0 < len(value) <= MAX_ACCOUNT_ID or not value.isprintable():
+            raise InvalidTransferError(f"{name} must be 1 to {MAX_ACCOUNT_ID} printable characters")
     if transfer.from_account_id == transfer.to_account_id:
         raise InvalidTransferError("source and destination accounts must differ")
 

@@ -545,3 +545,14 @@ def test_customers_see_only_their_own_payments(world: World) -> None:
         run(world.payments.get_payment(BOB, payment.payment_id))
     assert run(world.payments.list_payments(ALICE)) == [payment]
     assert run(world.payments.list_payments(BOB)) == []
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+@pytest.mark.parametrize("bad", ["acc\x001", "acc-1\r\n", "\u202eacc"])
+def test_an_account_id_with_a_nul_or_control_character_is_refused_before_anything_happens(
+        world: World, side: str, bad: str) -> None:
+    """A NUL reaching PostgreSQL fails the payments row's insert (or accounts' query) in the driver: INTERNAL."""
+    with pytest.raises(InvalidTransferError, match=f"{'from' if side == 'source' else 'to'}_account_id") as error:
+        world.transfer(300, **{side: bad})
+    assert error.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert world.locks.taken == [] and world.uow.payments.rows == {} and world.accounts.calls == []
