@@ -17,6 +17,7 @@ from bastion.grpc.errors import (
 from services.accounts.domain import AccountsError, check_amount, check_currency, check_idempotency_key
 
 MAX_ACCOUNT_ID = 36
+MAX_PAYMENT_ID = 36  # the payments.payment_id column (a UUID)
 MAX_REASON = 500
 # Payment ids are derived from the idempotency key, so a retried request names the same transfer in accounts.
 PAYMENT_ID_NAMESPACE = uuid.UUID("6f1d3c52-2b8e-4c61-9a57-0d6c0b7e4a19")
@@ -27,6 +28,10 @@ class PaymentsError(Exception):
 
 
 class InvalidTransferError(PaymentsError, InvalidArgumentError):
+    pass
+
+
+class InvalidRequestError(PaymentsError, InvalidArgumentError):
     pass
 
 
@@ -130,6 +135,13 @@ def validate(transfer: Transfer) -> None:
             raise InvalidTransferError(f"{name} must be 1 to {MAX_ACCOUNT_ID} printable characters")
     if transfer.from_account_id == transfer.to_account_id:
         raise InvalidTransferError("source and destination accounts must differ")
+
+
+def check_payment_id(payment_id: str) -> None:
+    """PostgreSQL text cannot hold a NUL: the driver fails the query (INTERNAL). No payment id is empty, longer than
+    its column or holds a control character; said of the syntax alone, so it tells nobody whether an id exists."""
+    if not 0 < len(payment_id) <= MAX_PAYMENT_ID or not payment_id.isprintable():
+        raise InvalidRequestError(f"payment_id must be 1 to {MAX_PAYMENT_ID} printable characters")
 
 
 def fingerprint(transfer: Transfer, initiated_by: str) -> str:

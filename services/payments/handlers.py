@@ -224,6 +224,7 @@ class PaymentsHandlers:
 
     async def get_payment(self, caller: Caller, payment_id: str) -> Payment:
         """One of the caller's own payments; anyone else's is NOT_FOUND, so ids reveal nothing."""
+        domain.check_payment_id(payment_id)
         payment = await self._transaction(lambda uow: uow.payments.by_id(payment_id))
         if payment is None or payment.initiated_by != caller.username:
             raise PaymentNotFoundError("payment not found")

@@ -14,6 +14,7 @@ import pytest
 
 from bastion.grpc.errors import (
     FailedPreconditionError,
+    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -556,3 +557,10 @@ def test_an_account_id_with_a_nul_or_control_character_is_refused_before_anythin
         world.transfer(300, **{side: bad})
     assert error.value.status == grpc.StatusCode.INVALID_ARGUMENT
     assert world.locks.taken == [] and world.uow.payments.rows == {} and world.accounts.calls == []
+
+
+@pytest.mark.parametrize("bad", ["pay\x001", "", "p" * 37, "pay-1\n"])
+def test_a_payment_id_no_payment_can_have_is_an_invalid_argument_naming_it(world: World, bad: str) -> None:
+    """A NUL reaching PostgreSQL fails the query in the driver: INTERNAL instead of the caller's INVALID_ARGUMENT."""
+    with pytest.raises(InvalidArgumentError, match="payment_id"):
+        run(world.payments.get_payment(ALICE, bad))
