@@ -74,7 +74,10 @@ def check_amount(amount_minor: int) -> None:
 
 def check_currency(currency: str) -> None:
     if currency not in CURRENCIES:
-        raise UnknownCurrencyError(f"currency {currency!r} is not one of {', '.join(sorted(CURRENCIES))}")
+        # The caller's text, quoted escaped and cut short: a status message is a trailer (a client refuses one over
+        # its metadata limit, 8 KiB by default, and sees no INVALID_ARGUMENT) and a log line.
+        shown = currency if len(currency) <= 8 else currency[:8] + "..."
+        raise UnknownCurrencyError(f"currency {shown!r} is not one of {', '.join(sorted(CURRENCIES))}")
 
 
 def notification_email(text: str) -> str | None:

@@ -497,3 +497,12 @@ def test_an_account_id_no_account_can_have_is_an_invalid_argument_naming_it(bank
     with pytest.raises(InvalidRequestError, match="from_account_id"):
         bank.apply_transfer("t-1", bad, source, 5, "EUR", 1, "key-bad-id-3")
     assert len(uow.events.emitted) == emitted
+
+
+def test_an_unknown_currency_is_quoted_cut_short_in_the_refusal(bank: AccountsHandlers) -> None:
+    """The message is the status's trailer and a log line: a 100 KB currency must not come back whole."""
+    with pytest.raises(UnknownCurrencyError) as refused:
+        bank.open_account(ALICE, "E" * 100_000)
+    assert "currency 'EEEEEEEE...'" in str(refused.value) and len(str(refused.value)) < 200
+    with pytest.raises(UnknownCurrencyError, match=r"currency 'XX\\x00' is not one of"):
+        bank.open_account(ALICE, "XX\x00")
