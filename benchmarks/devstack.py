@@ -4,6 +4,7 @@ Run with `make bench-devstack` (uses the dev install in .state; stops it first i
 Prints the figures that docs/performance.md records.
 """
 
+import argparse
 import subprocess
 import sys
 import time
@@ -36,6 +37,9 @@ def memory(stack: Stack) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
+    # No options, but `--help` says what the run does instead of doing it (it stops and restarts the dev stack).
+    argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None,
+                            epilog="stops the dev install if it is running, then times `bastion up`").parse_args()
     stack = Stack(DevstackSettings(), progress=lambda message: None)
     bastion("setup")
     bastion("down")
