@@ -18,20 +18,14 @@ class ServiceHealth(health.aio.HealthServicer):  # type: ignore[misc]
         super().__init__()
         self._failing = failing
         self._wanted: dict[str, int] = {"": SERVING}  # the overall status the base class starts with
-        self.serving: bool | None = None  # what the last `set` or `refresh` answered; None before either
 
     async def set(self, service: str, status: int) -> None:
         self._wanted[service] = status
-        await super().set(service, status if self._judge() else NOT_SERVING)
+        await super().set(service, NOT_SERVING if self._failing() else status)
 
     async def refresh(self) -> list[str]:
         """Ask the condition again and answer every status by it; returns what fails, by name."""
         failing = self._failing()
-        self.serving = not failing
         for service, status in self._wanted.items():
-            await super().set(service, status if self.serving else NOT_SERVING)
+            await super().set(service, NOT_SERVING if failing else status)
         return failing
-
-    def _judge(self) -> bool:
-        self.serving = not self._failing()
-        return self.serving
