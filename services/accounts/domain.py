@@ -103,6 +103,13 @@ def check_account_id(name: str, account_id: str) -> None:
         raise InvalidRequestError(f"{name} must be 1 to {MAX_ACCOUNT_ID} printable characters")
 
 
+def check_fencing_token(token: int) -> None:
+    """The token is kept with the source account (bigint): a larger one (the field is uint64) would fail the write,
+    INTERNAL, rather than be refused."""
+    if token > MAX_MINOR:
+        raise InvalidRequestError(f"fencing_token must be at most {MAX_MINOR}")
+
+
 def check_idempotency_key(key: str) -> None:
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidRequestError("idempotency_key must be 8 to 100 characters of letters, digits and ._:-")

@@ -187,6 +187,7 @@ class AccountsHandlers:
         domain.check_idempotency_key(idempotency_key)
         domain.check_account_id("from_account_id", from_account_id)
         domain.check_account_id("to_account_id", to_account_id)
+        domain.check_fencing_token(fencing_token)
         fingerprint = _fingerprint("transfer", from_account_id, to_account_id, amount_minor, currency)
         with self.unit_of_work() as uow:
             locked = uow.accounts.lock_in_order(sorted({from_account_id, to_account_id}))  # then the key, as deposit

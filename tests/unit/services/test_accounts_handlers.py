@@ -159,6 +159,17 @@ def test_a_stale_fencing_token_is_rejected_and_nothing_moves(bank: AccountsHandl
     assert bank.get_account(SAM, source).balance_minor == 900
 
 
+def test_a_fencing_token_beyond_the_columns_bigint_is_refused_before_anything_is_read(
+        bank: AccountsHandlers, uow: MemoryUnitOfWork) -> None:
+    source, target = funded(bank, ALICE, 1000), funded(bank, BOB, 0)
+    before = dict(uow.accounts.rows)
+    with pytest.raises(InvalidRequestError, match="fencing_token must be at most"):
+        bank.apply_transfer("t1", source, target, 100, "EUR", MAX_MINOR + 1, KEY)
+    assert uow.accounts.rows == before and KEY not in uow.accounts.keys, "nothing remembered for the key either"
+    bank.apply_transfer("t1", source, target, 100, "EUR", MAX_MINOR, KEY)  # the largest a bigint holds is fine
+    assert bank.get_account(SAM, source).balance_minor == 900
+
+
 @pytest.mark.parametrize(
     ("setup", "error"),
     [("insufficient", InsufficientFundsError), ("frozen", AccountFrozenError), ("currency", CurrencyMismatchError),
