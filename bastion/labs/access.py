@@ -28,6 +28,7 @@ from bastion.labs.platform import (
     answer,
     new_correlation_id,
 )
+from bastion.pages import MAX_PAGE_SIZE
 
 LAB_IMPERSONATION = "impersonation"
 # The words of the refusals the datastore lab is about (an error of the same kind for another reason cannot tell):
@@ -110,11 +111,7 @@ def other_customer_account(session: Session) -> Iterator[Evidence]:
     seen = f"bob read it: owner {read.reply.account.owner}, balance {euros(read.reply.account.balance_minor)}" \
         if read.ok else ""
     yield _expect("bob: accounts.GetAccount on alice's account", read, {grpc.StatusCode.NOT_FOUND}, seen)
-    listed = answer(lambda: bank.accounts.ListAccounts(accounts_pb2.ListAccountsRequest(),
-                                                       metadata=bank.metadata("bob"), timeout=TIMEOUT))
-    if not listed.ok:
-        raise LabSetupError(f"bob could not list his own accounts ({listed})")
-    shown = {account.account_id for account in listed.reply.accounts}
+    shown = _every_account(bank, "bob")
     yield Evidence("bob: accounts.ListAccounts", f"{len(shown)} account(s), "
                    + ("alice's among them" if alices in shown else "his own only"), alices not in shown)
     pay = answer(lambda: bank.payments.Transfer(bank.transfer_request(alices, bobs, 500),
@@ -187,3 +184,22 @@ def datastore_access(session: Session) -> Iterator[Evidence]:
                                          passfile=str(Path(empty) / "pgpass"))
         yield _refused("PostgreSQL without a password", lambda: connect(without_password),
                        (psycopg.OperationalError,), POSTGRES_REFUSALS)
+
+
+def _every_account(bank: Bank, username: str) -> set[str]:
+    """The ids of every account USERNAME is shown, page after page: one of alice's on any page would count."""
+
+    def page(token: str) -> Any:
+        request = accounts_pb2.ListAccountsRequest(page_size=MAX_PAGE_SIZE, page_token=token)
+        return answer(lambda: bank.accounts.ListAccounts(request, metadata=bank.metadata(username), timeout=TIMEOUT))
+
+    shown: set[str] = set()
+    token = ""
+    while True:
+        listed = page(token)
+        if not listed.ok:
+            raise LabSetupError(f"{username} could not list his own accounts ({listed})")
+        shown |= {account.account_id for account in listed.reply.accounts}
+        token = listed.reply.next_page_token
+        if not token:
+            return shown

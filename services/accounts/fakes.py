@@ -31,11 +31,9 @@ class MemoryAccounts:
     def save(self, account: Account) -> None:
         self.rows[account.account_id] = account
 
-    def owned_by(self, owner: str) -> list[Account]:
-        return [a for a in self.rows.values() if a.owner == owner]
-
-    def all(self) -> list[Account]:
-        return list(self.rows.values())
+    def listed(self, owner: str | None, after: str | None, limit: int) -> list[Account]:
+        return sorted((a for a in self.rows.values() if (owner is None or a.owner == owner)
+                       and (after is None or a.account_id > after)), key=lambda a: a.account_id)[:limit]
 
     def remembered(self, idempotency_key: str) -> tuple[str, bytes] | None:
         self.steps.append("remembered")

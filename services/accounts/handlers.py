@@ -10,6 +10,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from bastion import pages
 from bastion.accounts.v1 import events_pb2
 from bastion.events.v1.envelope_pb2 import EncryptedField
 from services.accounts import domain
@@ -40,8 +41,9 @@ class AccountsRepository(Protocol):
     def get(self, account_id: str) -> Account | None: ...
     def lock_in_order(self, account_ids: list[str]) -> dict[str, Account]: ...
     def save(self, account: Account) -> None: ...
-    def owned_by(self, owner: str) -> list[Account]: ...
-    def all(self) -> list[Account]: ...
+    def listed(self, owner: str | None, after: str | None, limit: int) -> list[Account]:
+        """At most LIMIT accounts of OWNER (of everyone when None) in account id order, after the id AFTER."""
+        ...
     def remembered(self, idempotency_key: str) -> tuple[str, bytes] | None: ...
     def remember(self, idempotency_key: str, fingerprint: str, response: bytes) -> None: ...
 
@@ -102,6 +104,7 @@ class PersonalData(Protocol):
 
 
 OWNER_EMAIL = "bastion.accounts.v1.AccountOpened.owner_email"
+ACCOUNT_PAGES = "account"  # the kind of ListAccounts' page tokens: the last account id served
 
 
 class AccountsHandlers:
@@ -130,9 +133,16 @@ class AccountsHandlers:
         with self.unit_of_work() as uow:
             return _visible(uow.accounts.get(account_id), caller)
 
-    def list_accounts(self, caller: Caller) -> list[Account]:
+    def list_accounts(self, caller: Caller, page_size: int = 0, page_token: str = "") -> tuple[list[Account], str]:
+        """A page of the accounts the caller may see (its own; every account for support, auditors and services),
+        and the token of the next page ("" after the last)."""
+        size = pages.page_size(page_size)
+        key = pages.token_key(page_token, ACCOUNT_PAGES, 1)
         with self.unit_of_work() as uow:
-            return uow.accounts.all() if caller.sees_all else uow.accounts.owned_by(caller.username)
+            rows = uow.accounts.listed(None if caller.sees_all else caller.username, key[0] if key else None,
+                                       size + 1)
+        page, more = pages.page_of(rows, size)
+        return page, pages.page_token(ACCOUNT_PAGES, page[-1].account_id) if more else ""
 
     def deposit(self, caller: Caller, account_id: str, amount_minor: int, idempotency_key: str) -> Account:
         domain.check_idempotency_key(idempotency_key)

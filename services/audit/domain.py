@@ -1,12 +1,11 @@
 """The rules of the audit service, pure: what an audit record says about each Kafka record it read, and which
 ListEvents queries are valid. No I/O, no framework."""
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
 
+from bastion import pages
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, AccessDecision, EventRejected, SecurityAlert
 from bastion.audit.alerts import Alert
 from bastion.audit.chain import Head
@@ -20,8 +19,7 @@ from bastion.events.verify import MAX_ENVELOPE_BYTES, VerifiedEvent
 from bastion.grpc.errors import InvalidArgumentError
 
 CONSUMER = "audit"
-DEFAULT_PAGE = 100
-MAX_PAGE = 500
+SEQ_PAGES = "seq"  # the kind of ListEvents' page tokens: the seq of the last record served
 MAX_TEXT = 1000
 KEPT_PREFIX_BYTES = 4096
 MAX_SEQ = 2**63 - 1  # the log's seq is a PostgreSQL bigint: a larger position fails the query itself (INTERNAL)
@@ -140,7 +138,7 @@ class EventQuery:
     event_type: str = ""
     since: dt.datetime | None = None
     until: dt.datetime | None = None
-    page_size: int = DEFAULT_PAGE
+    page_size: int = pages.DEFAULT_PAGE_SIZE
     after_seq: int = 0
     # Only denied access decisions and rejected events.
     refusals_only: bool = False
@@ -148,29 +146,24 @@ class EventQuery:
 
 
 def page_token(last_seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{last_seq}".encode()).decode()
+    return pages.page_token(SEQ_PAGES, str(last_seq))
 
 
 def after_seq_of(token: str) -> int:
     """The position a page token stands for; tokens are opaque to clients, so anything else is invalid."""
-    if not token:
+    key = pages.token_key(token, SEQ_PAGES, 1)
+    if key is None:
         return 0
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        # ASCII digits only, and within the bigint the query compares it with: a forged token is the caller's error.
-        if kind == "seq" and value.isascii() and value.isdigit() and int(value) <= MAX_SEQ:
-            return int(value)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise InvalidQueryError("page_token is not one this service issued")
+    # ASCII digits only, and within the bigint the query compares it with: a forged token is the caller's error.
+    if key[0].isascii() and key[0].isdigit() and int(key[0]) <= MAX_SEQ:
+        return int(key[0])
+    raise pages.InvalidPageError("page_token is not one this service issued")
 
 
 def query(aggregate_id: str = "", principal: str = "", event_type: str = "", since: dt.datetime | None = None,
           until: dt.datetime | None = None, page_size: int = 0, token: str = "", refusals_only: bool = False,
           correlation_id: str = "") -> EventQuery:
-    size = page_size or DEFAULT_PAGE
-    if not 1 <= size <= MAX_PAGE:
-        raise InvalidQueryError(f"page_size must be between 1 and {MAX_PAGE}, got {page_size}")
+    size = pages.page_size(page_size)
     if since is not None and until is not None and since > until:
         raise InvalidQueryError("since must not be later than until")
     for name, value in (("aggregate_id", aggregate_id), ("principal", principal), ("event_type", event_type),

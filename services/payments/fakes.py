@@ -16,7 +16,7 @@ from services.accounts.fakes import MemoryPersonalData
 from services.accounts.fakes import MemoryUnitOfWork as MemoryAccountsUnitOfWork
 from services.accounts.handlers import AccountsHandlers, Caller
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus, utc_day
-from services.payments.handlers import PendingPlace, pending_place
+from services.payments.handlers import PaymentPlace, payment_place
 
 TELLER = Caller("teller", frozenset({"teller"}))
 
@@ -50,12 +50,13 @@ class MemoryPayments:
     def by_id(self, payment_id: str) -> Payment | None:
         return self.rows.get(payment_id)
 
-    def initiated_by(self, username: str) -> list[Payment]:
-        return sorted((p for p in self.rows.values() if p.initiated_by == username), key=lambda p: p.created_at)
+    def initiated_by(self, username: str, limit: int, before: PaymentPlace | None = None) -> list[Payment]:
+        return sorted((p for p in self.rows.values() if p.initiated_by == username
+                       and (before is None or payment_place(p) < before)), key=payment_place, reverse=True)[:limit]
 
-    def pending_before(self, cutoff: dt.datetime, limit: int, after: PendingPlace | None = None) -> list[Payment]:
+    def pending_before(self, cutoff: dt.datetime, limit: int, after: PaymentPlace | None = None) -> list[Payment]:
         return sorted((p for p in self.rows.values() if p.status is PaymentStatus.PENDING and p.created_at < cutoff
-                       and (after is None or pending_place(p) > after)), key=pending_place)[:limit]
+                       and (after is None or payment_place(p) > after)), key=payment_place)[:limit]
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 import structlog
 from google.protobuf.message import Message
 
+from bastion import pages
 from bastion.grpc.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RequestError
 from bastion.payments.v1 import events_pb2
 from bastion.resilience import locks
@@ -34,11 +35,28 @@ TOPIC = "payments.events.v1"
 # leaves the outcome unknown, so the payment stays PENDING until a retry with the same key settles it.
 REFUSALS = (FailedPreconditionError, NotFoundError, InvalidArgumentError)
 T = TypeVar("T")
-PendingPlace = tuple[dt.datetime, str]  # a pending payment's place in the reconciler's order: creation, then id
+# A payment's place in the orders the reconciler and ListPayments read payments in: creation, then id.
+PaymentPlace = tuple[dt.datetime, str]
+PAYMENT_PAGES = "payment"  # the kind of ListPayments' page tokens: the place of the last payment served
 
 
-def pending_place(payment: Payment) -> PendingPlace:
+def payment_place(payment: Payment) -> PaymentPlace:
     return payment.created_at, payment.payment_id
+
+
+def _listed_before(page_token: str) -> PaymentPlace | None:
+    """The place a ListPayments page token stands for: a creation time with its zone, and a payment id."""
+    key = pages.token_key(page_token, PAYMENT_PAGES, 2)
+    if key is None:
+        return None
+    created_at, payment_id = key
+    try:
+        when = dt.datetime.fromisoformat(created_at)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or len(payment_id) > domain.MAX_PAYMENT_ID:
+        raise pages.InvalidPageError("page_token is not one this service issued")
+    return when, payment_id
 
 
 @dataclass(frozen=True)
@@ -58,8 +76,11 @@ class PaymentsRepository(Protocol):
     def sent_on(self, account_id: str, day: dt.date) -> int: ...
     def count_since(self, account_id: str, since: dt.datetime) -> int: ...
     def by_id(self, payment_id: str) -> Payment | None: ...
-    def initiated_by(self, username: str) -> list[Payment]: ...
-    def pending_before(self, cutoff: dt.datetime, limit: int, after: "PendingPlace | None" = None) -> list[Payment]:
+    def initiated_by(self, username: str, limit: int, before: "PaymentPlace | None" = None) -> list[Payment]:
+        """At most LIMIT payments USERNAME initiated, newest first (by creation, then id); only those before
+        BEFORE."""
+        ...
+    def pending_before(self, cutoff: dt.datetime, limit: int, after: "PaymentPlace | None" = None) -> list[Payment]:
         """PENDING payments created before CUTOFF, oldest first (by creation, then id); only those after AFTER."""
         ...
 
@@ -115,7 +136,7 @@ class PaymentsHandlers:
         # Where the reconciler's next round goes on: after the last payment the previous round tried, back to the
         # oldest once a round reached the end. Always from the oldest, payments that cannot be settled (as many as
         # a round takes) would keep every newer one waiting for ever.
-        self._settle_after: PendingPlace | None = None
+        self._settle_after: PaymentPlace | None = None
 
     async def transfer(self, caller: Caller, command: Transfer) -> Payment:
         domain.validate(command)
@@ -194,7 +215,7 @@ class PaymentsHandlers:
         cutoff = self.clock() - older_than
         after = self._settle_after
         stuck = await self._transaction(lambda uow: uow.payments.pending_before(cutoff, limit, after))
-        self._settle_after = pending_place(stuck[-1]) if len(stuck) == limit else None
+        self._settle_after = payment_place(stuck[-1]) if len(stuck) == limit else None
         settled: list[Payment] = []
         for payment in stuck:
             try:
@@ -230,8 +251,18 @@ class PaymentsHandlers:
             raise PaymentNotFoundError("payment not found")
         return payment
 
-    async def list_payments(self, caller: Caller) -> list[Payment]:
-        return await self._transaction(lambda uow: uow.payments.initiated_by(caller.username))
+    async def list_payments(self, caller: Caller, page_size: int = 0, page_token: str = ""
+                            ) -> tuple[list[Payment], str]:
+        """A page of the caller's own payments, newest first (what a customer looks for), and the token of the next
+        page ("" after the last)."""
+        size = pages.page_size(page_size)
+        before = _listed_before(page_token)
+        rows = await self._transaction(lambda uow: uow.payments.initiated_by(caller.username, size + 1, before))
+        page, more = pages.page_of(rows, size)
+        if not more:
+            return page, ""
+        created_at, payment_id = payment_place(page[-1])
+        return page, pages.page_token(PAYMENT_PAGES, created_at.isoformat(), payment_id)
 
     async def _transaction(self, work: Callable[[UnitOfWork], T]) -> T:
         """WORK in one transaction, on a worker thread: the event loop must stay free to extend the lock."""

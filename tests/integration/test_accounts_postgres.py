@@ -171,3 +171,19 @@ def test_one_key_sent_at_once_for_two_accounts_is_a_conflict_for_one_of_them(ban
         assert sorted(type(outcome).__name__ for outcome in outcomes.values()) == \
             ["IdempotencyConflictError", "int"], f"round {round_}: {outcomes}"
         assert sorted(bank.get_account(SUPPORT, account_id).balance_minor for account_id in accounts_) == [0, 100]
+
+
+def test_accounts_are_listed_a_page_at_a_time_in_id_order_on_postgresql(bank: AccountsHandlers) -> None:
+    alice, bob = Caller("alice", frozenset({"customer"})), Caller("bob", frozenset({"customer"}))
+    alices = sorted(bank.open_account(alice, "EUR").account_id for _ in range(5))
+    bobs = bank.open_account(bob, "EUR").account_id
+    seen, token = [], ""
+    while True:
+        page, token = bank.list_accounts(SUPPORT, 2, token)
+        seen += [account.account_id for account in page]
+        if not token:
+            break
+    assert seen == sorted([*alices, bobs])
+    first, token = bank.list_accounts(alice, 4)
+    rest, last = bank.list_accounts(alice, 4, token)
+    assert [account.account_id for account in first + rest] == alices and last == ""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bastion/accounts/v1/accounts.proto\x12\x13\x62\x61stion.accounts.v1\"e\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x15\n\rbalance_minor\x18\x04 \x01(\x03\x12\x0e\n\x06\x66rozen\x18\x05 \x01(\x08\"B\n\x12OpenAccountRequest\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x1a\n\x12notification_email\x18\x02 \x01(\t\"D\n\x13OpenAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"C\n\x12GetAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\"\x15\n\x13ListAccountsRequest\"F\n\x14ListAccountsResponse\x12.\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1c.bastion.accounts.v1.Account\"S\n\x0e\x44\x65positRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"@\n\x0f\x44\x65positResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\":\n\x14\x46reezeAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x15\x46reezeAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\"\xb3\x01\n\x14\x41pplyTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x15\n\rfencing_token\x18\x06 \x01(\x04\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"b\n\x15\x41pplyTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x1a\n\x12\x66rom_balance_minor\x18\x02 \x01(\x03\x12\x18\n\x10to_balance_minor\x18\x03 \x01(\x03\x32\xd6\x04\n\x08\x41\x63\x63ounts\x12`\n\x0bOpenAccount\x12\'.bastion.accounts.v1.OpenAccountRequest\x1a(.bastion.accounts.v1.OpenAccountResponse\x12]\n\nGetAccount\x12&.bastion.accounts.v1.GetAccountRequest\x1a\'.bastion.accounts.v1.GetAccountResponse\x12\x63\n\x0cListAccounts\x12(.bastion.accounts.v1.ListAccountsRequest\x1a).bastion.accounts.v1.ListAccountsResponse\x12T\n\x07\x44\x65posit\x12#.bastion.accounts.v1.DepositRequest\x1a$.bastion.accounts.v1.DepositResponse\x12\x66\n\rFreezeAccount\x12).bastion.accounts.v1.FreezeAccountRequest\x1a*.bastion.accounts.v1.FreezeAccountResponse\x12\x66\n\rApplyTransfer\x12).bastion.accounts.v1.ApplyTransferRequest\x1a*.bastion.accounts.v1.ApplyTransferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bastion/accounts/v1/accounts.proto\x12\x13\x62\x61stion.accounts.v1\"e\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x15\n\rbalance_minor\x18\x04 \x01(\x03\x12\x0e\n\x06\x66rozen\x18\x05 \x01(\x08\"B\n\x12OpenAccountRequest\x12\x10\n\x08\x63urrency\x18\x01 \x01(\t\x12\x1a\n\x12notification_email\x18\x02 \x01(\t\"D\n\x13OpenAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"C\n\x12GetAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\"<\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListAccountsResponse\x12.\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x1c.bastion.accounts.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x0e\x44\x65positRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"@\n\x0f\x44\x65positResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\":\n\x14\x46reezeAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\x15\x46reezeAccountResponse\x12-\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1c.bastion.accounts.v1.Account\"\xb3\x01\n\x14\x41pplyTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x15\n\rfencing_token\x18\x06 \x01(\x04\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"b\n\x15\x41pplyTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x1a\n\x12\x66rom_balance_minor\x18\x02 \x01(\x03\x12\x18\n\x10to_balance_minor\x18\x03 \x01(\x03\x32\xd6\x04\n\x08\x41\x63\x63ounts\x12`\n\x0bOpenAccount\x12\'.bastion.accounts.v1.OpenAccountRequest\x1a(.bastion.accounts.v1.OpenAccountResponse\x12]\n\nGetAccount\x12&.bastion.accounts.v1.GetAccountRequest\x1a\'.bastion.accounts.v1.GetAccountResponse\x12\x63\n\x0cListAccounts\x12(.bastion.accounts.v1.ListAccountsRequest\x1a).bastion.accounts.v1.ListAccountsResponse\x12T\n\x07\x44\x65posit\x12#.bastion.accounts.v1.DepositRequest\x1a$.bastion.accounts.v1.DepositResponse\x12\x66\n\rFreezeAccount\x12).bastion.accounts.v1.FreezeAccountRequest\x1a*.bastion.accounts.v1.FreezeAccountResponse\x12\x66\n\rApplyTransfer\x12).bastion.accounts.v1.ApplyTransferRequest\x1a*.bastion.accounts.v1.ApplyTransferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETACCOUNTRESPONSE']._serialized_start=341
   _globals['_GETACCOUNTRESPONSE']._serialized_end=408
   _globals['_LISTACCOUNTSREQUEST']._serialized_start=410
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=431
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=433
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=503
-  _globals['_DEPOSITREQUEST']._serialized_start=505
-  _globals['_DEPOSITREQUEST']._serialized_end=588
-  _globals['_DEPOSITRESPONSE']._serialized_start=590
-  _globals['_DEPOSITRESPONSE']._serialized_end=654
-  _globals['_FREEZEACCOUNTREQUEST']._serialized_start=656
-  _globals['_FREEZEACCOUNTREQUEST']._serialized_end=714
-  _globals['_FREEZEACCOUNTRESPONSE']._serialized_start=716
-  _globals['_FREEZEACCOUNTRESPONSE']._serialized_end=786
-  _globals['_APPLYTRANSFERREQUEST']._serialized_start=789
-  _globals['_APPLYTRANSFERREQUEST']._serialized_end=968
-  _globals['_APPLYTRANSFERRESPONSE']._serialized_start=970
-  _globals['_APPLYTRANSFERRESPONSE']._serialized_end=1068
-  _globals['_ACCOUNTS']._serialized_start=1071
-  _globals['_ACCOUNTS']._serialized_end=1669
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=470
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=472
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=567
+  _globals['_DEPOSITREQUEST']._serialized_start=569
+  _globals['_DEPOSITREQUEST']._serialized_end=652
+  _globals['_DEPOSITRESPONSE']._serialized_start=654
+  _globals['_DEPOSITRESPONSE']._serialized_end=718
+  _globals['_FREEZEACCOUNTREQUEST']._serialized_start=720
+  _globals['_FREEZEACCOUNTREQUEST']._serialized_end=778
+  _globals['_FREEZEACCOUNTRESPONSE']._serialized_start=780
+  _globals['_FREEZEACCOUNTRESPONSE']._serialized_end=850
+  _globals['_APPLYTRANSFERREQUEST']._serialized_start=853
+  _globals['_APPLYTRANSFERREQUEST']._serialized_end=1032
+  _globals['_APPLYTRANSFERRESPONSE']._serialized_start=1034
+  _globals['_APPLYTRANSFERRESPONSE']._serialized_end=1132
+  _globals['_ACCOUNTS']._serialized_start=1135
+  _globals['_ACCOUNTS']._serialized_end=1733
 # @@protoc_insertion_point(module_scope)

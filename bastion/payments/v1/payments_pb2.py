@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bastion/payments/v1/payments.proto\x12\x13\x62\x61stion.payments.v1\"\xab\x01\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x14\n\x0cinitiated_by\x18\x08 \x01(\t\"\x82\x01\n\x0fTransferRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\"A\n\x10TransferResponse\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.bastion.payments.v1.Payment\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\"C\n\x12GetPaymentResponse\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.bastion.payments.v1.Payment\"\x15\n\x13ListPaymentsRequest\"F\n\x14ListPaymentsResponse\x12.\n\x08payments\x18\x01 \x03(\x0b\x32\x1c.bastion.payments.v1.Payment2\xa7\x02\n\x08Payments\x12W\n\x08Transfer\x12$.bastion.payments.v1.TransferRequest\x1a%.bastion.payments.v1.TransferResponse\x12]\n\nGetPayment\x12&.bastion.payments.v1.GetPaymentRequest\x1a\'.bastion.payments.v1.GetPaymentResponse\x12\x63\n\x0cListPayments\x12(.bastion.payments.v1.ListPaymentsRequest\x1a).bastion.payments.v1.ListPaymentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bastion/payments/v1/payments.proto\x12\x13\x62\x61stion.payments.v1\"\xab\x01\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x14\n\x0cinitiated_by\x18\x08 \x01(\t\"\x82\x01\n\x0fTransferRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_account_id\x18\x02 \x01(\t\x12\x15\n\rto_account_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x04 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\"A\n\x10TransferResponse\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.bastion.payments.v1.Payment\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\"C\n\x12GetPaymentResponse\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.bastion.payments.v1.Payment\"<\n\x13ListPaymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListPaymentsResponse\x12.\n\x08payments\x18\x01 \x03(\x0b\x32\x1c.bastion.payments.v1.Payment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa7\x02\n\x08Payments\x12W\n\x08Transfer\x12$.bastion.payments.v1.TransferRequest\x1a%.bastion.payments.v1.TransferResponse\x12]\n\nGetPayment\x12&.bastion.payments.v1.GetPaymentRequest\x1a\'.bastion.payments.v1.GetPaymentResponse\x12\x63\n\x0cListPayments\x12(.bastion.payments.v1.ListPaymentsRequest\x1a).bastion.payments.v1.ListPaymentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPAYMENTRESPONSE']._serialized_start=474
   _globals['_GETPAYMENTRESPONSE']._serialized_end=541
   _globals['_LISTPAYMENTSREQUEST']._serialized_start=543
-  _globals['_LISTPAYMENTSREQUEST']._serialized_end=564
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=566
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=636
-  _globals['_PAYMENTS']._serialized_start=639
-  _globals['_PAYMENTS']._serialized_end=934
+  _globals['_LISTPAYMENTSREQUEST']._serialized_end=603
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=605
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=700
+  _globals['_PAYMENTS']._serialized_start=703
+  _globals['_PAYMENTS']._serialized_end=998
 # @@protoc_insertion_point(module_scope)

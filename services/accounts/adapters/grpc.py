@@ -43,8 +43,9 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServicer):
 
     async def ListAccounts(self, request: accounts_pb2.ListAccountsRequest, context: grpc.aio.ServicerContext
                            ) -> accounts_pb2.ListAccountsResponse:
-        found = await asyncio.to_thread(self.handlers.list_accounts, _caller())
-        return accounts_pb2.ListAccountsResponse(accounts=[_account(a) for a in found])
+        found, next_page = await asyncio.to_thread(self.handlers.list_accounts, _caller(), request.page_size,
+                                                   request.page_token)
+        return accounts_pb2.ListAccountsResponse(accounts=[_account(a) for a in found], next_page_token=next_page)
 
     async def Deposit(self, request: accounts_pb2.DepositRequest, context: grpc.aio.ServicerContext
                       ) -> accounts_pb2.DepositResponse:

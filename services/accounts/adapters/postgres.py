@@ -90,12 +90,13 @@ class PostgresAccounts:
             balance_minor=account.balance_minor, frozen=account.frozen,
             last_fencing_token=account.last_fencing_token))
 
-    def owned_by(self, owner: str) -> list[Account]:
-        return [_account(r) for r in self.conn.execute(
-            select(accounts).where(accounts.c.owner == owner).order_by(accounts.c.account_id))]
-
-    def all(self) -> list[Account]:
-        return [_account(r) for r in self.conn.execute(select(accounts).order_by(accounts.c.account_id))]
+    def listed(self, owner: str | None, after: str | None, limit: int) -> list[Account]:
+        query = select(accounts)
+        if owner is not None:
+            query = query.where(accounts.c.owner == owner)
+        if after is not None:
+            query = query.where(accounts.c.account_id > after)
+        return [_account(r) for r in self.conn.execute(query.order_by(accounts.c.account_id).limit(limit))]
 
     def remembered(self, idempotency_key: str) -> tuple[str, bytes] | None:
         row = self.conn.execute(select(idempotency.c.fingerprint, idempotency.c.response).where(

@@ -41,5 +41,5 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
 
     async def ListPayments(self, request: payments_pb2.ListPaymentsRequest, context: grpc.aio.ServicerContext
                            ) -> payments_pb2.ListPaymentsResponse:
-        return payments_pb2.ListPaymentsResponse(
-            payments=[_payment(p) for p in await self.handlers.list_payments(_caller())])
+        found, next_page = await self.handlers.list_payments(_caller(), request.page_size, request.page_token)
+        return payments_pb2.ListPaymentsResponse(payments=[_payment(p) for p in found], next_page_token=next_page)

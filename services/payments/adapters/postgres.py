@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from bastion.events.outbox import Outbox, OutboxEventSink
 from bastion.migrations import upgrade
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus
-from services.payments.handlers import TOPIC, PendingPlace
+from services.payments.handlers import TOPIC, PaymentPlace
 
 METADATA = MetaData()
 payments = Table(
@@ -52,6 +52,8 @@ payments = Table(
 )
 # The limit checks read one source account's recent payments.
 Index("payments_source_recent", payments.c.from_account_id, payments.c.created_at)
+# ListPayments reads one initiator's payments newest first, a page at a time (the index is read backwards).
+Index("payments_initiator_order", payments.c.initiated_by, payments.c.created_at, payments.c.payment_id)
 # What a repeated key collides with: the key itself, and the payment id derived from it.
 KEY_CONSTRAINTS = frozenset({"payments_idempotency_key", "payments_pkey"})
 # What counts against the daily limit: PENDING may already have moved the money.
@@ -107,12 +109,15 @@ class PostgresPayments:
         row = self.conn.execute(select(payments).where(payments.c.payment_id == payment_id)).first()
         return _payment(row) if row else None
 
-    def initiated_by(self, username: str) -> list[Payment]:
-        rows = self.conn.execute(select(payments).where(payments.c.initiated_by == username)
-                                 .order_by(payments.c.created_at)).all()
+    def initiated_by(self, username: str, limit: int, before: PaymentPlace | None = None) -> list[Payment]:
+        query = select(payments).where(payments.c.initiated_by == username)
+        if before is not None:
+            query = query.where(tuple_(payments.c.created_at, payments.c.payment_id) < tuple_(*before))
+        rows = self.conn.execute(query.order_by(payments.c.created_at.desc(), payments.c.payment_id.desc())
+                                 .limit(limit)).all()
         return [_payment(row) for row in rows]
 
-    def pending_before(self, cutoff: dt.datetime, limit: int, after: PendingPlace | None = None) -> list[Payment]:
+    def pending_before(self, cutoff: dt.datetime, limit: int, after: PaymentPlace | None = None) -> list[Payment]:
         query = select(payments).where(payments.c.status == PaymentStatus.PENDING.value,
                                        payments.c.created_at < cutoff)
         if after is not None:

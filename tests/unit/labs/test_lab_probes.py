@@ -972,8 +972,11 @@ class Accounts:
         return types.SimpleNamespace(account=types.SimpleNamespace(owner="alice", balance_minor=1_000))
 
     def ListAccounts(self, request: Any, metadata: Any, timeout: float) -> Any:
-        shown = ["bob", "alice"] if self.leaks else ["bob"]
-        return types.SimpleNamespace(accounts=[types.SimpleNamespace(account_id=account) for account in shown])
+        """bob's account on the first page; a leak puts alice's on a second one (the lab must read every page)."""
+        if request.page_token == "page-2":
+            return types.SimpleNamespace(accounts=[types.SimpleNamespace(account_id="alice")], next_page_token="")
+        return types.SimpleNamespace(accounts=[types.SimpleNamespace(account_id="bob")],
+                                     next_page_token="page-2" if self.leaks else "")
 
     def Transfer(self, request: Any, metadata: Any, timeout: float) -> Any:
         raise RpcError(grpc.StatusCode.NOT_FOUND, "no account")

@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 
 from bastion.accounts.v1 import events_pb2
+from bastion.grpc.errors import InvalidArgumentError
 from services.accounts import domain
 from services.accounts.domain import (
     MAX_MINOR,
@@ -104,8 +105,8 @@ def test_another_customer_gets_not_found_support_sees_it(bank: AccountsHandlers)
     with pytest.raises(AccountNotFoundError):
         bank.get_account(BOB, "acc-does-not-exist")
     assert bank.get_account(SAM, account_id).owner == "alice"
-    assert [a.account_id for a in bank.list_accounts(BOB)] == []
-    assert [a.account_id for a in bank.list_accounts(SAM)] == [account_id]
+    assert [a.account_id for a in bank.list_accounts(BOB)[0]] == []
+    assert [a.account_id for a in bank.list_accounts(SAM)[0]] == [account_id]
 
 
 @pytest.mark.parametrize("amount", [0, -1, MAX_MINOR + 1])
@@ -247,7 +248,7 @@ def test_an_idempotency_key_is_refused_unless_it_is_8_to_100_safe_characters(key
 def test_a_customer_sees_and_lists_exactly_their_own_accounts(bank: AccountsHandlers) -> None:
     mine, theirs, also_mine = funded(bank, ALICE, 0), funded(bank, BOB, 0), funded(bank, ALICE, 0)
     assert bank.get_account(ALICE, mine).account_id == mine
-    assert [a.account_id for a in bank.list_accounts(ALICE)] == [mine, also_mine]
+    assert [a.account_id for a in bank.list_accounts(ALICE)[0]] == sorted([mine, also_mine])
     with pytest.raises(AccountNotFoundError):
         bank.get_account(ALICE, theirs)
 
@@ -283,11 +284,11 @@ def test_only_support_auditors_and_calling_services_see_every_account(
     caller = Caller("someone", frozenset(roles), is_service=is_service)
     if sees_all:
         assert bank.get_account(caller, account_id).owner == "alice"
-        assert [a.account_id for a in bank.list_accounts(caller)] == [account_id]
+        assert [a.account_id for a in bank.list_accounts(caller)[0]] == [account_id]
     else:
         with pytest.raises(AccountNotFoundError):
             bank.get_account(caller, account_id)
-        assert bank.list_accounts(caller) == []
+        assert bank.list_accounts(caller) == ([], "")
 
 
 def test_a_deposit_adds_to_the_balance_and_announces_the_new_one_once(
@@ -506,3 +507,38 @@ def test_an_unknown_currency_is_quoted_cut_short_in_the_refusal(bank: AccountsHa
     assert "currency 'EEEEEEEE...'" in str(refused.value) and len(str(refused.value)) < 200
     with pytest.raises(UnknownCurrencyError, match=r"currency 'XX\\x00' is not one of"):
         bank.open_account(ALICE, "XX\x00")
+
+
+def test_support_pages_through_every_account_in_id_order_and_a_customer_only_through_theirs(
+        bank: AccountsHandlers) -> None:
+    alices = [funded(bank, ALICE, 0) for _ in range(5)]
+    bobs = funded(bank, BOB, 0)
+    seen, token, pages_read = [], "", 0
+    while True:
+        page, token = bank.list_accounts(SAM, 2, token)
+        seen += [a.account_id for a in page]
+        pages_read += 1
+        if not token:
+            break
+    assert seen == sorted([*alices, bobs]) and pages_read == 3
+    first, token = bank.list_accounts(ALICE, 3)
+    rest, last = bank.list_accounts(ALICE, 3, token)
+    assert [a.account_id for a in first + rest] == sorted(alices) and last == ""
+    assert bank.list_accounts(BOB, 1) == ([bank.get_account(BOB, bobs)], ""), "a full last page: no next token"
+
+
+def test_another_customers_page_token_shows_nothing_of_theirs(bank: AccountsHandlers) -> None:
+    """A token is only a place in the order: with it, bob still sees his own accounts alone."""
+    funded(bank, ALICE, 0)
+    funded(bank, ALICE, 0)
+    _, alices_token = bank.list_accounts(SAM, 1)
+    assert bank.list_accounts(BOB, 1, alices_token) == ([], "")
+
+
+@pytest.mark.parametrize(("size", "token", "named"), [
+    (501, "", "page_size"), (-1, "", "page_size"), (0, "not-a-token", "page_token"),
+])
+def test_a_bad_page_request_is_an_invalid_argument_naming_the_field(
+        bank: AccountsHandlers, size: int, token: str, named: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=named):
+        bank.list_accounts(SAM, size, token)

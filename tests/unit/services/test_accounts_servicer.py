@@ -174,3 +174,13 @@ def test_every_rpc_does_its_database_work_off_the_event_loop(
             ),
         )
     assert len(uow.threads) == 7 and threading.main_thread() not in uow.threads
+
+
+def test_a_page_is_asked_for_with_its_size_and_token_and_the_next_token_comes_back(
+        servicer: AccountsServicer) -> None:
+    opened = [open_account(servicer, ALICE) for _ in range(3)]
+    first = as_(SAM, servicer.ListAccounts(accounts_pb2.ListAccountsRequest(page_size=2), None))
+    rest = as_(SAM, servicer.ListAccounts(accounts_pb2.ListAccountsRequest(
+        page_size=2, page_token=first.next_page_token), None))
+    assert [a.account_id for a in [*first.accounts, *rest.accounts]] == sorted(opened)
+    assert first.next_page_token and rest.next_page_token == ""

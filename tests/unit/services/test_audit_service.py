@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from bastion import pages
 from bastion.access.v1.decision_pb2 import (
     DECISION_ALLOW,
     DECISION_DENY,
@@ -33,6 +34,7 @@ from bastion.audit.verify import ChainReport, check_chain
 from bastion.events.errors import RejectReason, VerificationError
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import MAX_ENVELOPE_BYTES, VerifiedEvent
+from bastion.grpc.errors import InvalidArgumentError
 from services.audit import domain
 from services.audit.adapters.postgres import PostgresAlerts
 from services.audit.domain import Delivery, EventQuery, InvalidQueryError
@@ -107,13 +109,13 @@ def test_an_envelope_of_a_bundle_is_its_own_record_at_its_place() -> None:
     ({"correlation_id": "x" * 1001}, "correlation_id"),
 ])
 def test_bad_queries_are_invalid_and_say_why(kwargs: dict[str, object], words: str) -> None:
-    with pytest.raises(InvalidQueryError, match=words):
+    with pytest.raises(InvalidArgumentError, match=words):
         domain.query(**kwargs)  # type: ignore[arg-type]
 
 
 def test_a_page_token_stands_for_the_last_seq_of_its_page() -> None:
     assert domain.query(token=domain.page_token(1234)).after_seq == 1234
-    assert domain.query().page_size == domain.DEFAULT_PAGE and domain.query().after_seq == 0
+    assert domain.query().page_size == pages.DEFAULT_PAGE_SIZE and domain.query().after_seq == 0
 
 
 @dataclass
@@ -340,14 +342,14 @@ def test_signing_goes_on_over_a_log_of_exactly_the_last_checkpoints_length_and_n
     base64.urlsafe_b64encode(b":12").decode(), "   ",
 ])
 def test_a_page_token_the_service_did_not_issue_is_invalid(token: str) -> None:
-    with pytest.raises(InvalidQueryError, match="page_token"):
+    with pytest.raises(InvalidArgumentError, match="page_token"):
         domain.query(token=token)
 
 
 def test_every_filter_and_bound_of_a_query_is_kept_and_the_limits_are_inclusive() -> None:
-    query = domain.query("acc-1", "alice", "bastion.T", NOW, NOW, domain.MAX_PAGE, domain.page_token(3), True,
+    query = domain.query("acc-1", "alice", "bastion.T", NOW, NOW, pages.MAX_PAGE_SIZE, domain.page_token(3), True,
                          "corr-1")
-    assert query == EventQuery("acc-1", "alice", "bastion.T", NOW, NOW, domain.MAX_PAGE, 3, True, "corr-1")
+    assert query == EventQuery("acc-1", "alice", "bastion.T", NOW, NOW, pages.MAX_PAGE_SIZE, 3, True, "corr-1")
     edge = "x" * domain.MAX_TEXT
     assert domain.query(edge, edge, edge, correlation_id=edge).principal == edge
     for name in ("principal", "event_type"):

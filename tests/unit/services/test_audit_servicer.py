@@ -13,6 +13,7 @@ import pytest
 from bastion.audit.chain import EMPTY, LogEntry, extend
 from bastion.audit.v1 import audit_pb2
 from bastion.audit.verify import ChainReport
+from bastion.grpc.errors import InvalidArgumentError
 from services.audit import domain
 from services.audit.adapters.grpc import AuditServicer
 from services.audit.domain import EventQuery, InvalidQueryError
@@ -67,7 +68,7 @@ def test_a_request_without_a_window_asks_for_the_whole_log() -> None:
 def test_a_query_the_service_cannot_answer_is_refused_before_anything_is_read() -> None:
     handlers = Handlers()
     backwards = audit_pb2.ListEventsRequest(page_token="not-a-token")
-    with pytest.raises(InvalidQueryError):
+    with pytest.raises(InvalidArgumentError, match="page_token"):
         call(AuditServicer(handlers).ListEvents(backwards, None))  # type: ignore[arg-type]
     assert handlers.queries == []
 
@@ -123,7 +124,7 @@ def test_a_forged_page_token_beyond_the_logs_bigint_is_an_invalid_argument(posit
     """The position is compared with a bigint in the query: PostgreSQL would fail it ("bigint out of range")."""
     handlers = Handlers()
     forged = base64.urlsafe_b64encode(b"seq:" + position).decode()
-    with pytest.raises(InvalidQueryError, match="page_token"):
+    with pytest.raises(InvalidArgumentError, match="page_token"):
         call(AuditServicer(handlers).ListEvents(audit_pb2.ListEventsRequest(page_token=forged), None))  # type: ignore[arg-type]
     assert handlers.queries == []
     assert domain.after_seq_of(domain.page_token(domain.MAX_SEQ)) == 2**63 - 1

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from bastion import pages
 from bastion.grpc.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -40,7 +41,7 @@ from services.payments.domain import (
     VelocityLimitExceededError,
 )
 from services.payments.fakes import MemoryAccountsGateway, MemoryIntrospection, MemoryLocks, MemoryUnitOfWork
-from services.payments.handlers import Caller, PaymentsHandlers
+from services.payments.handlers import PAYMENT_PAGES, Caller, PaymentsHandlers
 
 T = TypeVar("T")
 ALICE = Caller("alice", access_token="alice-token")
@@ -544,8 +545,8 @@ def test_customers_see_only_their_own_payments(world: World) -> None:
     assert run(world.payments.get_payment(ALICE, payment.payment_id)) == payment
     with pytest.raises(NotFoundError):
         run(world.payments.get_payment(BOB, payment.payment_id))
-    assert run(world.payments.list_payments(ALICE)) == [payment]
-    assert run(world.payments.list_payments(BOB)) == []
+    assert run(world.payments.list_payments(ALICE)) == ([payment], "")
+    assert run(world.payments.list_payments(BOB)) == ([], "")
 
 
 @pytest.mark.parametrize("side", ["source", "target"])
@@ -564,3 +565,29 @@ def test_a_payment_id_no_payment_can_have_is_an_invalid_argument_naming_it(world
     """A NUL reaching PostgreSQL fails the query in the driver: INTERNAL instead of the caller's INVALID_ARGUMENT."""
     with pytest.raises(InvalidArgumentError, match="payment_id"):
         run(world.payments.get_payment(ALICE, bad))
+
+
+def test_a_customer_pages_through_their_payments_newest_first(world: World) -> None:
+    made = []
+    for n in range(3):
+        made.append(world.transfer(100 + n, key=f"key-page-{n:04d}"))
+        world.clock.now += dt.timedelta(seconds=61)
+    first, token = run(world.payments.list_payments(ALICE, 2))
+    rest, last = run(world.payments.list_payments(ALICE, 2, token))
+    assert first + rest == made[::-1] and token and last == ""
+    assert run(world.payments.list_payments(ALICE, 3)) == (made[::-1], ""), "a full last page: no next token"
+    assert run(world.payments.list_payments(BOB, 2, token)) == ([], ""), "a token is a place, not a grant"
+
+
+@pytest.mark.parametrize(("size", "token", "named"), [
+    (501, "", "page_size"),
+    (0, "bm90LWEtdG9rZW4=", "page_token"),
+    (0, pages.page_token(PAYMENT_PAGES, "yesterday", "p-1"), "page_token"),   # not a time
+    (0, pages.page_token(PAYMENT_PAGES, "2030-01-01T00:00:00", "p-1"), "page_token"),  # a time without its zone
+    (0, pages.page_token(PAYMENT_PAGES, "2030-01-01T00:00:00+00:00", "p" * 37), "page_token"),  # id too long
+    (0, pages.page_token("account", "acc-1"), "page_token"),  # accounts' token
+])
+def test_a_bad_page_request_is_an_invalid_argument_naming_the_field(world: World, size: int, token: str,
+                                                                   named: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=named):
+        run(world.payments.list_payments(ALICE, size, token))

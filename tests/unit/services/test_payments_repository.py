@@ -9,7 +9,7 @@ import pytest
 from services.payments import domain
 from services.payments.domain import IdempotencyConflictError, Payment, PaymentStatus, Transfer
 from services.payments.fakes import MemoryPayments
-from services.payments.handlers import PaymentsRepository, pending_place
+from services.payments.handlers import PaymentsRepository, payment_place
 
 NOON = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -73,15 +73,15 @@ class PaymentsRepositoryContract:
     def test_pending_payments_after_a_place_go_on_from_it_by_creation_then_id(
             self, repository: PaymentsRepository) -> None:
         at = NOON - dt.timedelta(minutes=5)
-        first, second = sorted((payment("key-tie-0001", at=at), payment("key-tie-0002", at=at)), key=pending_place)
+        first, second = sorted((payment("key-tie-0001", at=at), payment("key-tie-0002", at=at)), key=payment_place)
         repository.add(second)
         repository.add(first)
         repository.add(later := payment("key-tie-later", at=NOON))
         cutoff = NOON + dt.timedelta(seconds=1)
         assert repository.pending_before(cutoff, 10) == [first, second, later]
-        assert repository.pending_before(cutoff, 10, pending_place(first)) == [second, later]
-        assert repository.pending_before(cutoff, 1, pending_place(second)) == [later]
-        assert repository.pending_before(cutoff, 10, pending_place(later)) == []
+        assert repository.pending_before(cutoff, 10, payment_place(first)) == [second, later]
+        assert repository.pending_before(cutoff, 1, payment_place(second)) == [later]
+        assert repository.pending_before(cutoff, 10, payment_place(later)) == []
 
 
     def test_the_utc_day_runs_from_midnight_to_just_before_the_next(self, repository: PaymentsRepository) -> None:
@@ -96,13 +96,25 @@ class PaymentsRepositoryContract:
         repository.add(payment("key-other-source", source="acc-2", at=NOON))
         assert repository.count_since("acc-1", NOON - dt.timedelta(seconds=60)) == 1
 
-    def test_a_users_payments_are_theirs_only_oldest_first(self, repository: PaymentsRepository) -> None:
+    def test_a_users_payments_are_theirs_only_newest_first(self, repository: PaymentsRepository) -> None:
         repository.add(late := payment("key-alice-late", at=NOON))
         repository.add(payment("key-bob", at=NOON - dt.timedelta(minutes=9), by="bob"))
         repository.add(early := payment("key-alice-early", at=NOON - dt.timedelta(minutes=5)))
         repository.settle(domain.complete(early))
-        assert repository.initiated_by("alice") == [domain.complete(early), late]
-        assert repository.initiated_by("mallory") == []
+        assert repository.initiated_by("alice", 10) == [late, domain.complete(early)]
+        assert repository.initiated_by("alice", 1) == [late]
+        assert repository.initiated_by("mallory", 10) == []
+
+    def test_a_users_payments_continue_before_a_place_in_creation_then_id_order(
+            self, repository: PaymentsRepository) -> None:
+        for key in ("key-a", "key-b", "key-c"):  # created at the same instant: the id orders them
+            repository.add(payment(key, at=NOON))
+        repository.add(payment("key-earlier", at=NOON - dt.timedelta(microseconds=1)))
+        listed = repository.initiated_by("alice", 10)
+        assert [p.created_at for p in listed] == [NOON] * 3 + [NOON - dt.timedelta(microseconds=1)]
+        assert sorted((p.payment_id for p in listed[:3]), reverse=True) == [p.payment_id for p in listed[:3]]
+        assert repository.initiated_by("alice", 10, payment_place(listed[1])) == listed[2:]
+        assert repository.initiated_by("alice", 10, payment_place(listed[3])) == []
 
 
 class TestMemoryPayments(PaymentsRepositoryContract):

@@ -41,9 +41,10 @@ class Handlers:
         self.asked.append(("get_payment", caller, payment_id))
         return self.found[0]
 
-    async def list_payments(self, caller: Caller) -> list[Payment]:
-        self.asked.append(("list_payments", caller, None))
-        return self.found
+    async def list_payments(self, caller: Caller, page_size: int = 0, page_token: str = ""
+                            ) -> tuple[list[Payment], str]:
+        self.asked.append(("list_payments", caller, (page_size, page_token)))
+        return self.found, "next-page"
 
 
 def as_(principal: Principal | None, bearer: str | None, rpc: Awaitable[Any]) -> Any:
@@ -68,10 +69,12 @@ def test_a_payment_is_asked_for_by_its_id_and_every_payment_listed_comes_back() 
     servicer = PaymentsServicer(handlers)  # type: ignore[arg-type]
     found = as_(ALICE, "access-of-alice", servicer.GetPayment(payments_pb2.GetPaymentRequest(payment_id="p-1"),
                                                                None))  # type: ignore[arg-type]
-    listed = as_(ALICE, "access-of-alice", servicer.ListPayments(payments_pb2.ListPaymentsRequest(), None))  # type: ignore[arg-type]
+    listed = as_(ALICE, "access-of-alice", servicer.ListPayments(
+        payments_pb2.ListPaymentsRequest(page_size=7, page_token="page-2"), None))  # type: ignore[arg-type]
     assert found.payment == REPLIED and [payment.payment_id for payment in listed.payments] == ["p-1", "p-2"]
+    assert listed.next_page_token == "next-page"
     assert [(what, caller.username, argument) for what, caller, argument in handlers.asked] == \
-        [("get_payment", "alice", "p-1"), ("list_payments", "alice", None)]
+        [("get_payment", "alice", "p-1"), ("list_payments", "alice", (7, "page-2"))]
 
 
 def test_a_caller_without_a_username_is_named_by_its_client() -> None:
