@@ -13,9 +13,10 @@ from bastion.audit.errors import CheckpointError
 from bastion.audit.postgres import AuditLog, Rebuilt, rebuild
 from bastion.audit.published import WitnessUnavailableError, load_witnessed, read_published, unverified_reason
 from bastion.audit.verify import ChainReport
-from bastion.devstack.components.kafka import ADMIN, Kafka
+from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
+from bastion.devstack.kafka_admin import ADMIN
 from bastion.events.keys import KeyRing
 
 SERVICE = "audit"

@@ -1,10 +1,13 @@
-"""Applies the event-access policy to a running broker: SCRAM principals, topics and exactly its ACLs."""
+"""Applies the event-access policy to a running broker: exactly its SCRAM principals, its topics and exactly its
+ACLs. A principal the policy no longer names (a service removed or renamed) loses its credential and its ACLs, or
+its old password would still log in and still read and write its old topics."""
 
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AclBinding,
@@ -21,6 +24,7 @@ from confluent_kafka.admin import (
     ResourceType,
     ScramCredentialInfo,
     ScramMechanism,
+    UserScramCredentialDeletion,
     UserScramCredentialUpsertion,
 )
 
@@ -28,6 +32,14 @@ from bastion.devstack.event_access import AclGrant, EventAccessPolicy
 
 SCRAM_ITERATIONS = 8192
 TIMEOUT = 30.0
+ADMIN = "admin"
+BROKER_PRINCIPAL = "kafka"
+# The stack's own principals, the broker's super users: the admin (SCRAM, also the inter-broker login) and the
+# broker's certificate (the controller listener). No policy names them, and applying one never removes them.
+STACK_PRINCIPALS = frozenset({ADMIN, BROKER_PRINCIPAL})
+STACK_KAFKA_PRINCIPALS = frozenset(f"User:{name}" for name in STACK_PRINCIPALS)
+
+log = structlog.get_logger(__name__)
 
 
 def client_config(bootstrap: str, ca_file: str, user: str, password: str) -> dict[str, Any]:
@@ -82,6 +94,12 @@ class KafkaAdmin:
     def __init__(self, config: dict[str, Any]) -> None:
         self.client = AdminClient(config)
 
+    def sync_scram_users(self, passwords: dict[str, str]) -> list[str]:
+        """Make the broker's SCRAM users exactly PASSWORDS' (and the stack's own): set each password, delete the
+        credentials of every other user. The users deleted, in order."""
+        self.upsert_scram_users(passwords)
+        return self.delete_scram_users_except(set(passwords))
+
     def upsert_scram_users(self, passwords: dict[str, str]) -> None:
         upserts = [
             UserScramCredentialUpsertion(user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS),
@@ -90,6 +108,21 @@ class KafkaAdmin:
         ]
         for future in self.client.alter_user_scram_credentials(upserts, request_timeout=TIMEOUT).values():
             future.result()
+
+    def delete_scram_users_except(self, users: set[str]) -> list[str]:
+        """Delete every SCRAM credential, of any mechanism, of a user neither in USERS nor one of the stack's own
+        principals; the users deleted, in order."""
+        described = self.client.describe_user_scram_credentials(request_timeout=TIMEOUT).result()
+        gone = sorted(set(described) - users - STACK_PRINCIPALS)
+        deletions = [UserScramCredentialDeletion(user, info.mechanism)
+                     for user in gone for info in described[user].scram_credential_infos]
+        if deletions:
+            for future in self.client.alter_user_scram_credentials(deletions, request_timeout=TIMEOUT).values():
+                future.result()
+        for user in gone:
+            log.info("kafka_scram_user_deleted", user=user,
+                     mechanisms=sorted(info.mechanism.name for info in described[user].scram_credential_infos))
+        return gone
 
     def ensure_topics(self, policy: EventAccessPolicy) -> list[str]:
         """Create missing topics; set the declared configuration on existing ones."""
@@ -117,11 +150,12 @@ class KafkaAdmin:
                     raise
         return [topic.name for topic in missing]
 
-    def sync_acls(self, grants: set[AclGrant], principals: set[str]) -> AclChanges:
-        """Make the ACLs of PRINCIPALS exactly GRANTS: add what is missing, delete everything else."""
+    def sync_acls(self, grants: set[AclGrant]) -> AclChanges:
+        """Make the broker's ACLs exactly GRANTS: add what is missing, delete everything else, whoever's it is (a
+        principal the policy no longer names keeps nothing), except the stack's own principals' ACLs."""
         bindings = self.client.describe_acls(EVERY_ACL, request_timeout=TIMEOUT).result()
-        # A wildcard principal grants every service, so the policy never allows one: it is always removed.
-        held = [b for b in bindings if b.principal.removeprefix("User:") in principals | {"*"}]
+        # A wildcard principal ("User:*") grants every service, so the policy never allows one: it is always removed.
+        held = [b for b in bindings if b.principal not in STACK_KAFKA_PRINCIPALS]
         held_grants = {_grant(b) for b in held}
         extra = [b for b in held if _grant(b) not in grants]
         missing = [_binding(g) for g in sorted(grants) if g not in held_grants]
@@ -129,6 +163,11 @@ class KafkaAdmin:
             self._create(missing)
         if extra:
             self._delete(extra)
+        for binding in extra:
+            log.info("kafka_acl_deleted", principal=binding.principal, resource_type=binding.restype.name,
+                     resource=binding.name, operation=binding.operation.name,
+                     permission=binding.permission_type.name, pattern=binding.resource_pattern_type.name,
+                     host=binding.host)
         return AclChanges(created=len(missing), deleted=len(extra))
 
     def grant(self, grants: set[AclGrant]) -> None:

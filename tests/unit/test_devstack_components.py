@@ -98,26 +98,26 @@ def test_kafkas_server_properties_and_keystore_are_private_and_the_storage_is_fo
     assert formatted == [True], "formatted storage is never formatted again"
 
 
-def test_kafkas_bootstrap_creates_the_services_users_and_syncs_the_acls_of_the_policy(
+def test_kafkas_bootstrap_syncs_the_services_users_and_the_acls_of_the_policy(
         stack_context: StackContext, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: dict[str, Any] = {}
 
     class Admin:
-        def upsert_scram_users(self, users: dict[str, str]) -> None:
+        def sync_scram_users(self, users: dict[str, str]) -> None:
             calls["users"] = users
 
         def ensure_topics(self, policy: Any) -> None:
             calls["topics"] = policy
 
-        def sync_acls(self, grants: Any, services: set[str]) -> None:
-            calls["acls"] = (grants, services)
+        def sync_acls(self, grants: Any) -> None:
+            calls["acls"] = grants
 
     monkeypatch.setattr(Kafka, "admin", lambda self: Admin())
     Kafka(stack_context).bootstrap()
     names = set(stack_context.service_names)
     assert calls["users"] == {name: stack_context.credentials.kafka[name] for name in names}
     policy = load_policy(stack_context.settings.infra_dir / "event-access.yaml", names)
-    assert calls["acls"] == (policy.grants(), names)
+    assert calls["acls"] == policy.grants()
 
 
 def test_an_argument_with_a_carriage_return_cannot_go_in_a_java_argument_file() -> None:

@@ -1,11 +1,13 @@
 """The policy as the broker gets it (no broker: a fake admin client that holds ACLs, topics and offsets as a
-broker would): exactly the shipped policy's ACLs, every other ACL of its principals deleted (a wildcard principal's,
-a DENY, a prefixed pattern, another host), topics created with their declared partitions and configuration, SCRAM
-credentials of the mechanism the clients use, and "has every group read what was written" told at its edges."""
+broker would): exactly the shipped policy's ACLs, every other ACL deleted (a wildcard principal's, a DENY, a
+prefixed pattern, another host, a principal the policy no longer names) but the stack's own principals', topics
+created with their declared partitions and configuration, SCRAM credentials of the mechanism the clients use and of
+no user the policy no longer names, and "has every group read what was written" told at its edges."""
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,11 +18,22 @@ from confluent_kafka.admin import (
     AclPermissionType,
     ResourcePatternType,
     ResourceType,
+    ScramCredentialInfo,
     ScramMechanism,
+    UserScramCredentialDeletion,
+    UserScramCredentialsDescription,
 )
 
+from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy, load_policy
-from bastion.devstack.kafka_admin import SCRAM_ITERATIONS, AclChanges, KafkaAdmin, client_config
+from bastion.devstack.kafka_admin import (
+    ADMIN,
+    BROKER_PRINCIPAL,
+    SCRAM_ITERATIONS,
+    AclChanges,
+    KafkaAdmin,
+    client_config,
+)
 from tests.unit.conftest import SERVICES as PLATFORM_SERVICES
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
@@ -67,6 +80,8 @@ class FakeBroker:
     altered: list[Any] = field(default_factory=list)
     deleted_filters: list[Any] = field(default_factory=list)
     scram: list[Any] = field(default_factory=list)
+    users: dict[str, set[ScramMechanism]] = field(default_factory=dict)  # SCRAM user -> its credentials' mechanisms
+    scram_deleted: list[UserScramCredentialDeletion] = field(default_factory=list)
     offset_requests: list[tuple[str, list[tuple[str, int]]]] = field(default_factory=list)
     already_exists: set[str] = field(default_factory=set)
 
@@ -110,9 +125,23 @@ class FakeBroker:
             answers[topic.topic] = Done(error=error)
         return answers
 
-    def alter_user_scram_credentials(self, upserts: list[Any], request_timeout: float) -> dict[str, Done]:
-        self.scram += upserts
-        return {upsert.user: Done() for upsert in upserts}
+    def describe_user_scram_credentials(self, users: list[str] | None = None, request_timeout: float = 0) -> Done:
+        assert users is None, "every user, in one answer"
+        return Done({user: UserScramCredentialsDescription(
+            user, [ScramCredentialInfo(mechanism, SCRAM_ITERATIONS) for mechanism in sorted(mechanisms)])
+            for user, mechanisms in self.users.items()})
+
+    def alter_user_scram_credentials(self, alterations: list[Any], request_timeout: float) -> dict[str, Done]:
+        for alteration in alterations:
+            if isinstance(alteration, UserScramCredentialDeletion):
+                self.scram_deleted.append(alteration)
+                self.users[alteration.user].remove(alteration.mechanism)
+                if not self.users[alteration.user]:
+                    del self.users[alteration.user]
+            else:
+                self.scram.append(alteration)
+                self.users.setdefault(alteration.user, set()).add(alteration.scram_credential_info.mechanism)
+        return {alteration.user: Done() for alteration in alterations}
 
     def list_offsets(self, places: dict[TopicPartition, Any], request_timeout: float) -> dict[TopicPartition, Done]:
         return {place: Done(TopicPartition(place.topic, place.partition, self.ends[(place.topic, place.partition)]))
@@ -156,10 +185,10 @@ def expected(grants: Iterable[AclGrant]) -> set[tuple[Any, ...]]:
 def test_an_empty_broker_gets_exactly_the_policy_s_acls_literal_allow_for_every_host() -> None:
     broker = FakeBroker()
     grants = policy().grants()
-    assert admin_of(broker).sync_acls(grants, SERVICES) == AclChanges(created=len(grants), deleted=0)
+    assert admin_of(broker).sync_acls(grants) == AclChanges(created=len(grants), deleted=0)
     assert held(broker) == expected(grants)
     assert ("User:accounts", "TOPIC", "accounts.events.v1", "WRITE", "ALLOW", "LITERAL", "*") in held(broker)
-    assert admin_of(broker).sync_acls(grants, SERVICES) == AclChanges(created=0, deleted=0), "idempotent"
+    assert admin_of(broker).sync_acls(grants) == AclChanges(created=0, deleted=0), "idempotent"
 
 
 @pytest.mark.parametrize("stray", [
@@ -172,28 +201,29 @@ def test_an_empty_broker_gets_exactly_the_policy_s_acls_literal_allow_for_every_
     acl("User:accounts", "kafka-cluster", AclOperation.ALTER, restype=ResourceType.BROKER),
     acl("User:accounts", "accounts.events.v1", AclOperation.ALL),
     acl("User:accounts", "accounts.events.v1", AclOperation.ALTER),
+    acl("User:ledger", "accounts.events.v1", AclOperation.READ),
 ], ids=["wildcard-principal", "another-producer", "deny", "prefixed", "prefixed-same-name", "one-host", "cluster",
-        "all-operations", "alter"])
+        "all-operations", "alter", "principal-no-longer-named"])
 def test_every_acl_the_policy_does_not_make_is_deleted_and_the_policy_s_own_made(stray: AclBinding) -> None:
     broker = FakeBroker(acls=[stray])
     grants = policy().grants()
-    changes = admin_of(broker).sync_acls(grants, SERVICES)
+    changes = admin_of(broker).sync_acls(grants)
     assert held(broker) == expected(grants)
     assert changes == AclChanges(created=len(grants), deleted=1)
 
 
-def test_acls_of_principals_outside_the_platform_are_left_alone() -> None:
-    """The admin principal's (and anyone's the platform does not manage) are not the policy's to delete."""
-    admin_acl = acl("User:admin", "accounts.events.v1", AclOperation.ALL)
-    broker = FakeBroker(acls=[admin_acl])
-    admin_of(broker).sync_acls(policy().grants(), SERVICES)
-    assert admin_acl in broker.acls and broker.deleted_filters == []
+def test_acls_of_the_stack_s_own_principals_are_left_alone() -> None:
+    """The admin's and the broker's are not the policy's to delete: they are the super users that apply it."""
+    own = [acl("User:admin", "accounts.events.v1", AclOperation.ALL), acl("User:kafka", "payments.events.v1")]
+    broker = FakeBroker(acls=list(own))
+    admin_of(broker).sync_acls(policy().grants())
+    assert all(binding in broker.acls for binding in own) and broker.deleted_filters == []
 
 
 def test_a_deleted_acl_is_deleted_by_its_exact_binding_only() -> None:
     stray = acl("User:accounts", "accounts.events.v1", AclOperation.ALTER)
     broker = FakeBroker(acls=[stray])
-    admin_of(broker).sync_acls(policy().grants(), SERVICES)
+    admin_of(broker).sync_acls(policy().grants())
     [deleted] = broker.deleted_filters
     assert (deleted.restype, deleted.name, deleted.resource_pattern_type, deleted.principal, deleted.host,
             deleted.operation, deleted.permission_type) == (ResourceType.TOPIC, "accounts.events.v1",
@@ -248,6 +278,68 @@ def test_scram_credentials_are_sha_512_like_the_clients_and_not_weaker_than_8192
         assert upsert.scram_credential_info.mechanism == ScramMechanism.SCRAM_SHA_512
         assert upsert.scram_credential_info.iterations == SCRAM_ITERATIONS >= 8192
     assert client_config("b:1", "ca.pem", "u", "p")["sasl.mechanism"] == "SCRAM-SHA-512"
+
+
+LEDGER_POLICY = """
+topics:
+  ledger.events.v1:
+    partitions: 1
+    producers: [ledger]
+    consumers: {audit: audit-ledger}
+  ledger.events.v1.dlq:
+    producers: [audit]
+"""
+
+
+def applying(folder: Path, broker: FakeBroker, services: list[str], event_access: str) -> Kafka:
+    """The Kafka component whose `bootstrap` applies EVENT_ACCESS (kept in FOLDER) for SERVICES to BROKER, as
+    `bastion up` does."""
+    folder.mkdir(exist_ok=True)
+    (folder / "event-access.yaml").write_text(event_access)
+    ctx = SimpleNamespace(settings=SimpleNamespace(infra_dir=folder), service_names=services,
+                          credentials=SimpleNamespace(kafka={name: f"{name}-secret" for name in services}))
+    kafka = Kafka(ctx)  # type: ignore[arg-type]
+    kafka.admin = lambda: admin_of(broker)  # type: ignore[method-assign]
+    return kafka
+
+
+def test_a_principal_gone_from_the_policy_loses_its_scram_credential_and_its_acls(tmp_path: Path) -> None:
+    """A service removed (or renamed) keeps nothing on the broker: its old password would still log in, and still
+    read and write its old topics. The admin, the broker's principal and the remaining services keep theirs."""
+    admin_acl = acl("User:admin", "ledger.events.v1", AclOperation.ALL)
+    broker = FakeBroker(acls=[admin_acl], users={ADMIN: {ScramMechanism.SCRAM_SHA_512},
+                                                 BROKER_PRINCIPAL: {ScramMechanism.SCRAM_SHA_256}})
+    applying(tmp_path, broker, ["audit", "ledger"], LEDGER_POLICY).bootstrap()
+    assert set(broker.users) == {ADMIN, BROKER_PRINCIPAL, "audit", "ledger"}
+    assert any(b.principal == "User:ledger" for b in broker.acls)
+    broker.users["ledger"].add(ScramMechanism.SCRAM_SHA_256)  # a credential of another mechanism goes too
+
+    without_ledger = LEDGER_POLICY.replace("producers: [ledger]", "producers: []")
+    applying(tmp_path, broker, ["audit"], without_ledger).bootstrap()
+    assert set(broker.users) == {ADMIN, BROKER_PRINCIPAL, "audit"}
+    assert sorted((d.user, d.mechanism.name) for d in broker.scram_deleted) == [
+        ("ledger", "SCRAM_SHA_256"), ("ledger", "SCRAM_SHA_512")]
+    assert not [b for b in broker.acls if b.principal == "User:ledger"]
+    assert admin_acl in broker.acls
+    grants = load_policy(tmp_path / "event-access.yaml", {"audit"}).grants()
+    assert grants and held(broker) == expected(grants) | held(FakeBroker([admin_acl]))
+
+
+def test_applying_an_unchanged_policy_again_removes_nothing(tmp_path: Path) -> None:
+    broker = FakeBroker(users={ADMIN: {ScramMechanism.SCRAM_SHA_512}})
+    kafka = applying(tmp_path, broker, ["audit", "ledger"], LEDGER_POLICY)
+    kafka.bootstrap()
+    before = ({user: set(mechanisms) for user, mechanisms in broker.users.items()}, list(broker.acls))
+    kafka.bootstrap()
+    assert broker.scram_deleted == [] and broker.deleted_filters == []
+    assert (broker.users, broker.acls) == before
+
+
+def test_the_admin_and_the_broker_principal_keep_their_credentials_whatever_the_policy() -> None:
+    broker = FakeBroker(users={ADMIN: {ScramMechanism.SCRAM_SHA_512}, BROKER_PRINCIPAL: {ScramMechanism.SCRAM_SHA_512},
+                               "stale": {ScramMechanism.SCRAM_SHA_512}})
+    assert admin_of(broker).sync_scram_users({}) == ["stale"]
+    assert set(broker.users) == {ADMIN, BROKER_PRINCIPAL}
 
 
 def reading(broker: FakeBroker, groups_by_topic: dict[str, tuple[str, ...]]) -> list[str]:

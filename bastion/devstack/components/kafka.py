@@ -18,14 +18,12 @@ from confluent_kafka.admin import AdminClient
 from bastion.devstack.components.base import Component
 from bastion.devstack.errors import ComponentStartError
 from bastion.devstack.event_access import load_policy
-from bastion.devstack.kafka_admin import KafkaAdmin, client_config
+from bastion.devstack.kafka_admin import ADMIN, BROKER_PRINCIPAL, KafkaAdmin, client_config
 from bastion.devstack.layout import write_private
 from bastion.devstack.pki import ORGANIZATION
 from bastion.devstack.prerequisites import find_java
 from bastion.devstack.process import LaunchSpec
 
-ADMIN = "admin"
-BROKER_PRINCIPAL = "kafka"
 # Java renders the certificate subject in RFC 2253 order; map "CN=NAME,O=<dev org>" to the principal NAME.
 PRINCIPAL_MAPPING = f"RULE:^CN=([^,]+),O={ORGANIZATION}$/$1/,DEFAULT"
 JVM_FLAGS = ["-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true", "-Dlog4j2.shutdownHookEnabled=false"]
@@ -201,9 +199,9 @@ class Kafka(Component):
         policy = load_policy(self.ctx.settings.infra_dir / "event-access.yaml", set(self.ctx.service_names))
         admin = self.admin()
         services = set(self.ctx.service_names)
-        admin.upsert_scram_users({name: self.ctx.credentials.kafka[name] for name in sorted(services)})
+        admin.sync_scram_users({name: self.ctx.credentials.kafka[name] for name in sorted(services)})
         admin.ensure_topics(policy)
-        admin.sync_acls(policy.grants(), services)
+        admin.sync_acls(policy.grants())
 
     def describe(self) -> dict[str, Any]:
         return {"bootstrap": self.bootstrap_address}
