@@ -181,20 +181,37 @@ def create(ctx: StackContext, databases: Sequence[str] | None = None,
     folder.parent.mkdir(mode=0o700, exist_ok=True)
     folder.mkdir(mode=0o700)
     entries = {}
+    # Up to its signature, a failure removes the whole folder: archives without a signed manifest are no backup,
+    # and left behind they would be listed as one until someone deleted them.
     try:
         for name in names:
             target = folder / f"{name}{SUFFIX}"
             _dump_encrypted(ctx, postgres, name, target, recipient)
             entries[name] = {"file": target.name, "bytes": target.stat().st_size, "sha256": _digest(target)}
+        manifest = {"format": FORMAT, "created_at": moment.astimezone(dt.UTC).isoformat(), "databases": entries,
+                    "recipient": str(recipient)}
+        _sign_manifest(folder, manifest, signer)
     except BaseException:
-        shutil.rmtree(folder)  # no half backup left to be mistaken for one
+        shutil.rmtree(folder, ignore_errors=True)  # what cannot be removed, `list` shows as incomplete
         raise
-    manifest = {"format": FORMAT, "created_at": moment.astimezone(dt.UTC).isoformat(), "databases": entries,
-                "recipient": str(recipient)}
-    body = canonical(manifest)
-    write_private(folder / MANIFEST, body)
-    write_private(folder / SIGNATURE, base64.b64encode(signer.sign(body)) + b"\n")
     return folder
+
+
+def _sign_manifest(folder: Path, manifest: dict[str, Any], signer: Ed25519PrivateKey) -> None:
+    """Write MANIFEST and its signature into FOLDER, the signature last: a folder is a backup once both are there."""
+    body = canonical(manifest)
+    try:
+        write_private(folder / MANIFEST, body)
+        write_private(folder / SIGNATURE, base64.b64encode(signer.sign(body)) + b"\n")
+    except OSError as error:
+        raise BackupError(f"backup {folder.name} not made: its signed manifest cannot be written: {error.strerror}",
+                          f"nothing was kept; is there room and write access in {folder.parent}?") from None
+
+
+def incomplete(folder: Path) -> bool:
+    """True if FOLDER lacks its manifest or its signature: a `create` that did not finish (killed before it could
+    remove it), never a backup, though not a sign of tampering either."""
+    return not all(os.path.lexists(folder / name) for name in (MANIFEST, SIGNATURE))
 
 
 def _dump_encrypted(ctx: StackContext, postgres: Postgres, name: str, target: Path,
@@ -270,6 +287,10 @@ def verify(ctx: StackContext, folder: Path, decrypt: bool = True) -> Verified:
     keys = backup_keys(ctx)
     if folder.is_symlink():
         raise BackupError(f"{folder.name} is a symbolic link", "a backup is a folder of its own")
+    if incomplete(folder):
+        raise BackupError(f"{folder.name} is incomplete: no signed manifest ({MANIFEST} and {SIGNATURE})",
+                          "not a backup: a `bastion backup create` that did not finish, or a backup whose manifest "
+                          "was removed; it cannot be verified or restored")
     try:
         body = (folder / MANIFEST).read_bytes()
         signature = base64.b64decode((folder / SIGNATURE).read_bytes().strip(), validate=True)

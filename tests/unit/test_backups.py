@@ -4,9 +4,11 @@ tests/integration/test_backups.py)."""
 
 import base64
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import stat
@@ -23,10 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyrage import x25519
 
+from bastion import cli
 from bastion.devstack import backups
 from bastion.devstack.backups import PG_DUMP_MAGIC, BackupError, BackupKeys, _check_archive, canonical
 from bastion.devstack.components.postgres import ADMIN_ROLE
-from bastion.devstack.layout import StateLayout
+from bastion.devstack.layout import StateLayout, write_private
 
 
 def test_keys_are_generated_once_private_and_never_replaced(tmp_path: Path) -> None:
@@ -182,6 +185,38 @@ def test_a_backup_that_cannot_be_made_leaves_nothing(ctx: SimpleNamespace, name:
     assert list(ctx.layout.backups_dir.glob("*")) == [], "no half backup is left to be mistaken for one"
 
 
+@pytest.mark.parametrize("unwritten", [backups.MANIFEST, backups.SIGNATURE])
+def test_a_backup_whose_manifest_cannot_be_written_leaves_nothing(ctx: SimpleNamespace, unwritten: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at the manifest left the archives behind, and `backup list` showed the folder as a backup."""
+    write = write_private
+
+    def full_disk(path: Path, content: bytes) -> None:
+        if path.name == unwritten:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, content)
+
+    monkeypatch.setattr(backups, "write_private", full_disk)
+    with pytest.raises(BackupError, match="not made: its signed manifest cannot be written: No space left"):
+        backups.create(ctx, now=MOMENT)  # type: ignore[arg-type]
+    assert list(ctx.layout.backups_dir.glob("*")) == [], "no half backup is left to be mistaken for one"
+
+
+def test_a_folder_without_a_signed_manifest_is_listed_as_incomplete_and_never_used(
+        ctx: SimpleNamespace, made: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a create killed before it could clean up leaves: archives, no signature. Never presented as a backup."""
+    (made / backups.SIGNATURE).unlink()
+    assert backups.incomplete(made)
+    for attempt in (lambda: backups.verify(ctx, made), lambda: backups.restore(ctx, made, "accounts")):  # type: ignore[arg-type]
+        with pytest.raises(BackupError, match="is incomplete: no signed manifest"):
+            attempt()
+    monkeypatch.setattr(cli, "_stack", lambda quiet=False: SimpleNamespace(context=lambda: ctx))
+    monkeypatch.setenv("COLUMNS", "200")  # the row on one line
+    assert cli.main(["backup", "list"]) == 1
+    row = next(line for line in capsys.readouterr().out.splitlines() if made.name in line)
+    assert "NOT verified" in row and "is incomplete: no signed manifest" in row
+
+
 def test_find_and_listed_take_only_folders_named_as_backups(ctx: SimpleNamespace, made: Path,
                                                            tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere" / made.name
@@ -245,7 +280,7 @@ def link_to_an_identical_copy(folder: Path) -> None:
     (link_to_an_identical_copy, "payments.dump.age does not match its digest"),
     (lambda folder: (folder / "notes.txt").write_text("x"), "not in the manifest ['notes.txt']"),
     (lambda folder: (folder / "payments.dump.age").unlink(), "missing ['payments.dump.age']"),
-    (lambda folder: (folder / backups.SIGNATURE).unlink(), "manifest or signature unreadable"),
+    (lambda folder: (folder / backups.SIGNATURE).unlink(), "is incomplete: no signed manifest"),
     (lambda folder: (folder / backups.SIGNATURE).write_bytes(b"not base64!\n"), "manifest or signature unreadable"),
     (lambda folder: (folder / backups.SIGNATURE).write_bytes(
         base64.b64encode(Ed25519PrivateKey.generate().sign((folder / backups.MANIFEST).read_bytes()))),
