@@ -134,8 +134,8 @@ class PaymentsHandlers:
         self.limits = limits
         self.clock = clock
         # Where the reconciler's next round goes on: after the last payment the previous round tried, back to the
-        # oldest once a round reached the end. Always from the oldest, payments that cannot be settled (as many as
-        # a round takes) would keep every newer one waiting for ever.
+        # oldest once a round reached the end (or found nothing after it: _pending_round). Always from the oldest,
+        # payments that cannot be settled (as many as a round takes) would keep every newer one waiting for ever.
         self._settle_after: PaymentPlace | None = None
 
     async def transfer(self, caller: Caller, command: Transfer) -> Payment:
@@ -212,10 +212,7 @@ class PaymentsHandlers:
         died between the PENDING row and the outcome): call ApplyTransfer again, under a fresh lock, with the
         payment's own idempotency key. accounts applies a key at most once, so this either learns the first
         outcome or applies the transfer the customer asked for now. One still unsettled is tried next round."""
-        cutoff = self.clock() - older_than
-        after = self._settle_after
-        stuck = await self._transaction(lambda uow: uow.payments.pending_before(cutoff, limit, after))
-        self._settle_after = payment_place(stuck[-1]) if len(stuck) == limit else None
+        stuck = await self._pending_round(self.clock() - older_than, limit)
         settled: list[Payment] = []
         for payment in stuck:
             try:
@@ -231,6 +228,17 @@ class PaymentsHandlers:
                 log.warning("pending_payment_not_settled", payment_id=payment.payment_id,
                             error=type(error).__name__, detail=str(error))
         return settled
+
+    async def _pending_round(self, cutoff: dt.datetime, limit: int) -> list[Payment]:
+        """This round's payments: those after the last one the previous round tried, or from the oldest again when
+        none is left after it (a previous round that took exactly LIMIT, the last ones). Otherwise that round would
+        try nothing while payments wait."""
+        after = self._settle_after
+        stuck = await self._transaction(lambda uow: uow.payments.pending_before(cutoff, limit, after))
+        if not stuck and after is not None:
+            stuck = await self._transaction(lambda uow: uow.payments.pending_before(cutoff, limit, None))
+        self._settle_after = payment_place(stuck[-1]) if len(stuck) == limit else None
+        return stuck
 
     async def _reread(self, payment: Payment) -> Payment | None:
         payment_id = payment.payment_id

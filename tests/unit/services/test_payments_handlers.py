@@ -276,8 +276,24 @@ def test_payments_the_reconciler_cannot_settle_do_not_keep_newer_ones_waiting(wo
     assert settled.payment_id == pending[2].payment_id and settled.status is PaymentStatus.COMPLETED
     assert run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2)) == [], "back to the oldest"
     stuck.clear()
-    assert run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2)) == [], "none after them: the end"
-    assert len(run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2))) == 2, "from the oldest again"
+    assert len(run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2))) == 2, "none after them: " \
+        "from the oldest again, in the same round"
+
+
+def test_a_round_after_one_that_took_exactly_the_last_pending_starts_again_from_the_oldest(world: World) -> None:
+    """Exactly LIMIT payments pending: a round takes them all, and the next found none after the last of them and
+    tried nothing at all, a round wasted while they waited."""
+    world.accounts.unavailable = True
+    for n in range(2):
+        with pytest.raises(UnavailableError):
+            world.transfer(100 + n, f"key-exact-000{n}")
+        world.clock.now += dt.timedelta(seconds=1)
+    world.clock.now += dt.timedelta(minutes=2)
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2)) == []  # accounts still away
+    world.accounts.unavailable = False
+    settled = run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2))
+    assert [payment.status for payment in settled] == [PaymentStatus.COMPLETED] * 2
+    assert run(world.payments.settle_pending(dt.timedelta(minutes=1), limit=2)) == [], "none pending: nothing to do"
 
 
 def test_a_pending_payment_that_accounts_refuses_is_settled_as_failed(world: World) -> None:
