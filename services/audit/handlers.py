@@ -3,6 +3,7 @@ checkpoints, and raise security alerts over the refusals appended. A checkpoint 
 security event: it is reported, never skipped."""
 
 import datetime as dt
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ class AuditHandlers:
         self.checkpoints = checkpoints
         self.security = security
         self.witness = witness
+        # The refusal recorded last, while the file keeps being refused the same way: every VerifyChain in the
+        # meantime would add the same record again (an auditor's or a monitor's poll flooding the log).
+        self._refusing: str | None = None
+        self._refusing_lock = threading.Lock()  # VerifyChain runs on worker threads, several at once
 
     def list_events(self, query: EventQuery) -> tuple[list[LogEntry], str]:
         """A page of the log, and the token of the next page ("" when this one is the last)."""
@@ -98,15 +103,31 @@ class AuditHandlers:
                 self.checkpoints.load()
             except CheckpointError as refused:
                 self._refused(refused)
+            else:
+                self._accepted()
             return Verdict(ChainReport(False, 0, b"", None, unverified_reason(error), 0), 0)
         except CheckpointError as error:
             self._refused(error)
             return Verdict(ChainReport(False, 0, b"", None, unverified_reason(error), 0), 0)
+        self._accepted()
         checkpoints = witnessed.checkpoints
         with self.reader() as reader:
             report = reader.check_chain(checkpoints)
         return Verdict(report, checkpoints[-1].length if checkpoints else 0, witnessed.published)
 
     def _refused(self, error: CheckpointError) -> None:
-        self.security.checkpoint_refused(error, str(self.checkpoints.path))
+        """Log every refusal; record it unless it is the one recorded last and the file was not accepted since (the
+        same refusal again, not a new one). A refusal of another kind, or the same one after the file was
+        accepted in between (a second tampering), is recorded again."""
         log.error("checkpoint_refused", error=type(error).__name__, detail=str(error))
+        refusal = f"{type(error).__name__}: {error}"
+        with self._refusing_lock:
+            if refusal == self._refusing:
+                return
+            self.security.checkpoint_refused(error, str(self.checkpoints.path))
+            self._refusing = refusal  # once recorded: a record that failed is tried again at the next refusal
+
+    def _accepted(self) -> None:
+        """The file verified: a refusal after this one is a new occurrence, recorded even if it reads the same."""
+        with self._refusing_lock:
+            self._refusing = None

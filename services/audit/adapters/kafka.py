@@ -224,7 +224,7 @@ class AuditConsumer:
             self.key_in_flux = True
             return
         except CheckpointError as error:
-            self.signing_refused = True
+            self.signing_refused = True  # recorded once: signing stops until a restart, which checks (records) again
             log.error("checkpoint_signing_refused", error=type(error).__name__, detail=str(error))
             self.security.checkpoint_refused(error, "checkpointer")
             return

@@ -24,7 +24,6 @@ from services.audit import domain
 from services.audit.domain import EventQuery
 
 CHECKPOINT_TOPIC = "audit.checkpoints.v1"
-SECURITY_NAMESPACE = uuid.UUID("0c8f1c35-2f8e-4c55-9c0e-5b8f0b1d7a21")
 # Each alert is an aggregate of its own (sequence 1): alerts need no order among themselves, and so one alert a
 # reader sets aside, or one lost, never holds every later one back behind a sequence gap.
 ALERT_AGGREGATE = "security-alert:{}"
@@ -93,8 +92,11 @@ class OutboxSecurityRecords:
         self.outbox = outbox
 
     def checkpoint_refused(self, error: CheckpointError, where: str) -> None:
+        """One record per call, its id its own: two refusals that read alike (the file tampered with twice the
+        same way, accepted in between) are two occurrences, and an id made of the text kept only the first. A
+        refusal repeated while it lasts is the caller's to record once (AuditHandlers, AuditConsumer)."""
         detail = f"{type(error).__name__}: {error}"[:500]
-        record_id = str(uuid.uuid5(SECURITY_NAMESPACE, f"{where}/{detail}"))
+        record_id = str(uuid.uuid4())
         record = EventRejected(consumer=domain.CONSUMER, topic=CHECKPOINT_TOPIC, reason="checkpoint_refused",
                                detail=detail, correlation_id=record_id)
         with self.engine.begin() as conn:

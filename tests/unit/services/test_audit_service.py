@@ -36,7 +36,7 @@ from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.events.verify import MAX_ENVELOPE_BYTES, VerifiedEvent
 from bastion.grpc.errors import InvalidArgumentError
 from services.audit import domain
-from services.audit.adapters.postgres import PostgresAlerts
+from services.audit.adapters.postgres import OutboxSecurityRecords, PostgresAlerts
 from services.audit.domain import Delivery, EventQuery, InvalidQueryError
 from services.audit.handlers import AuditHandlers, announce
 from tests.unit.audit.samples import AUDIT_KEY, ORIGIN, sample_record, trust_store
@@ -188,6 +188,50 @@ def test_a_forged_checkpoint_fails_the_verdict_and_raises_a_security_record(tmp_
     verdict = audit.verify_chain()
     assert not verdict.report.ok and "checkpoint refused" in verdict.report.reason
     assert security.refused == [f"BadCheckpointSignatureError at {file.path}"]
+
+
+def test_a_refusal_repeated_is_recorded_once_and_again_after_the_file_was_accepted(tmp_path: Path) -> None:
+    """Every VerifyChain while a file stays forged must not add a record (a poll would flood the log); the same
+    forgery made again after the file was put right is another tampering and was left with no record of its own."""
+    entries = extend(EMPTY, [sample_record(n) for n in range(1, 4)])
+    audit, security, file = handlers(tmp_path, entries)
+    good = sign_checkpoint(AUDIT_KEY, ORIGIN, entries[-1].head)
+    file.append(good)
+    honest = file.path.read_text()
+    forged = honest + good.to_json().replace(f'"length":{good.length}', f'"length":{good.length + 5}') + "\n"
+
+    def verdicts(times: int) -> list[bool]:
+        return [audit.verify_chain().report.ok for _ in range(times)]
+
+    file.path.write_text(forged)
+    assert verdicts(3) == [False] * 3
+    assert security.refused == [f"BadCheckpointSignatureError at {file.path}"], "the same refusal, recorded once"
+    file.path.write_text(honest)
+    assert verdicts(1) == [True]
+    file.path.write_text(forged)
+    assert verdicts(2) == [False] * 2
+    assert security.refused == [f"BadCheckpointSignatureError at {file.path}"] * 2, "a second tampering, recorded"
+
+
+def test_each_refusal_recorded_is_an_event_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record's id was made of its text, and the outbox (then the log) keeps an id once: a second refusal
+    reading like the first was dropped."""
+    appended: list[dict[str, Any]] = []
+
+    class Engine:
+        @contextmanager
+        def begin(self) -> Iterator[None]:
+            yield None
+
+    class Outbox:
+        def append(self, conn: None, topic: str, record: Any, **coordinates: str) -> None:
+            appended.append(coordinates)
+
+    records = OutboxSecurityRecords(Engine(), Outbox())  # type: ignore[arg-type]
+    for _ in range(2):
+        records.checkpoint_refused(CheckpointForkError("checkpoint at length 3 does not verify"), "/s/checkpoints")
+    assert len({record["event_id"] for record in appended}) == 2
+    assert all(record["correlation_id"] == record["event_id"] for record in appended)
 
 
 def test_a_checkpoint_file_lacking_published_checkpoints_fails_the_verdict_before_the_log_is_read(
