@@ -1,5 +1,6 @@
 """Kafka: SASL_SSL + SCRAM for clients, TLS client certificates for the controller, default-deny ACLs."""
 
+import secrets
 import socket
 import ssl
 import struct
@@ -23,7 +24,7 @@ from confluent_kafka.admin import (
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import AclGrant, EventAccessPolicy, TopicPolicy
-from bastion.devstack.kafka_admin import EVERY_ACL
+from bastion.devstack.kafka_admin import ADMIN, EVERY_ACL
 from bastion.devstack.pki import DevPki
 
 TIMEOUT = 20.0
@@ -198,6 +199,25 @@ def test_acl_sync_removes_grants_the_policy_does_not_make(kafka: Kafka, unique: 
     remaining = admin.client.describe_acls(EVERY_ACL, request_timeout=TIMEOUT).result()
     assert not [b for b in remaining if b.name == stray.resource_name]
     assert any(b.name == "accounts.events.v1" and b.principal == "User:accounts" for b in remaining)
+
+
+def test_a_principal_gone_from_the_policy_can_no_longer_log_in_and_keeps_no_acl(kafka: Kafka, unique: str) -> None:
+    """A service removed or renamed: its old password and its ACLs go at the next `bastion up` (bootstrap)."""
+    gone, password = f"it-gone-{unique}", secrets.token_urlsafe(24)
+    admin = kafka.admin()
+    admin.upsert_scram_users({gone: password})
+    admin.grant({AclGrant(gone, "TOPIC", "accounts.events.v1", "READ")})
+    deadline = time.monotonic() + 20  # a new SCRAM credential reaches the listener through the metadata log
+    while not (logged_in := _auth_errors(kafka.client_config(gone, password)))[1] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert logged_in[1], f"logged in before the policy was applied again: {logged_in[0]}"
+    kafka.bootstrap()
+    errors, answered = _auth_errors(kafka.client_config(gone, password))
+    assert not answered and any(e.code() == KafkaError._AUTHENTICATION for e in errors), errors
+    remaining = admin.client.describe_acls(EVERY_ACL, request_timeout=TIMEOUT).result()
+    assert not [b for b in remaining if b.principal == f"User:{gone}"]
+    _, admin_answered = _auth_errors(kafka.client_config(ADMIN, kafka.ctx.credentials.kafka[ADMIN]))
+    assert admin_answered, "the stack's own admin keeps its login"
 
 
 @pytest.mark.parametrize("service", ["payments", "audit"])
