@@ -15,7 +15,7 @@ from bastion.audit.v1 import audit_pb2, audit_pb2_grpc
 from bastion.devstack.components.keycloak import Keycloak
 from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
-from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.channels import blocking_channel, call_metadata
 from bastion.grpc.server import TlsFiles
 from bastion.grpc.spans import milliseconds, recorded_spans
 from bastion.notifications.v1 import notifications_pb2, notifications_pb2_grpc
@@ -34,15 +34,16 @@ class Scenario:
         self.ctx = ctx
         self.say = say
         cli = ctx.pki.paths("cli")
-        credentials = channel_credentials(TlsFiles(cli.cert, cli.key, ctx.ca_file))
-        self.accounts = accounts_pb2_grpc.AccountsStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(ctx.grpc_address("accounts"), credentials))
-        self.payments = payments_pb2_grpc.PaymentsStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(ctx.grpc_address("payments"), credentials))
+        tls = TlsFiles(cli.cert, cli.key, ctx.ca_file)
+
+        def channel(service: str) -> grpc.Channel:
+            return blocking_channel(ctx.grpc_address(service), tls, service)
+
+        self.accounts = accounts_pb2_grpc.AccountsStub(channel("accounts"))  # type: ignore[no-untyped-call]
+        self.payments = payments_pb2_grpc.PaymentsStub(channel("payments"))  # type: ignore[no-untyped-call]
         self.notifications = notifications_pb2_grpc.NotificationsStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(ctx.grpc_address("notifications"), credentials))
-        self.audit = audit_pb2_grpc.AuditStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(ctx.grpc_address("audit"), credentials))
+            channel("notifications"))
+        self.audit = audit_pb2_grpc.AuditStub(channel("audit"))  # type: ignore[no-untyped-call]
         keycloak = Keycloak(ctx)
         self.keycloak = KeycloakOpenID(server_url=keycloak.server_url, realm_name=keycloak.realm_name,
                                        client_id="bastion-cli", verify=str(ctx.ca_file))

@@ -79,6 +79,7 @@ from bastion.events.verify import EnvelopeVerifier
 from bastion.grpc.audit import AccessAudit, KafkaAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.context import CORRELATION_HEADER, correlation_id_from, peer_identity_from
+from bastion.grpc.names import server_name
 from bastion.grpc.policy import load_method_policy
 from bastion.grpc.ratelimit import RateLimit, RedisRateLimiter
 from bastion.grpc.server import MAX_MESSAGE_BYTES, ServerSecurity, TlsFiles, server_credentials, start_server
@@ -94,7 +95,7 @@ from bastion.testing.probe import ProbeServicer
 SERVICE = "accounts"  # the probe answers as the accounts service: alice's token names it in `aud`
 USER = "alice"
 HOST = "127.0.0.1"
-TLS_NAME = "localhost"  # the name on the dev-CA server certificate
+TLS_NAME = server_name(SERVICE)  # the name only the service's certificate carries, as the kit's clients ask
 SCENARIOS = {
     "bare": "(a) bare: plaintext, no interceptor",
     "mtls": "(b) mutual TLS only",

@@ -23,7 +23,7 @@ from keycloak import KeycloakAdmin, KeycloakOpenID
 
 from bastion.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from bastion.devstack.context import StackContext
-from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.channels import blocking_channel, call_metadata
 from benchmarks.grpc_chain import bastion, stack_context, tls_of
 
 GIVE_UP_SECONDS = 30.0
@@ -79,7 +79,7 @@ def main() -> None:
     admin = KeycloakAdmin(server_url=url, username="admin", password=ctx.credentials.keycloak_admin["admin"],
                           realm_name="bastion", user_realm_name="master", verify=str(ctx.ca_file))
     cli = KeycloakOpenID(server_url=url, realm_name="bastion", client_id="bastion-cli", verify=str(ctx.ca_file))
-    channel = grpc.secure_channel(ctx.grpc_address("accounts"), channel_credentials(tls_of(ctx, "cli")))
+    channel = blocking_channel(ctx.grpc_address("accounts"), tls_of(ctx, "cli"), "accounts")
     accounts = accounts_pb2_grpc.AccountsStub(channel)  # type: ignore[no-untyped-call]
     logouts, removals = [], []
     print("token revocation on the dev stack: seconds from Keycloak's answer to the change until accounts refuses "

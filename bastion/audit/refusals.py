@@ -8,7 +8,6 @@ import datetime as dt
 from collections import deque
 from collections.abc import Callable
 
-import grpc
 from keycloak import KeycloakOpenID
 
 from bastion.access.v1.decision_pb2 import SecurityAlert
@@ -19,7 +18,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.errors import DevstackError
 from bastion.devstack.identities import Identities, load_identities
 from bastion.events.errors import VerificationError
-from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.channels import blocking_channel, call_metadata
 from bastion.grpc.server import TlsFiles
 
 AUDITOR_ROLE = "auditor"
@@ -79,8 +78,7 @@ def _recent(ctx: StackContext, minutes: float | None, limit: int, request: audit
     token = str(keycloak.token(auditor, ctx.credentials.users[auditor])["access_token"])
     cli = ctx.pki.paths("cli")
     newest: deque[audit_pb2.AuditEvent] = deque(maxlen=limit)
-    credentials = channel_credentials(TlsFiles(cli.cert, cli.key, ctx.ca_file))
-    with grpc.secure_channel(ctx.grpc_address("audit"), credentials) as ch:
+    with blocking_channel(ctx.grpc_address("audit"), TlsFiles(cli.cert, cli.key, ctx.ca_file), "audit") as ch:
         audit = audit_pb2_grpc.AuditStub(ch)  # type: ignore[no-untyped-call]
         if minutes is not None:
             request.since.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes))

@@ -17,16 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bastion.devstack.layout import write_private
+from bastion.grpc.names import server_name, spiffe_id
 
-SPIFFE_TRUST_DOMAIN = "bastion.local"
 CA_DAYS = 365
 CA_REISSUE_DAYS_LEFT = 30
 ORGANIZATION = "Bastion dev install"
-
-
-def spiffe_id(name: str) -> str:
-    """The workload identity a component's certificate carries as a SAN URI."""
-    return f"spiffe://{SPIFFE_TRUST_DOMAIN}/service/{name}"
 
 
 @dataclass(frozen=True)
@@ -96,12 +91,13 @@ def issue_certificate(
     ca: CertificateAuthority, name: str, days: int,
     alternative_names: Sequence[x509.GeneralName] | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A leaf for component NAME, usable as TLS server and client: SANs localhost, 127.0.0.1, SPIFFE URI.
+    """A leaf for component NAME, usable as TLS server and client: SANs localhost, 127.0.0.1, the DNS name only
+    NAME's certificate holds (`server_name`: what the kit's clients ask a server for), SPIFFE URI.
     ALTERNATIVE_NAMES replaces those SANs (an empty list leaves the extension out): tests use it to show that
     a dev-CA certificate without exactly one Bastion identity is refused."""
     if alternative_names is None:
         alternative_names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                             x509.UniformResourceIdentifier(spiffe_id(name))]
+                             x509.DNSName(server_name(name)), x509.UniformResourceIdentifier(spiffe_id(name))]
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     builder = (
@@ -198,4 +194,5 @@ class DevPki:
         if left < dt.timedelta(days=self.reissue_when_days_left):
             return True
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        return spiffe_id(name) not in sans.get_values_for_type(x509.UniformResourceIdentifier)
+        return (spiffe_id(name) not in sans.get_values_for_type(x509.UniformResourceIdentifier)
+                or server_name(name) not in sans.get_values_for_type(x509.DNSName))

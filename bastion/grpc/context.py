@@ -9,12 +9,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bastion.grpc.names import SPIFFE_PREFIX
 from bastion.grpc.tokens import Principal
 from bastion.grpc.trace import TraceContext
 
 CORRELATION_HEADER = "x-correlation-id"
 VALID_CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-SPIFFE_PREFIX = "spiffe://bastion.local/service/"
 SERVICE_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 # How much of a call's method path is kept in a verdict, a log line or an access decision: for a call to an unknown
 # method the path is the caller's own text, of any length.

@@ -206,7 +206,7 @@ async def _storm(session: Session, downstream: str, sync_redis: redis.Redis
     keycloak = Keycloak(session.ctx)
     tokens = ServiceTokens.for_service(keycloak.server_url, keycloak.realm_name, "payments",
                                        session.ctx.credentials.keycloak_clients["payments"], str(session.ctx.ca_file))
-    channel = secure_channel(f"{settings.public_host}:{port}", session.tls("payments"))
+    channel = secure_channel(f"{settings.public_host}:{port}", session.tls("payments"), "accounts")
     client = Downstream(downstream, channel, tokens, breaker, RetryBudget(), deadline_seconds=2.0)
     stub = accounts_pb2_grpc.AccountsStub(channel)  # type: ignore[no-untyped-call]
     calls: list[tuple[float, str]] = []

@@ -25,7 +25,7 @@ from bastion.devstack.context import StackContext
 from bastion.devstack.event_access import dead_letter_topic, load_policy
 from bastion.devstack.stack import Stack
 from bastion.events.keys import KeyRing, SigningKey
-from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.channels import blocking_channel, call_metadata
 from bastion.grpc.server import TlsFiles
 from bastion.service_logs import render
 from bastion.settings import DevstackSettings
@@ -216,8 +216,7 @@ class Session:
         """A channel to SERVICE of the target over mutual TLS, presenting IDENTITY's certificate."""
         key = (service, identity)
         if key not in self._channels:
-            credentials = channel_credentials(self.tls(identity))
-            self._channels[key] = grpc.secure_channel(self.target.addresses[service], credentials)
+            self._channels[key] = blocking_channel(self.target.addresses[service], self.tls(identity), service)
         return self._channels[key]
 
     # --- Kafka ---

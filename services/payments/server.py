@@ -41,7 +41,7 @@ def accounts_downstream(runtime: ServiceRuntime, own: PaymentsSettings) -> Downs
     breaker_redis = redis.Redis(**ctx.redis_options(NAME, ctx.credentials.redis[NAME]))
     breaker = redis_breaker(NAME, "accounts", breaker_redis, is_failure=is_unhealthy,
                             fail_max=own.breaker_fail_max, reset_timeout=own.breaker_reset_seconds)
-    channel = secure_channel(ctx.grpc_address("accounts"), runtime.tls())
+    channel = secure_channel(ctx.grpc_address("accounts"), runtime.tls(), "accounts")
     return Downstream("accounts", channel, tokens, breaker, RetryBudget(), own.accounts_deadline_seconds,
                       spans=runtime.spans)
 

@@ -20,7 +20,7 @@ from bastion.events.errors import VerificationError
 from bastion.events.keys import KeyRing
 from bastion.events.trust import load_trust_policy
 from bastion.events.verify import EnvelopeVerifier, VerifiedEvent, is_bundle
-from bastion.grpc.channels import call_metadata, channel_credentials
+from bastion.grpc.channels import blocking_channel, call_metadata
 from bastion.notifications.v1 import notifications_pb2_grpc
 from bastion.payments.v1 import payments_pb2_grpc
 from tests.integration.grpc_harness import tls_of, user_token
@@ -80,7 +80,7 @@ class Bank:
 
 
 def channel(ctx: StackContext, service: str) -> grpc.Channel:
-    return grpc.secure_channel(ctx.grpc_address(service), channel_credentials(tls_of(ctx, "cli")))
+    return blocking_channel(ctx.grpc_address(service), tls_of(ctx, "cli"), service)
 
 
 def health_of(ctx: StackContext, service: str) -> int:

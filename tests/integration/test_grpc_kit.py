@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from bastion.access.v1.decision_pb2 import DECISION_ALLOW, DECISION_DENY, AccessDecision
 from bastion.devstack.components.kafka import Kafka
 from bastion.devstack.context import StackContext
-from bastion.devstack.pki import DevPki, issue_certificate, spiffe_id
+from bastion.devstack.pki import DevPki, issue_certificate
 from bastion.events.keys import KeyRing
 from bastion.events.signing import SignatureChecker, verify_signature
 from bastion.events.v1.envelope_pb2 import Envelope, EnvelopeBundle
@@ -32,6 +32,7 @@ from bastion.events.verify import is_bundle
 from bastion.grpc.audit import MemoryAccessAudit
 from bastion.grpc.channels import call_metadata, channel_credentials
 from bastion.grpc.interceptor import UNKNOWN_METHOD
+from bastion.grpc.names import spiffe_id
 from bastion.grpc.ratelimit import RateLimit
 from bastion.grpc.server import MAX_MESSAGE_BYTES, TlsFiles
 from bastion.grpc.spans import SpanRecorder

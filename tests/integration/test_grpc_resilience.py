@@ -19,7 +19,7 @@ from bastion.probe.v1 import probe_pb2, probe_pb2_grpc
 from bastion.resilience.breaker import redis_breaker
 from bastion.resilience.retry import RetryBudget
 from bastion.testing.probe import FlakyProbeServicer
-from tests.integration.grpc_harness import ProbeServer, start_probe, tls_of
+from tests.integration.grpc_harness import SERVICE, ProbeServer, start_probe, tls_of
 
 FAIL_MAX, RESET_SECONDS = 3, 3.0
 
@@ -39,7 +39,7 @@ def downstream(ctx: StackContext, redis_server: Redis, port: int, budget: RetryB
     breaker = redis_breaker("payments", f"probe-{uuid.uuid4().hex[:8]}",
                             redis_server.client("payments", ctx.credentials.redis["payments"]),
                             is_failure=is_unhealthy, fail_max=FAIL_MAX, reset_timeout=RESET_SECONDS)
-    channel = secure_channel(f"localhost:{port}", tls_of(ctx, "payments"))
+    channel = secure_channel(f"localhost:{port}", tls_of(ctx, "payments"), SERVICE)
     return Downstream("probe", channel, tokens, breaker, budget, deadline_seconds=3.0)
 
 

@@ -66,7 +66,6 @@ def audit_service_answering(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(refusals, "auditor_of", lambda identities: "ada")
     monkeypatch.setattr(refusals, "KeycloakOpenID", lambda **kwargs: SimpleNamespace(
         token=lambda user, password: {"access_token": "token"}))
-    monkeypatch.setattr(refusals, "channel_credentials", lambda tls: None)
-    monkeypatch.setattr(refusals.grpc, "secure_channel", lambda address, credentials: nullcontext())
+    monkeypatch.setattr(refusals, "blocking_channel", lambda address, tls, service: nullcontext())
     monkeypatch.setattr(refusals.audit_pb2_grpc, "AuditStub", lambda channel: SimpleNamespace(
         ListEvents=lambda request, metadata, timeout: SimpleNamespace(events=[], next_page_token="")))

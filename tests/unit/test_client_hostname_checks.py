@@ -30,7 +30,7 @@ from bastion.devstack.components.postgres import Postgres
 from bastion.devstack.context import StackContext
 from bastion.devstack.kafka_admin import client_config
 from bastion.devstack.pki import DevPki, IssuedPaths, issue_certificate
-from bastion.grpc.channels import channel_credentials
+from bastion.grpc.channels import blocking_channel, channel_credentials
 from bastion.grpc.server import TlsFiles, server_credentials
 
 HOST = "localhost"  # the name every platform client asks for
@@ -83,26 +83,45 @@ def tls_server(paths: IssuedPaths, prelude: Callable[[socket.socket], None] = la
         listener.close()
 
 
-def test_grpc_channels_refuse_a_server_certificate_for_another_name(pki: DevPki) -> None:
-    def status_with(name: str) -> Any:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)  # type: ignore[no-untyped-call]
-        paths = pki.paths(name)
-        port = server.add_secure_port("127.0.0.1:0", server_credentials(TlsFiles(paths.cert, paths.key, pki.ca_file)))
-        server.start()
-        cli = pki.paths("cli")
-        try:
-            with grpc.secure_channel(f"{HOST}:{port}", channel_credentials(TlsFiles(cli.cert, cli.key, pki.ca_file))
-                                     ) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
-                return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-        except grpc.RpcError as error:
-            return error.code()
-        finally:
-            server.stop(0)
+def health_status(pki: DevPki, serving_as: str, channel: Callable[[str, TlsFiles], grpc.Channel]) -> Any:
+    """The health status a gRPC server presenting SERVING_AS's certificate answers over CHANNEL(target, the cli's
+    TLS files); the status code of the failure when the call fails."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)  # type: ignore[no-untyped-call]
+    paths = pki.paths(serving_as)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(TlsFiles(paths.cert, paths.key, pki.ca_file)))
+    server.start()
+    cli = pki.paths("cli")
+    try:
+        with channel(f"{HOST}:{port}", TlsFiles(cli.cert, cli.key, pki.ca_file)) as opened:
+            stub = health_pb2_grpc.HealthStub(opened)  # type: ignore[no-untyped-call]
+            return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    except grpc.RpcError as error:
+        return error.code()
+    finally:
+        server.stop(0)
 
-    assert status_with("right") == health_pb2.HealthCheckResponse.SERVING
-    assert status_with("wrong") == grpc.StatusCode.UNAVAILABLE
+
+def test_grpc_channels_refuse_a_server_certificate_for_another_name(pki: DevPki) -> None:
+    def by_address(target: str, tls: TlsFiles) -> grpc.Channel:
+        return grpc.secure_channel(target, channel_credentials(tls))
+
+    assert health_status(pki, "right", by_address) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(pki, "wrong", by_address) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_grpc_channel_to_one_service_refuses_another_components_certificate_of_the_same_ca(pki: DevPki) -> None:
+    """Every leaf names localhost: a channel that asked for the address alone would take notifications (say, a
+    compromised one listening where accounts should be) for accounts. The kit's channels ask for the service's own
+    name (`server_name`), which only its certificate carries."""
+    pki.ensure(["accounts", "notifications"])
+
+    def calling(service: str) -> Callable[[str, TlsFiles], grpc.Channel]:
+        return lambda target, tls: blocking_channel(target, tls, service)
+
+    assert health_status(pki, "accounts", calling("accounts")) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(pki, "notifications", calling("accounts")) == grpc.StatusCode.UNAVAILABLE
+    assert health_status(pki, "notifications", calling("notifications")) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_postgres_connections_refuse_a_server_certificate_for_another_name(pki: DevPki) -> None:

@@ -87,7 +87,8 @@ def test_a_caller_with_a_dev_ca_certificate_and_a_token_is_served_and_the_call_a
     audit = MemoryAccessAudit()
 
     async def scenario() -> str:
-        async with probe_server(pki, audit) as port, secure_channel(f"localhost:{port}", tls(pki, "cli")) as channel:
+        async with probe_server(pki, audit) as port, secure_channel(f"localhost:{port}", tls(pki, "cli"),
+                                                                    SERVICE) as channel:
             reply = await probe_pb2_grpc.ProbeStub(channel).Whoami(
                 probe_pb2.WhoamiRequest(), metadata=call_metadata(MINTER.mint()), timeout=10)
             return str(reply.username)
@@ -122,7 +123,7 @@ def test_a_plaintext_caller_gets_no_answer(pki: DevPki) -> None:
 def test_every_call_goes_through_the_security_interceptor_and_its_rate_limiter(pki: DevPki) -> None:
     async def scenario(limiter: Any) -> grpc.StatusCode:
         async with probe_server(pki, limiter=limiter) as port, secure_channel(f"localhost:{port}",
-                                                                              tls(pki, "cli")) as channel:
+                                                                              tls(pki, "cli"), SERVICE) as channel:
             whoami = probe_pb2_grpc.ProbeStub(channel).Whoami
             assert await code_of(whoami, probe_pb2.WhoamiRequest()) == grpc.StatusCode.UNAUTHENTICATED
             return await code_of(whoami, probe_pb2.WhoamiRequest(), metadata=call_metadata(MINTER.mint()))
@@ -163,7 +164,7 @@ def test_health_answers_serving_for_the_server_and_each_service_and_follows_the_
 
     async def scenario() -> list[int]:
         async with probe_server(pki, health_servicer=servicer) as port, secure_channel(
-                f"localhost:{port}", tls(pki, "cli")) as channel:
+                f"localhost:{port}", tls(pki, "cli"), SERVICE) as channel:
             check = health_pb2_grpc.HealthStub(channel).Check
             said = [(await check(health_pb2.HealthCheckRequest(service=name), timeout=10)).status
                     for name in ("", PROBE.full_name)]
@@ -182,7 +183,7 @@ def test_reflection_is_served_in_the_dev_profile_only(pki: DevPki, options: dict
                                                       listed: list[str] | None) -> None:
     async def scenario() -> list[str] | grpc.StatusCode:
         async with probe_server(pki, **options) as port, secure_channel(f"localhost:{port}",
-                                                                        tls(pki, "cli")) as channel:
+                                                                        tls(pki, "cli"), SERVICE) as channel:
             ask = reflection_pb2.ServerReflectionRequest(list_services="")
             try:
                 async for answer in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(

@@ -1,6 +1,7 @@
 """The dev PKI: names, usages, lifetimes, renewal, and refusal of certificates from another CA."""
 
 import datetime as dt
+import ipaddress
 import socket
 import ssl
 import stat
@@ -14,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bastion.devstack.layout import write_private
-from bastion.devstack.pki import DevPki, create_ca, issue_certificate, spiffe_id
+from bastion.devstack.pki import DevPki, create_ca, issue_certificate
+from bastion.grpc.names import server_name, spiffe_id
 
 
 @pytest.fixture()
@@ -37,11 +39,11 @@ def install_ca(pki: DevPki, days: int) -> x509.Certificate:
     return ca.cert
 
 
-def test_leaf_carries_loopback_names_and_spiffe_identity(pki: DevPki) -> None:
+def test_leaf_carries_loopback_names_its_own_server_name_and_spiffe_identity(pki: DevPki) -> None:
     pki.ensure(["payments"])
     cert = load(pki.paths("payments").cert)
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost", "payments.bastion.local"]
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://bastion.local/service/payments"]
     usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -108,10 +110,18 @@ def _leaf_whose_key_is_lost(pki: DevPki) -> None:
     pki.paths("a").key.unlink()
 
 
+def _leaf_without_its_server_name(pki: DevPki) -> None:
+    """As issued before clients asked each server for its own name: an install upgraded gets it at `bastion up`."""
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+             x509.UniformResourceIdentifier(spiffe_id("a"))]
+    pki.write("a", *issue_certificate(pki.authority(), "a", 7, alternative_names=names))
+
+
 @pytest.mark.parametrize(
     "spoil",
-    [_leaf_of_another_ca_with_the_same_name, _leaf_naming_another_component, _leaf_whose_key_is_lost],
-    ids=["another-ca-of-the-same-name", "another-component", "key-lost"],
+    [_leaf_of_another_ca_with_the_same_name, _leaf_naming_another_component, _leaf_whose_key_is_lost,
+     _leaf_without_its_server_name],
+    ids=["another-ca-of-the-same-name", "another-component", "key-lost", "no-server-name"],
 )
 def test_a_leaf_that_cannot_serve_its_component_is_reissued(pki: DevPki, spoil: Callable[[DevPki], None]) -> None:
     pki.ensure(["a"])
@@ -121,6 +131,7 @@ def test_a_leaf_that_cannot_serve_its_component_is_reissued(pki: DevPki, spoil: 
     cert.verify_directly_issued_by(load(pki.ca_file))
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id("a")]
+    assert server_name("a") in sans.get_values_for_type(x509.DNSName)
     assert pki.paths("a").key.exists()
 
 

@@ -373,7 +373,7 @@ def test_the_kits_channel_neither_sends_nor_takes_a_message_over_1_mib(pki: DevP
         )
         port = server.add_secure_port("127.0.0.1:0", server_credentials(tls(pki, "accounts")))
         await server.start()
-        channel = secure_channel(f"localhost:{port}", tls(pki, "cli"))
+        channel = secure_channel(f"localhost:{port}", tls(pki, "cli"), "accounts")
         call = channel.unary_unary("/test.Echo/Echo")
         try:
             assert await call(b"ok", timeout=10) == b"ok"

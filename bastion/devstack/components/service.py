@@ -11,6 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bastion.devstack.components.base import Component
 from bastion.devstack.context import StackContext
 from bastion.devstack.process import LaunchSpec
+from bastion.grpc.channels import blocking_channel
+from bastion.grpc.server import TlsFiles
 from bastion.settings import PROJECT_ROOT
 
 
@@ -44,11 +46,8 @@ class ServiceProcess(Component):
 
     def probe(self) -> bool:
         client = self.ctx.pki.paths("cli")
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.ctx.ca_file.read_bytes(), private_key=client.key.read_bytes(),
-            certificate_chain=client.cert.read_bytes())
         target = f"{self.ctx.settings.public_host}:{self.grpc_port}"
-        with grpc.secure_channel(target, credentials) as channel:
+        with blocking_channel(target, TlsFiles(client.cert, client.key, self.ctx.ca_file), self.name) as channel:
             try:
                 answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                                    timeout=2)

@@ -10,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-import grpc
 import pytest
 
 from bastion.access.v1.decision_pb2 import EventRejected
@@ -64,14 +63,14 @@ def audit(monkeypatch: pytest.MonkeyPatch) -> Iterator[Audit]:
     Keycloak.logins = []
 
     @contextlib.contextmanager
-    def channel(_address: str, _credentials: Any) -> Iterator[str]:
+    def channel(_address: str, _tls: Any, service: str) -> Iterator[str]:
+        assert service == "audit", "the server must present the audit service's own certificate"
         yield "channel"
 
     monkeypatch.setattr(refusals, "KeycloakOpenID", Keycloak)
     monkeypatch.setattr(refusals, "load_identities", lambda _path, _services: SimpleNamespace(
         users=(BOB, ADA, EVE), realm="bastion", cli_client="bastion-cli"))
-    monkeypatch.setattr(refusals, "channel_credentials", lambda _tls: "credentials")
-    monkeypatch.setattr(grpc, "secure_channel", channel)
+    monkeypatch.setattr(refusals, "blocking_channel", channel)
     monkeypatch.setattr(audit_pb2_grpc, "AuditStub", lambda _channel: service)
     yield service
 
