@@ -1,7 +1,9 @@
-"""Applies the event-access policy to a running broker: exactly its SCRAM principals, its topics and exactly its
-ACLs. A principal the policy no longer names (a service removed or renamed) loses its credential and its ACLs, or
-its old password would still log in and still read and write its old topics."""
+"""Applies the event-access policy to a running broker: its SCRAM principals, its topics and exactly its ACLs. A
+principal the policy no longer names (a service removed or renamed) is locked out (its credential set to a random
+password kept nowhere) and loses its ACLs, or its old password would still log in and still read and write its old
+topics."""
 
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,7 +26,6 @@ from confluent_kafka.admin import (
     ResourceType,
     ScramCredentialInfo,
     ScramMechanism,
-    UserScramCredentialDeletion,
     UserScramCredentialUpsertion,
 )
 
@@ -95,34 +96,41 @@ class KafkaAdmin:
         self.client = AdminClient(config)
 
     def sync_scram_users(self, passwords: dict[str, str]) -> list[str]:
-        """Make the broker's SCRAM users exactly PASSWORDS' (and the stack's own): set each password, delete the
-        credentials of every other user. The users deleted, in order."""
+        """Make PASSWORDS the only ones that log in (with the stack's own): set each, and lock every other user out.
+        The users locked, in order."""
         self.upsert_scram_users(passwords)
-        return self.delete_scram_users_except(set(passwords))
+        return self.lock_scram_users_except(set(passwords))
 
     def upsert_scram_users(self, passwords: dict[str, str]) -> None:
-        upserts = [
-            UserScramCredentialUpsertion(user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS),
-                                         password.encode())
-            for user, password in sorted(passwords.items())
-        ]
+        self._upsert({(user, ScramMechanism.SCRAM_SHA_512): password for user, password in passwords.items()})
+
+    def lock_scram_users_except(self, users: set[str]) -> list[str]:
+        """Lock out every user neither in USERS nor one of the stack's own principals: each of its SCRAM credentials,
+        of any mechanism, is set to a random password that is not kept anywhere. The users locked, in order.
+
+        Not deleted: the test stack's broker (Kafka 4.1.1), restarted after an integration run in which a credential
+        had been deleted (a RemoveUserScramCredentialRecord in its metadata log), refused every SCRAM login, the
+        admin's and the services' included. A deletion and a restart alone did not do it again, so the cause is not
+        known (docs/devstack.md); a lock writes only the records every `bastion up` writes anyway, and keeps the
+        same promise: the old password no longer logs in."""
+        described = self.client.describe_user_scram_credentials(request_timeout=TIMEOUT).result()
+        stale = sorted(set(described) - users - STACK_PRINCIPALS)
+        self._upsert({(user, info.mechanism): secrets.token_urlsafe(32)
+                      for user in stale for info in described[user].scram_credential_infos})
+        for user in stale:
+            log.info("kafka_scram_user_locked", user=user,
+                     mechanisms=sorted(info.mechanism.name for info in described[user].scram_credential_infos))
+        return stale
+
+    def _upsert(self, passwords: Mapping[tuple[str, ScramMechanism], str]) -> None:
+        upserts = [UserScramCredentialUpsertion(user, ScramCredentialInfo(mechanism, SCRAM_ITERATIONS),
+                                                password.encode())
+                   for (user, mechanism), password in sorted(passwords.items(), key=lambda item: (
+                       item[0][0], item[0][1].name))]
+        if not upserts:
+            return
         for future in self.client.alter_user_scram_credentials(upserts, request_timeout=TIMEOUT).values():
             future.result()
-
-    def delete_scram_users_except(self, users: set[str]) -> list[str]:
-        """Delete every SCRAM credential, of any mechanism, of a user neither in USERS nor one of the stack's own
-        principals; the users deleted, in order."""
-        described = self.client.describe_user_scram_credentials(request_timeout=TIMEOUT).result()
-        gone = sorted(set(described) - users - STACK_PRINCIPALS)
-        deletions = [UserScramCredentialDeletion(user, info.mechanism)
-                     for user in gone for info in described[user].scram_credential_infos]
-        if deletions:
-            for future in self.client.alter_user_scram_credentials(deletions, request_timeout=TIMEOUT).values():
-                future.result()
-        for user in gone:
-            log.info("kafka_scram_user_deleted", user=user,
-                     mechanisms=sorted(info.mechanism.name for info in described[user].scram_credential_infos))
-        return gone
 
     def ensure_topics(self, policy: EventAccessPolicy) -> list[str]:
         """Create missing topics; set the declared configuration on existing ones."""

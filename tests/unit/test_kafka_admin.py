@@ -82,6 +82,7 @@ class FakeBroker:
     scram: list[Any] = field(default_factory=list)
     users: dict[str, set[ScramMechanism]] = field(default_factory=dict)  # SCRAM user -> its credentials' mechanisms
     scram_deleted: list[UserScramCredentialDeletion] = field(default_factory=list)
+    passwords: dict[tuple[str, ScramMechanism], bytes] = field(default_factory=dict)  # the last one set
     offset_requests: list[tuple[str, list[tuple[str, int]]]] = field(default_factory=list)
     already_exists: set[str] = field(default_factory=set)
 
@@ -140,7 +141,9 @@ class FakeBroker:
                     del self.users[alteration.user]
             else:
                 self.scram.append(alteration)
-                self.users.setdefault(alteration.user, set()).add(alteration.scram_credential_info.mechanism)
+                mechanism = alteration.scram_credential_info.mechanism
+                self.users.setdefault(alteration.user, set()).add(mechanism)
+                self.passwords[(alteration.user, mechanism)] = alteration.password
         return {alteration.user: Done() for alteration in alterations}
 
     def list_offsets(self, places: dict[TopicPartition, Any], request_timeout: float) -> dict[TopicPartition, Done]:
@@ -303,22 +306,29 @@ def applying(folder: Path, broker: FakeBroker, services: list[str], event_access
     return kafka
 
 
-def test_a_principal_gone_from_the_policy_loses_its_scram_credential_and_its_acls(tmp_path: Path) -> None:
+def test_a_principal_gone_from_the_policy_is_locked_out_and_loses_its_acls(tmp_path: Path) -> None:
     """A service removed (or renamed) keeps nothing on the broker: its old password would still log in, and still
-    read and write its old topics. The admin, the broker's principal and the remaining services keep theirs."""
+    read and write its old topics. Its credentials are set to a random password, never deleted (see
+    `KafkaAdmin.lock_scram_users_except`). The admin, the broker's principal and the remaining services keep
+    theirs."""
     admin_acl = acl("User:admin", "ledger.events.v1", AclOperation.ALL)
     broker = FakeBroker(acls=[admin_acl], users={ADMIN: {ScramMechanism.SCRAM_SHA_512},
                                                  BROKER_PRINCIPAL: {ScramMechanism.SCRAM_SHA_256}})
     applying(tmp_path, broker, ["audit", "ledger"], LEDGER_POLICY).bootstrap()
     assert set(broker.users) == {ADMIN, BROKER_PRINCIPAL, "audit", "ledger"}
     assert any(b.principal == "User:ledger" for b in broker.acls)
-    broker.users["ledger"].add(ScramMechanism.SCRAM_SHA_256)  # a credential of another mechanism goes too
+    sha_256 = ("ledger", ScramMechanism.SCRAM_SHA_256)
+    broker.users["ledger"].add(sha_256[1])  # a credential of another mechanism is locked too
+    broker.passwords[sha_256] = b"ledger-secret"
+    audits = broker.passwords[("audit", ScramMechanism.SCRAM_SHA_512)]
 
     without_ledger = LEDGER_POLICY.replace("producers: [ledger]", "producers: []")
     applying(tmp_path, broker, ["audit"], without_ledger).bootstrap()
-    assert set(broker.users) == {ADMIN, BROKER_PRINCIPAL, "audit"}
-    assert sorted((d.user, d.mechanism.name) for d in broker.scram_deleted) == [
-        ("ledger", "SCRAM_SHA_256"), ("ledger", "SCRAM_SHA_512")]
+    assert broker.scram_deleted == [], "locked, never deleted"
+    for mechanism in (ScramMechanism.SCRAM_SHA_512, ScramMechanism.SCRAM_SHA_256):
+        locked = broker.passwords[("ledger", mechanism)]
+        assert locked != b"ledger-secret" and len(locked) >= 32, mechanism
+    assert broker.passwords[("audit", ScramMechanism.SCRAM_SHA_512)] == audits
     assert not [b for b in broker.acls if b.principal == "User:ledger"]
     assert admin_acl in broker.acls
     grants = load_policy(tmp_path / "event-access.yaml", {"audit"}).grants()
@@ -329,17 +339,18 @@ def test_applying_an_unchanged_policy_again_removes_nothing(tmp_path: Path) -> N
     broker = FakeBroker(users={ADMIN: {ScramMechanism.SCRAM_SHA_512}})
     kafka = applying(tmp_path, broker, ["audit", "ledger"], LEDGER_POLICY)
     kafka.bootstrap()
-    before = ({user: set(mechanisms) for user, mechanisms in broker.users.items()}, list(broker.acls))
+    before = ({user: set(mechanisms) for user, mechanisms in broker.users.items()}, list(broker.acls),
+              dict(broker.passwords))
     kafka.bootstrap()
     assert broker.scram_deleted == [] and broker.deleted_filters == []
-    assert (broker.users, broker.acls) == before
+    assert (broker.users, broker.acls, broker.passwords) == before
 
 
 def test_the_admin_and_the_broker_principal_keep_their_credentials_whatever_the_policy() -> None:
     broker = FakeBroker(users={ADMIN: {ScramMechanism.SCRAM_SHA_512}, BROKER_PRINCIPAL: {ScramMechanism.SCRAM_SHA_512},
                                "stale": {ScramMechanism.SCRAM_SHA_512}})
     assert admin_of(broker).sync_scram_users({}) == ["stale"]
-    assert set(broker.users) == {ADMIN, BROKER_PRINCIPAL}
+    assert [upsert.user for upsert in broker.scram] == ["stale"], "only the stale user's credential was set"
 
 
 def reading(broker: FakeBroker, groups_by_topic: dict[str, tuple[str, ...]]) -> list[str]:
