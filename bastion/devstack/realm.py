@@ -33,7 +33,7 @@ def _audience_mapper(service: str) -> dict[str, Any]:
 
 # The user events the realm records: those infra/revocation-triggers.yaml turns into revocations (a unit test holds
 # the two together).
-REVOCATION_USER_EVENTS = ("LOGOUT",)
+REVOCATION_USER_EVENTS = ("LOGOUT", "REFRESH_TOKEN_ERROR")
 
 # The client scopes every client's tokens get; none are optional, so a caller cannot ask for more.
 TOKEN_SCOPES = ("basic", "roles")

@@ -6,12 +6,14 @@ the audit service's watch would fail until `bastion reset`, which deletes every 
 `bastion up` (the Keycloak component's bootstrap) applies, as the Keycloak admin, the settings the rendered realm
 (`bastion/devstack/realm.py`) has and the running one lacks: the event settings, and the realm-management roles of
 `realm_management` in infra/keycloak/identities.yaml with the scope mappings that let them into the tokens. It only
-adds what is missing: it never takes a role away or turns recording off.
+adds what is missing: it never takes a role away or turns recording off (but for one case: a realm that records
+Keycloak's default event types, an empty list, is given the list of the types revocation needs).
 """
 
 from typing import Any
 
 from bastion.devstack.identities import Identities
+from bastion.revocations.triggers import SAVED_BY_DEFAULT
 
 EVENT_SETTINGS = ("adminEventsEnabled", "adminEventsDetailsEnabled", "eventsEnabled", "eventsExpiration")
 REALM_MANAGEMENT = "realm-management"
@@ -23,8 +25,12 @@ def missing_event_settings(current: dict[str, Any], rendered: dict[str, Any]) ->
     wanted_types = set(rendered["enabledEventTypes"])
     recorded = set(current.get("enabledEventTypes") or [])
     if current.get("eventsEnabled") and not recorded:
-        recorded = wanted_types  # an empty list with events on records every type: nothing is missing
-    if not wanted_types <= recorded:
+        # An empty list with events on records Keycloak's default types, and refresh errors are not among them: the
+        # list then becomes the types revocation needs (the other default types, sign-ins, are no longer recorded).
+        recorded = set(SAVED_BY_DEFAULT)
+        if not wanted_types <= recorded:
+            update["enabledEventTypes"] = sorted(wanted_types)
+    elif not wanted_types <= recorded:
         update["enabledEventTypes"] = sorted(recorded | wanted_types)
     attributes = current.get("attributes") or {}
     for name, value in rendered["attributes"].items():

@@ -23,6 +23,10 @@ _ID = re.compile(rf"^{_UUID}$")
 _SESSION_ID = re.compile(rf"^{_SESSION}$")
 _NAME = re.compile(r"^[A-Z][A-Z_]{0,63}$")
 OPERATIONS = ("CREATE", "UPDATE", "DELETE", "ACTION")
+MAX_REASON = 200
+# Of the user event types a trigger may name, those Keycloak records when the realm names no type at all (measured on
+# 26.x: a sign-out is recorded, a refresh token's reuse is not).
+SAVED_BY_DEFAULT = frozenset({"LOGOUT"})
 # The namespace of the event ids of revocations: one Keycloak event is one revocation, however often it is published.
 _REVOCATION_IDS = uuid.UUID("6f1d3c52-8d0e-4b8a-9a57-2f4a3e1c7b90")
 
@@ -48,10 +52,20 @@ class Trigger:
 
 @dataclass(frozen=True)
 class UserTrigger:
-    """A user event (a user's own doing, such as signing out): its type, and whose tokens."""
+    """A user event (a user's own doing, such as signing out): its type, and whose tokens. With REASON, only an
+    event whose `details.reason` is exactly that text (one kind of error event, not every one of its type)."""
 
     type: str
     scope: Scope
+    reason: str | None = None
+
+    def matches(self, event: Mapping[str, Any]) -> bool:
+        if event.get("type") != self.type:
+            return False
+        if self.reason is None:
+            return True
+        details = event.get("details")
+        return isinstance(details, Mapping) and details.get("reason") == self.reason
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,18 @@ class Triggers:
     @property
     def user_event_types(self) -> list[str]:
         """What the realm must record for the user triggers to see anything (bastion/devstack/realm.py)."""
-        return sorted(trigger.type for trigger in self.user)
+        return sorted({trigger.type for trigger in self.user})
+
+    @property
+    def lasting_event_types(self) -> list[str]:
+        """The user event types of triggers that take every event of the type (a sign-out): read in full."""
+        return sorted({trigger.type for trigger in self.user if trigger.reason is None})
+
+    @property
+    def error_event_types(self) -> list[str]:
+        """The user event types of triggers that take one reason only (a refresh token's reuse among refresh
+        errors): anyone can cause the others, so they are read on a budget of their own (watcher.py)."""
+        return sorted({trigger.type for trigger in self.user if trigger.reason is not None})
 
 
 @dataclass(frozen=True)
@@ -106,7 +131,8 @@ def load_triggers(path: Path) -> Triggers:
         raise TriggerError(f"{path}: `user_events` must be a list")
     admin = tuple(_trigger(entry, f"{path}, admin event trigger {n}") for n, entry in enumerate(admin_entries, 1))
     user = tuple(_user_trigger(entry, f"{path}, user event trigger {n}") for n, entry in enumerate(user_entries, 1))
-    for names, what in (([t.resource for t in admin], "admin_events"), ([t.type for t in user], "user_events")):
+    user_names = [t.type if t.reason is None else f"{t.type} ({t.reason})" for t in user]
+    for names, what in (([t.resource for t in admin], "admin_events"), (user_names, "user_events")):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise TriggerError(f"{path}: {what} names {repeated} more than once: give each one trigger")
@@ -131,11 +157,16 @@ def _trigger(entry: Any, where: str) -> Trigger:
 
 
 def _user_trigger(entry: Any, where: str) -> UserTrigger:
-    if not isinstance(entry, dict) or set(entry) != {"type", "scope"}:
-        raise TriggerError(f"{where}: needs exactly `type` and `scope`")
+    if not isinstance(entry, dict) or not {"type", "scope"} <= set(entry) <= {"type", "scope", "reason"}:
+        raise TriggerError(f"{where}: needs `type` and `scope`, and may have `reason`, nothing else")
     if not isinstance(entry["type"], str) or not _NAME.match(entry["type"]):
         raise TriggerError(f"{where}: the type must be a Keycloak user event type such as LOGOUT")
-    return UserTrigger(entry["type"], _scope(entry["scope"], where, (Scope.SESSION, Scope.USER)))
+    reason = entry.get("reason")
+    if reason is not None and (not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON
+                               or not reason.isprintable()):
+        raise TriggerError(f"{where}: the reason must be Keycloak's text of the event's `details.reason`, "
+                           f"1 to {MAX_REASON} printable characters")
+    return UserTrigger(entry["type"], _scope(entry["scope"], where, (Scope.SESSION, Scope.USER)), reason)
 
 
 def _placed(event: Mapping[str, Any], what: str) -> tuple[int, str]:
@@ -169,15 +200,25 @@ def revocation_of(event: Mapping[str, Any], triggers: Triggers) -> Revocation | 
 
 def revocation_of_user_event(event: Mapping[str, Any], triggers: Triggers) -> Revocation | None:
     """The revocation Keycloak user EVENT makes, or None when no trigger matches it. A session trigger falls back to
-    the user when the event names no well-formed session, and to everyone when it names no well-formed user."""
+    the user when the event names no well-formed session, and to everyone when it names no well-formed user; but an
+    error event's trigger (one with a reason) never to everyone: to the refused token's user, or to nothing."""
     kind = event.get("type")
-    trigger = next((t for t in triggers.user if t.type == kind), None)
+    trigger = next((t for t in triggers.user if t.matches(event)), None)
     if trigger is None:
         return None
     moment, event_id = _placed(event, f"a user event ({kind})")
-    cause = f"user {kind}"
+    cause = f"user {kind}" if trigger.reason is None else f"user {kind}: {trigger.reason}"
     user, session = event.get("userId"), event.get("sessionId")
     subject = user if isinstance(user, str) and _ID.match(user) else None
     if trigger.scope is Scope.SESSION and isinstance(session, str) and _SESSION_ID.match(session):
         return Revocation(subject, moment, cause, event_id, session=session)
+    if trigger.reason is not None and subject is None:
+        # An error event (a refresh token's reuse) is anybody's to cause, again and again, and Keycloak records it
+        # without a user id: falling back to everyone would let any holder of a refresh token end every token of the
+        # realm. The user the refused token was issued to, when Keycloak names it; otherwise nothing.
+        details = event.get("details")
+        named = details.get("refresh_token_sub") if isinstance(details, Mapping) else None
+        if not (isinstance(named, str) and _ID.match(named)):
+            return None
+        subject = named
     return Revocation(subject, moment, cause, event_id)

@@ -8,6 +8,14 @@ tokens issued before the change it records, or of a session that is over), and i
 round, because an event Keycloak stamped earlier may become visible after a later one. A round whose revocations
 cannot all be published fails: the worker is made again and reads them again.
 
+Error events (a refresh token's reuse among `REFRESH_TOKEN_ERROR`s) are read from a cursor of their own, on a budget:
+anyone can make Keycloak record a refresh error (a made-up refresh token at the public CLI client), so a flood of them
+must not hold back the sign-outs and admin changes, nor the word that the watch is current. That source reads at most
+ERROR_PAGES pages a round, never further back than ERROR_EVENTS_WORTH_SECONDS (a session's access tokens have expired
+by then), and does not count towards RevocationsCurrent: under a flood, a reuse may be revoked late or, past that
+horizon, not at all (logged), and the reused session's access tokens then live out their 5 minutes, as they would
+without this trigger.
+
 After a round that read both kinds of event and published every revocation it made, and at most every HEARTBEAT
 seconds, it publishes a signed RevocationsCurrent dated when the round began: every change Keycloak had committed
 by then was published (a round that left events for the next: dated at the last one it read). The services refuse
@@ -29,7 +37,13 @@ from bastion.events.envelopes import seal
 from bastion.events.keys import FollowedSigningKey
 from bastion.events.v1.envelope_pb2 import Envelope
 from bastion.revocations.feed import TOPIC
-from bastion.revocations.triggers import Revocation, Triggers, revocation_of, revocation_of_user_event
+from bastion.revocations.triggers import (
+    SAVED_BY_DEFAULT,
+    Revocation,
+    Triggers,
+    revocation_of,
+    revocation_of_user_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +53,10 @@ PAGE = 100
 MAX_FRESH = 5_000  # a round takes at most this many events not handled yet; the rest is read next round
 RECORDING_CHECK_SECONDS = 60.0  # how often the watch asks again whether the realm still records those user events
 HEARTBEAT_SECONDS = 5.0  # how often, at most, the watch says it is alive (RevocationsCurrent)
+ERROR_PAGES = 5  # pages of error events a round reads at most: a flood of them delays nothing else
+# How far back error events are still worth reading: twice the realm's access-token lifetime (300 s). A reuse older
+# than that leaves no live token of its session to end.
+ERROR_EVENTS_WORTH_SECONDS = 600.0
 
 
 class AdminEventsRefusedError(Exception):
@@ -70,10 +88,18 @@ class _Source:
     events already handled within the overlap before it."""
 
     def __init__(self, kind: str, fetch: EventPage, revocation: Callable[[Mapping[str, Any]], Revocation | None],
-                 start_ms: int) -> None:
+                 start_ms: int, max_pages: int | None = None, oldest_ms: Callable[[], int] | None = None) -> None:
         self.kind, self.fetch, self.revocation = kind, fetch, revocation
         self.start_ms = self.newest_ms = start_ms
         self.seen: dict[str, int] = {}  # id -> time
+        # A best-effort source (error events): at most MAX_PAGES a round, never before OLDEST_MS(); it never holds
+        # back the word that the watch is current.
+        self.max_pages, self.oldest_ms = max_pages, oldest_ms
+        self.left_behind = False  # the last round stopped before the end (a budget spent)
+
+    @property
+    def best_effort(self) -> bool:
+        return self.max_pages is not None
 
     def fresh(self) -> list[Mapping[str, Any]]:
         """The events not handled yet, oldest first: at most MAX_FRESH of them, the rest next round (counting only
@@ -83,17 +109,26 @@ class _Source:
         Keycloak orders by time alone, so the events of one millisecond may come in another order from one request
         to the next, and paging by position could skip one at a page's edge. A page that is all one millisecond
         moves on by position within it."""
-        since, first = max(self.start_ms, self.newest_ms - OVERLAP_MS), 0
+        # A best-effort source that stopped on its budget goes on where it stopped: read from the overlap again, a
+        # flood denser than its budget would fill every round with events already handled.
+        overlap = 0 if self.best_effort and self.left_behind else OVERLAP_MS
+        since, first = max(self.start_ms, self.newest_ms - overlap), 0
+        if self.oldest_ms is not None and self.oldest_ms() > since:
+            log.warning("keycloak_events_skipped", kind=self.kind, skipped_from_ms=since, read_from_ms=self.oldest_ms())
+            since = self.oldest_ms()
         taken = set(self.seen)
         found: list[Mapping[str, Any]] = []
-        while len(found) < MAX_FRESH:
+        pages, self.left_behind = 0, True
+        while len(found) < MAX_FRESH and (self.max_pages is None or pages < self.max_pages):
             events = self.fetch(since, first, PAGE)
+            pages += 1
             for event in events:
                 key = str(event.get("id"))
                 if key not in taken:
                     taken.add(key)
                     found.append(event)
             if len(events) < PAGE:
+                self.left_behind = False
                 break
             last = events[-1].get("time")
             if isinstance(last, int) and not isinstance(last, bool) and last > since:
@@ -130,12 +165,16 @@ class RevocationWatcher:
     def __init__(self, admin_events: EventPage, user_events: EventPage, triggers: Triggers, publish: Publish,
                  publish_current: PublishCurrent, lookback_seconds: float, poll_seconds: float = 1.0,
                  heartbeat_seconds: float = HEARTBEAT_SECONDS, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, error_events: EventPage | None = None) -> None:
         start_ms = int((clock() - lookback_seconds) * 1000)
-        self.sources = (
+        self.sources: tuple[_Source, ...] = (
             _Source("admin", admin_events, lambda event: revocation_of(event, triggers), start_ms),
             _Source("user", user_events, lambda event: revocation_of_user_event(event, triggers), start_ms),
         )
+        if error_events is not None:
+            self.sources += (_Source("error", error_events, lambda event: revocation_of_user_event(event, triggers),
+                                     start_ms, ERROR_PAGES,
+                                     lambda: int((clock() - ERROR_EVENTS_WORTH_SECONDS) * 1000)),)
         self.publish = publish
         self.publish_current = publish_current
         self.poll_seconds = poll_seconds
@@ -168,6 +207,11 @@ class RevocationWatcher:
         as_of_ms = began_ms
         for source, events in fresh:
             source.handled(events)
+            if source.best_effort:
+                if source.left_behind:
+                    log.warning("keycloak_events_left_for_next_round", kind=source.kind, read=len(events),
+                                published_up_to_ms=source.newest_ms)
+                continue
             if len(events) >= MAX_FRESH:
                 # The round left events for the next (a flood, a bulk change): every change was published only up to
                 # the last one it read, not up to when it began. A watch that keeps falling behind so stops saying it
@@ -181,10 +225,11 @@ class RevocationWatcher:
         return revocations
 
 
-def keycloak_events(admin: Any, user_event_types: list[str],
-                    monotonic: Callable[[], float] = time.monotonic) -> tuple[EventPage, EventPage]:
-    """The realm's admin events and its user events of USER_EVENT_TYPES, over python-keycloak's KeycloakAdmin (a
-    client-credentials connection to the realm), each a page at a time, oldest first.
+def keycloak_events(admin: Any, user_event_types: list[str], monotonic: Callable[[], float] = time.monotonic,
+                    error_event_types: list[str] | tuple[()] = ()) -> tuple[EventPage, EventPage, EventPage]:
+    """The realm's admin events, its user events of USER_EVENT_TYPES and those of ERROR_EVENT_TYPES (a source of
+    their own: see the module's docstring), over python-keycloak's KeycloakAdmin (a client-credentials connection to
+    the realm), each a page at a time, oldest first.
 
     A realm that does not record those user events (imported before they were turned on, or turned off since: a
     change no trigger sees) answers the query with nothing, which would read as "nobody signed out". So the realm's
@@ -219,35 +264,40 @@ def keycloak_events(admin: Any, user_event_types: list[str],
             raise AdminEventsNotRecordedError(
                 "the realm does not record admin events (roles taken away, users disabled would never be "
                 "published): they were turned off; `bastion up` turns them on again")
-        if not user_event_types:
+        wanted = sorted({*user_event_types, *error_event_types})
+        if not wanted:
             return
         recorded = config.get("enabledEventTypes")
-        # An empty list with events on is Keycloak's default: every type it saves by default, sign-outs among them.
-        recording = set(recorded) if isinstance(recorded, list) and recorded else set(user_event_types)
-        missing = sorted(set(user_event_types) - recording)
+        # An empty list with events on is Keycloak's default: the types it saves by default, sign-outs among them,
+        # refresh errors not.
+        recording = set(recorded) if isinstance(recorded, list) and recorded else SAVED_BY_DEFAULT
+        missing = sorted(set(wanted) - recording)
         if config.get("eventsEnabled") is not True or missing:
             raise UserEventsNotRecordedError(
-                f"the realm does not record the user events {missing or user_event_types} the revocation triggers "
-                "read (sign-outs would never be published): the realm was imported before they were, or they were "
-                "turned off; `bastion up` adds them again")
+                f"the realm does not record the user events {missing or wanted} the revocation triggers "
+                "read (sign-outs or a refresh token's reuse would never be published): the realm was imported "
+                "before they were, or they were turned off; `bastion up` adds them again")
 
     def ensure_recorded_lately() -> None:
         if monotonic() - checked_at[0] >= RECORDING_CHECK_SECONDS:
             ensure_recorded()
             checked_at[0] = monotonic()
 
-    def user_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
-        if not user_event_types:
-            return []
-        ensure_recorded_lately()
-        try:
-            events: list[Mapping[str, Any]] = admin.get_events(
-                {"type": user_event_types, "dateFrom": since_ms, "direction": "asc", "first": first, "max": count})
-        except KeycloakError as error:
-            raise refused(error) from None
-        return events
+    def events_of(types: list[str] | tuple[()]) -> EventPage:
+        def user_events(since_ms: int, first: int, count: int) -> list[Mapping[str, Any]]:
+            if not types:
+                return []
+            ensure_recorded_lately()
+            try:
+                events: list[Mapping[str, Any]] = admin.get_events(
+                    {"type": list(types), "dateFrom": since_ms, "direction": "asc", "first": first, "max": count})
+            except KeycloakError as error:
+                raise refused(error) from None
+            return events
 
-    return admin_events, user_events
+        return user_events
+
+    return admin_events, events_of(user_event_types), events_of(error_event_types)
 
 
 class KafkaRevocationPublisher:

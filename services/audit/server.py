@@ -43,10 +43,11 @@ def revocation_watcher(runtime: ServiceRuntime) -> RevocationWatcher:
     admin = KeycloakAdmin(server_url=keycloak.server_url, realm_name=keycloak.realm_name, client_id=NAME,
                           client_secret_key=ctx.credentials.keycloak_clients[NAME], verify=str(ctx.ca_file))
     triggers = load_triggers(ctx.settings.infra_dir / "revocation-triggers.yaml")
-    admin_events, user_events = keycloak_events(admin, triggers.user_event_types)
+    admin_events, user_events, error_events = keycloak_events(
+        admin, triggers.lasting_event_types, error_event_types=triggers.error_event_types)
     publisher = KafkaRevocationPublisher(runtime.kafka_config, runtime.key)
     return RevocationWatcher(admin_events, user_events, triggers, publisher, publisher.current,
-                             runtime.revoked.keep_seconds)
+                             runtime.revoked.keep_seconds, error_events=error_events)
 
 
 def checkpoint_file(runtime: ServiceRuntime, own: AuditSettings, unanchored_ok: bool = False) -> CheckpointFile:

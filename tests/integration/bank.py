@@ -75,6 +75,17 @@ class Bank:
         return self.accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id),
                                         metadata=self.as_user("sam"), timeout=10).account
 
+    def accounts_of(self, user: str) -> list[Any]:
+        """Every account USER is shown, page after page."""
+        shown, token = [], ""
+        while True:
+            page = self.accounts.ListAccounts(accounts_pb2.ListAccountsRequest(page_size=500, page_token=token),
+                                              metadata=self.as_user(user), timeout=10)
+            shown += list(page.accounts)
+            token = page.next_page_token
+            if not token:
+                return shown
+
     def balance(self, account_id: str) -> int:
         return int(self.account(account_id).balance_minor)
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from keycloak import KeycloakAdmin, KeycloakOpenID
+from keycloak.exceptions import KeycloakPostError
 
 from bastion.access.v1.decision_pb2 import AccessRevoked
 from bastion.accounts.v1 import accounts_pb2
@@ -155,6 +156,25 @@ def test_signing_out_ends_that_sessions_tokens_everywhere_while_another_session_
     assert {name: refusal(call) for name, call in staying.items()} == dict.fromkeys(staying)
 
 
+def test_a_refresh_token_used_twice_ends_that_sessions_access_tokens_while_another_session_goes_on(
+        bank: Bank, ctx: StackContext, member: Member) -> None:
+    """A stolen refresh token: the thief (or the user) refreshes second. Keycloak refuses the reuse and detaches the
+    session's client; the access tokens the session already holds, the thief's included, end here too."""
+    robbed = keycloak(ctx).token(member.username, member.password)
+    staying = calls(bank, sign_in(ctx, member))
+    refreshed = keycloak(ctx).refresh_token(robbed["refresh_token"])
+    served = {**calls(bank, str(robbed["access_token"])), "refreshed": calls(bank, str(refreshed["access_token"]))[
+        "accounts"]}
+    assert {name: refusal(call) for name, call in served.items()} == dict.fromkeys(served)
+    with pytest.raises(KeycloakPostError, match="refresh token reuse"):
+        keycloak(ctx).refresh_token(robbed["refresh_token"])
+    for name, call in served.items():
+        error = wait_until_refused(call)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (name, error.details())
+        assert "the session this token was issued in has ended" in (error.details() or ""), name
+    assert {name: refusal(call) for name, call in staying.items()} == dict.fromkeys(staying)
+
+
 def test_bastion_up_gives_a_realm_of_an_earlier_release_what_revocation_needs(
         bank: Bank, ctx: StackContext, admin: KeycloakAdmin, member: Member) -> None:
     """As an install set up before token revocation: the realm records no events and the audit service may not read
@@ -171,7 +191,7 @@ def test_bastion_up_gives_a_realm_of_an_earlier_release_what_revocation_needs(
     assert result.returncode == 0, result.stdout + result.stderr
     upgraded = admin.get_realm("bastion")
     assert (upgraded["adminEventsEnabled"], upgraded["eventsEnabled"]) == (True, True)
-    assert "LOGOUT" in upgraded["enabledEventTypes"]
+    assert {"LOGOUT", "REFRESH_TOKEN_ERROR"} <= set(upgraded["enabledEventTypes"])
     assert [role["name"] for role in admin.get_client_roles_of_user(account["id"], management)] == ["view-events"]
     assert [role["name"] for role in admin.get_client_roles_of_client_scope(audit, management)] == ["view-events"]
     leaving = keycloak(ctx).token(member.username, member.password)

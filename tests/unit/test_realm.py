@@ -146,7 +146,7 @@ def test_the_realm_records_exactly_the_user_events_the_revocation_triggers_read(
     triggers = load_triggers(FILE.parents[1] / "revocation-triggers.yaml")
     rendered = realm()
     assert rendered["eventsEnabled"] is True
-    assert sorted(rendered["enabledEventTypes"]) == triggers.user_event_types == ["LOGOUT"]
+    assert sorted(rendered["enabledEventTypes"]) == triggers.user_event_types == ["LOGOUT", "REFRESH_TOKEN_ERROR"]
 
 
 def test_a_service_may_not_be_granted_a_role_that_changes_the_realm() -> None:

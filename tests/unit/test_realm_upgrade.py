@@ -55,7 +55,7 @@ def test_a_realm_imported_before_revocation_gets_its_event_settings_and_the_audi
     [update] = keycloak.updates
     assert (update["adminEventsEnabled"], update["adminEventsDetailsEnabled"], update["eventsEnabled"]) == (
         True, False, True)
-    assert update["enabledEventTypes"] == ["LOGOUT"] and update["eventsExpiration"] == 86400
+    assert update["enabledEventTypes"] == ["LOGOUT", "REFRESH_TOKEN_ERROR"] and update["eventsExpiration"] == 86400
     assert update["attributes"] == {"frontendUrl": "", "adminEventsExpiration": "86400"}  # others kept
     assert (keycloak.held, keycloak.mapped) == ({"view-events"}, {"view-events"})
     assert upgrade_realm(keycloak, load_identities(FILE), realm()) == []  # once is enough
@@ -73,6 +73,9 @@ def test_event_types_recorded_already_are_kept_and_recording_everything_needs_no
     current = {name: rendered[name] for name in ("adminEventsEnabled", "adminEventsDetailsEnabled", "eventsEnabled",
                                                  "eventsExpiration", "attributes")}
     assert missing_event_settings({**current, "enabledEventTypes": ["LOGIN"]}, rendered) == {
-        "enabledEventTypes": ["LOGIN", "LOGOUT"]}
-    assert missing_event_settings({**current, "enabledEventTypes": []}, rendered) == {}  # on, every type
-    assert missing_event_settings({**current, "enabledEventTypes": ["LOGOUT", "LOGIN"]}, rendered) == {}
+        "enabledEventTypes": ["LOGIN", "LOGOUT", "REFRESH_TOKEN_ERROR"]}
+    # On with no type named: Keycloak's default types, which leave refresh errors out (measured on 26.x).
+    assert missing_event_settings({**current, "enabledEventTypes": []}, rendered) == {
+        "enabledEventTypes": ["LOGOUT", "REFRESH_TOKEN_ERROR"]}
+    assert missing_event_settings({**current, "enabledEventTypes": ["LOGOUT", "REFRESH_TOKEN_ERROR", "LOGIN"]},
+                                  rendered) == {}

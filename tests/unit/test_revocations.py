@@ -40,6 +40,8 @@ from bastion.revocations.triggers import (
     revocation_of_user_event,
 )
 from bastion.revocations.watcher import (
+    ERROR_EVENTS_WORTH_SECONDS,
+    ERROR_PAGES,
     MAX_FRESH,
     PAGE,
     RECORDING_CHECK_SECONDS,
@@ -152,7 +154,12 @@ ADMIN = "admin_events: [{resource: USER, operations: [DELETE], scope: user}]"
      "the scope must be one of"),
     ("admin_events: [{resource: USER, operations: [DELETE], scope: user}, {resource: USER, operations: [UPDATE], "
      "scope: user}]\nuser_events: []", "more than once"),
-    (f"{ADMIN}\nuser_events: [{{type: LOGOUT}}]", "exactly `type` and `scope`"),
+    (f"{ADMIN}\nuser_events: [{{type: LOGOUT}}]", "needs `type` and `scope`"),
+    (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session, error: x}}]", "nothing else"),
+    (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session, reason: ''}}]", "the reason must be"),
+    (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session, reason: [x]}}]", "the reason must be"),
+    (f"{ADMIN}\nuser_events: [{{type: X, scope: session, reason: a}}, {{type: X, scope: user, reason: a}}]",
+     "more than once"),
     (f"{ADMIN}\nuser_events: [{{type: logout, scope: session}}]", "user event type"),
     (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: everyone}}]", "the scope must be one of"),
     (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session}}, {{type: LOGOUT, scope: user}}]", "more than once"),
@@ -173,7 +180,9 @@ def test_the_shipped_triggers_cover_what_takes_access_away() -> None:
     assert by_resource["REALM"].scope is Scope.EVERYONE
     assert by_resource["USER_SESSION"].scope is Scope.SESSION
     assert all("CREATE" not in trigger.operations for trigger in TRIGGERS.admin)
-    assert [(trigger.type, trigger.scope) for trigger in TRIGGERS.user] == [("LOGOUT", Scope.SESSION)]
+    assert [(trigger.type, trigger.scope, trigger.reason) for trigger in TRIGGERS.user] == [
+        ("LOGOUT", Scope.SESSION, None),
+        ("REFRESH_TOKEN_ERROR", Scope.SESSION, "Maximum allowed refresh token reuse exceeded")]
 
 
 SESSION = "9eebb993-e64d-cb7f-e14c-20cd5b284900"
@@ -198,6 +207,26 @@ def test_a_users_own_sign_out_revokes_that_session_and_other_user_events_nothing
     assert fallback is not None and fallback.everyone
     with pytest.raises(ValueError, match="a user event \\(LOGOUT\\) without an id"):
         revocation_of_user_event(user_event(event_id=""), TRIGGERS)
+
+
+def refresh_error(reason: str, session: Any = SESSION) -> dict[str, Any]:
+    """A refresh refused, as Keycloak 26 records it: no user id, the session and the refresh token's subject in it."""
+    return {**user_event("REFRESH_TOKEN_ERROR", user=None, session=session, event_id="r1"), "error": "invalid_token",
+            "details": {"reason": reason, "grant_type": "refresh_token", "refresh_token_sub": USER}}
+
+
+def test_a_refresh_token_used_twice_revokes_its_session_and_other_refresh_errors_nothing() -> None:
+    reused = revocation_of_user_event(refresh_error("Maximum allowed refresh token reuse exceeded"), TRIGGERS)
+    assert reused == Revocation(None, int(NOW * 1000), "user REFRESH_TOKEN_ERROR: Maximum allowed refresh token reuse "
+                                "exceeded", "r1", session=SESSION)
+    assert reused is not None and not reused.everyone
+    # A refresh token Keycloak never issued (anyone may send one), or one of a session already detached: not a theft
+    # Keycloak detected, so nothing is revoked (and above all not everyone's tokens, for want of a user).
+    for other in ("Invalid refresh token", "Session doesn't have required client", "Token is not active"):
+        assert revocation_of_user_event(refresh_error(other), TRIGGERS) is None, other
+        assert revocation_of_user_event(refresh_error(other, session=None), TRIGGERS) is None, other
+    without_details = {**refresh_error("x"), "details": None}
+    assert revocation_of_user_event(without_details, TRIGGERS) is None
 
 
 def test_a_session_id_of_a_later_keycloak_base64url_not_a_uuid_is_still_one_session() -> None:
@@ -868,6 +897,36 @@ def test_the_watch_reads_every_page_each_from_the_last_time_of_the_one_before() 
     assert [(since - moment, first) for since, first, _ in realm.asked] == [(-360_000, 0), (PAGE - 1, 0)]
 
 
+def test_a_flood_of_refresh_errors_holds_back_neither_sign_outs_nor_the_word_that_the_watch_is_current() -> None:
+    """Anyone can make Keycloak record a refresh error (a made-up refresh token at the public CLI client): read from
+    a source of their own, on a budget, they never delay the rest, and a reuse among them is published later."""
+    moment = int(NOW * 1000)
+    users, errors, published, said_current = Realm(), Realm(), [], []
+    users.events = [user_event(event_id="signed-out", moment_ms=moment + 1)]
+    flood = ERROR_PAGES * PAGE + 50
+    flooded_from = moment - 60_000  # a minute of it, a few per millisecond
+    errors.events = [{**refresh_error("Invalid refresh token", session=None), "id": f"junk{n}",
+                      "time": flooded_from + n // 3} for n in range(flood)]
+    errors.events.append({**refresh_error("Maximum allowed refresh token reuse exceeded"), "id": "reused",
+                          "time": flooded_from + flood // 3})
+    watch = RevocationWatcher(Realm(), users, TRIGGERS, published.extend, said_current.append, lookback_seconds=360,
+                              clock=lambda: NOW, error_events=errors)
+    assert [r.keycloak_event_id for r in watch.run_once()] == ["signed-out"]
+    assert said_current == [moment], "current as of the round's start, the flood left for later"
+    assert len(errors.asked) == ERROR_PAGES
+    assert [r.keycloak_event_id for r in watch.run_once()] == ["reused"]
+    assert published[-1].session == SESSION and not published[-1].everyone
+
+
+def test_refresh_errors_older_than_any_live_token_are_not_read() -> None:
+    """Behind by more than twice the access tokens' life (a flood, a watch down), the error source skips ahead: a
+    reuse that long ago leaves no live token of its session to end."""
+    errors, published = Realm(), []
+    RevocationWatcher(Realm(), Realm(), TRIGGERS, published.extend, [].append, lookback_seconds=3600,
+                      clock=lambda: NOW, error_events=errors).run_once()
+    assert errors.asked[0][0] == int((NOW - ERROR_EVENTS_WORTH_SECONDS) * 1000)
+
+
 class Reshuffling(Realm):
     """Keycloak orders by time alone: events of one millisecond come in another order at each request."""
 
@@ -1029,22 +1088,29 @@ class RealmAdmin:
         return [user_event()]
 
 
+RECORDED = ["LOGOUT", "REFRESH_TOKEN_ERROR"]  # what the realm records for the shipped triggers
+
+
 def test_the_watch_refuses_to_read_sign_outs_from_a_realm_that_does_not_record_them() -> None:
     # A realm imported before sign-outs were recorded answers the events query with nothing: that must not read
     # as "nobody signed out".
-    for admin in (RealmAdmin(False, ["LOGOUT"]), RealmAdmin(True, ["LOGIN"])):
-        _, user_events = keycloak_events(admin, TRIGGERS.user_event_types)
-        with pytest.raises(UserEventsNotRecordedError, match="LOGOUT"):
+    for admin in (RealmAdmin(False, RECORDED), RealmAdmin(True, ["LOGIN"]), RealmAdmin(True, ["LOGIN", "LOGOUT"])):
+        _, user_events, _ = keycloak_events(admin, TRIGGERS.user_event_types)
+        with pytest.raises(UserEventsNotRecordedError, match="REFRESH_TOKEN_ERROR"):
             user_events(int(NOW * 1000), 0, PAGE)
         assert admin.queries == []
-    # Events on with no type named is Keycloak's default: the types it saves by default, sign-outs among them.
-    _, by_default = keycloak_events(RealmAdmin(True, []), TRIGGERS.user_event_types)
+    # Events on with no type named is Keycloak's default: the types it saves by default, sign-outs among them, a
+    # refresh token's reuse not (measured on Keycloak 26).
+    _, by_default, _ = keycloak_events(RealmAdmin(True, []), ["LOGOUT"])
     assert by_default(int(NOW * 1000), 0, PAGE)
-    recording = RealmAdmin(True, ["LOGIN", "LOGOUT"])
+    _, by_default, _ = keycloak_events(RealmAdmin(True, []), TRIGGERS.user_event_types)
+    with pytest.raises(UserEventsNotRecordedError, match=r"\['REFRESH_TOKEN_ERROR'\]"):
+        by_default(int(NOW * 1000), 0, PAGE)
+    recording = RealmAdmin(True, ["LOGIN", *RECORDED])
     clock = [0.0]
-    _, user_events = keycloak_events(recording, TRIGGERS.user_event_types, monotonic=lambda: clock[0])
+    _, user_events, _ = keycloak_events(recording, TRIGGERS.user_event_types, monotonic=lambda: clock[0])
     assert [event["id"] for event in user_events(int(NOW * 1000), 0, PAGE)] == [user_event()["id"]]
-    assert recording.queries[0]["type"] == ["LOGOUT"]
+    assert recording.queries[0]["type"] == RECORDED
     # Turned off later (a change no trigger sees): found out at the next check.
     recording.config["eventsEnabled"] = False
     user_events(int(NOW * 1000), 0, PAGE)
@@ -1062,14 +1128,14 @@ def test_the_watch_refuses_to_read_admin_events_from_a_realm_that_does_not_recor
     # Admin events turned off answer the admin events query with nothing: a role taken away would read as "nothing
     # changed" while the watch keeps saying it is current.
     for types in (TRIGGERS.user_event_types, []):
-        admin = AdminEventsAdmin(True, ["LOGOUT"])
+        admin = AdminEventsAdmin(True, RECORDED)
         admin.config["adminEventsEnabled"] = False
-        admin_events, _ = keycloak_events(admin, types)
+        admin_events, _, _ = keycloak_events(admin, types)
         with pytest.raises(AdminEventsNotRecordedError, match="admin events"):
             admin_events(int(NOW * 1000), 0, PAGE)
-    recording = AdminEventsAdmin(True, ["LOGOUT"])
+    recording = AdminEventsAdmin(True, RECORDED)
     clock = [0.0]
-    admin_events, _ = keycloak_events(recording, TRIGGERS.user_event_types, monotonic=lambda: clock[0])
+    admin_events, _, _ = keycloak_events(recording, TRIGGERS.user_event_types, monotonic=lambda: clock[0])
     assert admin_events(int(NOW * 1000), 0, PAGE) == []
     recording.config["adminEventsEnabled"] = False  # turned off later: found out at the next check
     admin_events(int(NOW * 1000), 0, PAGE)
@@ -1082,7 +1148,7 @@ class RefusingAdmin(RealmAdmin):
     """A Keycloak that answers the events queries with CODE: 403 for a service account without view-events."""
 
     def __init__(self, code: int) -> None:
-        super().__init__(True, ["LOGOUT"])
+        super().__init__(True, RECORDED)
         self.code = code
 
     def get_admin_events(self, _query: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1090,9 +1156,21 @@ class RefusingAdmin(RealmAdmin):
 
 
 def test_a_watch_keycloak_refuses_the_events_says_why_and_another_failure_passes_as_it_is() -> None:
-    admin_events, _ = keycloak_events(RefusingAdmin(403), TRIGGERS.user_event_types)
+    admin_events, _, _ = keycloak_events(RefusingAdmin(403), TRIGGERS.user_event_types)
     with pytest.raises(AdminEventsRefusedError, match="lacks realm-management's view-events"):
         admin_events(int(NOW * 1000), 0, PAGE)
-    admin_events, _ = keycloak_events(RefusingAdmin(502), TRIGGERS.user_event_types)
+    admin_events, _, _ = keycloak_events(RefusingAdmin(502), TRIGGERS.user_event_types)
     with pytest.raises(KeycloakGetError):
         admin_events(int(NOW * 1000), 0, PAGE)
+
+
+def test_a_reused_refresh_token_without_a_session_never_revokes_everyone() -> None:
+    """Keycloak records a reuse without a user id: with no well-formed session either, the fallback of a sign-out
+    (everyone) would let anybody holding a refresh token end every token of the realm, as often as they like."""
+    reuse = "Maximum allowed refresh token reuse exceeded"
+    for session in (None, "", "../x", "short"):
+        fallback = revocation_of_user_event(refresh_error(reuse, session=session), TRIGGERS)
+        assert fallback == Revocation(USER, int(NOW * 1000), f"user REFRESH_TOKEN_ERROR: {reuse}", "r1"), session
+        assert not fallback.everyone
+    unnamed = {**refresh_error(reuse, session=None), "details": {"reason": reuse, "refresh_token_sub": "x"}}
+    assert revocation_of_user_event(unnamed, TRIGGERS) is None, "no session, no user: nothing, never everyone"
