@@ -23,10 +23,12 @@ Tests and benchmarks install into another schema: `install(..., schema=NAME)`, t
 `execution_options(schema_translate_map={AUDIT_SCHEMA: NAME})`.
 """
 
+import datetime as dt
 import hashlib
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -38,11 +40,13 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     Row,
+    Select,
     Table,
     Text,
     UniqueConstraint,
     and_,
     bindparam,
+    case,
     collate,
     func,
     select,
@@ -258,8 +262,21 @@ def _log_row(entry: LogEntry) -> dict[str, object]:
     return row
 
 
+_READABLE_FROM = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
+_READABLE_UNTIL = dt.datetime(9999, 12, 30, tzinfo=dt.UTC)
+
+
+def select_log() -> Select[Any]:
+    """`select(log)`, but a time no Python datetime can hold (`infinity`, a year past 9999, which only a superuser's
+    edit can store) reads as NULL instead of failing the fetch itself: `entry_of_row` then names that row as not a
+    valid record, and a verification reports the tampering at its seq instead of crashing. (A day's margin at each
+    end: the session's time zone could move a time across a year.)"""
+    return select(*(case((column.between(_READABLE_FROM, _READABLE_UNTIL), column)).label(column.name)
+                     if isinstance(column.type, DateTime) else column for column in log.c))
+
+
 def entry_of_row(row: Row[tuple[object, ...]]) -> LogEntry:
-    """The entry in a row of `select(log)` (for queries of your own over the log, such as a filtered listing).
+    """The entry in a row of `select_log()` (for queries of your own over the log, such as a filtered listing).
     Raises CorruptRowError if the row does not read back as a valid record."""
     values = row._mapping
     seq = values["seq"]
@@ -379,7 +396,7 @@ class AuditLog:
                   after: int = 0) -> Generator[LogEntry, None, None]:
         """The entries with seq > AFTER, in seq order, fetched PAGE rows at a time from one server-side cursor
         (one snapshot, constant memory). Raises CorruptRowError at a row that is not a valid record."""
-        result = conn.execute(select(log).where(log.c.seq > after).order_by(log.c.seq),
+        result = conn.execute(select_log().where(log.c.seq > after).order_by(log.c.seq),
                               execution_options={"yield_per": page or self.page})
         with closing(result):
             for row in result:

@@ -282,6 +282,17 @@ def test_a_row_tampered_into_nonsense_is_named_not_crashed_on(store: Store) -> N
     assert not report.ok and report.first_bad_seq == 9 and "not a valid audit record" in report.reason
 
 
+@pytest.mark.parametrize("edit", ["occurred_at = 'infinity'", "recorded_at = '-infinity'",
+                                  "occurred_at = '20000-01-01 00:00:00+00'"])
+def test_a_time_no_datetime_can_hold_is_named_as_tampering_not_crashed_on(store: Store, edit: str) -> None:
+    """A superuser's edit can store a time Python cannot read (psycopg fails the fetch itself): the verification
+    names that row instead of failing, and the listing sees a corrupt row, as for any other nonsense."""
+    append(store, 30)
+    tamper(store, f"UPDATE {{log}} SET {edit} WHERE seq = 11")
+    report = verify(store, [])
+    assert not report.ok and report.first_bad_seq == 11 and "not a valid audit record" in report.reason
+
+
 def test_a_deleted_record_is_found(store: Store) -> None:
     append(store, 30)
     tamper(store, "DELETE FROM {log} WHERE seq = 17")

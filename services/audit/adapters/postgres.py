@@ -15,7 +15,14 @@ from bastion.audit.alerts import ALERTS_TOPIC, OUT_OF_ORDER, Alert, AlertDetecto
 from bastion.audit.chain import Appended, LogEntry
 from bastion.audit.checkpoints import Checkpoint
 from bastion.audit.errors import CheckpointError
-from bastion.audit.postgres import AuditLog, entry_of_row, latest_refusals, refusals_after, security_view
+from bastion.audit.postgres import (
+    AuditLog,
+    entry_of_row,
+    latest_refusals,
+    refusals_after,
+    security_view,
+    select_log,
+)
 from bastion.audit.postgres import log as audit_log
 from bastion.audit.verify import ChainReport
 from bastion.events.consumer import SECURITY_TOPIC, names_a_request
@@ -47,7 +54,7 @@ class PostgresAuditReader:
     store: AuditLog
 
     def find(self, query: EventQuery) -> list[LogEntry]:
-        statement = select(audit_log).where(audit_log.c.seq > query.after_seq)
+        statement = select_log().where(audit_log.c.seq > query.after_seq)
         if query.aggregate_id:
             statement = statement.where(audit_log.c.aggregate_id == query.aggregate_id)
         if query.principal:
