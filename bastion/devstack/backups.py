@@ -159,7 +159,9 @@ def canonical(manifest: dict[str, Any]) -> bytes:
 def _pg_env(ctx: StackContext) -> dict[str, str]:
     """libpq settings for the PostgreSQL tools: the admin role over TLS, the server checked against the dev CA; the
     password in the environment, never on a command line."""
-    return {**os.environ, "PGHOST": ctx.settings.public_host, "PGPORT": str(ctx.settings.postgres_port),
+    server = Postgres(ctx).server()
+    return {**os.environ, "PGHOST": server["host"], "PGHOSTADDR": server["hostaddr"],
+            "PGPORT": str(ctx.settings.postgres_port),
             "PGUSER": ADMIN_ROLE, "PGPASSWORD": ctx.credentials.postgres[ADMIN_ROLE], "PGSSLMODE": "verify-full",
             "PGSSLROOTCERT": str(ctx.ca_file), "PGCONNECT_TIMEOUT": "5"}
 

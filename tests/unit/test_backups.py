@@ -512,9 +512,10 @@ def test_a_restore_that_fails_drops_the_new_database(ctx: SimpleNamespace, serve
 def test_the_postgresql_tools_connect_over_verified_tls_with_the_password_kept_off_the_command_line(
         ctx: SimpleNamespace) -> None:
     env = backups._pg_env(ctx)  # type: ignore[arg-type]
-    assert {key: env[key] for key in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGSSLMODE", "PGSSLROOTCERT")} == {
-        "PGHOST": "127.0.0.1", "PGPORT": "1", "PGUSER": ADMIN_ROLE, "PGPASSWORD": "pw", "PGSSLMODE": "verify-full",
-        "PGSSLROOTCERT": str(ctx.ca_file)}
+    assert {key: env[key] for key in ("PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGPASSWORD", "PGSSLMODE",
+                                      "PGSSLROOTCERT")} == {
+        "PGHOST": "postgres.bastion.local", "PGHOSTADDR": "127.0.0.1", "PGPORT": "1", "PGUSER": ADMIN_ROLE,
+        "PGPASSWORD": "pw", "PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(ctx.ca_file)}
 
 
 def test_database_names_are_checked_before_any_is_dumped_and_each_is_dumped_once(

@@ -125,6 +125,10 @@ def test_a_grpc_channel_to_one_service_refuses_another_components_certificate_of
 
 
 def test_postgres_connections_refuse_a_server_certificate_for_another_name(pki: DevPki) -> None:
+    """PostgreSQL's clients ask for its own name (postgres.bastion.local, connecting to the public host's address):
+    another component's leaf of the same CA, which also names localhost, is refused like a foreign name."""
+    pki.ensure(["postgres", "accounts"])
+
     def answer_ssl_request(raw: socket.socket) -> None:
         raw.recv(8)  # SSLRequest: length 8, code 80877103
         raw.sendall(b"S")
@@ -139,7 +143,8 @@ def test_postgres_connections_refuse_a_server_certificate_for_another_name(pki: 
             return str(refused.value)
 
     assert "does not match host name" in failure_with("wrong")
-    assert "does not match host name" not in failure_with("right")  # past TLS: the server hung up after it
+    assert "does not match host name" in failure_with("accounts"), "a dev-CA leaf naming localhost, not postgres"
+    assert "does not match host name" not in failure_with("postgres")  # past TLS: the server hung up after it
 
 
 def test_kafka_clients_refuse_a_broker_certificate_for_another_name(pki: DevPki) -> None:
@@ -178,3 +183,4 @@ def test_the_clients_are_configured_to_check_names(pki: DevPki, tmp_path: Path) 
     assert client_config("localhost:1", "ca.pem", "u", "p")["ssl.endpoint.identification.algorithm"] == "https"
     ctx = SimpleNamespace(settings=SimpleNamespace(public_host=HOST, postgres_port=1), ca_file=pki.ca_file)
     assert "sslmode=verify-full" in Postgres(ctx).conninfo("accounts", "x")  # type: ignore[arg-type]
+    assert "host=postgres.bastion.local" in Postgres(ctx).conninfo("accounts", "x")  # type: ignore[arg-type]

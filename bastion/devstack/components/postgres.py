@@ -7,6 +7,7 @@ built without SSL, and a database reached without TLS is not something Bastion s
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from bastion.devstack.components.base import Component
 from bastion.devstack.errors import ComponentStartError, PrerequisiteError
 from bastion.devstack.layout import write_private
 from bastion.devstack.process import LaunchSpec
+from bastion.grpc.names import server_name
 
 ADMIN_ROLE = "bastion_admin"
 # PostgreSQL refuses to run as root; when the devstack runs as root it drops to this system user.
@@ -137,20 +139,28 @@ class Postgres(Component):
             argv += ["-c", f"{key}={value}"]
         return LaunchSpec(argv=argv, user=self._run_as(), cwd=self.data_dir)
 
+    def server(self) -> dict[str, str]:
+        """Where the clients connect (`hostaddr`: the public host's address) and the name they ask the server's
+        certificate for (`host`): PostgreSQL's own, `postgres.bastion.local`, which no other component's certificate
+        carries. With the public host as the name, any leaf of the dev CA (all name localhost) would pass."""
+        return {"host": server_name(self.name), "hostaddr": socket.gethostbyname(self.ctx.settings.public_host)}
+
     def conninfo(self, role: str, password: str, dbname: str = "postgres") -> str:
-        """A libpq connection string that verifies the server certificate against the dev CA."""
+        """A libpq connection string that verifies the server certificate against the dev CA and its name."""
         return psycopg.conninfo.make_conninfo(
-            host=self.ctx.settings.public_host, port=self.ctx.settings.postgres_port, dbname=dbname,
+            **self.server(), port=self.ctx.settings.postgres_port, dbname=dbname,
             user=role, password=password, sslmode="verify-full", sslrootcert=str(self.ctx.ca_file),
             connect_timeout=3,
         )
 
     def sqlalchemy_url(self, role: str, password: str, dbname: str) -> URL:
-        """The same connection for SQLAlchemy (psycopg 3 driver), server verified against the dev CA."""
+        """The same connection for SQLAlchemy (psycopg 3 driver), server verified against the dev CA and its name."""
+        server = self.server()
         return URL.create(
-            "postgresql+psycopg", username=role, password=password, host=self.ctx.settings.public_host,
+            "postgresql+psycopg", username=role, password=password, host=server["host"],
             port=self.ctx.settings.postgres_port, database=dbname,
-            query={"sslmode": "verify-full", "sslrootcert": str(self.ctx.ca_file), "connect_timeout": "5"},
+            query={"hostaddr": server["hostaddr"], "sslmode": "verify-full", "sslrootcert": str(self.ctx.ca_file),
+                   "connect_timeout": "5"},
         )
 
     def admin(self) -> psycopg.Connection[tuple[object, ...]]:
