@@ -113,9 +113,13 @@ class _Source:
         # flood denser than its budget would fill every round with events already handled.
         overlap = 0 if self.best_effort and self.left_behind else OVERLAP_MS
         since, first = max(self.start_ms, self.newest_ms - overlap), 0
-        if self.oldest_ms is not None and self.oldest_ms() > since:
-            log.warning("keycloak_events_skipped", kind=self.kind, skipped_from_ms=since, read_from_ms=self.oldest_ms())
-            since = self.oldest_ms()
+        floor = self.oldest_ms() if self.oldest_ms is not None else since
+        if floor > since:
+            # Only a source left behind has events it is skipping; one that read to the end last round merely has
+            # had none lately (its cursor stays where the last event was), and saying so every round is noise.
+            if self.left_behind:
+                log.warning("keycloak_events_skipped", kind=self.kind, skipped_from_ms=since, read_from_ms=floor)
+            since = floor
         taken = set(self.seen)
         found: list[Mapping[str, Any]] = []
         pages, self.left_behind = 0, True

@@ -1174,3 +1174,27 @@ def test_a_reused_refresh_token_without_a_session_never_revokes_everyone() -> No
         assert not fallback.everyone
     unnamed = {**refresh_error(reuse, session=None), "details": {"reason": reuse, "refresh_token_sub": "x"}}
     assert revocation_of_user_event(unnamed, TRIGGERS) is None, "no session, no user: nothing, never everyone"
+
+
+def test_a_quiet_error_source_never_warns_that_it_skipped_events_but_one_left_behind_does() -> None:
+    """No refresh error for longer than the error source's horizon is the usual case (its cursor stays at the last
+    one seen): nothing was skipped, so nothing is said; a source that stopped on its budget and is overtaken by the
+    horizon did skip some, and says so."""
+    now = [NOW]
+    errors = Realm()
+    watch = RevocationWatcher(Realm(), Realm(), TRIGGERS, [].extend, [].append, lookback_seconds=360,
+                              clock=lambda: now[0], error_events=errors)
+    with capture_logs() as logs:
+        for _ in range(3):
+            watch.run_once()
+            now[0] += ERROR_EVENTS_WORTH_SECONDS
+    assert [log for log in logs if log["event"] == "keycloak_events_skipped"] == []
+    moment = int(now[0] * 1000)
+    errors.events = [{**refresh_error("Invalid refresh token", session=None), "id": f"junk{n}", "time": moment + n}
+                     for n in range(ERROR_PAGES * PAGE + 1)]
+    watch.run_once()
+    assert watch.sources[-1].left_behind
+    now[0] += 2 * ERROR_EVENTS_WORTH_SECONDS
+    with capture_logs() as logs:
+        watch.run_once()
+    assert [log["kind"] for log in logs if log["event"] == "keycloak_events_skipped"] == ["error"]
