@@ -6,8 +6,8 @@ the audit service's watch would fail until `bastion reset`, which deletes every 
 `bastion up` (the Keycloak component's bootstrap) applies, as the Keycloak admin, the settings the rendered realm
 (`bastion/devstack/realm.py`) has and the running one lacks: the event settings, and the realm-management roles of
 `realm_management` in infra/keycloak/identities.yaml with the scope mappings that let them into the tokens. It only
-adds what is missing: it never takes a role away or turns recording off (but for one case: a realm that records
-Keycloak's default event types, an empty list, is given the list of the types revocation needs).
+adds what is missing: it never takes a role away or turns recording off (a realm that records Keycloak's default
+event types, an empty list, is given the list of those types and the ones revocation needs).
 """
 
 from typing import Any
@@ -17,6 +17,31 @@ from bastion.revocations.triggers import SAVED_BY_DEFAULT
 
 EVENT_SETTINGS = ("adminEventsEnabled", "adminEventsDetailsEnabled", "eventsEnabled", "eventsExpiration")
 REALM_MANAGEMENT = "realm-management"
+# The user event types Keycloak records when a realm with events on names none (`EventType.isSaveByDefault`, 26.4):
+# the sign-ins and their failures among them, which an operator who turned events on meant to keep.
+KEYCLOAK_SAVED_BY_DEFAULT = frozenset({
+    "LOGIN", "LOGIN_ERROR", "REGISTER", "REGISTER_ERROR", "LOGOUT", "LOGOUT_ERROR", "CODE_TO_TOKEN",
+    "CODE_TO_TOKEN_ERROR", "CLIENT_LOGIN", "CLIENT_LOGIN_ERROR", "FEDERATED_IDENTITY_LINK",
+    "FEDERATED_IDENTITY_LINK_ERROR", "REMOVE_FEDERATED_IDENTITY", "REMOVE_FEDERATED_IDENTITY_ERROR", "UPDATE_EMAIL",
+    "UPDATE_EMAIL_ERROR", "UPDATE_PROFILE", "UPDATE_PROFILE_ERROR", "UPDATE_PASSWORD", "UPDATE_PASSWORD_ERROR",
+    "UPDATE_TOTP", "UPDATE_TOTP_ERROR", "VERIFY_EMAIL", "VERIFY_EMAIL_ERROR", "VERIFY_PROFILE", "VERIFY_PROFILE_ERROR",
+    "REMOVE_TOTP", "REMOVE_TOTP_ERROR", "GRANT_CONSENT", "GRANT_CONSENT_ERROR", "UPDATE_CONSENT",
+    "UPDATE_CONSENT_ERROR", "REVOKE_GRANT", "REVOKE_GRANT_ERROR", "SEND_VERIFY_EMAIL", "SEND_VERIFY_EMAIL_ERROR",
+    "SEND_RESET_PASSWORD", "SEND_RESET_PASSWORD_ERROR", "SEND_IDENTITY_PROVIDER_LINK",
+    "SEND_IDENTITY_PROVIDER_LINK_ERROR", "RESET_PASSWORD", "RESET_PASSWORD_ERROR", "RESTART_AUTHENTICATION",
+    "RESTART_AUTHENTICATION_ERROR", "IDENTITY_PROVIDER_LINK_ACCOUNT", "IDENTITY_PROVIDER_LINK_ACCOUNT_ERROR",
+    "IDENTITY_PROVIDER_FIRST_LOGIN", "IDENTITY_PROVIDER_FIRST_LOGIN_ERROR", "IDENTITY_PROVIDER_POST_LOGIN",
+    "IDENTITY_PROVIDER_POST_LOGIN_ERROR", "IMPERSONATE", "IMPERSONATE_ERROR", "CUSTOM_REQUIRED_ACTION",
+    "CUSTOM_REQUIRED_ACTION_ERROR", "EXECUTE_ACTIONS", "EXECUTE_ACTIONS_ERROR", "EXECUTE_ACTION_TOKEN",
+    "EXECUTE_ACTION_TOKEN_ERROR", "CLIENT_REGISTER", "CLIENT_REGISTER_ERROR", "CLIENT_UPDATE", "CLIENT_UPDATE_ERROR",
+    "CLIENT_DELETE", "CLIENT_DELETE_ERROR", "CLIENT_INITIATED_ACCOUNT_LINKING",
+    "CLIENT_INITIATED_ACCOUNT_LINKING_ERROR",
+    "TOKEN_EXCHANGE", "TOKEN_EXCHANGE_ERROR", "OAUTH2_DEVICE_AUTH", "OAUTH2_DEVICE_AUTH_ERROR",
+    "OAUTH2_DEVICE_VERIFY_USER_CODE", "OAUTH2_DEVICE_VERIFY_USER_CODE_ERROR", "OAUTH2_DEVICE_CODE_TO_TOKEN",
+    "OAUTH2_DEVICE_CODE_TO_TOKEN_ERROR", "AUTHREQID_TO_TOKEN", "AUTHREQID_TO_TOKEN_ERROR", "PERMISSION_TOKEN",
+    "DELETE_ACCOUNT", "DELETE_ACCOUNT_ERROR", "USER_DISABLED_BY_PERMANENT_LOCKOUT",
+    "USER_DISABLED_BY_TEMPORARY_LOCKOUT",
+})
 
 
 def missing_event_settings(current: dict[str, Any], rendered: dict[str, Any]) -> dict[str, Any]:
@@ -26,10 +51,10 @@ def missing_event_settings(current: dict[str, Any], rendered: dict[str, Any]) ->
     recorded = set(current.get("enabledEventTypes") or [])
     if current.get("eventsEnabled") and not recorded:
         # An empty list with events on records Keycloak's default types, and refresh errors are not among them: the
-        # list then becomes the types revocation needs (the other default types, sign-ins, are no longer recorded).
+        # list then names those types and the ones revocation needs (the sign-ins and their failures still recorded).
         recorded = set(SAVED_BY_DEFAULT)
         if not wanted_types <= recorded:
-            update["enabledEventTypes"] = sorted(wanted_types)
+            update["enabledEventTypes"] = sorted(KEYCLOAK_SAVED_BY_DEFAULT | wanted_types)
     elif not wanted_types <= recorded:
         update["enabledEventTypes"] = sorted(recorded | wanted_types)
     attributes = current.get("attributes") or {}
