@@ -11,10 +11,10 @@ cannot all be published fails: the worker is made again and reads them again.
 Error events (a refresh token's reuse among `REFRESH_TOKEN_ERROR`s) are read from a cursor of their own, on a budget:
 anyone can make Keycloak record a refresh error (a made-up refresh token at the public CLI client), so a flood of them
 must not hold back the sign-outs and admin changes, nor the word that the watch is current. That source reads at most
-ERROR_PAGES pages a round, never further back than ERROR_EVENTS_WORTH_SECONDS (a session's access tokens have expired
-by then), and does not count towards RevocationsCurrent: under a flood, a reuse may be revoked late or, past that
-horizon, not at all (logged), and the reused session's access tokens then live out their 5 minutes, as they would
-without this trigger.
+ERROR_PAGES pages a round (and past the first, for at most ERROR_READ_SECONDS), never further back than
+ERROR_EVENTS_WORTH_SECONDS (a session's access tokens have expired by then), and does not count towards
+RevocationsCurrent: under a flood, a reuse may be revoked late or, past that horizon, not at all (logged), and the
+reused session's access tokens then live out their 5 minutes, as they would without this trigger.
 
 After a round that read both kinds of event and published every revocation it made, and at most every HEARTBEAT
 seconds, it publishes a signed RevocationsCurrent dated when the round began: every change Keycloak had committed
@@ -54,6 +54,9 @@ MAX_FRESH = 5_000  # a round takes at most this many events not handled yet; the
 RECORDING_CHECK_SECONDS = 60.0  # how often the watch asks again whether the realm still records those user events
 HEARTBEAT_SECONDS = 5.0  # how often, at most, the watch says it is alive (RevocationsCurrent)
 ERROR_PAGES = 5  # pages of error events a round reads at most: a flood of them delays nothing else
+# Nor longer than this, past their first page: a Keycloak slowed down (by that flood) would otherwise add ERROR_PAGES
+# of its answers to every round, before the next sign-out is read and the next word that the watch is current said.
+ERROR_READ_SECONDS = 2.0
 # How far back error events are still worth reading: twice the realm's access-token lifetime (300 s). A reuse older
 # than that leaves no live token of its session to end.
 ERROR_EVENTS_WORTH_SECONDS = 600.0
@@ -88,13 +91,15 @@ class _Source:
     events already handled within the overlap before it."""
 
     def __init__(self, kind: str, fetch: EventPage, revocation: Callable[[Mapping[str, Any]], Revocation | None],
-                 start_ms: int, max_pages: int | None = None, oldest_ms: Callable[[], int] | None = None) -> None:
+                 start_ms: int, max_pages: int | None = None, oldest_ms: Callable[[], int] | None = None,
+                 max_seconds: float | None = None, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.kind, self.fetch, self.revocation = kind, fetch, revocation
         self.start_ms = self.newest_ms = start_ms
         self.seen: dict[str, int] = {}  # id -> time
         # A best-effort source (error events): at most MAX_PAGES a round, never before OLDEST_MS(); it never holds
         # back the word that the watch is current.
         self.max_pages, self.oldest_ms = max_pages, oldest_ms
+        self.max_seconds, self.monotonic = max_seconds, monotonic
         self.left_behind = False  # the last round stopped before the end (a budget spent)
 
     @property
@@ -122,8 +127,8 @@ class _Source:
             since = floor
         taken = set(self.seen)
         found: list[Mapping[str, Any]] = []
-        pages, self.left_behind = 0, True
-        while len(found) < MAX_FRESH and (self.max_pages is None or pages < self.max_pages):
+        pages, self.left_behind, started = 0, True, self.monotonic()
+        while len(found) < MAX_FRESH and not self._budget_spent(pages, started):
             events = self.fetch(since, first, PAGE)
             pages += 1
             for event in events:
@@ -140,6 +145,13 @@ class _Source:
             else:
                 first += PAGE
         return found
+
+    def _budget_spent(self, pages: int, started: float) -> bool:
+        if pages == 0:
+            return False
+        if self.max_pages is not None and pages >= self.max_pages:
+            return True
+        return self.max_seconds is not None and self.monotonic() - started >= self.max_seconds
 
     def revocations(self, events: list[Mapping[str, Any]]) -> list[Revocation]:
         made = []
@@ -178,7 +190,8 @@ class RevocationWatcher:
         if error_events is not None:
             self.sources += (_Source("error", error_events, lambda event: revocation_of_user_event(event, triggers),
                                      start_ms, ERROR_PAGES,
-                                     lambda: int((clock() - ERROR_EVENTS_WORTH_SECONDS) * 1000)),)
+                                     lambda: int((clock() - ERROR_EVENTS_WORTH_SECONDS) * 1000),
+                                     ERROR_READ_SECONDS, monotonic),)
         self.publish = publish
         self.publish_current = publish_current
         self.poll_seconds = poll_seconds

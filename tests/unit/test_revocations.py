@@ -42,6 +42,7 @@ from bastion.revocations.triggers import (
 from bastion.revocations.watcher import (
     ERROR_EVENTS_WORTH_SECONDS,
     ERROR_PAGES,
+    ERROR_READ_SECONDS,
     MAX_FRESH,
     PAGE,
     RECORDING_CHECK_SECONDS,
@@ -1198,3 +1199,32 @@ def test_a_quiet_error_source_never_warns_that_it_skipped_events_but_one_left_be
     with capture_logs() as logs:
         watch.run_once()
     assert [log["kind"] for log in logs if log["event"] == "keycloak_events_skipped"] == ["error"]
+
+
+def test_a_keycloak_slow_to_answer_refresh_errors_adds_one_page_of_them_to_a_round_not_its_whole_budget() -> None:
+    """A flood of refresh errors may slow Keycloak down: past the first page, the error source stops once it has
+    spent ERROR_READ_SECONDS, so the sign-outs and the word that the watch is current wait for one answer, not
+    ERROR_PAGES of them; the rest is read in the following rounds."""
+    ticks = [0.0]
+
+    class Slow(Realm):
+        def __call__(self, since_ms: int, first: int, count: int) -> list[dict[str, Any]]:
+            ticks[0] += ERROR_READ_SECONDS  # each answer takes that long
+            return super().__call__(since_ms, first, count)
+
+    moment = int(NOW * 1000)
+    errors = Slow()
+    errors.events = [{**refresh_error("Invalid refresh token", session=None), "id": f"junk{n}", "time": moment + n}
+                     for n in range(ERROR_PAGES * PAGE)]
+    errors.events.append({**refresh_error("Maximum allowed refresh token reuse exceeded"), "id": "reused",
+                          "time": moment + ERROR_PAGES * PAGE})
+    said_current: list[int] = []
+    watch = RevocationWatcher(Realm(), Realm(), TRIGGERS, [].extend, said_current.append, lookback_seconds=360,
+                              clock=lambda: NOW, monotonic=lambda: ticks[0], heartbeat_seconds=0,
+                              error_events=errors)
+    watch.run_once()
+    assert len(errors.asked) == 1 and said_current == [moment]
+    published = []
+    for _ in range(ERROR_PAGES + 1):
+        published += watch.run_once()
+    assert [r.keycloak_event_id for r in published] == ["reused"]
