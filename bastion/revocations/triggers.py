@@ -166,6 +166,10 @@ def _user_trigger(entry: Any, where: str) -> UserTrigger:
                                or not reason.isprintable()):
         raise TriggerError(f"{where}: the reason must be Keycloak's text of the event's `details.reason`, "
                            f"1 to {MAX_REASON} printable characters")
+    if reason is None and entry["type"].endswith("_ERROR"):
+        # Anyone can make Keycloak record most errors (a made-up refresh token), and such an event names no user:
+        # a trigger taking every one of them would revoke, for each, everyone's tokens (the fallback).
+        raise TriggerError(f"{where}: an error event type ({entry['type']}) needs a `reason`: the one error it means")
     return UserTrigger(entry["type"], _scope(entry["scope"], where, (Scope.SESSION, Scope.USER)), reason)
 
 

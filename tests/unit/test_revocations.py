@@ -158,6 +158,7 @@ ADMIN = "admin_events: [{resource: USER, operations: [DELETE], scope: user}]"
     (f"{ADMIN}\nuser_events: [{{type: LOGOUT}}]", "needs `type` and `scope`"),
     (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session, error: x}}]", "nothing else"),
     (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session, reason: ''}}]", "the reason must be"),
+    (f"{ADMIN}\nuser_events: [{{type: REFRESH_TOKEN_ERROR, scope: session}}]", "needs a `reason`"),
     (f"{ADMIN}\nuser_events: [{{type: LOGOUT, scope: session, reason: [x]}}]", "the reason must be"),
     (f"{ADMIN}\nuser_events: [{{type: X, scope: session, reason: a}}, {{type: X, scope: user, reason: a}}]",
      "more than once"),
